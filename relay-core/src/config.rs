@@ -1,0 +1,391 @@
+//! The configuration file (TOML) with `BACKUPMX_*` environment overrides.
+//!
+//! Strict: unknown keys are errors, durations are typed (`90s`, `5m`, `2d`),
+//! and every limit has a default here rather than in code that uses it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Domain, DomainError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Our host name: greeting, Received header, MX self-detection.
+    pub hostname: String,
+    pub smtp: SmtpConfig,
+    pub tls: Option<TlsConfig>,
+    pub storage: StorageConfig,
+    pub aws: AwsConfig,
+    pub metrics: Option<MetricsConfig>,
+    pub dns: DnsConfig,
+    pub greylist: GreylistConfig,
+    pub dnsbl: DnsblConfig,
+    pub delivery: DeliveryConfig,
+    /// `[[domain]]` entries, upserted into the registry at start.
+    #[serde(rename = "domain")]
+    pub domains: Vec<DomainConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    pub listen: Vec<SocketAddr>,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// Longest command line including CRLF (RFC 5321 §4.5.3.1.4).
+    pub max_command_line: usize,
+    /// Errors before the session is closed (Postfix's hard limit is 20).
+    pub max_errors: u32,
+    /// RFC 5321 §4.5.3.2: at least 5 minutes.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// How long sessions in progress may run on after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub proxy_protocol: bool,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Local,
+    Aws,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub backend: Backend,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsConfig {
+    pub domains_table: String,
+    pub greylist_table: String,
+    pub bucket: String,
+    pub queue_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Nameservers (`ip:port`); empty uses the system resolver.
+    pub servers: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GreylistConfig {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsblZone {
+    pub zone: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsblConfig {
+    pub zones: Vec<DnsblZone>,
+    pub threshold: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    #[serde(with = "humantime_serde")]
+    pub queue_lifetime: Duration,
+    /// Static next hop per destination domain.
+    pub routes: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub name: String,
+    #[serde(default)]
+    pub primary: Vec<String>,
+    #[serde(default)]
+    pub recipients: Option<Vec<String>>,
+    #[serde(default)]
+    pub greylist: Option<bool>,
+    #[serde(default)]
+    pub max_message_size: Option<u64>,
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: system_hostname(),
+            smtp: SmtpConfig::default(),
+            tls: None,
+            storage: StorageConfig::default(),
+            aws: AwsConfig::default(),
+            metrics: None,
+            dns: DnsConfig::default(),
+            greylist: GreylistConfig::default(),
+            dnsbl: DnsblConfig::default(),
+            delivery: DeliveryConfig::default(),
+            domains: Vec::new(),
+        }
+    }
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            max_message_size: 36_700_160,
+            max_recipients: 100,
+            max_command_line: 512,
+            max_errors: 20,
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            max_connections_per_ip: 50,
+            shutdown_grace: Duration::from_secs(30),
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: Backend::Local,
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            domains_table: "backupmx-domains".into(),
+            greylist_table: "backupmx-greylist".into(),
+            bucket: "backupmx-messages".into(),
+            queue_url: String::new(),
+        }
+    }
+}
+
+impl Default for GreylistConfig {
+    fn default() -> Self {
+        GreylistConfig {
+            enabled: true,
+            delay: Duration::from_secs(300),
+            retry_window: Duration::from_secs(2 * 86_400),
+            max_age: Duration::from_secs(35 * 86_400),
+        }
+    }
+}
+
+impl Default for DnsblConfig {
+    fn default() -> Self {
+        DnsblConfig {
+            zones: Vec::new(),
+            threshold: 1,
+        }
+    }
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(900),
+            queue_lifetime: Duration::from_secs(5 * 86_400),
+            routes: Default::default(),
+        }
+    }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl Config {
+    /// Parses TOML alone (no environment): for tests.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads `path` (if given; else `backupmx.toml` when it exists; else the
+    /// defaults), then applies `BACKUPMX_*` variables (`__` separates
+    /// sections: `BACKUPMX_SMTP__LISTEN`).
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::Parse(format!("cannot read config file {}: {e}", p.display())))?;
+                fig = fig.merge(Toml::string(&text));
+            }
+            None => {
+                let default = Path::new("backupmx.toml");
+                if default.exists() {
+                    fig = fig.merge(Toml::file(default));
+                }
+            }
+        }
+        let cfg: Config = fig
+            .merge(Env::prefixed("BACKUPMX_").split("__"))
+            .extract()
+            .map_err(|e| {
+                let where_ = path.map(|p| format!("{}: ", p.display())).unwrap_or_default();
+                ConfigError::Parse(format!("{where_}{}", one_line(&e)))
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |s: String| Err(ConfigError::Invalid(s));
+        if self.smtp.listen.is_empty() {
+            return invalid("smtp.listen must name at least one address".into());
+        }
+        if self.smtp.max_command_line < 512 {
+            return invalid("smtp.max_command_line must be at least 512 (RFC 5321 §4.5.3.1.4)".into());
+        }
+        if self.smtp.max_recipients == 0 || self.smtp.max_connections == 0 || self.smtp.max_connections_per_ip == 0 {
+            return invalid("smtp.max_recipients, max_connections and max_connections_per_ip must be positive".into());
+        }
+        if self.smtp.max_errors == 0 {
+            return invalid("smtp.max_errors must be positive".into());
+        }
+        if self.smtp.idle_timeout.is_zero() {
+            return invalid("smtp.idle_timeout must be positive".into());
+        }
+        if crate::address::DomainName::parse(&self.hostname).is_err() {
+            return invalid(format!("hostname {:?} is not a valid host name", self.hostname));
+        }
+        for d in &self.domains {
+            d.to_domain().map_err(|e| ConfigError::Invalid(format!("[[domain]] {}: {e}", d.name)))?;
+        }
+        Ok(())
+    }
+}
+
+impl DomainConfig {
+    pub fn to_domain(&self) -> Result<Domain, DomainError> {
+        let mut d = Domain::from_parts(&self.name, &self.primary, self.recipients.as_deref())?;
+        if let Some(g) = self.greylist {
+            d.greylist = g;
+        }
+        d.max_message_size = self.max_message_size;
+        if let Some(e) = self.enabled {
+            d.enabled = e;
+        }
+        Ok(d)
+    }
+}
+
+fn one_line(e: &figment::Error) -> String {
+    e.to_string().replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_example_parses() {
+        let cfg = Config::from_toml(include_str!("../../backupmx.example.toml")).unwrap();
+        assert_eq!(cfg.hostname, "mx2.example.net");
+        assert_eq!(cfg.smtp.idle_timeout, Duration::from_secs(300));
+        assert_eq!(cfg.greylist.retry_window, Duration::from_secs(2 * 86_400));
+        assert_eq!(cfg.dnsbl.zones[0].zone, "zen.spamhaus.org");
+        assert_eq!(cfg.delivery.routes["bounce.example"], "127.0.0.1:2626");
+        assert_eq!(cfg.domains[0].to_domain().unwrap().recipients.unwrap(), ["user@example.test"]);
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(cfg.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(cfg.storage.backend, Backend::Local);
+        assert_eq!(cfg.smtp.max_message_size, 36_700_160);
+    }
+
+    #[test]
+    fn bad_configs_are_rejected_with_the_key_named() {
+        let cases = [
+            ("[smtp]\nlisten = 5", "listen"),
+            ("[smtp]\nidle_timeout = \"forever\"", "idle_timeout"),
+            ("[smtp]\nbogus = 1", "bogus"),
+            ("[smtp]\nmax_command_line = 100", "max_command_line"),
+            ("[[domain]]\nname = \"bad domain\"", "bad domain"),
+            ("[[domain]]\nname = \"ok.test\"\nprimary = [\"x:0\"]", "x:0"),
+            ("hostname = \"not a host\"", "hostname"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(!err.contains('\n'));
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Hosted domains: the records relay control is decided by.
+
+use serde::{Deserialize, Serialize};
+
+use crate::address::{DomainName, Mailbox};
+
+/// One hosted domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Domain {
+    pub name: DomainName,
+    /// Explicit next hops (`host[:port]`), tried before any MX lookup.
+    #[serde(default)]
+    pub primary: Vec<String>,
+    #[serde(default = "yes")]
+    pub greylist: bool,
+    /// Per-domain message size limit, below the global one.
+    #[serde(default)]
+    pub max_message_size: Option<u64>,
+    /// Accepted recipients (lower-case `local@domain`); `None` accepts any
+    /// local part.
+    #[serde(default)]
+    pub recipients: Option<Vec<String>>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DomainError {
+    #[error("invalid domain name {0:?}")]
+    BadName(String),
+    #[error("invalid primary {0:?}: expected HOST or HOST:PORT")]
+    BadPrimary(String),
+    #[error("invalid recipient {0:?}: expected local@{1}")]
+    BadRecipient(String, String),
+}
+
+impl Domain {
+    pub fn new(name: DomainName) -> Self {
+        Domain {
+            name,
+            primary: Vec::new(),
+            greylist: true,
+            max_message_size: None,
+            recipients: None,
+            enabled: true,
+        }
+    }
+
+    /// Builds a validated record from operator input (CLI or config).
+    pub fn from_parts(
+        name: &str,
+        primary: &[String],
+        recipients: Option<&[String]>,
+    ) -> Result<Self, DomainError> {
+        let name = DomainName::parse(name).map_err(|_| DomainError::BadName(name.to_string()))?;
+        for p in primary {
+            validate_primary(p)?;
+        }
+        let recipients = match recipients {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .map(|r| {
+                        let m = crate::address::parse_mailbox(r)
+                            .map_err(|_| DomainError::BadRecipient(r.clone(), name.to_string()))?;
+                        if m.domain() != Some(&name) {
+                            return Err(DomainError::BadRecipient(r.clone(), name.to_string()));
+                        }
+                        Ok(m.canonical())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        Ok(Domain {
+            primary: primary.to_vec(),
+            recipients,
+            ..Domain::new(name)
+        })
+    }
+
+    /// Whether `rcpt` is a known user of this domain.
+    pub fn accepts_recipient(&self, rcpt: &Mailbox) -> bool {
+        match &self.recipients {
+            None => true,
+            Some(list) => {
+                let wanted = rcpt.canonical();
+                list.iter().any(|r| *r == wanted)
+            }
+        }
+    }
+}
+
+/// `host` or `host:port`, or `[v6]:port`.
+pub fn validate_primary(p: &str) -> Result<(), DomainError> {
+    let bad = || DomainError::BadPrimary(p.to_string());
+    let (host, port) = if let Some(rest) = p.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+        h.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+        (None, after.strip_prefix(':'))
+    } else {
+        match p.rsplit_once(':') {
+            Some((h, port)) => (Some(h), Some(port)),
+            None => (Some(p), None),
+        }
+    };
+    if let Some(port) = port {
+        port.parse::<u16>().ok().filter(|&n| n > 0).ok_or_else(bad)?;
+    }
+    if let Some(host) = host {
+        if host.parse::<std::net::IpAddr>().is_err() && DomainName::parse(host).is_err() {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primaries_are_validated() {
+        for ok in ["mx.example.test", "mx.example.test:2525", "127.0.0.1:25", "[::1]:2626"] {
+            assert!(validate_primary(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "mx:0", "mx:99999", "a b:25", "[::1", "[zz]:25"] {
+            assert!(validate_primary(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn recipient_lists_match_case_insensitively() {
+        let d = Domain::from_parts("Example.test", &[], Some(&["User@Example.TEST".into()])).unwrap();
+        let ok = crate::address::parse_mailbox("user@example.test").unwrap();
+        let other = crate::address::parse_mailbox("other@example.test").unwrap();
+        assert!(d.accepts_recipient(&ok));
+        assert!(!d.accepts_recipient(&other));
+        assert!(Domain::from_parts("example.test", &[], Some(&["u@elsewhere.test".into()])).is_err());
+    }
+}

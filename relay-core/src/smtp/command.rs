@@ -1,0 +1,299 @@
+//! SMTP command grammar (RFC 5321 §4.1.1), one line at a time.
+//!
+//! Pure parsing: turns a command line (without its CRLF) into a [`Command`] or
+//! a [`Reply`] explaining the syntax error. Sequencing and policy live in the
+//! session.
+
+use super::reply::Reply;
+use crate::address::{self, AddressError, Mailbox, ReversePath};
+
+/// BODY= values (RFC 6152).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    SevenBit,
+    EightBitMime,
+}
+
+/// MAIL FROM parameters we advertise and therefore accept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MailParams {
+    /// RFC 1870 declared size.
+    pub size: Option<u64>,
+    pub body: Option<Body>,
+    /// RFC 6531.
+    pub smtputf8: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Ehlo(String),
+    Helo(String),
+    Mail(ReversePath, MailParams),
+    Rcpt(Mailbox),
+    Data,
+    Rset,
+    Noop,
+    Quit,
+    Vrfy,
+    Help,
+    StartTls,
+    /// Recognised but not offered (EXPN, TURN, AUTH, BDAT, ETRN …): 502.
+    NotImplemented(&'static str),
+}
+
+/// The line could not be turned into a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyntaxError(pub Reply);
+
+fn err(code: u16, status: &'static str, text: &str) -> SyntaxError {
+    SyntaxError(Reply::new(code, status, text))
+}
+
+/// Parses one command line. The verb is case-insensitive; arguments are
+/// separated from it by exactly the grammar's single space, though extra
+/// spaces are tolerated as real MTAs send them.
+pub fn parse(line: &[u8]) -> Result<Command, SyntaxError> {
+    let Ok(line) = std::str::from_utf8(line) else {
+        return Err(err(500, "5.5.2", "Syntax error, command contains invalid UTF-8"));
+    };
+    if line.bytes().any(|b| b < 32 && b != b'\t') || line.contains('\u{7f}') {
+        return Err(err(500, "5.5.2", "Syntax error, command contains control characters"));
+    }
+    let (verb, args) = match line.find(' ') {
+        Some(i) => (&line[..i], line[i + 1..].trim()),
+        None => (line, ""),
+    };
+    let verb = verb.to_ascii_uppercase();
+    let no_args = |cmd: Command| {
+        if args.is_empty() {
+            Ok(cmd)
+        } else {
+            Err(err(501, "5.5.4", "Syntax error, no parameters allowed"))
+        }
+    };
+    match verb.as_str() {
+        "EHLO" => parse_helo_name(args).map(Command::Ehlo),
+        "HELO" => parse_helo_name(args).map(Command::Helo),
+        "MAIL" => parse_mail(args),
+        "RCPT" => parse_rcpt(args),
+        "DATA" => no_args(Command::Data),
+        "RSET" => no_args(Command::Rset),
+        // NOOP and HELP may carry a string argument which is ignored.
+        "NOOP" => Ok(Command::Noop),
+        "HELP" => Ok(Command::Help),
+        "QUIT" => no_args(Command::Quit),
+        "VRFY" => {
+            if args.is_empty() {
+                Err(err(501, "5.5.4", "Syntax: VRFY address"))
+            } else {
+                Ok(Command::Vrfy)
+            }
+        }
+        "STARTTLS" => no_args(Command::StartTls),
+        "EXPN" => Ok(Command::NotImplemented("EXPN")),
+        "TURN" => Ok(Command::NotImplemented("TURN")),
+        "ATRN" => Ok(Command::NotImplemented("ATRN")),
+        "ETRN" => Ok(Command::NotImplemented("ETRN")),
+        "AUTH" => Ok(Command::NotImplemented("AUTH")),
+        "BDAT" => Ok(Command::NotImplemented("BDAT")),
+        "SEND" | "SOML" | "SAML" => Ok(Command::NotImplemented("SEND")),
+        _ => Err(err(500, "5.5.2", "Syntax error, command unrecognized")),
+    }
+}
+
+fn parse_helo_name(args: &str) -> Result<String, SyntaxError> {
+    if args.is_empty() {
+        return Err(err(501, "5.5.4", "Syntax: EHLO hostname"));
+    }
+    // Domain or address literal. The name lands in our Received header, so
+    // anything that could break its grammar is refused.
+    let ok = args.chars().all(|c| {
+        c.is_ascii_alphanumeric() || "-._:[]".contains(c) || (!c.is_ascii() && !c.is_control())
+    });
+    if !ok || args.len() > address::MAX_DOMAIN {
+        return Err(err(501, "5.5.2", "Syntax: EHLO hostname (invalid hostname)"));
+    }
+    Ok(args.to_string())
+}
+
+/// Strips `FROM:` / `TO:` (case-insensitive), allowing a space after the colon
+/// as many senders emit it.
+fn strip_keyword<'a>(args: &'a str, keyword: &str) -> Option<&'a str> {
+    let head = args.get(..keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    Some(args[keyword.len()..].trim_start())
+}
+
+fn parse_mail(args: &str) -> Result<Command, SyntaxError> {
+    let syntax = || err(501, "5.5.4", "Syntax: MAIL FROM:<address>");
+    let rest = strip_keyword(args, "FROM:").ok_or_else(syntax)?;
+    let (path, params) = address::split_path(rest).map_err(|_| syntax())?;
+    let reverse = address::parse_reverse_path(path).map_err(|e| address_error(e, "5.1.7", "sender"))?;
+    let mut out = MailParams::default();
+    for (key, value) in esmtp_params(params)? {
+        match (key.to_ascii_uppercase().as_str(), value) {
+            ("SIZE", Some(v)) if out.size.is_none() => {
+                let size = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|_| v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()))
+                    .ok_or_else(|| err(501, "5.5.4", "Syntax error in SIZE parameter"))?;
+                out.size = Some(size);
+            }
+            ("BODY", Some(v)) if out.body.is_none() => {
+                out.body = Some(match v.to_ascii_uppercase().as_str() {
+                    "7BIT" => Body::SevenBit,
+                    "8BITMIME" => Body::EightBitMime,
+                    _ => return Err(err(501, "5.5.4", "Unsupported BODY type")),
+                });
+            }
+            ("SMTPUTF8", None) if !out.smtputf8 => out.smtputf8 = true,
+            ("SIZE" | "BODY" | "SMTPUTF8", _) => {
+                return Err(err(501, "5.5.4", "Invalid or repeated parameter"));
+            }
+            _ => return Err(err(555, "5.5.4", "Unsupported MAIL parameter")),
+        }
+    }
+    Ok(Command::Mail(reverse, out))
+}
+
+fn parse_rcpt(args: &str) -> Result<Command, SyntaxError> {
+    let syntax = || err(501, "5.5.4", "Syntax: RCPT TO:<address>");
+    let rest = strip_keyword(args, "TO:").ok_or_else(syntax)?;
+    let (path, params) = address::split_path(rest).map_err(|_| syntax())?;
+    let mailbox = address::parse_forward_path(path).map_err(|e| address_error(e, "5.1.3", "recipient"))?;
+    if !esmtp_params(params)?.is_empty() {
+        return Err(err(555, "5.5.4", "Unsupported RCPT parameter"));
+    }
+    Ok(Command::Rcpt(mailbox))
+}
+
+fn address_error(e: AddressError, status: &'static str, what: &str) -> SyntaxError {
+    match e {
+        AddressError::TooLong => SyntaxError(Reply::new(501, status, format!("Bad {what} address: too long"))),
+        _ => SyntaxError(Reply::new(501, status, format!("Bad {what} address syntax"))),
+    }
+}
+
+/// `esmtp-param *(SP esmtp-param)`; keyword `(ALPHA / DIGIT) *(ALPHA / DIGIT / "-")`,
+/// value `1*(%d33-60 / %d62-126)` (UTF-8 allowed per RFC 6531).
+fn esmtp_params(s: &str) -> Result<Vec<(&str, Option<&str>)>, SyntaxError> {
+    let mut out = Vec::new();
+    if s.is_empty() {
+        return Ok(out);
+    }
+    if !s.starts_with(' ') {
+        return Err(err(501, "5.5.4", "Syntax error after address"));
+    }
+    for param in s.split(' ').filter(|p| !p.is_empty()) {
+        let (key, value) = match param.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (param, None),
+        };
+        let key_ok = key.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let value_ok = value.is_none_or(|v| {
+            !v.is_empty() && v.chars().all(|c| (c > ' ' && c != '=' && c != '\u{7f}') || !c.is_ascii())
+        });
+        if !key_ok || !value_ok {
+            return Err(err(501, "5.5.4", "Syntax error in parameters"));
+        }
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address::Host;
+
+    fn code(line: &str) -> u16 {
+        match parse(line.as_bytes()) {
+            Ok(_) => 0,
+            Err(SyntaxError(r)) => r.code,
+        }
+    }
+
+    #[test]
+    fn verbs_are_case_insensitive() {
+        assert_eq!(parse(b"ehlo client.test").unwrap(), Command::Ehlo("client.test".into()));
+        assert_eq!(parse(b"QuIt").unwrap(), Command::Quit);
+        assert_eq!(parse(b"noop anything").unwrap(), Command::Noop);
+    }
+
+    #[test]
+    fn command_table() {
+        let cases: &[(&str, u16)] = &[
+            ("EHLO", 501),
+            ("EHLO client.test", 0),
+            ("EHLO [192.0.2.1]", 0),
+            ("HELO a;b", 501),
+            ("MAIL FROM:<a@b.test>", 0),
+            ("MAIL FROM: <a@b.test>", 0),
+            ("mail from:<>", 0),
+            ("MAIL FROM:a@b.test", 501),
+            ("MAIL TO:<a@b.test>", 501),
+            ("MAIL FROM:<a@b.test> SIZE=1000", 0),
+            ("MAIL FROM:<a@b.test> SIZE=1000 BODY=8BITMIME SMTPUTF8", 0),
+            ("MAIL FROM:<a@b.test> SIZE=abc", 501),
+            ("MAIL FROM:<a@b.test> SIZE=1 SIZE=2", 501),
+            ("MAIL FROM:<a@b.test> BODY=BINARYMIME", 501),
+            ("MAIL FROM:<a@b.test> AUTH=<>", 555),
+            ("MAIL FROM:<a@b.test>SIZE=1", 501),
+            ("MAIL FROM:<a@@b.test>", 501),
+            ("RCPT TO:<u@example.test>", 0),
+            ("RCPT TO:<u@example.test> NOTIFY=NEVER", 555),
+            ("RCPT TO:<>", 501),
+            ("RCPT TO:u@example.test", 501),
+            ("DATA", 0),
+            ("DATA x", 501),
+            ("RSET", 0),
+            ("VRFY", 501),
+            ("VRFY user", 0),
+            ("STARTTLS", 0),
+            ("STARTTLS now", 501),
+            ("FOO", 500),
+            ("", 500),
+            ("MAIL FROM:<a@b.test>\0", 500),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(code(line), *expected, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn mail_parameters_are_parsed() {
+        let Command::Mail(from, p) =
+            parse(b"MAIL FROM:<a@b.test> size=42 body=8bitmime SMTPUTF8").unwrap()
+        else {
+            panic!("not MAIL")
+        };
+        assert_eq!(from.to_string(), "a@b.test");
+        assert_eq!(
+            p,
+            MailParams {
+                size: Some(42),
+                body: Some(Body::EightBitMime),
+                smtputf8: true
+            }
+        );
+    }
+
+    #[test]
+    fn rcpt_keeps_local_part_and_routes_by_domain() {
+        let Command::Rcpt(m) = parse(b"RCPT TO:<@evil.test:\"x y\"@Example.TEST.>").unwrap() else {
+            panic!("not RCPT")
+        };
+        assert_eq!(m.local, "\"x y\"");
+        assert_eq!(m.host, Host::Domain(crate::address::DomainName::parse("example.test").unwrap()));
+    }
+
+    #[test]
+    fn unimplemented_commands_are_recognised() {
+        assert_eq!(parse(b"EXPN list").unwrap(), Command::NotImplemented("EXPN"));
+        assert_eq!(parse(b"BDAT 10 LAST").unwrap(), Command::NotImplemented("BDAT"));
+    }
+}

@@ -1,0 +1,259 @@
+//! The DATA receiver: finds the end of data and rebuilds the message.
+//!
+//! Only `<CR><LF>.<CR><LF>` ends data (RFC 5321 §4.1.1.4); the variants that
+//! other servers accept (`\n.\n`, `\n.\r\n`, `\r\n.\n`, `\r.\r\n`) are content
+//! here, which is what stops SMTP smuggling. Every bare CR or bare LF is
+//! rewritten to CRLF so that no later reader can find a different boundary,
+//! and dot-stuffing (§4.5.2) is undone. Output past the size limit is dropped
+//! but the stream is still read to its end so the session stays usable.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// After a real CRLF (or at the start of data): a dot here is special.
+    LineStart,
+    /// Saw `CRLF .`
+    Dot,
+    /// Saw `CRLF . CR`
+    DotCr,
+    /// Inside a line.
+    Text,
+    /// Saw CR inside a line.
+    Cr,
+}
+
+/// Incremental receiver for one message body.
+#[derive(Debug)]
+pub struct DataReceiver {
+    state: State,
+    body: Vec<u8>,
+    limit: usize,
+    /// Bytes of the message after normalisation, kept or not.
+    size: u64,
+}
+
+/// Result of feeding bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// All input consumed; end of data not seen yet.
+    NeedMore,
+    /// End of data found after consuming this many input bytes.
+    Done(usize),
+}
+
+impl DataReceiver {
+    /// `limit`: the largest message (after normalisation) that is kept.
+    pub fn new(limit: usize) -> Self {
+        DataReceiver {
+            state: State::LineStart,
+            body: Vec::with_capacity(limit.min(64 * 1024)),
+            limit,
+            size: 0,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn exceeded(&self) -> bool {
+        self.size > self.limit as u64
+    }
+
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
+    }
+
+    fn emit(&mut self, bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        if self.size <= self.limit as u64 {
+            self.body.extend_from_slice(bytes);
+        }
+    }
+
+    /// Consumes as much of `input` as belongs to the message.
+    pub fn feed(&mut self, input: &[u8]) -> Progress {
+        let mut i = 0;
+        while i < input.len() {
+            match self.state {
+                State::Text => {
+                    // Fast path: copy the run up to the next CR or LF at once.
+                    let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
+                    if run > 0 {
+                        self.emit(&input[i..i + run]);
+                        i += run;
+                        continue;
+                    }
+                    if input[i] == b'\r' {
+                        self.state = State::Cr;
+                    } else {
+                        // Bare LF: normalised, but not a line start for dot handling.
+                        self.emit(b"\r\n");
+                    }
+                    i += 1;
+                }
+                State::Cr => {
+                    match input[i] {
+                        b'\n' => {
+                            self.emit(b"\r\n");
+                            self.state = State::LineStart;
+                            i += 1;
+                        }
+                        b'\r' => {
+                            // The previous CR was bare.
+                            self.emit(b"\r\n");
+                            i += 1;
+                        }
+                        _ => {
+                            self.emit(b"\r\n");
+                            self.state = State::Text;
+                        }
+                    }
+                }
+                State::LineStart => {
+                    if input[i] == b'.' {
+                        self.state = State::Dot;
+                        i += 1;
+                    } else {
+                        self.state = State::Text;
+                    }
+                }
+                State::Dot => match input[i] {
+                    b'\r' => {
+                        self.state = State::DotCr;
+                        i += 1;
+                    }
+                    b'\n' => {
+                        // `CRLF . LF` is a line holding a dot, never the end.
+                        self.emit(b".\r\n");
+                        self.state = State::Text;
+                        i += 1;
+                    }
+                    _ => {
+                        // Stuffed line: the leading dot is removed.
+                        self.state = State::Text;
+                    }
+                },
+                State::DotCr => {
+                    if input[i] == b'\n' {
+                        return Progress::Done(i + 1);
+                    }
+                    // `CRLF . CR x`: a dot line ended by a bare CR; `x` is
+                    // looked at again as ordinary text.
+                    self.emit(b".\r\n");
+                    self.state = State::Text;
+                }
+            }
+        }
+        Progress::NeedMore
+    }
+}
+
+/// Counts `Received:` header fields in the header section of `message`.
+pub fn count_received_headers(message: &[u8]) -> usize {
+    let mut count = 0;
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+            count += 1;
+        }
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receive(input: &[u8]) -> (Option<usize>, Vec<u8>) {
+        let mut r = DataReceiver::new(1 << 20);
+        match r.feed(input) {
+            Progress::Done(n) => (Some(n), r.into_body()),
+            Progress::NeedMore => (None, r.into_body()),
+        }
+    }
+
+    #[test]
+    fn only_crlf_dot_crlf_ends_data() {
+        let ends: &[&[u8]] = &[b".\r\n", b"a\r\n.\r\n", b"a\r\n.\r\nMAIL FROM:<>\r\n"];
+        for input in ends {
+            assert!(receive(input).0.is_some(), "{input:?}");
+        }
+        let smuggling: &[&[u8]] = &[
+            b"a\n.\nMAIL FROM:<x@y>\r\n",
+            b"a\n.\r\nMAIL FROM:<x@y>\r\n",
+            b"a\r\n.\nMAIL FROM:<x@y>\r\n",
+            b"a\r.\r\nMAIL FROM:<x@y>\r\n",
+            b"a\r\n.\rMAIL FROM:<x@y>\r\n",
+            b"a\r\n\x00.\r\n",
+        ];
+        for input in smuggling {
+            assert_eq!(receive(input).0, None, "{input:?} ended data");
+        }
+    }
+
+    #[test]
+    fn bare_cr_and_lf_are_normalised() {
+        let (_, body) = receive(b"a\nb\rc\r\r\nd\r\n.\r\n");
+        assert_eq!(body, b"a\r\nb\r\nc\r\n\r\nd\r\n");
+        let (_, body) = receive(b"x\n.\nMAIL\r\n.\r\n");
+        assert_eq!(body, b"x\r\n.\r\nMAIL\r\n");
+        let (_, body) = receive(b"x\r\n.\ny\r\n.\r\n");
+        assert_eq!(body, b"x\r\n.\r\ny\r\n");
+        let (_, body) = receive(b"x\r\n.\rY\r\n.\r\n");
+        assert_eq!(body, b"x\r\n.\r\nY\r\n");
+    }
+
+    #[test]
+    fn stored_body_never_contains_bare_cr_or_lf() {
+        let (_, body) = receive(b"\r\r\n\n\r.\n.\r.\r\r\n..\n\r\n.\r\n");
+        for (i, &b) in body.iter().enumerate() {
+            if b == b'\r' {
+                assert_eq!(body.get(i + 1), Some(&b'\n'), "bare CR at {i} in {body:?}");
+            }
+            if b == b'\n' {
+                assert_eq!(body[i - 1], b'\r', "bare LF at {i} in {body:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn dot_stuffing_is_removed() {
+        let (_, body) = receive(b"..hidden\r\n.x\r\nend\r\n.\r\n");
+        assert_eq!(body, b".hidden\r\nx\r\nend\r\n");
+    }
+
+    #[test]
+    fn end_of_data_is_found_across_chunk_boundaries() {
+        let input = b"hello\r\n..world\r\n.\r\nQUIT\r\n";
+        for split in 0..input.len() {
+            let mut r = DataReceiver::new(1 << 20);
+            let first = r.feed(&input[..split]);
+            let done = match first {
+                Progress::Done(n) => n,
+                Progress::NeedMore => match r.feed(&input[split..]) {
+                    Progress::Done(n) => split + n,
+                    Progress::NeedMore => panic!("no end at split {split}"),
+                },
+            };
+            assert_eq!(done, input.len() - 6, "split {split}");
+            assert_eq!(r.into_body(), b"hello\r\n.world\r\n", "split {split}");
+        }
+    }
+
+    #[test]
+    fn oversize_data_is_counted_but_not_kept() {
+        let mut r = DataReceiver::new(10);
+        assert_eq!(r.feed(b"0123456789abcdef\r\n.\r\n"), Progress::Done(21));
+        assert!(r.exceeded());
+        assert!(r.into_body().len() <= 10);
+    }
+
+    #[test]
+    fn received_headers_are_counted_in_the_header_section_only() {
+        let msg = b"Received: a\r\nRECEIVED: b\r\nSubject: x\r\n\r\nReceived: body\r\n";
+        assert_eq!(count_received_headers(msg), 2);
+    }
+}

@@ -1,0 +1,563 @@
+//! The SMTP server session as a sans-I/O state machine (RFC 5321 §4).
+//!
+//! Bytes and the current time go in through [`Session::handle_input`]; reply
+//! bytes come out of [`Session::take_output`] and requests for the driver
+//! (check a recipient, store a message, start TLS, close) come out of
+//! [`Session::poll_action`]. While a request is outstanding the session
+//! processes nothing else, so pipelined commands (RFC 2920) are answered in
+//! order. No sockets, no clocks, no storage here.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::command::{self, Body, Command, MailParams, SyntaxError};
+use super::data::{count_received_headers, DataReceiver, Progress};
+use super::reply::Reply;
+use crate::address::{DomainName, Mailbox, ReversePath};
+use crate::queue::{AcceptedMessage, AcceptedRecipient, QueueId};
+use crate::time::rfc5322_date;
+
+/// Limits and identity for every session of a listener.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Our name in the greeting, EHLO reply and Received header.
+    pub hostname: String,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// Longest command line including CRLF (RFC 5321 §4.5.3.1.4: 512).
+    pub max_command_line: usize,
+    /// Errors tolerated before the session is closed with 421.
+    pub max_errors: u32,
+    /// More `Received:` headers than this is a mail loop (RFC 5321 §6.3).
+    pub max_received_headers: usize,
+    /// STARTTLS is offered.
+    pub tls_available: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            hostname: "localhost".into(),
+            max_message_size: 36_700_160,
+            max_recipients: 100,
+            max_command_line: 512,
+            max_errors: 20,
+            max_received_headers: 100,
+            tls_available: false,
+        }
+    }
+}
+
+/// What the driver is asked to do next.
+#[derive(Debug)]
+pub enum Action {
+    /// Nothing pending: read more input.
+    Read,
+    /// Decide on this recipient and call [`Session::recipient_checked`].
+    CheckRecipient { recipient: Mailbox, sender: ReversePath },
+    /// Store durably and call [`Session::message_stored`].
+    Store(Box<AcceptedMessage>),
+    /// Flush output, run the TLS handshake, call [`Session::tls_established`].
+    StartTls,
+    /// Flush output and close the connection.
+    Close,
+}
+
+/// The verdict on one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptVerdict {
+    Accept {
+        domain: DomainName,
+        max_message_size: Option<u64>,
+    },
+    Reject(Reply),
+}
+
+#[derive(Debug)]
+enum Mode {
+    Command,
+    Data(DataReceiver),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    Nothing,
+    Recipient,
+    Store,
+    Tls,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    sender: ReversePath,
+    params: MailParams,
+    recipients: Vec<AcceptedRecipient>,
+    /// The smallest size limit among the global and accepted domains'.
+    size_limit: u64,
+    pending_recipient: Option<Mailbox>,
+}
+
+/// One SMTP server session.
+#[derive(Debug)]
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    peer: IpAddr,
+    helo: Option<(String, bool)>,
+    tls: Option<String>,
+    tx: Option<Transaction>,
+    mode: Mode,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    action: Option<Action>,
+    waiting: Waiting,
+    errors: u32,
+    discarding_long_line: bool,
+}
+
+impl Session {
+    /// Starts a session and queues the 220 greeting.
+    pub fn new(cfg: Arc<SessionConfig>, peer: IpAddr) -> Self {
+        let mut s = Session {
+            cfg,
+            peer,
+            helo: None,
+            tls: None,
+            tx: None,
+            mode: Mode::Command,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            action: None,
+            waiting: Waiting::Nothing,
+            errors: 0,
+            discarding_long_line: false,
+        };
+        let greeting = Reply::new(220, "", format!("{} ESMTP backupmx", s.cfg.hostname));
+        s.reply(&greeting);
+        s
+    }
+
+    /// The reply for a connection refused before a session starts.
+    pub fn refuse(hostname: &str, why: &str) -> Reply {
+        Reply::new(421, "4.7.0", format!("{hostname} {why}, try again later"))
+    }
+
+    pub fn peer(&self) -> IpAddr {
+        self.peer
+    }
+
+    /// Reply bytes produced so far.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// The next request for the driver.
+    pub fn poll_action(&mut self) -> Action {
+        if let Some(a) = self.action.take() {
+            return a;
+        }
+        if self.waiting == Waiting::Closed {
+            Action::Close
+        } else {
+            Action::Read
+        }
+    }
+
+    /// Between commands, with nothing outstanding: safe to close on shutdown.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.mode, Mode::Command) && self.waiting == Waiting::Nothing && self.inbuf.is_empty()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.waiting == Waiting::Closed
+    }
+
+    /// Feeds bytes read from the client.
+    pub fn handle_input(&mut self, bytes: &[u8], now: SystemTime) {
+        if self.waiting == Waiting::Closed {
+            return;
+        }
+        // DATA fast path: hand the bytes straight to the receiver.
+        if self.inbuf.is_empty() && self.waiting == Waiting::Nothing {
+            if let Mode::Data(recv) = &mut self.mode {
+                match recv.feed(bytes) {
+                    Progress::NeedMore => return,
+                    Progress::Done(n) => {
+                        self.inbuf.extend_from_slice(&bytes[n..]);
+                        self.finish_data(now);
+                        self.process(now);
+                        return;
+                    }
+                }
+            }
+        }
+        self.inbuf.extend_from_slice(bytes);
+        self.process(now);
+    }
+
+    /// The client was idle too long (RFC 5321 §4.5.3.2).
+    pub fn handle_timeout(&mut self) {
+        let r = Reply::new(421, "4.4.2", format!("{} Error: timeout exceeded", self.cfg.hostname));
+        self.close_with(&r);
+    }
+
+    /// The server is shutting down; only call while [`Session::is_idle`].
+    pub fn handle_shutdown(&mut self) {
+        let r = Reply::new(421, "4.3.2", format!("{} Service shutting down, closing connection", self.cfg.hostname));
+        self.close_with(&r);
+    }
+
+    /// The answer to [`Action::CheckRecipient`].
+    pub fn recipient_checked(&mut self, verdict: RcptVerdict, now: SystemTime) {
+        if self.waiting != Waiting::Recipient {
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        let Some(tx) = self.tx.as_mut() else { return };
+        let Some(mailbox) = tx.pending_recipient.take() else { return };
+        match verdict {
+            RcptVerdict::Accept {
+                domain,
+                max_message_size,
+            } => {
+                if let (Some(limit), Some(declared)) = (max_message_size, tx.params.size) {
+                    if declared > limit {
+                        self.reject("size", Reply::new(552, "5.3.4", "Message size exceeds the recipient domain's limit"));
+                        self.process(now);
+                        return;
+                    }
+                }
+                if let Some(limit) = max_message_size {
+                    tx.size_limit = tx.size_limit.min(limit);
+                }
+                tx.recipients.push(AcceptedRecipient {
+                    address: mailbox.to_string(),
+                    domain,
+                });
+                self.reply(&Reply::new(250, "2.1.5", "Ok"));
+            }
+            RcptVerdict::Reject(reply) => self.reject("recipient", reply),
+        }
+        self.process(now);
+    }
+
+    /// The answer to [`Action::Store`]: the queue id on success.
+    pub fn message_stored(&mut self, result: Result<QueueId, ()>, now: SystemTime) {
+        if self.waiting != Waiting::Store {
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        match result {
+            Ok(id) => self.reply(&Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))),
+            Err(()) => {
+                metrics::counter!("backupmx_rejections_total", "reason" => "storage", "code" => "451").increment(1);
+                self.reply(&Reply::new(451, "4.3.0", "Error: could not store the message, try again later"));
+            }
+        }
+        self.process(now);
+    }
+
+    /// The TLS handshake finished; `description` goes into Received.
+    /// RFC 3207 §4.2: all state from before TLS is forgotten.
+    pub fn tls_established(&mut self, description: String) {
+        if self.waiting != Waiting::Tls {
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        self.tls = Some(description);
+        self.helo = None;
+        self.tx = None;
+        self.inbuf.clear();
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.out);
+    }
+
+    fn close_with(&mut self, r: &Reply) {
+        self.reply(r);
+        self.waiting = Waiting::Closed;
+        self.action = None;
+        self.inbuf.clear();
+    }
+
+    /// An error reply that counts towards the error limit.
+    fn reject(&mut self, reason: &'static str, r: Reply) {
+        metrics::counter!("backupmx_rejections_total", "reason" => reason, "code" => r.code.to_string()).increment(1);
+        self.reply(&r);
+        self.errors += 1;
+        if self.errors >= self.cfg.max_errors {
+            let bye = Reply::new(421, "4.7.0", format!("{} Error: too many errors", self.cfg.hostname));
+            self.close_with(&bye);
+        }
+    }
+
+    fn process(&mut self, now: SystemTime) {
+        while self.waiting == Waiting::Nothing {
+            if let Mode::Data(recv) = &mut self.mode {
+                match recv.feed(&self.inbuf) {
+                    Progress::NeedMore => {
+                        self.inbuf.clear();
+                        return;
+                    }
+                    Progress::Done(n) => {
+                        self.inbuf.drain(..n);
+                        self.finish_data(now);
+                        continue;
+                    }
+                }
+            }
+            let Some(lf) = memchr::memchr(b'\n', &self.inbuf) else {
+                if self.inbuf.len() > self.cfg.max_command_line {
+                    // Drop what we have; the reply comes when the line ends.
+                    self.discarding_long_line = true;
+                    self.inbuf.clear();
+                }
+                return;
+            };
+            let line: Vec<u8> = self.inbuf.drain(..=lf).collect();
+            let content = line.strip_suffix(b"\r\n").or_else(|| line.strip_suffix(b"\n")).unwrap_or(&line);
+            if std::mem::take(&mut self.discarding_long_line) || content.len() + 2 > self.cfg.max_command_line {
+                self.reject("syntax", Reply::new(500, "5.5.2", "Error: line too long"));
+                continue;
+            }
+            let content = content.to_vec();
+            self.handle_command(&content, now);
+        }
+    }
+
+    fn handle_command(&mut self, line: &[u8], now: SystemTime) {
+        let cmd = match command::parse(line) {
+            Ok(c) => c,
+            Err(SyntaxError(r)) => return self.reject("syntax", r),
+        };
+        match cmd {
+            Command::Ehlo(name) => {
+                self.tx = None;
+                let mut lines = vec![
+                    self.cfg.hostname.clone(),
+                    "PIPELINING".into(),
+                    format!("SIZE {}", self.cfg.max_message_size),
+                    "8BITMIME".into(),
+                    "SMTPUTF8".into(),
+                    "ENHANCEDSTATUSCODES".into(),
+                ];
+                if self.cfg.tls_available && self.tls.is_none() {
+                    lines.push("STARTTLS".into());
+                }
+                self.helo = Some((name, true));
+                self.reply(&Reply::multiline(250, "", lines));
+            }
+            Command::Helo(name) => {
+                self.tx = None;
+                self.helo = Some((name, false));
+                let r = Reply::new(250, "", self.cfg.hostname.clone());
+                self.reply(&r);
+            }
+            Command::Mail(sender, params) => self.mail(sender, params),
+            Command::Rcpt(mailbox) => self.rcpt(mailbox),
+            Command::Data => self.data(),
+            Command::Rset => {
+                self.tx = None;
+                self.reply(&Reply::new(250, "2.0.0", "Ok"));
+            }
+            Command::Noop => self.reply(&Reply::new(250, "2.0.0", "Ok")),
+            Command::Quit => {
+                let r = Reply::new(221, "2.0.0", "Bye");
+                self.close_with(&r);
+            }
+            Command::Vrfy => self.reply(&Reply::new(
+                252,
+                "2.0.0",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
+            Command::Help => self.reply(&Reply::new(
+                214,
+                "2.0.0",
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+            )),
+            Command::StartTls => self.starttls(),
+            Command::NotImplemented(_) => {
+                self.reject("syntax", Reply::new(502, "5.5.1", "Error: command not implemented"));
+            }
+        }
+        let _ = now;
+    }
+
+    fn mail(&mut self, sender: ReversePath, params: MailParams) {
+        if self.helo.is_none() {
+            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: send HELO/EHLO first"));
+        }
+        if self.tx.is_some() {
+            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: nested MAIL command"));
+        }
+        if let Some(size) = params.size {
+            if size > self.cfg.max_message_size {
+                return self.reject(
+                    "size",
+                    Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size"),
+                );
+            }
+        }
+        if let ReversePath::Mailbox(m) = &sender {
+            if !m.is_ascii() && !params.smtputf8 {
+                return self.reject(
+                    "syntax",
+                    Reply::new(553, "5.6.7", "Non-ASCII sender address requires SMTPUTF8"),
+                );
+            }
+        }
+        self.tx = Some(Transaction {
+            sender,
+            params,
+            recipients: Vec::new(),
+            size_limit: self.cfg.max_message_size,
+            pending_recipient: None,
+        });
+        self.reply(&Reply::new(250, "2.1.0", "Ok"));
+    }
+
+    fn rcpt(&mut self, mailbox: Mailbox) {
+        let max = self.cfg.max_recipients;
+        let Some(tx) = self.tx.as_mut() else {
+            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        };
+        if tx.recipients.len() >= max {
+            // RFC 5321 §4.5.3.1.10: 452 and the client sends the rest later.
+            metrics::counter!("backupmx_rejections_total", "reason" => "too_many_recipients", "code" => "452").increment(1);
+            return self.reply(&Reply::new(452, "4.5.3", "Error: too many recipients"));
+        }
+        if !mailbox.is_ascii() && !tx.params.smtputf8 {
+            return self.reject(
+                "syntax",
+                Reply::new(553, "5.6.7", "Non-ASCII recipient address requires SMTPUTF8"),
+            );
+        }
+        tx.pending_recipient = Some(mailbox.clone());
+        self.waiting = Waiting::Recipient;
+        self.action = Some(Action::CheckRecipient {
+            recipient: mailbox,
+            sender: tx.sender.clone(),
+        });
+    }
+
+    fn data(&mut self) {
+        let Some(tx) = self.tx.as_ref() else {
+            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: need RCPT command"));
+        };
+        if tx.recipients.is_empty() {
+            return self.reject("sequence", Reply::new(554, "5.5.1", "Error: no valid recipients"));
+        }
+        let limit = usize::try_from(tx.size_limit).unwrap_or(usize::MAX);
+        self.mode = Mode::Data(DataReceiver::new(limit));
+        self.reply(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+    }
+
+    fn starttls(&mut self) {
+        if self.tls.is_some() {
+            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: TLS already active"));
+        }
+        if !self.cfg.tls_available {
+            return self.reject("syntax", Reply::new(502, "5.5.1", "Error: command not implemented"));
+        }
+        self.reply(&Reply::new(220, "2.0.0", "Ready to start TLS"));
+        // Anything pipelined after STARTTLS was sent in the clear and could
+        // have been injected by a man in the middle (CVE-2011-0411).
+        self.inbuf.clear();
+        self.waiting = Waiting::Tls;
+        self.action = Some(Action::StartTls);
+    }
+
+    fn finish_data(&mut self, now: SystemTime) {
+        let Mode::Data(recv) = std::mem::replace(&mut self.mode, Mode::Command) else {
+            return;
+        };
+        let Some(tx) = self.tx.take() else { return };
+        if recv.exceeded() {
+            return self.reject("size", Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size"));
+        }
+        let data = recv.into_body();
+        if count_received_headers(&data) > self.cfg.max_received_headers {
+            return self.reject("loop", Reply::new(554, "5.4.6", "Too many hops (Received headers), mail loop?"));
+        }
+        let id = QueueId::generate(now);
+        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        let smtputf8 = tx.params.smtputf8;
+        let header = received_header(&ReceivedFields {
+            helo: &helo,
+            peer: self.peer,
+            hostname: &self.cfg.hostname,
+            protocol: protocol_name(esmtp, smtputf8, self.tls.is_some()),
+            tls: self.tls.as_deref(),
+            id: &id,
+            single_recipient: (tx.recipients.len() == 1).then(|| tx.recipients[0].address.as_str()),
+            date: now,
+        });
+        let mut body = Vec::with_capacity(header.len() + data.len());
+        body.extend_from_slice(header.as_bytes());
+        body.extend_from_slice(&data);
+        let message = AcceptedMessage {
+            id,
+            sender: tx.sender.to_string(),
+            recipients: tx.recipients,
+            client_ip: self.peer,
+            helo,
+            received_at: now,
+            smtputf8,
+            eight_bit: tx.params.body == Some(Body::EightBitMime),
+            body,
+        };
+        self.waiting = Waiting::Store;
+        self.action = Some(Action::Store(Box::new(message)));
+    }
+}
+
+/// RFC 3848 / RFC 6531 `with` protocol names.
+fn protocol_name(esmtp: bool, utf8: bool, tls: bool) -> &'static str {
+    match (esmtp, utf8, tls) {
+        (_, true, true) => "UTF8SMTPS",
+        (_, true, false) => "UTF8SMTP",
+        (true, false, true) => "ESMTPS",
+        (true, false, false) => "ESMTP",
+        (false, false, true) => "SMTPS",
+        (false, false, false) => "SMTP",
+    }
+}
+
+struct ReceivedFields<'a> {
+    helo: &'a str,
+    peer: IpAddr,
+    hostname: &'a str,
+    protocol: &'a str,
+    tls: Option<&'a str>,
+    id: &'a QueueId,
+    single_recipient: Option<&'a str>,
+    date: SystemTime,
+}
+
+/// The trace header (RFC 5321 §4.4). `for` is only given for a single
+/// recipient, so other recipients' addresses are not disclosed.
+fn received_header(f: &ReceivedFields<'_>) -> String {
+    let peer = match f.peer {
+        IpAddr::V4(v4) => format!("[{v4}]"),
+        IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+    };
+    let tls = f.tls.map(|t| format!("\r\n\t({t})")).unwrap_or_default();
+    let for_clause = f.single_recipient.map(|r| format!("\r\n\tfor <{r}>")).unwrap_or_default();
+    format!(
+        "Received: from {} ({peer}){tls}\r\n\tby {} (backupmx) with {} id {}{for_clause};\r\n\t{}\r\n",
+        f.helo,
+        f.hostname,
+        f.protocol,
+        f.id,
+        rfc5322_date(f.date)
+    )
+}
+
+#[cfg(test)]
+mod tests;

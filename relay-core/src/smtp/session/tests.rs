@@ -1,0 +1,394 @@
+//! Session transcripts: bytes in, replies out, no sockets.
+
+use super::*;
+use crate::address::Host;
+
+const NOW: u64 = 1_795_842_826;
+
+/// Plays the driver: accepts recipients at example.test, stores messages.
+struct Transcript {
+    session: Session,
+    stored: Vec<AcceptedMessage>,
+    store_fails: bool,
+    closed: bool,
+    tls_started: u32,
+}
+
+impl Transcript {
+    fn new() -> Self {
+        Self::with(SessionConfig {
+            hostname: "mx2.test".into(),
+            tls_available: true,
+            ..SessionConfig::default()
+        })
+    }
+
+    fn with(cfg: SessionConfig) -> Self {
+        let cfg = SessionConfig {
+            hostname: "mx2.test".into(),
+            ..cfg
+        };
+        let mut t = Transcript {
+            session: Session::new(Arc::new(cfg), "192.0.2.7".parse().unwrap()),
+            stored: Vec::new(),
+            store_fails: false,
+            closed: false,
+            tls_started: 0,
+        };
+        let greeting = t.drain();
+        assert_eq!(greeting, "220 mx2.test ESMTP backupmx\r\n");
+        t
+    }
+
+    fn now() -> SystemTime {
+        crate::time::from_unix_seconds(NOW)
+    }
+
+    fn verdict(rcpt: &Mailbox) -> RcptVerdict {
+        match &rcpt.host {
+            Host::Domain(d) if d.as_str() == "example.test" => RcptVerdict::Accept {
+                domain: d.clone(),
+                max_message_size: None,
+            },
+            Host::Domain(d) if d.as_str() == "small.test" => RcptVerdict::Accept {
+                domain: d.clone(),
+                max_message_size: Some(100),
+            },
+            _ => RcptVerdict::Reject(Reply::new(550, "5.7.1", "Relaying denied")),
+        }
+    }
+
+    fn drain(&mut self) -> String {
+        let mut out = self.session.take_output();
+        loop {
+            match self.session.poll_action() {
+                Action::Read => break,
+                Action::Close => {
+                    self.closed = true;
+                    break;
+                }
+                Action::CheckRecipient { recipient, .. } => {
+                    let v = Self::verdict(&recipient);
+                    self.session.recipient_checked(v, Self::now());
+                }
+                Action::Store(m) => {
+                    let result = if self.store_fails { Err(()) } else { Ok(m.id.clone()) };
+                    if !self.store_fails {
+                        self.stored.push(*m);
+                    }
+                    self.session.message_stored(result, Self::now());
+                }
+                Action::StartTls => {
+                    self.tls_started += 1;
+                    out.extend(self.session.take_output());
+                    self.session.tls_established("TLSv1.3".into());
+                }
+            }
+            out.extend(self.session.take_output());
+        }
+        out.extend(self.session.take_output());
+        String::from_utf8(out).unwrap()
+    }
+
+    fn send(&mut self, input: impl AsRef<[u8]>) -> String {
+        self.session.handle_input(input.as_ref(), Self::now());
+        self.drain()
+    }
+
+    /// Sends one command and checks the reply's first line starts with `expect`.
+    fn cmd(&mut self, line: &str, expect: &str) {
+        let out = self.send(format!("{line}\r\n"));
+        assert!(out.starts_with(expect), "{line:?}: expected {expect:?}, got {out:?}");
+    }
+
+    fn ehlo(&mut self) -> &mut Self {
+        self.cmd("EHLO client.test", "250-mx2.test");
+        self
+    }
+
+    fn envelope(&mut self) -> &mut Self {
+        self.ehlo();
+        self.cmd("MAIL FROM:<sender@remote.test>", "250 2.1.0");
+        self.cmd("RCPT TO:<user@example.test>", "250 2.1.5");
+        self
+    }
+}
+
+fn codes(out: &str) -> Vec<&str> {
+    out.lines().filter(|l| l.as_bytes().get(3) == Some(&b' ')).map(|l| &l[..3]).collect()
+}
+
+#[test]
+fn ehlo_advertises_the_extensions() {
+    let mut t = Transcript::new();
+    let out = t.send("EHLO client.test\r\n");
+    for ext in ["PIPELINING", "SIZE 36700160", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS"] {
+        assert!(out.contains(ext), "{ext} missing from {out}");
+    }
+}
+
+#[test]
+fn a_whole_transaction_is_stored_with_a_received_header() {
+    let mut t = Transcript::new();
+    t.envelope();
+    t.cmd("DATA", "354 ");
+    let out = t.send("Subject: hi\r\n\r\nbody\r\n.\r\n");
+    assert!(out.starts_with("250 2.0.0 Ok: queued as "), "{out}");
+    let m = &t.stored[0];
+    assert!(out.contains(m.id.as_str()));
+    assert_eq!(m.sender, "sender@remote.test");
+    assert_eq!(m.recipients[0].address, "user@example.test");
+    let body = String::from_utf8(m.body.clone()).unwrap();
+    assert!(body.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx2.test (backupmx) with ESMTP id "), "{body}");
+    assert!(body.contains("\r\n\tfor <user@example.test>;\r\n\tSat, 28 Nov 2026 05:13:46 +0000\r\n"), "{body}");
+    assert!(body.ends_with("\r\nSubject: hi\r\n\r\nbody\r\n"));
+    t.cmd("QUIT", "221 2.0.0");
+    assert!(t.closed);
+}
+
+#[test]
+fn commands_out_of_sequence_get_503() {
+    let mut t = Transcript::new();
+    t.cmd("MAIL FROM:<a@b.test>", "503 5.5.1");
+    t.cmd("RCPT TO:<user@example.test>", "503 5.5.1");
+    t.cmd("DATA", "503 5.5.1");
+    t.ehlo();
+    t.cmd("RCPT TO:<user@example.test>", "503 5.5.1");
+    t.cmd("MAIL FROM:<a@b.test>", "250");
+    t.cmd("MAIL FROM:<a@b.test>", "503 5.5.1");
+    t.cmd("DATA", "554 5.5.1");
+}
+
+#[test]
+fn relay_is_denied_and_null_sender_accepted() {
+    let mut t = Transcript::new();
+    t.ehlo();
+    t.cmd("MAIL FROM:<>", "250 2.1.0");
+    t.cmd("RCPT TO:<victim@elsewhere.test>", "550 5.7.1");
+    t.cmd("RCPT TO:<user@EXAMPLE.test.>", "250 2.1.5");
+}
+
+#[test]
+fn pipelined_commands_are_answered_in_order() {
+    let mut t = Transcript::new();
+    let out = t.send(
+        "EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<y@other.test>\r\nDATA\r\nhello\r\n.\r\nQUIT\r\n",
+    );
+    assert_eq!(codes(&out), ["250", "250", "250", "550", "354", "250", "221"], "{out}");
+    assert_eq!(t.stored.len(), 1);
+    assert!(t.closed);
+}
+
+#[test]
+fn long_command_lines_get_500_and_the_session_continues() {
+    let mut t = Transcript::new();
+    t.ehlo();
+    let long = format!("NOOP {}\r\n", "x".repeat(600));
+    // Send in pieces so the line is longer than the buffer before it ends.
+    let (a, b) = long.split_at(550);
+    assert_eq!(t.send(a), "");
+    assert!(t.send(b).starts_with("500 5.5.2"));
+    let exactly_512 = format!("NOOP {}\r\n", "x".repeat(505));
+    assert_eq!(exactly_512.len(), 512);
+    t.cmd(exactly_512.trim_end(), "250");
+    let just_over = format!("NOOP {}", "x".repeat(506));
+    t.cmd(&just_over, "500 5.5.2");
+    t.cmd("NOOP", "250 2.0.0");
+}
+
+#[test]
+fn declared_size_over_the_limit_gets_552() {
+    let mut t = Transcript::with(SessionConfig {
+        max_message_size: 1000,
+        ..SessionConfig::default()
+    });
+    t.ehlo();
+    t.cmd("MAIL FROM:<a@b.test> SIZE=1001", "552 5.3.4");
+    t.cmd("MAIL FROM:<a@b.test> SIZE=1000", "250");
+}
+
+#[test]
+fn data_over_the_limit_is_refused_and_nothing_is_stored() {
+    let mut t = Transcript::with(SessionConfig {
+        max_message_size: 1000,
+        ..SessionConfig::default()
+    });
+    t.envelope();
+    t.cmd("DATA", "354");
+    let big = format!("{}\r\n.\r\n", "y".repeat(2000));
+    assert!(t.send(big).starts_with("552 5.3.4"));
+    assert!(t.stored.is_empty());
+    // The session is still usable.
+    t.cmd("MAIL FROM:<a@b.test>", "250");
+}
+
+#[test]
+fn per_domain_size_limit_applies() {
+    let mut t = Transcript::new();
+    t.ehlo();
+    t.cmd("MAIL FROM:<a@b.test> SIZE=500", "250");
+    t.cmd("RCPT TO:<u@small.test>", "552 5.3.4");
+    t.cmd("RSET", "250");
+    t.cmd("MAIL FROM:<a@b.test>", "250");
+    t.cmd("RCPT TO:<u@small.test>", "250");
+    t.cmd("DATA", "354");
+    assert!(t.send(format!("{}\r\n.\r\n", "z".repeat(200))).starts_with("552 5.3.4"));
+}
+
+#[test]
+fn the_101st_recipient_gets_452() {
+    let mut t = Transcript::new();
+    t.ehlo();
+    t.cmd("MAIL FROM:<a@b.test>", "250");
+    for i in 0..100 {
+        t.cmd(&format!("RCPT TO:<u{i}@example.test>"), "250");
+    }
+    t.cmd("RCPT TO:<u100@example.test>", "452 4.5.3");
+    t.cmd("DATA", "354");
+    t.send("x\r\n.\r\n");
+    assert_eq!(t.stored[0].recipients.len(), 100);
+}
+
+#[test]
+fn too_many_errors_close_the_session() {
+    let mut t = Transcript::with(SessionConfig {
+        max_errors: 3,
+        ..SessionConfig::default()
+    });
+    t.cmd("BOGUS", "500 5.5.2");
+    t.cmd("BOGUS", "500 5.5.2");
+    let out = t.send("BOGUS\r\n");
+    assert!(out.contains("500 5.5.2") && out.contains("421 4.7.0"), "{out}");
+    assert!(t.closed);
+    assert_eq!(t.send("NOOP\r\n"), "");
+}
+
+#[test]
+fn smuggled_end_of_data_does_not_end_the_message() {
+    for smuggle in ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n"] {
+        let mut t = Transcript::new();
+        t.envelope();
+        t.cmd("DATA", "354");
+        let payload = format!(
+            "Subject: x\r\n\r\nbefore{smuggle}MAIL FROM:<evil@b.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nsmuggled\r\n.\r\n"
+        );
+        let out = t.send(payload);
+        assert_eq!(codes(&out), ["250"], "{smuggle:?}: {out}");
+        assert_eq!(t.stored.len(), 1, "{smuggle:?}");
+        let body = &t.stored[0].body;
+        assert!(body.windows(10).any(|w| w == b"MAIL FROM:"), "content kept");
+        for (i, &b) in body.iter().enumerate() {
+            assert!(b != b'\n' || body[i - 1] == b'\r', "{smuggle:?}: bare LF stored");
+            assert!(b != b'\r' || body.get(i + 1) == Some(&b'\n'), "{smuggle:?}: bare CR stored");
+        }
+    }
+}
+
+#[test]
+fn starttls_discards_pipelined_commands() {
+    let mut t = Transcript::new();
+    t.ehlo();
+    let out = t.send("STARTTLS\r\nNOOP\r\nMAIL FROM:<injected@b.test>\r\n");
+    assert_eq!(out, "220 2.0.0 Ready to start TLS\r\n");
+    assert_eq!(t.tls_started, 1);
+    // The session was reset: MAIL needs a new EHLO.
+    t.cmd("MAIL FROM:<a@b.test>", "503 5.5.1");
+    let out = t.send("EHLO client.test\r\n");
+    assert!(!out.contains("STARTTLS"), "{out}");
+    t.cmd("STARTTLS", "503 5.5.1");
+    t.cmd("MAIL FROM:<a@b.test>", "250");
+    t.cmd("RCPT TO:<u@example.test>", "250");
+    t.cmd("DATA", "354");
+    t.send("x\r\n.\r\n");
+    assert!(String::from_utf8_lossy(&t.stored[0].body).contains("with ESMTPS id"));
+}
+
+#[test]
+fn starttls_without_certificate_is_not_implemented() {
+    let mut t = Transcript::with(SessionConfig::default());
+    let out = t.send("EHLO c.test\r\n");
+    assert!(!out.contains("STARTTLS"));
+    t.cmd("STARTTLS", "502 5.5.1");
+}
+
+#[test]
+fn storage_failure_gives_451() {
+    let mut t = Transcript::new();
+    t.store_fails = true;
+    t.envelope();
+    t.cmd("DATA", "354");
+    assert!(t.send("x\r\n.\r\n").starts_with("451 4.3.0"));
+    t.cmd("MAIL FROM:<a@b.test>", "250");
+}
+
+#[test]
+fn too_many_received_headers_is_a_loop() {
+    let mut t = Transcript::new();
+    t.envelope();
+    t.cmd("DATA", "354");
+    let hops = "Received: from x by y; Thu, 1 Jan 2026 00:00:00 +0000\r\n".repeat(101);
+    assert!(t.send(format!("{hops}\r\nbody\r\n.\r\n")).starts_with("554 5.4.6"));
+    t.envelope_again();
+    let hops = "Received: from x by y; Thu, 1 Jan 2026 00:00:00 +0000\r\n".repeat(100);
+    assert!(t.send(format!("{hops}\r\nbody\r\n.\r\n")).starts_with("250"));
+}
+
+impl Transcript {
+    fn envelope_again(&mut self) {
+        self.cmd("MAIL FROM:<sender@remote.test>", "250 2.1.0");
+        self.cmd("RCPT TO:<user@example.test>", "250 2.1.5");
+        self.cmd("DATA", "354");
+    }
+}
+
+#[test]
+fn non_ascii_addresses_need_smtputf8() {
+    let mut t = Transcript::new();
+    t.ehlo();
+    t.cmd("MAIL FROM:<jöran@b.test>", "553 5.6.7");
+    t.cmd("MAIL FROM:<jöran@b.test> SMTPUTF8", "250");
+    t.cmd("RCPT TO:<ünicode@example.test>", "250");
+    t.cmd("DATA", "354");
+    t.send("x\r\n.\r\n");
+    assert!(String::from_utf8_lossy(&t.stored[0].body).contains("with UTF8SMTP id"));
+}
+
+#[test]
+fn timeout_and_shutdown_send_421() {
+    let mut t = Transcript::new();
+    assert!(t.session.is_idle());
+    t.session.handle_timeout();
+    assert!(t.drain().starts_with("421 4.4.2"));
+    assert!(t.closed);
+    let mut t = Transcript::new();
+    t.session.handle_shutdown();
+    assert!(t.drain().starts_with("421 4.3.2"));
+}
+
+#[test]
+fn misc_commands() {
+    let mut t = Transcript::new();
+    t.cmd("HELO client.test", "250 mx2.test");
+    t.cmd("VRFY user", "252 2.0.0");
+    t.cmd("HELP", "214 2.0.0");
+    t.cmd("EXPN staff", "502 5.5.1");
+    t.cmd("NOOP", "250 2.0.0");
+    t.cmd("RSET", "250 2.0.0");
+    t.cmd("MAIL FROM:<a@b.test>", "250");
+    t.cmd("RCPT TO:<u@example.test>", "250");
+    t.cmd("DATA", "354");
+    t.send("x\r\n.\r\n");
+    assert!(String::from_utf8_lossy(&t.stored[0].body).contains("with SMTP id"));
+}
+
+#[test]
+fn byte_at_a_time_input_works() {
+    let mut t = Transcript::new();
+    let input = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nDATA\r\nline\r\n..dot\r\n.\r\nQUIT\r\n";
+    let mut out = String::new();
+    for b in input {
+        out += &t.send([*b]);
+    }
+    assert_eq!(codes(&out), ["250", "250", "250", "354", "250", "221"], "{out}");
+    assert!(t.stored[0].body.ends_with(b"\r\nline\r\n.dot\r\n"));
+}

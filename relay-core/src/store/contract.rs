@@ -1,0 +1,200 @@
+//! Contract tests every backend must pass. The AWS backend runs the same
+//! functions against the emulator.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use super::local::LocalStore;
+use super::*;
+use crate::queue::{AcceptedRecipient, RecipientStatus};
+
+pub(crate) fn message(rcpts: &[&str]) -> AcceptedMessage {
+    AcceptedMessage {
+        id: QueueId::generate(SystemTime::now()),
+        sender: "sender@remote.test".into(),
+        recipients: rcpts
+            .iter()
+            .map(|a| AcceptedRecipient {
+                address: (*a).to_string(),
+                domain: DomainName::parse(a.split('@').nth(1).unwrap()).unwrap(),
+            })
+            .collect(),
+        client_ip: "192.0.2.1".parse().unwrap(),
+        helo: "client.test".into(),
+        received_at: SystemTime::now(),
+        smtputf8: false,
+        eight_bit: false,
+        body: b"Received: x\r\nSubject: s\r\n\r\nbody\x00\xff\r\n".to_vec(),
+    }
+}
+
+pub(crate) async fn domains_contract(reg: &dyn DomainRegistry) {
+    let name = DomainName::parse("example.test").unwrap();
+    assert_eq!(reg.get(&name).await.unwrap(), None);
+    let mut d = Domain::from_parts("example.test", &["127.0.0.1:2626".into()], Some(&["u@example.test".into()])).unwrap();
+    reg.put(&d).await.unwrap();
+    assert_eq!(reg.get(&name).await.unwrap(), Some(d.clone()));
+    d.greylist = false;
+    reg.put(&d).await.unwrap();
+    assert_eq!(reg.list().await.unwrap(), vec![d]);
+    assert!(reg.remove(&name).await.unwrap());
+    assert!(!reg.remove(&name).await.unwrap());
+    assert!(reg.list().await.unwrap().is_empty());
+}
+
+pub(crate) async fn spool_contract(spool: &dyn Spool, messages: &dyn MessageStore, queue: &dyn DeliveryQueue) {
+    let m = message(&["a@one.test", "b@two.test", "c@one.test"]);
+    let body = m.body.clone();
+    let ids = spool.accept(m.clone()).await.unwrap();
+    assert_eq!(ids, vec![m.id.clone(), m.id.with_suffix(2)]);
+    for id in &ids {
+        assert_eq!(messages.get(id).await.unwrap().as_deref(), Some(&body[..]), "body byte-exact");
+    }
+    let entry = queue.get(&ids[0]).await.unwrap().unwrap();
+    assert_eq!(entry.domain.as_str(), "one.test");
+    assert_eq!(entry.recipients.len(), 2);
+    assert!(entry.recipients.iter().all(|r| r.status == RecipientStatus::Pending));
+    assert_eq!(queue.depth().await.unwrap(), 2);
+    let two = DomainName::parse("two.test").unwrap();
+    let listed = queue.list(Some(&two)).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, ids[1]);
+    assert_eq!(queue.list(None).await.unwrap().len(), 2);
+    assert!(queue.remove(&ids[0]).await.unwrap());
+    assert!(!queue.remove(&ids[0]).await.unwrap());
+    assert_eq!(queue.get(&ids[0]).await.unwrap(), None);
+    assert_eq!(queue.depth().await.unwrap(), 1);
+}
+
+fn local() -> (tempfile::TempDir, Arc<LocalStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+    (dir, store)
+}
+
+#[tokio::test]
+async fn local_domains_contract() {
+    let (_dir, store) = local();
+    domains_contract(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn local_spool_contract() {
+    let (_dir, store) = local();
+    spool_contract(store.as_ref(), store.as_ref(), store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn split_spool_over_local_contract() {
+    let (_dir, store) = local();
+    let spool = SplitSpool {
+        messages: store.clone(),
+        queue: store.clone(),
+    };
+    spool_contract(&spool, store.as_ref(), store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn local_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = message(&["a@one.test"]);
+    {
+        let store = LocalStore::open(dir.path()).unwrap();
+        store.accept(m.clone()).await.unwrap();
+    }
+    let store = LocalStore::open(dir.path()).unwrap();
+    let entry = DeliveryQueue::get(&store, &m.id).await.unwrap().unwrap();
+    assert_eq!(entry.sender, "sender@remote.test");
+    assert_eq!(MessageStore::get(&store, &m.id).await.unwrap().unwrap(), m.body);
+}
+
+#[tokio::test]
+async fn concurrent_accepts_are_all_committed() {
+    let (_dir, store) = local();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move { store.accept(message(&["a@one.test"])).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(store.depth().await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn a_duplicate_id_fails_alone_without_half_storing() {
+    let (_dir, store) = local();
+    let m = message(&["a@one.test"]);
+    store.accept(m.clone()).await.unwrap();
+    let mut dup = message(&["b@one.test"]);
+    dup.id = m.id.clone();
+    assert!(store.accept(dup).await.is_err());
+    // The original is intact and nothing of the duplicate was written.
+    let entry = DeliveryQueue::get(store.as_ref(), &m.id).await.unwrap().unwrap();
+    assert_eq!(entry.recipients[0].address, "a@one.test");
+    assert_eq!(store.depth().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn corrupt_records_are_reported_not_panicked_on() {
+    let (dir, store) = local();
+    let m = message(&["a@one.test"]);
+    store.accept(m.clone()).await.unwrap();
+    let conn = rusqlite::Connection::open(dir.path().join(local::DB_FILE)).unwrap();
+    conn.execute("UPDATE queue SET record = '{\"version\":1' WHERE id = ?1", [m.id.as_str()]).unwrap();
+    let err = DeliveryQueue::get(store.as_ref(), &m.id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(m.id.as_str()));
+}
+
+/// Wraps a store and fails the queue write when armed.
+struct FailingQueue {
+    inner: Arc<LocalStore>,
+    fail: AtomicBool,
+}
+
+#[async_trait]
+impl DeliveryQueue for FailingQueue {
+    async fn enqueue(&self, entry: &QueueEntry) -> Result<(), StoreError> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("injected".into()));
+        }
+        self.inner.enqueue(entry).await
+    }
+    async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError> {
+        DeliveryQueue::get(self.inner.as_ref(), id).await
+    }
+    async fn list(&self, domain: Option<&DomainName>) -> Result<Vec<QueueEntry>, StoreError> {
+        DeliveryQueue::list(self.inner.as_ref(), domain).await
+    }
+    async fn remove(&self, id: &QueueId) -> Result<bool, StoreError> {
+        DeliveryQueue::remove(self.inner.as_ref(), id).await
+    }
+    async fn depth(&self) -> Result<u64, StoreError> {
+        self.inner.depth().await
+    }
+}
+
+#[tokio::test]
+async fn split_spool_failure_leaves_nothing_behind() {
+    let (_dir, store) = local();
+    let queue = Arc::new(FailingQueue {
+        inner: store.clone(),
+        fail: AtomicBool::new(true),
+    });
+    let spool = SplitSpool {
+        messages: store.clone(),
+        queue: queue.clone(),
+    };
+    let m = message(&["a@one.test"]);
+    assert!(spool.accept(m.clone()).await.is_err());
+    assert_eq!(MessageStore::get(store.as_ref(), &m.id).await.unwrap(), None);
+    assert_eq!(store.depth().await.unwrap(), 0);
+    queue.fail.store(false, Ordering::SeqCst);
+    spool.accept(m).await.unwrap();
+    assert_eq!(store.depth().await.unwrap(), 1);
+}

@@ -1,0 +1,332 @@
+//! The embedded backend: one SQLite database (WAL, `synchronous=FULL`) holding
+//! domains, message bodies and the queue.
+//!
+//! All writes go through one writer thread that commits whatever requests
+//! have piled up in a single transaction (group commit): one fsync serves
+//! every session waiting at end of DATA, which is how a durable store keeps
+//! up with many concurrent senders. A request is answered only after its
+//! transaction committed. Reads use their own connection.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::thread;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use super::{DeliveryQueue, DomainRegistry, MessageStore, Spool, StoreError};
+use crate::address::DomainName;
+use crate::domain::Domain;
+use crate::queue::{AcceptedMessage, QueueEntry, QueueId};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "backupmx.db";
+
+/// Most requests committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS domains (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (id TEXT PRIMARY KEY, body BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS queue (
+    id TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    next_attempt INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_due ON queue(next_attempt);
+CREATE INDEX IF NOT EXISTS queue_domain ON queue(domain, received_at);
+";
+
+enum WriteOp {
+    Accept { entries: Vec<QueueEntry>, body: Vec<u8> },
+    PutBody { id: QueueId, body: Vec<u8> },
+    DeleteBody(QueueId),
+    Enqueue(QueueEntry),
+    RemoveEntry(QueueId),
+    PutDomain(Domain),
+    RemoveDomain(DomainName),
+}
+
+struct WriteJob {
+    op: WriteOp,
+    done: oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// The embedded store. Cheap to share behind an `Arc`.
+pub struct LocalStore {
+    writer: Mutex<mpsc::Sender<WriteJob>>,
+    reader: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(backend)?;
+    // WAL + FULL: a commit is on disk when it returns, readers never block
+    // the writer, and the CLI can work on the same file as a running server.
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
+    Ok(conn)
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) the database in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Backend(format!("cannot create data directory {}: {e}", data_dir.display())))?;
+        let path = data_dir.join(DB_FILE);
+        let writer_conn = open_connection(&path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        writer_conn.execute_batch(SCHEMA).map_err(|e| {
+            StoreError::Backend(format!("cannot initialise {}: {e}", path.display()))
+        })?;
+        let reader = open_connection(&path)?;
+        let (tx, rx) = mpsc::channel::<WriteJob>();
+        thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(writer_conn, &rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
+        Ok(LocalStore {
+            writer: Mutex::new(tx),
+            reader: Mutex::new(reader),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<bool, StoreError> {
+        let (done, wait) = oneshot::channel();
+        {
+            let sender = self.writer.lock().map_err(|_| StoreError::Closed)?;
+            sender.send(WriteJob { op, done }).map_err(|_| StoreError::Closed)?;
+        }
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.reader.lock().map_err(|_| StoreError::Closed)?;
+        f(&conn).map_err(backend)
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: &mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = commit_batch(&mut conn, &batch);
+        for (job, result) in batch.into_iter().zip(results) {
+            // The waiting session may have gone away; nothing to tell then.
+            let _ = job.done.send(result);
+        }
+    }
+}
+
+/// Applies each job in its own savepoint so one failing job does not undo
+/// the others, then commits once.
+fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, StoreError>> {
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let msg = format!("cannot begin transaction: {e}");
+            return batch.iter().map(|_| Err(StoreError::Backend(msg.clone()))).collect();
+        }
+    };
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let outcome = tx.savepoint().and_then(|sp| {
+            let r = apply(&sp, &job.op)?;
+            sp.commit()?;
+            Ok(r)
+        });
+        results.push(outcome.map_err(backend));
+    }
+    if let Err(e) = tx.commit() {
+        let msg = format!("commit failed: {e}");
+        return batch.iter().map(|_| Err(StoreError::Backend(msg.clone()))).collect();
+    }
+    results
+}
+
+fn insert_entry(conn: &Connection, entry: &QueueEntry) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO queue (id, domain, next_attempt, received_at, record) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            entry.id.as_str(),
+            entry.domain.as_str(),
+            entry.next_attempt as i64,
+            entry.received_at as i64,
+            entry.encode()
+        ],
+    )?;
+    Ok(())
+}
+
+fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
+    match op {
+        WriteOp::Accept { entries, body } => {
+            for entry in entries {
+                conn.execute(
+                    "INSERT INTO messages (id, body) VALUES (?1, ?2)",
+                    params![entry.id.as_str(), body],
+                )?;
+                insert_entry(conn, entry)?;
+            }
+            Ok(true)
+        }
+        WriteOp::PutBody { id, body } => {
+            conn.execute(
+                "INSERT OR REPLACE INTO messages (id, body) VALUES (?1, ?2)",
+                params![id.as_str(), body],
+            )?;
+            Ok(true)
+        }
+        WriteOp::DeleteBody(id) => Ok(conn.execute("DELETE FROM messages WHERE id = ?1", [id.as_str()])? > 0),
+        WriteOp::Enqueue(entry) => {
+            insert_entry(conn, entry)?;
+            Ok(true)
+        }
+        WriteOp::RemoveEntry(id) => {
+            let n = conn.execute("DELETE FROM queue WHERE id = ?1", [id.as_str()])?;
+            conn.execute("DELETE FROM messages WHERE id = ?1", [id.as_str()])?;
+            Ok(n > 0)
+        }
+        WriteOp::PutDomain(d) => {
+            // Serialising a plain struct cannot fail.
+            let record = serde_json::to_string(d).unwrap_or_default();
+            conn.execute(
+                "INSERT OR REPLACE INTO domains (name, record) VALUES (?1, ?2)",
+                params![d.name.as_str(), record],
+            )?;
+            Ok(true)
+        }
+        WriteOp::RemoveDomain(name) => Ok(conn.execute("DELETE FROM domains WHERE name = ?1", [name.as_str()])? > 0),
+    }
+}
+
+fn decode_domain(name: &str, record: &str) -> Result<Domain, StoreError> {
+    serde_json::from_str(record).map_err(|_| StoreError::CorruptDomain(name.to_string()))
+}
+
+fn decode_entry(id: &str, record: &str) -> Result<QueueEntry, StoreError> {
+    QueueEntry::decode(record.as_bytes()).map_err(|source| StoreError::Corrupt {
+        id: id.to_string(),
+        source,
+    })
+}
+
+#[async_trait]
+impl DomainRegistry for LocalStore {
+    async fn get(&self, name: &DomainName) -> Result<Option<Domain>, StoreError> {
+        let row: Option<String> = self.read(|c| {
+            c.query_row("SELECT record FROM domains WHERE name = ?1", [name.as_str()], |r| r.get(0))
+                .optional()
+        })?;
+        row.map(|r| decode_domain(name.as_str(), &r)).transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<Domain>, StoreError> {
+        let rows: Vec<(String, String)> = self.read(|c| {
+            let mut st = c.prepare("SELECT name, record FROM domains ORDER BY name")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        rows.iter().map(|(n, r)| decode_domain(n, r)).collect()
+    }
+
+    async fn put(&self, domain: &Domain) -> Result<(), StoreError> {
+        self.write(WriteOp::PutDomain(domain.clone())).await.map(|_| ())
+    }
+
+    async fn remove(&self, name: &DomainName) -> Result<bool, StoreError> {
+        self.write(WriteOp::RemoveDomain(name.clone())).await
+    }
+}
+
+#[async_trait]
+impl MessageStore for LocalStore {
+    async fn put(&self, id: &QueueId, body: &[u8]) -> Result<(), StoreError> {
+        self.write(WriteOp::PutBody {
+            id: id.clone(),
+            body: body.to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT body FROM messages WHERE id = ?1", [id.as_str()], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    async fn delete(&self, id: &QueueId) -> Result<(), StoreError> {
+        self.write(WriteOp::DeleteBody(id.clone())).await.map(|_| ())
+    }
+}
+
+#[async_trait]
+impl DeliveryQueue for LocalStore {
+    async fn enqueue(&self, entry: &QueueEntry) -> Result<(), StoreError> {
+        self.write(WriteOp::Enqueue(entry.clone())).await.map(|_| ())
+    }
+
+    async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError> {
+        let row: Option<String> = self.read(|c| {
+            c.query_row("SELECT record FROM queue WHERE id = ?1", [id.as_str()], |r| r.get(0))
+                .optional()
+        })?;
+        row.map(|r| decode_entry(id.as_str(), &r)).transpose()
+    }
+
+    async fn list(&self, domain: Option<&DomainName>) -> Result<Vec<QueueEntry>, StoreError> {
+        let rows: Vec<(String, String)> = self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT id, record FROM queue WHERE ?1 IS NULL OR domain = ?1 ORDER BY received_at, id",
+            )?;
+            let rows = st.query_map([domain.map(DomainName::as_str)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        rows.iter().map(|(id, r)| decode_entry(id, r)).collect()
+    }
+
+    async fn remove(&self, id: &QueueId) -> Result<bool, StoreError> {
+        self.write(WriteOp::RemoveEntry(id.clone())).await
+    }
+
+    async fn depth(&self) -> Result<u64, StoreError> {
+        self.read(|c| c.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get::<_, i64>(0)))
+            .map(|n| n.max(0) as u64)
+    }
+}
+
+#[async_trait]
+impl Spool for LocalStore {
+    /// Bodies and entries in one transaction: nothing is half-stored.
+    async fn accept(&self, message: AcceptedMessage) -> Result<Vec<QueueId>, StoreError> {
+        let entries = message.queue_entries();
+        let ids = entries.iter().map(|e| e.id.clone()).collect();
+        self.write(WriteOp::Accept {
+            entries,
+            body: message.body,
+        })
+        .await?;
+        Ok(ids)
+    }
+}

@@ -1,0 +1,129 @@
+//! Storage traits and their backends.
+//!
+//! The traits speak our types only, so the ingest and delivery code never
+//! knows whether it runs on the embedded store or on AWS. Every backend is
+//! run through the same contract tests (`store::contract`).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::address::DomainName;
+use crate::domain::Domain;
+use crate::queue::{AcceptedMessage, QueueEntry, QueueId, RecordError};
+
+pub mod local;
+
+#[cfg(test)]
+mod contract;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend could not be reached or refused the operation.
+    #[error("storage backend error: {0}")]
+    Backend(String),
+    /// A stored record could not be decoded.
+    #[error("stored record {id} is corrupt: {source}")]
+    Corrupt {
+        id: String,
+        #[source]
+        source: RecordError,
+    },
+    /// A stored domain record could not be decoded.
+    #[error("stored domain record {0} is corrupt")]
+    CorruptDomain(String),
+    /// The store's writer has stopped (the process is shutting down).
+    #[error("storage writer has stopped")]
+    Closed,
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Backend(_) | StoreError::Closed)
+    }
+}
+
+/// Hosted domains (relay control).
+#[async_trait]
+pub trait DomainRegistry: Send + Sync {
+    async fn get(&self, name: &DomainName) -> Result<Option<Domain>, StoreError>;
+    async fn list(&self) -> Result<Vec<Domain>, StoreError>;
+    /// Inserts or replaces.
+    async fn put(&self, domain: &Domain) -> Result<(), StoreError>;
+    /// Returns whether the domain existed.
+    async fn remove(&self, name: &DomainName) -> Result<bool, StoreError>;
+}
+
+/// Message bodies, one per queue entry.
+#[async_trait]
+pub trait MessageStore: Send + Sync {
+    async fn put(&self, id: &QueueId, body: &[u8]) -> Result<(), StoreError>;
+    async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn delete(&self, id: &QueueId) -> Result<(), StoreError>;
+}
+
+/// Queue entries waiting for delivery.
+#[async_trait]
+pub trait DeliveryQueue: Send + Sync {
+    async fn enqueue(&self, entry: &QueueEntry) -> Result<(), StoreError>;
+    async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError>;
+    /// Oldest first, optionally for one domain.
+    async fn list(&self, domain: Option<&DomainName>) -> Result<Vec<QueueEntry>, StoreError>;
+    /// Returns whether the entry existed.
+    async fn remove(&self, id: &QueueId) -> Result<bool, StoreError>;
+    async fn depth(&self) -> Result<u64, StoreError>;
+}
+
+/// Where the ingest puts an accepted message: body and queue entries, all
+/// or nothing. Only after this returns `Ok` may the client get its 250.
+#[async_trait]
+pub trait Spool: Send + Sync {
+    async fn accept(&self, message: AcceptedMessage) -> Result<Vec<QueueId>, StoreError>;
+}
+
+/// A [`Spool`] over separate body and queue stores (the AWS shape: S3 and
+/// SQS). Bodies are written first, so a queue entry never points at a
+/// missing body; on failure what was written is removed again.
+pub struct SplitSpool {
+    pub messages: Arc<dyn MessageStore>,
+    pub queue: Arc<dyn DeliveryQueue>,
+}
+
+#[async_trait]
+impl Spool for SplitSpool {
+    async fn accept(&self, message: AcceptedMessage) -> Result<Vec<QueueId>, StoreError> {
+        let entries = message.queue_entries();
+        let mut bodies = Vec::new();
+        let mut queued = Vec::new();
+        let mut result = Ok(());
+        for entry in &entries {
+            if let Err(e) = self.messages.put(&entry.id, &message.body).await {
+                result = Err(e);
+                break;
+            }
+            bodies.push(entry.id.clone());
+            if let Err(e) = self.queue.enqueue(entry).await {
+                result = Err(e);
+                break;
+            }
+            queued.push(entry.id.clone());
+        }
+        match result {
+            Ok(()) => Ok(queued),
+            Err(e) => {
+                // Best effort: the client gets 451 and will send again, so a
+                // leftover entry would at worst mean one duplicate delivery.
+                for id in &queued {
+                    let _ = self.queue.remove(id).await;
+                }
+                for id in &bodies {
+                    let _ = self.messages.delete(id).await;
+                }
+                Err(e)
+            }
+        }
+    }
+}
