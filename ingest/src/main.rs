@@ -1,1 +1,94 @@
-fn main(){}
+//! `backupmx`: the SMTP ingest, the embedded all-in-one mode and the admin
+//! commands. Wiring only: configuration, backends and sockets; the logic is
+//! in relay-core.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod admin;
+mod connection;
+mod metrics;
+mod server;
+mod tls;
+
+#[derive(Parser)]
+#[command(name = "backupmx", version, about = "A backup MX: accepts mail for hosted domains while their primary is down")]
+struct Cli {
+    /// Configuration file (default: backupmx.toml if present, else built-in defaults).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Embedded all-in-one mode: SMTP ingest with the local store.
+    Run,
+    /// SMTP ingest only, with the configured storage backend.
+    Ingest,
+    /// Manage hosted domains.
+    #[command(subcommand)]
+    Domain(admin::DomainCommand),
+    /// Inspect and steer the queue.
+    #[command(subcommand)]
+    Queue(admin::QueueCommand),
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("backupmx: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let config = relay_core::config::Config::load(cli.config.as_deref())
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        match cli.command {
+            Command::Run => {
+                init_logging(cli.log_json);
+                server::run(config, server::Mode::Embedded).await
+            }
+            Command::Ingest => {
+                init_logging(cli.log_json);
+                server::run(config, server::Mode::IngestOnly).await
+            }
+            Command::Domain(cmd) => admin::domain(&config, cmd).await,
+            Command::Queue(cmd) => admin::queue(&config, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            let mut line = format!("backupmx: {e}");
+            for cause in e.chain().skip(1) {
+                line.push_str(&format!(": {cause}"));
+            }
+            eprintln!("{}", line.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

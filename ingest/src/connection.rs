@@ -1,0 +1,171 @@
+//! The I/O driver for one SMTP connection: moves bytes between the socket
+//! and relay-core's sans-I/O session, and carries out the session's
+//! requests (recipient checks, durable storage, the TLS handshake).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use relay_core::smtp::{Action, Session, SessionConfig};
+use relay_core::store::{DomainRegistry, Spool};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::tls::Tls;
+
+/// What every connection shares.
+pub struct Shared {
+    pub session: Arc<SessionConfig>,
+    pub registry: Arc<dyn DomainRegistry>,
+    pub spool: Arc<dyn Spool>,
+    pub tls: Option<Tls>,
+    pub idle_timeout: Duration,
+}
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Largest single read; lives on the stack only while reading so idle
+/// connections hold no buffer.
+const READ_CHUNK: usize = 32 * 1024;
+
+impl Conn {
+    /// Reads what is available and feeds it to the session. Ok(0) is EOF.
+    async fn read_into(&mut self, session: &mut Session) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => loop {
+                s.readable().await?;
+                let mut buf = [0u8; READ_CHUNK];
+                match s.try_read(&mut buf) {
+                    Ok(n) => {
+                        if n > 0 {
+                            session.handle_input(&buf[..n], SystemTime::now());
+                        }
+                        return Ok(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            },
+            Conn::Tls(s) => {
+                let mut buf = vec![0u8; READ_CHUNK];
+                let n = s.read(&mut buf).await?;
+                if n > 0 {
+                    session.handle_input(&buf[..n], SystemTime::now());
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(data).await,
+            Conn::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+        };
+    }
+}
+
+/// Runs one session to its end.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, session_id: u64, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn::Plain(stream);
+    let mut session = Session::new(shared.session.clone(), peer.ip());
+    let timeout = shared.idle_timeout;
+    tracing::debug!(event = "session_start", session_id, peer = %peer);
+    loop {
+        let out = session.take_output();
+        if !out.is_empty() && !matches!(tokio::time::timeout(timeout, conn.write_all(&out)).await, Ok(Ok(()))) {
+            break;
+        }
+        match session.poll_action() {
+            Action::Read => {
+                let idle = session.is_idle();
+                if idle && *shutdown.borrow() {
+                    session.handle_shutdown();
+                    continue;
+                }
+                let read = tokio::select! {
+                    r = tokio::time::timeout(timeout, conn.read_into(&mut session)) => r,
+                    _ = shutdown.changed(), if idle => continue,
+                };
+                match read {
+                    Err(_) => {
+                        tracing::info!(event = "session_timeout", session_id, peer = %peer);
+                        session.handle_timeout();
+                    }
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(_)) => {}
+                }
+            }
+            Action::CheckRecipient { recipient, .. } => {
+                let verdict = relay_core::policy::check_recipient(shared.registry.as_ref(), &recipient).await;
+                if let relay_core::smtp::RcptVerdict::Reject(r) = &verdict {
+                    tracing::info!(event = "recipient_rejected", session_id, peer = %peer, rcpt = %recipient, reply = %r);
+                }
+                session.recipient_checked(verdict, SystemTime::now());
+            }
+            Action::Store(message) => {
+                let id = message.id.clone();
+                let size = message.body.len() as u64;
+                let sender = message.sender.clone();
+                let nrcpt = message.recipients.len();
+                let result = shared.spool.accept(*message).await;
+                match &result {
+                    Ok(ids) => {
+                        metrics::counter!("backupmx_messages_accepted_total").increment(1);
+                        metrics::counter!("backupmx_bytes_accepted_total").increment(size);
+                        tracing::info!(event = "message_accepted", session_id, peer = %peer, queue_id = %id,
+                            from = %sender, nrcpt, size, entries = ids.len());
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "store_failed", session_id, peer = %peer, queue_id = %id, error = %e);
+                    }
+                }
+                session.message_stored(result.map(|_| id).map_err(|_| ()), SystemTime::now());
+            }
+            Action::StartTls => {
+                let Some(tls) = shared.tls.as_ref() else { break };
+                // The session never asks twice; a TLS stream here is a bug, not a peer's doing.
+                let tcp = match conn {
+                    Conn::Plain(tcp) => tcp,
+                    Conn::Tls(_) => return,
+                };
+                match tokio::time::timeout(timeout, tls.acceptor().accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let (_, state) = stream.get_ref();
+                        let description = format!(
+                            "version={} cipher={}",
+                            state.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
+                            state.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default()
+                        );
+                        conn = Conn::Tls(Box::new(stream));
+                        session.tls_established(description);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::info!(event = "tls_failed", session_id, peer = %peer, error = %e);
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            Action::Close => break,
+        }
+    }
+    conn.shutdown().await;
+    tracing::debug!(event = "session_end", session_id, peer = %peer);
+}

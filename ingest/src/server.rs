@@ -1,0 +1,229 @@
+//! Listeners, connection limits, signals and graceful shutdown.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use relay_core::config::{Backend, Config};
+use relay_core::smtp::{Session, SessionConfig};
+use relay_core::store::local::LocalStore;
+use relay_core::store::{DeliveryQueue, DomainRegistry};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::connection::{self, Shared};
+use crate::tls::Tls;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `backupmx run`: everything in one process on the local store.
+    Embedded,
+    /// `backupmx ingest`: SMTP only, on the configured backend.
+    IngestOnly,
+}
+
+/// Opens the configured backend for the local store; the AWS backend is not
+/// part of this build yet, and saying so beats silently using another.
+pub fn open_local(config: &Config) -> anyhow::Result<Arc<LocalStore>> {
+    if config.storage.backend == Backend::Aws {
+        bail!("storage.backend = \"aws\" is not available in this build; use \"local\"");
+    }
+    let store = LocalStore::open(&config.storage.data_dir)
+        .with_context(|| format!("cannot open the data directory {}", config.storage.data_dir.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Counts connections per client address.
+#[derive(Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+struct PerIpGuard {
+    table: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PerIpGuard> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpGuard { table: self.clone(), ip })
+    }
+}
+
+impl Drop for PerIpGuard {
+    fn drop(&mut self) {
+        let mut map = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
+    if mode == Mode::Embedded && config.storage.backend != Backend::Local {
+        bail!("`backupmx run` is the embedded mode and needs storage.backend = \"local\"; use `backupmx ingest` for other backends");
+    }
+    if config.smtp.proxy_protocol {
+        bail!("smtp.proxy_protocol = true is not available in this build");
+    }
+    let store = open_local(&config)?;
+    for d in &config.domains {
+        // validate() already checked every entry.
+        let domain = d.to_domain().with_context(|| format!("[[domain]] {}", d.name))?;
+        DomainRegistry::put(store.as_ref(), &domain).await.with_context(|| format!("cannot store domain {}", d.name))?;
+    }
+    let tls = match &config.tls {
+        Some(files) => Some(Tls::new(files)?),
+        None => None,
+    };
+    if let Some(m) = &config.metrics {
+        crate::metrics::serve(m.listen).await?;
+        let queue = store.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(n) = queue.depth().await {
+                    metrics::gauge!("backupmx_queue_depth").set(n as f64);
+                }
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+    }
+    let mut listeners = Vec::new();
+    for addr in &config.smtp.listen {
+        let l = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(event = "listening", addr = %l.local_addr().unwrap_or(*addr), hostname = %config.hostname);
+        listeners.push(l);
+    }
+    let shared = Arc::new(Shared {
+        session: Arc::new(SessionConfig {
+            hostname: config.hostname.clone(),
+            max_message_size: config.smtp.max_message_size,
+            max_recipients: config.smtp.max_recipients,
+            max_command_line: config.smtp.max_command_line,
+            max_errors: config.smtp.max_errors,
+            max_received_headers: 100,
+            tls_available: tls.is_some(),
+        }),
+        registry: store.clone(),
+        spool: store.clone(),
+        tls: tls.clone(),
+        idle_timeout: config.smtp.idle_timeout,
+    });
+    let limits = Arc::new(Limits {
+        total: Arc::new(Semaphore::new(config.smtp.max_connections)),
+        max_total: config.smtp.max_connections,
+        per_ip: Arc::new(PerIp::default()),
+        max_per_ip: config.smtp.max_connections_per_ip,
+        hostname: config.hostname.clone(),
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut accept_tasks = Vec::new();
+    for l in listeners {
+        accept_tasks.push(tokio::spawn(accept_loop(l, shared.clone(), limits.clone(), shutdown_rx.clone())));
+    }
+    wait_for_shutdown(tls).await;
+    tracing::info!(event = "shutdown_started", grace_secs = config.smtp.shutdown_grace.as_secs());
+    let _ = shutdown_tx.send(true);
+    for t in accept_tasks {
+        t.abort();
+    }
+    // Every session holds a permit; having them all back means all ended.
+    let all = u32::try_from(limits.max_total).unwrap_or(u32::MAX);
+    match tokio::time::timeout(config.smtp.shutdown_grace, limits.total.acquire_many(all)).await {
+        Ok(_) => tracing::info!(event = "shutdown_complete"),
+        Err(_) => tracing::warn!(event = "shutdown_grace_expired", "sessions still open were cut off"),
+    }
+    Ok(())
+}
+
+async fn wait_for_shutdown(tls: Option<Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!(event = "signals_unavailable");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                if let Some(t) = &tls { t.reload(); }
+            }
+        }
+    }
+}
+
+struct Limits {
+    total: Arc<Semaphore>,
+    max_total: usize,
+    per_ip: Arc<PerIp>,
+    max_per_ip: usize,
+    hostname: String,
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limits: Arc<Limits>, shutdown: watch::Receiver<bool>) {
+    static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => {
+                backoff = Duration::from_millis(5);
+                x
+            }
+            Err(e) => {
+                // EMFILE and friends: wait rather than spin.
+                tracing::warn!(event = "accept_failed", error = %e);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = limits.total.clone().try_acquire_owned() else {
+            refuse(stream, peer, &limits.hostname, "too many connections", "connection_limit");
+            continue;
+        };
+        let Some(ip_guard) = limits.per_ip.try_take(peer.ip(), limits.max_per_ip) else {
+            refuse(stream, peer, &limits.hostname, "too many connections from your address", "connection_limit_ip");
+            continue;
+        };
+        let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        metrics::counter!("backupmx_sessions_total").increment(1);
+        tokio::spawn(async move {
+            metrics::gauge!("backupmx_sessions_active").increment(1.0);
+            connection::serve(stream, peer, id, shared, shutdown).await;
+            metrics::gauge!("backupmx_sessions_active").decrement(1.0);
+            drop(ip_guard);
+            drop(permit);
+        });
+    }
+}
+
+fn refuse(mut stream: TcpStream, peer: SocketAddr, hostname: &str, why: &str, reason: &'static str) {
+    metrics::counter!("backupmx_rejections_total", "reason" => reason, "code" => "421").increment(1);
+    tracing::info!(event = "connection_refused", peer = %peer, reason);
+    let reply = Session::refuse(hostname, why).to_bytes();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = stream.write_all(&reply).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    });
+}
