@@ -101,13 +101,32 @@ pub async fn domain(config: &Config, cmd: DomainCommand) -> anyhow::Result<()> {
         }
         DomainCommand::Show { domain } => {
             let name = parse_domain(&domain)?;
-            let d = store.get(&name).await?.ok_or_else(|| anyhow!("no such domain: {name}"))?;
+            let d = store
+                .get(&name)
+                .await?
+                .ok_or_else(|| anyhow!("no such domain: {name}"))?;
             println!("name: {}", d.name);
             println!("enabled: {}", d.enabled);
-            println!("primary: {}", if d.primary.is_empty() { "(MX lookup)".into() } else { d.primary.join(", ") });
+            println!(
+                "primary: {}",
+                if d.primary.is_empty() {
+                    "(MX lookup)".into()
+                } else {
+                    d.primary.join(", ")
+                }
+            );
             println!("greylist: {}", d.greylist);
-            println!("max_message_size: {}", d.max_message_size.map_or("(global)".into(), |n| n.to_string()));
-            println!("recipients: {}", d.recipients.as_ref().map_or("(any)".into(), |r| r.join(", ")));
+            println!(
+                "max_message_size: {}",
+                d.max_message_size
+                    .map_or("(global)".into(), |n| n.to_string())
+            );
+            println!(
+                "recipients: {}",
+                d.recipients
+                    .as_ref()
+                    .map_or("(any)".into(), |r| r.join(", "))
+            );
         }
         DomainCommand::Remove { domain } => {
             let name = parse_domain(&domain)?;
@@ -124,10 +143,16 @@ fn domain_line(d: &Domain) -> String {
     format!(
         "{}\tprimary={}\tgreylist={}\tmax_size={}\trecipients={}\tenabled={}",
         d.name,
-        if d.primary.is_empty() { "mx".into() } else { d.primary.join(",") },
+        if d.primary.is_empty() {
+            "mx".into()
+        } else {
+            d.primary.join(",")
+        },
         d.greylist,
         d.max_message_size.map_or("-".into(), |n| n.to_string()),
-        d.recipients.as_ref().map_or("any".into(), |r| r.len().to_string()),
+        d.recipients
+            .as_ref()
+            .map_or("any".into(), |r| r.len().to_string()),
         d.enabled
     )
 }
@@ -170,7 +195,10 @@ pub async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
     match cmd {
         QueueCommand::List { domain, json } => {
             let domain = domain.as_deref().map(parse_domain).transpose()?;
-            let entries = store.list(domain.as_ref()).await.context("cannot list the queue")?;
+            let entries = store
+                .list(domain.as_ref())
+                .await
+                .context("cannot list the queue")?;
             if json {
                 let list: Vec<_> = entries.iter().map(entry_json).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -184,7 +212,10 @@ pub async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
                         e.attempts,
                         rfc3339(e.next_attempt),
                         e.sender,
-                        e.pending_recipients().map(|r| r.address.as_str()).collect::<Vec<_>>().join(",")
+                        e.pending_recipients()
+                            .map(|r| r.address.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
                     );
                 }
                 println!("{} message(s)", entries.len());
@@ -193,14 +224,20 @@ pub async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
         QueueCommand::Show { id, raw } => {
             let id = parse_id(&id)?;
             if raw {
-                let body = messages.get(&id)
+                let body = messages
+                    .get(&id)
                     .await?
                     .ok_or_else(|| anyhow!("no such message: {id}"))?;
                 use std::io::Write;
-                std::io::stdout().write_all(&body).context("cannot write to stdout")?;
+                std::io::stdout()
+                    .write_all(&body)
+                    .context("cannot write to stdout")?;
                 return Ok(());
             }
-            let e = store.get(&id).await?.ok_or_else(|| anyhow!("no such message: {id}"))?;
+            let e = store
+                .get(&id)
+                .await?
+                .ok_or_else(|| anyhow!("no such message: {id}"))?;
             println!("{}", serde_json::to_string_pretty(&entry_json(&e))?);
         }
         QueueCommand::Delete { id } => {

@@ -81,7 +81,13 @@ impl Conn {
 }
 
 /// Runs one session to its end.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, session_id: u64, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    session_id: u64,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let mut conn = Conn::Plain(stream);
     let mut session = Session::new(shared.session.clone(), peer.ip());
@@ -89,7 +95,12 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, session_id: u64, shared:
     tracing::debug!(event = "session_start", session_id, peer = %peer);
     loop {
         let out = session.take_output();
-        if !out.is_empty() && !matches!(tokio::time::timeout(timeout, conn.write_all(&out)).await, Ok(Ok(()))) {
+        if !out.is_empty()
+            && !matches!(
+                tokio::time::timeout(timeout, conn.write_all(&out)).await,
+                Ok(Ok(()))
+            )
+        {
             break;
         }
         match session.poll_action() {
@@ -113,7 +124,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, session_id: u64, shared:
                 }
             }
             Action::CheckRecipient { recipient, .. } => {
-                let verdict = relay_core::policy::check_recipient(shared.registry.as_ref(), &recipient).await;
+                let verdict =
+                    relay_core::policy::check_recipient(shared.registry.as_ref(), &recipient).await;
                 if let relay_core::smtp::RcptVerdict::Reject(r) = &verdict {
                     tracing::info!(event = "recipient_rejected", session_id, peer = %peer, rcpt = %recipient, reply = %r);
                 }
@@ -139,7 +151,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, session_id: u64, shared:
                 session.message_stored(result.map(|_| id).map_err(|_| ()), SystemTime::now());
             }
             Action::StartTls => {
-                let Some(tls) = shared.tls.as_ref() else { break };
+                let Some(tls) = shared.tls.as_ref() else {
+                    break;
+                };
                 // The session never asks twice; a TLS stream here is a bug, not a peer's doing.
                 let tcp = match conn {
                     Conn::Plain(tcp) => tcp,
@@ -150,8 +164,14 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, session_id: u64, shared:
                         let (_, state) = stream.get_ref();
                         let description = format!(
                             "version={} cipher={}",
-                            state.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
-                            state.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default()
+                            state
+                                .protocol_version()
+                                .map(|v| format!("{v:?}"))
+                                .unwrap_or_default(),
+                            state
+                                .negotiated_cipher_suite()
+                                .map(|c| format!("{:?}", c.suite()))
+                                .unwrap_or_default()
                         );
                         conn = Conn::Tls(Box::new(stream));
                         session.tls_established(description);

@@ -14,7 +14,11 @@ mod server;
 mod tls;
 
 #[derive(Parser)]
-#[command(name = "backupmx", version, about = "A backup MX: accepts mail for hosted domains while their primary is down")]
+#[command(
+    name = "backupmx",
+    version,
+    about = "A backup MX: accepts mail for hosted domains while their primary is down"
+)]
 struct Cli {
     /// Configuration file (default: backupmx.toml if present, else built-in defaults).
     #[arg(long, global = true, value_name = "FILE")]
@@ -56,7 +60,10 @@ fn init_logging(json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("backupmx: cannot start the async runtime: {e}");

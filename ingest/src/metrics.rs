@@ -33,9 +33,18 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
 fn describe() {
     metrics::describe_counter!("backupmx_sessions_total", "SMTP sessions accepted");
     metrics::describe_gauge!("backupmx_sessions_active", "SMTP sessions open now");
-    metrics::describe_counter!("backupmx_messages_accepted_total", "messages stored and answered 250");
-    metrics::describe_counter!("backupmx_bytes_accepted_total", "bytes of accepted messages");
-    metrics::describe_counter!("backupmx_rejections_total", "rejected commands and connections by reason and code");
+    metrics::describe_counter!(
+        "backupmx_messages_accepted_total",
+        "messages stored and answered 250"
+    );
+    metrics::describe_counter!(
+        "backupmx_bytes_accepted_total",
+        "bytes of accepted messages"
+    );
+    metrics::describe_counter!(
+        "backupmx_rejections_total",
+        "rejected commands and connections by reason and code"
+    );
     metrics::describe_gauge!("backupmx_queue_depth", "queue entries waiting for delivery");
 }
 
@@ -59,7 +68,11 @@ async fn respond(mut stream: tokio::net::TcpStream, handle: PrometheusHandle) {
     if !matches!(read, Ok(true)) {
         return;
     }
-    let request_line = String::from_utf8_lossy(&buf[..used]).lines().next().unwrap_or_default().to_string();
+    let request_line = String::from_utf8_lossy(&buf[..used])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let (status, body) = if request_line.starts_with("GET /metrics ") {
         ("200 OK", handle.render())
     } else {

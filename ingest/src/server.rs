@@ -32,8 +32,12 @@ pub fn open_local(config: &Config) -> anyhow::Result<Arc<LocalStore>> {
     if config.storage.backend == Backend::Aws {
         bail!("storage.backend = \"aws\" is not available in this build; use \"local\"");
     }
-    let store = LocalStore::open(&config.storage.data_dir)
-        .with_context(|| format!("cannot open the data directory {}", config.storage.data_dir.display()))?;
+    let store = LocalStore::open(&config.storage.data_dir).with_context(|| {
+        format!(
+            "cannot open the data directory {}",
+            config.storage.data_dir.display()
+        )
+    })?;
     Ok(Arc::new(store))
 }
 
@@ -54,7 +58,10 @@ impl PerIp {
             return None;
         }
         *n += 1;
-        Some(PerIpGuard { table: self.clone(), ip })
+        Some(PerIpGuard {
+            table: self.clone(),
+            ip,
+        })
     }
 }
 
@@ -80,8 +87,12 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let store = open_local(&config)?;
     for d in &config.domains {
         // validate() already checked every entry.
-        let domain = d.to_domain().with_context(|| format!("[[domain]] {}", d.name))?;
-        DomainRegistry::put(store.as_ref(), &domain).await.with_context(|| format!("cannot store domain {}", d.name))?;
+        let domain = d
+            .to_domain()
+            .with_context(|| format!("[[domain]] {}", d.name))?;
+        DomainRegistry::put(store.as_ref(), &domain)
+            .await
+            .with_context(|| format!("cannot store domain {}", d.name))?;
     }
     let tls = match &config.tls {
         Some(files) => Some(Tls::new(files)?),
@@ -101,7 +112,9 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     }
     let mut listeners = Vec::new();
     for addr in &config.smtp.listen {
-        let l = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(event = "listening", addr = %l.local_addr().unwrap_or(*addr), hostname = %config.hostname);
         listeners.push(l);
     }
@@ -130,10 +143,18 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut accept_tasks = Vec::new();
     for l in listeners {
-        accept_tasks.push(tokio::spawn(accept_loop(l, shared.clone(), limits.clone(), shutdown_rx.clone())));
+        accept_tasks.push(tokio::spawn(accept_loop(
+            l,
+            shared.clone(),
+            limits.clone(),
+            shutdown_rx.clone(),
+        )));
     }
     wait_for_shutdown(tls).await;
-    tracing::info!(event = "shutdown_started", grace_secs = config.smtp.shutdown_grace.as_secs());
+    tracing::info!(
+        event = "shutdown_started",
+        grace_secs = config.smtp.shutdown_grace.as_secs()
+    );
     let _ = shutdown_tx.send(true);
     for t in accept_tasks {
         t.abort();
@@ -142,7 +163,10 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let all = u32::try_from(limits.max_total).unwrap_or(u32::MAX);
     match tokio::time::timeout(config.smtp.shutdown_grace, limits.total.acquire_many(all)).await {
         Ok(_) => tracing::info!(event = "shutdown_complete"),
-        Err(_) => tracing::warn!(event = "shutdown_grace_expired", "sessions still open were cut off"),
+        Err(_) => tracing::warn!(
+            event = "shutdown_grace_expired",
+            "sessions still open were cut off"
+        ),
     }
     Ok(())
 }
@@ -176,7 +200,12 @@ struct Limits {
     hostname: String,
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limits: Arc<Limits>, shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limits: Arc<Limits>,
+    shutdown: watch::Receiver<bool>,
+) {
     static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -194,11 +223,23 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limits: Arc<Lim
             }
         };
         let Ok(permit) = limits.total.clone().try_acquire_owned() else {
-            refuse(stream, peer, &limits.hostname, "too many connections", "connection_limit");
+            refuse(
+                stream,
+                peer,
+                &limits.hostname,
+                "too many connections",
+                "connection_limit",
+            );
             continue;
         };
         let Some(ip_guard) = limits.per_ip.try_take(peer.ip(), limits.max_per_ip) else {
-            refuse(stream, peer, &limits.hostname, "too many connections from your address", "connection_limit_ip");
+            refuse(
+                stream,
+                peer,
+                &limits.hostname,
+                "too many connections from your address",
+                "connection_limit_ip",
+            );
             continue;
         };
         let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
@@ -215,8 +256,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limits: Arc<Lim
     }
 }
 
-fn refuse(mut stream: TcpStream, peer: SocketAddr, hostname: &str, why: &str, reason: &'static str) {
-    metrics::counter!("backupmx_rejections_total", "reason" => reason, "code" => "421").increment(1);
+fn refuse(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    hostname: &str,
+    why: &str,
+    reason: &'static str,
+) {
+    metrics::counter!("backupmx_rejections_total", "reason" => reason, "code" => "421")
+        .increment(1);
     tracing::info!(event = "connection_refused", peer = %peer, reason);
     let reply = Session::refuse(hostname, why).to_bytes();
     tokio::spawn(async move {

@@ -27,7 +27,13 @@ fn load(files: &TlsConfig) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
         .context("TLS protocol versions")?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .with_context(|| format!("TLS certificate {} does not match key {}", files.cert.display(), files.key.display()))?;
+        .with_context(|| {
+            format!(
+                "TLS certificate {} does not match key {}",
+                files.cert.display(),
+                files.key.display()
+            )
+        })?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -52,7 +58,10 @@ impl Tls {
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         // A poisoned lock only means a reload panicked; the old value is fine.
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Re-reads the files; on error the old certificate stays in use.

@@ -27,7 +27,9 @@ pub enum AddressError {
 }
 
 /// A domain name normalised for comparison: ASCII lower-case, no trailing dot.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct DomainName(String);
 
@@ -284,7 +286,9 @@ fn is_atext(c: char) -> bool {
 }
 
 fn is_dot_string(s: &str) -> bool {
-    !s.is_empty() && s.split('.').all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
+    !s.is_empty()
+        && s.split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
 }
 
 fn is_address_literal(s: &str) -> bool {
@@ -307,7 +311,10 @@ mod tests {
 
     #[test]
     fn domain_names_are_normalised() {
-        assert_eq!(DomainName::parse("Example.TEST.").unwrap().as_str(), "example.test");
+        assert_eq!(
+            DomainName::parse("Example.TEST.").unwrap().as_str(),
+            "example.test"
+        );
         for bad in ["", ".", "a..b", "-a.b", "a-.b", "a b", "a;b", "x.", ".x"] {
             if bad == "x." {
                 assert!(DomainName::parse(bad).is_ok());
@@ -322,15 +329,39 @@ mod tests {
     fn mailbox_table() {
         let cases: &[(&str, Option<(&str, &str)>)] = &[
             ("user@example.test", Some(("user", "example.test"))),
-            ("User.Name+tag@Example.Test.", Some(("User.Name+tag", "example.test"))),
-            ("\"john doe\"@example.test", Some(("\"john doe\"", "example.test"))),
-            ("\"a@evil.test\"@example.test", Some(("\"a@evil.test\"", "example.test"))),
-            ("user%evil.test@example.test", Some(("user%evil.test", "example.test"))),
-            ("evil.test!user@example.test", Some(("evil.test!user", "example.test"))),
-            ("@relay.test:user@example.test", Some(("user", "example.test"))),
-            ("@a.test,@b.test:user@example.test", Some(("user", "example.test"))),
+            (
+                "User.Name+tag@Example.Test.",
+                Some(("User.Name+tag", "example.test")),
+            ),
+            (
+                "\"john doe\"@example.test",
+                Some(("\"john doe\"", "example.test")),
+            ),
+            (
+                "\"a@evil.test\"@example.test",
+                Some(("\"a@evil.test\"", "example.test")),
+            ),
+            (
+                "user%evil.test@example.test",
+                Some(("user%evil.test", "example.test")),
+            ),
+            (
+                "evil.test!user@example.test",
+                Some(("evil.test!user", "example.test")),
+            ),
+            (
+                "@relay.test:user@example.test",
+                Some(("user", "example.test")),
+            ),
+            (
+                "@a.test,@b.test:user@example.test",
+                Some(("user", "example.test")),
+            ),
             ("user@[192.0.2.1]", Some(("user", "[192.0.2.1]"))),
-            ("user@[IPv6:2001:db8::1]", Some(("user", "[IPv6:2001:db8::1]"))),
+            (
+                "user@[IPv6:2001:db8::1]",
+                Some(("user", "[IPv6:2001:db8::1]")),
+            ),
             ("üser@exämple.test", Some(("üser", "exämple.test"))),
             ("user@example.test@evil.test", None),
             ("user", None),
@@ -376,7 +407,9 @@ mod tests {
         ] {
             assert!(rcpt(s).unwrap().has_routing_characters(), "{s}");
         }
-        assert!(!rcpt("first.last+tag@example.test").unwrap().has_routing_characters());
+        assert!(!rcpt("first.last+tag@example.test")
+            .unwrap()
+            .has_routing_characters());
     }
 
     #[test]
@@ -389,7 +422,10 @@ mod tests {
 
     #[test]
     fn split_path_respects_quotes() {
-        assert_eq!(split_path("<\"a>b\"@x.test> SIZE=1").unwrap(), ("\"a>b\"@x.test", " SIZE=1"));
+        assert_eq!(
+            split_path("<\"a>b\"@x.test> SIZE=1").unwrap(),
+            ("\"a>b\"@x.test", " SIZE=1")
+        );
         assert_eq!(split_path("<>").unwrap(), ("", ""));
         assert!(split_path("user@x.test").is_err());
         assert!(split_path("<user@x.test").is_err());

@@ -280,8 +280,9 @@ impl Config {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::Parse(format!("cannot read config file {}: {e}", p.display())))?;
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError::Parse(format!("cannot read config file {}: {e}", p.display()))
+                })?;
                 fig = fig.merge(Toml::string(&text));
             }
             None => {
@@ -295,7 +296,9 @@ impl Config {
             .merge(Env::prefixed("BACKUPMX_").split("__"))
             .extract()
             .map_err(|e| {
-                let where_ = path.map(|p| format!("{}: ", p.display())).unwrap_or_default();
+                let where_ = path
+                    .map(|p| format!("{}: ", p.display()))
+                    .unwrap_or_default();
                 ConfigError::Parse(format!("{where_}{}", one_line(&e)))
             })?;
         cfg.validate()?;
@@ -308,10 +311,18 @@ impl Config {
             return invalid("smtp.listen must name at least one address".into());
         }
         if self.smtp.max_command_line < 512 {
-            return invalid("smtp.max_command_line must be at least 512 (RFC 5321 §4.5.3.1.4)".into());
+            return invalid(
+                "smtp.max_command_line must be at least 512 (RFC 5321 §4.5.3.1.4)".into(),
+            );
         }
-        if self.smtp.max_recipients == 0 || self.smtp.max_connections == 0 || self.smtp.max_connections_per_ip == 0 {
-            return invalid("smtp.max_recipients, max_connections and max_connections_per_ip must be positive".into());
+        if self.smtp.max_recipients == 0
+            || self.smtp.max_connections == 0
+            || self.smtp.max_connections_per_ip == 0
+        {
+            return invalid(
+                "smtp.max_recipients, max_connections and max_connections_per_ip must be positive"
+                    .into(),
+            );
         }
         if self.smtp.max_errors == 0 {
             return invalid("smtp.max_errors must be positive".into());
@@ -320,10 +331,14 @@ impl Config {
             return invalid("smtp.idle_timeout must be positive".into());
         }
         if crate::address::DomainName::parse(&self.hostname).is_err() {
-            return invalid(format!("hostname {:?} is not a valid host name", self.hostname));
+            return invalid(format!(
+                "hostname {:?} is not a valid host name",
+                self.hostname
+            ));
         }
         for d in &self.domains {
-            d.to_domain().map_err(|e| ConfigError::Invalid(format!("[[domain]] {}: {e}", d.name)))?;
+            d.to_domain()
+                .map_err(|e| ConfigError::Invalid(format!("[[domain]] {}: {e}", d.name)))?;
         }
         Ok(())
     }
@@ -359,7 +374,10 @@ mod tests {
         assert_eq!(cfg.greylist.retry_window, Duration::from_secs(2 * 86_400));
         assert_eq!(cfg.dnsbl.zones[0].zone, "zen.spamhaus.org");
         assert_eq!(cfg.delivery.routes["bounce.example"], "127.0.0.1:2626");
-        assert_eq!(cfg.domains[0].to_domain().unwrap().recipients.unwrap(), ["user@example.test"]);
+        assert_eq!(
+            cfg.domains[0].to_domain().unwrap().recipients.unwrap(),
+            ["user@example.test"]
+        );
     }
 
     #[test]

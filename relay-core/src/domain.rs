@@ -90,7 +90,7 @@ impl Domain {
             None => true,
             Some(list) => {
                 let wanted = rcpt.canonical();
-                list.iter().any(|r| *r == wanted)
+                list.contains(&wanted)
             }
         }
     }
@@ -110,7 +110,10 @@ pub fn validate_primary(p: &str) -> Result<(), DomainError> {
         }
     };
     if let Some(port) = port {
-        port.parse::<u16>().ok().filter(|&n| n > 0).ok_or_else(bad)?;
+        port.parse::<u16>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(bad)?;
     }
     if let Some(host) = host {
         if host.parse::<std::net::IpAddr>().is_err() && DomainName::parse(host).is_err() {
@@ -126,7 +129,12 @@ mod tests {
 
     #[test]
     fn primaries_are_validated() {
-        for ok in ["mx.example.test", "mx.example.test:2525", "127.0.0.1:25", "[::1]:2626"] {
+        for ok in [
+            "mx.example.test",
+            "mx.example.test:2525",
+            "127.0.0.1:25",
+            "[::1]:2626",
+        ] {
             assert!(validate_primary(ok).is_ok(), "{ok}");
         }
         for bad in ["", "mx:0", "mx:99999", "a b:25", "[::1", "[zz]:25"] {
@@ -136,11 +144,14 @@ mod tests {
 
     #[test]
     fn recipient_lists_match_case_insensitively() {
-        let d = Domain::from_parts("Example.test", &[], Some(&["User@Example.TEST".into()])).unwrap();
+        let d =
+            Domain::from_parts("Example.test", &[], Some(&["User@Example.TEST".into()])).unwrap();
         let ok = crate::address::parse_mailbox("user@example.test").unwrap();
         let other = crate::address::parse_mailbox("other@example.test").unwrap();
         assert!(d.accepts_recipient(&ok));
         assert!(!d.accepts_recipient(&other));
-        assert!(Domain::from_parts("example.test", &[], Some(&["u@elsewhere.test".into()])).is_err());
+        assert!(
+            Domain::from_parts("example.test", &[], Some(&["u@elsewhere.test".into()])).is_err()
+        );
     }
 }

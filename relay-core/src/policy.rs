@@ -11,7 +11,11 @@ use crate::store::DomainRegistry;
 /// Decides on one recipient.
 pub async fn check_recipient(registry: &dyn DomainRegistry, rcpt: &Mailbox) -> RcptVerdict {
     let deny = || {
-        RcptVerdict::Reject(Reply::new(550, "5.7.1", format!("<{rcpt}>: Relay access denied")))
+        RcptVerdict::Reject(Reply::new(
+            550,
+            "5.7.1",
+            format!("<{rcpt}>: Relay access denied"),
+        ))
     };
     let Some(domain) = rcpt.domain() else {
         return deny();
@@ -21,7 +25,11 @@ pub async fn check_recipient(registry: &dyn DomainRegistry, rcpt: &Mailbox) -> R
         Ok(_) => return deny(),
         Err(e) => {
             tracing::warn!(event = "domain_lookup_failed", domain = %domain, error = %e);
-            return RcptVerdict::Reject(Reply::new(451, "4.3.0", "Temporary lookup failure, try again later"));
+            return RcptVerdict::Reject(Reply::new(
+                451,
+                "4.3.0",
+                "Temporary lookup failure, try again later",
+            ));
         }
     };
     if rcpt.has_routing_characters() {
@@ -63,10 +71,14 @@ mod tests {
     async fn relay_control_table() {
         let dir = tempfile::tempdir().unwrap();
         let reg = LocalStore::open(dir.path()).unwrap();
-        reg.put(&Domain::from_parts("open.test", &[], None).unwrap()).await.unwrap();
-        reg.put(&Domain::from_parts("listed.test", &[], Some(&["known@listed.test".into()])).unwrap())
+        reg.put(&Domain::from_parts("open.test", &[], None).unwrap())
             .await
             .unwrap();
+        reg.put(
+            &Domain::from_parts("listed.test", &[], Some(&["known@listed.test".into()])).unwrap(),
+        )
+        .await
+        .unwrap();
         let mut off = Domain::from_parts("off.test", &[], None).unwrap();
         off.enabled = false;
         reg.put(&off).await.unwrap();

@@ -32,7 +32,8 @@ impl QueueId {
         // getrandom only fails if the OS has no entropy source at all; a
         // time-derived fallback still keeps ids unique within this process.
         if getrandom::fill(&mut random).is_err() {
-            random = (now_nanos() ^ COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).to_le_bytes();
+            random = (now_nanos() ^ COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                .to_le_bytes();
         }
         let random = u64::from_le_bytes(random) & 0xFF_FFFF_FFFF;
         QueueId(format!("{millis:012X}{random:010X}"))
@@ -48,8 +49,12 @@ impl QueueId {
             Some((b, n)) => (b, Some(n)),
             None => (s, None),
         };
-        let base_ok = base.len() == 22 && base.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
-        let suffix_ok = suffix.is_none_or(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit()));
+        let base_ok = base.len() == 22
+            && base
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
+        let suffix_ok = suffix
+            .is_none_or(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit()));
         if base_ok && suffix_ok {
             Ok(QueueId(s.to_string()))
         } else {
@@ -184,7 +189,9 @@ impl QueueEntry {
     }
 
     pub fn pending_recipients(&self) -> impl Iterator<Item = &RecipientState> {
-        self.recipients.iter().filter(|r| r.status == RecipientStatus::Pending)
+        self.recipients
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Pending)
     }
 }
 
@@ -204,7 +211,11 @@ impl AcceptedMessage {
             .enumerate()
             .map(|(i, domain)| QueueEntry {
                 version: QUEUE_RECORD_VERSION,
-                id: if i == 0 { self.id.clone() } else { self.id.with_suffix(i + 1) },
+                id: if i == 0 {
+                    self.id.clone()
+                } else {
+                    self.id.with_suffix(i + 1)
+                },
                 domain: (*domain).clone(),
                 sender: self.sender.clone(),
                 recipients: self
@@ -261,15 +272,28 @@ mod tests {
         let b = QueueId::generate(crate::time::from_unix_seconds(2000));
         assert!(a < b);
         assert_eq!(QueueId::parse(a.as_str()).unwrap(), a);
-        assert_eq!(QueueId::parse(a.with_suffix(2).as_str()).unwrap(), a.with_suffix(2));
-        for bad in ["", "../etc/passwd", "0123", "0123456789ABCDEF01234g", "0123456789ABCDEF012345-"] {
+        assert_eq!(
+            QueueId::parse(a.with_suffix(2).as_str()).unwrap(),
+            a.with_suffix(2)
+        );
+        for bad in [
+            "",
+            "../etc/passwd",
+            "0123",
+            "0123456789ABCDEF01234g",
+            "0123456789ABCDEF012345-",
+        ] {
             assert!(QueueId::parse(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn one_entry_per_hosted_domain() {
-        let m = message(&[("x@one.test", "one.test"), ("y@two.test", "two.test"), ("z@one.test", "one.test")]);
+        let m = message(&[
+            ("x@one.test", "one.test"),
+            ("y@two.test", "two.test"),
+            ("z@one.test", "one.test"),
+        ]);
         let entries = m.queue_entries();
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].id, m.id);
@@ -280,11 +304,16 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_reject_other_versions() {
-        let entry = message(&[("x@one.test", "one.test")]).queue_entries().remove(0);
+        let entry = message(&[("x@one.test", "one.test")])
+            .queue_entries()
+            .remove(0);
         let decoded = QueueEntry::decode(entry.encode().as_bytes()).unwrap();
         assert_eq!(decoded, entry);
         let future = entry.encode().replace("\"version\":1", "\"version\":9");
-        assert!(matches!(QueueEntry::decode(future.as_bytes()), Err(RecordError::UnsupportedVersion(9))));
+        assert!(matches!(
+            QueueEntry::decode(future.as_bytes()),
+            Err(RecordError::UnsupportedVersion(9))
+        ));
         assert!(QueueEntry::decode(b"{}").is_err());
         assert!(QueueEntry::decode(b"\xff").is_err());
     }

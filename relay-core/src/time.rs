@@ -52,7 +52,13 @@ mod tests {
     #[test]
     fn formats_rfc5322_dates() {
         assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 +0000");
-        assert_eq!(rfc5322_date(from_unix_seconds(1_795_842_826)), "Sat, 28 Nov 2026 05:13:46 +0000");
-        assert_eq!(rfc5322_date(from_unix_seconds(951_782_400)), "Tue, 29 Feb 2000 00:00:00 +0000");
+        assert_eq!(
+            rfc5322_date(from_unix_seconds(1_795_842_826)),
+            "Sat, 28 Nov 2026 05:13:46 +0000"
+        );
+        assert_eq!(
+            rfc5322_date(from_unix_seconds(951_782_400)),
+            "Tue, 29 Feb 2000 00:00:00 +0000"
+        );
     }
 }

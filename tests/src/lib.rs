@@ -1,0 +1,358 @@
+//! Helpers for end-to-end tests: start the real `backupmx` binary on a
+//! loopback port with its own data directory, and talk SMTP to it over real
+//! sockets (optionally from another 127.0.0.x source address).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `backupmx` binary next to this test executable (target/<profile>/).
+pub fn backupmx_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("backupmx");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A running `backupmx run` with its own config and data directory.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl Server {
+    /// `smtp` goes inside `[smtp]`; `extra` is appended (more sections and
+    /// `[[domain]]` entries). `example.test` is always hosted.
+    pub fn start(smtp: &str, extra: &str) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config = format!(
+            "hostname = \"mx2.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{smtp}\n[storage]\ndata_dir = \"{}\"\n\n[[domain]]\nname = \"example.test\"\n\n{extra}\n",
+            dir.path().join("data").display()
+        );
+        let config_path = dir.path().join("backupmx.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log_path = dir.path().join("backupmx.log");
+        let mut s = Server {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+            config_path,
+            log_path,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("log file");
+        let child = Command::new(backupmx_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn backupmx");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = Client::try_connect(self.addr) {
+                let greeting = c.read_reply();
+                assert!(greeting.starts_with("220 "), "greeting: {greeting}");
+                c.send("QUIT\r\n");
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("backupmx exited with {status}: {}", self.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backupmx did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).expect("running")
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`, …) with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit (after a signal), returning its status.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backupmx did not exit: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Runs `backupmx --config <ours> args…`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(backupmx_bin())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run backupmx")
+    }
+
+    pub fn queue(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["queue", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "queue list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("queue list JSON")
+    }
+
+    /// The stored message, exactly as it will be relayed.
+    pub fn raw(&self, id: &str) -> Vec<u8> {
+        let out = self.cli(&["queue", "show", id, "--raw"]);
+        assert!(
+            out.status.success(),
+            "queue show: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    pub fn client_from(&self, source: &str) -> Client {
+        Client::connect_from(source.parse().expect("ip"), self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A line-oriented SMTP client over a blocking socket.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn try_connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        Ok(Client::from_stream(stream))
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Client {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        Client {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// Connects and reads the greeting.
+    pub fn connect(addr: SocketAddr) -> Client {
+        let mut c = Client::try_connect(addr).expect("connect");
+        let g = c.read_reply();
+        assert!(g.starts_with("220 "), "greeting: {g}");
+        c
+    }
+
+    /// Connects from a chosen loopback source address (Linux routes all of
+    /// 127/8 to lo), without reading the greeting.
+    pub fn connect_from_raw(source: IpAddr, addr: SocketAddr) -> Client {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::new(source, 0).into())
+            .expect("bind source");
+        socket.connect(&addr.into()).expect("connect");
+        Client::from_stream(socket.into())
+    }
+
+    pub fn connect_from(source: IpAddr, addr: SocketAddr) -> Client {
+        let mut c = Client::connect_from_raw(source, addr);
+        let g = c.read_reply();
+        assert!(g.starts_with("220 "), "greeting: {g}");
+        c
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        self.reader.get_ref()
+    }
+
+    pub fn into_stream(self) -> TcpStream {
+        self.reader.into_inner()
+    }
+
+    pub fn send(&mut self, data: impl AsRef<[u8]>) {
+        self.reader
+            .get_mut()
+            .write_all(data.as_ref())
+            .expect("write");
+    }
+
+    /// Reads one (possibly multi-line) reply; empty string on EOF.
+    pub fn read_reply(&mut self) -> String {
+        let mut reply = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return reply,
+                Ok(_) => {}
+                Err(e) => panic!("reading reply after {reply:?}: {e}"),
+            }
+            reply.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] == b' ' {
+                return reply;
+            }
+        }
+    }
+
+    /// Sends one command line and returns the reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n"));
+        self.read_reply()
+    }
+
+    /// Sends a command and asserts the reply starts with `expect`.
+    pub fn expect(&mut self, line: &str, expect: &str) -> String {
+        let r = self.cmd(line);
+        assert!(
+            r.starts_with(expect),
+            "{line:?}: expected {expect:?}, got {r:?}"
+        );
+        r
+    }
+
+    /// EHLO, MAIL, RCPT, DATA, body, end: returns the final reply.
+    pub fn send_message(&mut self, from: &str, to: &[&str], body: &str) -> String {
+        self.expect("EHLO client.test", "250");
+        self.expect(&format!("MAIL FROM:<{from}>"), "250");
+        for rcpt in to {
+            self.expect(&format!("RCPT TO:<{rcpt}>"), "250");
+        }
+        self.expect("DATA", "354");
+        self.send(body);
+        self.send(".\r\n");
+        self.read_reply()
+    }
+
+    /// True if the server closed the connection (EOF) within the timeout.
+    pub fn is_closed(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0))
+    }
+}
+
+/// Extracts the queue id from `250 2.0.0 Ok: queued as ID`.
+pub fn queue_id(reply: &str) -> String {
+    reply
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .filter(|_| reply.starts_with("250 "))
+        .unwrap_or_else(|| panic!("not a queued reply: {reply:?}"))
+        .to_string()
+}
+
+/// Asserts every CR is followed by LF and every LF preceded by CR.
+pub fn assert_no_bare_cr_lf(data: &[u8]) {
+    for (i, &b) in data.iter().enumerate() {
+        if b == b'\r' {
+            assert_eq!(data.get(i + 1), Some(&b'\n'), "bare CR at {i}");
+        }
+        if b == b'\n' {
+            assert!(i > 0 && data[i - 1] == b'\r', "bare LF at {i}");
+        }
+    }
+}
+
+/// Strips our prepended Received header (up to the first line that is not
+/// a continuation) and returns the rest.
+pub fn after_received(message: &[u8]) -> &[u8] {
+    assert!(
+        message.starts_with(b"Received: "),
+        "no Received header first"
+    );
+    let mut i = 0;
+    loop {
+        let lf = message[i..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("header end")
+            + i;
+        i = lf + 1;
+        if !matches!(message.get(i), Some(b' ' | b'\t')) {
+            return &message[i..];
+        }
+    }
+}

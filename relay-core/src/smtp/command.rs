@@ -54,10 +54,18 @@ fn err(code: u16, status: &'static str, text: &str) -> SyntaxError {
 /// spaces are tolerated as real MTAs send them.
 pub fn parse(line: &[u8]) -> Result<Command, SyntaxError> {
     let Ok(line) = std::str::from_utf8(line) else {
-        return Err(err(500, "5.5.2", "Syntax error, command contains invalid UTF-8"));
+        return Err(err(
+            500,
+            "5.5.2",
+            "Syntax error, command contains invalid UTF-8",
+        ));
     };
     if line.bytes().any(|b| b < 32 && b != b'\t') || line.contains('\u{7f}') {
-        return Err(err(500, "5.5.2", "Syntax error, command contains control characters"));
+        return Err(err(
+            500,
+            "5.5.2",
+            "Syntax error, command contains control characters",
+        ));
     }
     let (verb, args) = match line.find(' ') {
         Some(i) => (&line[..i], line[i + 1..].trim()),
@@ -111,7 +119,11 @@ fn parse_helo_name(args: &str) -> Result<String, SyntaxError> {
         c.is_ascii_alphanumeric() || "-._:[]".contains(c) || (!c.is_ascii() && !c.is_control())
     });
     if !ok || args.len() > address::MAX_DOMAIN {
-        return Err(err(501, "5.5.2", "Syntax: EHLO hostname (invalid hostname)"));
+        return Err(err(
+            501,
+            "5.5.2",
+            "Syntax: EHLO hostname (invalid hostname)",
+        ));
     }
     Ok(args.to_string())
 }
@@ -130,7 +142,8 @@ fn parse_mail(args: &str) -> Result<Command, SyntaxError> {
     let syntax = || err(501, "5.5.4", "Syntax: MAIL FROM:<address>");
     let rest = strip_keyword(args, "FROM:").ok_or_else(syntax)?;
     let (path, params) = address::split_path(rest).map_err(|_| syntax())?;
-    let reverse = address::parse_reverse_path(path).map_err(|e| address_error(e, "5.1.7", "sender"))?;
+    let reverse =
+        address::parse_reverse_path(path).map_err(|e| address_error(e, "5.1.7", "sender"))?;
     let mut out = MailParams::default();
     for (key, value) in esmtp_params(params)? {
         match (key.to_ascii_uppercase().as_str(), value) {
@@ -163,7 +176,8 @@ fn parse_rcpt(args: &str) -> Result<Command, SyntaxError> {
     let syntax = || err(501, "5.5.4", "Syntax: RCPT TO:<address>");
     let rest = strip_keyword(args, "TO:").ok_or_else(syntax)?;
     let (path, params) = address::split_path(rest).map_err(|_| syntax())?;
-    let mailbox = address::parse_forward_path(path).map_err(|e| address_error(e, "5.1.3", "recipient"))?;
+    let mailbox =
+        address::parse_forward_path(path).map_err(|e| address_error(e, "5.1.3", "recipient"))?;
     if !esmtp_params(params)?.is_empty() {
         return Err(err(555, "5.5.4", "Unsupported RCPT parameter"));
     }
@@ -172,8 +186,16 @@ fn parse_rcpt(args: &str) -> Result<Command, SyntaxError> {
 
 fn address_error(e: AddressError, status: &'static str, what: &str) -> SyntaxError {
     match e {
-        AddressError::TooLong => SyntaxError(Reply::new(501, status, format!("Bad {what} address: too long"))),
-        _ => SyntaxError(Reply::new(501, status, format!("Bad {what} address syntax"))),
+        AddressError::TooLong => SyntaxError(Reply::new(
+            501,
+            status,
+            format!("Bad {what} address: too long"),
+        )),
+        _ => SyntaxError(Reply::new(
+            501,
+            status,
+            format!("Bad {what} address syntax"),
+        )),
     }
 }
 
@@ -192,10 +214,15 @@ fn esmtp_params(s: &str) -> Result<Vec<(&str, Option<&str>)>, SyntaxError> {
             Some((k, v)) => (k, Some(v)),
             None => (param, None),
         };
-        let key_ok = key.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        let key_ok = key
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
             && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         let value_ok = value.is_none_or(|v| {
-            !v.is_empty() && v.chars().all(|c| (c > ' ' && c != '=' && c != '\u{7f}') || !c.is_ascii())
+            !v.is_empty()
+                && v.chars()
+                    .all(|c| (c > ' ' && c != '=' && c != '\u{7f}') || !c.is_ascii())
         });
         if !key_ok || !value_ok {
             return Err(err(501, "5.5.4", "Syntax error in parameters"));
@@ -219,7 +246,10 @@ mod tests {
 
     #[test]
     fn verbs_are_case_insensitive() {
-        assert_eq!(parse(b"ehlo client.test").unwrap(), Command::Ehlo("client.test".into()));
+        assert_eq!(
+            parse(b"ehlo client.test").unwrap(),
+            Command::Ehlo("client.test".into())
+        );
         assert_eq!(parse(b"QuIt").unwrap(), Command::Quit);
         assert_eq!(parse(b"noop anything").unwrap(), Command::Noop);
     }
@@ -288,12 +318,21 @@ mod tests {
             panic!("not RCPT")
         };
         assert_eq!(m.local, "\"x y\"");
-        assert_eq!(m.host, Host::Domain(crate::address::DomainName::parse("example.test").unwrap()));
+        assert_eq!(
+            m.host,
+            Host::Domain(crate::address::DomainName::parse("example.test").unwrap())
+        );
     }
 
     #[test]
     fn unimplemented_commands_are_recognised() {
-        assert_eq!(parse(b"EXPN list").unwrap(), Command::NotImplemented("EXPN"));
-        assert_eq!(parse(b"BDAT 10 LAST").unwrap(), Command::NotImplemented("BDAT"));
+        assert_eq!(
+            parse(b"EXPN list").unwrap(),
+            Command::NotImplemented("EXPN")
+        );
+        assert_eq!(
+            parse(b"BDAT 10 LAST").unwrap(),
+            Command::NotImplemented("BDAT")
+        );
     }
 }

@@ -55,7 +55,10 @@ pub enum Action {
     /// Nothing pending: read more input.
     Read,
     /// Decide on this recipient and call [`Session::recipient_checked`].
-    CheckRecipient { recipient: Mailbox, sender: ReversePath },
+    CheckRecipient {
+        recipient: Mailbox,
+        sender: ReversePath,
+    },
     /// Store durably and call [`Session::message_stored`].
     Store(Box<AcceptedMessage>),
     /// Flush output, run the TLS handshake, call [`Session::tls_established`].
@@ -170,7 +173,9 @@ impl Session {
 
     /// Between commands, with nothing outstanding: safe to close on shutdown.
     pub fn is_idle(&self) -> bool {
-        matches!(self.mode, Mode::Command) && self.waiting == Waiting::Nothing && self.inbuf.is_empty()
+        matches!(self.mode, Mode::Command)
+            && self.waiting == Waiting::Nothing
+            && self.inbuf.is_empty()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -202,13 +207,24 @@ impl Session {
 
     /// The client was idle too long (RFC 5321 §4.5.3.2).
     pub fn handle_timeout(&mut self) {
-        let r = Reply::new(421, "4.4.2", format!("{} Error: timeout exceeded", self.cfg.hostname));
+        let r = Reply::new(
+            421,
+            "4.4.2",
+            format!("{} Error: timeout exceeded", self.cfg.hostname),
+        );
         self.close_with(&r);
     }
 
     /// The server is shutting down; only call while [`Session::is_idle`].
     pub fn handle_shutdown(&mut self) {
-        let r = Reply::new(421, "4.3.2", format!("{} Service shutting down, closing connection", self.cfg.hostname));
+        let r = Reply::new(
+            421,
+            "4.3.2",
+            format!(
+                "{} Service shutting down, closing connection",
+                self.cfg.hostname
+            ),
+        );
         self.close_with(&r);
     }
 
@@ -219,7 +235,9 @@ impl Session {
         }
         self.waiting = Waiting::Nothing;
         let Some(tx) = self.tx.as_mut() else { return };
-        let Some(mailbox) = tx.pending_recipient.take() else { return };
+        let Some(mailbox) = tx.pending_recipient.take() else {
+            return;
+        };
         match verdict {
             RcptVerdict::Accept {
                 domain,
@@ -227,7 +245,14 @@ impl Session {
             } => {
                 if let (Some(limit), Some(declared)) = (max_message_size, tx.params.size) {
                     if declared > limit {
-                        self.reject("size", Reply::new(552, "5.3.4", "Message size exceeds the recipient domain's limit"));
+                        self.reject(
+                            "size",
+                            Reply::new(
+                                552,
+                                "5.3.4",
+                                "Message size exceeds the recipient domain's limit",
+                            ),
+                        );
                         self.process(now);
                         return;
                     }
@@ -256,7 +281,11 @@ impl Session {
             Ok(id) => self.reply(&Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))),
             Err(()) => {
                 metrics::counter!("backupmx_rejections_total", "reason" => "storage", "code" => "451").increment(1);
-                self.reply(&Reply::new(451, "4.3.0", "Error: could not store the message, try again later"));
+                self.reply(&Reply::new(
+                    451,
+                    "4.3.0",
+                    "Error: could not store the message, try again later",
+                ));
             }
         }
         self.process(now);
@@ -292,7 +321,11 @@ impl Session {
         self.reply(&r);
         self.errors += 1;
         if self.errors >= self.cfg.max_errors {
-            let bye = Reply::new(421, "4.7.0", format!("{} Error: too many errors", self.cfg.hostname));
+            let bye = Reply::new(
+                421,
+                "4.7.0",
+                format!("{} Error: too many errors", self.cfg.hostname),
+            );
             self.close_with(&bye);
         }
     }
@@ -321,8 +354,13 @@ impl Session {
                 return;
             };
             let line: Vec<u8> = self.inbuf.drain(..=lf).collect();
-            let content = line.strip_suffix(b"\r\n").or_else(|| line.strip_suffix(b"\n")).unwrap_or(&line);
-            if std::mem::take(&mut self.discarding_long_line) || content.len() + 2 > self.cfg.max_command_line {
+            let content = line
+                .strip_suffix(b"\r\n")
+                .or_else(|| line.strip_suffix(b"\n"))
+                .unwrap_or(&line);
+            if std::mem::take(&mut self.discarding_long_line)
+                || content.len() + 2 > self.cfg.max_command_line
+            {
                 self.reject("syntax", Reply::new(500, "5.5.2", "Error: line too long"));
                 continue;
             }
@@ -383,7 +421,10 @@ impl Session {
             )),
             Command::StartTls => self.starttls(),
             Command::NotImplemented(_) => {
-                self.reject("syntax", Reply::new(502, "5.5.1", "Error: command not implemented"));
+                self.reject(
+                    "syntax",
+                    Reply::new(502, "5.5.1", "Error: command not implemented"),
+                );
             }
         }
         let _ = now;
@@ -391,16 +432,26 @@ impl Session {
 
     fn mail(&mut self, sender: ReversePath, params: MailParams) {
         if self.helo.is_none() {
-            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: send HELO/EHLO first"));
+            return self.reject(
+                "sequence",
+                Reply::new(503, "5.5.1", "Error: send HELO/EHLO first"),
+            );
         }
         if self.tx.is_some() {
-            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: nested MAIL command"));
+            return self.reject(
+                "sequence",
+                Reply::new(503, "5.5.1", "Error: nested MAIL command"),
+            );
         }
         if let Some(size) = params.size {
             if size > self.cfg.max_message_size {
                 return self.reject(
                     "size",
-                    Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size"),
+                    Reply::new(
+                        552,
+                        "5.3.4",
+                        "Message size exceeds fixed maximum message size",
+                    ),
                 );
             }
         }
@@ -425,7 +476,10 @@ impl Session {
     fn rcpt(&mut self, mailbox: Mailbox) {
         let max = self.cfg.max_recipients;
         let Some(tx) = self.tx.as_mut() else {
-            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: need MAIL command"));
+            return self.reject(
+                "sequence",
+                Reply::new(503, "5.5.1", "Error: need MAIL command"),
+            );
         };
         if tx.recipients.len() >= max {
             // RFC 5321 §4.5.3.1.10: 452 and the client sends the rest later.
@@ -435,7 +489,11 @@ impl Session {
         if !mailbox.is_ascii() && !tx.params.smtputf8 {
             return self.reject(
                 "syntax",
-                Reply::new(553, "5.6.7", "Non-ASCII recipient address requires SMTPUTF8"),
+                Reply::new(
+                    553,
+                    "5.6.7",
+                    "Non-ASCII recipient address requires SMTPUTF8",
+                ),
             );
         }
         tx.pending_recipient = Some(mailbox.clone());
@@ -448,10 +506,16 @@ impl Session {
 
     fn data(&mut self) {
         let Some(tx) = self.tx.as_ref() else {
-            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: need RCPT command"));
+            return self.reject(
+                "sequence",
+                Reply::new(503, "5.5.1", "Error: need RCPT command"),
+            );
         };
         if tx.recipients.is_empty() {
-            return self.reject("sequence", Reply::new(554, "5.5.1", "Error: no valid recipients"));
+            return self.reject(
+                "sequence",
+                Reply::new(554, "5.5.1", "Error: no valid recipients"),
+            );
         }
         let limit = usize::try_from(tx.size_limit).unwrap_or(usize::MAX);
         self.mode = Mode::Data(DataReceiver::new(limit));
@@ -460,10 +524,16 @@ impl Session {
 
     fn starttls(&mut self) {
         if self.tls.is_some() {
-            return self.reject("sequence", Reply::new(503, "5.5.1", "Error: TLS already active"));
+            return self.reject(
+                "sequence",
+                Reply::new(503, "5.5.1", "Error: TLS already active"),
+            );
         }
         if !self.cfg.tls_available {
-            return self.reject("syntax", Reply::new(502, "5.5.1", "Error: command not implemented"));
+            return self.reject(
+                "syntax",
+                Reply::new(502, "5.5.1", "Error: command not implemented"),
+            );
         }
         self.reply(&Reply::new(220, "2.0.0", "Ready to start TLS"));
         // Anything pipelined after STARTTLS was sent in the clear and could
@@ -479,11 +549,21 @@ impl Session {
         };
         let Some(tx) = self.tx.take() else { return };
         if recv.exceeded() {
-            return self.reject("size", Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size"));
+            return self.reject(
+                "size",
+                Reply::new(
+                    552,
+                    "5.3.4",
+                    "Message size exceeds fixed maximum message size",
+                ),
+            );
         }
         let data = recv.into_body();
         if count_received_headers(&data) > self.cfg.max_received_headers {
-            return self.reject("loop", Reply::new(554, "5.4.6", "Too many hops (Received headers), mail loop?"));
+            return self.reject(
+                "loop",
+                Reply::new(554, "5.4.6", "Too many hops (Received headers), mail loop?"),
+            );
         }
         let id = QueueId::generate(now);
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
@@ -548,7 +628,10 @@ fn received_header(f: &ReceivedFields<'_>) -> String {
         IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
     };
     let tls = f.tls.map(|t| format!("\r\n\t({t})")).unwrap_or_default();
-    let for_clause = f.single_recipient.map(|r| format!("\r\n\tfor <{r}>")).unwrap_or_default();
+    let for_clause = f
+        .single_recipient
+        .map(|r| format!("\r\n\tfor <{r}>"))
+        .unwrap_or_default();
     format!(
         "Received: from {} ({peer}){tls}\r\n\tby {} (backupmx) with {} id {}{for_clause};\r\n\t{}\r\n",
         f.helo,

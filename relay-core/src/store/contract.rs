@@ -34,7 +34,12 @@ pub(crate) fn message(rcpts: &[&str]) -> AcceptedMessage {
 pub(crate) async fn domains_contract(reg: &dyn DomainRegistry) {
     let name = DomainName::parse("example.test").unwrap();
     assert_eq!(reg.get(&name).await.unwrap(), None);
-    let mut d = Domain::from_parts("example.test", &["127.0.0.1:2626".into()], Some(&["u@example.test".into()])).unwrap();
+    let mut d = Domain::from_parts(
+        "example.test",
+        &["127.0.0.1:2626".into()],
+        Some(&["u@example.test".into()]),
+    )
+    .unwrap();
     reg.put(&d).await.unwrap();
     assert_eq!(reg.get(&name).await.unwrap(), Some(d.clone()));
     d.greylist = false;
@@ -45,18 +50,29 @@ pub(crate) async fn domains_contract(reg: &dyn DomainRegistry) {
     assert!(reg.list().await.unwrap().is_empty());
 }
 
-pub(crate) async fn spool_contract(spool: &dyn Spool, messages: &dyn MessageStore, queue: &dyn DeliveryQueue) {
+pub(crate) async fn spool_contract(
+    spool: &dyn Spool,
+    messages: &dyn MessageStore,
+    queue: &dyn DeliveryQueue,
+) {
     let m = message(&["a@one.test", "b@two.test", "c@one.test"]);
     let body = m.body.clone();
     let ids = spool.accept(m.clone()).await.unwrap();
     assert_eq!(ids, vec![m.id.clone(), m.id.with_suffix(2)]);
     for id in &ids {
-        assert_eq!(messages.get(id).await.unwrap().as_deref(), Some(&body[..]), "body byte-exact");
+        assert_eq!(
+            messages.get(id).await.unwrap().as_deref(),
+            Some(&body[..]),
+            "body byte-exact"
+        );
     }
     let entry = queue.get(&ids[0]).await.unwrap().unwrap();
     assert_eq!(entry.domain.as_str(), "one.test");
     assert_eq!(entry.recipients.len(), 2);
-    assert!(entry.recipients.iter().all(|r| r.status == RecipientStatus::Pending));
+    assert!(entry
+        .recipients
+        .iter()
+        .all(|r| r.status == RecipientStatus::Pending));
     assert_eq!(queue.depth().await.unwrap(), 2);
     let two = DomainName::parse("two.test").unwrap();
     let listed = queue.list(Some(&two)).await.unwrap();
@@ -108,7 +124,10 @@ async fn local_store_survives_reopen() {
     let store = LocalStore::open(dir.path()).unwrap();
     let entry = DeliveryQueue::get(&store, &m.id).await.unwrap().unwrap();
     assert_eq!(entry.sender, "sender@remote.test");
-    assert_eq!(MessageStore::get(&store, &m.id).await.unwrap().unwrap(), m.body);
+    assert_eq!(
+        MessageStore::get(&store, &m.id).await.unwrap().unwrap(),
+        m.body
+    );
 }
 
 #[tokio::test]
@@ -117,7 +136,9 @@ async fn concurrent_accepts_are_all_committed() {
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move { store.accept(message(&["a@one.test"])).await }));
+        tasks.push(tokio::spawn(async move {
+            store.accept(message(&["a@one.test"])).await
+        }));
     }
     for t in tasks {
         t.await.unwrap().unwrap();
@@ -134,7 +155,10 @@ async fn a_duplicate_id_fails_alone_without_half_storing() {
     dup.id = m.id.clone();
     assert!(store.accept(dup).await.is_err());
     // The original is intact and nothing of the duplicate was written.
-    let entry = DeliveryQueue::get(store.as_ref(), &m.id).await.unwrap().unwrap();
+    let entry = DeliveryQueue::get(store.as_ref(), &m.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(entry.recipients[0].address, "a@one.test");
     assert_eq!(store.depth().await.unwrap(), 1);
 }
@@ -145,7 +169,11 @@ async fn corrupt_records_are_reported_not_panicked_on() {
     let m = message(&["a@one.test"]);
     store.accept(m.clone()).await.unwrap();
     let conn = rusqlite::Connection::open(dir.path().join(local::DB_FILE)).unwrap();
-    conn.execute("UPDATE queue SET record = '{\"version\":1' WHERE id = ?1", [m.id.as_str()]).unwrap();
+    conn.execute(
+        "UPDATE queue SET record = '{\"version\":1' WHERE id = ?1",
+        [m.id.as_str()],
+    )
+    .unwrap();
     let err = DeliveryQueue::get(store.as_ref(), &m.id).await.unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains(m.id.as_str()));
@@ -192,7 +220,10 @@ async fn split_spool_failure_leaves_nothing_behind() {
     };
     let m = message(&["a@one.test"]);
     assert!(spool.accept(m.clone()).await.is_err());
-    assert_eq!(MessageStore::get(store.as_ref(), &m.id).await.unwrap(), None);
+    assert_eq!(
+        MessageStore::get(store.as_ref(), &m.id).await.unwrap(),
+        None
+    );
     assert_eq!(store.depth().await.unwrap(), 0);
     queue.fail.store(false, Ordering::SeqCst);
     spool.accept(m).await.unwrap();

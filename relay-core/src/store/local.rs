@@ -42,8 +42,14 @@ CREATE INDEX IF NOT EXISTS queue_domain ON queue(domain, received_at);
 ";
 
 enum WriteOp {
-    Accept { entries: Vec<QueueEntry>, body: Vec<u8> },
-    PutBody { id: QueueId, body: Vec<u8> },
+    Accept {
+        entries: Vec<QueueEntry>,
+        body: Vec<u8>,
+    },
+    PutBody {
+        id: QueueId,
+        body: Vec<u8>,
+    },
     DeleteBody(QueueId),
     Enqueue(QueueEntry),
     RemoveEntry(QueueId),
@@ -69,19 +75,26 @@ fn backend(e: rusqlite::Error) -> StoreError {
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(backend)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(backend)?;
     // WAL + FULL: a commit is on disk when it returns, readers never block
     // the writer, and the CLI can work on the same file as a running server.
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(backend)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(backend)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(backend)?;
     Ok(conn)
 }
 
 impl LocalStore {
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Backend(format!("cannot create data directory {}: {e}", data_dir.display())))?;
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot create data directory {}: {e}",
+                data_dir.display()
+            ))
+        })?;
         let path = data_dir.join(DB_FILE);
         let writer_conn = open_connection(&path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
@@ -109,7 +122,9 @@ impl LocalStore {
         let (done, wait) = oneshot::channel();
         {
             let sender = self.writer.lock().map_err(|_| StoreError::Closed)?;
-            sender.send(WriteJob { op, done }).map_err(|_| StoreError::Closed)?;
+            sender
+                .send(WriteJob { op, done })
+                .map_err(|_| StoreError::Closed)?;
         }
         wait.await.map_err(|_| StoreError::Closed)?
     }
@@ -144,7 +159,10 @@ fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, S
         Ok(tx) => tx,
         Err(e) => {
             let msg = format!("cannot begin transaction: {e}");
-            return batch.iter().map(|_| Err(StoreError::Backend(msg.clone()))).collect();
+            return batch
+                .iter()
+                .map(|_| Err(StoreError::Backend(msg.clone())))
+                .collect();
         }
     };
     let mut results = Vec::with_capacity(batch.len());
@@ -158,7 +176,10 @@ fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, S
     }
     if let Err(e) = tx.commit() {
         let msg = format!("commit failed: {e}");
-        return batch.iter().map(|_| Err(StoreError::Backend(msg.clone()))).collect();
+        return batch
+            .iter()
+            .map(|_| Err(StoreError::Backend(msg.clone())))
+            .collect();
     }
     results
 }
@@ -196,7 +217,9 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             )?;
             Ok(true)
         }
-        WriteOp::DeleteBody(id) => Ok(conn.execute("DELETE FROM messages WHERE id = ?1", [id.as_str()])? > 0),
+        WriteOp::DeleteBody(id) => {
+            Ok(conn.execute("DELETE FROM messages WHERE id = ?1", [id.as_str()])? > 0)
+        }
         WriteOp::Enqueue(entry) => {
             insert_entry(conn, entry)?;
             Ok(true)
@@ -215,7 +238,9 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             )?;
             Ok(true)
         }
-        WriteOp::RemoveDomain(name) => Ok(conn.execute("DELETE FROM domains WHERE name = ?1", [name.as_str()])? > 0),
+        WriteOp::RemoveDomain(name) => {
+            Ok(conn.execute("DELETE FROM domains WHERE name = ?1", [name.as_str()])? > 0)
+        }
     }
 }
 
@@ -234,8 +259,12 @@ fn decode_entry(id: &str, record: &str) -> Result<QueueEntry, StoreError> {
 impl DomainRegistry for LocalStore {
     async fn get(&self, name: &DomainName) -> Result<Option<Domain>, StoreError> {
         let row: Option<String> = self.read(|c| {
-            c.query_row("SELECT record FROM domains WHERE name = ?1", [name.as_str()], |r| r.get(0))
-                .optional()
+            c.query_row(
+                "SELECT record FROM domains WHERE name = ?1",
+                [name.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
         })?;
         row.map(|r| decode_domain(name.as_str(), &r)).transpose()
     }
@@ -250,7 +279,9 @@ impl DomainRegistry for LocalStore {
     }
 
     async fn put(&self, domain: &Domain) -> Result<(), StoreError> {
-        self.write(WriteOp::PutDomain(domain.clone())).await.map(|_| ())
+        self.write(WriteOp::PutDomain(domain.clone()))
+            .await
+            .map(|_| ())
     }
 
     async fn remove(&self, name: &DomainName) -> Result<bool, StoreError> {
@@ -271,26 +302,38 @@ impl MessageStore for LocalStore {
 
     async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(|c| {
-            c.query_row("SELECT body FROM messages WHERE id = ?1", [id.as_str()], |r| r.get(0))
-                .optional()
+            c.query_row(
+                "SELECT body FROM messages WHERE id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
         })
     }
 
     async fn delete(&self, id: &QueueId) -> Result<(), StoreError> {
-        self.write(WriteOp::DeleteBody(id.clone())).await.map(|_| ())
+        self.write(WriteOp::DeleteBody(id.clone()))
+            .await
+            .map(|_| ())
     }
 }
 
 #[async_trait]
 impl DeliveryQueue for LocalStore {
     async fn enqueue(&self, entry: &QueueEntry) -> Result<(), StoreError> {
-        self.write(WriteOp::Enqueue(entry.clone())).await.map(|_| ())
+        self.write(WriteOp::Enqueue(entry.clone()))
+            .await
+            .map(|_| ())
     }
 
     async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError> {
         let row: Option<String> = self.read(|c| {
-            c.query_row("SELECT record FROM queue WHERE id = ?1", [id.as_str()], |r| r.get(0))
-                .optional()
+            c.query_row(
+                "SELECT record FROM queue WHERE id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
         })?;
         row.map(|r| decode_entry(id.as_str(), &r)).transpose()
     }

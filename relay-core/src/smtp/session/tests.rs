@@ -72,7 +72,11 @@ impl Transcript {
                     self.session.recipient_checked(v, Self::now());
                 }
                 Action::Store(m) => {
-                    let result = if self.store_fails { Err(()) } else { Ok(m.id.clone()) };
+                    let result = if self.store_fails {
+                        Err(())
+                    } else {
+                        Ok(m.id.clone())
+                    };
                     if !self.store_fails {
                         self.stored.push(*m);
                     }
@@ -98,7 +102,10 @@ impl Transcript {
     /// Sends one command and checks the reply's first line starts with `expect`.
     fn cmd(&mut self, line: &str, expect: &str) {
         let out = self.send(format!("{line}\r\n"));
-        assert!(out.starts_with(expect), "{line:?}: expected {expect:?}, got {out:?}");
+        assert!(
+            out.starts_with(expect),
+            "{line:?}: expected {expect:?}, got {out:?}"
+        );
     }
 
     fn ehlo(&mut self) -> &mut Self {
@@ -115,14 +122,24 @@ impl Transcript {
 }
 
 fn codes(out: &str) -> Vec<&str> {
-    out.lines().filter(|l| l.as_bytes().get(3) == Some(&b' ')).map(|l| &l[..3]).collect()
+    out.lines()
+        .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+        .map(|l| &l[..3])
+        .collect()
 }
 
 #[test]
 fn ehlo_advertises_the_extensions() {
     let mut t = Transcript::new();
     let out = t.send("EHLO client.test\r\n");
-    for ext in ["PIPELINING", "SIZE 36700160", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS"] {
+    for ext in [
+        "PIPELINING",
+        "SIZE 36700160",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "STARTTLS",
+    ] {
         assert!(out.contains(ext), "{ext} missing from {out}");
     }
 }
@@ -139,8 +156,16 @@ fn a_whole_transaction_is_stored_with_a_received_header() {
     assert_eq!(m.sender, "sender@remote.test");
     assert_eq!(m.recipients[0].address, "user@example.test");
     let body = String::from_utf8(m.body.clone()).unwrap();
-    assert!(body.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby mx2.test (backupmx) with ESMTP id "), "{body}");
-    assert!(body.contains("\r\n\tfor <user@example.test>;\r\n\tSat, 28 Nov 2026 05:13:46 +0000\r\n"), "{body}");
+    assert!(
+        body.starts_with(
+            "Received: from client.test ([192.0.2.7])\r\n\tby mx2.test (backupmx) with ESMTP id "
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains("\r\n\tfor <user@example.test>;\r\n\tSat, 28 Nov 2026 05:13:46 +0000\r\n"),
+        "{body}"
+    );
     assert!(body.ends_with("\r\nSubject: hi\r\n\r\nbody\r\n"));
     t.cmd("QUIT", "221 2.0.0");
     assert!(t.closed);
@@ -174,7 +199,11 @@ fn pipelined_commands_are_answered_in_order() {
     let out = t.send(
         "EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.test>\r\nRCPT TO:<y@other.test>\r\nDATA\r\nhello\r\n.\r\nQUIT\r\n",
     );
-    assert_eq!(codes(&out), ["250", "250", "250", "550", "354", "250", "221"], "{out}");
+    assert_eq!(
+        codes(&out),
+        ["250", "250", "250", "550", "354", "250", "221"],
+        "{out}"
+    );
     assert_eq!(t.stored.len(), 1);
     assert!(t.closed);
 }
@@ -232,7 +261,9 @@ fn per_domain_size_limit_applies() {
     t.cmd("MAIL FROM:<a@b.test>", "250");
     t.cmd("RCPT TO:<u@small.test>", "250");
     t.cmd("DATA", "354");
-    assert!(t.send(format!("{}\r\n.\r\n", "z".repeat(200))).starts_with("552 5.3.4"));
+    assert!(t
+        .send(format!("{}\r\n.\r\n", "z".repeat(200)))
+        .starts_with("552 5.3.4"));
 }
 
 #[test]
@@ -258,7 +289,10 @@ fn too_many_errors_close_the_session() {
     t.cmd("BOGUS", "500 5.5.2");
     t.cmd("BOGUS", "500 5.5.2");
     let out = t.send("BOGUS\r\n");
-    assert!(out.contains("500 5.5.2") && out.contains("421 4.7.0"), "{out}");
+    assert!(
+        out.contains("500 5.5.2") && out.contains("421 4.7.0"),
+        "{out}"
+    );
     assert!(t.closed);
     assert_eq!(t.send("NOOP\r\n"), "");
 }
@@ -278,8 +312,14 @@ fn smuggled_end_of_data_does_not_end_the_message() {
         let body = &t.stored[0].body;
         assert!(body.windows(10).any(|w| w == b"MAIL FROM:"), "content kept");
         for (i, &b) in body.iter().enumerate() {
-            assert!(b != b'\n' || body[i - 1] == b'\r', "{smuggle:?}: bare LF stored");
-            assert!(b != b'\r' || body.get(i + 1) == Some(&b'\n'), "{smuggle:?}: bare CR stored");
+            assert!(
+                b != b'\n' || body[i - 1] == b'\r',
+                "{smuggle:?}: bare LF stored"
+            );
+            assert!(
+                b != b'\r' || body.get(i + 1) == Some(&b'\n'),
+                "{smuggle:?}: bare CR stored"
+            );
         }
     }
 }
@@ -327,10 +367,14 @@ fn too_many_received_headers_is_a_loop() {
     t.envelope();
     t.cmd("DATA", "354");
     let hops = "Received: from x by y; Thu, 1 Jan 2026 00:00:00 +0000\r\n".repeat(101);
-    assert!(t.send(format!("{hops}\r\nbody\r\n.\r\n")).starts_with("554 5.4.6"));
+    assert!(t
+        .send(format!("{hops}\r\nbody\r\n.\r\n"))
+        .starts_with("554 5.4.6"));
     t.envelope_again();
     let hops = "Received: from x by y; Thu, 1 Jan 2026 00:00:00 +0000\r\n".repeat(100);
-    assert!(t.send(format!("{hops}\r\nbody\r\n.\r\n")).starts_with("250"));
+    assert!(t
+        .send(format!("{hops}\r\nbody\r\n.\r\n"))
+        .starts_with("250"));
 }
 
 impl Transcript {
@@ -389,6 +433,10 @@ fn byte_at_a_time_input_works() {
     for b in input {
         out += &t.send([*b]);
     }
-    assert_eq!(codes(&out), ["250", "250", "250", "354", "250", "221"], "{out}");
+    assert_eq!(
+        codes(&out),
+        ["250", "250", "250", "354", "250", "221"],
+        "{out}"
+    );
     assert!(t.stored[0].body.ends_with(b"\r\nline\r\n.dot\r\n"));
 }

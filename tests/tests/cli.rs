@@ -1,0 +1,206 @@
+//! End-to-end: the command-line contract and bad-input handling.
+
+use std::process::Command;
+
+use backupmx_tests::*;
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn one_line_error(out: &std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "unexpected success: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn domain_commands_manage_the_registry_used_by_the_running_server() {
+    let s = Server::start("", "");
+    ok(&s.cli(&[
+        "domain",
+        "add",
+        "Added.Test",
+        "--primary",
+        "127.0.0.1:2626",
+        "--primary",
+        "mx.added.test",
+        "--no-greylist",
+        "--max-size",
+        "5000",
+        "--recipient",
+        "one@added.test",
+    ]));
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&s.cli(&["domain", "list", "--json"]))).unwrap();
+    let added = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "added.test")
+        .expect("listed");
+    assert_eq!(
+        added["primary"],
+        serde_json::json!(["127.0.0.1:2626", "mx.added.test"])
+    );
+    assert_eq!(added["greylist"], false);
+    assert_eq!(added["max_message_size"], 5000);
+    assert_eq!(added["recipients"], serde_json::json!(["one@added.test"]));
+    let show = ok(&s.cli(&["domain", "show", "added.test"]));
+    assert!(
+        show.contains("primary: 127.0.0.1:2626, mx.added.test"),
+        "{show}"
+    );
+    assert!(ok(&s.cli(&["domain", "list"])).contains("added.test"));
+
+    // The running server sees the change at once.
+    let mut c = s.client();
+    c.expect("EHLO client.test", "250");
+    c.expect("MAIL FROM:<a@remote.test>", "250");
+    c.expect("RCPT TO:<one@added.test>", "250");
+    c.expect("RCPT TO:<two@added.test>", "550 5.1.1");
+    ok(&s.cli(&["domain", "remove", "added.test"]));
+    c.expect("RCPT TO:<one@added.test>", "550 5.7.1");
+
+    let err = one_line_error(&s.cli(&["domain", "remove", "added.test"]));
+    assert!(err.contains("no such domain"), "{err}");
+    one_line_error(&s.cli(&["domain", "show", "nope.test"]));
+    one_line_error(&s.cli(&["domain", "add", "bad domain"]));
+    one_line_error(&s.cli(&["domain", "add", "ok.test", "--primary", "host:99999"]));
+    one_line_error(&s.cli(&["domain", "add", "ok.test", "--recipient", "x@other.test"]));
+}
+
+#[test]
+fn queue_commands_show_and_delete() {
+    let s = Server::start("", "");
+    let mut c = s.client();
+    let id = queue_id(&c.send_message(
+        "a@remote.test",
+        &["user@example.test"],
+        "Subject: q\r\n\r\nx\r\n",
+    ));
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(&s.cli(&["queue", "show", &id]))).unwrap();
+    assert_eq!(show["id"], id.as_str());
+    assert_eq!(show["attempts"], 0);
+    let human = ok(&s.cli(&["queue", "list"]));
+    assert!(
+        human.contains(&id) && human.contains("1 message(s)"),
+        "{human}"
+    );
+    assert_eq!(
+        s.cli(&["queue", "list", "--domain", "other.test", "--json"])
+            .stdout,
+        b"[]\n"
+    );
+    ok(&s.cli(&["queue", "delete", &id]));
+    assert!(s.queue().is_empty());
+    one_line_error(&s.cli(&["queue", "delete", &id]));
+    one_line_error(&s.cli(&["queue", "show", "../../etc/passwd"]));
+}
+
+#[test]
+fn bad_config_files_give_one_line_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[smtp]\nlisten = \"nowhere\"\n", "listen"),
+        ("[smtp]\nunknown_key = 1\n", "unknown_key"),
+        ("[greylist]\ndelay = \"soon\"\n", "delay"),
+        ("this is not toml\n", "config"),
+        (
+            "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n",
+            "cert",
+        ),
+    ];
+    for (text, needle) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[storage]\ndata_dir = \"{}\"\n{text}",
+                dir.path().join("d").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(backupmx_bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = one_line_error(&out);
+        assert!(err.to_lowercase().contains(needle), "{text:?}: {err}");
+    }
+    let out = Command::new(backupmx_bin())
+        .args(["run", "--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    one_line_error(&out);
+}
+
+#[test]
+fn an_unusable_data_dir_gives_one_line_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let out = Command::new(backupmx_bin())
+        .args(["queue", "list"])
+        .env("BACKUPMX_STORAGE__DATA_DIR", &file)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("data directory"), "{err}");
+}
+
+#[test]
+fn environment_overrides_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(backupmx_bin())
+        .args(["domain", "list", "--json"])
+        .env("BACKUPMX_STORAGE__DATA_DIR", dir.path().join("envdata"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(ok(&out).trim(), "[]");
+    assert!(dir.path().join("envdata").join("backupmx.db").exists());
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_text() {
+    let port = free_port();
+    let s = Server::start("", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let mut c = s.client();
+    queue_id(&c.send_message(
+        "a@remote.test",
+        &["user@example.test"],
+        "Subject: m\r\n\r\nx\r\n",
+    ));
+    c.expect("RCPT TO:<x@elsewhere.test>", "503");
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    use std::io::{Read, Write};
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("backupmx_messages_accepted_total 1"),
+        "{text}"
+    );
+    assert!(text.contains("backupmx_sessions_total"), "{text}");
+    assert!(
+        text.contains("backupmx_rejections_total{reason=\"sequence\",code=\"503\"} 1"),
+        "{text}"
+    );
+}
