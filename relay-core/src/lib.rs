@@ -17,6 +17,8 @@
 
 pub mod address;
 pub mod config;
+pub mod delivery;
+pub mod dns;
 pub mod domain;
 pub mod policy;
 pub mod queue;

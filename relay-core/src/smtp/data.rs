@@ -148,6 +148,41 @@ impl DataReceiver {
     }
 }
 
+/// Encodes a stored message for the DATA phase of relaying: every line
+/// ending becomes CRLF (so the next hop cannot see a different boundary
+/// than we did), lines starting with `.` get another `.` (RFC 5321 §4.5.2),
+/// and the `.` terminator follows.
+pub fn encode_for_data(message: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 8);
+    let mut at_line_start = true;
+    let mut i = 0;
+    while i < message.len() {
+        if at_line_start && message[i] == b'.' {
+            out.push(b'.');
+        }
+        let run = memchr::memchr2(b'\r', b'\n', &message[i..]).unwrap_or(message.len() - i);
+        out.extend_from_slice(&message[i..i + run]);
+        i += run;
+        if i >= message.len() {
+            at_line_start = false;
+            break;
+        }
+        // CRLF, bare CR or bare LF: one line ending, written as CRLF.
+        if message[i] == b'\r' && message.get(i + 1) == Some(&b'\n') {
+            i += 2;
+        } else {
+            i += 1;
+        }
+        out.extend_from_slice(b"\r\n");
+        at_line_start = true;
+    }
+    if !at_line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
 /// Counts `Received:` header fields in the header section of `message`.
 pub fn count_received_headers(message: &[u8]) -> usize {
     let mut count = 0;
@@ -249,6 +284,22 @@ mod tests {
         assert_eq!(r.feed(b"0123456789abcdef\r\n.\r\n"), Progress::Done(21));
         assert!(r.exceeded());
         assert!(r.into_body().len() <= 10);
+    }
+
+    #[test]
+    fn encoding_for_relay_stuffs_dots_and_normalises_line_ends() {
+        assert_eq!(encode_for_data(b"a\r\n.b\r\n"), b"a\r\n..b\r\n.\r\n");
+        assert_eq!(encode_for_data(b".\r\n"), b"..\r\n.\r\n");
+        assert_eq!(encode_for_data(b"no newline"), b"no newline\r\n.\r\n");
+        assert_eq!(encode_for_data(b""), b".\r\n");
+        assert_eq!(encode_for_data(b"a\n.\nb\r.\r\n"), b"a\r\n..\r\nb\r\n..\r\n.\r\n");
+    }
+
+    #[test]
+    fn receive_then_encode_round_trips() {
+        let wire = b"Subject: x\r\n\r\n..one\r\ntwo\r\n...\r\n.\r\n";
+        let (_, body) = receive(wire);
+        assert_eq!(encode_for_data(&body), wire);
     }
 
     #[test]

@@ -1,0 +1,503 @@
+//! The SMTP client side (RFC 5321 §3–4, RFC 2920, RFC 3207) as a sans-I/O
+//! state machine.
+//!
+//! Replies go in through [`ClientSession::on_reply`] (parsed by
+//! [`ReplyParser`]); what to do next comes out of [`ClientSession::next`].
+//! The driver owns the socket, the TLS handshake and the timers; this module
+//! decides what to send and what every reply means for each recipient.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+/// A reply received from a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Response {
+    pub fn is_success(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+    pub fn is_permanent(&self) -> bool {
+        self.code >= 500
+    }
+
+    /// The enhanced status code (RFC 3463) if the server sent one.
+    pub fn enhanced_status(&self) -> Option<&str> {
+        let first = self.lines.first()?;
+        let token = first.split(' ').next()?;
+        let mut parts = token.split('.');
+        let class = parts.next()?;
+        let ok = matches!(class, "2" | "4" | "5")
+            && parts.clone().count() == 2
+            && parts.all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+        ok.then_some(token)
+    }
+}
+
+impl fmt::Display for Response {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.lines.join(" "))
+    }
+}
+
+/// Why a reply stream could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed SMTP reply: {0}")]
+pub struct ReplyError(pub String);
+
+/// Longest reply line we accept (RFC 5321 §4.5.3.1.5 says 512; be lenient).
+const MAX_REPLY_LINE: usize = 4096;
+/// Most lines in one reply (an EHLO reply has a few dozen at most).
+const MAX_REPLY_LINES: usize = 256;
+
+/// Incremental multi-line reply parser.
+#[derive(Debug, Default)]
+pub struct ReplyParser {
+    buf: Vec<u8>,
+    lines: Vec<String>,
+}
+
+impl ReplyParser {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete reply, if one has arrived.
+    pub fn next_reply(&mut self) -> Result<Option<Response>, ReplyError> {
+        loop {
+            let Some(lf) = self.buf.iter().position(|&b| b == b'\n') else {
+                if self.buf.len() > MAX_REPLY_LINE {
+                    return Err(ReplyError("reply line too long".into()));
+                }
+                return Ok(None);
+            };
+            let raw: Vec<u8> = self.buf.drain(..=lf).collect();
+            let line = raw.strip_suffix(b"\r\n").or_else(|| raw.strip_suffix(b"\n")).unwrap_or(&raw);
+            if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&line[0]) {
+                return Err(ReplyError(String::from_utf8_lossy(line).into_owned()));
+            }
+            let code = u16::from(line[0] - b'0') * 100 + u16::from(line[1] - b'0') * 10 + u16::from(line[2] - b'0');
+            let (last, text) = match line.get(3) {
+                None => (true, ""),
+                Some(b' ') => (true, std::str::from_utf8(&line[4..]).unwrap_or("")),
+                Some(b'-') => (false, std::str::from_utf8(&line[4..]).unwrap_or("")),
+                Some(_) => return Err(ReplyError(String::from_utf8_lossy(line).into_owned())),
+            };
+            self.lines.push(text.to_string());
+            if self.lines.len() > MAX_REPLY_LINES {
+                return Err(ReplyError("too many reply lines".into()));
+            }
+            if last {
+                return Ok(Some(Response {
+                    code,
+                    lines: std::mem::take(&mut self.lines),
+                }));
+            }
+        }
+    }
+}
+
+/// What the message needs from the server.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Empty for the null sender.
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub size: u64,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+}
+
+/// The result for one recipient of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptResult {
+    Delivered(String),
+    /// Try again later (4xx, connection or TLS trouble).
+    Transient(String),
+    /// Give up and bounce (5xx or a permanent incompatibility).
+    Permanent(String),
+}
+
+impl RcptResult {
+    /// The one classifier: reply severity decides.
+    pub fn from_response(r: &Response) -> Self {
+        let text = r.to_string();
+        if r.is_success() {
+            RcptResult::Delivered(text)
+        } else if r.is_transient() {
+            RcptResult::Transient(text)
+        } else {
+            RcptResult::Permanent(text)
+        }
+    }
+}
+
+/// What the driver should do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Write these bytes, then ask again.
+    Send(Vec<u8>),
+    /// Wait for and feed the next reply.
+    ReadReply,
+    /// Run the TLS handshake, then call [`ClientSession::tls_done`].
+    StartTls,
+    /// Write the dot-stuffed message and `.` terminator, then ask again.
+    SendBody,
+    /// The session is over; results are in [`ClientSession::results`].
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Greeting,
+    Ehlo,
+    Helo,
+    StartTls,
+    Mail,
+    Rcpt(usize),
+    Data,
+    Body,
+    /// The reply to the `.` that ends an aborted, empty message.
+    Aborted,
+    Quit,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Extensions {
+    pipelining: bool,
+    starttls: bool,
+    size: Option<u64>,
+    eight_bit: bool,
+    smtputf8: bool,
+}
+
+/// One SMTP client session delivering one message.
+#[derive(Debug)]
+pub struct ClientSession {
+    helo_name: String,
+    try_tls: bool,
+    envelope: Envelope,
+    ext: Extensions,
+    tls_active: bool,
+    expect: VecDeque<Expect>,
+    out: Vec<u8>,
+    results: Vec<Option<RcptResult>>,
+    /// The transaction failed as a whole (MAIL or DATA refused).
+    transaction_failed: Option<RcptResult>,
+    body_pending: bool,
+    tls_pending: bool,
+    quit_sent: bool,
+    transaction_started: bool,
+    /// Commands not yet sent because the server does not pipeline.
+    queued: VecDeque<(Vec<u8>, Expect)>,
+    done: bool,
+}
+
+impl ClientSession {
+    /// `try_tls`: the driver can do STARTTLS if offered (opportunistic).
+    pub fn new(helo_name: &str, try_tls: bool, envelope: Envelope) -> Self {
+        let n = envelope.recipients.len();
+        ClientSession {
+            helo_name: helo_name.to_string(),
+            try_tls,
+            envelope,
+            ext: Extensions::default(),
+            tls_active: false,
+            expect: VecDeque::from([Expect::Greeting]),
+            out: Vec::new(),
+            results: vec![None; n],
+            transaction_failed: None,
+            body_pending: false,
+            tls_pending: false,
+            quit_sent: false,
+            transaction_started: false,
+            queued: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// The server answered MAIL: results now come from a real transaction,
+    /// so trying another host for these recipients would be wrong.
+    pub fn transaction_started(&self) -> bool {
+        self.transaction_started
+    }
+
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Whether the server's last-sent reply is the final one after DATA.
+    pub fn awaiting_final_reply(&self) -> bool {
+        self.expect.front() == Some(&Expect::Body)
+    }
+
+    pub fn next(&mut self) -> Next {
+        if !self.out.is_empty() {
+            return Next::Send(std::mem::take(&mut self.out));
+        }
+        if self.body_pending {
+            self.body_pending = false;
+            return Next::SendBody;
+        }
+        if self.done {
+            return Next::Done;
+        }
+        if self.tls_pending {
+            return Next::StartTls;
+        }
+        if self.expect.is_empty() {
+            self.done = true;
+            return Next::Done;
+        }
+        Next::ReadReply
+    }
+
+    fn send(&mut self, line: String, expect: Expect) {
+        self.out.extend_from_slice(line.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        self.expect.push_back(expect);
+    }
+
+    /// Feeds one reply.
+    pub fn on_reply(&mut self, r: Response) {
+        let Some(what) = self.expect.pop_front() else { return };
+        match what {
+            Expect::Greeting => {
+                if r.is_success() {
+                    self.send(format!("EHLO {}", self.helo_name), Expect::Ehlo);
+                } else {
+                    self.fail_all(RcptResult::Transient(format!("greeting: {r}")));
+                    self.quit();
+                }
+            }
+            Expect::Ehlo => {
+                if r.is_success() {
+                    self.ext = parse_extensions(&r);
+                    self.after_hello();
+                } else if r.code == 421 || r.is_transient() {
+                    self.fail_all(RcptResult::Transient(format!("EHLO: {r}")));
+                    self.quit();
+                } else {
+                    // RFC 5321 §3.2: fall back to HELO.
+                    self.send(format!("HELO {}", self.helo_name), Expect::Helo);
+                }
+            }
+            Expect::Helo => {
+                if r.is_success() {
+                    self.ext = Extensions::default();
+                    self.after_hello();
+                } else {
+                    self.fail_all(RcptResult::Transient(format!("HELO: {r}")));
+                    self.quit();
+                }
+            }
+            Expect::StartTls => {
+                if r.code == 220 {
+                    self.tls_pending = true;
+                } else {
+                    // Refused: carry on in the clear (opportunistic TLS).
+                    self.begin_transaction();
+                }
+            }
+            Expect::Mail => {
+                self.transaction_started = true;
+                if !r.is_success() {
+                    self.transaction_failed = Some(RcptResult::from_response(&r));
+                    if !self.ext.pipelining {
+                        // Nothing else was sent: the transaction ends here.
+                        self.queued.clear();
+                        self.finish_failed_transaction();
+                    }
+                } else {
+                    self.flush_queued();
+                }
+            }
+            Expect::Rcpt(i) => {
+                if self.transaction_failed.is_none() && !r.is_success() {
+                    self.results[i] = Some(RcptResult::from_response(&r));
+                }
+                if self.transaction_failed.is_none() {
+                    self.flush_queued();
+                }
+            }
+            Expect::Data => {
+                let any_accepted = self.results.iter().any(Option::is_none);
+                if self.transaction_failed.is_some() {
+                    if r.code == 354 {
+                        // RFC 2920 §3.1: a pipelined DATA may still be accepted.
+                        self.out.extend_from_slice(b".\r\n");
+                        self.expect.push_back(Expect::Aborted);
+                    }
+                    self.finish_failed_transaction();
+                } else if r.code == 354 && any_accepted {
+                    self.body_pending = true;
+                    self.expect.push_back(Expect::Body);
+                } else if r.code == 354 {
+                    // No recipient was accepted: end the empty message at once.
+                    self.out.extend_from_slice(b".\r\n");
+                    self.expect.push_back(Expect::Aborted);
+                    self.quit();
+                } else {
+                    let result = RcptResult::from_response(&r);
+                    self.fill_pending(&result);
+                    self.quit();
+                }
+            }
+            Expect::Body => {
+                let result = RcptResult::from_response(&r);
+                self.fill_pending(&result);
+                self.quit();
+            }
+            Expect::Aborted | Expect::Quit => {}
+        }
+    }
+
+    /// The TLS handshake finished: `true` if it succeeded.
+    pub fn tls_done(&mut self, ok: bool) {
+        self.tls_pending = false;
+        if ok {
+            self.tls_active = true;
+            // RFC 3207 §4.2: forget everything learnt before TLS.
+            self.ext = Extensions::default();
+            self.send(format!("EHLO {}", self.helo_name), Expect::Ehlo);
+        } else {
+            self.fail_all(RcptResult::Transient("TLS handshake failed".into()));
+            self.expect.clear();
+            self.done = true;
+        }
+    }
+
+    /// The connection broke or timed out: every open recipient is retried.
+    pub fn connection_lost(&mut self, why: &str) {
+        self.fail_all(RcptResult::Transient(why.to_string()));
+        self.expect.clear();
+        self.out.clear();
+        self.body_pending = false;
+        self.done = true;
+    }
+
+    /// Per recipient, in envelope order.
+    pub fn results(&self) -> Vec<RcptResult> {
+        self.results
+            .iter()
+            .map(|r| r.clone().unwrap_or_else(|| RcptResult::Transient("no result".into())))
+            .collect()
+    }
+
+    fn after_hello(&mut self) {
+        if self.try_tls && self.ext.starttls && !self.tls_active {
+            self.send("STARTTLS".into(), Expect::StartTls);
+        } else {
+            self.begin_transaction();
+        }
+    }
+
+    fn begin_transaction(&mut self) {
+        let env = &self.envelope;
+        if env.smtputf8 && !self.ext.smtputf8 {
+            // RFC 6531 §3.2: never downgrade silently.
+            self.fail_all(RcptResult::Permanent(
+                "550 5.6.7 the message needs SMTPUTF8 and the server does not offer it".into(),
+            ));
+            return self.quit();
+        }
+        if let Some(limit) = self.ext.size.filter(|&l| l > 0) {
+            if env.size > limit {
+                self.fail_all(RcptResult::Permanent(format!(
+                    "552 5.3.4 message size {} exceeds the server's limit {limit}",
+                    env.size
+                )));
+                return self.quit();
+            }
+        }
+        let mut mail = format!("MAIL FROM:<{}>", env.sender);
+        if self.ext.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", env.size));
+        }
+        if env.eight_bit && self.ext.eight_bit {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if env.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        let mut commands = vec![(mail, Expect::Mail)];
+        for (i, rcpt) in env.recipients.iter().enumerate() {
+            if self.results[i].is_none() {
+                commands.push((format!("RCPT TO:<{rcpt}>"), Expect::Rcpt(i)));
+            }
+        }
+        commands.push(("DATA".into(), Expect::Data));
+        if self.ext.pipelining {
+            for (line, expect) in commands {
+                self.send(line, expect);
+            }
+        } else {
+            let mut iter = commands.into_iter();
+            if let Some((line, expect)) = iter.next() {
+                self.send(line, expect);
+            }
+            for (line, expect) in iter {
+                let mut bytes = line.into_bytes();
+                bytes.extend_from_slice(b"\r\n");
+                self.queued.push_back((bytes, expect));
+            }
+        }
+    }
+
+    fn flush_queued(&mut self) {
+        if let Some((bytes, expect)) = self.queued.pop_front() {
+            self.out.extend_from_slice(&bytes);
+            self.expect.push_back(expect);
+        }
+    }
+
+    fn finish_failed_transaction(&mut self) {
+        if let Some(result) = self.transaction_failed.clone() {
+            self.fill_pending(&result);
+        }
+        self.quit();
+    }
+
+    fn fill_pending(&mut self, result: &RcptResult) {
+        for r in self.results.iter_mut().filter(|r| r.is_none()) {
+            *r = Some(result.clone());
+        }
+    }
+
+    fn fail_all(&mut self, result: RcptResult) {
+        self.fill_pending(&result);
+    }
+
+    fn quit(&mut self) {
+        if !self.quit_sent {
+            self.quit_sent = true;
+            self.send("QUIT".into(), Expect::Quit);
+        }
+    }
+}
+
+fn parse_extensions(r: &Response) -> Extensions {
+    let mut ext = Extensions::default();
+    for line in r.lines.iter().skip(1) {
+        let mut words = line.split_whitespace();
+        let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+        match keyword.as_str() {
+            "PIPELINING" => ext.pipelining = true,
+            "STARTTLS" => ext.starttls = true,
+            "8BITMIME" => ext.eight_bit = true,
+            "SMTPUTF8" => ext.smtputf8 = true,
+            "SIZE" => ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+            _ => {}
+        }
+    }
+    ext
+}
+
+#[cfg(test)]
+mod tests;

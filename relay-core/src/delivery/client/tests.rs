@@ -1,0 +1,228 @@
+//! Client transcripts: scripted server replies, no sockets.
+
+use super::*;
+
+fn reply(text: &str) -> Response {
+    let mut p = ReplyParser::default();
+    p.feed(text.as_bytes());
+    p.next_reply().unwrap().expect("complete reply")
+}
+
+fn envelope(rcpts: &[&str]) -> Envelope {
+    Envelope {
+        sender: "a@remote.test".into(),
+        recipients: rcpts.iter().map(|s| (*s).to_string()).collect(),
+        size: 100,
+        smtputf8: false,
+        eight_bit: false,
+    }
+}
+
+/// Drives the client against a list of server replies; returns what it sent.
+fn run(client: &mut ClientSession, replies: &[&str]) -> String {
+    let mut sent = String::new();
+    let mut replies = replies.iter();
+    loop {
+        match client.next() {
+            Next::Send(b) => sent.push_str(&String::from_utf8(b).unwrap()),
+            Next::SendBody => sent.push_str("<BODY>\r\n"),
+            Next::StartTls => {
+                sent.push_str("<TLS>\r\n");
+                client.tls_done(true);
+            }
+            Next::ReadReply => match replies.next() {
+                Some(r) => client.on_reply(reply(r)),
+                None => {
+                    client.connection_lost("eof");
+                }
+            },
+            Next::Done => return sent,
+        }
+    }
+}
+
+const EHLO_FULL: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
+
+#[test]
+fn reply_parser_handles_multiline_and_split_input() {
+    let mut p = ReplyParser::default();
+    p.feed(b"250-first\r\n250-sec");
+    assert_eq!(p.next_reply().unwrap(), None);
+    p.feed(b"ond\r\n250 last\r\n220 next\r\n");
+    let r = p.next_reply().unwrap().unwrap();
+    assert_eq!(r.code, 250);
+    assert_eq!(r.lines, ["first", "second", "last"]);
+    assert_eq!(p.next_reply().unwrap().unwrap().code, 220);
+    let mut bad = ReplyParser::default();
+    bad.feed(b"hello\r\n");
+    assert!(bad.next_reply().is_err());
+    let mut bad = ReplyParser::default();
+    bad.feed(b"999 x\r\n");
+    assert!(bad.next_reply().is_err());
+    let mut long = ReplyParser::default();
+    long.feed(&[b'2'; 5000]);
+    assert!(long.next_reply().is_err());
+}
+
+#[test]
+fn enhanced_status_is_extracted() {
+    assert_eq!(reply("550 5.1.1 no such user\r\n").enhanced_status(), Some("5.1.1"));
+    assert_eq!(reply("550 no such user\r\n").enhanced_status(), None);
+}
+
+#[test]
+fn pipelined_delivery_with_per_recipient_results() {
+    let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test", "y@d.test"]));
+    let sent = run(
+        &mut c,
+        &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "250 ok\r\n", "550 5.1.1 unknown\r\n", "354 go\r\n", "250 queued\r\n", "221 bye\r\n"],
+    );
+    assert_eq!(
+        sent,
+        "EHLO mx2.test\r\nMAIL FROM:<a@remote.test> SIZE=100\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nDATA\r\n<BODY>\r\nQUIT\r\n"
+    );
+    assert_eq!(
+        c.results(),
+        [RcptResult::Delivered("250 queued".into()), RcptResult::Permanent("550 5.1.1 unknown".into())]
+    );
+}
+
+#[test]
+fn without_pipelining_commands_go_one_at_a_time() {
+    let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
+    let mut sent = Vec::new();
+    let replies = ["220 hi\r\n", "250 mx.test\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n", "221 bye\r\n"];
+    let mut it = replies.iter();
+    loop {
+        match c.next() {
+            Next::Send(b) => sent.push(String::from_utf8(b).unwrap()),
+            Next::SendBody => sent.push("<BODY>".into()),
+            Next::ReadReply => c.on_reply(reply(it.next().unwrap())),
+            Next::StartTls => unreachable!(),
+            Next::Done => break,
+        }
+    }
+    assert_eq!(
+        sent,
+        ["EHLO mx2.test\r\n", "MAIL FROM:<a@remote.test>\r\n", "RCPT TO:<x@d.test>\r\n", "DATA\r\n", "<BODY>", "QUIT\r\n"]
+    );
+    assert_eq!(c.results(), [RcptResult::Delivered("250 ok".into())]);
+}
+
+#[test]
+fn ehlo_refused_falls_back_to_helo() {
+    let mut c = ClientSession::new("mx2.test", true, envelope(&["x@d.test"]));
+    let sent = run(
+        &mut c,
+        &["220 hi\r\n", "502 no ehlo\r\n", "250 hello\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n", "221 bye\r\n"],
+    );
+    assert!(sent.starts_with("EHLO mx2.test\r\nHELO mx2.test\r\nMAIL FROM:<a@remote.test>\r\n"), "{sent}");
+    assert!(matches!(c.results()[0], RcptResult::Delivered(_)));
+}
+
+#[test]
+fn starttls_is_used_when_offered_and_ehlo_repeated() {
+    let mut c = ClientSession::new("mx2.test", true, envelope(&["x@d.test"]));
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            "250-mx.test\r\n250 STARTTLS\r\n",
+            "220 go ahead\r\n",
+            "250-mx.test\r\n250 PIPELINING\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert!(sent.starts_with("EHLO mx2.test\r\nSTARTTLS\r\n<TLS>\r\nEHLO mx2.test\r\nMAIL"), "{sent}");
+    assert!(c.tls_active());
+    assert!(matches!(c.results()[0], RcptResult::Delivered(_)));
+}
+
+#[test]
+fn refused_starttls_continues_in_the_clear() {
+    let mut c = ClientSession::new("mx2.test", true, envelope(&["x@d.test"]));
+    let sent = run(
+        &mut c,
+        &["220 hi\r\n", "250-mx.test\r\n250 STARTTLS\r\n", "454 4.7.0 not now\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n", "221 bye\r\n"],
+    );
+    assert!(!sent.contains("<TLS>"));
+    assert!(matches!(c.results()[0], RcptResult::Delivered(_)));
+}
+
+#[test]
+fn mail_refused_fails_every_recipient_by_its_class() {
+    let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test", "y@d.test"]));
+    let sent = run(
+        &mut c,
+        &["220 hi\r\n", EHLO_FULL, "451 4.3.0 try later\r\n", "503 bad seq\r\n", "503 bad seq\r\n", "503 bad seq\r\n", "221 bye\r\n"],
+    );
+    assert!(sent.ends_with("DATA\r\nQUIT\r\n"), "{sent}");
+    assert_eq!(c.results(), vec![RcptResult::Transient("451 4.3.0 try later".into()); 2]);
+}
+
+#[test]
+fn temporary_and_permanent_final_replies() {
+    for (final_reply, transient) in [("452 4.3.1 full\r\n", true), ("554 5.7.1 spam\r\n", false)] {
+        let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
+        run(&mut c, &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "250 ok\r\n", "354 go\r\n", final_reply, "221 bye\r\n"]);
+        assert_eq!(matches!(c.results()[0], RcptResult::Transient(_)), transient, "{final_reply}");
+    }
+}
+
+#[test]
+fn no_accepted_recipient_ends_without_a_body() {
+    let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
+    let sent = run(&mut c, &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "550 no\r\n", "354 go\r\n", "554 no rcpts\r\n", "221 bye\r\n"]);
+    assert!(!sent.contains("<BODY>"), "{sent}");
+    assert!(sent.ends_with("DATA\r\n.\r\nQUIT\r\n"), "{sent}");
+    assert_eq!(c.results(), [RcptResult::Permanent("550 no".into())]);
+}
+
+#[test]
+fn smtputf8_is_never_downgraded() {
+    let mut env = envelope(&["x@d.test"]);
+    env.smtputf8 = true;
+    let mut c = ClientSession::new("mx2.test", false, env);
+    let sent = run(&mut c, &["220 hi\r\n", "250-mx.test\r\n250 PIPELINING\r\n", "221 bye\r\n"]);
+    assert!(!sent.contains("MAIL"), "{sent}");
+    assert!(matches!(&c.results()[0], RcptResult::Permanent(t) if t.contains("5.6.7")));
+}
+
+#[test]
+fn too_big_for_the_server_is_permanent() {
+    let mut env = envelope(&["x@d.test"]);
+    env.size = 5000;
+    let mut c = ClientSession::new("mx2.test", false, env);
+    run(&mut c, &["220 hi\r\n", EHLO_FULL, "221 bye\r\n"]);
+    assert!(matches!(&c.results()[0], RcptResult::Permanent(t) if t.contains("5.3.4")));
+}
+
+#[test]
+fn eight_bit_and_smtputf8_parameters_are_sent_when_offered() {
+    let mut env = envelope(&["x@d.test"]);
+    env.eight_bit = true;
+    env.smtputf8 = true;
+    let mut c = ClientSession::new("mx2.test", false, env);
+    let sent = run(&mut c, &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n", "221 bye\r\n"]);
+    assert!(sent.contains("MAIL FROM:<a@remote.test> SIZE=100 BODY=8BITMIME SMTPUTF8\r\n"), "{sent}");
+}
+
+#[test]
+fn connection_loss_makes_open_recipients_transient() {
+    let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test", "y@d.test"]));
+    run(&mut c, &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "550 5.1.1 no\r\n", "250 ok\r\n", "354 go\r\n"]);
+    let results = c.results();
+    assert_eq!(results[0], RcptResult::Permanent("550 5.1.1 no".into()));
+    assert_eq!(results[1], RcptResult::Transient("eof".into()));
+}
+
+#[test]
+fn greeting_refusal_is_transient() {
+    let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
+    run(&mut c, &["554 go away\r\n", "221 bye\r\n"]);
+    assert!(matches!(c.results()[0], RcptResult::Transient(_)));
+}
