@@ -60,6 +60,11 @@ pub enum QueueCommand {
         #[arg(long)]
         raw: bool,
     },
+    /// Make queued messages due now (the running worker sends them within a second).
+    Flush {
+        #[arg(long, value_name = "D")]
+        domain: Option<String>,
+    },
     /// Delete a queued message (it will not be delivered).
     Delete { id: String },
 }
@@ -239,6 +244,15 @@ pub async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
                 .await?
                 .ok_or_else(|| anyhow!("no such message: {id}"))?;
             println!("{}", serde_json::to_string_pretty(&entry_json(&e))?);
+        }
+        QueueCommand::Flush { domain } => {
+            let domain = domain.as_deref().map(parse_domain).transpose()?;
+            let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
+            let n = store
+                .release(domain.as_ref(), now)
+                .await
+                .context("cannot flush the queue")?;
+            println!("{n} message(s) released for delivery");
         }
         QueueCommand::Delete { id } => {
             let id = parse_id(&id)?;

@@ -15,6 +15,13 @@ use tokio::sync::watch;
 
 use crate::tls::Tls;
 
+/// The delivery side, present in the embedded mode.
+pub struct Delivery {
+    pub engine: Arc<relay_core::delivery::Engine>,
+    pub worker: Arc<relay_core::delivery::worker::Worker>,
+    pub etrn_networks: Vec<ipnet::IpNet>,
+}
+
 /// What every connection shares.
 pub struct Shared {
     pub session: Arc<SessionConfig>,
@@ -22,6 +29,7 @@ pub struct Shared {
     pub spool: Arc<dyn Spool>,
     pub tls: Option<Tls>,
     pub idle_timeout: Duration,
+    pub delivery: Option<Delivery>,
 }
 
 enum Conn {
@@ -143,6 +151,9 @@ pub async fn serve(
                         metrics::counter!("backupmx_bytes_accepted_total").increment(size);
                         tracing::info!(event = "message_accepted", session_id, peer = %peer, queue_id = %id,
                             from = %sender, nrcpt, size, entries = ids.len());
+                        if let Some(d) = &shared.delivery {
+                            d.worker.wake();
+                        }
                     }
                     Err(e) => {
                         tracing::error!(event = "store_failed", session_id, peer = %peer, queue_id = %id, error = %e);
@@ -182,6 +193,26 @@ pub async fn serve(
                     }
                     Err(_) => return,
                 }
+            }
+            Action::Etrn { node } => {
+                let reply = match &shared.delivery {
+                    Some(d) => {
+                        relay_core::delivery::etrn::handle(
+                            &node,
+                            peer.ip(),
+                            &d.etrn_networks,
+                            shared.registry.as_ref(),
+                            &d.engine,
+                            &d.worker,
+                        )
+                        .await
+                    }
+                    None => {
+                        relay_core::smtp::Reply::new(502, "5.5.1", "Error: command not implemented")
+                    }
+                };
+                tracing::info!(event = "etrn", session_id, peer = %peer, node = %node, reply = %reply);
+                session.etrn_done(reply, SystemTime::now());
             }
             Action::Close => break,
         }

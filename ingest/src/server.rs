@@ -8,6 +8,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use relay_core::config::{Backend, Config};
+use relay_core::delivery::route::SelfIdentity;
+use relay_core::delivery::transport::Timeouts;
+use relay_core::delivery::worker::{Worker, WorkerConfig};
+use relay_core::delivery::{Engine, EngineConfig};
+use relay_core::dns::HickoryResolver;
 use relay_core::smtp::{Session, SessionConfig};
 use relay_core::store::local::LocalStore;
 use relay_core::store::{DeliveryQueue, DomainRegistry};
@@ -15,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::connection::{self, Shared};
+use crate::connection::{self, Delivery, Shared};
 use crate::tls::Tls;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +115,15 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             }
         });
     }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut worker_task = None;
+    let delivery = if mode == Mode::Embedded {
+        let (delivery, worker) = start_delivery(&config, &store)?;
+        worker_task = Some(tokio::spawn(worker.run(shutdown_rx.clone())));
+        Some(delivery)
+    } else {
+        None
+    };
     let mut listeners = Vec::new();
     for addr in &config.smtp.listen {
         let l = TcpListener::bind(addr)
@@ -127,11 +141,13 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             max_errors: config.smtp.max_errors,
             max_received_headers: 100,
             tls_available: tls.is_some(),
+            etrn_available: delivery.is_some(),
         }),
         registry: store.clone(),
         spool: store.clone(),
         tls: tls.clone(),
         idle_timeout: config.smtp.idle_timeout,
+        delivery,
     });
     let limits = Arc::new(Limits {
         total: Arc::new(Semaphore::new(config.smtp.max_connections)),
@@ -140,7 +156,6 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         max_per_ip: config.smtp.max_connections_per_ip,
         hostname: config.hostname.clone(),
     });
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut accept_tasks = Vec::new();
     for l in listeners {
         accept_tasks.push(tokio::spawn(accept_loop(
@@ -161,14 +176,72 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     }
     // Every session holds a permit; having them all back means all ended.
     let all = u32::try_from(limits.max_total).unwrap_or(u32::MAX);
-    match tokio::time::timeout(config.smtp.shutdown_grace, limits.total.acquire_many(all)).await {
-        Ok(_) => tracing::info!(event = "shutdown_complete"),
+    let drained = async {
+        let _ = limits.total.acquire_many(all).await;
+        if let Some(t) = worker_task {
+            let _ = t.await;
+        }
+    };
+    match tokio::time::timeout(config.smtp.shutdown_grace, drained).await {
+        Ok(()) => tracing::info!(event = "shutdown_complete"),
         Err(_) => tracing::warn!(
             event = "shutdown_grace_expired",
-            "sessions still open were cut off"
+            "sessions or deliveries still open were cut off"
         ),
     }
     Ok(())
+}
+
+/// The delivery engine and worker of the embedded mode.
+fn start_delivery(
+    config: &Config,
+    store: &Arc<LocalStore>,
+) -> anyhow::Result<(Delivery, Arc<Worker>)> {
+    let d = &config.delivery;
+    let resolver = HickoryResolver::new(&config.dns.servers, config.dns.timeout)
+        .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
+    let engine = Arc::new(Engine::new(
+        EngineConfig {
+            me: SelfIdentity {
+                hostname: config.hostname.clone(),
+                listen: config.smtp.listen.clone(),
+                mx_port: d.mx_port,
+            },
+            routes: d.routes.clone(),
+            retry_initial: d.retry_initial,
+            retry_max: d.retry_max,
+            queue_lifetime: d.queue_lifetime,
+            timeouts: Timeouts {
+                connect: d.connect_timeout,
+                command: d.command_timeout,
+                data_block: d.command_timeout,
+                data_final: d.data_timeout,
+            },
+            opportunistic_tls: d.opportunistic_tls,
+        },
+        Arc::new(resolver),
+        store.clone(),
+    ));
+    let worker = Worker::new(
+        engine.clone(),
+        store.clone(),
+        store.clone(),
+        store.clone(),
+        WorkerConfig {
+            max_per_destination: d.max_connections_per_destination,
+            max_total: d.max_connections,
+            poll_interval: d.poll_interval,
+            probe_interval: d.probe_interval,
+        },
+    );
+    Ok((
+        Delivery {
+            engine,
+            worker: worker.clone(),
+            etrn_networks: d.etrn_networks.clone(),
+        },
+        worker,
+    ))
 }
 
 async fn wait_for_shutdown(tls: Option<Tls>) {

@@ -100,11 +100,23 @@ pub struct MetricsConfig {
     pub listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Nameservers (`ip:port`); empty uses the system resolver.
     pub servers: Vec<SocketAddr>,
+    /// Per-query timeout.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +161,30 @@ pub struct DeliveryConfig {
     pub queue_lifetime: Duration,
     /// Static next hop per destination domain.
     pub routes: std::collections::BTreeMap<String, String>,
+    /// Port MX hosts are contacted on.
+    pub mx_port: u16,
+    /// Connections at once to one destination domain.
+    pub max_connections_per_destination: usize,
+    /// Delivery attempts at once in all.
+    pub max_connections: usize,
+    /// How often a destination that was down is probed (connect + EHLO).
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// How often the queue is checked for due entries.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Clients allowed to ETRN any hosted domain, besides its primaries.
+    pub etrn_networks: Vec<IpNet>,
+    /// Use STARTTLS with next hops that offer it.
+    pub opportunistic_tls: bool,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Greeting and command replies (RFC 5321 §4.5.3.2: 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// The reply after the end of data (RFC 5321 §4.5.3.2: 10 minutes).
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,6 +286,16 @@ impl Default for DeliveryConfig {
             retry_max: Duration::from_secs(900),
             queue_lifetime: Duration::from_secs(5 * 86_400),
             routes: Default::default(),
+            mx_port: 25,
+            max_connections_per_destination: 10,
+            max_connections: 100,
+            probe_interval: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            etrn_networks: Vec::new(),
+            opportunistic_tls: true,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -329,6 +375,22 @@ impl Config {
         }
         if self.smtp.idle_timeout.is_zero() {
             return invalid("smtp.idle_timeout must be positive".into());
+        }
+        let d = &self.delivery;
+        if d.retry_initial.is_zero() || d.retry_max < d.retry_initial {
+            return invalid(
+                "delivery.retry_initial must be positive and at most delivery.retry_max".into(),
+            );
+        }
+        if d.max_connections_per_destination == 0 || d.max_connections == 0 || d.mx_port == 0 {
+            return invalid("delivery.max_connections, max_connections_per_destination and mx_port must be positive".into());
+        }
+        if d.probe_interval.is_zero() || d.poll_interval.is_zero() {
+            return invalid("delivery.probe_interval and poll_interval must be positive".into());
+        }
+        for (dest, hop) in &d.routes {
+            crate::domain::validate_primary(hop)
+                .map_err(|e| ConfigError::Invalid(format!("delivery.routes.{dest}: {e}")))?;
         }
         if crate::address::DomainName::parse(&self.hostname).is_err() {
             return invalid(format!(

@@ -90,7 +90,11 @@ impl HickoryResolver {
 }
 
 fn absolute(name: &str) -> Result<Name, DnsError> {
-    let fqdn = if name.ends_with('.') { name.to_string() } else { format!("{name}.") };
+    let fqdn = if name.ends_with('.') {
+        name.to_string()
+    } else {
+        format!("{name}.")
+    };
     Name::from_utf8(&fqdn).map_err(|e| DnsError::Temporary(format!("invalid name {name:?}: {e}")))
 }
 
@@ -112,7 +116,11 @@ fn host_string(name: &Name) -> String {
 #[async_trait]
 impl Resolver for HickoryResolver {
     async fn mx(&self, domain: &str) -> Result<Vec<MxRecord>, DnsError> {
-        let lookup = self.inner.mx_lookup(absolute(domain)?).await.map_err(|e| classify(&e))?;
+        let lookup = self
+            .inner
+            .mx_lookup(absolute(domain)?)
+            .await
+            .map_err(|e| classify(&e))?;
         let records: Vec<MxRecord> = lookup
             .iter()
             .map(|mx| MxRecord {
@@ -130,7 +138,11 @@ impl Resolver for HickoryResolver {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![ip]);
         }
-        let lookup = self.inner.lookup_ip(absolute(host)?).await.map_err(|e| classify(&e))?;
+        let lookup = self
+            .inner
+            .lookup_ip(absolute(host)?)
+            .await
+            .map_err(|e| classify(&e))?;
         let ips: Vec<IpAddr> = lookup.iter().collect();
         if ips.is_empty() {
             return Err(DnsError::NoRecords);
@@ -139,7 +151,11 @@ impl Resolver for HickoryResolver {
     }
 
     async fn a(&self, name: &str) -> Result<AAnswer, DnsError> {
-        let lookup = self.inner.ipv4_lookup(absolute(name)?).await.map_err(|e| classify(&e))?;
+        let lookup = self
+            .inner
+            .ipv4_lookup(absolute(name)?)
+            .await
+            .map_err(|e| classify(&e))?;
         let ttl = lookup
             .as_lookup()
             .records()

@@ -2,6 +2,9 @@
 //! loopback port with its own data directory, and talk SMTP to it over real
 //! sockets (optionally from another 127.0.0.x source address).
 
+pub mod dns;
+pub mod sink;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -33,17 +36,37 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
+    mode: &'static str,
 }
 
 impl Server {
-    /// `smtp` goes inside `[smtp]`; `extra` is appended (more sections and
-    /// `[[domain]]` entries). `example.test` is always hosted.
+    /// `backupmx ingest` (no delivery). `smtp` goes inside `[smtp]`;
+    /// `extra` is appended (more sections and `[[domain]]` entries).
+    /// `example.test` is always hosted.
     pub fn start(smtp: &str, extra: &str) -> Server {
+        Server::start_mode("ingest", smtp, extra, "")
+    }
+
+    /// `backupmx run` (ingest and delivery worker). `example_primary` is the
+    /// `primary` list of example.test (TOML array), or empty. Without a
+    /// `[dns]` section in `extra`, DNS goes to a dead loopback port: tests
+    /// never query a real resolver.
+    pub fn start_run(smtp: &str, extra: &str, example_primary: &str) -> Server {
+        let extra = if extra.contains("[dns]") {
+            extra.to_string()
+        } else {
+            format!("{extra}\n[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n")
+        };
+        Server::start_mode("run", smtp, &extra, example_primary)
+    }
+
+    fn start_mode(mode: &'static str, smtp: &str, extra: &str, example_primary: &str) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let config = format!(
-            "hostname = \"mx2.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{smtp}\n[storage]\ndata_dir = \"{}\"\n\n[[domain]]\nname = \"example.test\"\n\n{extra}\n",
-            dir.path().join("data").display()
+            "hostname = \"mx2.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{smtp}\n[storage]\ndata_dir = \"{}\"\n\n[[domain]]\nname = \"example.test\"\n{}\n{extra}\n",
+            dir.path().join("data").display(),
+            if example_primary.is_empty() { String::new() } else { format!("primary = {example_primary}\n") }
         );
         let config_path = dir.path().join("backupmx.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -54,6 +77,7 @@ impl Server {
             dir,
             config_path,
             log_path,
+            mode,
         };
         s.spawn();
         s
@@ -66,7 +90,7 @@ impl Server {
             .open(&self.log_path)
             .expect("log file");
         let child = Command::new(backupmx_bin())
-            .arg("run")
+            .arg(self.mode)
             .arg("--config")
             .arg(&self.config_path)
             .current_dir(self.dir.path())
@@ -354,5 +378,17 @@ pub fn after_received(message: &[u8]) -> &[u8] {
         if !matches!(message.get(i), Some(b' ' | b'\t')) {
             return &message[i..];
         }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `within`.
+pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

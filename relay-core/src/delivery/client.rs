@@ -35,7 +35,8 @@ impl Response {
         let class = parts.next()?;
         let ok = matches!(class, "2" | "4" | "5")
             && parts.clone().count() == 2
-            && parts.all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+            && parts
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
         ok.then_some(token)
     }
 }
@@ -78,11 +79,19 @@ impl ReplyParser {
                 return Ok(None);
             };
             let raw: Vec<u8> = self.buf.drain(..=lf).collect();
-            let line = raw.strip_suffix(b"\r\n").or_else(|| raw.strip_suffix(b"\n")).unwrap_or(&raw);
-            if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&line[0]) {
+            let line = raw
+                .strip_suffix(b"\r\n")
+                .or_else(|| raw.strip_suffix(b"\n"))
+                .unwrap_or(&raw);
+            if line.len() < 3
+                || !line[..3].iter().all(u8::is_ascii_digit)
+                || !(b'2'..=b'5').contains(&line[0])
+            {
                 return Err(ReplyError(String::from_utf8_lossy(line).into_owned()));
             }
-            let code = u16::from(line[0] - b'0') * 100 + u16::from(line[1] - b'0') * 10 + u16::from(line[2] - b'0');
+            let code = u16::from(line[0] - b'0') * 100
+                + u16::from(line[1] - b'0') * 10
+                + u16::from(line[2] - b'0');
             let (last, text) = match line.get(3) {
                 None => (true, ""),
                 Some(b' ') => (true, std::str::from_utf8(&line[4..]).unwrap_or("")),
@@ -194,6 +203,7 @@ pub struct ClientSession {
     tls_pending: bool,
     quit_sent: bool,
     transaction_started: bool,
+    tls_failed: bool,
     /// Commands not yet sent because the server does not pipeline.
     queued: VecDeque<(Vec<u8>, Expect)>,
     done: bool,
@@ -217,6 +227,7 @@ impl ClientSession {
             tls_pending: false,
             quit_sent: false,
             transaction_started: false,
+            tls_failed: false,
             queued: VecDeque::new(),
             done: false,
         }
@@ -228,6 +239,10 @@ impl ClientSession {
         self.transaction_started
     }
 
+    pub fn tls_failed(&self) -> bool {
+        self.tls_failed
+    }
+
     pub fn tls_active(&self) -> bool {
         self.tls_active
     }
@@ -237,7 +252,7 @@ impl ClientSession {
         self.expect.front() == Some(&Expect::Body)
     }
 
-    pub fn next(&mut self) -> Next {
+    pub fn poll_next(&mut self) -> Next {
         if !self.out.is_empty() {
             return Next::Send(std::mem::take(&mut self.out));
         }
@@ -266,7 +281,9 @@ impl ClientSession {
 
     /// Feeds one reply.
     pub fn on_reply(&mut self, r: Response) {
-        let Some(what) = self.expect.pop_front() else { return };
+        let Some(what) = self.expect.pop_front() else {
+            return;
+        };
         match what {
             Expect::Greeting => {
                 if r.is_success() {
@@ -367,6 +384,7 @@ impl ClientSession {
             self.ext = Extensions::default();
             self.send(format!("EHLO {}", self.helo_name), Expect::Ehlo);
         } else {
+            self.tls_failed = true;
             self.fail_all(RcptResult::Transient("TLS handshake failed".into()));
             self.expect.clear();
             self.done = true;
@@ -386,7 +404,10 @@ impl ClientSession {
     pub fn results(&self) -> Vec<RcptResult> {
         self.results
             .iter()
-            .map(|r| r.clone().unwrap_or_else(|| RcptResult::Transient("no result".into())))
+            .map(|r| {
+                r.clone()
+                    .unwrap_or_else(|| RcptResult::Transient("no result".into()))
+            })
             .collect()
     }
 

@@ -1,4 +1,371 @@
 //! Delivery: from a queue entry to the primary's `250`, or to a bounce.
+//!
+//! [`Engine::attempt`] is one delivery attempt for one queue entry; it is
+//! shared by the embedded worker ([`worker`]) and the AWS retry function.
+//! It returns the updated entry (per-recipient status, attempts, next
+//! attempt) and the DSN to send, and never touches storage itself.
 
 pub mod client;
+pub mod dsn;
+pub mod etrn;
 pub mod route;
+pub mod transport;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use client::{Envelope, RcptResult};
+use route::{RouteError, SelfIdentity, Target};
+use transport::{SessionReport, Timeouts};
+
+use crate::address::DomainName;
+use crate::dns::Resolver;
+use crate::queue::{AcceptedMessage, AcceptedRecipient, QueueEntry, QueueId, RecipientStatus};
+use crate::store::DomainRegistry;
+use crate::time::unix_seconds;
+
+/// Settings for delivery attempts.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub me: SelfIdentity,
+    /// Static next hops per destination domain.
+    pub routes: BTreeMap<String, String>,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub queue_lifetime: Duration,
+    pub timeouts: Timeouts,
+    /// Offer STARTTLS to next hops when they advertise it.
+    pub opportunistic_tls: bool,
+}
+
+/// The outcome of one attempt.
+#[derive(Debug, Clone)]
+pub struct AttemptReport {
+    /// The entry with its new state; store it (or remove it if finished).
+    pub entry: QueueEntry,
+    /// No recipient is pending any more: remove the entry.
+    pub finished: bool,
+    /// A DSN for the sender, to be queued before the entry is updated.
+    pub bounce: Option<AcceptedMessage>,
+    /// No server could be reached at all (connection refused, timeout,
+    /// 421 at greeting): the whole domain should wait.
+    pub destination_down: bool,
+    /// Recipients delivered in this attempt.
+    pub delivered: usize,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    resolver: Arc<dyn Resolver>,
+    registry: Arc<dyn DomainRegistry>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Engine {
+    pub fn new(
+        cfg: EngineConfig,
+        resolver: Arc<dyn Resolver>,
+        registry: Arc<dyn DomainRegistry>,
+    ) -> Self {
+        let tls = cfg.opportunistic_tls.then(transport::opportunistic_tls);
+        Engine {
+            cfg,
+            resolver,
+            registry,
+            tls,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn resolver(&self) -> &Arc<dyn Resolver> {
+        &self.resolver
+    }
+
+    /// Exponential backoff: `retry_initial` doubling up to `retry_max`.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempts.saturating_sub(1).min(31))
+            .unwrap_or(u32::MAX);
+        self.cfg
+            .retry_initial
+            .saturating_mul(factor)
+            .min(self.cfg.retry_max)
+    }
+
+    /// Where mail for `domain` goes now.
+    pub async fn targets_for(&self, domain: &DomainName) -> Result<Vec<Target>, RouteError> {
+        let primaries = match self.registry.get(domain).await {
+            Ok(Some(d)) => d.primary,
+            Ok(None) => Vec::new(),
+            Err(e) => return Err(RouteError::Transient(format!("domain lookup: {e}"))),
+        };
+        route::targets(
+            self.resolver.as_ref(),
+            &self.cfg.me,
+            &self.cfg.routes,
+            domain.as_str(),
+            &primaries,
+        )
+        .await
+    }
+
+    /// One delivery attempt for the pending recipients of `entry`.
+    pub async fn attempt(&self, entry: &QueueEntry, body: &[u8], now: SystemTime) -> AttemptReport {
+        let mut entry = entry.clone();
+        let pending: Vec<usize> = (0..entry.recipients.len())
+            .filter(|&i| entry.recipients[i].status == RecipientStatus::Pending)
+            .collect();
+        if pending.is_empty() {
+            return AttemptReport {
+                entry,
+                finished: true,
+                bounce: None,
+                destination_down: false,
+                delivered: 0,
+            };
+        }
+        entry.attempts += 1;
+        let mut failed = Vec::new();
+        let mut destination_down = false;
+        let results: Vec<(RcptResult, &'static str)> = match self.targets_for(&entry.domain).await {
+            Err(RouteError::Permanent { status, text }) => {
+                vec![(RcptResult::Permanent(text), status); pending.len()]
+            }
+            Err(RouteError::Transient(text)) => {
+                vec![(RcptResult::Transient(text), ""); pending.len()]
+            }
+            Ok(targets) => {
+                let envelope = Envelope {
+                    sender: entry.sender.clone(),
+                    recipients: pending
+                        .iter()
+                        .map(|&i| entry.recipients[i].address.clone())
+                        .collect(),
+                    size: body.len() as u64,
+                    smtputf8: entry.smtputf8,
+                    eight_bit: entry.eight_bit,
+                };
+                let report = self.try_targets(&targets, envelope, body).await;
+                destination_down = !report.transaction_started
+                    && report
+                        .results
+                        .iter()
+                        .all(|r| matches!(r, RcptResult::Transient(_)));
+                report.results.into_iter().map(|r| (r, "")).collect()
+            }
+        };
+        let mut delivered = 0;
+        let mut errors = Vec::new();
+        for (&i, (result, route_status)) in pending.iter().zip(results) {
+            let rcpt = &mut entry.recipients[i];
+            match result {
+                RcptResult::Delivered(text) => {
+                    rcpt.status = RecipientStatus::Delivered;
+                    rcpt.last_reply = Some(text);
+                    delivered += 1;
+                }
+                RcptResult::Transient(text) => {
+                    errors.push(text.clone());
+                    rcpt.last_reply = Some(text);
+                }
+                RcptResult::Permanent(text) => {
+                    rcpt.status = RecipientStatus::Failed;
+                    let (status, remote) = if route_status.is_empty() {
+                        (dsn::status_from_reply(&text, "5.0.0"), true)
+                    } else {
+                        (route_status.to_string(), false)
+                    };
+                    failed.push(dsn::FailedRecipient {
+                        address: rcpt.address.clone(),
+                        status,
+                        diagnostic: text.clone(),
+                        remote,
+                    });
+                    errors.push(text.clone());
+                    rcpt.last_reply = Some(text);
+                }
+            }
+        }
+        entry.last_error = errors.into_iter().next();
+        let now_secs = unix_seconds(now);
+        let still_pending = entry
+            .recipients
+            .iter()
+            .any(|r| r.status == RecipientStatus::Pending);
+        if still_pending
+            && now_secs
+                >= entry
+                    .received_at
+                    .saturating_add(self.cfg.queue_lifetime.as_secs())
+        {
+            let days = self.cfg.queue_lifetime.as_secs() / 86_400;
+            for rcpt in entry
+                .recipients
+                .iter_mut()
+                .filter(|r| r.status == RecipientStatus::Pending)
+            {
+                rcpt.status = RecipientStatus::Failed;
+                let last = rcpt.last_reply.clone().unwrap_or_default();
+                failed.push(dsn::FailedRecipient {
+                    address: rcpt.address.clone(),
+                    status: "4.4.7".into(),
+                    diagnostic: format!(
+                        "message expired after {days} days in the queue; last error: {last}"
+                    ),
+                    remote: false,
+                });
+            }
+        }
+        let finished = !entry
+            .recipients
+            .iter()
+            .any(|r| r.status == RecipientStatus::Pending);
+        if !finished {
+            entry.next_attempt = now_secs + self.backoff(entry.attempts).as_secs();
+        }
+        let bounce = self.bounce_for(&entry, &failed, body, now);
+        AttemptReport {
+            entry,
+            finished,
+            bounce,
+            destination_down,
+            delivered,
+        }
+    }
+
+    /// Tries the targets in order until one holds a transaction.
+    async fn try_targets(
+        &self,
+        targets: &[Target],
+        envelope: Envelope,
+        body: &[u8],
+    ) -> SessionReport {
+        let data = crate::smtp::data::encode_for_data(body);
+        let mut last = None;
+        for target in targets {
+            for addr in &target.addrs {
+                let mut report = transport::deliver(
+                    *addr,
+                    &target.host,
+                    &self.cfg.me.hostname,
+                    self.tls.as_ref(),
+                    &self.cfg.timeouts,
+                    envelope.clone(),
+                    &data,
+                )
+                .await;
+                if report.tls_failed {
+                    // Opportunistic TLS: a broken handshake must not stop delivery.
+                    tracing::info!(event = "tls_fallback_plaintext", addr = %addr);
+                    report = transport::deliver(
+                        *addr,
+                        &target.host,
+                        &self.cfg.me.hostname,
+                        None,
+                        &self.cfg.timeouts,
+                        envelope.clone(),
+                        &data,
+                    )
+                    .await;
+                }
+                let conclusive = report.transaction_started
+                    || report
+                        .results
+                        .iter()
+                        .any(|r| !matches!(r, RcptResult::Transient(_)));
+                tracing::debug!(event = "delivery_session", addr = %addr, host = %target.host, conclusive, tls = report.tls);
+                last = Some(report);
+                if conclusive {
+                    return last.unwrap_or_else(|| unreachable_report(&envelope));
+                }
+            }
+        }
+        last.unwrap_or_else(|| unreachable_report(&envelope))
+    }
+
+    fn bounce_for(
+        &self,
+        entry: &QueueEntry,
+        failed: &[dsn::FailedRecipient],
+        body: &[u8],
+        now: SystemTime,
+    ) -> Option<AcceptedMessage> {
+        // RFC 5321 §6.1 / RFC 3464: never bounce a bounce.
+        if failed.is_empty() || entry.sender.is_empty() {
+            return None;
+        }
+        let sender = crate::address::parse_mailbox(&entry.sender).ok()?;
+        let domain = sender.domain()?.clone();
+        let id = QueueId::generate(now);
+        let message = dsn::build(&self.cfg.me.hostname, entry, failed, body, now, &id);
+        Some(AcceptedMessage {
+            id,
+            sender: String::new(),
+            recipients: vec![AcceptedRecipient {
+                address: entry.sender.clone(),
+                domain,
+            }],
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            helo: self.cfg.me.hostname.clone(),
+            received_at: now,
+            smtputf8: !entry.sender.is_ascii(),
+            eight_bit: false,
+            body: message,
+        })
+    }
+}
+
+fn unreachable_report(envelope: &Envelope) -> SessionReport {
+    SessionReport {
+        results: vec![
+            RcptResult::Transient("no address to connect to".into());
+            envelope.recipients.len()
+        ],
+        transaction_started: false,
+        tls: false,
+        tls_failed: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::local::LocalStore::open(dir.path()).unwrap());
+        let engine = Engine::new(
+            EngineConfig {
+                me: SelfIdentity {
+                    hostname: "mx2.test".into(),
+                    listen: vec![],
+                    mx_port: 25,
+                },
+                routes: BTreeMap::new(),
+                retry_initial: Duration::from_secs(60),
+                retry_max: Duration::from_secs(900),
+                queue_lifetime: Duration::from_secs(5 * 86_400),
+                timeouts: Timeouts::default(),
+                opportunistic_tls: false,
+            },
+            Arc::new(
+                crate::dns::HickoryResolver::new(
+                    &["127.0.0.1:9".parse().unwrap()],
+                    Duration::from_secs(1),
+                )
+                .unwrap(),
+            ),
+            store,
+        );
+        let secs: Vec<u64> = (1..=7).map(|a| engine.backoff(a).as_secs()).collect();
+        assert_eq!(secs, [60, 120, 240, 480, 900, 900, 900]);
+        assert_eq!(engine.backoff(1000).as_secs(), 900);
+    }
+}

@@ -45,7 +45,8 @@ impl SelfIdentity {
         }
         addrs.iter().any(|a| {
             self.listen.iter().any(|l| {
-                l.port() == a.port() && (l.ip() == a.ip() || (l.ip().is_unspecified() && a.ip().is_loopback()))
+                l.port() == a.port()
+                    && (l.ip() == a.ip() || (l.ip().is_unspecified() && a.ip().is_loopback()))
             })
         })
     }
@@ -68,17 +69,28 @@ pub fn split_host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
     }
 }
 
-async fn resolve_host(resolver: &dyn Resolver, host: &str, port: u16) -> Result<Vec<SocketAddr>, DnsError> {
+async fn resolve_host(
+    resolver: &dyn Resolver,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, DnsError> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
     let ips = resolver.ips(host).await?;
-    Ok(ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect())
+    Ok(ips
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect())
 }
 
 /// Targets for explicitly configured `host[:port]` next hops. A name that
 /// does not resolve is an operator's mistake to fix, so it is retried.
-pub async fn explicit_targets(resolver: &dyn Resolver, hops: &[String], default_port: u16) -> Result<Vec<Target>, RouteError> {
+pub async fn explicit_targets(
+    resolver: &dyn Resolver,
+    hops: &[String],
+    default_port: u16,
+) -> Result<Vec<Target>, RouteError> {
     let mut targets = Vec::new();
     let mut last_error = String::from("no next hop configured");
     for hop in hops {
@@ -105,7 +117,11 @@ pub fn order_mx(mut records: Vec<MxRecord>) -> Vec<MxRecord> {
 }
 
 /// Targets for a domain from DNS.
-pub async fn mx_targets(resolver: &dyn Resolver, me: &SelfIdentity, domain: &str) -> Result<Vec<Target>, RouteError> {
+pub async fn mx_targets(
+    resolver: &dyn Resolver,
+    me: &SelfIdentity,
+    domain: &str,
+) -> Result<Vec<Target>, RouteError> {
     let records = match resolver.mx(domain).await {
         Ok(r) => r,
         Err(DnsError::NoRecords) => vec![MxRecord {
@@ -118,7 +134,11 @@ pub async fn mx_targets(resolver: &dyn Resolver, me: &SelfIdentity, domain: &str
                 text: format!("domain {domain} does not exist"),
             })
         }
-        Err(e) => return Err(RouteError::Transient(format!("MX lookup for {domain}: {e}"))),
+        Err(e) => {
+            return Err(RouteError::Transient(format!(
+                "MX lookup for {domain}: {e}"
+            )))
+        }
     };
     if records.iter().any(|r| r.exchange.is_empty()) {
         return Err(RouteError::Permanent {
@@ -131,17 +151,34 @@ pub async fn mx_targets(resolver: &dyn Resolver, me: &SelfIdentity, domain: &str
     let mut transient = None;
     for mx in &ordered {
         match resolve_host(resolver, &mx.exchange, me.mx_port).await {
-            Ok(addrs) => resolved.push((mx.preference, Target { host: mx.exchange.clone(), addrs })),
+            Ok(addrs) => resolved.push((
+                mx.preference,
+                Target {
+                    host: mx.exchange.clone(),
+                    addrs,
+                },
+            )),
             Err(e) => {
                 if e.is_transient() {
                     transient = Some(format!("{}: {e}", mx.exchange));
                 }
-                resolved.push((mx.preference, Target { host: mx.exchange.clone(), addrs: Vec::new() }));
+                resolved.push((
+                    mx.preference,
+                    Target {
+                        host: mx.exchange.clone(),
+                        addrs: Vec::new(),
+                    },
+                ));
             }
         }
     }
     // RFC 5321 §5.1: if we are in the list, only strictly better MXs count.
-    if let Some(own) = resolved.iter().filter(|(_, t)| me.is_self(&t.host, &t.addrs)).map(|(p, _)| *p).min() {
+    if let Some(own) = resolved
+        .iter()
+        .filter(|(_, t)| me.is_self(&t.host, &t.addrs))
+        .map(|(p, _)| *p)
+        .min()
+    {
         resolved.retain(|(p, _)| *p < own);
         if resolved.is_empty() {
             return Err(RouteError::Permanent {
@@ -150,7 +187,11 @@ pub async fn mx_targets(resolver: &dyn Resolver, me: &SelfIdentity, domain: &str
             });
         }
     }
-    let targets: Vec<Target> = resolved.into_iter().map(|(_, t)| t).filter(|t| !t.addrs.is_empty()).collect();
+    let targets: Vec<Target> = resolved
+        .into_iter()
+        .map(|(_, t)| t)
+        .filter(|t| !t.addrs.is_empty())
+        .collect();
     if targets.is_empty() {
         return Err(match transient {
             Some(e) => RouteError::Transient(e),
@@ -198,7 +239,10 @@ mod tests {
     #[async_trait]
     impl Resolver for FakeDns {
         async fn mx(&self, domain: &str) -> Result<Vec<MxRecord>, DnsError> {
-            self.mx.get(domain).cloned().unwrap_or(Err(DnsError::NxDomain))
+            self.mx
+                .get(domain)
+                .cloned()
+                .unwrap_or(Err(DnsError::NxDomain))
         }
         async fn ips(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
             self.ips.get(host).cloned().ok_or(DnsError::NxDomain)
@@ -209,7 +253,10 @@ mod tests {
     }
 
     fn mx(p: u16, h: &str) -> MxRecord {
-        MxRecord { preference: p, exchange: h.into() }
+        MxRecord {
+            preference: p,
+            exchange: h.into(),
+        }
     }
 
     fn me() -> SelfIdentity {
@@ -222,49 +269,90 @@ mod tests {
 
     fn dns() -> FakeDns {
         let mut d = FakeDns::default();
-        for (h, ip) in [("mx1.test", "127.0.0.1"), ("mx2.test", "127.0.0.9"), ("mx3.test", "127.0.0.3"), ("alias.test", "127.0.0.9")] {
+        for (h, ip) in [
+            ("mx1.test", "127.0.0.1"),
+            ("mx2.test", "127.0.0.9"),
+            ("mx3.test", "127.0.0.3"),
+            ("alias.test", "127.0.0.9"),
+        ] {
             d.ips.insert(h.into(), vec![ip.parse().unwrap()]);
         }
         d
     }
 
     async fn hosts(d: &FakeDns, domain: &str) -> Result<Vec<String>, RouteError> {
-        mx_targets(d, &me(), domain).await.map(|t| t.into_iter().map(|t| t.host).collect())
+        mx_targets(d, &me(), domain)
+            .await
+            .map(|t| t.into_iter().map(|t| t.host).collect())
     }
 
     #[tokio::test]
     async fn mx_table() {
         let mut d = dns();
-        d.mx.insert("sorted.test".into(), Ok(vec![mx(20, "mx3.test"), mx(10, "mx1.test")]));
-        d.mx.insert("withus.test".into(), Ok(vec![mx(10, "mx1.test"), mx(20, "mx2.test"), mx(30, "mx3.test")]));
-        d.mx.insert("onlyus.test".into(), Ok(vec![mx(10, "mx2.test"), mx(20, "mx3.test")]));
-        d.mx.insert("byaddr.test".into(), Ok(vec![mx(5, "alias.test"), mx(1, "mx1.test")]));
+        d.mx.insert(
+            "sorted.test".into(),
+            Ok(vec![mx(20, "mx3.test"), mx(10, "mx1.test")]),
+        );
+        d.mx.insert(
+            "withus.test".into(),
+            Ok(vec![
+                mx(10, "mx1.test"),
+                mx(20, "mx2.test"),
+                mx(30, "mx3.test"),
+            ]),
+        );
+        d.mx.insert(
+            "onlyus.test".into(),
+            Ok(vec![mx(10, "mx2.test"), mx(20, "mx3.test")]),
+        );
+        d.mx.insert(
+            "byaddr.test".into(),
+            Ok(vec![mx(5, "alias.test"), mx(1, "mx1.test")]),
+        );
         d.mx.insert("null.test".into(), Ok(vec![mx(0, "")]));
         d.mx.insert("none.test".into(), Err(DnsError::NoRecords));
-        d.ips.insert("none.test".into(), vec!["127.0.0.5".parse().unwrap()]);
-        d.mx.insert("flaky.test".into(), Err(DnsError::Temporary("timeout".into())));
+        d.ips
+            .insert("none.test".into(), vec!["127.0.0.5".parse().unwrap()]);
+        d.mx.insert(
+            "flaky.test".into(),
+            Err(DnsError::Temporary("timeout".into())),
+        );
         d.mx.insert("ghost.test".into(), Ok(vec![mx(10, "nowhere.test")]));
-        assert_eq!(hosts(&d, "sorted.test").await.unwrap(), ["mx1.test", "mx3.test"]);
+        assert_eq!(
+            hosts(&d, "sorted.test").await.unwrap(),
+            ["mx1.test", "mx3.test"]
+        );
         assert_eq!(hosts(&d, "withus.test").await.unwrap(), ["mx1.test"]);
         assert_eq!(hosts(&d, "byaddr.test").await.unwrap(), ["mx1.test"]);
         assert_eq!(hosts(&d, "none.test").await.unwrap(), ["none.test"]);
-        for (domain, expected) in [("onlyus.test", "5.4.6"), ("null.test", "5.1.10"), ("missing.test", "5.1.2"), ("ghost.test", "5.4.4")] {
+        for (domain, expected) in [
+            ("onlyus.test", "5.4.6"),
+            ("null.test", "5.1.10"),
+            ("missing.test", "5.1.2"),
+            ("ghost.test", "5.4.4"),
+        ] {
             match hosts(&d, domain).await {
-                Err(RouteError::Permanent { status, .. }) => assert_eq!(status, expected, "{domain}"),
+                Err(RouteError::Permanent { status, .. }) => {
+                    assert_eq!(status, expected, "{domain}")
+                }
                 other => panic!("{domain}: {other:?}"),
             }
         }
-        assert!(matches!(hosts(&d, "flaky.test").await, Err(RouteError::Transient(_))));
+        assert!(matches!(
+            hosts(&d, "flaky.test").await,
+            Err(RouteError::Transient(_))
+        ));
     }
 
     #[tokio::test]
     async fn equal_preferences_are_shuffled() {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..64 {
-            let order: Vec<String> = order_mx(vec![mx(10, "a"), mx(10, "b"), mx(10, "c"), mx(5, "first")])
-                .into_iter()
-                .map(|m| m.exchange)
-                .collect();
+            let order: Vec<String> =
+                order_mx(vec![mx(10, "a"), mx(10, "b"), mx(10, "c"), mx(5, "first")])
+                    .into_iter()
+                    .map(|m| m.exchange)
+                    .collect();
             assert_eq!(order[0], "first");
             seen.insert(order);
         }
@@ -275,10 +363,20 @@ mod tests {
     async fn explicit_primaries_and_routes_win_over_mx() {
         let d = dns();
         let routes = BTreeMap::from([("routed.test".to_string(), "127.0.0.7:2626".to_string())]);
-        let t = targets(&d, &me(), &routes, "any.test", &["mx1.test:2525".into(), "[::1]:26".into()]).await.unwrap();
+        let t = targets(
+            &d,
+            &me(),
+            &routes,
+            "any.test",
+            &["mx1.test:2525".into(), "[::1]:26".into()],
+        )
+        .await
+        .unwrap();
         assert_eq!(t[0].addrs, vec!["127.0.0.1:2525".parse().unwrap()]);
         assert_eq!(t[1].addrs, vec!["[::1]:26".parse().unwrap()]);
-        let t = targets(&d, &me(), &routes, "routed.test", &[]).await.unwrap();
+        let t = targets(&d, &me(), &routes, "routed.test", &[])
+            .await
+            .unwrap();
         assert_eq!(t[0].addrs, vec!["127.0.0.7:2626".parse().unwrap()]);
         assert!(matches!(
             targets(&d, &me(), &routes, "x.test", &["nowhere.test".into()]).await,
@@ -289,7 +387,10 @@ mod tests {
     #[test]
     fn host_port_splitting() {
         assert_eq!(split_host_port("mx.test", 25), Some(("mx.test".into(), 25)));
-        assert_eq!(split_host_port("mx.test:2525", 25), Some(("mx.test".into(), 2525)));
+        assert_eq!(
+            split_host_port("mx.test:2525", 25),
+            Some(("mx.test".into(), 2525))
+        );
         assert_eq!(split_host_port("[::1]:26", 25), Some(("::1".into(), 26)));
         assert_eq!(split_host_port("[::1]", 25), Some(("::1".into(), 25)));
         assert_eq!(split_host_port("mx:port", 25), None);

@@ -37,6 +37,8 @@ pub enum Command {
     Vrfy,
     Help,
     StartTls,
+    /// ETRN (RFC 1985) with its node argument.
+    Etrn(String),
     /// Recognised but not offered (EXPN, TURN, AUTH, BDAT, ETRN …): 502.
     NotImplemented(&'static str),
 }
@@ -101,7 +103,13 @@ pub fn parse(line: &[u8]) -> Result<Command, SyntaxError> {
         "EXPN" => Ok(Command::NotImplemented("EXPN")),
         "TURN" => Ok(Command::NotImplemented("TURN")),
         "ATRN" => Ok(Command::NotImplemented("ATRN")),
-        "ETRN" => Ok(Command::NotImplemented("ETRN")),
+        "ETRN" => {
+            if args.is_empty() || args.contains(' ') {
+                Err(err(501, "5.5.4", "Syntax: ETRN domain"))
+            } else {
+                Ok(Command::Etrn(args.to_string()))
+            }
+        }
         "AUTH" => Ok(Command::NotImplemented("AUTH")),
         "BDAT" => Ok(Command::NotImplemented("BDAT")),
         "SEND" | "SOML" | "SAML" => Ok(Command::NotImplemented("SEND")),

@@ -292,7 +292,10 @@ mod tests {
         assert_eq!(encode_for_data(b".\r\n"), b"..\r\n.\r\n");
         assert_eq!(encode_for_data(b"no newline"), b"no newline\r\n.\r\n");
         assert_eq!(encode_for_data(b""), b".\r\n");
-        assert_eq!(encode_for_data(b"a\n.\nb\r.\r\n"), b"a\r\n..\r\nb\r\n..\r\n.\r\n");
+        assert_eq!(
+            encode_for_data(b"a\n.\nb\r.\r\n"),
+            b"a\r\n..\r\nb\r\n..\r\n.\r\n"
+        );
     }
 
     #[test]

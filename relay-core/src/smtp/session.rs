@@ -33,6 +33,8 @@ pub struct SessionConfig {
     pub max_received_headers: usize,
     /// STARTTLS is offered.
     pub tls_available: bool,
+    /// ETRN is offered (a delivery worker runs in this process).
+    pub etrn_available: bool,
 }
 
 impl Default for SessionConfig {
@@ -45,6 +47,7 @@ impl Default for SessionConfig {
             max_errors: 20,
             max_received_headers: 100,
             tls_available: false,
+            etrn_available: false,
         }
     }
 }
@@ -63,6 +66,8 @@ pub enum Action {
     Store(Box<AcceptedMessage>),
     /// Flush output, run the TLS handshake, call [`Session::tls_established`].
     StartTls,
+    /// Decide on an ETRN request and call [`Session::etrn_done`].
+    Etrn { node: String },
     /// Flush output and close the connection.
     Close,
 }
@@ -89,6 +94,7 @@ enum Waiting {
     Recipient,
     Store,
     Tls,
+    Etrn,
     Closed,
 }
 
@@ -291,6 +297,20 @@ impl Session {
         self.process(now);
     }
 
+    /// The answer to [`Action::Etrn`].
+    pub fn etrn_done(&mut self, reply: Reply, now: SystemTime) {
+        if self.waiting != Waiting::Etrn {
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        if reply.is_positive() {
+            self.reply(&reply);
+        } else {
+            self.reject("etrn", reply);
+        }
+        self.process(now);
+    }
+
     /// The TLS handshake finished; `description` goes into Received.
     /// RFC 3207 §4.2: all state from before TLS is forgotten.
     pub fn tls_established(&mut self, description: String) {
@@ -388,6 +408,9 @@ impl Session {
                 if self.cfg.tls_available && self.tls.is_none() {
                     lines.push("STARTTLS".into());
                 }
+                if self.cfg.etrn_available {
+                    lines.push("ETRN".into());
+                }
                 self.helo = Some((name, true));
                 self.reply(&Reply::multiline(250, "", lines));
             }
@@ -417,9 +440,10 @@ impl Session {
             Command::Help => self.reply(&Reply::new(
                 214,
                 "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS",
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS ETRN",
             )),
             Command::StartTls => self.starttls(),
+            Command::Etrn(node) => self.etrn(node),
             Command::NotImplemented(_) => {
                 self.reject(
                     "syntax",
@@ -520,6 +544,33 @@ impl Session {
         let limit = usize::try_from(tx.size_limit).unwrap_or(usize::MAX);
         self.mode = Mode::Data(DataReceiver::new(limit));
         self.reply(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+    }
+
+    fn etrn(&mut self, node: String) {
+        if !self.cfg.etrn_available {
+            return self.reject(
+                "syntax",
+                Reply::new(502, "5.5.1", "Error: command not implemented"),
+            );
+        }
+        if self.helo.is_none() {
+            return self.reject(
+                "sequence",
+                Reply::new(503, "5.5.1", "Error: send HELO/EHLO first"),
+            );
+        }
+        if self.tx.is_some() {
+            return self.reject(
+                "sequence",
+                Reply::new(
+                    503,
+                    "5.5.1",
+                    "Error: ETRN not allowed in a mail transaction",
+                ),
+            );
+        }
+        self.waiting = Waiting::Etrn;
+        self.action = Some(Action::Etrn { node });
     }
 
     fn starttls(&mut self) {

@@ -85,6 +85,59 @@ pub(crate) async fn spool_contract(
     assert_eq!(queue.depth().await.unwrap(), 1);
 }
 
+pub(crate) async fn schedule_contract(queue: &dyn DeliveryQueue, spool: &dyn Spool) {
+    let first = message(&["a@one.test"]);
+    let second = message(&["b@two.test"]);
+    let third = message(&["c@one.test"]);
+    for m in [&first, &second, &third] {
+        spool.accept(m.clone()).await.unwrap();
+    }
+    let now = crate::time::unix_seconds(SystemTime::now());
+    let due = queue.due(now, 10).await.unwrap();
+    let mut due_ids: Vec<QueueId> = due.iter().map(|e| e.id.clone()).collect();
+    due_ids.sort();
+    let mut all = vec![first.id.clone(), second.id.clone(), third.id.clone()];
+    all.sort();
+    assert_eq!(due_ids, all);
+    assert_eq!(queue.due(now, 1).await.unwrap().len(), 1);
+
+    // An attempt that delivered one recipient and scheduled a retry.
+    let mut e = due.iter().find(|d| d.id == first.id).unwrap().clone();
+    e.attempts = 1;
+    e.next_attempt = now + 600;
+    e.last_error = Some("451 4.3.0 later".into());
+    e.recipients[0].status = RecipientStatus::Pending;
+    assert!(queue.update(&e).await.unwrap());
+    assert_eq!(queue.get(&e.id).await.unwrap().unwrap(), e);
+    assert_eq!(queue.due(now, 10).await.unwrap().len(), 2);
+
+    // The destination is down: the rest of its domain waits too.
+    let one = DomainName::parse("one.test").unwrap();
+    assert_eq!(queue.defer_domain(&one, now + 300).await.unwrap(), 1);
+    assert_eq!(
+        queue.get(&e.id).await.unwrap().unwrap().next_attempt,
+        now + 600,
+        "later entries keep their time"
+    );
+    assert_eq!(
+        queue.get(&third.id).await.unwrap().unwrap().next_attempt,
+        now + 300
+    );
+    assert_eq!(queue.due(now, 10).await.unwrap().len(), 1);
+
+    // ETRN / flush / probe: everything for the domain is due now.
+    assert_eq!(queue.release(Some(&one), now).await.unwrap(), 2);
+    let due = queue.due(now, 10).await.unwrap();
+    assert_eq!(due.len(), 3);
+    assert!(due.iter().all(|d| d.next_attempt <= now));
+    assert_eq!(queue.release(None, now).await.unwrap(), 3);
+
+    // An update never resurrects a deleted entry.
+    assert!(queue.remove(&e.id).await.unwrap());
+    assert!(!queue.update(&e).await.unwrap());
+    assert_eq!(queue.get(&e.id).await.unwrap(), None);
+}
+
 fn local() -> (tempfile::TempDir, Arc<LocalStore>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(LocalStore::open(dir.path()).unwrap());
@@ -101,6 +154,12 @@ async fn local_domains_contract() {
 async fn local_spool_contract() {
     let (_dir, store) = local();
     spool_contract(store.as_ref(), store.as_ref(), store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn local_schedule_contract() {
+    let (_dir, store) = local();
+    schedule_contract(store.as_ref(), store.as_ref()).await;
 }
 
 #[tokio::test]
@@ -204,6 +263,18 @@ impl DeliveryQueue for FailingQueue {
     }
     async fn depth(&self) -> Result<u64, StoreError> {
         self.inner.depth().await
+    }
+    async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError> {
+        self.inner.due(now, limit).await
+    }
+    async fn update(&self, entry: &QueueEntry) -> Result<bool, StoreError> {
+        self.inner.update(entry).await
+    }
+    async fn release(&self, domain: Option<&DomainName>, now: u64) -> Result<u64, StoreError> {
+        self.inner.release(domain, now).await
+    }
+    async fn defer_domain(&self, domain: &DomainName, until: u64) -> Result<u64, StoreError> {
+        self.inner.defer_domain(domain, until).await
     }
 }
 

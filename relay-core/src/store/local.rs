@@ -53,6 +53,15 @@ enum WriteOp {
     DeleteBody(QueueId),
     Enqueue(QueueEntry),
     RemoveEntry(QueueId),
+    UpdateEntry(QueueEntry),
+    Release {
+        domain: Option<DomainName>,
+        now: u64,
+    },
+    Defer {
+        domain: DomainName,
+        until: u64,
+    },
     PutDomain(Domain),
     RemoveDomain(DomainName),
 }
@@ -229,6 +238,29 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             conn.execute("DELETE FROM messages WHERE id = ?1", [id.as_str()])?;
             Ok(n > 0)
         }
+        WriteOp::UpdateEntry(entry) => {
+            let n = conn.execute(
+                "UPDATE queue SET next_attempt = ?2, record = ?3 WHERE id = ?1",
+                params![entry.id.as_str(), entry.next_attempt as i64, entry.encode()],
+            )?;
+            Ok(n > 0)
+        }
+        WriteOp::Release { domain, now } => {
+            conn.execute(
+                "UPDATE queue SET next_attempt = ?2, record = json_set(record, '$.next_attempt', ?2)
+                 WHERE (?1 IS NULL OR domain = ?1) AND next_attempt > ?2",
+                params![domain.as_ref().map(DomainName::as_str), *now as i64],
+            )?;
+            Ok(true)
+        }
+        WriteOp::Defer { domain, until } => {
+            let n = conn.execute(
+                "UPDATE queue SET next_attempt = ?2, record = json_set(record, '$.next_attempt', ?2)
+                 WHERE domain = ?1 AND next_attempt < ?2",
+                params![domain.as_str(), *until as i64],
+            )?;
+            Ok(n > 0)
+        }
         WriteOp::PutDomain(d) => {
             // Serialising a plain struct cannot fail.
             let record = serde_json::to_string(d).unwrap_or_default();
@@ -356,6 +388,46 @@ impl DeliveryQueue for LocalStore {
     async fn depth(&self) -> Result<u64, StoreError> {
         self.read(|c| c.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get::<_, i64>(0)))
             .map(|n| n.max(0) as u64)
+    }
+
+    async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError> {
+        let rows: Vec<(String, String)> = self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, record FROM queue WHERE next_attempt <= ?1 ORDER BY received_at, id LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![now as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        rows.iter().map(|(id, r)| decode_entry(id, r)).collect()
+    }
+
+    async fn update(&self, entry: &QueueEntry) -> Result<bool, StoreError> {
+        self.write(WriteOp::UpdateEntry(entry.clone())).await
+    }
+
+    async fn release(&self, domain: Option<&DomainName>, now: u64) -> Result<u64, StoreError> {
+        self.write(WriteOp::Release {
+            domain: domain.cloned(),
+            now,
+        })
+        .await?;
+        self.read(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM queue WHERE ?1 IS NULL OR domain = ?1",
+                [domain.map(DomainName::as_str)],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .map(|n| n.max(0) as u64)
+    }
+
+    async fn defer_domain(&self, domain: &DomainName, until: u64) -> Result<u64, StoreError> {
+        self.write(WriteOp::Defer {
+            domain: domain.clone(),
+            until,
+        })
+        .await
+        .map(u64::from)
     }
 }
 

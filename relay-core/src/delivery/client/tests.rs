@@ -23,7 +23,7 @@ fn run(client: &mut ClientSession, replies: &[&str]) -> String {
     let mut sent = String::new();
     let mut replies = replies.iter();
     loop {
-        match client.next() {
+        match client.poll_next() {
             Next::Send(b) => sent.push_str(&String::from_utf8(b).unwrap()),
             Next::SendBody => sent.push_str("<BODY>\r\n"),
             Next::StartTls => {
@@ -41,7 +41,8 @@ fn run(client: &mut ClientSession, replies: &[&str]) -> String {
     }
 }
 
-const EHLO_FULL: &str = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
+const EHLO_FULL: &str =
+    "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
 
 #[test]
 fn reply_parser_handles_multiline_and_split_input() {
@@ -66,7 +67,10 @@ fn reply_parser_handles_multiline_and_split_input() {
 
 #[test]
 fn enhanced_status_is_extracted() {
-    assert_eq!(reply("550 5.1.1 no such user\r\n").enhanced_status(), Some("5.1.1"));
+    assert_eq!(
+        reply("550 5.1.1 no such user\r\n").enhanced_status(),
+        Some("5.1.1")
+    );
     assert_eq!(reply("550 no such user\r\n").enhanced_status(), None);
 }
 
@@ -75,7 +79,16 @@ fn pipelined_delivery_with_per_recipient_results() {
     let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test", "y@d.test"]));
     let sent = run(
         &mut c,
-        &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "250 ok\r\n", "550 5.1.1 unknown\r\n", "354 go\r\n", "250 queued\r\n", "221 bye\r\n"],
+        &[
+            "220 hi\r\n",
+            EHLO_FULL,
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "550 5.1.1 unknown\r\n",
+            "354 go\r\n",
+            "250 queued\r\n",
+            "221 bye\r\n",
+        ],
     );
     assert_eq!(
         sent,
@@ -83,7 +96,10 @@ fn pipelined_delivery_with_per_recipient_results() {
     );
     assert_eq!(
         c.results(),
-        [RcptResult::Delivered("250 queued".into()), RcptResult::Permanent("550 5.1.1 unknown".into())]
+        [
+            RcptResult::Delivered("250 queued".into()),
+            RcptResult::Permanent("550 5.1.1 unknown".into())
+        ]
     );
 }
 
@@ -91,10 +107,18 @@ fn pipelined_delivery_with_per_recipient_results() {
 fn without_pipelining_commands_go_one_at_a_time() {
     let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
     let mut sent = Vec::new();
-    let replies = ["220 hi\r\n", "250 mx.test\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n", "221 bye\r\n"];
+    let replies = [
+        "220 hi\r\n",
+        "250 mx.test\r\n",
+        "250 ok\r\n",
+        "250 ok\r\n",
+        "354 go\r\n",
+        "250 ok\r\n",
+        "221 bye\r\n",
+    ];
     let mut it = replies.iter();
     loop {
-        match c.next() {
+        match c.poll_next() {
             Next::Send(b) => sent.push(String::from_utf8(b).unwrap()),
             Next::SendBody => sent.push("<BODY>".into()),
             Next::ReadReply => c.on_reply(reply(it.next().unwrap())),
@@ -104,7 +128,14 @@ fn without_pipelining_commands_go_one_at_a_time() {
     }
     assert_eq!(
         sent,
-        ["EHLO mx2.test\r\n", "MAIL FROM:<a@remote.test>\r\n", "RCPT TO:<x@d.test>\r\n", "DATA\r\n", "<BODY>", "QUIT\r\n"]
+        [
+            "EHLO mx2.test\r\n",
+            "MAIL FROM:<a@remote.test>\r\n",
+            "RCPT TO:<x@d.test>\r\n",
+            "DATA\r\n",
+            "<BODY>",
+            "QUIT\r\n"
+        ]
     );
     assert_eq!(c.results(), [RcptResult::Delivered("250 ok".into())]);
 }
@@ -114,9 +145,21 @@ fn ehlo_refused_falls_back_to_helo() {
     let mut c = ClientSession::new("mx2.test", true, envelope(&["x@d.test"]));
     let sent = run(
         &mut c,
-        &["220 hi\r\n", "502 no ehlo\r\n", "250 hello\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n", "221 bye\r\n"],
+        &[
+            "220 hi\r\n",
+            "502 no ehlo\r\n",
+            "250 hello\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+            "221 bye\r\n",
+        ],
     );
-    assert!(sent.starts_with("EHLO mx2.test\r\nHELO mx2.test\r\nMAIL FROM:<a@remote.test>\r\n"), "{sent}");
+    assert!(
+        sent.starts_with("EHLO mx2.test\r\nHELO mx2.test\r\nMAIL FROM:<a@remote.test>\r\n"),
+        "{sent}"
+    );
     assert!(matches!(c.results()[0], RcptResult::Delivered(_)));
 }
 
@@ -137,7 +180,10 @@ fn starttls_is_used_when_offered_and_ehlo_repeated() {
             "221 bye\r\n",
         ],
     );
-    assert!(sent.starts_with("EHLO mx2.test\r\nSTARTTLS\r\n<TLS>\r\nEHLO mx2.test\r\nMAIL"), "{sent}");
+    assert!(
+        sent.starts_with("EHLO mx2.test\r\nSTARTTLS\r\n<TLS>\r\nEHLO mx2.test\r\nMAIL"),
+        "{sent}"
+    );
     assert!(c.tls_active());
     assert!(matches!(c.results()[0], RcptResult::Delivered(_)));
 }
@@ -147,7 +193,16 @@ fn refused_starttls_continues_in_the_clear() {
     let mut c = ClientSession::new("mx2.test", true, envelope(&["x@d.test"]));
     let sent = run(
         &mut c,
-        &["220 hi\r\n", "250-mx.test\r\n250 STARTTLS\r\n", "454 4.7.0 not now\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n", "221 bye\r\n"],
+        &[
+            "220 hi\r\n",
+            "250-mx.test\r\n250 STARTTLS\r\n",
+            "454 4.7.0 not now\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+            "221 bye\r\n",
+        ],
     );
     assert!(!sent.contains("<TLS>"));
     assert!(matches!(c.results()[0], RcptResult::Delivered(_)));
@@ -158,25 +213,62 @@ fn mail_refused_fails_every_recipient_by_its_class() {
     let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test", "y@d.test"]));
     let sent = run(
         &mut c,
-        &["220 hi\r\n", EHLO_FULL, "451 4.3.0 try later\r\n", "503 bad seq\r\n", "503 bad seq\r\n", "503 bad seq\r\n", "221 bye\r\n"],
+        &[
+            "220 hi\r\n",
+            EHLO_FULL,
+            "451 4.3.0 try later\r\n",
+            "503 bad seq\r\n",
+            "503 bad seq\r\n",
+            "503 bad seq\r\n",
+            "221 bye\r\n",
+        ],
     );
     assert!(sent.ends_with("DATA\r\nQUIT\r\n"), "{sent}");
-    assert_eq!(c.results(), vec![RcptResult::Transient("451 4.3.0 try later".into()); 2]);
+    assert_eq!(
+        c.results(),
+        vec![RcptResult::Transient("451 4.3.0 try later".into()); 2]
+    );
 }
 
 #[test]
 fn temporary_and_permanent_final_replies() {
     for (final_reply, transient) in [("452 4.3.1 full\r\n", true), ("554 5.7.1 spam\r\n", false)] {
         let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
-        run(&mut c, &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "250 ok\r\n", "354 go\r\n", final_reply, "221 bye\r\n"]);
-        assert_eq!(matches!(c.results()[0], RcptResult::Transient(_)), transient, "{final_reply}");
+        run(
+            &mut c,
+            &[
+                "220 hi\r\n",
+                EHLO_FULL,
+                "250 ok\r\n",
+                "250 ok\r\n",
+                "354 go\r\n",
+                final_reply,
+                "221 bye\r\n",
+            ],
+        );
+        assert_eq!(
+            matches!(c.results()[0], RcptResult::Transient(_)),
+            transient,
+            "{final_reply}"
+        );
     }
 }
 
 #[test]
 fn no_accepted_recipient_ends_without_a_body() {
     let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
-    let sent = run(&mut c, &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "550 no\r\n", "354 go\r\n", "554 no rcpts\r\n", "221 bye\r\n"]);
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_FULL,
+            "250 ok\r\n",
+            "550 no\r\n",
+            "354 go\r\n",
+            "554 no rcpts\r\n",
+            "221 bye\r\n",
+        ],
+    );
     assert!(!sent.contains("<BODY>"), "{sent}");
     assert!(sent.ends_with("DATA\r\n.\r\nQUIT\r\n"), "{sent}");
     assert_eq!(c.results(), [RcptResult::Permanent("550 no".into())]);
@@ -187,7 +279,14 @@ fn smtputf8_is_never_downgraded() {
     let mut env = envelope(&["x@d.test"]);
     env.smtputf8 = true;
     let mut c = ClientSession::new("mx2.test", false, env);
-    let sent = run(&mut c, &["220 hi\r\n", "250-mx.test\r\n250 PIPELINING\r\n", "221 bye\r\n"]);
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            "250-mx.test\r\n250 PIPELINING\r\n",
+            "221 bye\r\n",
+        ],
+    );
     assert!(!sent.contains("MAIL"), "{sent}");
     assert!(matches!(&c.results()[0], RcptResult::Permanent(t) if t.contains("5.6.7")));
 }
@@ -207,14 +306,38 @@ fn eight_bit_and_smtputf8_parameters_are_sent_when_offered() {
     env.eight_bit = true;
     env.smtputf8 = true;
     let mut c = ClientSession::new("mx2.test", false, env);
-    let sent = run(&mut c, &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n", "221 bye\r\n"]);
-    assert!(sent.contains("MAIL FROM:<a@remote.test> SIZE=100 BODY=8BITMIME SMTPUTF8\r\n"), "{sent}");
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_FULL,
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 ok\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert!(
+        sent.contains("MAIL FROM:<a@remote.test> SIZE=100 BODY=8BITMIME SMTPUTF8\r\n"),
+        "{sent}"
+    );
 }
 
 #[test]
 fn connection_loss_makes_open_recipients_transient() {
     let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test", "y@d.test"]));
-    run(&mut c, &["220 hi\r\n", EHLO_FULL, "250 ok\r\n", "550 5.1.1 no\r\n", "250 ok\r\n", "354 go\r\n"]);
+    run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_FULL,
+            "250 ok\r\n",
+            "550 5.1.1 no\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+        ],
+    );
     let results = c.results();
     assert_eq!(results[0], RcptResult::Permanent("550 5.1.1 no".into()));
     assert_eq!(results[1], RcptResult::Transient("eof".into()));

@@ -82,6 +82,18 @@ impl Transcript {
                     }
                     self.session.message_stored(result, Self::now());
                 }
+                Action::Etrn { node } => {
+                    let r = if node == "example.test" {
+                        Reply::new(
+                            253,
+                            "2.0.0",
+                            "OK, 3 pending messages for node example.test started",
+                        )
+                    } else {
+                        Reply::new(459, "4.7.1", format!("Node {node} not allowed"))
+                    };
+                    self.session.etrn_done(r, Self::now());
+                }
                 Action::StartTls => {
                     self.tls_started += 1;
                     out.extend(self.session.take_output());
@@ -439,4 +451,30 @@ fn byte_at_a_time_input_works() {
         "{out}"
     );
     assert!(t.stored[0].body.ends_with(b"\r\nline\r\n.dot\r\n"));
+}
+
+#[test]
+fn etrn_is_offered_and_answered_by_the_driver() {
+    let mut t = Transcript::with(SessionConfig {
+        etrn_available: true,
+        ..SessionConfig::default()
+    });
+    t.cmd("ETRN example.test", "503 5.5.1");
+    let out = t.send("EHLO c.test\r\n");
+    assert!(
+        out.contains("250-ETRN") || out.contains("250 ETRN"),
+        "{out}"
+    );
+    t.cmd("ETRN example.test", "253 2.0.0");
+    t.cmd("ETRN other.test", "459 4.7.1");
+    t.cmd("MAIL FROM:<a@b.test>", "250");
+    t.cmd("ETRN example.test", "503 5.5.1");
+}
+
+#[test]
+fn etrn_without_a_worker_is_not_implemented() {
+    let mut t = Transcript::new();
+    let out = t.send("EHLO c.test\r\n");
+    assert!(!out.contains("ETRN"));
+    t.cmd("ETRN example.test", "502 5.5.1");
 }

@@ -1,0 +1,186 @@
+//! Delivery status notifications (RFC 3464, RFC 6522): the bounce we send
+//! to the envelope sender when recipients fail for good.
+
+use std::time::SystemTime;
+
+use crate::queue::{QueueEntry, QueueId};
+use crate::time::{from_unix_seconds, rfc5322_date};
+
+/// One failed recipient for the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedRecipient {
+    pub address: String,
+    /// RFC 3463 status, e.g. `5.1.1`.
+    pub status: String,
+    /// The remote server's reply, or our own reason.
+    pub diagnostic: String,
+    /// The diagnostic came from a remote SMTP server (`smtp;`) rather than
+    /// from us (`x-backupmx;`).
+    pub remote: bool,
+}
+
+/// The RFC 3463 status for a failure text: the enhanced code in the reply
+/// if there is one, else derived from the reply code class.
+pub fn status_from_reply(text: &str, fallback: &str) -> String {
+    let mut words = text.split_whitespace();
+    let code = words.next().unwrap_or("");
+    if let Some(enhanced) = words.next() {
+        let parts: Vec<&str> = enhanced.split('.').collect();
+        if parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            && matches!(parts[0], "4" | "5")
+        {
+            return enhanced.to_string();
+        }
+    }
+    match code.as_bytes().first() {
+        Some(b'5') => "5.0.0".into(),
+        Some(b'4') => "4.0.0".into(),
+        _ => fallback.to_string(),
+    }
+}
+
+/// The header section of `message` (up to the blank line), CRLF-terminated.
+pub fn header_section(message: &[u8]) -> &[u8] {
+    match message.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => &message[..i + 2],
+        None => message,
+    }
+}
+
+/// Builds the DSN message for `entry`'s sender.
+pub fn build(
+    hostname: &str,
+    entry: &QueueEntry,
+    failed: &[FailedRecipient],
+    original: &[u8],
+    now: SystemTime,
+    dsn_id: &QueueId,
+) -> Vec<u8> {
+    let boundary = format!("{dsn_id}/{hostname}");
+    let date = rfc5322_date(now);
+    let mut m = String::new();
+    m.push_str(&format!(
+        "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
+    ));
+    m.push_str(&format!("To: <{}>\r\n", entry.sender));
+    m.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
+    m.push_str(&format!("Date: {date}\r\n"));
+    m.push_str(&format!("Message-ID: <{dsn_id}@{hostname}>\r\n"));
+    m.push_str("Auto-Submitted: auto-replied\r\n");
+    m.push_str("MIME-Version: 1.0\r\n");
+    m.push_str(&format!(
+        "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\r\n"
+    ));
+    m.push_str("This is a MIME-encapsulated message.\r\n\r\n");
+    m.push_str(&format!("--{boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"));
+    m.push_str(&format!(
+        "This is the mail system at host {hostname}.\r\n\r\nYour message could not be delivered to one or more recipients.\r\nIt was received on {} and is attached below (headers only).\r\n\r\n",
+        rfc5322_date(from_unix_seconds(entry.received_at))
+    ));
+    for f in failed {
+        m.push_str(&format!("<{}>: {}\r\n", f.address, f.diagnostic));
+    }
+    m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"));
+    m.push_str(&format!("Reporting-MTA: dns; {hostname}\r\n"));
+    m.push_str(&format!("X-Backupmx-Queue-ID: {}\r\n", entry.id));
+    m.push_str(&format!(
+        "Arrival-Date: {}\r\n",
+        rfc5322_date(from_unix_seconds(entry.received_at))
+    ));
+    for f in failed {
+        m.push_str("\r\n");
+        m.push_str(&format!("Final-Recipient: rfc822; {}\r\n", f.address));
+        m.push_str("Action: failed\r\n");
+        m.push_str(&format!("Status: {}\r\n", f.status));
+        let kind = if f.remote { "smtp" } else { "x-backupmx" };
+        m.push_str(&format!(
+            "Diagnostic-Code: {kind}; {}\r\n",
+            f.diagnostic.replace(['\r', '\n'], " ")
+        ));
+        m.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
+    }
+    m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n\r\n"));
+    let mut out = m.into_bytes();
+    out.extend_from_slice(header_section(original));
+    out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{RecipientState, RecipientStatus, QUEUE_RECORD_VERSION};
+
+    #[test]
+    fn status_codes_come_from_the_reply() {
+        assert_eq!(
+            status_from_reply("550 5.1.1 unknown user", "5.0.0"),
+            "5.1.1"
+        );
+        assert_eq!(
+            status_from_reply("554 transaction failed", "5.0.0"),
+            "5.0.0"
+        );
+        assert_eq!(status_from_reply("expired", "4.4.7"), "4.4.7");
+    }
+
+    #[test]
+    fn report_has_the_rfc3464_parts() {
+        let entry = QueueEntry {
+            version: QUEUE_RECORD_VERSION,
+            id: QueueId::generate(SystemTime::now()),
+            domain: crate::address::DomainName::parse("example.test").unwrap(),
+            sender: "alice@remote.test".into(),
+            recipients: vec![RecipientState {
+                address: "bob@example.test".into(),
+                status: RecipientStatus::Failed,
+                last_reply: None,
+            }],
+            client_ip: "192.0.2.1".parse().unwrap(),
+            helo: "c.test".into(),
+            received_at: 1_795_842_826,
+            attempts: 1,
+            next_attempt: 0,
+            last_error: None,
+            size: 10,
+            smtputf8: false,
+            eight_bit: false,
+        };
+        let failed = [FailedRecipient {
+            address: "bob@example.test".into(),
+            status: "5.1.1".into(),
+            diagnostic: "550 5.1.1 unknown user".into(),
+            remote: true,
+        }];
+        let original = b"Received: x\r\nSubject: hello\r\n\r\nsecret body\r\n";
+        let dsn = String::from_utf8(build(
+            "mx2.test",
+            &entry,
+            &failed,
+            original,
+            SystemTime::now(),
+            &QueueId::generate(SystemTime::now()),
+        ))
+        .unwrap();
+        for needle in [
+            "From: Mail Delivery System <MAILER-DAEMON@mx2.test>\r\n",
+            "Content-Type: multipart/report; report-type=delivery-status;",
+            "Reporting-MTA: dns; mx2.test\r\n",
+            "Final-Recipient: rfc822; bob@example.test\r\n",
+            "Action: failed\r\n",
+            "Status: 5.1.1\r\n",
+            "Diagnostic-Code: smtp; 550 5.1.1 unknown user\r\n",
+            "Content-Type: text/rfc822-headers\r\n\r\nReceived: x\r\nSubject: hello\r\n",
+        ] {
+            assert!(dsn.contains(needle), "missing {needle:?} in\n{dsn}");
+        }
+        assert!(!dsn.contains("secret body"), "only headers are returned");
+        crate::smtp::data::encode_for_data(dsn.as_bytes());
+        for (i, b) in dsn.bytes().enumerate() {
+            assert!(b != b'\n' || dsn.as_bytes()[i - 1] == b'\r');
+        }
+    }
+}

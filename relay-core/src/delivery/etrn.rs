@@ -1,0 +1,106 @@
+//! ETRN (RFC 1985): the primary, back up, asks us to send its queue now.
+//!
+//! Only the domain's own primaries may do this (its explicit next hops or
+//! its better-preference MX hosts), plus networks the operator lists, so a
+//! stranger cannot make us hammer a recovering server.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::worker::Worker;
+use super::Engine;
+use crate::address::DomainName;
+use crate::smtp::Reply;
+use crate::store::DomainRegistry;
+
+/// Answers one `ETRN node` from `client`.
+pub async fn handle(
+    node: &str,
+    client: IpAddr,
+    networks: &[IpNet],
+    registry: &dyn DomainRegistry,
+    engine: &Engine,
+    worker: &Worker,
+) -> Reply {
+    if node.starts_with('#') {
+        return Reply::new(
+            458,
+            "4.3.0",
+            format!("Unable to queue messages for node {node}: named queues are not supported"),
+        );
+    }
+    // `@domain` asks for the domain and its subdomains; we host exact
+    // domains, so both forms mean the domain itself.
+    let name = node.strip_prefix('@').unwrap_or(node);
+    let Ok(domain) = DomainName::parse(name) else {
+        return Reply::new(501, "5.5.4", "Syntax: ETRN domain");
+    };
+    match registry.get(&domain).await {
+        Ok(Some(d)) if d.enabled => {}
+        Ok(_) => {
+            return Reply::new(
+                458,
+                "4.3.0",
+                format!("Unable to queue messages for node {domain}: not a hosted domain"),
+            )
+        }
+        Err(_) => {
+            return Reply::new(
+                458,
+                "4.3.0",
+                format!("Unable to queue messages for node {domain}: temporary failure"),
+            )
+        }
+    }
+    if !authorized(client, networks, engine, &domain).await {
+        metrics::counter!("backupmx_etrn_total", "result" => "denied").increment(1);
+        return Reply::new(
+            459,
+            "4.7.1",
+            format!("Node {domain} not allowed: {client} is not a primary of {domain}"),
+        );
+    }
+    match worker.release(Some(&domain)).await {
+        Ok(0) => {
+            metrics::counter!("backupmx_etrn_total", "result" => "empty").increment(1);
+            Reply::new(
+                251,
+                "2.0.0",
+                format!("OK, no messages waiting for node {domain}"),
+            )
+        }
+        Ok(n) => {
+            metrics::counter!("backupmx_etrn_total", "result" => "started").increment(1);
+            tracing::info!(event = "etrn_release", domain = %domain, client = %client, entries = n);
+            Reply::new(
+                253,
+                "2.0.0",
+                format!("OK, {n} pending messages for node {domain} started"),
+            )
+        }
+        Err(_) => Reply::new(
+            458,
+            "4.3.0",
+            format!("Unable to queue messages for node {domain}: temporary failure"),
+        ),
+    }
+}
+
+async fn authorized(
+    client: IpAddr,
+    networks: &[IpNet],
+    engine: &Engine,
+    domain: &DomainName,
+) -> bool {
+    if networks.iter().any(|n| n.contains(&client)) {
+        return true;
+    }
+    match engine.targets_for(domain).await {
+        Ok(targets) => targets
+            .iter()
+            .flat_map(|t| t.addrs.iter())
+            .any(|a| a.ip() == client),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,267 @@
+//! The I/O driver for [`ClientSession`]: TCP, opportunistic TLS and the
+//! RFC 5321 §4.5.3.2 client timeouts.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::client::{ClientSession, Envelope, Next, RcptResult, ReplyParser};
+
+/// RFC 5321 §4.5.3.2 client timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Greeting and every command reply except the last.
+    pub command: Duration,
+    /// Writing the message.
+    pub data_block: Duration,
+    /// The reply after the final `.` (10 minutes in the RFC).
+    pub data_final: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            command: Duration::from_secs(300),
+            data_block: Duration::from_secs(180),
+            data_final: Duration::from_secs(600),
+        }
+    }
+}
+
+/// How one connection went.
+#[derive(Debug, Clone)]
+pub struct SessionReport {
+    pub results: Vec<RcptResult>,
+    /// The server answered MAIL, so results are final for this attempt.
+    pub transaction_started: bool,
+    pub tls: bool,
+    /// STARTTLS was accepted but the handshake failed: worth retrying in
+    /// the clear at once.
+    pub tls_failed: bool,
+}
+
+/// Opportunistic TLS (RFC 7435): encrypt with whatever certificate the
+/// server has. MX certificates are routinely self-signed or for another
+/// name; refusing them would only push mail back to plaintext.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        tracing::debug!(event = "tls_certificate_unverified", server = ?server_name);
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The client TLS configuration for opportunistic STARTTLS.
+pub fn opportunistic_tls() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        // ring implements every default protocol version; this cannot fail.
+        .expect("ring supports the default TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl Stream {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf).await,
+            Stream::Tls(s) => s.read(buf).await,
+            Stream::Gone => Ok(0),
+        }
+    }
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.write_all(data).await,
+            Stream::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Stream::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+/// Delivers one message over one connection to `addr`.
+/// `tls`: try STARTTLS when offered.
+pub async fn deliver(
+    addr: SocketAddr,
+    server_name: &str,
+    helo_name: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    timeouts: &Timeouts,
+    envelope: Envelope,
+    data: &[u8],
+) -> SessionReport {
+    let mut client = ClientSession::new(helo_name, tls.is_some(), envelope);
+    let mut stream = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => Stream::Plain(s),
+        Ok(Err(e)) => {
+            client.connection_lost(&format!("connect to {addr}: {e}"));
+            return report(&client);
+        }
+        Err(_) => {
+            client.connection_lost(&format!("connect to {addr}: timed out"));
+            return report(&client);
+        }
+    };
+    if let Stream::Plain(s) = &stream {
+        let _ = s.set_nodelay(true);
+    }
+    let mut parser = ReplyParser::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match client.poll_next() {
+            Next::Send(bytes) => {
+                if !matches!(
+                    tokio::time::timeout(timeouts.command, stream.write_all(&bytes)).await,
+                    Ok(Ok(()))
+                ) {
+                    client.connection_lost(&format!(
+                        "{addr}: connection lost while sending a command"
+                    ));
+                }
+            }
+            Next::SendBody => {
+                if !matches!(
+                    tokio::time::timeout(timeouts.data_block, stream.write_all(data)).await,
+                    Ok(Ok(()))
+                ) {
+                    client.connection_lost(&format!(
+                        "{addr}: connection lost while sending the message"
+                    ));
+                }
+            }
+            Next::ReadReply => {
+                let wait = if client.awaiting_final_reply() {
+                    timeouts.data_final
+                } else {
+                    timeouts.command
+                };
+                match read_reply(&mut stream, &mut parser, &mut buf, wait).await {
+                    Ok(r) => client.on_reply(r),
+                    Err(why) => client.connection_lost(&format!("{addr}: {why}")),
+                }
+            }
+            Next::StartTls => {
+                let Some(config) = tls else {
+                    client.tls_done(false);
+                    continue;
+                };
+                let tcp = match std::mem::replace(&mut stream, Stream::Gone) {
+                    Stream::Plain(tcp) => tcp,
+                    other => {
+                        stream = other;
+                        client.tls_done(false);
+                        continue;
+                    }
+                };
+                let name = ServerName::try_from(server_name.to_string())
+                    .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                match tokio::time::timeout(timeouts.command, connector.connect(name, tcp)).await {
+                    Ok(Ok(s)) => {
+                        stream = Stream::Tls(Box::new(s));
+                        client.tls_done(true);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::info!(event = "tls_handshake_failed", addr = %addr, error = %e);
+                        client.tls_done(false);
+                    }
+                    Err(_) => client.tls_done(false),
+                }
+            }
+            Next::Done => break,
+        }
+    }
+    report(&client)
+}
+
+fn report(client: &ClientSession) -> SessionReport {
+    SessionReport {
+        results: client.results(),
+        transaction_started: client.transaction_started(),
+        tls: client.tls_active(),
+        tls_failed: client.tls_failed(),
+    }
+}
+
+async fn read_reply(
+    stream: &mut Stream,
+    parser: &mut ReplyParser,
+    buf: &mut [u8],
+    wait: Duration,
+) -> Result<super::client::Response, String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match parser.next_reply() {
+            Ok(Some(r)) => return Ok(r),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        match tokio::time::timeout_at(deadline, stream.read(buf)).await {
+            Ok(Ok(0)) => return Err("connection closed by the server".into()),
+            Ok(Ok(n)) => parser.feed(&buf[..n]),
+            Ok(Err(e)) => return Err(format!("read error: {e}")),
+            Err(_) => return Err("timed out waiting for a reply".into()),
+        }
+    }
+}

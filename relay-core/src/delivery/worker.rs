@@ -1,0 +1,318 @@
+//! The embedded delivery worker: takes due entries from the queue, runs
+//! [`Engine::attempt`] with bounded concurrency per destination, stores the
+//! outcome, and probes destinations that were down so their queue is
+//! released the moment they answer again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify, Semaphore};
+
+use super::client::ReplyParser;
+use super::Engine;
+use crate::address::DomainName;
+use crate::queue::{QueueEntry, QueueId};
+use crate::store::{DeliveryQueue, MessageStore, Spool, StoreError};
+use crate::time::unix_seconds;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Connections at once to one destination domain.
+    pub max_per_destination: usize,
+    /// Delivery attempts at once in all.
+    pub max_total: usize,
+    /// How often the queue is checked for due entries (changes made by
+    /// other processes, such as `queue flush`, are seen this fast).
+    pub poll_interval: Duration,
+    /// How often a destination that was down is probed.
+    pub probe_interval: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            max_per_destination: 10,
+            max_total: 100,
+            poll_interval: Duration::from_secs(1),
+            probe_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+pub struct Worker {
+    engine: Arc<Engine>,
+    queue: Arc<dyn DeliveryQueue>,
+    messages: Arc<dyn MessageStore>,
+    spool: Arc<dyn Spool>,
+    cfg: WorkerConfig,
+    wake: Notify,
+    in_flight: Mutex<HashSet<QueueId>>,
+    per_destination: Mutex<HashMap<DomainName, Arc<Semaphore>>>,
+    total: Arc<Semaphore>,
+    /// Domains whose destination did not answer: probed until it does.
+    down: Mutex<HashSet<DomainName>>,
+}
+
+impl Worker {
+    pub fn new(
+        engine: Arc<Engine>,
+        queue: Arc<dyn DeliveryQueue>,
+        messages: Arc<dyn MessageStore>,
+        spool: Arc<dyn Spool>,
+        cfg: WorkerConfig,
+    ) -> Arc<Self> {
+        Arc::new(Worker {
+            total: Arc::new(Semaphore::new(cfg.max_total)),
+            engine,
+            queue,
+            messages,
+            spool,
+            cfg,
+            wake: Notify::new(),
+            in_flight: Mutex::new(HashSet::new()),
+            per_destination: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Look at the queue now (a message was accepted or released).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Makes a domain's (or every) queued entry due now: ETRN, `queue flush`,
+    /// a successful probe. Returns how many entries the domain has.
+    pub async fn release(&self, domain: Option<&DomainName>) -> Result<u64, StoreError> {
+        let n = self
+            .queue
+            .release(domain, unix_seconds(SystemTime::now()))
+            .await?;
+        {
+            let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+            match domain {
+                Some(d) => {
+                    down.remove(d);
+                }
+                None => down.clear(),
+            }
+        }
+        self.wake();
+        Ok(n)
+    }
+
+    fn destination_permit(&self, domain: &DomainName) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = {
+            let mut map = self
+                .per_destination
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.entry(domain.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.max_per_destination)))
+                .clone()
+        };
+        sem.try_acquire_owned().ok()
+    }
+
+    /// Runs until `shutdown` turns true; attempts in progress are finished.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let probe = tokio::spawn(self.clone().probe_loop(shutdown.clone()));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            self.start_due(&mut tasks).await;
+            while tasks.try_join_next().is_some() {}
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        probe.abort();
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn start_due(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>) {
+        let now = unix_seconds(SystemTime::now());
+        let batch = self.cfg.max_total * 4;
+        let due = match self.queue.due(now, batch).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(event = "queue_read_failed", error = %e);
+                return;
+            }
+        };
+        for entry in due {
+            if self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&entry.id)
+            {
+                continue;
+            }
+            let Some(dest) = self.destination_permit(&entry.domain) else {
+                continue;
+            };
+            let Ok(total) = self.total.clone().try_acquire_owned() else {
+                break;
+            };
+            self.in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(entry.id.clone());
+            let worker = self.clone();
+            tasks.spawn(async move {
+                let id = entry.id.clone();
+                worker.deliver_one(entry).await;
+                worker
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                drop(dest);
+                drop(total);
+                worker.wake();
+            });
+        }
+    }
+
+    async fn deliver_one(&self, entry: QueueEntry) {
+        let now = SystemTime::now();
+        let body = match self.messages.get(&entry.id).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                tracing::error!(event = "message_body_missing", queue_id = %entry.id);
+                let mut e = entry.clone();
+                e.last_error = Some("message body missing from the store".into());
+                e.next_attempt = unix_seconds(now) + self.engine.config().retry_max.as_secs();
+                let _ = self.queue.update(&e).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(event = "message_read_failed", queue_id = %entry.id, error = %e);
+                return;
+            }
+        };
+        let report = self.engine.attempt(&entry, &body, now).await;
+        if let Some(bounce) = report.bounce.clone() {
+            // The DSN is stored before the entry changes, so a crash in
+            // between repeats the attempt rather than losing the bounce.
+            let dsn_id = bounce.id.clone();
+            if let Err(e) = self.spool.accept(bounce).await {
+                tracing::error!(event = "bounce_store_failed", queue_id = %entry.id, error = %e);
+                return;
+            }
+            tracing::info!(event = "bounce_queued", queue_id = %entry.id, dsn_id = %dsn_id, to = %entry.sender);
+        }
+        let e = &report.entry;
+        tracing::info!(
+            event = "delivery_attempt", queue_id = %e.id, domain = %e.domain, attempt = e.attempts,
+            delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
+        );
+        metrics::counter!("backupmx_delivered_total").increment(report.delivered as u64);
+        let stored = if report.finished {
+            self.queue.remove(&e.id).await.map(|_| ())
+        } else {
+            self.queue.update(e).await.map(|_| ())
+        };
+        if let Err(err) = stored {
+            tracing::error!(event = "queue_update_failed", queue_id = %e.id, error = %err);
+        }
+        if report.destination_down {
+            self.down
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(e.domain.clone());
+            if let Err(err) = self.queue.defer_domain(&e.domain, e.next_attempt).await {
+                tracing::warn!(event = "defer_failed", domain = %e.domain, error = %err);
+            }
+        } else if report.delivered > 0 {
+            self.down
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&e.domain);
+        }
+    }
+
+    async fn probe_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.probe_interval) => {}
+                _ = shutdown.changed() => return,
+            }
+            let domains: Vec<DomainName> = self
+                .down
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned()
+                .collect();
+            for domain in domains {
+                if self.probe(&domain).await {
+                    tracing::info!(event = "destination_back", domain = %domain);
+                    metrics::counter!("backupmx_probe_recoveries_total").increment(1);
+                    if let Err(e) = self.release(Some(&domain)).await {
+                        tracing::warn!(event = "release_failed", domain = %domain, error = %e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connect + greeting + EHLO: does the destination answer again?
+    async fn probe(&self, domain: &DomainName) -> bool {
+        let Ok(targets) = self.engine.targets_for(domain).await else {
+            return false;
+        };
+        for target in targets {
+            for addr in target.addrs {
+                let attempt = tokio::time::timeout(Duration::from_secs(10), async {
+                    let mut stream = TcpStream::connect(addr).await.ok()?;
+                    let mut parser = ReplyParser::default();
+                    let mut buf = [0u8; 2048];
+                    let greeting = read_one(&mut stream, &mut parser, &mut buf).await?;
+                    if greeting.code != 220 {
+                        return None;
+                    }
+                    stream
+                        .write_all(
+                            format!("EHLO {}\r\n", self.engine.config().me.hostname).as_bytes(),
+                        )
+                        .await
+                        .ok()?;
+                    let ehlo = read_one(&mut stream, &mut parser, &mut buf).await?;
+                    let _ = stream.write_all(b"QUIT\r\n").await;
+                    Some(ehlo.code == 250)
+                })
+                .await;
+                if matches!(attempt, Ok(Some(true))) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+async fn read_one(
+    stream: &mut TcpStream,
+    parser: &mut ReplyParser,
+    buf: &mut [u8],
+) -> Option<super::client::Response> {
+    loop {
+        if let Some(r) = parser.next_reply().ok()? {
+            return Some(r);
+        }
+        let n = stream.read(buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        parser.feed(&buf[..n]);
+    }
+}

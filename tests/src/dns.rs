@@ -1,0 +1,161 @@
+//! A real DNS server for tests: hickory-server on a loopback UDP+TCP port,
+//! serving one zone `test.` from a record list. Names under
+//! `timeout.test.` are never answered and names under `servfail.test.`
+//! get SERVFAIL, to play broken DNS.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::authority::{Catalog, ZoneType};
+use hickory_server::proto::op::ResponseCode;
+use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_server::proto::rr::{Name, RData, Record};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::store::in_memory::InMemoryAuthority;
+use hickory_server::ServerFuture;
+
+/// A record to serve.
+#[derive(Debug, Clone)]
+pub enum Rec {
+    Mx(u16, &'static str),
+    /// RFC 7505: `MX 0 .`
+    NullMx,
+    A(&'static str),
+    Aaaa(&'static str),
+}
+
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Handler {
+    catalog: Catalog,
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        mut response: R,
+    ) -> ResponseInfo {
+        let name = request
+            .queries()
+            .first()
+            .map(|q| q.name().to_string())
+            .unwrap_or_default()
+            .to_lowercase();
+        if name.ends_with("timeout.test.") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        if name.ends_with("servfail.test.") {
+            let builder =
+                hickory_server::authority::MessageResponseBuilder::from_message_request(request);
+            let msg = builder.error_msg(request.header(), ResponseCode::ServFail);
+            return match response.send_response(msg).await {
+                Ok(info) => info,
+                Err(_) => {
+                    let mut h = hickory_server::proto::op::Header::new();
+                    h.set_response_code(ResponseCode::ServFail);
+                    h.into()
+                }
+            };
+        }
+        self.catalog.handle_request(request, response).await
+    }
+}
+
+fn name(s: &str) -> Name {
+    let fqdn = if s.ends_with('.') {
+        s.to_string()
+    } else {
+        format!("{s}.")
+    };
+    Name::from_str(&fqdn).expect("valid test name")
+}
+
+impl DnsServer {
+    /// Serves `records` (names under `.test`) with a short TTL.
+    pub fn start(records: &[(&str, Rec)]) -> DnsServer {
+        let origin = name("test.");
+        let mut authority = InMemoryAuthority::empty(origin.clone(), ZoneType::Primary, false);
+        let soa = SOA::new(
+            name("ns.test."),
+            name("hostmaster.test."),
+            1,
+            3600,
+            600,
+            86_400,
+            5,
+        );
+        authority.upsert_mut(Record::from_rdata(origin.clone(), 5, RData::SOA(soa)), 1);
+        for (owner, rec) in records {
+            let rdata = match rec {
+                Rec::Mx(p, host) => RData::MX(MX::new(*p, name(host))),
+                Rec::NullMx => RData::MX(MX::new(0, Name::root())),
+                Rec::A(ip) => RData::A(A(ip.parse().expect("ipv4"))),
+                Rec::Aaaa(ip) => RData::AAAA(AAAA(ip.parse().expect("ipv6"))),
+            };
+            authority.upsert_mut(Record::from_rdata(name(owner), 5, rdata), 1);
+        }
+        let mut catalog = Catalog::new();
+        catalog.upsert(origin.into(), vec![Arc::new(authority)]);
+        let handler = Handler { catalog };
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let (udp, tcp) = loop {
+                    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                        .await
+                        .expect("udp");
+                    let addr = udp.local_addr().expect("addr");
+                    if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
+                        break (udp, tcp);
+                    }
+                };
+                let addr = udp.local_addr().expect("addr");
+                let mut server = ServerFuture::new(handler);
+                server.register_socket(udp);
+                server.register_listener(tcp, Duration::from_secs(5));
+                addr_tx.send(addr).expect("send addr");
+                tokio::select! {
+                    _ = server.block_until_done() => {}
+                    _ = stop_rx => {}
+                }
+            });
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("dns server started");
+        DnsServer {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// The `[dns]` config section pointing at this server.
+    pub fn toml(&self) -> String {
+        format!("[dns]\nservers = [\"{}\"]\ntimeout = \"1s\"\n", self.addr)
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
