@@ -392,3 +392,20 @@ pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Writes a self-signed certificate for `mx2.test` and its key into `dir`
+/// and returns the `[tls]` config section using them.
+pub fn self_signed_tls(dir: &Path) -> String {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params = rcgen::CertificateParams::new(vec!["mx2.test".to_string()]).expect("params");
+    let cert = params.self_signed(&key).expect("certificate");
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, cert.pem()).expect("write cert");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert_path.display(),
+        key_path.display()
+    )
+}

@@ -32,6 +32,12 @@ pub struct Behaviour {
     pub drop_next: usize,
     /// Reply to MAIL FROM for every message, if set.
     pub mail_reply: Option<String>,
+    /// The next N messages: after the whole message is read, hang (no
+    /// reply) until `release_stalled`, then drop the connection unrecorded.
+    pub stall_next: usize,
+    /// How many messages are hanging now.
+    pub stalled: usize,
+    pub release_stalled: bool,
 }
 
 pub struct Sink {
@@ -227,6 +233,24 @@ fn serve(
                     &line[..]
                 };
                 data.extend_from_slice(content);
+            }
+            let stall = {
+                let mut b = behaviour.lock().expect("lock");
+                let s = b.stall_next > 0;
+                if s {
+                    b.stall_next -= 1;
+                    b.stalled += 1;
+                }
+                s
+            };
+            if stall {
+                while !stop.load(Ordering::SeqCst)
+                    && !behaviour.lock().expect("lock").release_stalled
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                behaviour.lock().expect("lock").stalled -= 1;
+                return Ok(());
             }
             let tempfail = {
                 let mut b = behaviour.lock().expect("lock");

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backupmx_tests::*;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 struct Pki {
@@ -14,21 +15,13 @@ struct Pki {
 }
 
 fn pki(dir: &std::path::Path) -> Pki {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["mx2.test".to_string()]).unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    let cert_path = dir.join("cert.pem");
-    let key_path = dir.join("key.pem");
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    Pki {
-        cert_der: cert.der().clone(),
-        toml: format!(
-            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-            cert_path.display(),
-            key_path.display()
-        ),
-    }
+    let toml = self_signed_tls(dir);
+    let pem = std::fs::read(dir.join("cert.pem")).unwrap();
+    let cert_der = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .unwrap()
+        .unwrap();
+    Pki { cert_der, toml }
 }
 
 fn client_config(root: &CertificateDer<'static>) -> Arc<rustls::ClientConfig> {

@@ -1,0 +1,378 @@
+//! End-to-end delivery: the real `backupmx run`, a real DNS server
+//! (hickory-server on loopback) and recording SMTP servers as primaries.
+
+use std::time::Duration;
+
+use backupmx_tests::dns::{DnsServer, Rec};
+use backupmx_tests::sink::Sink;
+use backupmx_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn queue_len(s: &Server) -> usize {
+    s.queue().len()
+}
+
+fn wait_attempted(s: &Server, id: &str) -> serde_json::Value {
+    eventually(WAIT, "a failed delivery attempt", || {
+        s.queue()
+            .into_iter()
+            .find(|e| e["id"] == id && e["attempts"].as_u64() >= Some(1))
+    })
+}
+
+fn wait_empty(s: &Server) {
+    eventually(WAIT, "an empty queue", || (queue_len(s) == 0).then_some(()));
+}
+
+/// A message with dot lines, 8-bit bytes, long and bare-LF lines.
+const BODY: &str = "From: alice@remote.test\r\nSubject: relay me\r\n\r\n.leading dot\r\n..two dots\r\n\u{e9}\u{e8} 8bit\r\nbare\nlf\r\n";
+
+#[test]
+fn primary_down_then_back_is_delivered_once_byte_exact_by_the_probe() {
+    let port = free_port();
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1s\"\n",
+        &format!("[\"127.0.0.1:{port}\"]"),
+    );
+    let mut c = s.client();
+    let id = queue_id(&c.send_message(
+        "alice@remote.test",
+        &["bob@example.test", "carol@example.test"],
+        BODY,
+    ));
+    let stored = s.raw(&id);
+    let entry = wait_attempted(&s, &id);
+    assert!(
+        entry["last_error"].as_str().unwrap().contains("connect"),
+        "{entry}"
+    );
+    // The next backoff step is an hour away; only the probe can bring it.
+    let sink = Sink::start(port);
+    let got = sink.wait_for(1, WAIT);
+    wait_empty(&s);
+    std::thread::sleep(Duration::from_millis(500));
+    let got_after = sink.received();
+    assert_eq!(got_after.len(), 1, "delivered exactly once");
+    assert_eq!(got[0].mail_from, "alice@remote.test");
+    assert_eq!(got[0].rcpts, ["bob@example.test", "carol@example.test"]);
+    assert_eq!(got[0].data, stored, "byte-exact as stored");
+    assert_no_bare_cr_lf(&got[0].wire);
+    assert!(s.log().contains("destination_back"), "{}", s.log());
+}
+
+#[test]
+fn temporary_failure_is_retried_with_backoff() {
+    let sink = Sink::start(0);
+    sink.set(|b| b.tempfail_next = 1);
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+    );
+    let mut c = s.client();
+    let id = queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got.len(), 1);
+    wait_empty(&s);
+    assert!(
+        s.log().contains("451 4.3.0 try again later"),
+        "first attempt was refused: {}",
+        s.log()
+    );
+    assert!(s.log().contains(&id));
+}
+
+#[test]
+fn a_550_recipient_bounces_to_the_senders_mx_while_the_other_is_delivered() {
+    let primary = Sink::start(0);
+    primary.set(|b| {
+        b.rcpt_replies.push((
+            "bad@example.test".into(),
+            "550 5.1.1 <bad@example.test>: no such user".into(),
+        ))
+    });
+    // The sender's MX listens on the port we deliver to MX hosts on.
+    let sender_mx = Sink::start_on("127.0.0.3:0".parse().unwrap());
+    let dns = DnsServer::start(&[
+        ("remote.test", Rec::Mx(10, "mx.remote.test")),
+        ("mx.remote.test", Rec::A("127.0.0.3")),
+    ]);
+    let s = Server::start_run(
+        "",
+        &format!(
+            "[delivery]\nretry_initial = \"1s\"\nmx_port = {}\n{}",
+            sender_mx.addr.port(),
+            dns.toml()
+        ),
+        &format!("[\"{}\"]", primary.addr),
+    );
+    let mut c = s.client();
+    let id = queue_id(&c.send_message(
+        "alice@remote.test",
+        &["good@example.test", "bad@example.test"],
+        BODY,
+    ));
+    let delivered = primary.wait_for(1, WAIT);
+    assert_eq!(delivered[0].rcpts, ["good@example.test"]);
+    let bounces = sender_mx.wait_for(1, WAIT);
+    let dsn = String::from_utf8_lossy(&bounces[0].data).to_string();
+    assert_eq!(bounces[0].mail_from, "", "DSNs use the null sender");
+    assert_eq!(bounces[0].rcpts, ["alice@remote.test"]);
+    for needle in [
+        "report-type=delivery-status",
+        "Reporting-MTA: dns; mx2.test",
+        "Final-Recipient: rfc822; bad@example.test",
+        "Action: failed",
+        "Status: 5.1.1",
+        "Diagnostic-Code: smtp; 550 5.1.1 <bad@example.test>: no such user",
+        "Subject: relay me",
+        &format!("X-Backupmx-Queue-ID: {id}"),
+    ] {
+        assert!(dsn.contains(needle), "missing {needle:?} in DSN:\n{dsn}");
+    }
+    assert!(
+        !dsn.contains("good@example.test"),
+        "the delivered recipient is not reported"
+    );
+    wait_empty(&s);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        primary.received().len(),
+        1,
+        "the delivered recipient is never sent again"
+    );
+}
+
+#[test]
+fn null_sender_messages_are_never_bounced() {
+    let primary = Sink::start(0);
+    primary.set(|b| {
+        b.rcpt_replies
+            .push(("bad@example.test".into(), "550 5.1.1 no such user".into()))
+    });
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", primary.addr),
+    );
+    let mut c = s.client();
+    queue_id(&c.send_message("", &["bad@example.test"], "Subject: a bounce\r\n\r\nx\r\n"));
+    wait_empty(&s);
+    assert!(s.log().contains("delivery_attempt"));
+    assert!(!s.log().contains("bounce_queued"), "{}", s.log());
+}
+
+#[test]
+fn queue_lifetime_expiry_sends_a_dsn() {
+    let dead = free_port();
+    let sender_mx = Sink::start_on("127.0.0.3:0".parse().unwrap());
+    let dns = DnsServer::start(&[
+        ("remote.test", Rec::Mx(10, "mx.remote.test")),
+        ("mx.remote.test", Rec::A("127.0.0.3")),
+    ]);
+    let s = Server::start_run(
+        "",
+        &format!(
+            "[delivery]\nretry_initial = \"1s\"\nretry_max = \"1s\"\nqueue_lifetime = \"3s\"\nmx_port = {}\n{}",
+            sender_mx.addr.port(),
+            dns.toml()
+        ),
+        &format!("[\"127.0.0.1:{dead}\"]"),
+    );
+    let mut c = s.client();
+    queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    let bounces = sender_mx.wait_for(1, WAIT);
+    let dsn = String::from_utf8_lossy(&bounces[0].data).to_string();
+    assert!(dsn.contains("Status: 4.4.7"), "{dsn}");
+    assert!(dsn.contains("expired"), "{dsn}");
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; bob@example.test"),
+        "{dsn}"
+    );
+    wait_empty(&s);
+}
+
+#[test]
+fn mx_resolution_skips_ourselves_and_worse_preferences() {
+    let primary = Sink::start_on("127.0.0.4:0".parse().unwrap());
+    // Every MX host listens on the same port number on its own address.
+    let port = primary.addr.port();
+    let worse = Sink::start_on(format!("127.0.0.5:{port}").parse().unwrap());
+    let sender_mx = Sink::start_on(format!("127.0.0.6:{port}").parse().unwrap());
+    let dns = DnsServer::start(&[
+        ("hosted.test", Rec::Mx(5, "primary.hosted.test")),
+        ("hosted.test", Rec::Mx(10, "mx2.test")),
+        ("hosted.test", Rec::Mx(20, "worse.hosted.test")),
+        ("primary.hosted.test", Rec::A("127.0.0.4")),
+        ("worse.hosted.test", Rec::A("127.0.0.5")),
+        ("mx2.test", Rec::A("127.0.0.1")),
+        ("loop.test", Rec::Mx(10, "mx2.test")),
+        ("loop.test", Rec::Mx(20, "worse.hosted.test")),
+        ("remote.test", Rec::Mx(10, "mx.remote.test")),
+        ("mx.remote.test", Rec::A("127.0.0.6")),
+    ]);
+    let s = Server::start_run(
+        "",
+        &format!(
+            "[delivery]\nretry_initial = \"1s\"\nmx_port = {port}\n{}\n[[domain]]\nname = \"hosted.test\"\n[[domain]]\nname = \"loop.test\"\n",
+            dns.toml()
+        ),
+        "",
+    );
+    let mut c = s.client();
+    queue_id(&c.send_message("alice@remote.test", &["user@hosted.test"], BODY));
+    let got = primary.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["user@hosted.test"]);
+    // Only we (and worse) are MX for loop.test: a DSN, never a delivery.
+    let mut c = s.client();
+    queue_id(&c.send_message("alice@remote.test", &["user@loop.test"], BODY));
+    let bounces = sender_mx.wait_for(1, WAIT);
+    let dsn = String::from_utf8_lossy(&bounces[0].data).to_string();
+    assert!(dsn.contains("Status: 5.4.6"), "{dsn}");
+    assert!(dsn.contains("loops back to myself"), "{dsn}");
+    wait_empty(&s);
+    assert!(
+        worse.received().is_empty(),
+        "a worse-preference MX was used"
+    );
+}
+
+#[test]
+fn etrn_from_the_primary_releases_its_queue() {
+    let port = free_port();
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1h\"\n",
+        &format!("[\"127.0.0.1:{port}\"]"),
+    );
+    let mut c = s.client();
+    let id = queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    wait_attempted(&s, &id);
+    let sink = Sink::start(port);
+    // A stranger may not.
+    let mut stranger = s.client_from("127.0.0.5");
+    let ehlo = stranger.expect("EHLO stranger.test", "250");
+    assert!(ehlo.contains("ETRN"), "{ehlo}");
+    stranger.expect("ETRN example.test", "459 4.7.1");
+    stranger.expect("ETRN unknown.test", "458");
+    // The primary (127.0.0.1) may.
+    let mut primary = s.client_from("127.0.0.1");
+    primary.expect("EHLO primary.test", "250");
+    primary.expect("ETRN example.test", "253 2.0.0");
+    sink.wait_for(1, WAIT);
+    wait_empty(&s);
+    primary.expect("ETRN example.test", "251 2.0.0");
+}
+
+#[test]
+fn queue_flush_releases_the_queue() {
+    let port = free_port();
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1h\"\n",
+        &format!("[\"127.0.0.1:{port}\"]"),
+    );
+    let mut c = s.client();
+    let id = queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    let entry = wait_attempted(&s, &id);
+    assert!(entry["next_attempt"].as_str().unwrap() > entry["received_at"].as_str().unwrap());
+    let sink = Sink::start(port);
+    let out = s.cli(&["queue", "flush", "--domain", "example.test"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 message(s)"));
+    sink.wait_for(1, WAIT);
+    wait_empty(&s);
+}
+
+#[test]
+fn primary_dropping_mid_data_is_retried_and_delivered_once() {
+    let sink = Sink::start(0);
+    sink.set(|b| b.drop_next = 1);
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+    );
+    let mut c = s.client();
+    queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    sink.wait_for(1, WAIT);
+    wait_empty(&s);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.received().len(), 1);
+}
+
+#[test]
+fn kill_9_during_delivery_loses_nothing() {
+    let sink = Sink::start(0);
+    sink.set(|b| b.stall_next = 1);
+    let mut s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+    );
+    let mut c = s.client();
+    let id = queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    eventually(WAIT, "the delivery to hang in DATA", || {
+        (sink.behaviour.lock().unwrap().stalled == 1).then_some(())
+    });
+    s.kill9();
+    sink.set(|b| b.release_stalled = true);
+    s.restart();
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["bob@example.test"]);
+    wait_empty(&s);
+    assert!(s.log().contains(&id));
+}
+
+#[test]
+fn delivery_follows_mx_records_from_dns() {
+    let sink = Sink::start_on("127.0.0.7:0".parse().unwrap());
+    let dns = DnsServer::start(&[
+        ("dnsonly.test", Rec::Mx(10, "mx.dnsonly.test")),
+        ("mx.dnsonly.test", Rec::A("127.0.0.7")),
+    ]);
+    let s = Server::start_run(
+        "",
+        &format!(
+            "[delivery]\nmx_port = {}\n{}\n[[domain]]\nname = \"dnsonly.test\"\n",
+            sink.addr.port(),
+            dns.toml()
+        ),
+        "",
+    );
+    let mut c = s.client();
+    queue_id(&c.send_message("alice@remote.test", &["x@dnsonly.test"], BODY));
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["x@dnsonly.test"]);
+    wait_empty(&s);
+}
+
+#[test]
+fn delivery_uses_starttls_with_a_self_signed_primary() {
+    // The primary is another backupmx (ingest only) with a certificate
+    // nobody trusts: opportunistic TLS still encrypts and delivers.
+    let keys = tempfile::tempdir().unwrap();
+    let primary = Server::start("", &self_signed_tls(keys.path()));
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", primary.addr),
+    );
+    let mut c = s.client();
+    queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    wait_empty(&s);
+    let queue = primary.queue();
+    assert_eq!(queue.len(), 1);
+    let raw = String::from_utf8_lossy(&primary.raw(queue[0]["id"].as_str().unwrap())).to_string();
+    // Two Received headers: the primary's (over TLS, from us) above ours.
+    let first = raw.lines().next().unwrap_or_default();
+    assert!(
+        raw.starts_with("Received: from mx2.test ([127.0.0.1])"),
+        "{first}"
+    );
+    assert!(raw.contains("with ESMTPS id"), "{raw}");
+    assert_eq!(raw.matches("Received: ").count(), 2);
+    assert!(raw.contains("Subject: relay me"));
+}
