@@ -300,3 +300,64 @@ async fn split_spool_failure_leaves_nothing_behind() {
     spool.accept(m).await.unwrap();
     assert_eq!(store.depth().await.unwrap(), 1);
 }
+
+pub(crate) async fn greylist_contract(store: &dyn crate::greylist::GreylistStore) {
+    use crate::greylist::{ClientState, TripletState};
+    let t = TripletState {
+        first_seen: 100,
+        passed_until: None,
+        expires: 200,
+    };
+    assert_eq!(store.triplet("k").await.unwrap(), None);
+    assert!(store.insert_triplet("k", &t).await.unwrap(), "first insert wins");
+    let other = TripletState { first_seen: 150, ..t };
+    assert!(!store.insert_triplet("k", &other).await.unwrap(), "second insert loses");
+    assert_eq!(store.triplet("k").await.unwrap(), Some(t));
+    let passed = TripletState {
+        passed_until: Some(1000),
+        expires: 1000,
+        ..t
+    };
+    store.put_triplet("k", &passed).await.unwrap();
+    assert_eq!(store.triplet("k").await.unwrap(), Some(passed));
+    let c = ClientState {
+        passes: 3,
+        last_counted: 100,
+        expires: 300,
+    };
+    store.put_client("192.0.2.0/24", &c).await.unwrap();
+    assert_eq!(store.client("192.0.2.0/24").await.unwrap(), Some(c));
+    store.insert_triplet("old", &t).await.unwrap();
+    store.sweep(350).await.unwrap();
+    assert_eq!(store.triplet("old").await.unwrap(), None, "expired triplet swept");
+    assert_eq!(store.client("192.0.2.0/24").await.unwrap(), None, "expired client swept");
+    assert_eq!(store.triplet("k").await.unwrap(), Some(passed));
+}
+
+#[tokio::test]
+async fn local_greylist_contract() {
+    let (_dir, store) = local();
+    greylist_contract(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn concurrent_first_sightings_agree() {
+    let (_dir, store) = local();
+    let state = crate::greylist::TripletState {
+        first_seen: 1,
+        passed_until: None,
+        expires: 10,
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            crate::greylist::GreylistStore::insert_triplet(store.as_ref(), "same", &state).await.unwrap()
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        winners += usize::from(t.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+}

@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use super::{DeliveryQueue, DomainRegistry, MessageStore, Spool, StoreError};
 use crate::address::DomainName;
 use crate::domain::Domain;
+use crate::greylist::{ClientState, GreylistStore, TripletState};
 use crate::queue::{AcceptedMessage, QueueEntry, QueueId};
 
 /// File name of the database inside the data directory.
@@ -39,6 +40,8 @@ CREATE TABLE IF NOT EXISTS queue (
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue(next_attempt);
 CREATE INDEX IF NOT EXISTS queue_domain ON queue(domain, received_at);
+CREATE TABLE IF NOT EXISTS greylist (key TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS greylist_clients (network TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
 ";
 
 enum WriteOp {
@@ -63,6 +66,10 @@ enum WriteOp {
         until: u64,
     },
     PutDomain(Domain),
+    InsertTriplet { key: String, state: TripletState },
+    PutTriplet { key: String, state: TripletState },
+    PutClient { network: String, state: ClientState },
+    SweepGreylist(u64),
     RemoveDomain(DomainName),
 }
 
@@ -270,10 +277,38 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             )?;
             Ok(true)
         }
+        WriteOp::InsertTriplet { key, state } => Ok(conn.execute(
+            "INSERT OR IGNORE INTO greylist (key, state, expires) VALUES (?1, ?2, ?3)",
+            params![key, json(state), state.expires as i64],
+        )? > 0),
+        WriteOp::PutTriplet { key, state } => {
+            conn.execute(
+                "INSERT OR REPLACE INTO greylist (key, state, expires) VALUES (?1, ?2, ?3)",
+                params![key, json(state), state.expires as i64],
+            )?;
+            Ok(true)
+        }
+        WriteOp::PutClient { network, state } => {
+            conn.execute(
+                "INSERT OR REPLACE INTO greylist_clients (network, state, expires) VALUES (?1, ?2, ?3)",
+                params![network, json(state), state.expires as i64],
+            )?;
+            Ok(true)
+        }
+        WriteOp::SweepGreylist(now) => {
+            let a = conn.execute("DELETE FROM greylist WHERE expires < ?1", [*now as i64])?;
+            let b = conn.execute("DELETE FROM greylist_clients WHERE expires < ?1", [*now as i64])?;
+            Ok(a + b > 0)
+        }
         WriteOp::RemoveDomain(name) => {
             Ok(conn.execute("DELETE FROM domains WHERE name = ?1", [name.as_str()])? > 0)
         }
     }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    // Plain structs with string keys always serialise.
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 fn decode_domain(name: &str, record: &str) -> Result<Domain, StoreError> {
@@ -443,5 +478,56 @@ impl Spool for LocalStore {
         })
         .await?;
         Ok(ids)
+    }
+}
+
+#[async_trait]
+impl GreylistStore for LocalStore {
+    async fn triplet(&self, key: &str) -> Result<Option<TripletState>, StoreError> {
+        let row: Option<String> = self.read(|c| {
+            c.query_row("SELECT state FROM greylist WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        })?;
+        row.map(|r| serde_json::from_str(&r).map_err(|_| StoreError::Backend(format!("corrupt greylist record {key}"))))
+            .transpose()
+    }
+
+    async fn insert_triplet(&self, key: &str, state: &TripletState) -> Result<bool, StoreError> {
+        self.write(WriteOp::InsertTriplet {
+            key: key.to_string(),
+            state: *state,
+        })
+        .await
+    }
+
+    async fn put_triplet(&self, key: &str, state: &TripletState) -> Result<(), StoreError> {
+        self.write(WriteOp::PutTriplet {
+            key: key.to_string(),
+            state: *state,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn client(&self, network: &str) -> Result<Option<ClientState>, StoreError> {
+        let row: Option<String> = self.read(|c| {
+            c.query_row("SELECT state FROM greylist_clients WHERE network = ?1", [network], |r| r.get(0))
+                .optional()
+        })?;
+        row.map(|r| serde_json::from_str(&r).map_err(|_| StoreError::Backend(format!("corrupt greylist client record {network}"))))
+            .transpose()
+    }
+
+    async fn put_client(&self, network: &str, state: &ClientState) -> Result<(), StoreError> {
+        self.write(WriteOp::PutClient {
+            network: network.to_string(),
+            state: *state,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn sweep(&self, now: u64) -> Result<(), StoreError> {
+        self.write(WriteOp::SweepGreylist(now)).await.map(|_| ())
     }
 }
