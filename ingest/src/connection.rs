@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use relay_core::policy::{ClientLookups, Policy};
 use relay_core::smtp::{Action, Session, SessionConfig};
-use relay_core::store::{DomainRegistry, Spool};
+use relay_core::store::Spool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -25,7 +26,7 @@ pub struct Delivery {
 /// What every connection shares.
 pub struct Shared {
     pub session: Arc<SessionConfig>,
-    pub registry: Arc<dyn DomainRegistry>,
+    pub policy: Arc<Policy>,
     pub spool: Arc<dyn Spool>,
     pub tls: Option<Tls>,
     pub idle_timeout: Duration,
@@ -98,6 +99,8 @@ pub async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let mut conn = Conn::Plain(stream);
+    // DNSBL lookups run while the greeting goes out.
+    let mut lookups = ClientLookups::start(shared.policy.dnsbl.as_ref(), peer.ip());
     let mut session = Session::new(shared.session.clone(), peer.ip());
     let timeout = shared.idle_timeout;
     tracing::debug!(event = "session_start", session_id, peer = %peer);
@@ -131,9 +134,17 @@ pub async fn serve(
                     Ok(Ok(_)) => {}
                 }
             }
-            Action::CheckRecipient { recipient, .. } => {
-                let verdict =
-                    relay_core::policy::check_recipient(shared.registry.as_ref(), &recipient).await;
+            Action::CheckRecipient { recipient, sender } => {
+                let verdict = shared
+                    .policy
+                    .check(
+                        peer.ip(),
+                        &mut lookups,
+                        &sender,
+                        &recipient,
+                        SystemTime::now(),
+                    )
+                    .await;
                 if let relay_core::smtp::RcptVerdict::Reject(r) = &verdict {
                     tracing::info!(event = "recipient_rejected", session_id, peer = %peer, rcpt = %recipient, reply = %r);
                 }
@@ -201,7 +212,7 @@ pub async fn serve(
                             &node,
                             peer.ip(),
                             &d.etrn_networks,
-                            shared.registry.as_ref(),
+                            shared.policy.registry.as_ref(),
                             &d.engine,
                             &d.worker,
                         )

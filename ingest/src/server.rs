@@ -12,7 +12,10 @@ use relay_core::delivery::route::SelfIdentity;
 use relay_core::delivery::transport::Timeouts;
 use relay_core::delivery::worker::{Worker, WorkerConfig};
 use relay_core::delivery::{Engine, EngineConfig};
-use relay_core::dns::HickoryResolver;
+use relay_core::dns::{HickoryResolver, Resolver};
+use relay_core::dnsbl::Dnsbl;
+use relay_core::greylist::{Greylist, GreylistStore};
+use relay_core::policy::Policy;
 use relay_core::smtp::{Session, SessionConfig};
 use relay_core::store::local::LocalStore;
 use relay_core::store::{DeliveryQueue, DomainRegistry};
@@ -115,10 +118,22 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             }
         });
     }
+    let needs_dns = mode == Mode::Embedded
+        || !config.dnsbl.zones.is_empty()
+        || !config.dnsbl.allow_zones.is_empty();
+    let resolver: Option<Arc<dyn Resolver>> = if needs_dns {
+        let r = HickoryResolver::new(&config.dns.servers, config.dns.timeout)
+            .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
+        Some(Arc::new(r))
+    } else {
+        None
+    };
+    let policy = Arc::new(build_policy(&config, &store, resolver.clone()));
+    spawn_maintenance(&config, &store, &policy);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut worker_task = None;
-    let delivery = if mode == Mode::Embedded {
-        let (delivery, worker) = start_delivery(&config, &store)?;
+    let delivery = if let (Mode::Embedded, Some(resolver)) = (mode, resolver) {
+        let (delivery, worker) = start_delivery(&config, &store, resolver)?;
         worker_task = Some(tokio::spawn(worker.run(shutdown_rx.clone())));
         Some(delivery)
     } else {
@@ -143,7 +158,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             tls_available: tls.is_some(),
             etrn_available: delivery.is_some(),
         }),
-        registry: store.clone(),
+        policy,
         spool: store.clone(),
         tls: tls.clone(),
         idle_timeout: config.smtp.idle_timeout,
@@ -196,10 +211,9 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
 fn start_delivery(
     config: &Config,
     store: &Arc<LocalStore>,
+    resolver: Arc<dyn Resolver>,
 ) -> anyhow::Result<(Delivery, Arc<Worker>)> {
     let d = &config.delivery;
-    let resolver = HickoryResolver::new(&config.dns.servers, config.dns.timeout)
-        .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
     let engine = Arc::new(Engine::new(
         EngineConfig {
             me: SelfIdentity {
@@ -219,7 +233,7 @@ fn start_delivery(
             },
             opportunistic_tls: d.opportunistic_tls,
         },
-        Arc::new(resolver),
+        resolver,
         store.clone(),
     ));
     let worker = Worker::new(
@@ -347,4 +361,65 @@ fn refuse(
         })
         .await;
     });
+}
+
+/// DNSBL, relay control and greylisting, as configured.
+fn build_policy(
+    config: &Config,
+    store: &Arc<LocalStore>,
+    resolver: Option<Arc<dyn Resolver>>,
+) -> Policy {
+    let dnsbl = resolver
+        .filter(|_| !config.dnsbl.zones.is_empty() || !config.dnsbl.allow_zones.is_empty())
+        .map(|r| {
+            Arc::new(Dnsbl::new(
+                config.dnsbl.zones.iter().map(|z| z.to_zone()).collect(),
+                config
+                    .dnsbl
+                    .allow_zones
+                    .iter()
+                    .map(|z| z.to_zone())
+                    .collect(),
+                config.dnsbl.threshold,
+                r,
+                config.dnsbl.min_cache_ttl,
+            ))
+        });
+    let greylist = config.greylist.enabled.then(|| {
+        let store: Arc<dyn GreylistStore> = store.clone();
+        Greylist {
+            settings: config.greylist.settings(),
+            store,
+        }
+    });
+    Policy {
+        registry: store.clone(),
+        greylist,
+        dnsbl,
+    }
+}
+
+/// DNSBL self-tests and greylist expiry, in the background.
+fn spawn_maintenance(config: &Config, store: &Arc<LocalStore>, policy: &Arc<Policy>) {
+    if let Some(dnsbl) = policy.dnsbl.clone() {
+        let every = config.dnsbl.self_test_interval;
+        tokio::spawn(async move {
+            loop {
+                dnsbl.self_test().await;
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
+    if config.greylist.enabled {
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
+                if let Err(e) = GreylistStore::sweep(store.as_ref(), now).await {
+                    tracing::warn!(event = "greylist_sweep_failed", error = %e);
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        });
+    }
 }

@@ -129,6 +129,14 @@ pub struct GreylistConfig {
     pub retry_window: Duration,
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Client network sizes a triplet is keyed by.
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// Passes (one an hour at most) before a client network is whitelisted; 0 = never.
+    pub auto_whitelist_after: u32,
+    pub whitelist_clients: Vec<IpNet>,
+    pub whitelist_sender_domains: Vec<String>,
+    pub whitelist_recipients: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +145,9 @@ pub struct DnsblZone {
     pub zone: String,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Answers that count as a listing (e.g. `["127.0.0.2"]`); empty = any.
+    #[serde(default)]
+    pub codes: Vec<std::net::Ipv4Addr>,
 }
 
 fn one() -> u32 {
@@ -148,6 +159,14 @@ fn one() -> u32 {
 pub struct DnsblConfig {
     pub zones: Vec<DnsblZone>,
     pub threshold: u32,
+    /// DNS allowlists: a listed client skips greylisting.
+    pub allow_zones: Vec<DnsblZone>,
+    /// Shortest time an answer is cached.
+    #[serde(with = "humantime_serde")]
+    pub min_cache_ttl: Duration,
+    /// How often each zone is checked against RFC 5782's test addresses.
+    #[serde(with = "humantime_serde")]
+    pub self_test_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -266,6 +285,12 @@ impl Default for GreylistConfig {
             delay: Duration::from_secs(300),
             retry_window: Duration::from_secs(2 * 86_400),
             max_age: Duration::from_secs(35 * 86_400),
+            ipv4_prefix: 24,
+            ipv6_prefix: 64,
+            auto_whitelist_after: 5,
+            whitelist_clients: Vec::new(),
+            whitelist_sender_domains: Vec::new(),
+            whitelist_recipients: Vec::new(),
         }
     }
 }
@@ -275,6 +300,9 @@ impl Default for DnsblConfig {
         DnsblConfig {
             zones: Vec::new(),
             threshold: 1,
+            allow_zones: Vec::new(),
+            min_cache_ttl: Duration::from_secs(60),
+            self_test_interval: Duration::from_secs(1800),
         }
     }
 }
@@ -376,6 +404,26 @@ impl Config {
         if self.smtp.idle_timeout.is_zero() {
             return invalid("smtp.idle_timeout must be positive".into());
         }
+        let g = &self.greylist;
+        if g.ipv4_prefix > 32 || g.ipv6_prefix > 128 {
+            return invalid(
+                "greylist.ipv4_prefix must be at most 32 and ipv6_prefix at most 128".into(),
+            );
+        }
+        if g.retry_window < g.delay {
+            return invalid("greylist.retry_window must be at least greylist.delay".into());
+        }
+        if self.dnsbl.self_test_interval.is_zero() {
+            return invalid("dnsbl.self_test_interval must be positive".into());
+        }
+        for z in self.dnsbl.zones.iter().chain(&self.dnsbl.allow_zones) {
+            if crate::address::DomainName::parse(&z.zone).is_err() {
+                return invalid(format!(
+                    "dnsbl zone {:?} is not a valid domain name",
+                    z.zone
+                ));
+            }
+        }
         let d = &self.delivery;
         if d.retry_initial.is_zero() || d.retry_max < d.retry_initial {
             return invalid(
@@ -422,6 +470,40 @@ impl DomainConfig {
 
 fn one_line(e: &figment::Error) -> String {
     e.to_string().replace('\n', " ")
+}
+
+impl GreylistConfig {
+    pub fn settings(&self) -> crate::greylist::GreylistSettings {
+        crate::greylist::GreylistSettings {
+            delay: self.delay,
+            retry_window: self.retry_window,
+            max_age: self.max_age,
+            ipv4_prefix: self.ipv4_prefix,
+            ipv6_prefix: self.ipv6_prefix,
+            auto_whitelist_after: self.auto_whitelist_after,
+            whitelist_clients: self.whitelist_clients.clone(),
+            whitelist_sender_domains: self
+                .whitelist_sender_domains
+                .iter()
+                .map(|d| d.trim_end_matches('.').to_lowercase())
+                .collect(),
+            whitelist_recipients: self
+                .whitelist_recipients
+                .iter()
+                .map(|r| r.to_lowercase())
+                .collect(),
+        }
+    }
+}
+
+impl DnsblZone {
+    pub fn to_zone(&self) -> crate::dnsbl::ZoneConfig {
+        crate::dnsbl::ZoneConfig {
+            zone: self.zone.trim_end_matches('.').to_lowercase(),
+            weight: self.weight,
+            codes: self.codes.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

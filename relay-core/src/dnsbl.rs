@@ -66,7 +66,10 @@ pub fn interpret(answers: &[Ipv4Addr], codes: &[Ipv4Addr]) -> ZoneAnswer {
             ));
         }
     }
-    match answers.iter().find(|a| codes.is_empty() || codes.contains(a)) {
+    match answers
+        .iter()
+        .find(|a| codes.is_empty() || codes.contains(a))
+    {
         Some(a) => ZoneAnswer::Listed(*a),
         None => ZoneAnswer::NotListed,
     }
@@ -109,7 +112,13 @@ pub struct Dnsbl {
 }
 
 impl Dnsbl {
-    pub fn new(zones: Vec<ZoneConfig>, allow_zones: Vec<ZoneConfig>, threshold: u32, resolver: Arc<dyn Resolver>, min_ttl: Duration) -> Self {
+    pub fn new(
+        zones: Vec<ZoneConfig>,
+        allow_zones: Vec<ZoneConfig>,
+        threshold: u32,
+        resolver: Arc<dyn Resolver>,
+        min_ttl: Duration,
+    ) -> Self {
         Dnsbl {
             zones,
             allow_zones,
@@ -126,7 +135,11 @@ impl Dnsbl {
     }
 
     fn is_disabled(&self, zone: &str) -> bool {
-        self.disabled.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|z| z == zone)
+        self.disabled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|z| z == zone)
     }
 
     /// One zone, through the cache.
@@ -175,7 +188,12 @@ impl Dnsbl {
     /// Every zone at once.
     pub async fn check(self: &Arc<Self>, ip: IpAddr) -> Verdict {
         let mut tasks = Vec::new();
-        for (allow, zone) in self.zones.iter().map(|z| (false, z)).chain(self.allow_zones.iter().map(|z| (true, z))) {
+        for (allow, zone) in self
+            .zones
+            .iter()
+            .map(|z| (false, z))
+            .chain(self.allow_zones.iter().map(|z| (true, z)))
+        {
             if self.is_disabled(&zone.zone) {
                 continue;
             }
@@ -188,7 +206,9 @@ impl Dnsbl {
         }
         let mut verdict = Verdict::default();
         for t in tasks {
-            let Ok((allow, zone, answer)) = t.await else { continue };
+            let Ok((allow, zone, answer)) = t.await else {
+                continue;
+            };
             if let ZoneAnswer::Listed(code) = answer {
                 if allow {
                     verdict.allowlisted = true;
@@ -205,13 +225,25 @@ impl Dnsbl {
     /// that fails is skipped (with a warning) until it passes again.
     pub async fn self_test(&self) {
         for zone in self.zones.iter().chain(self.allow_zones.iter()) {
-            let listed = self.resolver.a(&query_name(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), &zone.zone)).await;
-            let clean = self.resolver.a(&query_name(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), &zone.zone)).await;
+            let listed = self
+                .resolver
+                .a(&query_name(
+                    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)),
+                    &zone.zone,
+                ))
+                .await;
+            let clean = self
+                .resolver
+                .a(&query_name(
+                    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+                    &zone.zone,
+                ))
+                .await;
             let listed_ok = matches!(&listed, Ok(a) if matches!(interpret(&a.addrs, &[]), ZoneAnswer::Listed(_)));
             let clean_ok = matches!(clean, Err(DnsError::NxDomain | DnsError::NoRecords));
             let ok = listed_ok && clean_ok;
             let mut disabled = self.disabled.lock().unwrap_or_else(|p| p.into_inner());
-            let was_disabled = disabled.iter().any(|z| *z == zone.zone);
+            let was_disabled = disabled.contains(&zone.zone);
             if ok && was_disabled {
                 disabled.retain(|z| *z != zone.zone);
                 tracing::info!(event = "dnsbl_zone_enabled", zone = %zone.zone);
@@ -234,7 +266,10 @@ mod tests {
 
     #[test]
     fn query_names_follow_rfc5782() {
-        assert_eq!(query_name("192.0.2.99".parse().unwrap(), "bl.test"), "99.2.0.192.bl.test");
+        assert_eq!(
+            query_name("192.0.2.99".parse().unwrap(), "bl.test"),
+            "99.2.0.192.bl.test"
+        );
         assert_eq!(
             query_name("2001:db8:1:2:3:4:567:89ab".parse().unwrap(), "bl.test"),
             "b.a.9.8.7.6.5.0.4.0.0.0.3.0.0.0.2.0.0.0.1.0.0.0.8.b.d.0.1.0.0.2.bl.test"
@@ -244,14 +279,29 @@ mod tests {
     #[test]
     fn answers_table() {
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert_eq!(interpret(&[ip("127.0.0.2")], &[]), ZoneAnswer::Listed(ip("127.0.0.2")));
+        assert_eq!(
+            interpret(&[ip("127.0.0.2")], &[]),
+            ZoneAnswer::Listed(ip("127.0.0.2"))
+        );
         assert_eq!(interpret(&[], &[]), ZoneAnswer::NotListed);
         for refused in ["127.255.255.252", "127.255.255.254", "127.255.255.255"] {
-            assert!(matches!(interpret(&[ip(refused)], &[]), ZoneAnswer::Error(_)), "{refused}");
+            assert!(
+                matches!(interpret(&[ip(refused)], &[]), ZoneAnswer::Error(_)),
+                "{refused}"
+            );
         }
-        assert!(matches!(interpret(&[ip("10.0.0.1")], &[]), ZoneAnswer::Error(_)));
-        assert_eq!(interpret(&[ip("127.0.0.10")], &[ip("127.0.0.2")]), ZoneAnswer::NotListed);
-        assert_eq!(interpret(&[ip("127.0.0.10"), ip("127.0.0.2")], &[ip("127.0.0.2")]), ZoneAnswer::Listed(ip("127.0.0.2")));
+        assert!(matches!(
+            interpret(&[ip("10.0.0.1")], &[]),
+            ZoneAnswer::Error(_)
+        ));
+        assert_eq!(
+            interpret(&[ip("127.0.0.10")], &[ip("127.0.0.2")]),
+            ZoneAnswer::NotListed
+        );
+        assert_eq!(
+            interpret(&[ip("127.0.0.10"), ip("127.0.0.2")], &[ip("127.0.0.2")]),
+            ZoneAnswer::Listed(ip("127.0.0.2"))
+        );
     }
 
     struct Fake {
@@ -270,23 +320,49 @@ mod tests {
             self.queries.fetch_add(1, Ordering::SeqCst);
             let first = name.split('.').next().unwrap_or("");
             let ttl = Duration::from_secs(300);
-            match (first, name.ends_with("good.test"), name.ends_with("slow.test")) {
+            match (
+                first,
+                name.ends_with("good.test"),
+                name.ends_with("slow.test"),
+            ) {
                 (_, _, true) => Err(DnsError::Temporary("timed out".into())),
-                ("2", true, _) | ("3", true, _) => Ok(AAnswer { addrs: vec!["127.0.0.2".parse().unwrap()], ttl }),
-                ("4", true, _) => Ok(AAnswer { addrs: vec!["127.255.255.254".parse().unwrap()], ttl }),
+                ("2", true, _) | ("3", true, _) => Ok(AAnswer {
+                    addrs: vec!["127.0.0.2".parse().unwrap()],
+                    ttl,
+                }),
+                ("4", true, _) => Ok(AAnswer {
+                    addrs: vec!["127.255.255.254".parse().unwrap()],
+                    ttl,
+                }),
                 _ => Err(DnsError::NxDomain),
             }
         }
     }
 
     fn zone(z: &str, weight: u32) -> ZoneConfig {
-        ZoneConfig { zone: z.into(), weight, codes: vec![] }
+        ZoneConfig {
+            zone: z.into(),
+            weight,
+            codes: vec![],
+        }
     }
 
     #[tokio::test]
     async fn weights_add_up_and_errors_fail_open() {
-        let fake = Arc::new(Fake { queries: AtomicUsize::new(0) });
-        let bl = Arc::new(Dnsbl::new(vec![zone("a.good.test", 1), zone("b.good.test", 2), zone("x.slow.test", 5)], vec![], 3, fake.clone(), Duration::from_secs(60)));
+        let fake = Arc::new(Fake {
+            queries: AtomicUsize::new(0),
+        });
+        let bl = Arc::new(Dnsbl::new(
+            vec![
+                zone("a.good.test", 1),
+                zone("b.good.test", 2),
+                zone("x.slow.test", 5),
+            ],
+            vec![],
+            3,
+            fake.clone(),
+            Duration::from_secs(60),
+        ));
         let listed = bl.check("127.0.0.3".parse().unwrap()).await;
         assert_eq!(listed.score, 3);
         assert!(listed.rejects(3));
@@ -297,13 +373,25 @@ mod tests {
         // Answers are cached; errors are not.
         let before = fake.queries.load(Ordering::SeqCst);
         bl.check("127.0.0.3".parse().unwrap()).await;
-        assert_eq!(fake.queries.load(Ordering::SeqCst), before + 1, "only the erroring zone is asked again");
+        assert_eq!(
+            fake.queries.load(Ordering::SeqCst),
+            before + 1,
+            "only the erroring zone is asked again"
+        );
     }
 
     #[tokio::test]
     async fn self_test_disables_broken_zones() {
-        let fake = Arc::new(Fake { queries: AtomicUsize::new(0) });
-        let bl = Arc::new(Dnsbl::new(vec![zone("a.good.test", 1), zone("x.slow.test", 1)], vec![], 1, fake, Duration::from_secs(60)));
+        let fake = Arc::new(Fake {
+            queries: AtomicUsize::new(0),
+        });
+        let bl = Arc::new(Dnsbl::new(
+            vec![zone("a.good.test", 1), zone("x.slow.test", 1)],
+            vec![],
+            1,
+            fake,
+            Duration::from_secs(60),
+        ));
         bl.self_test().await;
         assert!(!bl.is_disabled("a.good.test"));
         assert!(bl.is_disabled("x.slow.test"));
@@ -311,8 +399,16 @@ mod tests {
 
     #[tokio::test]
     async fn allowlists_are_reported() {
-        let fake = Arc::new(Fake { queries: AtomicUsize::new(0) });
-        let bl = Arc::new(Dnsbl::new(vec![], vec![zone("wl.good.test", 0)], 1, fake, Duration::from_secs(60)));
+        let fake = Arc::new(Fake {
+            queries: AtomicUsize::new(0),
+        });
+        let bl = Arc::new(Dnsbl::new(
+            vec![],
+            vec![zone("wl.good.test", 0)],
+            1,
+            fake,
+            Duration::from_secs(60),
+        ));
         assert!(bl.check("127.0.0.3".parse().unwrap()).await.allowlisted);
         assert!(!bl.check("127.0.0.5".parse().unwrap()).await.allowlisted);
     }

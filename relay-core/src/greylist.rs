@@ -111,7 +111,9 @@ pub fn client_network(ip: IpAddr, settings: &GreylistSettings) -> IpNet {
         IpAddr::V6(_) => settings.ipv6_prefix,
     };
     // The prefix is validated in config; fall back to the host address.
-    IpNet::new(ip, prefix).map(|n| n.trunc()).unwrap_or_else(|_| IpNet::from(ip))
+    IpNet::new(ip, prefix)
+        .map(|n| n.trunc())
+        .unwrap_or_else(|_| IpNet::from(ip))
 }
 
 /// Lower-case; BATV (`prvs=tag=user@`) and SRS-like tags, `+extension` and
@@ -123,7 +125,10 @@ pub fn normalise_sender(sender: &ReversePath) -> String {
     };
     let local = m.local.to_lowercase();
     let mut local = local.as_str();
-    if let Some(rest) = local.strip_prefix("prvs=").or_else(|| local.strip_prefix("msprvs1=")) {
+    if let Some(rest) = local
+        .strip_prefix("prvs=")
+        .or_else(|| local.strip_prefix("msprvs1="))
+    {
         local = rest.split_once('=').map_or(rest, |(_, user)| user);
     } else if let Some((user, tag)) = local.split_once("=") {
         // `user=tag` BATV variant: keep the user part when the tag looks generated.
@@ -145,7 +150,10 @@ pub fn normalise_sender(sender: &ReversePath) -> String {
             in_digits = false;
         }
     }
-    let domain = m.domain().map(|d| d.as_str().to_string()).unwrap_or_default();
+    let domain = m
+        .domain()
+        .map(|d| d.as_str().to_string())
+        .unwrap_or_default();
     format!("{out}@{domain}")
 }
 
@@ -167,7 +175,13 @@ pub struct Greylist<S: ?Sized> {
 
 impl<S: GreylistStore + ?Sized> Greylist<S> {
     /// Decides on one recipient. `now` in Unix seconds.
-    pub async fn check(&self, client: IpAddr, sender: &ReversePath, rcpt: &Mailbox, now: u64) -> Decision {
+    pub async fn check(
+        &self,
+        client: IpAddr,
+        sender: &ReversePath,
+        rcpt: &Mailbox,
+        now: u64,
+    ) -> Decision {
         match self.try_check(client, sender, rcpt, now).await {
             Ok(d) => d,
             Err(e) => {
@@ -194,7 +208,13 @@ impl<S: GreylistStore + ?Sized> Greylist<S> {
         false
     }
 
-    async fn try_check(&self, client: IpAddr, sender: &ReversePath, rcpt: &Mailbox, now: u64) -> Result<Decision, StoreError> {
+    async fn try_check(
+        &self,
+        client: IpAddr,
+        sender: &ReversePath,
+        rcpt: &Mailbox,
+        now: u64,
+    ) -> Result<Decision, StoreError> {
         if self.exempt(client, sender, rcpt) {
             return Ok(Decision::Pass(PassReason::Exempt));
         }
@@ -300,7 +320,12 @@ mod tests {
 
     async fn check(f: &Fixture, ip: &str, from: &str, to: &str, now: u64) -> Decision {
         f.grey
-            .check(ip.parse().unwrap(), &parse_reverse_path(from).unwrap(), &parse_forward_path(to).unwrap(), now)
+            .check(
+                ip.parse().unwrap(),
+                &parse_reverse_path(from).unwrap(),
+                &parse_forward_path(to).unwrap(),
+                now,
+            )
             .await
     }
 
@@ -309,16 +334,38 @@ mod tests {
         let f = fixture(GreylistSettings::default());
         let (ip, from, to) = ("192.0.2.10", "a@remote.test", "u@example.test");
         assert_eq!(check(&f, ip, from, to, T0).await, Decision::Defer);
-        assert_eq!(check(&f, ip, from, to, T0 + 60).await, Decision::Defer, "before delay");
+        assert_eq!(
+            check(&f, ip, from, to, T0 + 60).await,
+            Decision::Defer,
+            "before delay"
+        );
         assert_eq!(check(&f, ip, from, to, T0 + 299).await, Decision::Defer);
-        assert_eq!(check(&f, ip, from, to, T0 + 300).await, Decision::Pass(PassReason::Retried));
-        assert_eq!(check(&f, ip, from, to, T0 + 301).await, Decision::Pass(PassReason::KnownTriplet));
+        assert_eq!(
+            check(&f, ip, from, to, T0 + 300).await,
+            Decision::Pass(PassReason::Retried)
+        );
+        assert_eq!(
+            check(&f, ip, from, to, T0 + 301).await,
+            Decision::Pass(PassReason::KnownTriplet)
+        );
         // A neighbour in the same /24 shares the triplet.
-        assert_eq!(check(&f, "192.0.2.99", from, to, T0 + 302).await, Decision::Pass(PassReason::KnownTriplet));
+        assert_eq!(
+            check(&f, "192.0.2.99", from, to, T0 + 302).await,
+            Decision::Pass(PassReason::KnownTriplet)
+        );
         // Another /24, another sender or another recipient: new triplets.
-        assert_eq!(check(&f, "192.0.3.10", from, to, T0 + 303).await, Decision::Defer);
-        assert_eq!(check(&f, ip, "b@remote.test", to, T0 + 303).await, Decision::Defer);
-        assert_eq!(check(&f, ip, from, "v@example.test", T0 + 303).await, Decision::Defer);
+        assert_eq!(
+            check(&f, "192.0.3.10", from, to, T0 + 303).await,
+            Decision::Defer
+        );
+        assert_eq!(
+            check(&f, ip, "b@remote.test", to, T0 + 303).await,
+            Decision::Defer
+        );
+        assert_eq!(
+            check(&f, ip, from, "v@example.test", T0 + 303).await,
+            Decision::Defer
+        );
     }
 
     #[tokio::test]
@@ -328,7 +375,10 @@ mod tests {
         assert_eq!(check(&f, ip, from, to, T0).await, Decision::Defer);
         let late = T0 + 2 * 86_400 + 1;
         assert_eq!(check(&f, ip, from, to, late).await, Decision::Defer);
-        assert_eq!(check(&f, ip, from, to, late + 300).await, Decision::Pass(PassReason::Retried));
+        assert_eq!(
+            check(&f, ip, from, to, late + 300).await,
+            Decision::Pass(PassReason::Retried)
+        );
     }
 
     #[tokio::test]
@@ -339,10 +389,19 @@ mod tests {
         check(&f, ip, from, to, T0 + 300).await;
         let day = 86_400;
         // Used on day 30: refreshed to day 65.
-        assert_eq!(check(&f, ip, from, to, T0 + 30 * day).await, Decision::Pass(PassReason::KnownTriplet));
-        assert_eq!(check(&f, ip, from, to, T0 + 64 * day).await, Decision::Pass(PassReason::KnownTriplet));
+        assert_eq!(
+            check(&f, ip, from, to, T0 + 30 * day).await,
+            Decision::Pass(PassReason::KnownTriplet)
+        );
+        assert_eq!(
+            check(&f, ip, from, to, T0 + 64 * day).await,
+            Decision::Pass(PassReason::KnownTriplet)
+        );
         // Unused for more than 35 days: greylisted again.
-        assert_eq!(check(&f, ip, from, to, T0 + 100 * day).await, Decision::Defer);
+        assert_eq!(
+            check(&f, ip, from, to, T0 + 100 * day).await,
+            Decision::Defer
+        );
     }
 
     #[tokio::test]
@@ -354,12 +413,21 @@ mod tests {
         for i in 0..5 {
             let from = format!("s{}x@remote{i}.test", "ab".repeat(i));
             assert_eq!(check(&f, ip, &from, to, now).await, Decision::Defer);
-            assert_eq!(check(&f, ip, &from, to, now + 300).await, Decision::Pass(PassReason::Retried));
+            assert_eq!(
+                check(&f, ip, &from, to, now + 300).await,
+                Decision::Pass(PassReason::Retried)
+            );
             // A second pass within the hour does not count twice.
-            assert!(matches!(check(&f, ip, &from, to, now + 301).await, Decision::Pass(_)));
+            assert!(matches!(
+                check(&f, ip, &from, to, now + 301).await,
+                Decision::Pass(_)
+            ));
             now += 3600 + 300;
         }
-        assert_eq!(check(&f, "198.51.100.200", "never@seen.test", to, now).await, Decision::Pass(PassReason::ClientWhitelisted));
+        assert_eq!(
+            check(&f, "198.51.100.200", "never@seen.test", to, now).await,
+            Decision::Pass(PassReason::ClientWhitelisted)
+        );
     }
 
     #[tokio::test]
@@ -368,9 +436,26 @@ mod tests {
         for i in 0..6 {
             let from = format!("user{}@r{}.test", "x".repeat(i), "y".repeat(i));
             check(&f, "203.0.113.1", &from, "u@example.test", T0).await;
-            check(&f, "203.0.113.1", &from, "u@example.test", T0 + 300 + i as u64).await;
+            check(
+                &f,
+                "203.0.113.1",
+                &from,
+                "u@example.test",
+                T0 + 300 + i as u64,
+            )
+            .await;
         }
-        assert_eq!(check(&f, "203.0.113.1", "fresh@new.test", "u@example.test", T0 + 400).await, Decision::Defer);
+        assert_eq!(
+            check(
+                &f,
+                "203.0.113.1",
+                "fresh@new.test",
+                "u@example.test",
+                T0 + 400
+            )
+            .await,
+            Decision::Defer
+        );
     }
 
     #[tokio::test]
@@ -382,11 +467,26 @@ mod tests {
             ..GreylistSettings::default()
         });
         let pass = Decision::Pass(PassReason::Exempt);
-        assert_eq!(check(&f, "192.0.2.1", "a@b.test", "postmaster@example.test", T0).await, pass);
-        assert_eq!(check(&f, "192.0.2.1", "a@b.test", "Abuse@example.test", T0).await, pass);
-        assert_eq!(check(&f, "10.1.2.3", "a@b.test", "u@example.test", T0).await, pass);
-        assert_eq!(check(&f, "192.0.2.1", "a@friend.test", "u@example.test", T0).await, pass);
-        assert_eq!(check(&f, "192.0.2.1", "a@b.test", "VIP@example.test", T0).await, pass);
+        assert_eq!(
+            check(&f, "192.0.2.1", "a@b.test", "postmaster@example.test", T0).await,
+            pass
+        );
+        assert_eq!(
+            check(&f, "192.0.2.1", "a@b.test", "Abuse@example.test", T0).await,
+            pass
+        );
+        assert_eq!(
+            check(&f, "10.1.2.3", "a@b.test", "u@example.test", T0).await,
+            pass
+        );
+        assert_eq!(
+            check(&f, "192.0.2.1", "a@friend.test", "u@example.test", T0).await,
+            pass
+        );
+        assert_eq!(
+            check(&f, "192.0.2.1", "a@b.test", "VIP@example.test", T0).await,
+            pass
+        );
     }
 
     #[test]
@@ -402,8 +502,14 @@ mod tests {
     #[test]
     fn networks_follow_the_prefixes() {
         let s = GreylistSettings::default();
-        assert_eq!(client_network("192.0.2.77".parse().unwrap(), &s).to_string(), "192.0.2.0/24");
-        assert_eq!(client_network("2001:db8:1:2:3:4:5:6".parse().unwrap(), &s).to_string(), "2001:db8:1:2::/64");
+        assert_eq!(
+            client_network("192.0.2.77".parse().unwrap(), &s).to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            client_network("2001:db8:1:2:3:4:5:6".parse().unwrap(), &s).to_string(),
+            "2001:db8:1:2::/64"
+        );
     }
 
     struct Broken;
@@ -436,7 +542,12 @@ mod tests {
             store: Arc::new(Broken),
         };
         let d = g
-            .check("192.0.2.1".parse().unwrap(), &parse_reverse_path("a@b.test").unwrap(), &parse_forward_path("u@example.test").unwrap(), T0)
+            .check(
+                "192.0.2.1".parse().unwrap(),
+                &parse_reverse_path("a@b.test").unwrap(),
+                &parse_forward_path("u@example.test").unwrap(),
+                T0,
+            )
             .await;
         assert_eq!(d, Decision::Pass(PassReason::StoreError));
     }

@@ -1,31 +1,35 @@
-//! Relay control: which recipients we accept mail for (RFC 5321 §3.6).
+//! Recipient policy, in the order the SPEC gives: DNSBL on the client
+//! address, then relay control, then greylisting.
 //!
 //! We are an open relay for nobody: a recipient is accepted only for an
 //! enabled hosted domain, and only for listed users where the domain has a
-//! list. Later filters (greylisting, DNSBL) hook in here in order.
+//! list. `postmaster@` and `abuse@` are never blocked by DNSBL or
+//! greylisting (RFC 2142), so a listed sender can still reach a human.
 
-use crate::address::Mailbox;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::address::{Mailbox, ReversePath};
+use crate::dnsbl::{Dnsbl, Verdict};
+use crate::domain::Domain;
+use crate::greylist::{Decision, Greylist, GreylistStore, PassReason};
 use crate::smtp::{RcptVerdict, Reply};
 use crate::store::DomainRegistry;
+use crate::time::unix_seconds;
 
-/// Decides on one recipient.
-pub async fn check_recipient(registry: &dyn DomainRegistry, rcpt: &Mailbox) -> RcptVerdict {
-    let deny = || {
-        RcptVerdict::Reject(Reply::new(
-            550,
-            "5.7.1",
-            format!("<{rcpt}>: Relay access denied"),
-        ))
-    };
+/// Relay control alone: the hosted domain record, or the rejection.
+pub async fn relay_check(registry: &dyn DomainRegistry, rcpt: &Mailbox) -> Result<Domain, Reply> {
+    let deny = || Reply::new(550, "5.7.1", format!("<{rcpt}>: Relay access denied"));
     let Some(domain) = rcpt.domain() else {
-        return deny();
+        return Err(deny());
     };
     let record = match registry.get(domain).await {
         Ok(Some(d)) if d.enabled => d,
-        Ok(_) => return deny(),
+        Ok(_) => return Err(deny()),
         Err(e) => {
             tracing::warn!(event = "domain_lookup_failed", domain = %domain, error = %e);
-            return RcptVerdict::Reject(Reply::new(
+            return Err(Reply::new(
                 451,
                 "4.3.0",
                 "Temporary lookup failure, try again later",
@@ -34,22 +38,141 @@ pub async fn check_recipient(registry: &dyn DomainRegistry, rcpt: &Mailbox) -> R
     };
     if rcpt.has_routing_characters() {
         // The primary may trust us and honour `%`/`!`/quoted-`@` routing.
-        return RcptVerdict::Reject(Reply::new(
+        return Err(Reply::new(
             550,
             "5.7.1",
             format!("<{rcpt}>: Sender-specified routing is not accepted"),
         ));
     }
     if !record.accepts_recipient(rcpt) {
-        return RcptVerdict::Reject(Reply::new(
+        return Err(Reply::new(
             550,
             "5.1.1",
             format!("<{rcpt}>: Recipient address rejected: User unknown"),
         ));
     }
-    RcptVerdict::Accept {
-        domain: record.name,
-        max_message_size: record.max_message_size,
+    Ok(record)
+}
+
+/// Relay control as a verdict (no DNSBL, no greylisting).
+pub async fn check_recipient(registry: &dyn DomainRegistry, rcpt: &Mailbox) -> RcptVerdict {
+    match relay_check(registry, rcpt).await {
+        Ok(d) => RcptVerdict::Accept {
+            domain: d.name,
+            max_message_size: d.max_message_size,
+        },
+        Err(r) => RcptVerdict::Reject(r),
+    }
+}
+
+fn is_role_account(rcpt: &Mailbox) -> bool {
+    rcpt.local.eq_ignore_ascii_case("postmaster") || rcpt.local.eq_ignore_ascii_case("abuse")
+}
+
+/// The DNSBL lookups of one connection: started when the client connects,
+/// awaited at the first RCPT that needs them.
+pub struct ClientLookups {
+    pending: Option<tokio::task::JoinHandle<Verdict>>,
+    verdict: Option<Verdict>,
+}
+
+impl ClientLookups {
+    pub fn start(dnsbl: Option<&Arc<Dnsbl>>, ip: IpAddr) -> Self {
+        let pending = dnsbl.filter(|d| !d.is_empty()).map(|d| {
+            let d = d.clone();
+            tokio::spawn(async move { d.check(ip).await })
+        });
+        ClientLookups {
+            pending,
+            verdict: None,
+        }
+    }
+
+    /// A session whose address changed (PROXY protocol) starts over.
+    pub fn none() -> Self {
+        ClientLookups {
+            pending: None,
+            verdict: Some(Verdict::default()),
+        }
+    }
+
+    pub async fn verdict(&mut self) -> &Verdict {
+        if self.verdict.is_none() {
+            let v = match self.pending.take() {
+                Some(h) => h.await.unwrap_or_default(),
+                None => Verdict::default(),
+            };
+            self.verdict = Some(v);
+        }
+        self.verdict.get_or_insert_with(Verdict::default)
+    }
+}
+
+/// Everything that decides on a recipient.
+pub struct Policy {
+    pub registry: Arc<dyn DomainRegistry>,
+    /// `None` when greylisting is off globally.
+    pub greylist: Option<Greylist<dyn GreylistStore>>,
+    pub dnsbl: Option<Arc<Dnsbl>>,
+}
+
+impl Policy {
+    pub async fn check(
+        &self,
+        client: IpAddr,
+        lookups: &mut ClientLookups,
+        sender: &ReversePath,
+        rcpt: &Mailbox,
+        now: SystemTime,
+    ) -> RcptVerdict {
+        let role = is_role_account(rcpt);
+        let mut allowlisted = false;
+        if let Some(dnsbl) = &self.dnsbl {
+            let verdict = lookups.verdict().await;
+            allowlisted = verdict.allowlisted;
+            if !role && verdict.rejects(dnsbl.threshold) {
+                let zones: Vec<&str> = verdict.listed.iter().map(|(z, _)| z.as_str()).collect();
+                tracing::info!(event = "dnsbl_reject", client = %client, zones = ?zones, score = verdict.score);
+                return RcptVerdict::Reject(Reply::new(
+                    554,
+                    "5.7.1",
+                    format!(
+                        "Service unavailable; client [{client}] blocked using {}",
+                        zones.join(", ")
+                    ),
+                ));
+            }
+        }
+        let domain = match relay_check(self.registry.as_ref(), rcpt).await {
+            Ok(d) => d,
+            Err(r) => return RcptVerdict::Reject(r),
+        };
+        if let Some(grey) = &self.greylist {
+            if domain.greylist && !allowlisted {
+                let decision = grey.check(client, sender, rcpt, unix_seconds(now)).await;
+                let label = match decision {
+                    Decision::Defer => "defer",
+                    Decision::Pass(PassReason::StoreError) => "error",
+                    Decision::Pass(_) => "pass",
+                };
+                metrics::counter!("backupmx_greylist_total", "result" => label).increment(1);
+                if decision == Decision::Defer {
+                    // RFC 6647 §2.2: a 4xx; no hint of the seconds left.
+                    return RcptVerdict::Reject(Reply::new(
+                        450,
+                        "4.2.0",
+                        format!("<{rcpt}>: Recipient address rejected: Greylisted, please try again later"),
+                    ));
+                }
+            } else if allowlisted {
+                metrics::counter!("backupmx_greylist_total", "result" => "allowlisted")
+                    .increment(1);
+            }
+        }
+        RcptVerdict::Accept {
+            domain: domain.name,
+            max_message_size: domain.max_message_size,
+        }
     }
 }
 
@@ -57,7 +180,6 @@ pub async fn check_recipient(registry: &dyn DomainRegistry, rcpt: &Mailbox) -> R
 mod tests {
     use super::*;
     use crate::address::parse_forward_path;
-    use crate::domain::Domain;
     use crate::store::local::LocalStore;
 
     async fn verdict(reg: &LocalStore, rcpt: &str) -> String {

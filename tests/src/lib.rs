@@ -61,6 +61,12 @@ impl Server {
     }
 
     fn start_mode(mode: &'static str, smtp: &str, extra: &str, example_primary: &str) -> Server {
+        // Greylisting is on by default; tests about other things turn it off.
+        let extra = if extra.contains("[greylist]") {
+            extra.to_string()
+        } else {
+            format!("{extra}\n[greylist]\nenabled = false\n")
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let config = format!(

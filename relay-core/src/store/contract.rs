@@ -309,9 +309,18 @@ pub(crate) async fn greylist_contract(store: &dyn crate::greylist::GreylistStore
         expires: 200,
     };
     assert_eq!(store.triplet("k").await.unwrap(), None);
-    assert!(store.insert_triplet("k", &t).await.unwrap(), "first insert wins");
-    let other = TripletState { first_seen: 150, ..t };
-    assert!(!store.insert_triplet("k", &other).await.unwrap(), "second insert loses");
+    assert!(
+        store.insert_triplet("k", &t).await.unwrap(),
+        "first insert wins"
+    );
+    let other = TripletState {
+        first_seen: 150,
+        ..t
+    };
+    assert!(
+        !store.insert_triplet("k", &other).await.unwrap(),
+        "second insert loses"
+    );
     assert_eq!(store.triplet("k").await.unwrap(), Some(t));
     let passed = TripletState {
         passed_until: Some(1000),
@@ -329,8 +338,16 @@ pub(crate) async fn greylist_contract(store: &dyn crate::greylist::GreylistStore
     assert_eq!(store.client("192.0.2.0/24").await.unwrap(), Some(c));
     store.insert_triplet("old", &t).await.unwrap();
     store.sweep(350).await.unwrap();
-    assert_eq!(store.triplet("old").await.unwrap(), None, "expired triplet swept");
-    assert_eq!(store.client("192.0.2.0/24").await.unwrap(), None, "expired client swept");
+    assert_eq!(
+        store.triplet("old").await.unwrap(),
+        None,
+        "expired triplet swept"
+    );
+    assert_eq!(
+        store.client("192.0.2.0/24").await.unwrap(),
+        None,
+        "expired client swept"
+    );
     assert_eq!(store.triplet("k").await.unwrap(), Some(passed));
 }
 
@@ -352,7 +369,9 @@ async fn concurrent_first_sightings_agree() {
     for _ in 0..20 {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            crate::greylist::GreylistStore::insert_triplet(store.as_ref(), "same", &state).await.unwrap()
+            crate::greylist::GreylistStore::insert_triplet(store.as_ref(), "same", &state)
+                .await
+                .unwrap()
         }));
     }
     let mut winners = 0;

@@ -66,9 +66,18 @@ enum WriteOp {
         until: u64,
     },
     PutDomain(Domain),
-    InsertTriplet { key: String, state: TripletState },
-    PutTriplet { key: String, state: TripletState },
-    PutClient { network: String, state: ClientState },
+    InsertTriplet {
+        key: String,
+        state: TripletState,
+    },
+    PutTriplet {
+        key: String,
+        state: TripletState,
+    },
+    PutClient {
+        network: String,
+        state: ClientState,
+    },
     SweepGreylist(u64),
     RemoveDomain(DomainName),
 }
@@ -297,7 +306,10 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
         }
         WriteOp::SweepGreylist(now) => {
             let a = conn.execute("DELETE FROM greylist WHERE expires < ?1", [*now as i64])?;
-            let b = conn.execute("DELETE FROM greylist_clients WHERE expires < ?1", [*now as i64])?;
+            let b = conn.execute(
+                "DELETE FROM greylist_clients WHERE expires < ?1",
+                [*now as i64],
+            )?;
             Ok(a + b > 0)
         }
         WriteOp::RemoveDomain(name) => {
@@ -485,11 +497,16 @@ impl Spool for LocalStore {
 impl GreylistStore for LocalStore {
     async fn triplet(&self, key: &str) -> Result<Option<TripletState>, StoreError> {
         let row: Option<String> = self.read(|c| {
-            c.query_row("SELECT state FROM greylist WHERE key = ?1", [key], |r| r.get(0))
-                .optional()
+            c.query_row("SELECT state FROM greylist WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
         })?;
-        row.map(|r| serde_json::from_str(&r).map_err(|_| StoreError::Backend(format!("corrupt greylist record {key}"))))
-            .transpose()
+        row.map(|r| {
+            serde_json::from_str(&r)
+                .map_err(|_| StoreError::Backend(format!("corrupt greylist record {key}")))
+        })
+        .transpose()
     }
 
     async fn insert_triplet(&self, key: &str, state: &TripletState) -> Result<bool, StoreError> {
@@ -511,11 +528,19 @@ impl GreylistStore for LocalStore {
 
     async fn client(&self, network: &str) -> Result<Option<ClientState>, StoreError> {
         let row: Option<String> = self.read(|c| {
-            c.query_row("SELECT state FROM greylist_clients WHERE network = ?1", [network], |r| r.get(0))
-                .optional()
+            c.query_row(
+                "SELECT state FROM greylist_clients WHERE network = ?1",
+                [network],
+                |r| r.get(0),
+            )
+            .optional()
         })?;
-        row.map(|r| serde_json::from_str(&r).map_err(|_| StoreError::Backend(format!("corrupt greylist client record {network}"))))
-            .transpose()
+        row.map(|r| {
+            serde_json::from_str(&r).map_err(|_| {
+                StoreError::Backend(format!("corrupt greylist client record {network}"))
+            })
+        })
+        .transpose()
     }
 
     async fn put_client(&self, network: &str, state: &ClientState) -> Result<(), StoreError> {
