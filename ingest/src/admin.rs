@@ -13,7 +13,7 @@ use relay_core::store::{DeliveryQueue, DomainRegistry, MessageStore};
 use relay_core::time::from_unix_seconds;
 use serde_json::json;
 
-use crate::server::open_local;
+use crate::server::open_backends;
 
 #[derive(Subcommand)]
 pub enum DomainCommand {
@@ -78,7 +78,7 @@ fn parse_id(id: &str) -> anyhow::Result<QueueId> {
 }
 
 pub async fn domain(config: &Config, cmd: DomainCommand) -> anyhow::Result<()> {
-    let store: Arc<dyn DomainRegistry> = open_local(config)?;
+    let store: Arc<dyn DomainRegistry> = open_backends(config).await?.registry;
     match cmd {
         DomainCommand::Add {
             domain,
@@ -194,9 +194,9 @@ fn entry_json(e: &QueueEntry) -> serde_json::Value {
 }
 
 pub async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
-    let local = open_local(config)?;
-    let store: Arc<dyn DeliveryQueue> = local.clone();
-    let messages: Arc<dyn MessageStore> = local;
+    let backends = open_backends(config).await?;
+    let store: Arc<dyn DeliveryQueue> = backends.queue;
+    let messages: Arc<dyn MessageStore> = backends.messages;
     match cmd {
         QueueCommand::List { domain, json } => {
             let domain = domain.as_deref().map(parse_domain).transpose()?;
@@ -260,6 +260,29 @@ pub async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
                 bail!("no such message: {id}");
             }
             println!("{id}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum AwsCommand {
+    /// Create the tables, bucket and queues (template settings) at AWS_ENDPOINT_URL.
+    Bootstrap,
+}
+
+pub async fn aws(config: &Config, cmd: AwsCommand) -> anyhow::Result<()> {
+    match cmd {
+        AwsCommand::Bootstrap => {
+            let conf = relay_core::store::aws::sdk_config().await;
+            let names = crate::server::aws_names(config);
+            let store = relay_core::store::aws::AwsStore::bootstrap(&conf, names.clone())
+                .await
+                .context("cannot create the AWS resources")?;
+            println!("domains_table = \"{}\"", names.domains_table);
+            println!("greylist_table = \"{}\"", names.greylist_table);
+            println!("bucket = \"{}\"", names.bucket);
+            println!("queue_url = \"{}\"", store.queue_url());
         }
     }
     Ok(())

@@ -42,6 +42,9 @@ enum Command {
     /// Inspect and steer the queue.
     #[command(subcommand)]
     Queue(admin::QueueCommand),
+    /// AWS backend set-up.
+    #[command(subcommand)]
+    Aws(admin::AwsCommand),
 }
 
 fn init_logging(json: bool) {
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
             }
             Command::Domain(cmd) => admin::domain(&config, cmd).await,
             Command::Queue(cmd) => admin::queue(&config, cmd).await,
+            Command::Aws(cmd) => admin::aws(&config, cmd).await,
         }
     });
     match result {

@@ -17,8 +17,9 @@ use relay_core::dnsbl::Dnsbl;
 use relay_core::greylist::{Greylist, GreylistStore};
 use relay_core::policy::Policy;
 use relay_core::smtp::{Session, SessionConfig};
+use relay_core::store::aws::{AwsNames, AwsStore};
 use relay_core::store::local::LocalStore;
-use relay_core::store::{DeliveryQueue, DomainRegistry};
+use relay_core::store::{DeliveryQueue, DomainRegistry, MessageStore, SplitSpool, Spool};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -34,19 +35,69 @@ pub enum Mode {
     IngestOnly,
 }
 
-/// Opens the configured backend for the local store; the AWS backend is not
-/// part of this build yet, and saying so beats silently using another.
-pub fn open_local(config: &Config) -> anyhow::Result<Arc<LocalStore>> {
-    if config.storage.backend == Backend::Aws {
-        bail!("storage.backend = \"aws\" is not available in this build; use \"local\"");
+/// The storage backends, behind their traits.
+pub struct Backends {
+    pub registry: Arc<dyn DomainRegistry>,
+    pub greylist: Arc<dyn GreylistStore>,
+    pub spool: Arc<dyn Spool>,
+    pub queue: Arc<dyn DeliveryQueue>,
+    pub messages: Arc<dyn MessageStore>,
+    /// Set for the embedded backend (the delivery worker needs it).
+    pub local: Option<Arc<LocalStore>>,
+}
+
+/// Opens the configured backend.
+pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
+    match config.storage.backend {
+        Backend::Local => {
+            let store =
+                Arc::new(LocalStore::open(&config.storage.data_dir).with_context(|| {
+                    format!(
+                        "cannot open the data directory {}",
+                        config.storage.data_dir.display()
+                    )
+                })?);
+            Ok(Backends {
+                registry: store.clone(),
+                greylist: store.clone(),
+                spool: store.clone(),
+                queue: store.clone(),
+                messages: store.clone(),
+                local: Some(store),
+            })
+        }
+        Backend::Aws => {
+            let store = Arc::new(connect_aws(config).await?);
+            Ok(Backends {
+                registry: store.clone(),
+                greylist: store.clone(),
+                spool: Arc::new(SplitSpool {
+                    messages: store.clone(),
+                    queue: store.clone(),
+                }),
+                queue: store.clone(),
+                messages: store,
+                local: None,
+            })
+        }
     }
-    let store = LocalStore::open(&config.storage.data_dir).with_context(|| {
-        format!(
-            "cannot open the data directory {}",
-            config.storage.data_dir.display()
-        )
-    })?;
-    Ok(Arc::new(store))
+}
+
+pub fn aws_names(config: &Config) -> AwsNames {
+    AwsNames {
+        domains_table: config.aws.domains_table.clone(),
+        greylist_table: config.aws.greylist_table.clone(),
+        bucket: config.aws.bucket.clone(),
+        queue_url: config.aws.queue_url.clone(),
+        queue_name: config.aws.queue_name.clone(),
+    }
+}
+
+async fn connect_aws(config: &Config) -> anyhow::Result<AwsStore> {
+    let conf = relay_core::store::aws::sdk_config().await;
+    AwsStore::connect(&conf, aws_names(config)).await.context(
+        "cannot reach the AWS backend (is AWS_ENDPOINT_URL or the AWS configuration right?)",
+    )
 }
 
 /// Counts connections per client address.
@@ -92,13 +143,15 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     if config.smtp.proxy_protocol {
         bail!("smtp.proxy_protocol = true is not available in this build");
     }
-    let store = open_local(&config)?;
+    let backends = open_backends(&config).await?;
     for d in &config.domains {
         // validate() already checked every entry.
         let domain = d
             .to_domain()
             .with_context(|| format!("[[domain]] {}", d.name))?;
-        DomainRegistry::put(store.as_ref(), &domain)
+        backends
+            .registry
+            .put(&domain)
             .await
             .with_context(|| format!("cannot store domain {}", d.name))?;
     }
@@ -108,7 +161,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     };
     if let Some(m) = &config.metrics {
         crate::metrics::serve(m.listen).await?;
-        let queue = store.clone();
+        let queue = backends.queue.clone();
         tokio::spawn(async move {
             loop {
                 if let Ok(n) = queue.depth().await {
@@ -128,12 +181,14 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     } else {
         None
     };
-    let policy = Arc::new(build_policy(&config, &store, resolver.clone()));
-    spawn_maintenance(&config, &store, &policy);
+    let policy = Arc::new(build_policy(&config, &backends, resolver.clone()));
+    spawn_maintenance(&config, &backends, &policy);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut worker_task = None;
-    let delivery = if let (Mode::Embedded, Some(resolver)) = (mode, resolver) {
-        let (delivery, worker) = start_delivery(&config, &store, resolver)?;
+    let delivery = if let (Mode::Embedded, Some(resolver), Some(store)) =
+        (mode, resolver, backends.local.as_ref())
+    {
+        let (delivery, worker) = start_delivery(&config, store, resolver)?;
         worker_task = Some(tokio::spawn(worker.run(shutdown_rx.clone())));
         Some(delivery)
     } else {
@@ -159,7 +214,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             etrn_available: delivery.is_some(),
         }),
         policy,
-        spool: store.clone(),
+        spool: backends.spool.clone(),
         tls: tls.clone(),
         idle_timeout: config.smtp.idle_timeout,
         delivery,
@@ -366,7 +421,7 @@ fn refuse(
 /// DNSBL, relay control and greylisting, as configured.
 fn build_policy(
     config: &Config,
-    store: &Arc<LocalStore>,
+    backends: &Backends,
     resolver: Option<Arc<dyn Resolver>>,
 ) -> Policy {
     let dnsbl = resolver
@@ -385,22 +440,19 @@ fn build_policy(
                 config.dnsbl.min_cache_ttl,
             ))
         });
-    let greylist = config.greylist.enabled.then(|| {
-        let store: Arc<dyn GreylistStore> = store.clone();
-        Greylist {
-            settings: config.greylist.settings(),
-            store,
-        }
+    let greylist = config.greylist.enabled.then(|| Greylist {
+        settings: config.greylist.settings(),
+        store: backends.greylist.clone(),
     });
     Policy {
-        registry: store.clone(),
+        registry: backends.registry.clone(),
         greylist,
         dnsbl,
     }
 }
 
 /// DNSBL self-tests and greylist expiry, in the background.
-fn spawn_maintenance(config: &Config, store: &Arc<LocalStore>, policy: &Arc<Policy>) {
+fn spawn_maintenance(config: &Config, backends: &Backends, policy: &Arc<Policy>) {
     if let Some(dnsbl) = policy.dnsbl.clone() {
         let every = config.dnsbl.self_test_interval;
         tokio::spawn(async move {
@@ -411,11 +463,11 @@ fn spawn_maintenance(config: &Config, store: &Arc<LocalStore>, policy: &Arc<Poli
         });
     }
     if config.greylist.enabled {
-        let store = store.clone();
+        let store = backends.greylist.clone();
         tokio::spawn(async move {
             loop {
                 let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
-                if let Err(e) = GreylistStore::sweep(store.as_ref(), now).await {
+                if let Err(e) = store.sweep(now).await {
                     tracing::warn!(event = "greylist_sweep_failed", error = %e);
                 }
                 tokio::time::sleep(Duration::from_secs(3600)).await;

@@ -91,7 +91,9 @@ pub struct AwsConfig {
     pub domains_table: String,
     pub greylist_table: String,
     pub bucket: String,
+    /// Empty: looked up by `queue_name`.
     pub queue_url: String,
+    pub queue_name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -274,6 +276,7 @@ impl Default for AwsConfig {
             greylist_table: "backupmx-greylist".into(),
             bucket: "backupmx-messages".into(),
             queue_url: String::new(),
+            queue_name: "backupmx-queue".into(),
         }
     }
 }
@@ -466,6 +469,11 @@ impl DomainConfig {
         }
         Ok(d)
     }
+}
+
+/// Parses a human duration (`90s`, `5m`, `2d`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 fn one_line(e: &figment::Error) -> String {

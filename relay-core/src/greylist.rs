@@ -36,17 +36,30 @@ pub struct ClientState {
     pub expires: u64,
 }
 
-/// Where greylisting state lives. Implementations must make
-/// `insert_triplet` atomic (insert only if absent), so concurrent sessions
-/// and ingest instances agree on the first sighting.
+/// Where greylisting state lives. Every write is conditional (insert only
+/// if absent, replace only if unchanged since it was read), so concurrent
+/// sessions and ingest instances never lose each other's updates.
 #[async_trait]
 pub trait GreylistStore: Send + Sync {
     async fn triplet(&self, key: &str) -> Result<Option<TripletState>, StoreError>;
     /// Returns `false` if the key already existed (nothing written).
     async fn insert_triplet(&self, key: &str, state: &TripletState) -> Result<bool, StoreError>;
-    async fn put_triplet(&self, key: &str, state: &TripletState) -> Result<(), StoreError>;
+    /// Replaces `previous` with `state`; `false` if the record changed meanwhile.
+    async fn replace_triplet(
+        &self,
+        key: &str,
+        previous: &TripletState,
+        state: &TripletState,
+    ) -> Result<bool, StoreError>;
     async fn client(&self, network: &str) -> Result<Option<ClientState>, StoreError>;
-    async fn put_client(&self, network: &str, state: &ClientState) -> Result<(), StoreError>;
+    /// Writes `state` if the record is still `previous` (`None`: absent);
+    /// `false` if another writer got there first.
+    async fn put_client(
+        &self,
+        network: &str,
+        previous: Option<&ClientState>,
+        state: &ClientState,
+    ) -> Result<bool, StoreError>;
     /// Deletes records that expired before `now`.
     async fn sweep(&self, now: u64) -> Result<(), StoreError>;
 }
@@ -252,21 +265,23 @@ impl<S: GreylistStore + ?Sized> Greylist<S> {
             passed_until: Some(now + s.max_age.as_secs()),
             expires: now + s.max_age.as_secs(),
         };
+        // A lost race on the writes below means another session made the
+        // same decision at the same moment; the decision stands either way.
         if state.passed_until.is_some_and(|until| until >= now) {
-            self.store.put_triplet(&key, &passed).await?;
+            self.store.replace_triplet(&key, &state, &passed).await?;
             self.count_pass(&net_key, now).await?;
             return Ok(Decision::Pass(PassReason::KnownTriplet));
         }
         let elapsed = now.saturating_sub(state.first_seen);
         if state.passed_until.is_some() || elapsed > s.retry_window.as_secs() {
             // Too late (or a whitelisting that lapsed): start over.
-            self.store.put_triplet(&key, &fresh).await?;
+            self.store.replace_triplet(&key, &state, &fresh).await?;
             return Ok(Decision::Defer);
         }
         if elapsed < s.delay.as_secs() {
             return Ok(Decision::Defer);
         }
-        self.store.put_triplet(&key, &passed).await?;
+        self.store.replace_triplet(&key, &state, &passed).await?;
         self.count_pass(&net_key, now).await?;
         Ok(Decision::Pass(PassReason::Retried))
     }
@@ -290,7 +305,10 @@ impl<S: GreylistStore + ?Sized> Greylist<S> {
                 expires: now + max_age,
             },
         };
-        self.store.put_client(network, &next).await
+        self.store
+            .put_client(network, state.as_ref(), &next)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -521,13 +539,23 @@ mod tests {
         async fn insert_triplet(&self, _: &str, _: &TripletState) -> Result<bool, StoreError> {
             Err(StoreError::Backend("down".into()))
         }
-        async fn put_triplet(&self, _: &str, _: &TripletState) -> Result<(), StoreError> {
+        async fn replace_triplet(
+            &self,
+            _: &str,
+            _: &TripletState,
+            _: &TripletState,
+        ) -> Result<bool, StoreError> {
             Err(StoreError::Backend("down".into()))
         }
         async fn client(&self, _: &str) -> Result<Option<ClientState>, StoreError> {
             Err(StoreError::Backend("down".into()))
         }
-        async fn put_client(&self, _: &str, _: &ClientState) -> Result<(), StoreError> {
+        async fn put_client(
+            &self,
+            _: &str,
+            _: Option<&ClientState>,
+            _: &ClientState,
+        ) -> Result<bool, StoreError> {
             Err(StoreError::Backend("down".into()))
         }
         async fn sweep(&self, _: u64) -> Result<(), StoreError> {

@@ -65,6 +65,11 @@ impl QueueId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Milliseconds since the epoch when the id was made.
+    pub fn timestamp_millis(&self) -> u64 {
+        u64::from_str_radix(self.0.get(..12).unwrap_or("0"), 16).unwrap_or(0)
+    }
 }
 
 static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -8,6 +8,8 @@
 pub mod client;
 pub mod dsn;
 pub mod etrn;
+#[cfg(feature = "aws")]
+pub mod retry;
 pub mod route;
 pub mod transport;
 pub mod worker;

@@ -15,7 +15,7 @@ use super::client::ReplyParser;
 use super::Engine;
 use crate::address::DomainName;
 use crate::queue::{QueueEntry, QueueId};
-use crate::store::{DeliveryQueue, MessageStore, Spool, StoreError};
+use crate::store::{MessageStore, ScheduledQueue, Spool, StoreError};
 use crate::time::unix_seconds;
 
 #[derive(Debug, Clone)]
@@ -44,7 +44,7 @@ impl Default for WorkerConfig {
 
 pub struct Worker {
     engine: Arc<Engine>,
-    queue: Arc<dyn DeliveryQueue>,
+    queue: Arc<dyn ScheduledQueue>,
     messages: Arc<dyn MessageStore>,
     spool: Arc<dyn Spool>,
     cfg: WorkerConfig,
@@ -59,7 +59,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(
         engine: Arc<Engine>,
-        queue: Arc<dyn DeliveryQueue>,
+        queue: Arc<dyn ScheduledQueue>,
         messages: Arc<dyn MessageStore>,
         spool: Arc<dyn Spool>,
         cfg: WorkerConfig,

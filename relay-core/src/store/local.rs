@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::{DeliveryQueue, DomainRegistry, MessageStore, Spool, StoreError};
+use super::{DeliveryQueue, DomainRegistry, MessageStore, ScheduledQueue, Spool, StoreError};
 use crate::address::DomainName;
 use crate::domain::Domain;
 use crate::greylist::{ClientState, GreylistStore, TripletState};
@@ -70,12 +70,14 @@ enum WriteOp {
         key: String,
         state: TripletState,
     },
-    PutTriplet {
+    ReplaceTriplet {
         key: String,
+        previous: TripletState,
         state: TripletState,
     },
     PutClient {
         network: String,
+        previous: Option<ClientState>,
         state: ClientState,
     },
     SweepGreylist(u64),
@@ -290,20 +292,20 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             "INSERT OR IGNORE INTO greylist (key, state, expires) VALUES (?1, ?2, ?3)",
             params![key, json(state), state.expires as i64],
         )? > 0),
-        WriteOp::PutTriplet { key, state } => {
-            conn.execute(
-                "INSERT OR REPLACE INTO greylist (key, state, expires) VALUES (?1, ?2, ?3)",
-                params![key, json(state), state.expires as i64],
-            )?;
-            Ok(true)
-        }
-        WriteOp::PutClient { network, state } => {
-            conn.execute(
-                "INSERT OR REPLACE INTO greylist_clients (network, state, expires) VALUES (?1, ?2, ?3)",
+        WriteOp::ReplaceTriplet { key, previous, state } => Ok(conn.execute(
+            "UPDATE greylist SET state = ?2, expires = ?3 WHERE key = ?1 AND state = ?4",
+            params![key, json(state), state.expires as i64, json(previous)],
+        )? > 0),
+        WriteOp::PutClient { network, previous, state } => Ok(match previous {
+            None => conn.execute(
+                "INSERT OR IGNORE INTO greylist_clients (network, state, expires) VALUES (?1, ?2, ?3)",
                 params![network, json(state), state.expires as i64],
-            )?;
-            Ok(true)
-        }
+            )?,
+            Some(prev) => conn.execute(
+                "UPDATE greylist_clients SET state = ?2, expires = ?3 WHERE network = ?1 AND state = ?4",
+                params![network, json(state), state.expires as i64, json(prev)],
+            )?,
+        } > 0),
         WriteOp::SweepGreylist(now) => {
             let a = conn.execute("DELETE FROM greylist WHERE expires < ?1", [*now as i64])?;
             let b = conn.execute(
@@ -437,17 +439,6 @@ impl DeliveryQueue for LocalStore {
             .map(|n| n.max(0) as u64)
     }
 
-    async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError> {
-        let rows: Vec<(String, String)> = self.read(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT id, record FROM queue WHERE next_attempt <= ?1 ORDER BY received_at, id LIMIT ?2",
-            )?;
-            let rows = st.query_map(params![now as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect()
-        })?;
-        rows.iter().map(|(id, r)| decode_entry(id, r)).collect()
-    }
-
     async fn update(&self, entry: &QueueEntry) -> Result<bool, StoreError> {
         self.write(WriteOp::UpdateEntry(entry.clone())).await
     }
@@ -466,6 +457,20 @@ impl DeliveryQueue for LocalStore {
             )
         })
         .map(|n| n.max(0) as u64)
+    }
+}
+
+#[async_trait]
+impl ScheduledQueue for LocalStore {
+    async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError> {
+        let rows: Vec<(String, String)> = self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, record FROM queue WHERE next_attempt <= ?1 ORDER BY received_at, id LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![now as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })?;
+        rows.iter().map(|(id, r)| decode_entry(id, r)).collect()
     }
 
     async fn defer_domain(&self, domain: &DomainName, until: u64) -> Result<u64, StoreError> {
@@ -517,13 +522,18 @@ impl GreylistStore for LocalStore {
         .await
     }
 
-    async fn put_triplet(&self, key: &str, state: &TripletState) -> Result<(), StoreError> {
-        self.write(WriteOp::PutTriplet {
+    async fn replace_triplet(
+        &self,
+        key: &str,
+        previous: &TripletState,
+        state: &TripletState,
+    ) -> Result<bool, StoreError> {
+        self.write(WriteOp::ReplaceTriplet {
             key: key.to_string(),
+            previous: *previous,
             state: *state,
         })
         .await
-        .map(|_| ())
     }
 
     async fn client(&self, network: &str) -> Result<Option<ClientState>, StoreError> {
@@ -543,13 +553,18 @@ impl GreylistStore for LocalStore {
         .transpose()
     }
 
-    async fn put_client(&self, network: &str, state: &ClientState) -> Result<(), StoreError> {
+    async fn put_client(
+        &self,
+        network: &str,
+        previous: Option<&ClientState>,
+        state: &ClientState,
+    ) -> Result<bool, StoreError> {
         self.write(WriteOp::PutClient {
             network: network.to_string(),
+            previous: previous.copied(),
             state: *state,
         })
         .await
-        .map(|_| ())
     }
 
     async fn sweep(&self, now: u64) -> Result<(), StoreError> {

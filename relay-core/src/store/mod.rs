@@ -12,10 +12,12 @@ use crate::address::DomainName;
 use crate::domain::Domain;
 use crate::queue::{AcceptedMessage, QueueEntry, QueueId, RecordError};
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod local;
 
 #[cfg(test)]
-mod contract;
+pub(crate) mod contract;
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -75,15 +77,21 @@ pub trait DeliveryQueue: Send + Sync {
     /// Returns whether the entry existed.
     async fn remove(&self, id: &QueueId) -> Result<bool, StoreError>;
     async fn depth(&self) -> Result<u64, StoreError>;
-    /// Entries whose next attempt is at or before `now` (Unix seconds),
-    /// oldest first.
-    async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError>;
     /// Replaces an entry after an attempt; `false` if it was deleted
     /// meanwhile (it is not brought back).
     async fn update(&self, entry: &QueueEntry) -> Result<bool, StoreError>;
     /// Makes every entry (of one domain, or all) due at `now`; returns how
     /// many entries the domain has queued.
     async fn release(&self, domain: Option<&DomainName>, now: u64) -> Result<u64, StoreError>;
+}
+
+/// A queue that can be asked what is due: the embedded worker's view.
+/// (On AWS, SQS delays do the scheduling instead.)
+#[async_trait]
+pub trait ScheduledQueue: DeliveryQueue {
+    /// Entries whose next attempt is at or before `now` (Unix seconds),
+    /// oldest first.
+    async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError>;
     /// Postpones every entry of a domain that is due before `until`, when
     /// its destination is down; returns how many were postponed.
     async fn defer_domain(&self, domain: &DomainName, until: u64) -> Result<u64, StoreError>;

@@ -1,0 +1,740 @@
+//! The AWS backend: domains and greylisting in DynamoDB, message bodies and
+//! queue records in S3, the delivery schedule in SQS.
+//!
+//! Layout (documented for operators in `infra/README.md`):
+//! - domains table, partition key `name` (S): `primary` (L of S),
+//!   `greylist` (BOOL), `max_message_size` (N), `recipients` (L of S),
+//!   `enabled` (BOOL).
+//! - greylist table, partition key `pk` (S): `t#<triplet>` or `c#<network>`,
+//!   the state as attributes, and `expires` (N, the table's TTL attribute —
+//!   DynamoDB deletes lazily, so expiry is always checked in code too).
+//! - bucket: `messages/<yyyy-mm-dd>/<id>.eml` (the message) and
+//!   `messages/<yyyy-mm-dd>/<id>.json` (the queue record, authoritative for
+//!   per-recipient status), both with SSE; the date comes from the id.
+//! - queue: each SQS message is the queue record's JSON at the time it was
+//!   sent; its `attempts` is a token: a message whose attempts differ from
+//!   the S3 record is stale and dropped, so a redelivered or duplicated SQS
+//!   message never repeats an attempt.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType, TimeToLiveSpecification,
+};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ServerSideEncryption;
+use aws_sdk_sqs::types::QueueAttributeName;
+
+use super::{DeliveryQueue, DomainRegistry, MessageStore, StoreError};
+use crate::address::DomainName;
+use crate::domain::Domain;
+use crate::greylist::{ClientState, GreylistStore, TripletState};
+use crate::queue::{QueueEntry, QueueId};
+
+/// Names of the AWS resources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsNames {
+    pub domains_table: String,
+    pub greylist_table: String,
+    pub bucket: String,
+    /// Full queue URL; empty to look it up by `queue_name`.
+    pub queue_url: String,
+    pub queue_name: String,
+}
+
+/// SQS delays are at most 15 minutes.
+pub const MAX_SQS_DELAY: u64 = 900;
+
+/// The AWS clients, built once.
+#[derive(Clone)]
+pub struct AwsStore {
+    dynamodb: aws_sdk_dynamodb::Client,
+    s3: aws_sdk_s3::Client,
+    sqs: aws_sdk_sqs::Client,
+    names: AwsNames,
+    queue_url: String,
+}
+
+fn backend(what: &str, e: impl std::error::Error) -> StoreError {
+    StoreError::Backend(format!(
+        "{what}: {}",
+        aws_sdk_s3::error::DisplayErrorContext(e)
+    ))
+}
+
+/// SDK configuration from the environment (`AWS_ENDPOINT_URL` included).
+pub async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await
+}
+
+fn s3_client(conf: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
+    // An emulator endpoint has no per-bucket host names: use path style.
+    let path_style = conf.endpoint_url().is_some();
+    aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(conf)
+            .force_path_style(path_style)
+            .build(),
+    )
+}
+
+impl AwsStore {
+    /// Connects to existing resources.
+    pub async fn connect(
+        conf: &aws_config::SdkConfig,
+        names: AwsNames,
+    ) -> Result<Self, StoreError> {
+        let sqs = aws_sdk_sqs::Client::new(conf);
+        let queue_url = if names.queue_url.is_empty() {
+            sqs.get_queue_url()
+                .queue_name(&names.queue_name)
+                .send()
+                .await
+                .map_err(|e| backend(&format!("queue {}", names.queue_name), e))?
+                .queue_url()
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            names.queue_url.clone()
+        };
+        Ok(AwsStore {
+            dynamodb: aws_sdk_dynamodb::Client::new(conf),
+            s3: s3_client(conf),
+            sqs,
+            names,
+            queue_url,
+        })
+    }
+
+    /// Creates the tables, bucket and queues with the template's settings
+    /// (idempotent), then connects.
+    pub async fn bootstrap(
+        conf: &aws_config::SdkConfig,
+        names: AwsNames,
+    ) -> Result<Self, StoreError> {
+        let ddb = aws_sdk_dynamodb::Client::new(conf);
+        for (table, key) in [
+            (&names.domains_table, "name"),
+            (&names.greylist_table, "pk"),
+        ] {
+            let created = ddb
+                .create_table()
+                .table_name(table)
+                .billing_mode(BillingMode::PayPerRequest)
+                .attribute_definitions(
+                    AttributeDefinition::builder()
+                        .attribute_name(key)
+                        .attribute_type(ScalarAttributeType::S)
+                        .build()
+                        .map_err(|e| backend("table definition", e))?,
+                )
+                .key_schema(
+                    KeySchemaElement::builder()
+                        .attribute_name(key)
+                        .key_type(KeyType::Hash)
+                        .build()
+                        .map_err(|e| backend("table key", e))?,
+                )
+                .send()
+                .await;
+            if let Err(e) = created {
+                let service = e.into_service_error();
+                if !service.is_resource_in_use_exception() {
+                    return Err(backend(&format!("create table {table}"), service));
+                }
+            }
+        }
+        let ttl = ddb
+            .update_time_to_live()
+            .table_name(&names.greylist_table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .attribute_name("expires")
+                    .enabled(true)
+                    .build()
+                    .map_err(|e| backend("ttl", e))?,
+            )
+            .send()
+            .await;
+        if let Err(e) = ttl {
+            // Enabling it twice is refused; that is fine.
+            let s = e.into_service_error();
+            if !s.to_string().to_lowercase().contains("already enabled") {
+                return Err(backend("enable TTL", s));
+            }
+        }
+        let s3 = s3_client(conf);
+        if let Err(e) = s3.create_bucket().bucket(&names.bucket).send().await {
+            let s = e.into_service_error();
+            if !(s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists()) {
+                return Err(backend(&format!("create bucket {}", names.bucket), s));
+            }
+        }
+        let sqs = aws_sdk_sqs::Client::new(conf);
+        let dlq_name = format!("{}-dlq", names.queue_name);
+        let dlq_url = sqs
+            .create_queue()
+            .queue_name(&dlq_name)
+            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+            .send()
+            .await
+            .map_err(|e| backend("create dead-letter queue", e))?
+            .queue_url()
+            .unwrap_or_default()
+            .to_string();
+        let dlq_arn = sqs
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| backend("dead-letter queue ARN", e))?
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .unwrap_or_default();
+        let queue_url = sqs
+            .create_queue()
+            .queue_name(&names.queue_name)
+            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+            .attributes(QueueAttributeName::VisibilityTimeout, "5400")
+            .attributes(
+                QueueAttributeName::RedrivePolicy,
+                format!("{{\"deadLetterTargetArn\":\"{dlq_arn}\",\"maxReceiveCount\":\"10\"}}"),
+            )
+            .send()
+            .await
+            .map_err(|e| backend("create queue", e))?
+            .queue_url()
+            .unwrap_or_default()
+            .to_string();
+        AwsStore::connect(conf, AwsNames { queue_url, ..names }).await
+    }
+
+    pub fn queue_url(&self) -> &str {
+        &self.queue_url
+    }
+
+    pub fn names(&self) -> &AwsNames {
+        &self.names
+    }
+
+    pub fn sqs(&self) -> &aws_sdk_sqs::Client {
+        &self.sqs
+    }
+
+    /// `messages/<yyyy-mm-dd>/<id>` from the time inside the id.
+    fn key_base(id: &QueueId) -> String {
+        let millis = id.timestamp_millis();
+        let date = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_millis(millis),
+        )
+        .to_string();
+        format!("messages/{}/{id}", &date[..10])
+    }
+
+    async fn put_object(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), StoreError> {
+        self.s3
+            .put_object()
+            .bucket(&self.names.bucket)
+            .key(key)
+            .content_type(content_type)
+            .server_side_encryption(ServerSideEncryption::Aes256)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| backend(&format!("S3 put {key}"), e))?;
+        Ok(())
+    }
+
+    async fn get_object(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self
+            .s3
+            .get_object()
+            .bucket(&self.names.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let bytes = out
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|e| backend(&format!("S3 read {key}"), e))?;
+                Ok(Some(bytes.into_bytes().to_vec()))
+            }
+            Err(e) => {
+                let s = e.into_service_error();
+                if s.is_no_such_key() {
+                    Ok(None)
+                } else {
+                    Err(backend(&format!("S3 get {key}"), s))
+                }
+            }
+        }
+    }
+
+    async fn delete_object(&self, key: &str) -> Result<(), StoreError> {
+        self.s3
+            .delete_object()
+            .bucket(&self.names.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| backend(&format!("S3 delete {key}"), e))?;
+        Ok(())
+    }
+
+    /// Writes the authoritative queue record.
+    pub async fn put_record(&self, entry: &QueueEntry) -> Result<(), StoreError> {
+        self.put_object(
+            &format!("{}.json", Self::key_base(&entry.id)),
+            entry.encode().into_bytes(),
+            "application/json",
+        )
+        .await
+    }
+
+    /// Schedules an attempt of `entry` in `delay` seconds (at most 15 min;
+    /// the retry function re-delays records that are not due yet).
+    pub async fn schedule(&self, entry: &QueueEntry, delay: u64) -> Result<(), StoreError> {
+        self.sqs
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(entry.encode())
+            .delay_seconds(delay.min(MAX_SQS_DELAY) as i32)
+            .send()
+            .await
+            .map_err(|e| backend("SQS send", e))?;
+        Ok(())
+    }
+
+    async fn record_keys(&self) -> Result<Vec<String>, StoreError> {
+        let mut keys = Vec::new();
+        let mut token = None;
+        loop {
+            let out = self
+                .s3
+                .list_objects_v2()
+                .bucket(&self.names.bucket)
+                .prefix("messages/")
+                .set_continuation_token(token)
+                .send()
+                .await
+                .map_err(|e| backend("S3 list", e))?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key())
+                    .filter(|k| k.ends_with(".json"))
+                    .map(String::from),
+            );
+            match out.next_continuation_token() {
+                Some(t) => token = Some(t.to_string()),
+                None => return Ok(keys),
+            }
+        }
+    }
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn get_n(item: &HashMap<String, AttributeValue>, key: &str) -> Option<u64> {
+    item.get(key)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn get_strings(item: &HashMap<String, AttributeValue>, key: &str) -> Option<Vec<String>> {
+    match item.get(key)? {
+        AttributeValue::L(list) => {
+            Some(list.iter().filter_map(|v| v.as_s().ok().cloned()).collect())
+        }
+        AttributeValue::Ss(set) => Some(set.clone()),
+        _ => None,
+    }
+}
+
+fn domain_item(d: &Domain) -> HashMap<String, AttributeValue> {
+    let mut item = HashMap::from([
+        ("name".to_string(), s(d.name.as_str())),
+        (
+            "primary".to_string(),
+            AttributeValue::L(d.primary.iter().map(|p| s(p.as_str())).collect()),
+        ),
+        ("greylist".to_string(), AttributeValue::Bool(d.greylist)),
+        ("enabled".to_string(), AttributeValue::Bool(d.enabled)),
+    ]);
+    if let Some(m) = d.max_message_size {
+        item.insert("max_message_size".into(), n(m));
+    }
+    if let Some(r) = &d.recipients {
+        item.insert(
+            "recipients".into(),
+            AttributeValue::L(r.iter().map(|a| s(a.as_str())).collect()),
+        );
+    }
+    item
+}
+
+fn domain_from_item(item: &HashMap<String, AttributeValue>) -> Result<Domain, StoreError> {
+    let name = item
+        .get("name")
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_default();
+    let corrupt = || StoreError::CorruptDomain(name.clone());
+    let domain_name = DomainName::parse(&name).map_err(|_| corrupt())?;
+    let flag = |k: &str| {
+        item.get(k)
+            .map(|v| v.as_bool().copied().map_err(|_| corrupt()))
+            .transpose()
+    };
+    Ok(Domain {
+        name: domain_name,
+        primary: get_strings(item, "primary").unwrap_or_default(),
+        greylist: flag("greylist")?.unwrap_or(true),
+        max_message_size: get_n(item, "max_message_size"),
+        recipients: get_strings(item, "recipients")
+            .map(|r| r.into_iter().map(|a| a.to_lowercase()).collect()),
+        enabled: flag("enabled")?.unwrap_or(true),
+    })
+}
+
+#[async_trait]
+impl DomainRegistry for AwsStore {
+    async fn get(&self, name: &DomainName) -> Result<Option<Domain>, StoreError> {
+        let out = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.names.domains_table)
+            .key("name", s(name.as_str()))
+            .send()
+            .await
+            .map_err(|e| backend("DynamoDB get domain", e))?;
+        out.item().map(domain_from_item).transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<Domain>, StoreError> {
+        let mut domains = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .dynamodb
+                .scan()
+                .table_name(&self.names.domains_table)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| backend("DynamoDB scan domains", e))?;
+            for item in out.items() {
+                domains.push(domain_from_item(item)?);
+            }
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => break,
+            }
+        }
+        domains.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(domains)
+    }
+
+    async fn put(&self, domain: &Domain) -> Result<(), StoreError> {
+        self.dynamodb
+            .put_item()
+            .table_name(&self.names.domains_table)
+            .set_item(Some(domain_item(domain)))
+            .send()
+            .await
+            .map_err(|e| backend("DynamoDB put domain", e))?;
+        Ok(())
+    }
+
+    async fn remove(&self, name: &DomainName) -> Result<bool, StoreError> {
+        let out = self
+            .dynamodb
+            .delete_item()
+            .table_name(&self.names.domains_table)
+            .key("name", s(name.as_str()))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| backend("DynamoDB delete domain", e))?;
+        Ok(out.attributes().is_some_and(|a| !a.is_empty()))
+    }
+}
+
+fn triplet_item(key: &str, t: &TripletState) -> HashMap<String, AttributeValue> {
+    let mut item = HashMap::from([
+        ("pk".to_string(), s(format!("t#{key}"))),
+        ("first_seen".to_string(), n(t.first_seen)),
+        ("expires".to_string(), n(t.expires)),
+    ]);
+    if let Some(p) = t.passed_until {
+        item.insert("passed_until".into(), n(p));
+    }
+    item
+}
+
+fn triplet_from_item(item: &HashMap<String, AttributeValue>) -> Option<TripletState> {
+    Some(TripletState {
+        first_seen: get_n(item, "first_seen")?,
+        passed_until: get_n(item, "passed_until"),
+        expires: get_n(item, "expires")?,
+    })
+}
+
+impl AwsStore {
+    async fn get_greylist_item(
+        &self,
+        pk: String,
+    ) -> Result<Option<HashMap<String, AttributeValue>>, StoreError> {
+        let out = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.names.greylist_table)
+            .key("pk", s(pk))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| backend("DynamoDB get greylist", e))?;
+        Ok(out.item().cloned())
+    }
+
+    /// A conditional put: `Ok(false)` when the condition failed.
+    async fn put_greylist_if(
+        &self,
+        item: HashMap<String, AttributeValue>,
+        condition: &str,
+        values: HashMap<String, AttributeValue>,
+    ) -> Result<bool, StoreError> {
+        let mut req = self
+            .dynamodb
+            .put_item()
+            .table_name(&self.names.greylist_table)
+            .set_item(Some(item))
+            .condition_expression(condition);
+        if !values.is_empty() {
+            req = req.set_expression_attribute_values(Some(values));
+        }
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let s = e.into_service_error();
+                if s.is_conditional_check_failed_exception() {
+                    Ok(false)
+                } else {
+                    Err(backend("DynamoDB put greylist", s))
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl GreylistStore for AwsStore {
+    async fn triplet(&self, key: &str) -> Result<Option<TripletState>, StoreError> {
+        Ok(self
+            .get_greylist_item(format!("t#{key}"))
+            .await?
+            .as_ref()
+            .and_then(triplet_from_item))
+    }
+
+    async fn insert_triplet(&self, key: &str, state: &TripletState) -> Result<bool, StoreError> {
+        self.put_greylist_if(
+            triplet_item(key, state),
+            "attribute_not_exists(pk)",
+            HashMap::new(),
+        )
+        .await
+    }
+
+    async fn replace_triplet(
+        &self,
+        key: &str,
+        previous: &TripletState,
+        state: &TripletState,
+    ) -> Result<bool, StoreError> {
+        // The record is unchanged if its first sighting and pass time are.
+        let (condition, mut values) = match previous.passed_until {
+            Some(p) => (
+                "first_seen = :f AND passed_until = :p",
+                HashMap::from([(":p".to_string(), n(p))]),
+            ),
+            None => (
+                "first_seen = :f AND attribute_not_exists(passed_until)",
+                HashMap::new(),
+            ),
+        };
+        values.insert(":f".into(), n(previous.first_seen));
+        self.put_greylist_if(triplet_item(key, state), condition, values)
+            .await
+    }
+
+    async fn client(&self, network: &str) -> Result<Option<ClientState>, StoreError> {
+        let item = self.get_greylist_item(format!("c#{network}")).await?;
+        Ok(item.and_then(|i| {
+            Some(ClientState {
+                passes: u32::try_from(get_n(&i, "passes")?).ok()?,
+                last_counted: get_n(&i, "last_counted")?,
+                expires: get_n(&i, "expires")?,
+            })
+        }))
+    }
+
+    async fn put_client(
+        &self,
+        network: &str,
+        previous: Option<&ClientState>,
+        state: &ClientState,
+    ) -> Result<bool, StoreError> {
+        let item = HashMap::from([
+            ("pk".to_string(), s(format!("c#{network}"))),
+            ("passes".to_string(), n(u64::from(state.passes))),
+            ("last_counted".to_string(), n(state.last_counted)),
+            ("expires".to_string(), n(state.expires)),
+        ]);
+        match previous {
+            None => {
+                self.put_greylist_if(item, "attribute_not_exists(pk)", HashMap::new())
+                    .await
+            }
+            Some(p) => {
+                let values = HashMap::from([
+                    (":n".to_string(), n(u64::from(p.passes))),
+                    (":l".to_string(), n(p.last_counted)),
+                ]);
+                self.put_greylist_if(item, "passes = :n AND last_counted = :l", values)
+                    .await
+            }
+        }
+    }
+
+    /// DynamoDB's TTL deletes expired items by itself (lazily); nothing to do.
+    async fn sweep(&self, _now: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl MessageStore for AwsStore {
+    async fn put(&self, id: &QueueId, body: &[u8]) -> Result<(), StoreError> {
+        self.put_object(
+            &format!("{}.eml", Self::key_base(id)),
+            body.to_vec(),
+            "message/rfc822",
+        )
+        .await
+    }
+
+    async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get_object(&format!("{}.eml", Self::key_base(id)))
+            .await
+    }
+
+    async fn delete(&self, id: &QueueId) -> Result<(), StoreError> {
+        self.delete_object(&format!("{}.eml", Self::key_base(id)))
+            .await
+    }
+}
+
+#[async_trait]
+impl DeliveryQueue for AwsStore {
+    /// The record goes to S3 first, then the first attempt to SQS.
+    async fn enqueue(&self, entry: &QueueEntry) -> Result<(), StoreError> {
+        self.put_record(entry).await?;
+        if let Err(e) = self.schedule(entry, 0).await {
+            let _ = self
+                .delete_object(&format!("{}.json", Self::key_base(&entry.id)))
+                .await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError> {
+        let Some(bytes) = self
+            .get_object(&format!("{}.json", Self::key_base(id)))
+            .await?
+        else {
+            return Ok(None);
+        };
+        QueueEntry::decode(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                id: id.to_string(),
+                source,
+            })
+    }
+
+    async fn list(&self, domain: Option<&DomainName>) -> Result<Vec<QueueEntry>, StoreError> {
+        let mut entries = Vec::new();
+        for key in self.record_keys().await? {
+            let Some(bytes) = self.get_object(&key).await? else {
+                continue;
+            };
+            let entry = QueueEntry::decode(&bytes).map_err(|source| StoreError::Corrupt {
+                id: key.clone(),
+                source,
+            })?;
+            if domain.is_none_or(|d| *d == entry.domain) {
+                entries.push(entry);
+            }
+        }
+        entries.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
+        Ok(entries)
+    }
+
+    /// Deletes the record and the body; an SQS message still in flight
+    /// finds no record and is dropped.
+    async fn remove(&self, id: &QueueId) -> Result<bool, StoreError> {
+        let base = Self::key_base(id);
+        let existed = self.get_object(&format!("{base}.json")).await?.is_some();
+        self.delete_object(&format!("{base}.json")).await?;
+        self.delete_object(&format!("{base}.eml")).await?;
+        Ok(existed)
+    }
+
+    /// Queued entries (their records in S3; SQS counts would include
+    /// stale duplicates).
+    async fn depth(&self) -> Result<u64, StoreError> {
+        Ok(self.record_keys().await?.len() as u64)
+    }
+
+    async fn update(&self, entry: &QueueEntry) -> Result<bool, StoreError> {
+        if DeliveryQueue::get(self, &entry.id).await?.is_none() {
+            return Ok(false);
+        }
+        self.put_record(entry).await?;
+        Ok(true)
+    }
+
+    /// Sends an immediate attempt for each record; the delayed SQS message
+    /// already waiting becomes stale once the attempt counter moves on.
+    async fn release(&self, domain: Option<&DomainName>, now: u64) -> Result<u64, StoreError> {
+        let entries = DeliveryQueue::list(self, domain).await?;
+        for e in &entries {
+            let mut due = e.clone();
+            due.next_attempt = due.next_attempt.min(now);
+            self.put_record(&due).await?;
+            self.schedule(&due, 0).await?;
+        }
+        Ok(entries.len() as u64)
+    }
+}
