@@ -60,7 +60,65 @@ impl Server {
         Server::start_mode("run", smtp, &extra, example_primary)
     }
 
+    /// `backupmx ingest` on the AWS backend, with fresh uniquely named
+    /// resources created by `backupmx aws bootstrap`. `None` when no
+    /// emulator is configured (see [`aws_available`]).
+    pub fn start_aws(
+        smtp: &str,
+        extra: &str,
+        example_primary: &str,
+        break_bucket: bool,
+    ) -> Option<Server> {
+        if !aws_available() {
+            return None;
+        }
+        let suffix = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let aws = format!(
+            "[aws]\ndomains_table = \"domains-{suffix}\"\ngreylist_table = \"greylist-{suffix}\"\nbucket = \"bucket-{suffix}\"\nqueue_name = \"queue-{suffix}\"\n"
+        );
+        let mut s = Server::prepare(
+            "ingest",
+            smtp,
+            &format!("{extra}\n{aws}"),
+            example_primary,
+            "backend = \"aws\"\n",
+        );
+        let out = s.cli(&["aws", "bootstrap"]);
+        assert!(
+            out.status.success(),
+            "bootstrap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if break_bucket {
+            let text = std::fs::read_to_string(&s.config_path).expect("config");
+            std::fs::write(
+                &s.config_path,
+                text.replace(&format!("bucket-{suffix}"), &format!("missing-{suffix}")),
+            )
+            .expect("config");
+        }
+        s.spawn();
+        Some(s)
+    }
+
     fn start_mode(mode: &'static str, smtp: &str, extra: &str, example_primary: &str) -> Server {
+        let mut s = Server::prepare(mode, smtp, extra, example_primary, "");
+        s.spawn();
+        s
+    }
+
+    fn prepare(
+        mode: &'static str,
+        smtp: &str,
+        extra: &str,
+        example_primary: &str,
+        storage: &str,
+    ) -> Server {
         // Greylisting is on by default; tests about other things turn it off.
         let extra = if extra.contains("[greylist]") {
             extra.to_string()
@@ -70,23 +128,21 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let config = format!(
-            "hostname = \"mx2.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{smtp}\n[storage]\ndata_dir = \"{}\"\n\n[[domain]]\nname = \"example.test\"\n{}\n{extra}\n",
+            "hostname = \"mx2.test\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n{smtp}\n[storage]\n{storage}data_dir = \"{}\"\n\n[[domain]]\nname = \"example.test\"\n{}\n{extra}\n",
             dir.path().join("data").display(),
             if example_primary.is_empty() { String::new() } else { format!("primary = {example_primary}\n") }
         );
         let config_path = dir.path().join("backupmx.toml");
         std::fs::write(&config_path, config).expect("write config");
         let log_path = dir.path().join("backupmx.log");
-        let mut s = Server {
+        Server {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir,
             config_path,
             log_path,
             mode,
-        };
-        s.spawn();
-        s
+        }
     }
 
     fn spawn(&mut self) {
@@ -414,4 +470,24 @@ pub fn self_signed_tls(dir: &Path) -> String {
         cert_path.display(),
         key_path.display()
     )
+}
+
+/// Whether an AWS emulator is configured (`AWS_ENDPOINT_URL`). With
+/// `REQUIRE_AWS_EMULATOR` set (scripts/test sets it), a missing emulator
+/// fails the test instead of skipping it.
+pub fn aws_available() -> bool {
+    if std::env::var_os("AWS_ENDPOINT_URL").is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("REQUIRE_AWS_EMULATOR").is_none(),
+        "REQUIRE_AWS_EMULATOR is set but AWS_ENDPOINT_URL is not: start the emulator (ci/aws-emulator.sh)"
+    );
+    eprintln!("skipped: AWS_ENDPOINT_URL is not set");
+    false
+}
+
+/// The `retry-fn` binary next to this test executable.
+pub fn retry_fn_bin() -> PathBuf {
+    backupmx_bin().with_file_name("retry-fn")
 }

@@ -395,7 +395,7 @@ async fn concurrent_first_sightings_agree() {
 
 /// The same contracts against the AWS backend on an emulator
 /// (`AWS_ENDPOINT_URL`). Skipped without one, unless
-/// `BACKUPMX_REQUIRE_AWS` is set (as `scripts/test` does).
+/// `REQUIRE_AWS_EMULATOR` is set (as `scripts/test` does).
 #[cfg(feature = "aws")]
 mod aws {
     use super::*;
@@ -404,8 +404,8 @@ mod aws {
     pub(crate) async fn store() -> Option<Arc<AwsStore>> {
         if std::env::var_os("AWS_ENDPOINT_URL").is_none() {
             assert!(
-                std::env::var_os("BACKUPMX_REQUIRE_AWS").is_none(),
-                "BACKUPMX_REQUIRE_AWS is set but AWS_ENDPOINT_URL is not: start the emulator (ci/aws-emulator.sh)"
+                std::env::var_os("REQUIRE_AWS_EMULATOR").is_none(),
+                "REQUIRE_AWS_EMULATOR is set but AWS_ENDPOINT_URL is not: start the emulator (ci/aws-emulator.sh)"
             );
             eprintln!("skipped: AWS_ENDPOINT_URL is not set");
             return None;

@@ -1,0 +1,145 @@
+//! The retry function's wiring: build the AWS clients and the delivery
+//! engine once, then process SQS messages as a Lambda handler or a poller.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use relay_core::config::Config;
+use relay_core::delivery::retry::{Processed, RetryProcessor};
+use relay_core::delivery::route::SelfIdentity;
+use relay_core::delivery::transport::Timeouts;
+use relay_core::delivery::{Engine, EngineConfig};
+use relay_core::dns::HickoryResolver;
+use relay_core::store::aws::{AwsNames, AwsStore};
+
+/// Clients, resolver and engine from the configuration.
+pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
+    let conf = relay_core::store::aws::sdk_config().await;
+    let names = AwsNames {
+        domains_table: config.aws.domains_table.clone(),
+        greylist_table: config.aws.greylist_table.clone(),
+        bucket: config.aws.bucket.clone(),
+        queue_url: config.aws.queue_url.clone(),
+        queue_name: config.aws.queue_name.clone(),
+    };
+    let store = Arc::new(
+        AwsStore::connect(&conf, names)
+            .await
+            .context("cannot reach the AWS backend")?,
+    );
+    let resolver = HickoryResolver::new(&config.dns.servers, config.dns.timeout)
+        .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
+    let d = &config.delivery;
+    let engine = Arc::new(Engine::new(
+        EngineConfig {
+            me: SelfIdentity {
+                hostname: config.hostname.clone(),
+                listen: config.smtp.listen.clone(),
+                mx_port: d.mx_port,
+            },
+            routes: d.routes.clone(),
+            retry_initial: d.retry_initial,
+            retry_max: d.retry_max,
+            queue_lifetime: d.queue_lifetime,
+            timeouts: Timeouts {
+                connect: d.connect_timeout,
+                command: d.command_timeout,
+                data_block: d.command_timeout,
+                data_final: d.data_timeout,
+            },
+            opportunistic_tls: d.opportunistic_tls,
+        },
+        Arc::new(resolver),
+        store.clone(),
+    ));
+    Ok(RetryProcessor { store, engine })
+}
+
+/// The Lambda handler: only the messages that failed transiently are
+/// reported, so SQS redelivers just those.
+pub async fn handle(processor: &RetryProcessor, event: SqsEvent) -> SqsBatchResponse {
+    let mut response = SqsBatchResponse::default();
+    for record in event.records {
+        let id = record.message_id.clone().unwrap_or_default();
+        let body = record.body.unwrap_or_default();
+        match processor.process(&body, SystemTime::now()).await {
+            Ok(outcome) => {
+                tracing::debug!(event = "sqs_record_done", message_id = %id, outcome = ?outcome)
+            }
+            Err(e) => {
+                tracing::warn!(event = "sqs_record_failed", message_id = %id, error = %e);
+                response.add_failure(id);
+            }
+        }
+    }
+    response
+}
+
+pub async fn poll(
+    processor: Arc<RetryProcessor>,
+    exit_when_idle: Option<Duration>,
+) -> anyhow::Result<()> {
+    let sqs = processor.store.sqs().clone();
+    let url = processor.store.queue_url().to_string();
+    let mut idle_since = std::time::Instant::now();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let receive = sqs
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(if exit_when_idle.is_some() { 1 } else { 20 })
+            .send();
+        let out = tokio::select! {
+            r = receive => r.context("SQS receive failed")?,
+            _ = term.recv() => return Ok(()),
+        };
+        let messages = out.messages().to_vec();
+        if messages.is_empty() {
+            if exit_when_idle.is_some_and(|d| idle_since.elapsed() >= d) {
+                return Ok(());
+            }
+            continue;
+        }
+        idle_since = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for m in messages {
+            let p = processor.clone();
+            tasks.push(tokio::spawn(async move {
+                let result = p
+                    .process(m.body().unwrap_or_default(), SystemTime::now())
+                    .await;
+                (m, result)
+            }));
+        }
+        for t in tasks {
+            let Ok((m, result)) = t.await else { continue };
+            match result {
+                Ok(outcome) => {
+                    if matches!(outcome, Processed::Attempted { .. }) {
+                        tracing::debug!(event = "sqs_record_done", outcome = ?outcome);
+                    }
+                    if let Some(handle) = m.receipt_handle() {
+                        if let Err(e) = sqs
+                            .delete_message()
+                            .queue_url(&url)
+                            .receipt_handle(handle)
+                            .send()
+                            .await
+                        {
+                            tracing::warn!(event = "sqs_delete_failed", error = %aws_sdk_error(&e));
+                        }
+                    }
+                }
+                // Left in the queue: SQS shows it again after the visibility timeout.
+                Err(e) => tracing::warn!(event = "sqs_record_failed", error = %e),
+            }
+        }
+    }
+}
+
+fn aws_sdk_error(e: &dyn std::error::Error) -> String {
+    e.to_string()
+}

@@ -1,0 +1,230 @@
+//! End-to-end on the AWS backend against the emulator (LocalStack):
+//! `backupmx ingest` writes to S3 and SQS, `retry-fn` delivers from SQS.
+
+use std::process::Command;
+use std::time::Duration;
+
+use aws_lambda_events::event::sqs::SqsEvent;
+use backupmx_tests::sink::Sink;
+use backupmx_tests::*;
+use relay_core::config::Config;
+
+const BODY: &str = "From: alice@remote.test\r\nSubject: via aws\r\n\r\n.dot line\r\nbody\r\n";
+
+fn run_retry_fn(s: &Server, idle: &str) -> std::process::Output {
+    Command::new(retry_fn_bin())
+        .arg("--config")
+        .arg(&s.config_path)
+        .args(["poll", "--exit-when-idle", idle])
+        .output()
+        .expect("run retry-fn")
+}
+
+#[test]
+fn ingest_stores_in_s3_and_sqs_and_retry_fn_delivers_once() {
+    let sink = Sink::start(0);
+    let Some(s) = Server::start_aws(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+        false,
+    ) else {
+        return;
+    };
+    let mut c = s.client();
+    let id = queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    let queue = s.queue();
+    assert_eq!(queue.len(), 1, "{queue:?}");
+    assert_eq!(queue[0]["id"], id.as_str());
+    assert_eq!(queue[0]["domain"], "example.test");
+    let stored = s.raw(&id);
+    assert_eq!(
+        after_received(&stored),
+        BODY.replace(".dot", "dot").as_bytes()
+    );
+    let out = run_retry_fn(&s, "3s");
+    assert!(
+        out.status.success(),
+        "retry-fn: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = sink.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got[0].rcpts, ["bob@example.test"]);
+    assert_eq!(got[0].data, stored, "byte-exact from S3");
+    assert!(
+        s.queue().is_empty(),
+        "record and body deleted after delivery"
+    );
+    // Nothing left in SQS: a second run delivers nothing more.
+    let out = run_retry_fn(&s, "2s");
+    assert!(out.status.success());
+    assert_eq!(sink.received().len(), 1);
+}
+
+#[test]
+fn temporary_failures_are_rescheduled_through_sqs() {
+    let sink = Sink::start(0);
+    sink.set(|b| b.tempfail_next = 1);
+    let Some(s) = Server::start_aws(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+        false,
+    ) else {
+        return;
+    };
+    let mut c = s.client();
+    queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    let out = run_retry_fn(&s, "4s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = sink.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1);
+    assert!(s.queue().is_empty());
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(log.contains("451 4.3.0 try again later"), "{log}");
+}
+
+#[test]
+fn a_storage_failure_gives_451_and_queues_nothing() {
+    let Some(s) = Server::start_aws("", "", "", true) else {
+        return;
+    };
+    let mut c = s.client();
+    let reply = c.send_message("alice@remote.test", &["bob@example.test"], BODY);
+    assert!(reply.starts_with("451 4.3.0"), "{reply}");
+    // The session is still usable.
+    c.expect("NOOP", "250");
+    assert!(s.log().contains("store_failed"), "{}", s.log());
+}
+
+#[test]
+fn domain_commands_work_on_dynamodb() {
+    let Some(s) = Server::start_aws("", "", "", false) else {
+        return;
+    };
+    let out = s.cli(&[
+        "domain",
+        "add",
+        "dyn.test",
+        "--primary",
+        "127.0.0.1:2626",
+        "--recipient",
+        "a@dyn.test",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value =
+        serde_json::from_slice(&s.cli(&["domain", "list", "--json"]).stdout).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dyn.test", "example.test"]);
+    let mut c = s.client();
+    c.expect("EHLO client.test", "250");
+    c.expect("MAIL FROM:<x@remote.test>", "250");
+    c.expect("RCPT TO:<a@dyn.test>", "250");
+    c.expect("RCPT TO:<b@dyn.test>", "550 5.1.1");
+    assert!(s.cli(&["domain", "remove", "dyn.test"]).status.success());
+    c.expect("RCPT TO:<a@dyn.test>", "550 5.7.1");
+}
+
+/// The Lambda handler, fed an SQS event fixture whose first record is a
+/// real queue message and whose second is garbage: only the garbage is
+/// reported as failed, and processing the real one twice delivers once.
+#[tokio::test]
+async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery() {
+    if !aws_available() {
+        return;
+    }
+    let sink = Sink::start(0);
+    let suffix = relay_core::queue::QueueId::generate(std::time::SystemTime::now())
+        .as_str()
+        .to_lowercase();
+    let config = Config::from_toml(&format!(
+        "hostname = \"mx2.test\"\n[aws]\ndomains_table = \"d-{suffix}\"\ngreylist_table = \"g-{suffix}\"\nbucket = \"b-{suffix}\"\nqueue_name = \"q-{suffix}\"\n[dns]\nservers = [\"127.0.0.1:9\"]\n[[domain]]\nname = \"example.test\"\nprimary = [\"{}\"]\n",
+        sink.addr
+    ))
+    .unwrap();
+    let names = relay_core::store::aws::AwsNames {
+        domains_table: config.aws.domains_table.clone(),
+        greylist_table: config.aws.greylist_table.clone(),
+        bucket: config.aws.bucket.clone(),
+        queue_url: String::new(),
+        queue_name: config.aws.queue_name.clone(),
+    };
+    let conf = relay_core::store::aws::sdk_config().await;
+    let store = std::sync::Arc::new(
+        relay_core::store::aws::AwsStore::bootstrap(&conf, names)
+            .await
+            .unwrap(),
+    );
+    use relay_core::store::{DomainRegistry, Spool};
+    store
+        .put(&config.domains[0].to_domain().unwrap())
+        .await
+        .unwrap();
+    let spool = relay_core::store::SplitSpool {
+        messages: store.clone(),
+        queue: store.clone(),
+    };
+    let message = relay_core::queue::AcceptedMessage {
+        id: relay_core::queue::QueueId::generate(std::time::SystemTime::now()),
+        sender: "alice@remote.test".into(),
+        recipients: vec![relay_core::queue::AcceptedRecipient {
+            address: "bob@example.test".into(),
+            domain: relay_core::address::DomainName::parse("example.test").unwrap(),
+        }],
+        client_ip: "192.0.2.1".parse().unwrap(),
+        helo: "client.test".into(),
+        received_at: std::time::SystemTime::now(),
+        smtputf8: false,
+        eight_bit: false,
+        body: BODY.as_bytes().to_vec(),
+    };
+    spool.accept(message).await.unwrap();
+    let received = store
+        .sqs()
+        .receive_message()
+        .queue_url(store.queue_url())
+        .wait_time_seconds(2)
+        .send()
+        .await
+        .unwrap();
+    let body = received.messages()[0].body().unwrap().to_string();
+    let fixture = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../retry-fn/fixtures/sqs-event.json"
+    ))
+    .unwrap();
+    let event: SqsEvent = serde_json::from_str(
+        &fixture.replace("\"__BODY__\"", &serde_json::to_string(&body).unwrap()),
+    )
+    .unwrap();
+    let processor = retry_fn::build(&config).await.unwrap();
+    let response = retry_fn::handle(&processor, event.clone()).await;
+    let failed: Vec<String> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect();
+    assert_eq!(failed, ["m-bad-2"]);
+    assert_eq!(sink.received().len(), 1);
+    // SQS redelivers the same message: nothing is sent again.
+    let response = retry_fn::handle(&processor, event).await;
+    assert_eq!(response.batch_item_failures.len(), 1);
+    assert_eq!(
+        sink.received().len(),
+        1,
+        "a redelivered SQS message never resends"
+    );
+}
