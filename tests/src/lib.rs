@@ -37,6 +37,7 @@ pub struct Server {
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     mode: &'static str,
+    env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -68,6 +69,18 @@ impl Server {
         extra: &str,
         example_primary: &str,
         break_bucket: bool,
+    ) -> Option<Server> {
+        Server::start_aws_via(smtp, extra, example_primary, break_bucket, None)
+    }
+
+    /// As [`Server::start_aws`], with the ingest reaching the emulator at
+    /// `endpoint` (a [`TcpProxy`] that can play an outage).
+    pub fn start_aws_via(
+        smtp: &str,
+        extra: &str,
+        example_primary: &str,
+        break_bucket: bool,
+        endpoint: Option<&str>,
     ) -> Option<Server> {
         if !aws_available() {
             return None;
@@ -102,8 +115,42 @@ impl Server {
             )
             .expect("config");
         }
+        if let Some(url) = endpoint {
+            s.set_env("AWS_ENDPOINT_URL", url);
+        }
         s.spawn();
         Some(s)
+    }
+
+    /// Another `ingest` process on the same configuration (same AWS
+    /// resources), on its own port.
+    pub fn start_sibling(&self) -> Server {
+        let text = std::fs::read_to_string(&self.config_path).expect("config");
+        let port = free_port();
+        let text = text.replace(
+            &format!("127.0.0.1:{}", self.addr.port()),
+            &format!("127.0.0.1:{port}"),
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("backupmx.toml");
+        std::fs::write(&config_path, text).expect("write config");
+        let log_path = dir.path().join("backupmx.log");
+        let mut s = Server {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+            config_path,
+            log_path,
+            mode: self.mode,
+            env: self.env.clone(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// Sets an environment variable for the next (re)start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     fn start_mode(mode: &'static str, smtp: &str, extra: &str, example_primary: &str) -> Server {
@@ -142,6 +189,7 @@ impl Server {
             config_path,
             log_path,
             mode,
+            env: Vec::new(),
         }
     }
 
@@ -156,6 +204,7 @@ impl Server {
             .arg("--config")
             .arg(&self.config_path)
             .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -490,4 +539,94 @@ pub fn aws_available() -> bool {
 /// The `retry-fn` binary next to this test executable.
 pub fn retry_fn_bin() -> PathBuf {
     backupmx_bin().with_file_name("retry-fn")
+}
+
+/// A TCP forwarder on loopback that can be switched off to play a network
+/// outage between a process and a real server (the AWS emulator).
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TcpProxy {
+    pub fn start(upstream: SocketAddr) -> TcpProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let down = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, st) = (down.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                if d.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    let d = d.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                        loop {
+                            if d.load(Ordering::SeqCst) {
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                                let _ = from.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => {
+                                    let _ = to.shutdown(std::net::Shutdown::Write);
+                                    return;
+                                }
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        TcpProxy { addr, down, stop }
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }

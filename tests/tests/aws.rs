@@ -228,3 +228,118 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
         "a redelivered SQS message never resends"
     );
 }
+
+#[test]
+fn greylisting_is_shared_by_two_ingest_processes_through_dynamodb() {
+    let Some(a) = Server::start_aws(
+        "",
+        "[greylist]\nenabled = true\ndelay = \"1s\"\n",
+        "",
+        false,
+    ) else {
+        return;
+    };
+    let b = a.start_sibling();
+    let mut c = a.client_from("127.0.0.8");
+    c.expect("EHLO client.test", "250");
+    c.expect("MAIL FROM:<alice@remote.test>", "250");
+    c.expect("RCPT TO:<bob@example.test>", "450 4.2.0");
+    std::thread::sleep(Duration::from_millis(1500));
+    // The retry lands on the other instance, which knows the triplet.
+    let mut c = b.client_from("127.0.0.8");
+    c.expect("EHLO client.test", "250");
+    c.expect("MAIL FROM:<alice@remote.test>", "250");
+    c.expect("RCPT TO:<bob@example.test>", "250");
+}
+
+#[test]
+fn a_550_on_aws_sends_a_dsn_through_the_queue() {
+    let primary = Sink::start(0);
+    primary.set(|b| {
+        b.rcpt_replies
+            .push(("bad@example.test".into(), "550 5.1.1 no such user".into()))
+    });
+    let sender_mx = Sink::start(0);
+    let Some(s) = Server::start_aws(
+        "",
+        &format!(
+            "[delivery]\nretry_initial = \"1s\"\nroutes = {{ \"remote.test\" = \"{}\" }}\n",
+            sender_mx.addr
+        ),
+        &format!("[\"{}\"]", primary.addr),
+        false,
+    ) else {
+        return;
+    };
+    let mut c = s.client();
+    queue_id(&c.send_message("alice@remote.test", &["bad@example.test"], BODY));
+    let out = run_retry_fn(&s, "3s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dsn = sender_mx.wait_for(1, Duration::from_secs(10));
+    assert_eq!(dsn[0].mail_from, "");
+    let text = String::from_utf8_lossy(&dsn[0].data).to_string();
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(s.queue().is_empty());
+}
+
+#[test]
+fn an_unreachable_aws_backend_gives_451_and_service_resumes() {
+    let upstream: std::net::SocketAddr = match std::env::var("AWS_ENDPOINT_URL") {
+        Ok(url) => url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("emulator address"),
+        Err(_) => {
+            aws_available();
+            return;
+        }
+    };
+    let proxy = TcpProxy::start(upstream);
+    let sink = Sink::start(0);
+    let Some(s) = Server::start_aws_via(
+        "",
+        "",
+        &format!("[\"{}\"]", sink.addr),
+        false,
+        Some(&proxy.url()),
+    ) else {
+        return;
+    };
+    let mut c = s.client();
+    let id = queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    proxy.set_down(true);
+    // The domain lookup (RCPT) or the store (end of DATA) fails: 451 either way.
+    c.expect("MAIL FROM:<alice@remote.test>", "250");
+    let rcpt = c.cmd("RCPT TO:<bob@example.test>");
+    let reply = if rcpt.starts_with("250") {
+        c.expect("DATA", "354");
+        c.send(format!("{BODY}.\r\n"));
+        c.read_reply()
+    } else {
+        rcpt
+    };
+    assert!(reply.starts_with("451 4.3.0"), "{reply}");
+    c.expect("RSET", "250");
+    proxy.set_down(false);
+    let id2 = queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], BODY));
+    // Both accepted messages are there; the refused one is not.
+    let ids: Vec<String> = s
+        .queue()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ids.contains(&id) && ids.contains(&id2), "{ids:?}");
+    assert_eq!(ids.len(), 2);
+    let out = run_retry_fn(&s, "3s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sink.wait_for(2, Duration::from_secs(10)).len(), 2);
+}
