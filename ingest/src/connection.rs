@@ -93,6 +93,7 @@ impl Conn {
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
+    early: Vec<u8>,
     session_id: u64,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
@@ -102,6 +103,10 @@ pub async fn serve(
     // DNSBL lookups run while the greeting goes out.
     let mut lookups = ClientLookups::start(shared.policy.dnsbl.as_ref(), peer.ip());
     let mut session = Session::new(shared.session.clone(), peer.ip());
+    if !early.is_empty() {
+        // Bytes that came in with the PROXY header.
+        session.handle_input(&early, SystemTime::now());
+    }
     let timeout = shared.idle_timeout;
     tracing::debug!(event = "session_start", session_id, peer = %peer);
     loop {

@@ -140,9 +140,6 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     if mode == Mode::Embedded && config.storage.backend != Backend::Local {
         bail!("`backupmx run` is the embedded mode and needs storage.backend = \"local\"; use `backupmx ingest` for other backends");
     }
-    if config.smtp.proxy_protocol {
-        bail!("smtp.proxy_protocol = true is not available in this build");
-    }
     let backends = open_backends(&config).await?;
     for d in &config.domains {
         // validate() already checked every entry.
@@ -220,6 +217,10 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         delivery,
     });
     let limits = Arc::new(Limits {
+        proxy: config.smtp.proxy_protocol.then(|| ProxyPolicy {
+            trusted: config.smtp.trusted_proxies.clone(),
+            timeout: config.smtp.proxy_header_timeout,
+        }),
         total: Arc::new(Semaphore::new(config.smtp.max_connections)),
         max_total: config.smtp.max_connections,
         per_ip: Arc::new(PerIp::default()),
@@ -335,6 +336,7 @@ async fn wait_for_shutdown(tls: Option<Tls>) {
 }
 
 struct Limits {
+    proxy: Option<ProxyPolicy>,
     total: Arc<Semaphore>,
     max_total: usize,
     per_ip: Arc<PerIp>,
@@ -374,27 +376,119 @@ async fn accept_loop(
             );
             continue;
         };
-        let Some(ip_guard) = limits.per_ip.try_take(peer.ip(), limits.max_per_ip) else {
-            refuse(
-                stream,
-                peer,
-                &limits.hostname,
-                "too many connections from your address",
-                "connection_limit_ip",
-            );
-            continue;
-        };
         let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
+        let limits = limits.clone();
         let shutdown = shutdown.clone();
-        metrics::counter!("backupmx_sessions_total").increment(1);
         tokio::spawn(async move {
-            metrics::gauge!("backupmx_sessions_active").increment(1.0);
-            connection::serve(stream, peer, id, shared, shutdown).await;
-            metrics::gauge!("backupmx_sessions_active").decrement(1.0);
-            drop(ip_guard);
-            drop(permit);
+            // Behind a load balancer the real client comes from the PROXY header.
+            let (client, early) = match &limits.proxy {
+                None => (peer, Vec::new()),
+                Some(proxy) => {
+                    let mut stream = stream;
+                    match proxy.accept(&mut stream, peer).await {
+                        Some((client, early)) => {
+                            run_session(
+                                stream, client, early, id, shared, limits, shutdown, permit,
+                            )
+                            .await;
+                        }
+                        None => drop(permit),
+                    }
+                    return;
+                }
+            };
+            run_session(stream, client, early, id, shared, limits, shutdown, permit).await;
         });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_session(
+    stream: TcpStream,
+    client: SocketAddr,
+    early: Vec<u8>,
+    id: u64,
+    shared: Arc<Shared>,
+    limits: Arc<Limits>,
+    shutdown: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let Some(ip_guard) = limits.per_ip.try_take(client.ip(), limits.max_per_ip) else {
+        refuse(
+            stream,
+            client,
+            &limits.hostname,
+            "too many connections from your address",
+            "connection_limit_ip",
+        );
+        return;
+    };
+    metrics::counter!("backupmx_sessions_total").increment(1);
+    metrics::gauge!("backupmx_sessions_active").increment(1.0);
+    connection::serve(stream, client, early, id, shared, shutdown).await;
+    metrics::gauge!("backupmx_sessions_active").decrement(1.0);
+    drop(ip_guard);
+    drop(permit);
+}
+
+/// PROXY protocol on a listener: who may send headers, and how long to wait.
+struct ProxyPolicy {
+    trusted: Vec<ipnet::IpNet>,
+    timeout: Duration,
+}
+
+impl ProxyPolicy {
+    /// Reads and checks the header; `None` closes the connection.
+    async fn accept(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(SocketAddr, Vec<u8>)> {
+        use relay_core::proxy::{parse, Parsed, ProxyHeader, V2_MAX};
+        use tokio::io::AsyncReadExt;
+        let refuse = |why: &str| {
+            metrics::counter!("backupmx_rejections_total", "reason" => "proxy_header", "code" => "close").increment(1);
+            tracing::warn!(event = "proxy_header_refused", peer = %peer, why);
+        };
+        if !self.trusted.iter().any(|n| n.contains(&peer.ip())) {
+            refuse("not a trusted proxy");
+            return None;
+        }
+        let mut buf = Vec::with_capacity(256);
+        let read = tokio::time::timeout(self.timeout, async {
+            loop {
+                match parse(&buf) {
+                    Ok(Parsed::Done(header, used)) => return Ok((header, used)),
+                    Ok(Parsed::NeedMore) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                let mut chunk = [0u8; 512];
+                let want = chunk.len().min(V2_MAX + 512 - buf.len());
+                match stream.read(&mut chunk[..want]).await {
+                    Ok(0) | Err(_) => return Err("connection closed before the header".to_string()),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        match read {
+            Ok(Ok((header, used))) => {
+                let client = match header {
+                    ProxyHeader::Tcp { source, .. } => source,
+                    ProxyHeader::Local => peer,
+                };
+                Some((client, buf.split_off(used)))
+            }
+            Ok(Err(why)) => {
+                refuse(&why);
+                None
+            }
+            Err(_) => {
+                refuse("timed out waiting for the header");
+                None
+            }
+        }
     }
 }
 

@@ -62,6 +62,9 @@ pub struct SmtpConfig {
     pub shutdown_grace: Duration,
     pub proxy_protocol: bool,
     pub trusted_proxies: Vec<IpNet>,
+    /// How long a connection may take to send its PROXY header.
+    #[serde(with = "humantime_serde")]
+    pub proxy_header_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -256,6 +259,7 @@ impl Default for SmtpConfig {
             shutdown_grace: Duration::from_secs(30),
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
+            proxy_header_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -400,6 +404,9 @@ impl Config {
                 "smtp.max_recipients, max_connections and max_connections_per_ip must be positive"
                     .into(),
             );
+        }
+        if self.smtp.proxy_protocol && self.smtp.trusted_proxies.is_empty() {
+            return invalid("smtp.proxy_protocol = true needs smtp.trusted_proxies (the load balancer's addresses)".into());
         }
         if self.smtp.max_errors == 0 {
             return invalid("smtp.max_errors must be positive".into());

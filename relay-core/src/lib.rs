@@ -23,6 +23,7 @@ pub mod dnsbl;
 pub mod domain;
 pub mod greylist;
 pub mod policy;
+pub mod proxy;
 pub mod queue;
 pub mod smtp;
 pub mod store;

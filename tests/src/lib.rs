@@ -215,9 +215,16 @@ impl Server {
     }
 
     fn wait_ready(&mut self) {
+        let proxied = std::fs::read_to_string(&self.config_path)
+            .unwrap_or_default()
+            .contains("proxy_protocol = true");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut c) = Client::try_connect(self.addr) {
+                if proxied {
+                    // A PROXY v2 LOCAL header: the balancer's own health check.
+                    c.send(b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00");
+                }
                 let greeting = c.read_reply();
                 assert!(greeting.starts_with("220 "), "greeting: {greeting}");
                 c.send("QUIT\r\n");
@@ -444,7 +451,12 @@ impl Client {
     /// True if the server closed the connection (EOF) within the timeout.
     pub fn is_closed(&mut self) -> bool {
         let mut buf = [0u8; 1];
-        matches!(self.reader.read(&mut buf), Ok(0))
+        match self.reader.read(&mut buf) {
+            Ok(0) => true,
+            // Closing with unread input makes the kernel send a reset.
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
     }
 }
 
