@@ -59,7 +59,7 @@ ready() {
 start() {
   mkdir -p "$ROOT"
   if ready; then echo "localstack already running on :$PORT"; return 0; fi
-  SERVICES=${SERVICES:-s3,dynamodb,sqs,cloudformation,iam,sts,logs,ec2} \
+  SERVICES=${SERVICES:-s3,dynamodb,sqs} \
   GATEWAY_LISTEN=127.0.0.1:$PORT LOCALSTACK_HOST=127.0.0.1:$PORT GATEWAY_SERVER=hypercorn \
   DISABLE_EVENTS=1 SKIP_SSL_CERT_DOWNLOAD=1 DNS_ADDRESS=0 SQS_ENDPOINT_STRATEGY=path \
   DYNAMODB_IN_MEMORY=1 DYNAMODB_REMOVE_EXPIRED_ITEMS=1 EAGER_SERVICE_LOADING=1 \

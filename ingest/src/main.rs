@@ -45,6 +45,14 @@ enum Command {
     /// AWS backend set-up.
     #[command(subcommand)]
     Aws(admin::AwsCommand),
+    /// Health check: connect, expect the 220 greeting, QUIT (exit 0 if healthy).
+    Health {
+        #[arg(long, default_value = "127.0.0.1:2525")]
+        connect: std::net::SocketAddr,
+        /// Send a PROXY v2 LOCAL header first (when proxy_protocol is on).
+        #[arg(long)]
+        proxy: bool,
+    },
 }
 
 fn init_logging(json: bool) {
@@ -73,6 +81,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Health { connect, proxy } = cli.command {
+        return match runtime.block_on(health(connect, proxy)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("backupmx: unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = runtime.block_on(async {
         let config = relay_core::config::Config::load(cli.config.as_deref())
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -88,6 +105,7 @@ fn main() -> ExitCode {
             Command::Domain(cmd) => admin::domain(&config, cmd).await,
             Command::Queue(cmd) => admin::queue(&config, cmd).await,
             Command::Aws(cmd) => admin::aws(&config, cmd).await,
+            Command::Health { .. } => Ok(()),
         }
     });
     match result {
@@ -102,4 +120,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn health(addr: std::net::SocketAddr, proxy: bool) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let check = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        if proxy {
+            stream
+                .write_all(b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00")
+                .await?;
+        }
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).await?;
+        let greeting = String::from_utf8_lossy(&buf[..n]).to_string();
+        let _ = stream.write_all(b"QUIT\r\n").await;
+        anyhow::ensure!(
+            greeting.starts_with("220"),
+            "unexpected greeting {greeting:?}"
+        );
+        Ok(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), check)
+        .await
+        .map_err(|_| anyhow::anyhow!("no greeting from {addr} within 5 s"))?
 }
