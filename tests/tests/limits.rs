@@ -84,16 +84,25 @@ fn connections_per_ip_are_limited_but_other_clients_get_in() {
     other.expect("NOOP", "250");
     drop(held);
     // Slots are released when sessions end.
-    std::thread::sleep(Duration::from_millis(300));
-    let mut again = s.client_from("127.0.0.2");
+    let mut again = eventually(Duration::from_secs(10), "a released per-IP slot", || {
+        let mut c = Client::connect_from_raw("127.0.0.2".parse().unwrap(), s.addr);
+        c.read_reply().starts_with("220 ").then_some(c)
+    });
     again.expect("NOOP", "250");
 }
 
 #[test]
 fn total_connections_are_limited() {
     let s = Server::start("max_connections = 2", "");
-    let _a = s.client_from("127.0.0.4");
-    let _b = s.client_from("127.0.0.5");
+    // The readiness probe's session may still hold its slot for a moment.
+    let greeted = |ip: &str| {
+        eventually(Duration::from_secs(10), "a free connection slot", || {
+            let mut c = Client::connect_from_raw(ip.parse().unwrap(), s.addr);
+            c.read_reply().starts_with("220 ").then_some(c)
+        })
+    };
+    let _a = greeted("127.0.0.4");
+    let _b = greeted("127.0.0.5");
     let mut c = Client::connect_from_raw("127.0.0.6".parse().unwrap(), s.addr);
     assert!(c.read_reply().starts_with("421 4.7.0"));
 }
