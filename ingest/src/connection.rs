@@ -30,6 +30,8 @@ pub struct Shared {
     pub spool: Arc<dyn Spool>,
     pub tls: Option<Tls>,
     pub idle_timeout: Duration,
+    /// Longest DATA phase; a command line must be complete within `idle_timeout`.
+    pub data_timeout: Duration,
     pub delivery: Option<Delivery>,
 }
 
@@ -108,6 +110,9 @@ pub async fn serve(
         session.handle_input(&early, SystemTime::now());
     }
     let timeout = shared.idle_timeout;
+    // Slow clients (a byte now and then) never trip the idle timeout; a
+    // deadline per command line and per DATA phase bounds them.
+    let mut deadline: Option<tokio::time::Instant> = None;
     tracing::debug!(event = "session_start", session_id, peer = %peer);
     loop {
         let out = session.take_output();
@@ -126,8 +131,21 @@ pub async fn serve(
                     session.handle_shutdown();
                     continue;
                 }
+                let now = tokio::time::Instant::now();
+                if idle {
+                    deadline = None;
+                } else if deadline.is_none() {
+                    let limit = if session.in_data() {
+                        shared.data_timeout
+                    } else {
+                        timeout
+                    };
+                    deadline = Some(now + limit);
+                }
+                let wait =
+                    deadline.map_or(timeout, |d| d.saturating_duration_since(now).min(timeout));
                 let read = tokio::select! {
-                    r = tokio::time::timeout(timeout, conn.read_into(&mut session)) => r,
+                    r = tokio::time::timeout(wait, conn.read_into(&mut session)) => r,
                     _ = shutdown.changed(), if idle => continue,
                 };
                 match read {

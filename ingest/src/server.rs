@@ -211,9 +211,10 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             etrn_available: delivery.is_some(),
         }),
         policy,
-        spool: backends.spool.clone(),
+        spool: with_faults(backends.spool.clone()),
         tls: tls.clone(),
         idle_timeout: config.smtp.idle_timeout,
+        data_timeout: config.smtp.data_timeout,
         delivery,
     });
     let limits = Arc::new(Limits {
@@ -567,5 +568,28 @@ fn spawn_maintenance(config: &Config, backends: &Backends, policy: &Arc<Policy>)
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
         });
+    }
+}
+
+/// Debug builds only: `FAULT_INJECTION=spool:N` fails every N-th message
+/// before it is stored, to test the 451 path end to end.
+fn with_faults(spool: Arc<dyn Spool>) -> Arc<dyn Spool> {
+    if !cfg!(debug_assertions) {
+        return spool;
+    }
+    match std::env::var("FAULT_INJECTION")
+        .ok()
+        .as_deref()
+        .and_then(relay_core::store::fault::FaultySpool::parse_spec)
+    {
+        Some(every) => {
+            tracing::warn!(
+                event = "fault_injection_active",
+                every,
+                "every N-th message will fail to store"
+            );
+            Arc::new(relay_core::store::fault::FaultySpool::new(spool, every))
+        }
+        None => spool,
     }
 }

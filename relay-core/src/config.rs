@@ -55,6 +55,9 @@ pub struct SmtpConfig {
     /// RFC 5321 §4.5.3.2: at least 5 minutes.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Longest a DATA phase may take (slow-sender defence).
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     /// How long sessions in progress may run on after SIGTERM.
@@ -254,6 +257,7 @@ impl Default for SmtpConfig {
             max_command_line: 512,
             max_errors: 20,
             idle_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
             max_connections: 10_000,
             max_connections_per_ip: 50,
             shutdown_grace: Duration::from_secs(30),

@@ -184,6 +184,11 @@ impl Session {
             && self.inbuf.is_empty()
     }
 
+    /// Receiving message data (after 354).
+    pub fn in_data(&self) -> bool {
+        matches!(self.mode, Mode::Data(_))
+    }
+
     pub fn is_closed(&self) -> bool {
         self.waiting == Waiting::Closed
     }

@@ -14,6 +14,7 @@ use crate::queue::{AcceptedMessage, QueueEntry, QueueId, RecordError};
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod fault;
 pub mod local;
 
 #[cfg(test)]

@@ -1,0 +1,33 @@
+#![no_main]
+//! Arbitrary server output through the reply parser and the client session:
+//! no panic, no endless loop, and every recipient ends with a result.
+use libfuzzer_sys::fuzz_target;
+use relay_core::delivery::client::{ClientSession, Envelope, Next, ReplyParser};
+
+fuzz_target!(|data: &[u8]| {
+    let env = Envelope {
+        sender: "a@remote.test".into(),
+        recipients: vec!["x@d.test".into(), "y@d.test".into()],
+        size: 100,
+        smtputf8: data.first().is_some_and(|b| b & 1 == 1),
+        eight_bit: true,
+    };
+    let mut client = ClientSession::new("mx2.test", true, env);
+    let mut parser = ReplyParser::default();
+    parser.feed(data);
+    for _ in 0..10_000 {
+        match client.poll_next() {
+            Next::Send(_) | Next::SendBody => {}
+            Next::StartTls => client.tls_done(data.len() % 2 == 0),
+            Next::ReadReply => match parser.next_reply() {
+                Ok(Some(r)) => client.on_reply(r),
+                Ok(None) | Err(_) => client.connection_lost("eof"),
+            },
+            Next::Done => {
+                assert_eq!(client.results().len(), 2);
+                return;
+            }
+        }
+    }
+    panic!("client session did not finish");
+});
