@@ -36,7 +36,7 @@ impl FaultySpool {
 impl Spool for FaultySpool {
     async fn accept(&self, message: AcceptedMessage) -> Result<Vec<QueueId>, StoreError> {
         let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
-        if n % self.every == 0 {
+        if n.is_multiple_of(self.every) {
             return Err(StoreError::Backend(format!("injected fault (message {n})")));
         }
         self.inner.accept(message).await
