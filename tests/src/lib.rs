@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod sink;
+pub mod soak;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
