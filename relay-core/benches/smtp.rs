@@ -80,14 +80,9 @@ fn data_path(c: &mut Criterion) {
         b.iter(|| {
             let mut s = Session::new(cfg.clone(), "192.0.2.1".parse().unwrap());
             s.handle_input(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n", now);
-            loop {
-                match s.poll_action() {
-                    Action::CheckRecipient { recipient, .. } => {
-                        let domain = recipient.domain().cloned().unwrap();
-                        s.recipient_checked(RcptVerdict::Accept { domain, max_message_size: None }, now);
-                    }
-                    _ => break,
-                }
+            while let Action::CheckRecipient { recipient, .. } = s.poll_action() {
+                let domain = recipient.domain().cloned().unwrap();
+                s.recipient_checked(RcptVerdict::Accept { domain, max_message_size: None }, now);
             }
             for chunk in wire.chunks(32 * 1024) {
                 s.handle_input(chunk, now);
