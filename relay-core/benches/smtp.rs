@@ -29,7 +29,9 @@ fn message(size: usize) -> Vec<u8> {
         if i % 40 == 0 {
             m.extend_from_slice(b"..a line that starts with a dot after stuffing\r\n");
         } else {
-            m.extend_from_slice(b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod te\r\n");
+            m.extend_from_slice(
+                b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod te\r\n",
+            );
         }
         i += 1;
     }
@@ -69,7 +71,9 @@ fn data_path(c: &mut Criterion) {
         })
     });
     let stored = message(1 << 20);
-    g.bench_function("encode for relay 1 MiB", |b| b.iter(|| black_box(encode_for_data(black_box(&stored)))));
+    g.bench_function("encode for relay 1 MiB", |b| {
+        b.iter(|| black_box(encode_for_data(black_box(&stored))))
+    });
     g.bench_function("session: whole transaction with 1 MiB DATA", |b| {
         let cfg = Arc::new(SessionConfig {
             hostname: "mx2.test".into(),
@@ -79,10 +83,19 @@ fn data_path(c: &mut Criterion) {
         let now = UNIX_EPOCH + Duration::from_secs(1_795_842_826);
         b.iter(|| {
             let mut s = Session::new(cfg.clone(), "192.0.2.1".parse().unwrap());
-            s.handle_input(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n", now);
+            s.handle_input(
+                b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n",
+                now,
+            );
             while let Action::CheckRecipient { recipient, .. } = s.poll_action() {
                 let domain = recipient.domain().cloned().unwrap();
-                s.recipient_checked(RcptVerdict::Accept { domain, max_message_size: None }, now);
+                s.recipient_checked(
+                    RcptVerdict::Accept {
+                        domain,
+                        max_message_size: None,
+                    },
+                    now,
+                );
             }
             for chunk in wire.chunks(32 * 1024) {
                 s.handle_input(chunk, now);

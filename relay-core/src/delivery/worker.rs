@@ -147,7 +147,29 @@ impl Worker {
                 return;
             }
         };
+        // Like Postfix's dead-destination cache: while a destination is
+        // known down, new mail for it waits for the probe (or its retry
+        // time) instead of each message trying to connect. Mail past its
+        // lifetime is still attempted, so it expires and bounces.
+        if let Ok(released) = self.queue.take_releases().await {
+            let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+            for r in released {
+                match r {
+                    Some(d) => {
+                        down.remove(&d);
+                    }
+                    None => down.clear(),
+                }
+            }
+        }
+        let down: HashSet<DomainName> = self.down.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let lifetime = self.engine.config().queue_lifetime.as_secs();
+        let mut defer = HashSet::new();
         for entry in due {
+            if down.contains(&entry.domain) && now < entry.received_at.saturating_add(lifetime) {
+                defer.insert(entry.domain.clone());
+                continue;
+            }
             if self
                 .in_flight
                 .lock()
@@ -179,6 +201,12 @@ impl Worker {
                 drop(total);
                 worker.wake();
             });
+        }
+        let until = now + self.engine.config().retry_initial.as_secs();
+        for domain in defer {
+            if let Err(e) = self.queue.defer_domain(&domain, until).await {
+                tracing::warn!(event = "defer_failed", domain = %domain, error = %e);
+            }
         }
     }
 

@@ -390,11 +390,11 @@ impl Session {
                 continue;
             }
             let content = content.to_vec();
-            self.handle_command(&content, now);
+            self.handle_command(&content);
         }
     }
 
-    fn handle_command(&mut self, line: &[u8], now: SystemTime) {
+    fn handle_command(&mut self, line: &[u8]) {
         let cmd = match command::parse(line) {
             Ok(c) => c,
             Err(SyntaxError(r)) => return self.reject("syntax", r),
@@ -456,7 +456,6 @@ impl Session {
                 );
             }
         }
-        let _ = now;
     }
 
     fn mail(&mut self, sender: ReversePath, params: MailParams) {

@@ -131,6 +131,11 @@ pub(crate) async fn schedule_contract(queue: &dyn ScheduledQueue, spool: &dyn Sp
     assert_eq!(due.len(), 3);
     assert!(due.iter().all(|d| d.next_attempt <= now));
     assert_eq!(queue.release(None, now).await.unwrap(), 3);
+    // A running worker learns about releases, including other processes'.
+    let mut released = queue.take_releases().await.unwrap();
+    released.sort();
+    assert_eq!(released, vec![None, Some(one.clone())]);
+    assert!(queue.take_releases().await.unwrap().is_empty());
 
     // An update never resurrects a deleted entry.
     assert!(queue.remove(&e.id).await.unwrap());

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS queue (
 );
 CREATE INDEX IF NOT EXISTS queue_due ON queue(next_attempt);
 CREATE INDEX IF NOT EXISTS queue_domain ON queue(domain, received_at);
+CREATE TABLE IF NOT EXISTS releases (domain TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS greylist (key TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS greylist_clients (network TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
 ";
@@ -81,6 +82,7 @@ enum WriteOp {
         state: ClientState,
     },
     SweepGreylist(u64),
+    TakeReleases,
     RemoveDomain(DomainName),
 }
 
@@ -264,6 +266,12 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             Ok(n > 0)
         }
         WriteOp::Release { domain, now } => {
+            // Tells a running worker (maybe another process) that a
+            // destination it believed down was released.
+            conn.execute(
+                "INSERT INTO releases (domain) VALUES (?1)",
+                [domain.as_ref().map_or("", DomainName::as_str)],
+            )?;
             conn.execute(
                 "UPDATE queue SET next_attempt = ?2, record = json_set(record, '$.next_attempt', ?2)
                  WHERE (?1 IS NULL OR domain = ?1) AND next_attempt > ?2",
@@ -306,6 +314,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
                 params![network, json(state), state.expires as i64, json(prev)],
             )?,
         } > 0),
+        WriteOp::TakeReleases => Ok(conn.execute("DELETE FROM releases", [])? > 0),
         WriteOp::SweepGreylist(now) => {
             let a = conn.execute("DELETE FROM greylist WHERE expires < ?1", [*now as i64])?;
             let b = conn.execute(
@@ -471,6 +480,19 @@ impl ScheduledQueue for LocalStore {
             rows.collect()
         })?;
         rows.iter().map(|(id, r)| decode_entry(id, r)).collect()
+    }
+
+    async fn take_releases(&self) -> Result<Vec<Option<DomainName>>, StoreError> {
+        let rows: Vec<String> = self.read(|c| {
+            let mut st = c.prepare_cached("SELECT DISTINCT domain FROM releases")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(WriteOp::TakeReleases).await?;
+        Ok(rows.iter().map(|d| DomainName::parse(d).ok()).collect())
     }
 
     async fn defer_domain(&self, domain: &DomainName, until: u64) -> Result<u64, StoreError> {

@@ -96,6 +96,9 @@ pub trait ScheduledQueue: DeliveryQueue {
     /// Postpones every entry of a domain that is due before `until`, when
     /// its destination is down; returns how many were postponed.
     async fn defer_domain(&self, domain: &DomainName, until: u64) -> Result<u64, StoreError>;
+    /// Releases made since the last call (by `queue flush` in another
+    /// process too): `None` stands for every domain.
+    async fn take_releases(&self) -> Result<Vec<Option<DomainName>>, StoreError>;
 }
 
 /// Where the ingest puts an accepted message: body and queue entries, all

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# compare.sh — backupmx and Postfix as backup MX, side by side, in one run,
+# on loopback. Prints RUN/MEDIAN lines (see smtp_accept.sh) and the ratios.
+#
+#   bench/compare.sh accept   [RUNS]   durable acceptance, primary down:
+#                                      sessions 1/10/50 x 1 KiB/100 KiB
+#   bench/compare.sh relay    [RUNS]   relay-through to smtp-sink (primary up)
+#   bench/compare.sh idle     [N]      RSS of backupmx holding N idle sessions after EHLO
+#   bench/compare.sh recovery [N]      N queued messages, primary comes up: seconds to empty
+#
+# Needs root (installs Debian's postfix for smtp-source/smtp-sink and the
+# peer). Results go to bench/results-<scenario>.txt as well.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$here/..
+scenario=${1:-accept}
+RUNS=${2:-5}
+BMX_PORT=2727 PEER_PORT=2525 SINK_PORT=2626 DOMAIN=example.test
+export PEER_PORT SINK_PORT PEER_DOMAIN=$DOMAIN
+work=$(mktemp -d /var/tmp/bmx-bench.XXXX)
+out=$here/results-$scenario.txt
+: > "$out"
+
+bash "$here/postfix_peer.sh" install >&2
+(cd "$root" && cargo build --release --bin backupmx >&2)
+BMX=$root/target/release/backupmx
+
+start_bmx() {  # $1 = primary port state note; config in $work
+  cat > "$work/backupmx.toml" <<TOML
+hostname = "mx2.bench.test"
+[smtp]
+listen = ["127.0.0.1:$BMX_PORT"]
+max_connections = 20000
+max_connections_per_ip = 20000
+[storage]
+data_dir = "$work/data"
+[greylist]
+enabled = false
+[dns]
+servers = ["127.0.0.1:9"]
+[delivery]
+retry_initial = "1h"
+retry_max = "2h"
+probe_interval = "${PROBE:-30s}"
+[[domain]]
+name = "$DOMAIN"
+primary = ["127.0.0.1:$SINK_PORT"]
+TOML
+  rm -rf "$work/data"
+  "$BMX" run --config "$work/backupmx.toml" > "$work/bmx.log" 2>&1 &
+  echo $! > "$work/bmx.pid"
+  for _ in $(seq 1 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/$BMX_PORT) 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "backupmx did not start" >&2; cat "$work/bmx.log" >&2; exit 1
+}
+stop_bmx() { kill "$(cat "$work/bmx.pid")" 2>/dev/null || true; sleep 1; }
+trap 'stop_bmx; bash "$here/postfix_peer.sh" stop >/dev/null 2>&1 || true' EXIT
+
+accept() {
+  bash "$here/postfix_peer.sh" start down >&2
+  start_bmx
+  for size in 1024 102400; do
+    for sessions in 1 10 50; do
+      count=$(( size > 10000 ? 500 : 2000 ))
+      [ "$sessions" = 1 ] && count=$(( count / 4 ))
+      for t in postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT; do
+        label=${t%%:*}
+        cpu="bash $here/postfix_peer.sh pid"
+        [ "$label" = backupmx ] && cpu="cat $work/bmx.pid"
+        bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
+          --sessions "$sessions" --count "$count" --size "$size" --runs "$RUNS" --warmup 100 \
+          --cpu-pids-cmd "$cpu" | tee -a "$out"
+      done
+    done
+  done
+  python3 "$here/summarize.py" "$out" --ratio backupmx postfix
+}
+
+relay() {
+  bash "$here/postfix_peer.sh" start up >&2
+  start_bmx
+  drain_bmx="for i in \$(seq 1 600); do [ \"\$($BMX --config $work/backupmx.toml queue list --json | grep -c '\"id\"')\" = 0 ] && exit 0; sleep 0.2; done; exit 1"
+  for t in postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT; do
+    label=${t%%:*}
+    drain="bash $here/postfix_peer.sh wait-empty 120"
+    [ "$label" = backupmx ] && drain=$drain_bmx
+    bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
+      --sessions 10 --count 2000 --size 1024 --runs "$RUNS" --warmup 100 --drain-cmd "$drain" | tee -a "$out"
+  done
+  python3 "$here/summarize.py" "$out" --ratio backupmx postfix
+}
+
+idle() {
+  local n=${RUNS:-10000}
+  ulimit -n 65536
+  bash "$here/postfix_peer.sh" start down >&2
+  start_bmx
+  pid=$(cat "$work/bmx.pid")
+  python3 "$here/idle_conns.py" --target 127.0.0.1:$BMX_PORT --conns "$n" --sources 50 \
+    --cmd "grep VmRSS /proc/$pid/status" | tee -a "$out"
+}
+
+recovery() {
+  local n=${RUNS:-10000}
+  bash "$here/postfix_peer.sh" start down >&2
+  PROBE=5s start_bmx
+  bash "$here/smtp_accept.sh" --label fill --target 127.0.0.1:$BMX_PORT --domain "$DOMAIN" \
+    --sessions 20 --count "$n" --size 1024 --runs 1 >&2
+  sleep 8   # every message has had its first (failed) attempt
+  bash "$here/postfix_peer.sh" primary up >&2
+  t0=$(date +%s.%N)
+  while [ "$($BMX --config "$work/backupmx.toml" queue list --json | grep -c '"id"')" != 0 ]; do sleep 0.5; done
+  t1=$(date +%s.%N)
+  echo "RECOVERY messages=$n seconds=$(echo "$t1 - $t0" | bc)" | tee -a "$out"
+}
+
+"$scenario"
