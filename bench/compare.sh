@@ -94,11 +94,11 @@ relay() {
 
 idle() {
   local n=${RUNS:-10000}
-  ulimit -n 65536
+  ulimit -n "$(ulimit -Hn)"
   bash "$here/postfix_peer.sh" start down >&2
   start_bmx
   pid=$(cat "$work/bmx.pid")
-  python3 "$here/idle_conns.py" --target 127.0.0.1:$BMX_PORT --conns "$n" --sources 50 \
+  python3 "$here/idle_conns.py" --target 127.0.0.1:$BMX_PORT --conns "$n" --sources 50 --greet-timeout 120 \
     --cmd "grep VmRSS /proc/$pid/status" | tee -a "$out"
 }
 

@@ -178,6 +178,11 @@ pub async fn serve(
                 let size = message.body.len() as u64;
                 let sender = message.sender.clone();
                 let nrcpt = message.recipients.len();
+                let domains: Vec<relay_core::address::DomainName> = message
+                    .recipients
+                    .iter()
+                    .map(|r| r.domain.clone())
+                    .collect();
                 let result = shared.spool.accept(*message).await;
                 match &result {
                     Ok(ids) => {
@@ -186,7 +191,7 @@ pub async fn serve(
                         tracing::info!(event = "message_accepted", session_id, peer = %peer, queue_id = %id,
                             from = %sender, nrcpt, size, entries = ids.len());
                         if let Some(d) = &shared.delivery {
-                            d.worker.wake();
+                            d.worker.queued(&domains.iter().collect::<Vec<_>>());
                         }
                     }
                     Err(e) => {

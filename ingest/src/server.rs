@@ -193,9 +193,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     };
     let mut listeners = Vec::new();
     for addr in &config.smtp.listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        let l = listen(*addr).with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(event = "listening", addr = %l.local_addr().unwrap_or(*addr), hostname = %config.hostname);
         listeners.push(l);
     }
@@ -592,4 +590,17 @@ fn with_faults(spool: Arc<dyn Spool>) -> Arc<dyn Spool> {
         }
         None => spool,
     }
+}
+
+/// Binds with a deep accept backlog: a backup MX takes a burst of
+/// connections the moment a primary goes down.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }

@@ -83,6 +83,17 @@ impl Worker {
         self.wake.notify_one();
     }
 
+    /// A message for `domains` was queued: look at it now, unless every
+    /// destination is known down (the probe or the next poll handles it,
+    /// without a queue scan and a write per message).
+    pub fn queued(&self, domains: &[&DomainName]) {
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        if domains.iter().any(|d| !down.contains(*d)) {
+            drop(down);
+            self.wake();
+        }
+    }
+
     /// Makes a domain's (or every) queued entry due now: ETRN, `queue flush`,
     /// a successful probe. Returns how many entries the domain has.
     pub async fn release(&self, domain: Option<&DomainName>) -> Result<u64, StoreError> {
