@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     parser.feed(data);
     for _ in 0..10_000 {
         match client.poll_next() {
-            Next::Send(_) | Next::SendBody => {}
+            Next::Send(_) | Next::SendBody(_) => {}
             Next::StartTls => client.tls_done(data.len() % 2 == 0),
             Next::ReadReply => match parser.next_reply() {
                 Ok(Some(r)) => client.on_reply(r),

@@ -376,3 +376,33 @@ fn delivery_uses_starttls_with_a_self_signed_primary() {
     assert_eq!(raw.matches("Received: ").count(), 2);
     assert!(raw.contains("Subject: relay me"));
 }
+
+#[test]
+fn a_backlog_goes_out_over_few_connections() {
+    let port = free_port();
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1s\"\n",
+        &format!("[\"127.0.0.1:{port}\"]"),
+    );
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let mut c = s.client();
+        ids.push(queue_id(&c.send_message(
+            "alice@remote.test",
+            &["bob@example.test"],
+            &format!("Subject: {i}\r\n\r\nx\r\n"),
+        )));
+    }
+    wait_attempted(&s, &ids[0]);
+    let sink = Sink::start(port);
+    sink.wait_for(30, WAIT);
+    wait_empty(&s);
+    let connections = sink.connections.load(std::sync::atomic::Ordering::SeqCst);
+    // Batches of up to 20 messages per connection, plus the probe's own.
+    assert!(
+        connections <= 6,
+        "{connections} connections for 30 messages"
+    );
+    assert_eq!(sink.received().len(), 30);
+}

@@ -156,8 +156,9 @@ pub enum Next {
     ReadReply,
     /// Run the TLS handshake, then call [`ClientSession::tls_done`].
     StartTls,
-    /// Write the dot-stuffed message and `.` terminator, then ask again.
-    SendBody,
+    /// Write the dot-stuffed message number `n` (in the order given to
+    /// [`ClientSession::with_messages`]) and its `.` terminator.
+    SendBody(usize),
     /// The session is over; results are in [`ClientSession::results`].
     Done,
 }
@@ -174,6 +175,7 @@ enum Expect {
     Body,
     /// The reply to the `.` that ends an aborted, empty message.
     Aborted,
+    Rset,
     Quit,
 }
 
@@ -192,6 +194,14 @@ pub struct ClientSession {
     helo_name: String,
     try_tls: bool,
     envelope: Envelope,
+    /// Index of `envelope` among all messages of the session.
+    current: usize,
+    /// Messages still to send after the current one.
+    more: VecDeque<Envelope>,
+    /// Results of the messages already done.
+    finished: Vec<Vec<RcptResult>>,
+    /// Why the connection ended early, for messages never started.
+    abandoned: Option<RcptResult>,
     ext: Extensions,
     tls_active: bool,
     expect: VecDeque<Expect>,
@@ -212,11 +222,29 @@ pub struct ClientSession {
 impl ClientSession {
     /// `try_tls`: the driver can do STARTTLS if offered (opportunistic).
     pub fn new(helo_name: &str, try_tls: bool, envelope: Envelope) -> Self {
+        Self::with_messages(helo_name, try_tls, vec![envelope])
+    }
+
+    /// Several messages over one connection, one transaction each
+    /// (`RSET` between them).
+    pub fn with_messages(helo_name: &str, try_tls: bool, envelopes: Vec<Envelope>) -> Self {
+        let mut more: VecDeque<Envelope> = envelopes.into();
+        let envelope = more.pop_front().unwrap_or(Envelope {
+            sender: String::new(),
+            recipients: Vec::new(),
+            size: 0,
+            smtputf8: false,
+            eight_bit: false,
+        });
         let n = envelope.recipients.len();
         ClientSession {
             helo_name: helo_name.to_string(),
             try_tls,
             envelope,
+            current: 0,
+            more,
+            finished: Vec::new(),
+            abandoned: None,
             ext: Extensions::default(),
             tls_active: false,
             expect: VecDeque::from([Expect::Greeting]),
@@ -258,7 +286,7 @@ impl ClientSession {
         }
         if self.body_pending {
             self.body_pending = false;
-            return Next::SendBody;
+            return Next::SendBody(self.current);
         }
         if self.done {
             return Next::Done;
@@ -289,8 +317,7 @@ impl ClientSession {
                 if r.is_success() {
                     self.send(format!("EHLO {}", self.helo_name), Expect::Ehlo);
                 } else {
-                    self.fail_all(RcptResult::Transient(format!("greeting: {r}")));
-                    self.quit();
+                    self.abandon(RcptResult::Transient(format!("greeting: {r}")));
                 }
             }
             Expect::Ehlo => {
@@ -298,8 +325,7 @@ impl ClientSession {
                     self.ext = parse_extensions(&r);
                     self.after_hello();
                 } else if r.code == 421 || r.is_transient() {
-                    self.fail_all(RcptResult::Transient(format!("EHLO: {r}")));
-                    self.quit();
+                    self.abandon(RcptResult::Transient(format!("EHLO: {r}")));
                 } else {
                     // RFC 5321 §3.2: fall back to HELO.
                     self.send(format!("HELO {}", self.helo_name), Expect::Helo);
@@ -310,8 +336,7 @@ impl ClientSession {
                     self.ext = Extensions::default();
                     self.after_hello();
                 } else {
-                    self.fail_all(RcptResult::Transient(format!("HELO: {r}")));
-                    self.quit();
+                    self.abandon(RcptResult::Transient(format!("HELO: {r}")));
                 }
             }
             Expect::StartTls => {
@@ -359,19 +384,25 @@ impl ClientSession {
                     // No recipient was accepted: end the empty message at once.
                     self.out.extend_from_slice(b".\r\n");
                     self.expect.push_back(Expect::Aborted);
-                    self.quit();
+                    self.end_transaction();
                 } else {
                     let result = RcptResult::from_response(&r);
                     self.fill_pending(&result);
-                    self.quit();
+                    self.end_transaction();
                 }
             }
             Expect::Body => {
                 let result = RcptResult::from_response(&r);
                 self.fill_pending(&result);
-                self.quit();
+                if r.code == 421 {
+                    // The server is closing: nothing more on this connection.
+                    self.abandoned = Some(RcptResult::Transient(format!("after DATA: {r}")));
+                    self.quit();
+                } else {
+                    self.end_transaction();
+                }
             }
-            Expect::Aborted | Expect::Quit => {}
+            Expect::Aborted | Expect::Rset | Expect::Quit => {}
         }
     }
 
@@ -385,6 +416,7 @@ impl ClientSession {
             self.send(format!("EHLO {}", self.helo_name), Expect::Ehlo);
         } else {
             self.tls_failed = true;
+            self.abandoned = Some(RcptResult::Transient("TLS handshake failed".into()));
             self.fail_all(RcptResult::Transient("TLS handshake failed".into()));
             self.expect.clear();
             self.done = true;
@@ -393,6 +425,7 @@ impl ClientSession {
 
     /// The connection broke or timed out: every open recipient is retried.
     pub fn connection_lost(&mut self, why: &str) {
+        self.abandoned = Some(RcptResult::Transient(why.to_string()));
         self.fail_all(RcptResult::Transient(why.to_string()));
         self.expect.clear();
         self.out.clear();
@@ -402,13 +435,24 @@ impl ClientSession {
 
     /// Per recipient, in envelope order.
     pub fn results(&self) -> Vec<RcptResult> {
-        self.results
-            .iter()
-            .map(|r| {
-                r.clone()
-                    .unwrap_or_else(|| RcptResult::Transient("no result".into()))
-            })
-            .collect()
+        self.all_results().into_iter().next().unwrap_or_default()
+    }
+
+    /// Per message (in the order given), per recipient.
+    pub fn all_results(&self) -> Vec<Vec<RcptResult>> {
+        let unknown = || RcptResult::Transient("no result".into());
+        let mut all = self.finished.clone();
+        all.push(
+            self.results
+                .iter()
+                .map(|r| r.clone().unwrap_or_else(unknown))
+                .collect(),
+        );
+        let rest = self.abandoned.clone().unwrap_or_else(unknown);
+        for env in &self.more {
+            all.push(vec![rest.clone(); env.recipients.len()]);
+        }
+        all
     }
 
     fn after_hello(&mut self) {
@@ -426,7 +470,7 @@ impl ClientSession {
             self.fail_all(RcptResult::Permanent(
                 "550 5.6.7 the message needs SMTPUTF8 and the server does not offer it".into(),
             ));
-            return self.quit();
+            return self.end_transaction();
         }
         if let Some(limit) = self.ext.size.filter(|&l| l > 0) {
             if env.size > limit {
@@ -434,7 +478,7 @@ impl ClientSession {
                     "552 5.3.4 message size {} exceeds the server's limit {limit}",
                     env.size
                 )));
-                return self.quit();
+                return self.end_transaction();
             }
         }
         let mut mail = format!("MAIL FROM:<{}>", env.sender);
@@ -447,7 +491,12 @@ impl ClientSession {
         if env.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
-        let mut commands = vec![(mail, Expect::Mail)];
+        let mut commands = Vec::new();
+        if self.current > 0 {
+            // A clean slate after whatever the previous transaction left.
+            commands.push(("RSET".to_string(), Expect::Rset));
+        }
+        commands.push((mail, Expect::Mail));
         for (i, rcpt) in env.recipients.iter().enumerate() {
             if self.results[i].is_none() {
                 commands.push((format!("RCPT TO:<{rcpt}>"), Expect::Rcpt(i)));
@@ -482,6 +531,33 @@ impl ClientSession {
         if let Some(result) = self.transaction_failed.clone() {
             self.fill_pending(&result);
         }
+        self.end_transaction();
+    }
+
+    /// The current message is done: start the next one, or say goodbye.
+    fn end_transaction(&mut self) {
+        let Some(next) = self.more.pop_front() else {
+            return self.quit();
+        };
+        let unknown = || RcptResult::Transient("no result".into());
+        let done: Vec<RcptResult> = self
+            .results
+            .iter()
+            .map(|r| r.clone().unwrap_or_else(unknown))
+            .collect();
+        self.finished.push(done);
+        self.current += 1;
+        self.results = vec![None; next.recipients.len()];
+        self.envelope = next;
+        self.transaction_failed = None;
+        self.queued.clear();
+        self.begin_transaction();
+    }
+
+    /// A connection-level failure: every message still open fails alike.
+    fn abandon(&mut self, why: RcptResult) {
+        self.fail_all(why.clone());
+        self.abandoned = Some(why);
         self.quit();
     }
 

@@ -119,49 +119,130 @@ impl Engine {
 
     /// One delivery attempt for the pending recipients of `entry`.
     pub async fn attempt(&self, entry: &QueueEntry, body: &[u8], now: SystemTime) -> AttemptReport {
-        let mut entry = entry.clone();
-        let pending: Vec<usize> = (0..entry.recipients.len())
-            .filter(|&i| entry.recipients[i].status == RecipientStatus::Pending)
-            .collect();
-        if pending.is_empty() {
-            return AttemptReport {
-                entry,
-                finished: true,
-                bounce: None,
-                destination_down: false,
-                delivered: 0,
-            };
+        let mut reports = self
+            .attempt_batch(&[(entry.clone(), body.to_vec())], now)
+            .await;
+        reports.pop().unwrap_or_else(|| AttemptReport {
+            entry: entry.clone(),
+            finished: false,
+            bounce: None,
+            destination_down: false,
+            delivered: 0,
+        })
+    }
+
+    /// One attempt for several entries of the same destination domain,
+    /// over one connection (one transaction each): fewer handshakes for a
+    /// primary that has a queue to catch up on.
+    pub async fn attempt_batch(
+        &self,
+        items: &[(QueueEntry, Vec<u8>)],
+        now: SystemTime,
+    ) -> Vec<AttemptReport> {
+        struct Work {
+            entry: QueueEntry,
+            pending: Vec<usize>,
         }
-        entry.attempts += 1;
-        let mut failed = Vec::new();
+        let mut work = Vec::new();
+        let mut reports: Vec<Option<AttemptReport>> = Vec::new();
+        for (entry, _) in items {
+            let pending: Vec<usize> = (0..entry.recipients.len())
+                .filter(|&i| entry.recipients[i].status == RecipientStatus::Pending)
+                .collect();
+            if pending.is_empty() {
+                reports.push(Some(AttemptReport {
+                    entry: entry.clone(),
+                    finished: true,
+                    bounce: None,
+                    destination_down: false,
+                    delivered: 0,
+                }));
+            } else {
+                reports.push(None);
+            }
+            let mut entry = entry.clone();
+            entry.attempts += 1;
+            work.push(Work { entry, pending });
+        }
+        let active: Vec<usize> = (0..items.len()).filter(|&i| reports[i].is_none()).collect();
+        let Some(&first) = active.first() else {
+            return reports.into_iter().flatten().collect();
+        };
+        let domain = work[first].entry.domain.clone();
         let mut destination_down = false;
-        let results: Vec<(RcptResult, &'static str)> = match self.targets_for(&entry.domain).await {
-            Err(RouteError::Permanent { status, text }) => {
-                vec![(RcptResult::Permanent(text), status); pending.len()]
-            }
-            Err(RouteError::Transient(text)) => {
-                vec![(RcptResult::Transient(text), ""); pending.len()]
-            }
+        let per_message: Vec<Vec<(RcptResult, &'static str)>> = match self
+            .targets_for(&domain)
+            .await
+        {
+            Err(RouteError::Permanent { status, text }) => active
+                .iter()
+                .map(|&i| {
+                    vec![(RcptResult::Permanent(text.clone()), status); work[i].pending.len()]
+                })
+                .collect(),
+            Err(RouteError::Transient(text)) => active
+                .iter()
+                .map(|&i| vec![(RcptResult::Transient(text.clone()), ""); work[i].pending.len()])
+                .collect(),
             Ok(targets) => {
-                let envelope = Envelope {
-                    sender: entry.sender.clone(),
-                    recipients: pending
-                        .iter()
-                        .map(|&i| entry.recipients[i].address.clone())
-                        .collect(),
-                    size: body.len() as u64,
-                    smtputf8: entry.smtputf8,
-                    eight_bit: entry.eight_bit,
-                };
-                let report = self.try_targets(&targets, envelope, body).await;
+                let messages: Vec<(Envelope, &[u8])> = active
+                    .iter()
+                    .map(|&i| {
+                        let e = &work[i].entry;
+                        let body = &items[i].1;
+                        let envelope = Envelope {
+                            sender: e.sender.clone(),
+                            recipients: work[i]
+                                .pending
+                                .iter()
+                                .map(|&r| e.recipients[r].address.clone())
+                                .collect(),
+                            size: body.len() as u64,
+                            smtputf8: e.smtputf8,
+                            eight_bit: e.eight_bit,
+                        };
+                        (envelope, body.as_slice())
+                    })
+                    .collect();
+                let report = self.try_targets(&targets, &messages).await;
                 destination_down = !report.transaction_started
                     && report
                         .results
                         .iter()
+                        .flatten()
                         .all(|r| matches!(r, RcptResult::Transient(_)));
-                report.results.into_iter().map(|r| (r, "")).collect()
+                report
+                    .results
+                    .into_iter()
+                    .map(|m| m.into_iter().map(|r| (r, "")).collect())
+                    .collect()
             }
         };
+        for (&i, results) in active.iter().zip(per_message) {
+            let w = &work[i];
+            reports[i] = Some(self.finish_entry(
+                w.entry.clone(),
+                &w.pending,
+                results,
+                destination_down,
+                &items[i].1,
+                now,
+            ));
+        }
+        reports.into_iter().flatten().collect()
+    }
+
+    /// Applies one attempt's per-recipient results to an entry.
+    fn finish_entry(
+        &self,
+        mut entry: QueueEntry,
+        pending: &[usize],
+        results: Vec<(RcptResult, &'static str)>,
+        destination_down: bool,
+        body: &[u8],
+        now: SystemTime,
+    ) -> AttemptReport {
+        let mut failed = Vec::new();
         let mut delivered = 0;
         let mut errors = Vec::new();
         for (&i, (result, route_status)) in pending.iter().zip(results) {
@@ -245,20 +326,25 @@ impl Engine {
     async fn try_targets(
         &self,
         targets: &[Target],
-        envelope: Envelope,
-        body: &[u8],
+        messages: &[(Envelope, &[u8])],
     ) -> SessionReport {
-        let data = crate::smtp::data::encode_for_data(body);
+        let encoded: Vec<Vec<u8>> = messages
+            .iter()
+            .map(|(_, b)| crate::smtp::data::encode_for_data(b))
+            .collect();
+        let data: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        let envelopes: Vec<Envelope> = messages.iter().map(|(e, _)| e.clone()).collect();
         let mut last = None;
         for target in targets {
             for addr in &target.addrs {
+                let host = &self.cfg.me.hostname;
                 let mut report = transport::deliver(
                     *addr,
                     &target.host,
-                    &self.cfg.me.hostname,
+                    host,
                     self.tls.as_ref(),
                     &self.cfg.timeouts,
-                    envelope.clone(),
+                    envelopes.clone(),
                     &data,
                 )
                 .await;
@@ -268,10 +354,10 @@ impl Engine {
                     report = transport::deliver(
                         *addr,
                         &target.host,
-                        &self.cfg.me.hostname,
+                        host,
                         None,
                         &self.cfg.timeouts,
-                        envelope.clone(),
+                        envelopes.clone(),
                         &data,
                     )
                     .await;
@@ -280,15 +366,19 @@ impl Engine {
                     || report
                         .results
                         .iter()
+                        .flatten()
                         .any(|r| !matches!(r, RcptResult::Transient(_)));
-                tracing::debug!(event = "delivery_session", addr = %addr, host = %target.host, conclusive, tls = report.tls);
+                tracing::debug!(event = "delivery_session", addr = %addr, host = %target.host, conclusive, tls = report.tls, messages = envelopes.len());
                 last = Some(report);
                 if conclusive {
-                    return last.unwrap_or_else(|| unreachable_report(&envelope));
+                    break;
                 }
             }
+            if last.as_ref().is_some_and(|r| r.transaction_started) {
+                break;
+            }
         }
-        last.unwrap_or_else(|| unreachable_report(&envelope))
+        last.unwrap_or_else(|| unreachable_report(&envelopes))
     }
 
     fn bounce_for(
@@ -323,12 +413,14 @@ impl Engine {
     }
 }
 
-fn unreachable_report(envelope: &Envelope) -> SessionReport {
+fn unreachable_report(envelopes: &[Envelope]) -> SessionReport {
     SessionReport {
-        results: vec![
-            RcptResult::Transient("no address to connect to".into());
-            envelope.recipients.len()
-        ],
+        results: envelopes
+            .iter()
+            .map(|e| {
+                vec![RcptResult::Transient("no address to connect to".into()); e.recipients.len()]
+            })
+            .collect(),
         transaction_started: false,
         tls: false,
         tls_failed: false,

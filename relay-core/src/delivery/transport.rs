@@ -40,7 +40,8 @@ impl Default for Timeouts {
 /// How one connection went.
 #[derive(Debug, Clone)]
 pub struct SessionReport {
-    pub results: Vec<RcptResult>,
+    pub results: Vec<Vec<RcptResult>>,
+    /// Per message (in the order given), per recipient.
     /// The server answered MAIL, so results are final for this attempt.
     pub transaction_started: bool,
     pub tls: bool,
@@ -148,10 +149,10 @@ pub async fn deliver(
     helo_name: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
     timeouts: &Timeouts,
-    envelope: Envelope,
-    data: &[u8],
+    envelopes: Vec<Envelope>,
+    data: &[&[u8]],
 ) -> SessionReport {
-    let mut client = ClientSession::new(helo_name, tls.is_some(), envelope);
+    let mut client = ClientSession::with_messages(helo_name, tls.is_some(), envelopes);
     let mut stream = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => Stream::Plain(s),
         Ok(Err(e)) => {
@@ -180,9 +181,10 @@ pub async fn deliver(
                     ));
                 }
             }
-            Next::SendBody => {
+            Next::SendBody(n) => {
+                let body = data.get(n).copied().unwrap_or(b".\r\n");
                 if !matches!(
-                    tokio::time::timeout(timeouts.data_block, stream.write_all(data)).await,
+                    tokio::time::timeout(timeouts.data_block, stream.write_all(body)).await,
                     Ok(Ok(()))
                 ) {
                     client.connection_lost(&format!(
@@ -237,7 +239,7 @@ pub async fn deliver(
 
 fn report(client: &ClientSession) -> SessionReport {
     SessionReport {
-        results: client.results(),
+        results: client.all_results(),
         transaction_started: client.transaction_started(),
         tls: client.tls_active(),
         tls_failed: client.tls_failed(),

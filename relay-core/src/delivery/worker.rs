@@ -18,6 +18,9 @@ use crate::queue::{QueueEntry, QueueId};
 use crate::store::{MessageStore, ScheduledQueue, Spool, StoreError};
 use crate::time::unix_seconds;
 
+/// Most messages sent over one connection in one go.
+const MESSAGES_PER_CONNECTION: usize = 20;
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Connections at once to one destination domain.
@@ -176,6 +179,9 @@ impl Worker {
         let down: HashSet<DomainName> = self.down.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let lifetime = self.engine.config().queue_lifetime.as_secs();
         let mut defer = HashSet::new();
+        // Group by destination (oldest first within each), a connection
+        // per batch.
+        let mut batches: Vec<(DomainName, Vec<QueueEntry>)> = Vec::new();
         for entry in due {
             if down.contains(&entry.domain) && now < entry.received_at.saturating_add(lifetime) {
                 defer.insert(entry.domain.clone());
@@ -189,25 +195,35 @@ impl Worker {
             {
                 continue;
             }
-            let Some(dest) = self.destination_permit(&entry.domain) else {
+            match batches
+                .iter_mut()
+                .find(|(d, b)| *d == entry.domain && b.len() < MESSAGES_PER_CONNECTION)
+            {
+                Some((_, b)) => b.push(entry),
+                None => batches.push((entry.domain.clone(), vec![entry])),
+            }
+        }
+        for (domain, batch) in batches {
+            let Some(dest) = self.destination_permit(&domain) else {
                 continue;
             };
             let Ok(total) = self.total.clone().try_acquire_owned() else {
                 break;
             };
+            let ids: Vec<QueueId> = batch.iter().map(|e| e.id.clone()).collect();
             self.in_flight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(entry.id.clone());
+                .extend(ids.iter().cloned());
             let worker = self.clone();
             tasks.spawn(async move {
-                let id = entry.id.clone();
-                worker.deliver_one(entry).await;
-                worker
-                    .in_flight
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                worker.deliver_batch(batch).await;
+                {
+                    let mut in_flight = worker.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                    for id in &ids {
+                        in_flight.remove(id);
+                    }
+                }
                 drop(dest);
                 drop(total);
                 worker.wake();
@@ -221,24 +237,35 @@ impl Worker {
         }
     }
 
-    async fn deliver_one(&self, entry: QueueEntry) {
+    /// Entries of one destination domain, over one connection.
+    async fn deliver_batch(&self, entries: Vec<QueueEntry>) {
         let now = SystemTime::now();
-        let body = match self.messages.get(&entry.id).await {
-            Ok(Some(b)) => b,
-            Ok(None) => {
-                tracing::error!(event = "message_body_missing", queue_id = %entry.id);
-                let mut e = entry.clone();
-                e.last_error = Some("message body missing from the store".into());
-                e.next_attempt = unix_seconds(now) + self.engine.config().retry_max.as_secs();
-                let _ = self.queue.update(&e).await;
-                return;
+        let mut items = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match self.messages.get(&entry.id).await {
+                Ok(Some(body)) => items.push((entry, body)),
+                Ok(None) => {
+                    tracing::error!(event = "message_body_missing", queue_id = %entry.id);
+                    let mut e = entry.clone();
+                    e.last_error = Some("message body missing from the store".into());
+                    e.next_attempt = unix_seconds(now) + self.engine.config().retry_max.as_secs();
+                    let _ = self.queue.update(&e).await;
+                }
+                Err(e) => {
+                    tracing::warn!(event = "message_read_failed", queue_id = %entry.id, error = %e)
+                }
             }
-            Err(e) => {
-                tracing::warn!(event = "message_read_failed", queue_id = %entry.id, error = %e);
-                return;
-            }
-        };
-        let report = self.engine.attempt(&entry, &body, now).await;
+        }
+        if items.is_empty() {
+            return;
+        }
+        for report in self.engine.attempt_batch(&items, now).await {
+            self.store_report(report).await;
+        }
+    }
+
+    async fn store_report(&self, report: super::AttemptReport) {
+        let entry = &report.entry;
         if let Some(bounce) = report.bounce.clone() {
             // The DSN is stored before the entry changes, so a crash in
             // between repeats the attempt rather than losing the bounce.

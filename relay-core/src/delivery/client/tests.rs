@@ -25,7 +25,7 @@ fn run(client: &mut ClientSession, replies: &[&str]) -> String {
     loop {
         match client.poll_next() {
             Next::Send(b) => sent.push_str(&String::from_utf8(b).unwrap()),
-            Next::SendBody => sent.push_str("<BODY>\r\n"),
+            Next::SendBody(n) => sent.push_str(&format!("<BODY{n}>\r\n")),
             Next::StartTls => {
                 sent.push_str("<TLS>\r\n");
                 client.tls_done(true);
@@ -92,7 +92,7 @@ fn pipelined_delivery_with_per_recipient_results() {
     );
     assert_eq!(
         sent,
-        "EHLO mx2.test\r\nMAIL FROM:<a@remote.test> SIZE=100\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nDATA\r\n<BODY>\r\nQUIT\r\n"
+        "EHLO mx2.test\r\nMAIL FROM:<a@remote.test> SIZE=100\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nDATA\r\n<BODY0>\r\nQUIT\r\n"
     );
     assert_eq!(
         c.results(),
@@ -120,7 +120,7 @@ fn without_pipelining_commands_go_one_at_a_time() {
     loop {
         match c.poll_next() {
             Next::Send(b) => sent.push(String::from_utf8(b).unwrap()),
-            Next::SendBody => sent.push("<BODY>".into()),
+            Next::SendBody(_) => sent.push("<BODY>".into()),
             Next::ReadReply => c.on_reply(reply(it.next().unwrap())),
             Next::StartTls => unreachable!(),
             Next::Done => break,
@@ -269,7 +269,7 @@ fn no_accepted_recipient_ends_without_a_body() {
             "221 bye\r\n",
         ],
     );
-    assert!(!sent.contains("<BODY>"), "{sent}");
+    assert!(!sent.contains("<BODY0>"), "{sent}");
     assert!(sent.ends_with("DATA\r\n.\r\nQUIT\r\n"), "{sent}");
     assert_eq!(c.results(), [RcptResult::Permanent("550 no".into())]);
 }
@@ -348,4 +348,82 @@ fn greeting_refusal_is_transient() {
     let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
     run(&mut c, &["554 go away\r\n", "221 bye\r\n"]);
     assert!(matches!(c.results()[0], RcptResult::Transient(_)));
+}
+
+#[test]
+fn several_messages_share_one_connection() {
+    let mut c = ClientSession::with_messages(
+        "mx2.test",
+        false,
+        vec![
+            envelope(&["x@d.test"]),
+            envelope(&["y@d.test", "z@d.test"]),
+            envelope(&["w@d.test"]),
+        ],
+    );
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_FULL,
+            // message 0
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 queued 0\r\n",
+            // message 1: RSET first, one recipient refused
+            "250 reset\r\n",
+            "250 ok\r\n",
+            "550 5.1.1 no y\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "451 4.3.0 later\r\n",
+            // message 2: MAIL refused
+            "250 reset\r\n",
+            "552 5.3.4 too big\r\n",
+            "503 no\r\n",
+            "503 no\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert_eq!(sent.matches("EHLO").count(), 1, "{sent}");
+    assert_eq!(sent.matches("RSET").count(), 2, "{sent}");
+    assert!(
+        sent.contains("<BODY0>") && sent.contains("<BODY1>") && !sent.contains("<BODY2>"),
+        "{sent}"
+    );
+    assert!(sent.ends_with("QUIT\r\n"), "{sent}");
+    let all = c.all_results();
+    assert_eq!(all[0], [RcptResult::Delivered("250 queued 0".into())]);
+    assert_eq!(
+        all[1],
+        [
+            RcptResult::Permanent("550 5.1.1 no y".into()),
+            RcptResult::Transient("451 4.3.0 later".into())
+        ]
+    );
+    assert_eq!(all[2], [RcptResult::Permanent("552 5.3.4 too big".into())]);
+}
+
+#[test]
+fn a_lost_connection_fails_the_messages_not_yet_sent() {
+    let mut c = ClientSession::with_messages(
+        "mx2.test",
+        false,
+        vec![envelope(&["x@d.test"]), envelope(&["y@d.test"])],
+    );
+    run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_FULL,
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 done\r\n",
+        ],
+    );
+    let all = c.all_results();
+    assert_eq!(all[0], [RcptResult::Delivered("250 done".into())]);
+    assert!(matches!(all[1][0], RcptResult::Transient(_)), "{all:?}");
 }
