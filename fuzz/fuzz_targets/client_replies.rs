@@ -12,7 +12,9 @@ fuzz_target!(|data: &[u8]| {
         smtputf8: data.first().is_some_and(|b| b & 1 == 1),
         eight_bit: true,
     };
-    let mut client = ClientSession::new("mx2.test", true, env);
+    // Two messages over one connection: the batch path too.
+    let second = Envelope { recipients: vec!["z@d.test".into()], ..env.clone() };
+    let mut client = ClientSession::with_messages("mx2.test", true, vec![env, second]);
     let mut parser = ReplyParser::default();
     parser.feed(data);
     for _ in 0..10_000 {
@@ -24,7 +26,9 @@ fuzz_target!(|data: &[u8]| {
                 Ok(None) | Err(_) => client.connection_lost("eof"),
             },
             Next::Done => {
-                assert_eq!(client.results().len(), 2);
+                let all = client.all_results();
+                assert_eq!(all.len(), 2);
+                assert_eq!((all[0].len(), all[1].len()), (2, 1));
                 return;
             }
         }
