@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use relay_core::config::{Backend, Config};
-use relay_core::delivery::route::SelfIdentity;
-use relay_core::delivery::transport::Timeouts;
 use relay_core::delivery::worker::{Worker, WorkerConfig};
 use relay_core::delivery::{Engine, EngineConfig};
 use relay_core::dns::{HickoryResolver, Resolver};
@@ -84,13 +82,7 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
 }
 
 pub fn aws_names(config: &Config) -> AwsNames {
-    AwsNames {
-        domains_table: config.aws.domains_table.clone(),
-        greylist_table: config.aws.greylist_table.clone(),
-        bucket: config.aws.bucket.clone(),
-        queue_url: config.aws.queue_url.clone(),
-        queue_name: config.aws.queue_name.clone(),
-    }
+    AwsNames::from_config(&config.aws)
 }
 
 async fn connect_aws(config: &Config) -> anyhow::Result<AwsStore> {
@@ -270,24 +262,7 @@ fn start_delivery(
 ) -> anyhow::Result<(Delivery, Arc<Worker>)> {
     let d = &config.delivery;
     let engine = Arc::new(Engine::new(
-        EngineConfig {
-            me: SelfIdentity {
-                hostname: config.hostname.clone(),
-                listen: config.smtp.listen.clone(),
-                mx_port: d.mx_port,
-            },
-            routes: d.routes.clone(),
-            retry_initial: d.retry_initial,
-            retry_max: d.retry_max,
-            queue_lifetime: d.queue_lifetime,
-            timeouts: Timeouts {
-                connect: d.connect_timeout,
-                command: d.command_timeout,
-                data_block: d.command_timeout,
-                data_final: d.data_timeout,
-            },
-            opportunistic_tls: d.opportunistic_tls,
-        },
+        EngineConfig::from_config(config),
         resolver,
         store.clone(),
     ));

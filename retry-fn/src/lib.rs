@@ -8,8 +8,6 @@ use anyhow::Context;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use relay_core::config::Config;
 use relay_core::delivery::retry::{Processed, RetryProcessor};
-use relay_core::delivery::route::SelfIdentity;
-use relay_core::delivery::transport::Timeouts;
 use relay_core::delivery::{Engine, EngineConfig};
 use relay_core::dns::HickoryResolver;
 use relay_core::store::aws::{AwsNames, AwsStore};
@@ -17,13 +15,7 @@ use relay_core::store::aws::{AwsNames, AwsStore};
 /// Clients, resolver and engine from the configuration.
 pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     let conf = relay_core::store::aws::sdk_config().await;
-    let names = AwsNames {
-        domains_table: config.aws.domains_table.clone(),
-        greylist_table: config.aws.greylist_table.clone(),
-        bucket: config.aws.bucket.clone(),
-        queue_url: config.aws.queue_url.clone(),
-        queue_name: config.aws.queue_name.clone(),
-    };
+    let names = AwsNames::from_config(&config.aws);
     let store = Arc::new(
         AwsStore::connect(&conf, names)
             .await
@@ -31,26 +23,8 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     );
     let resolver = HickoryResolver::new(&config.dns.servers, config.dns.timeout)
         .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
-    let d = &config.delivery;
     let engine = Arc::new(Engine::new(
-        EngineConfig {
-            me: SelfIdentity {
-                hostname: config.hostname.clone(),
-                listen: config.smtp.listen.clone(),
-                mx_port: d.mx_port,
-            },
-            routes: d.routes.clone(),
-            retry_initial: d.retry_initial,
-            retry_max: d.retry_max,
-            queue_lifetime: d.queue_lifetime,
-            timeouts: Timeouts {
-                connect: d.connect_timeout,
-                command: d.command_timeout,
-                data_block: d.command_timeout,
-                data_final: d.data_timeout,
-            },
-            opportunistic_tls: d.opportunistic_tls,
-        },
+        EngineConfig::from_config(config),
         Arc::new(resolver),
         store.clone(),
     ));

@@ -59,6 +59,31 @@ pub struct AttemptReport {
     pub delivered: usize,
 }
 
+impl EngineConfig {
+    /// The engine settings of a configuration file.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let d = &config.delivery;
+        EngineConfig {
+            me: SelfIdentity {
+                hostname: config.hostname.clone(),
+                listen: config.smtp.listen.clone(),
+                mx_port: d.mx_port,
+            },
+            routes: d.routes.clone(),
+            retry_initial: d.retry_initial,
+            retry_max: d.retry_max,
+            queue_lifetime: d.queue_lifetime,
+            timeouts: Timeouts {
+                connect: d.connect_timeout,
+                command: d.command_timeout,
+                data_block: d.command_timeout,
+                data_final: d.data_timeout,
+            },
+            opportunistic_tls: d.opportunistic_tls,
+        }
+    }
+}
+
 pub struct Engine {
     cfg: EngineConfig,
     resolver: Arc<dyn Resolver>,

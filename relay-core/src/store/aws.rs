@@ -45,6 +45,18 @@ pub struct AwsNames {
     pub queue_name: String,
 }
 
+impl AwsNames {
+    pub fn from_config(aws: &crate::config::AwsConfig) -> Self {
+        AwsNames {
+            domains_table: aws.domains_table.clone(),
+            greylist_table: aws.greylist_table.clone(),
+            bucket: aws.bucket.clone(),
+            queue_url: aws.queue_url.clone(),
+            queue_name: aws.queue_name.clone(),
+        }
+    }
+}
+
 /// SQS delays are at most 15 minutes.
 pub const MAX_SQS_DELAY: u64 = 900;
 
