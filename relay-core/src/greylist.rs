@@ -83,18 +83,9 @@ pub struct GreylistSettings {
 }
 
 impl Default for GreylistSettings {
+    /// The defaults live in one place: the configuration's.
     fn default() -> Self {
-        GreylistSettings {
-            delay: Duration::from_secs(300),
-            retry_window: Duration::from_secs(2 * 86_400),
-            max_age: Duration::from_secs(35 * 86_400),
-            ipv4_prefix: 24,
-            ipv6_prefix: 64,
-            auto_whitelist_after: 5,
-            whitelist_clients: Vec::new(),
-            whitelist_sender_domains: Vec::new(),
-            whitelist_recipients: Vec::new(),
-        }
+        crate::config::GreylistConfig::default().settings()
     }
 }
 
