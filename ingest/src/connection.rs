@@ -183,6 +183,10 @@ pub async fn serve(
                     .iter()
                     .map(|r| r.domain.clone())
                     .collect();
+                let mut message = message;
+                if let Some(d) = &shared.delivery {
+                    message.deferred = d.worker.deferred_until(&domains, SystemTime::now());
+                }
                 let result = shared.spool.accept(*message).await;
                 match &result {
                     Ok(ids) => {

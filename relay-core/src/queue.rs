@@ -122,6 +122,11 @@ pub struct AcceptedMessage {
     /// The message as stored: our Received header, then the client's data
     /// with CRLF line endings and dot-stuffing removed.
     pub body: Vec<u8>,
+    /// Hosted domains whose destination is known to be down, with the time
+    /// their entry is first due. As with Postfix's dead-destination cache,
+    /// such mail is queued deferred instead of due now, so a backlog does
+    /// not cost a write per message to push it back.
+    pub deferred: Vec<(DomainName, u64)>,
 }
 
 /// Per-recipient delivery state.
@@ -237,7 +242,11 @@ impl AcceptedMessage {
                 helo: self.helo.clone(),
                 received_at: received,
                 attempts: 0,
-                next_attempt: received,
+                next_attempt: self
+                    .deferred
+                    .iter()
+                    .find(|(d, _)| d == *domain)
+                    .map_or(received, |(_, until)| *until),
                 last_error: None,
                 size: self.body.len() as u64,
                 smtputf8: self.smtputf8,
@@ -268,6 +277,7 @@ mod tests {
             smtputf8: false,
             eight_bit: false,
             body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+            deferred: Vec::new(),
         }
     }
 
@@ -305,6 +315,17 @@ mod tests {
         assert_eq!(entries[0].recipients.len(), 2);
         assert_eq!(entries[1].id, m.id.with_suffix(2));
         assert_eq!(entries[1].domain.as_str(), "two.test");
+    }
+
+    #[test]
+    fn entries_for_a_destination_known_down_are_queued_deferred() {
+        let mut m = message(&[("x@one.test", "one.test"), ("y@two.test", "two.test")]);
+        let received = unix_seconds(m.received_at);
+        m.deferred = vec![(DomainName::parse("two.test").unwrap(), received + 60)];
+        let entries = m.queue_entries();
+        assert_eq!(entries[0].next_attempt, received);
+        assert_eq!(entries[1].next_attempt, received + 60);
+        assert_eq!(entries[1].attempts, 0);
     }
 
     #[test]

@@ -190,6 +190,7 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
         smtputf8: false,
         eight_bit: false,
         body: BODY.as_bytes().to_vec(),
+        deferred: Vec::new(),
     };
     spool.accept(message).await.unwrap();
     let received = store

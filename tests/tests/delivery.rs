@@ -48,13 +48,27 @@ fn primary_down_then_back_is_delivered_once_byte_exact_by_the_probe() {
         entry["last_error"].as_str().unwrap().contains("connect"),
         "{entry}"
     );
+    // Mail arriving while the destination is known down is queued
+    // deferred, without an attempt of its own.
+    let mut c = s.client();
+    let later = queue_id(&c.send_message("dave@remote.test", &["bob@example.test"], BODY));
+    let later_entry = s.queue().into_iter().find(|e| e["id"] == later).unwrap();
+    assert_eq!(later_entry["attempts"], 0, "{later_entry}");
+    assert!(
+        later_entry["next_attempt"].as_str() > later_entry["received_at"].as_str(),
+        "{later_entry}"
+    );
     // The next backoff step is an hour away; only the probe can bring it.
     let sink = Sink::start(port);
-    let got = sink.wait_for(1, WAIT);
+    let got = sink.wait_for(2, WAIT);
     wait_empty(&s);
     std::thread::sleep(Duration::from_millis(500));
     let got_after = sink.received();
-    assert_eq!(got_after.len(), 1, "delivered exactly once");
+    assert_eq!(got_after.len(), 2, "each delivered exactly once");
+    let got: Vec<_> = got
+        .into_iter()
+        .filter(|m| m.mail_from == "alice@remote.test")
+        .collect();
     assert_eq!(got[0].mail_from, "alice@remote.test");
     assert_eq!(got[0].rcpts, ["bob@example.test", "carol@example.test"]);
     assert_eq!(got[0].data, stored, "byte-exact as stored");

@@ -434,6 +434,7 @@ impl Engine {
             smtputf8: !entry.sender.is_ascii(),
             eight_bit: false,
             body: message,
+            deferred: Vec::new(),
         })
     }
 }

@@ -97,13 +97,34 @@ impl Worker {
         }
     }
 
+    /// For a message about to be queued: those of `domains` whose
+    /// destination is known down, each with the time its entry should first
+    /// be due (the probe releases it sooner when the destination answers).
+    pub fn deferred_until(
+        &self,
+        domains: &[DomainName],
+        now: SystemTime,
+    ) -> Vec<(DomainName, u64)> {
+        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        if down.is_empty() {
+            return Vec::new();
+        }
+        let until = unix_seconds(now) + self.engine.config().retry_initial.as_secs();
+        let mut deferred: Vec<(DomainName, u64)> = Vec::new();
+        for d in domains {
+            if down.contains(d) && !deferred.iter().any(|(x, _)| x == d) {
+                deferred.push((d.clone(), until));
+            }
+        }
+        deferred
+    }
+
     /// Makes a domain's (or every) queued entry due now: ETRN, `queue flush`,
     /// a successful probe. Returns how many entries the domain has.
     pub async fn release(&self, domain: Option<&DomainName>) -> Result<u64, StoreError> {
-        let n = self
-            .queue
-            .release(domain, unix_seconds(SystemTime::now()))
-            .await?;
+        // Forget the destination is down first, so mail accepted from now on
+        // is queued due; only a message already past `deferred_until` and
+        // not yet committed can miss the release, and waits `retry_initial`.
         {
             let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
             match domain {
@@ -113,6 +134,10 @@ impl Worker {
                 None => down.clear(),
             }
         }
+        let n = self
+            .queue
+            .release(domain, unix_seconds(SystemTime::now()))
+            .await?;
         self.wake();
         Ok(n)
     }

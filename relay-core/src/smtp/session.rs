@@ -646,6 +646,7 @@ impl Session {
             smtputf8,
             eight_bit: tx.params.body == Some(Body::EightBitMime),
             body,
+            deferred: Vec::new(),
         };
         self.waiting = Waiting::Store;
         self.action = Some(Action::Store(Box::new(message)));

@@ -28,6 +28,7 @@ pub(crate) fn message(rcpts: &[&str]) -> AcceptedMessage {
         smtputf8: false,
         eight_bit: false,
         body: b"Received: x\r\nSubject: s\r\n\r\nbody\x00\xff\r\n".to_vec(),
+        deferred: Vec::new(),
     }
 }
 
@@ -225,6 +226,35 @@ async fn a_duplicate_id_fails_alone_without_half_storing() {
         .unwrap();
     assert_eq!(entry.recipients[0].address, "a@one.test");
     assert_eq!(store.depth().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn failing_jobs_in_a_group_commit_leave_the_others_committed() {
+    let (_dir, store) = local();
+    let first = message(&["a@one.test"]);
+    store.accept(first.clone()).await.unwrap();
+    // Duplicates interleaved with good messages, all sent at once so the
+    // writer takes them in shared transactions.
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let store = store.clone();
+        let mut m = message(&["b@one.test"]);
+        if i % 10 == 0 {
+            m.id = first.id.clone();
+        }
+        tasks.push(tokio::spawn(async move { store.accept(m).await.is_ok() }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += u64::from(t.await.unwrap());
+    }
+    assert_eq!(ok, 90);
+    assert_eq!(store.depth().await.unwrap(), 91);
+    let entry = DeliveryQueue::get(store.as_ref(), &first.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.recipients[0].address, "a@one.test");
 }
 
 #[tokio::test]

@@ -181,40 +181,46 @@ fn writer_loop(mut conn: Connection, rx: &mpsc::Receiver<WriteJob>) {
     }
 }
 
-/// Applies each job in its own savepoint so one failing job does not undo
-/// the others, then commits once.
+/// Commits the whole batch in one transaction (one fsync). Jobs rarely
+/// fail (a duplicate key, a full disk); when one does, the batch is rolled
+/// back and every job is applied again in its own transaction so the
+/// failure stays with its own request. This is cheaper than a savepoint per
+/// job on the common path.
 fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, StoreError>> {
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => {
-            let msg = format!("cannot begin transaction: {e}");
-            return batch
-                .iter()
-                .map(|_| Err(StoreError::Backend(msg.clone())))
-                .collect();
-        }
-    };
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        let outcome = tx.savepoint().and_then(|sp| {
-            let r = apply(&sp, &job.op)?;
-            sp.commit()?;
-            Ok(r)
-        });
-        results.push(outcome.map_err(backend));
-    }
-    if let Err(e) = tx.commit() {
-        let msg = format!("commit failed: {e}");
-        return batch
+    let together = (|| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let results = batch
             .iter()
-            .map(|_| Err(StoreError::Backend(msg.clone())))
-            .collect();
+            .map(|job| apply(&tx, &job.op))
+            .collect::<rusqlite::Result<Vec<bool>>>()?;
+        tx.commit()?;
+        Ok::<_, rusqlite::Error>(results)
+    })();
+    match together {
+        Ok(results) => results.into_iter().map(Ok).collect(),
+        Err(_) if batch.len() > 1 => batch.iter().map(|job| commit_one(conn, &job.op)).collect(),
+        Err(e) => vec![Err(backend(e))],
     }
-    results
+}
+
+fn commit_one(conn: &mut Connection, op: &WriteOp) -> Result<bool, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| StoreError::Backend(format!("cannot begin transaction: {e}")))?;
+    let result = apply(&tx, op).map_err(backend)?;
+    tx.commit()
+        .map_err(|e| StoreError::Backend(format!("commit failed: {e}")))?;
+    Ok(result)
+}
+
+/// Runs one statement through the connection's statement cache: the writer
+/// runs the same few statements thousands of times a second.
+fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
 }
 
 fn insert_entry(conn: &Connection, entry: &QueueEntry) -> rusqlite::Result<()> {
-    conn.execute(
+    exec(conn,
         "INSERT INTO queue (id, domain, next_attempt, received_at, record) VALUES (?1, ?2, ?3, ?4, ?5)",
         params![
             entry.id.as_str(),
@@ -231,7 +237,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
     match op {
         WriteOp::Accept { entries, body } => {
             for entry in entries {
-                conn.execute(
+                exec(conn,
                     "INSERT INTO messages (id, body) VALUES (?1, ?2)",
                     params![entry.id.as_str(), body],
                 )?;
@@ -240,26 +246,26 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             Ok(true)
         }
         WriteOp::PutBody { id, body } => {
-            conn.execute(
+            exec(conn,
                 "INSERT OR REPLACE INTO messages (id, body) VALUES (?1, ?2)",
                 params![id.as_str(), body],
             )?;
             Ok(true)
         }
         WriteOp::DeleteBody(id) => {
-            Ok(conn.execute("DELETE FROM messages WHERE id = ?1", [id.as_str()])? > 0)
+            Ok(exec(conn, "DELETE FROM messages WHERE id = ?1", [id.as_str()])? > 0)
         }
         WriteOp::Enqueue(entry) => {
             insert_entry(conn, entry)?;
             Ok(true)
         }
         WriteOp::RemoveEntry(id) => {
-            let n = conn.execute("DELETE FROM queue WHERE id = ?1", [id.as_str()])?;
-            conn.execute("DELETE FROM messages WHERE id = ?1", [id.as_str()])?;
+            let n = exec(conn, "DELETE FROM queue WHERE id = ?1", [id.as_str()])?;
+            exec(conn, "DELETE FROM messages WHERE id = ?1", [id.as_str()])?;
             Ok(n > 0)
         }
         WriteOp::UpdateEntry(entry) => {
-            let n = conn.execute(
+            let n = exec(conn,
                 "UPDATE queue SET next_attempt = ?2, record = ?3 WHERE id = ?1",
                 params![entry.id.as_str(), entry.next_attempt as i64, entry.encode()],
             )?;
@@ -268,11 +274,11 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
         WriteOp::Release { domain, now } => {
             // Tells a running worker (maybe another process) that a
             // destination it believed down was released.
-            conn.execute(
+            exec(conn,
                 "INSERT INTO releases (domain) VALUES (?1)",
                 [domain.as_ref().map_or("", DomainName::as_str)],
             )?;
-            conn.execute(
+            exec(conn,
                 "UPDATE queue SET next_attempt = ?2, record = json_set(record, '$.next_attempt', ?2)
                  WHERE (?1 IS NULL OR domain = ?1) AND next_attempt > ?2",
                 params![domain.as_ref().map(DomainName::as_str), *now as i64],
@@ -280,9 +286,9 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             Ok(true)
         }
         WriteOp::Defer { domain, until } => {
-            let n = conn.execute(
+            let n = exec(conn,
                 "UPDATE queue SET next_attempt = ?2, record = json_set(record, '$.next_attempt', ?2)
-                 WHERE domain = ?1 AND next_attempt < ?2",
+                 WHERE +domain = ?1 AND next_attempt < ?2",
                 params![domain.as_str(), *until as i64],
             )?;
             Ok(n > 0)
@@ -290,41 +296,41 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
         WriteOp::PutDomain(d) => {
             // Serialising a plain struct cannot fail.
             let record = serde_json::to_string(d).unwrap_or_default();
-            conn.execute(
+            exec(conn,
                 "INSERT OR REPLACE INTO domains (name, record) VALUES (?1, ?2)",
                 params![d.name.as_str(), record],
             )?;
             Ok(true)
         }
-        WriteOp::InsertTriplet { key, state } => Ok(conn.execute(
+        WriteOp::InsertTriplet { key, state } => Ok(exec(conn,
             "INSERT OR IGNORE INTO greylist (key, state, expires) VALUES (?1, ?2, ?3)",
             params![key, json(state), state.expires as i64],
         )? > 0),
-        WriteOp::ReplaceTriplet { key, previous, state } => Ok(conn.execute(
+        WriteOp::ReplaceTriplet { key, previous, state } => Ok(exec(conn,
             "UPDATE greylist SET state = ?2, expires = ?3 WHERE key = ?1 AND state = ?4",
             params![key, json(state), state.expires as i64, json(previous)],
         )? > 0),
         WriteOp::PutClient { network, previous, state } => Ok(match previous {
-            None => conn.execute(
+            None => exec(conn,
                 "INSERT OR IGNORE INTO greylist_clients (network, state, expires) VALUES (?1, ?2, ?3)",
                 params![network, json(state), state.expires as i64],
             )?,
-            Some(prev) => conn.execute(
+            Some(prev) => exec(conn,
                 "UPDATE greylist_clients SET state = ?2, expires = ?3 WHERE network = ?1 AND state = ?4",
                 params![network, json(state), state.expires as i64, json(prev)],
             )?,
         } > 0),
-        WriteOp::TakeReleases => Ok(conn.execute("DELETE FROM releases", [])? > 0),
+        WriteOp::TakeReleases => Ok(exec(conn, "DELETE FROM releases", [])? > 0),
         WriteOp::SweepGreylist(now) => {
-            let a = conn.execute("DELETE FROM greylist WHERE expires < ?1", [*now as i64])?;
-            let b = conn.execute(
+            let a = exec(conn, "DELETE FROM greylist WHERE expires < ?1", [*now as i64])?;
+            let b = exec(conn,
                 "DELETE FROM greylist_clients WHERE expires < ?1",
                 [*now as i64],
             )?;
             Ok(a + b > 0)
         }
         WriteOp::RemoveDomain(name) => {
-            Ok(conn.execute("DELETE FROM domains WHERE name = ?1", [name.as_str()])? > 0)
+            Ok(exec(conn, "DELETE FROM domains WHERE name = ?1", [name.as_str()])? > 0)
         }
     }
 }
@@ -349,19 +355,16 @@ fn decode_entry(id: &str, record: &str) -> Result<QueueEntry, StoreError> {
 impl DomainRegistry for LocalStore {
     async fn get(&self, name: &DomainName) -> Result<Option<Domain>, StoreError> {
         let row: Option<String> = self.read(|c| {
-            c.query_row(
-                "SELECT record FROM domains WHERE name = ?1",
-                [name.as_str()],
-                |r| r.get(0),
-            )
-            .optional()
+            c.prepare_cached("SELECT record FROM domains WHERE name = ?1")?
+                .query_row([name.as_str()], |r| r.get(0))
+                .optional()
         })?;
         row.map(|r| decode_domain(name.as_str(), &r)).transpose()
     }
 
     async fn list(&self) -> Result<Vec<Domain>, StoreError> {
         let rows: Vec<(String, String)> = self.read(|c| {
-            let mut st = c.prepare("SELECT name, record FROM domains ORDER BY name")?;
+            let mut st = c.prepare_cached("SELECT name, record FROM domains ORDER BY name")?;
             let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })?;
@@ -392,12 +395,9 @@ impl MessageStore for LocalStore {
 
     async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(|c| {
-            c.query_row(
-                "SELECT body FROM messages WHERE id = ?1",
-                [id.as_str()],
-                |r| r.get(0),
-            )
-            .optional()
+            c.prepare_cached("SELECT body FROM messages WHERE id = ?1")?
+                .query_row([id.as_str()], |r| r.get(0))
+                .optional()
         })
     }
 
@@ -418,21 +418,16 @@ impl DeliveryQueue for LocalStore {
 
     async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError> {
         let row: Option<String> = self.read(|c| {
-            c.query_row(
-                "SELECT record FROM queue WHERE id = ?1",
-                [id.as_str()],
-                |r| r.get(0),
-            )
-            .optional()
+            c.prepare_cached("SELECT record FROM queue WHERE id = ?1")?
+                .query_row([id.as_str()], |r| r.get(0))
+                .optional()
         })?;
         row.map(|r| decode_entry(id.as_str(), &r)).transpose()
     }
 
     async fn list(&self, domain: Option<&DomainName>) -> Result<Vec<QueueEntry>, StoreError> {
         let rows: Vec<(String, String)> = self.read(|c| {
-            let mut st = c.prepare(
-                "SELECT id, record FROM queue WHERE ?1 IS NULL OR domain = ?1 ORDER BY received_at, id",
-            )?;
+            let mut st = c.prepare_cached("SELECT id, record FROM queue WHERE ?1 IS NULL OR domain = ?1 ORDER BY received_at, id")?;
             let rows = st.query_map([domain.map(DomainName::as_str)], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })?;
@@ -444,8 +439,11 @@ impl DeliveryQueue for LocalStore {
     }
 
     async fn depth(&self) -> Result<u64, StoreError> {
-        self.read(|c| c.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get::<_, i64>(0)))
-            .map(|n| n.max(0) as u64)
+        self.read(|c| {
+            c.prepare_cached("SELECT COUNT(*) FROM queue")?
+                .query_row([], |r| r.get::<_, i64>(0))
+        })
+        .map(|n| n.max(0) as u64)
     }
 
     async fn update(&self, entry: &QueueEntry) -> Result<bool, StoreError> {
@@ -459,11 +457,8 @@ impl DeliveryQueue for LocalStore {
         })
         .await?;
         self.read(|c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM queue WHERE ?1 IS NULL OR domain = ?1",
-                [domain.map(DomainName::as_str)],
-                |r| r.get::<_, i64>(0),
-            )
+            c.prepare_cached("SELECT COUNT(*) FROM queue WHERE ?1 IS NULL OR domain = ?1")?
+                .query_row([domain.map(DomainName::as_str)], |r| r.get::<_, i64>(0))
         })
         .map(|n| n.max(0) as u64)
     }
@@ -473,9 +468,7 @@ impl DeliveryQueue for LocalStore {
 impl ScheduledQueue for LocalStore {
     async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError> {
         let rows: Vec<(String, String)> = self.read(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT id, record FROM queue WHERE next_attempt <= ?1 ORDER BY received_at, id LIMIT ?2",
-            )?;
+            let mut st = c.prepare_cached("SELECT id, record FROM queue WHERE next_attempt <= ?1 ORDER BY received_at, id LIMIT ?2")?;
             let rows = st.query_map(params![now as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })?;
@@ -524,10 +517,9 @@ impl Spool for LocalStore {
 impl GreylistStore for LocalStore {
     async fn triplet(&self, key: &str) -> Result<Option<TripletState>, StoreError> {
         let row: Option<String> = self.read(|c| {
-            c.query_row("SELECT state FROM greylist WHERE key = ?1", [key], |r| {
-                r.get(0)
-            })
-            .optional()
+            c.prepare_cached("SELECT state FROM greylist WHERE key = ?1")?
+                .query_row([key], |r| r.get(0))
+                .optional()
         })?;
         row.map(|r| {
             serde_json::from_str(&r)
@@ -560,12 +552,9 @@ impl GreylistStore for LocalStore {
 
     async fn client(&self, network: &str) -> Result<Option<ClientState>, StoreError> {
         let row: Option<String> = self.read(|c| {
-            c.query_row(
-                "SELECT state FROM greylist_clients WHERE network = ?1",
-                [network],
-                |r| r.get(0),
-            )
-            .optional()
+            c.prepare_cached("SELECT state FROM greylist_clients WHERE network = ?1")?
+                .query_row([network], |r| r.get(0))
+                .optional()
         })?;
         row.map(|r| {
             serde_json::from_str(&r).map_err(|_| {
