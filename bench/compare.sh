@@ -2,7 +2,7 @@
 # compare.sh — backupmx and Postfix as backup MX, side by side, in one run,
 # on loopback. Prints RUN/MEDIAN lines (see smtp_accept.sh) and the ratios.
 #
-#   bench/compare.sh accept   [RUNS]   durable acceptance, primary down:
+#   bench/compare.sh accept   [RUNS]   durable acceptance, primary down (and smtp-sink as the ceiling):
 #                                      sessions 1/10/50 x 1 KiB/100 KiB
 #   bench/compare.sh relay    [RUNS]   relay-through to smtp-sink (primary up)
 #   bench/compare.sh idle     [N]      RSS of backupmx holding N idle sessions after EHLO
@@ -15,7 +15,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$here/..
 scenario=${1:-accept}
 RUNS=${2:-5}
-BMX_PORT=2727 PEER_PORT=2525 SINK_PORT=2626 DOMAIN=example.test
+BMX_PORT=2727 PEER_PORT=2525 SINK_PORT=2626 REF_PORT=2828 DOMAIN=example.test
 export PEER_PORT SINK_PORT PEER_DOMAIN=$DOMAIN
 work=$(mktemp -d /var/tmp/bmx-bench.XXXX)
 out=$here/results-$scenario.txt
@@ -56,19 +56,29 @@ TOML
   echo "backupmx did not start" >&2; cat "$work/bmx.log" >&2; exit 1
 }
 stop_bmx() { kill "$(cat "$work/bmx.pid")" 2>/dev/null || true; sleep 1; }
-trap 'stop_bmx; bash "$here/postfix_peer.sh" stop >/dev/null 2>&1 || true' EXIT
+# The ceiling: smtp-sink speaks SMTP and stores nothing.
+start_ref() {
+  smtp-sink -u nobody "127.0.0.1:$REF_PORT" 1024 </dev/null >"$work/ref-sink.log" 2>&1 &
+  echo $! > "$work/ref.pid"
+}
+stop_ref() { [ -f "$work/ref.pid" ] && kill "$(cat "$work/ref.pid")" 2>/dev/null || true; }
+trap 'stop_bmx; stop_ref; bash "$here/postfix_peer.sh" stop >/dev/null 2>&1 || true' EXIT
 
 accept() {
   bash "$here/postfix_peer.sh" start down >&2
+  # Both start from an empty queue (backupmx from an empty data directory).
+  bash "$here/postfix_peer.sh" flush >&2
   start_bmx
+  start_ref
   for size in 1024 102400; do
     for sessions in 1 10 50; do
-      count=$(( size > 10000 ? 500 : 2000 ))
+      count=$(( size > 10000 ? 1000 : 3000 ))
       [ "$sessions" = 1 ] && count=$(( count / 4 ))
-      for t in postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT; do
+      for t in postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT smtp-sink:127.0.0.1:$REF_PORT; do
         label=${t%%:*}
         cpu="bash $here/postfix_peer.sh pid"
         [ "$label" = backupmx ] && cpu="cat $work/bmx.pid"
+        [ "$label" = smtp-sink ] && cpu="cat $work/ref.pid"
         bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
           --sessions "$sessions" --count "$count" --size "$size" --runs "$RUNS" --warmup 100 \
           --cpu-pids-cmd "$cpu" | tee -a "$out"
@@ -76,10 +86,12 @@ accept() {
     done
   done
   python3 "$here/summarize.py" "$out" --ratio backupmx postfix
+  python3 "$here/summarize.py" "$out" --ratio backupmx smtp-sink
 }
 
 relay() {
   bash "$here/postfix_peer.sh" start up >&2
+  bash "$here/postfix_peer.sh" flush >&2
   start_bmx
   drain_bmx="for i in \$(seq 1 600); do [ \"\$($BMX --config $work/backupmx.toml queue list --json | grep -c '\"id\"')\" = 0 ] && exit 0; sleep 0.2; done; exit 1"
   for t in postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT; do

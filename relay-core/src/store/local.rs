@@ -28,6 +28,26 @@ pub const DB_FILE: &str = "backupmx.db";
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 512;
 
+/// WAL size (pages) at which the checkpointer is asked to copy it into the
+/// database (SQLite's own default threshold).
+const CHECKPOINT_PAGES: i32 = 1000;
+
+/// WAL size (pages, 64 MiB) at which the writer checkpoints by itself:
+/// under unbroken load the background checkpointer may never catch the WAL
+/// fully copied, and it must not grow without bound.
+const WAL_LIMIT_PAGES: i32 = 16_384;
+
+thread_local! {
+    /// Pages in the WAL after the writer thread's last commit (set by the
+    /// WAL hook, which runs on the committing thread).
+    static WAL_PAGES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
+fn record_wal_pages(_: &rusqlite::hooks::Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.with(|p| p.set(pages));
+    Ok(())
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS domains (name TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (id TEXT PRIMARY KEY, body BLOB NOT NULL);
@@ -131,10 +151,21 @@ impl LocalStore {
             StoreError::Backend(format!("cannot initialise {}: {e}", path.display()))
         })?;
         let reader = open_connection(&path)?;
+        // Checkpoints (copying the WAL into the database, with an fsync of
+        // its own) run on their own thread and connection instead of inside
+        // a commit, where every session in the group would wait for them.
+        // Registering the hook replaces SQLite's automatic checkpoints.
+        writer_conn.wal_hook(Some(record_wal_pages));
+        let checkpointer_conn = open_connection(&path)?;
+        let (nudge, nudged) = mpsc::sync_channel::<()>(1);
+        thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpointer_conn, &nudged))
+            .map_err(|e| StoreError::Backend(format!("cannot start checkpoint thread: {e}")))?;
         let (tx, rx) = mpsc::channel::<WriteJob>();
         thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(writer_conn, &rx))
+            .spawn(move || writer_loop(writer_conn, &rx, &nudge))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
         Ok(LocalStore {
             writer: Mutex::new(tx),
@@ -164,7 +195,11 @@ impl LocalStore {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: &mpsc::Receiver<WriteJob>) {
+fn writer_loop(
+    mut conn: Connection,
+    rx: &mpsc::Receiver<WriteJob>,
+    checkpoint: &mpsc::SyncSender<()>,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -177,6 +212,25 @@ fn writer_loop(mut conn: Connection, rx: &mpsc::Receiver<WriteJob>) {
         for (job, result) in batch.into_iter().zip(results) {
             // The waiting session may have gone away; nothing to tell then.
             let _ = job.done.send(result);
+        }
+        let wal_pages = WAL_PAGES.with(std::cell::Cell::take);
+        if wal_pages >= WAL_LIMIT_PAGES {
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                tracing::warn!(event = "checkpoint_failed", error = %e);
+            }
+        } else if wal_pages >= CHECKPOINT_PAGES {
+            // Full means a nudge is already pending.
+            let _ = checkpoint.try_send(());
+        }
+    }
+}
+
+/// Copies the WAL into the database whenever the writer says it has grown.
+/// Ends when the writer (the only sender) is gone.
+fn checkpoint_loop(conn: &Connection, nudged: &mpsc::Receiver<()>) {
+    while nudged.recv().is_ok() {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(event = "checkpoint_failed", error = %e);
         }
     }
 }
