@@ -21,6 +21,11 @@ use crate::time::unix_seconds;
 /// Most messages sent over one connection in one go.
 const MESSAGES_PER_CONNECTION: usize = 20;
 
+/// How long the worker lets newly queued mail gather before it looks: mail
+/// arriving one message at a time then leaves in batches over one
+/// connection each, instead of a connection per message.
+const GATHER: Duration = Duration::from_millis(10);
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Connections at once to one destination domain.
@@ -166,7 +171,7 @@ impl Worker {
             self.start_due(&mut tasks).await;
             while tasks.try_join_next().is_some() {}
             tokio::select! {
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => tokio::time::sleep(GATHER).await,
                 _ = tokio::time::sleep(self.cfg.poll_interval) => {}
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                 _ = shutdown.changed() => {}
@@ -284,9 +289,9 @@ impl Worker {
         if items.is_empty() {
             return;
         }
-        for report in self.engine.attempt_batch(&items, now).await {
-            self.store_report(report).await;
-        }
+        // Stored concurrently: the writer commits them together.
+        let reports = self.engine.attempt_batch(&items, now).await;
+        futures_util::future::join_all(reports.into_iter().map(|r| self.store_report(r))).await;
     }
 
     async fn store_report(&self, report: super::AttemptReport) {
