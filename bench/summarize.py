@@ -74,6 +74,15 @@ def main():
             print(f"| {key[1]} | {key[2]} | {sa[0]:.0f} | {sb[0]:.0f} | {r:.2f} | "
                   f"{ca[0]:.0f} | {cb[0]:.0f} | {cr} |" if ca and cb else
                   f"| {key[1]} | {key[2]} | {sa[0]:.0f} | {sb[0]:.0f} | {r:.2f} | n/a | n/a | n/a |")
+        # Relay-through: accepted *and* delivered, per second.
+        for key in order:
+            if key[0] != A:
+                continue
+            ea, eb = stats(key, "e2e_mps"), stats((B, key[1], key[2]), "e2e_mps")
+            if ea and eb:
+                print(f"\nend to end, sessions={key[1]} size={key[2]}: {A} {ea[0]:.0f} msg/s "
+                      f"({ea[1]:.0f}–{ea[2]:.0f}), {B} {eb[0]:.0f} msg/s ({eb[1]:.0f}–{eb[2]:.0f}), "
+                      f"ratio {ea[0] / eb[0]:.2f}")
         return
 
     print("| label | sessions | size B | runs | accept msg/s median | min–max | spread % | e2e msg/s median | CPU µs/msg median |")

@@ -26,6 +26,9 @@ enum State {
 pub struct DataReceiver {
     state: State,
     body: Vec<u8>,
+    /// Bytes at the start of `body` that are not the client's (our trace
+    /// header, written first so the body is never copied to prepend it).
+    prefix_len: usize,
     limit: usize,
     /// Bytes of the message after normalisation, kept or not.
     size: u64,
@@ -43,12 +46,26 @@ pub enum Progress {
 impl DataReceiver {
     /// `limit`: the largest message (after normalisation) that is kept.
     pub fn new(limit: usize) -> Self {
+        Self::with_prefix(limit, &[])
+    }
+
+    /// Like [`DataReceiver::new`], with `prefix` (not counted against the
+    /// limit) in front of the client's data.
+    pub fn with_prefix(limit: usize, prefix: &[u8]) -> Self {
+        let mut body = Vec::with_capacity(prefix.len() + limit.min(64 * 1024));
+        body.extend_from_slice(prefix);
         DataReceiver {
             state: State::LineStart,
-            body: Vec::with_capacity(limit.min(64 * 1024)),
+            body,
+            prefix_len: prefix.len(),
             limit,
             size: 0,
         }
+    }
+
+    /// The client's data received so far (without the prefix).
+    pub fn data(&self) -> &[u8] {
+        &self.body[self.prefix_len..]
     }
 
     pub fn size(&self) -> u64 {
@@ -186,7 +203,12 @@ pub fn encode_for_data(message: &[u8]) -> Vec<u8> {
 /// Counts `Received:` header fields in the header section of `message`.
 pub fn count_received_headers(message: &[u8]) -> usize {
     let mut count = 0;
-    for line in message.split(|&b| b == b'\n') {
+    let mut start = 0;
+    // memchr: a message without a blank line is all header, scanned whole.
+    let ends = memchr::memchr_iter(b'\n', message).chain(std::iter::once(message.len()));
+    for end in ends {
+        let line = &message[start..end];
+        start = end + 1;
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             break;

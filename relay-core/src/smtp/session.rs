@@ -106,6 +106,8 @@ struct Transaction {
     /// The smallest size limit among the global and accepted domains'.
     size_limit: u64,
     pending_recipient: Option<Mailbox>,
+    /// Given at DATA, when our Received header is written.
+    id: Option<QueueId>,
 }
 
 /// One SMTP server session.
@@ -390,11 +392,11 @@ impl Session {
                 continue;
             }
             let content = content.to_vec();
-            self.handle_command(&content);
+            self.handle_command(&content, now);
         }
     }
 
-    fn handle_command(&mut self, line: &[u8]) {
+    fn handle_command(&mut self, line: &[u8], now: SystemTime) {
         let cmd = match command::parse(line) {
             Ok(c) => c,
             Err(SyntaxError(r)) => return self.reject("syntax", r),
@@ -427,7 +429,7 @@ impl Session {
             }
             Command::Mail(sender, params) => self.mail(sender, params),
             Command::Rcpt(mailbox) => self.rcpt(mailbox),
-            Command::Data => self.data(),
+            Command::Data => self.data(now),
             Command::Rset => {
                 self.tx = None;
                 self.reply(&Reply::new(250, "2.0.0", "Ok"));
@@ -497,6 +499,7 @@ impl Session {
             recipients: Vec::new(),
             size_limit: self.cfg.max_message_size,
             pending_recipient: None,
+            id: None,
         });
         self.reply(&Reply::new(250, "2.1.0", "Ok"));
     }
@@ -532,8 +535,8 @@ impl Session {
         });
     }
 
-    fn data(&mut self) {
-        let Some(tx) = self.tx.as_ref() else {
+    fn data(&mut self, now: SystemTime) {
+        let Some(tx) = self.tx.as_mut() else {
             return self.reject(
                 "sequence",
                 Reply::new(503, "5.5.1", "Error: need RCPT command"),
@@ -546,7 +549,22 @@ impl Session {
             );
         }
         let limit = usize::try_from(tx.size_limit).unwrap_or(usize::MAX);
-        self.mode = Mode::Data(DataReceiver::new(limit));
+        // The trace header is written now, as Postfix does at DATA, so the
+        // client's data lands right behind it and is never copied again.
+        let id = QueueId::generate(now);
+        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        let header = received_header(&ReceivedFields {
+            helo: &helo,
+            peer: self.peer,
+            hostname: &self.cfg.hostname,
+            protocol: protocol_name(esmtp, tx.params.smtputf8, self.tls.is_some()),
+            tls: self.tls.as_deref(),
+            id: &id,
+            single_recipient: (tx.recipients.len() == 1).then(|| tx.recipients[0].address.as_str()),
+            date: now,
+        });
+        tx.id = Some(id);
+        self.mode = Mode::Data(DataReceiver::with_prefix(limit, header.as_bytes()));
         self.reply(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
     }
 
@@ -613,29 +631,16 @@ impl Session {
                 ),
             );
         }
-        let data = recv.into_body();
-        if count_received_headers(&data) > self.cfg.max_received_headers {
+        if count_received_headers(recv.data()) > self.cfg.max_received_headers {
             return self.reject(
                 "loop",
                 Reply::new(554, "5.4.6", "Too many hops (Received headers), mail loop?"),
             );
         }
-        let id = QueueId::generate(now);
-        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        let id = tx.id.unwrap_or_else(|| QueueId::generate(now));
+        let helo = self.helo.clone().unwrap_or_default().0;
         let smtputf8 = tx.params.smtputf8;
-        let header = received_header(&ReceivedFields {
-            helo: &helo,
-            peer: self.peer,
-            hostname: &self.cfg.hostname,
-            protocol: protocol_name(esmtp, smtputf8, self.tls.is_some()),
-            tls: self.tls.as_deref(),
-            id: &id,
-            single_recipient: (tx.recipients.len() == 1).then(|| tx.recipients[0].address.as_str()),
-            date: now,
-        });
-        let mut body = Vec::with_capacity(header.len() + data.len());
-        body.extend_from_slice(header.as_bytes());
-        body.extend_from_slice(&data);
+        let body = recv.into_body();
         let message = AcceptedMessage {
             id,
             sender: tx.sender.to_string(),
