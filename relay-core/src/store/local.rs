@@ -57,9 +57,12 @@ CREATE TABLE IF NOT EXISTS queue (
     next_attempt INTEGER NOT NULL,
     received_at INTEGER NOT NULL,
     record TEXT NOT NULL
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS queue_due ON queue(next_attempt);
-CREATE INDEX IF NOT EXISTS queue_domain ON queue(domain, received_at);
+-- Every b-tree an accepted message touches costs WAL pages in its commit:
+-- the queue is keyed by id alone (no rowid) and has no per-domain index
+-- (listing or releasing one domain scans the queue; both are rare).
+DROP INDEX IF EXISTS queue_domain;
 CREATE TABLE IF NOT EXISTS releases (domain TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS greylist (key TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS greylist_clients (network TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
