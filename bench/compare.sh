@@ -74,6 +74,11 @@ accept() {
     for sessions in 1 10 50; do
       count=$(( size > 10000 ? 1000 : 3000 ))
       [ "$sessions" = 1 ] && count=$(( count / 4 ))
+      # Each case starts from empty queues and clean page cache, so one
+      # case's backlog (Postfix's qmgr scanning it, dirty pages being
+      # written back) does not slow the next.
+      bash "$here/postfix_peer.sh" flush >&2
+      stop_bmx; start_bmx; sync; sleep 2
       for t in postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT smtp-sink:127.0.0.1:$REF_PORT; do
         label=${t%%:*}
         cpu="bash $here/postfix_peer.sh pid"
