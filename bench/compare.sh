@@ -10,6 +10,8 @@
 #
 # Needs root (installs Debian's postfix for smtp-source/smtp-sink and the
 # peer). Results go to bench/results-<scenario>.txt as well.
+# accept takes SIZES="1024 102400" and SESSIONS="1 10 50" from the
+# environment to run only some cases.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$here/..
@@ -70,8 +72,8 @@ accept() {
   bash "$here/postfix_peer.sh" flush >&2
   start_bmx
   start_ref
-  for size in 1024 102400; do
-    for sessions in 1 10 50; do
+  for size in ${SIZES:-1024 102400}; do
+    for sessions in ${SESSIONS:-1 10 50}; do
       count=$(( size > 10000 ? 1000 : 3000 ))
       [ "$sessions" = 1 ] && count=$(( count / 4 ))
       # Each case starts from empty queues and clean page cache, so one
