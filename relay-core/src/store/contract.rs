@@ -283,6 +283,27 @@ async fn the_wal_stays_bounded_under_unbroken_writes() {
 }
 
 #[tokio::test]
+async fn domain_changes_by_another_process_are_seen_at_once() {
+    // A server's cached lookups and the CLI's changes, as two stores on one
+    // data directory.
+    let (dir, server) = local();
+    let server: &dyn DomainRegistry = server.as_ref();
+    let cli = LocalStore::open(dir.path()).unwrap();
+    let cli: &dyn DomainRegistry = &cli;
+    let name = DomainName::parse("example.test").unwrap();
+    assert_eq!(server.get(&name).await.unwrap(), None);
+    let mut d = Domain::from_parts("example.test", &["127.0.0.1:2626".into()], None).unwrap();
+    cli.put(&d).await.unwrap();
+    assert_eq!(server.get(&name).await.unwrap(), Some(d.clone()));
+    assert_eq!(server.get(&name).await.unwrap(), Some(d.clone()));
+    d.greylist = false;
+    cli.put(&d).await.unwrap();
+    assert_eq!(server.get(&name).await.unwrap(), Some(d.clone()));
+    assert!(cli.remove(&name).await.unwrap());
+    assert_eq!(server.get(&name).await.unwrap(), None);
+}
+
+#[tokio::test]
 async fn corrupt_records_are_reported_not_panicked_on() {
     let (dir, store) = local();
     let m = message(&["a@one.test"]);

@@ -119,6 +119,24 @@ pub struct LocalStore {
     writer: Mutex<mpsc::Sender<WriteJob>>,
     reader: Mutex<Connection>,
     path: PathBuf,
+    domains: Mutex<DomainCache>,
+}
+
+/// File beside the database that grows by a byte whenever a domain is
+/// added, changed or removed (by this process or the CLI): one `stat` tells
+/// a server its cached domains are still current, where an SQLite read per
+/// RCPT cost a lock round trip and page reads.
+const DOMAINS_STAMP_FILE: &str = "domains.stamp";
+
+/// Entries kept before the cache starts over (lookups of random domains
+/// must not grow it without bound).
+const DOMAIN_CACHE_MAX: usize = 10_000;
+
+#[derive(Default)]
+struct DomainCache {
+    /// (inode, size) of the stamp file the entries were read under.
+    stamp: Option<(u64, u64)>,
+    entries: std::collections::HashMap<DomainName, Option<Domain>>,
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
@@ -174,7 +192,33 @@ impl LocalStore {
             writer: Mutex::new(tx),
             reader: Mutex::new(reader),
             path,
+            domains: Mutex::new(DomainCache::default()),
         })
+    }
+
+    fn stamp_path(&self) -> PathBuf {
+        self.path.with_file_name(DOMAINS_STAMP_FILE)
+    }
+
+    fn domains_stamp(&self) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(self.stamp_path()).map_or((0, 0), |m| (m.ino(), m.len()))
+    }
+
+    /// Called after a domain change committed, so a reader that sees the
+    /// new stamp also sees the change.
+    fn bump_domains_stamp(&self) {
+        use std::io::Write;
+        let bumped = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.stamp_path())
+            .and_then(|mut f| f.write_all(b"."));
+        if let Err(e) = bumped {
+            tracing::warn!(event = "domains_stamp_failed", path = %self.stamp_path().display(), error = %e);
+        }
+        let mut cache = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+        *cache = DomainCache::default();
     }
 
     pub fn path(&self) -> &Path {
@@ -411,12 +455,33 @@ fn decode_entry(id: &str, record: &str) -> Result<QueueEntry, StoreError> {
 #[async_trait]
 impl DomainRegistry for LocalStore {
     async fn get(&self, name: &DomainName) -> Result<Option<Domain>, StoreError> {
+        // Stamp first: a change committed after this point bumps it again.
+        let stamp = self.domains_stamp();
+        {
+            let mut cache = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.stamp != Some(stamp) {
+                *cache = DomainCache {
+                    stamp: Some(stamp),
+                    ..DomainCache::default()
+                };
+            } else if let Some(hit) = cache.entries.get(name) {
+                return Ok(hit.clone());
+            }
+        }
         let row: Option<String> = self.read(|c| {
             c.prepare_cached("SELECT record FROM domains WHERE name = ?1")?
                 .query_row([name.as_str()], |r| r.get(0))
                 .optional()
         })?;
-        row.map(|r| decode_domain(name.as_str(), &r)).transpose()
+        let domain = row.map(|r| decode_domain(name.as_str(), &r)).transpose()?;
+        let mut cache = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.stamp == Some(stamp) {
+            if cache.entries.len() >= DOMAIN_CACHE_MAX {
+                cache.entries.clear();
+            }
+            cache.entries.insert(name.clone(), domain.clone());
+        }
+        Ok(domain)
     }
 
     async fn list(&self) -> Result<Vec<Domain>, StoreError> {
@@ -429,13 +494,15 @@ impl DomainRegistry for LocalStore {
     }
 
     async fn put(&self, domain: &Domain) -> Result<(), StoreError> {
-        self.write(WriteOp::PutDomain(domain.clone()))
-            .await
-            .map(|_| ())
+        self.write(WriteOp::PutDomain(domain.clone())).await?;
+        self.bump_domains_stamp();
+        Ok(())
     }
 
     async fn remove(&self, name: &DomainName) -> Result<bool, StoreError> {
-        self.write(WriteOp::RemoveDomain(name.clone())).await
+        let removed = self.write(WriteOp::RemoveDomain(name.clone())).await?;
+        self.bump_domains_stamp();
+        Ok(removed)
     }
 }
 
