@@ -28,14 +28,8 @@ impl QueueId {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
             & 0xFFFF_FFFF_FFFF;
-        let mut random = [0u8; 8];
-        // getrandom only fails if the OS has no entropy source at all; a
-        // time-derived fallback still keeps ids unique within this process.
-        if getrandom::fill(&mut random).is_err() {
-            random = (now_nanos() ^ COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                .to_le_bytes();
-        }
-        let random = u64::from_le_bytes(random) & 0xFF_FFFF_FFFF;
+        // A thread-local CSPRNG seeded from the OS: no system call per id.
+        let random = rand::random::<u64>() & 0xFF_FFFF_FFFF;
         QueueId(format!("{millis:012X}{random:010X}"))
     }
 
@@ -70,14 +64,6 @@ impl QueueId {
     pub fn timestamp_millis(&self) -> u64 {
         u64::from_str_radix(self.0.get(..12).unwrap_or("0"), 16).unwrap_or(0)
     }
-}
-
-static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl TryFrom<String> for QueueId {
