@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use relay_core::policy::{ClientLookups, Policy};
 use relay_core::smtp::{Action, Session, SessionConfig};
 use relay_core::store::Spool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -44,32 +46,35 @@ enum Conn {
 /// connections hold no buffer.
 const READ_CHUNK: usize = 32 * 1024;
 
+/// Reads once and feeds what came to the session. The buffer exists only
+/// during each poll (a connection waiting for input holds none), and
+/// `poll_read` lets tokio know when the socket was drained, which saves the
+/// read that would otherwise end in `WouldBlock` after every command.
+async fn read_once<S: AsyncRead + Unpin>(s: &mut S, session: &mut Session) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut storage = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut storage);
+        match std::pin::Pin::new(&mut *s).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len();
+                if n > 0 {
+                    session.handle_input(buf.filled(), SystemTime::now());
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
 impl Conn {
     /// Reads what is available and feeds it to the session. Ok(0) is EOF.
     async fn read_into(&mut self, session: &mut Session) -> io::Result<usize> {
         match self {
-            Conn::Plain(s) => loop {
-                s.readable().await?;
-                let mut buf = [0u8; READ_CHUNK];
-                match s.try_read(&mut buf) {
-                    Ok(n) => {
-                        if n > 0 {
-                            session.handle_input(&buf[..n], SystemTime::now());
-                        }
-                        return Ok(n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            },
-            Conn::Tls(s) => {
-                let mut buf = vec![0u8; READ_CHUNK];
-                let n = s.read(&mut buf).await?;
-                if n > 0 {
-                    session.handle_input(&buf[..n], SystemTime::now());
-                }
-                Ok(n)
-            }
+            Conn::Plain(s) => read_once(s, session).await,
+            Conn::Tls(s) => read_once(s.as_mut(), session).await,
         }
     }
 
