@@ -240,6 +240,19 @@ impl LocalStore {
         let conn = self.reader.lock().map_err(|_| StoreError::Closed)?;
         f(&conn).map_err(backend)
     }
+
+    /// The first column of the row `sql` selects, if there is one.
+    fn read_optional<T: rusqlite::types::FromSql>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Option<T>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(sql)?
+                .query_row(params, |r| r.get(0))
+                .optional()
+        })
+    }
 }
 
 fn writer_loop(
@@ -468,11 +481,10 @@ impl DomainRegistry for LocalStore {
                 return Ok(hit.clone());
             }
         }
-        let row: Option<String> = self.read(|c| {
-            c.prepare_cached("SELECT record FROM domains WHERE name = ?1")?
-                .query_row([name.as_str()], |r| r.get(0))
-                .optional()
-        })?;
+        let row: Option<String> = self.read_optional(
+            "SELECT record FROM domains WHERE name = ?1",
+            [name.as_str()],
+        )?;
         let domain = row.map(|r| decode_domain(name.as_str(), &r)).transpose()?;
         let mut cache = self.domains.lock().unwrap_or_else(|p| p.into_inner());
         if cache.stamp == Some(stamp) {
@@ -518,11 +530,7 @@ impl MessageStore for LocalStore {
     }
 
     async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read(|c| {
-            c.prepare_cached("SELECT body FROM messages WHERE id = ?1")?
-                .query_row([id.as_str()], |r| r.get(0))
-                .optional()
-        })
+        self.read_optional("SELECT body FROM messages WHERE id = ?1", [id.as_str()])
     }
 
     async fn delete(&self, id: &QueueId) -> Result<(), StoreError> {
@@ -541,11 +549,8 @@ impl DeliveryQueue for LocalStore {
     }
 
     async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError> {
-        let row: Option<String> = self.read(|c| {
-            c.prepare_cached("SELECT record FROM queue WHERE id = ?1")?
-                .query_row([id.as_str()], |r| r.get(0))
-                .optional()
-        })?;
+        let row: Option<String> =
+            self.read_optional("SELECT record FROM queue WHERE id = ?1", [id.as_str()])?;
         row.map(|r| decode_entry(id.as_str(), &r)).transpose()
     }
 
@@ -640,11 +645,8 @@ impl Spool for LocalStore {
 #[async_trait]
 impl GreylistStore for LocalStore {
     async fn triplet(&self, key: &str) -> Result<Option<TripletState>, StoreError> {
-        let row: Option<String> = self.read(|c| {
-            c.prepare_cached("SELECT state FROM greylist WHERE key = ?1")?
-                .query_row([key], |r| r.get(0))
-                .optional()
-        })?;
+        let row: Option<String> =
+            self.read_optional("SELECT state FROM greylist WHERE key = ?1", [key])?;
         row.map(|r| {
             serde_json::from_str(&r)
                 .map_err(|_| StoreError::Backend(format!("corrupt greylist record {key}")))
@@ -675,11 +677,10 @@ impl GreylistStore for LocalStore {
     }
 
     async fn client(&self, network: &str) -> Result<Option<ClientState>, StoreError> {
-        let row: Option<String> = self.read(|c| {
-            c.prepare_cached("SELECT state FROM greylist_clients WHERE network = ?1")?
-                .query_row([network], |r| r.get(0))
-                .optional()
-        })?;
+        let row: Option<String> = self.read_optional(
+            "SELECT state FROM greylist_clients WHERE network = ?1",
+            [network],
+        )?;
         row.map(|r| {
             serde_json::from_str(&r).map_err(|_| {
                 StoreError::Backend(format!("corrupt greylist client record {network}"))
