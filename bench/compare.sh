@@ -81,14 +81,21 @@ accept() {
       # written back) does not slow the next.
       bash "$here/postfix_peer.sh" flush >&2
       stop_bmx; start_bmx; sync; sleep 2
-      for t in postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT smtp-sink:127.0.0.1:$REF_PORT; do
-        label=${t%%:*}
-        cpu="bash $here/postfix_peer.sh pid"
-        [ "$label" = backupmx ] && cpu="cat $work/bmx.pid"
-        [ "$label" = smtp-sink ] && cpu="cat $work/ref.pid"
-        bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
-          --sessions "$sessions" --count "$count" --size "$size" --runs "$RUNS" --warmup 100 \
-          --cpu-pids-cmd "$cpu" | tee -a "$out"
+      # Interleaved rounds: each round runs every server once, in an order
+      # that rotates, so a quiet or a busy minute of this shared machine
+      # falls on all of them alike, and each round gives a paired ratio.
+      servers=(postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT smtp-sink:127.0.0.1:$REF_PORT)
+      for round in $(seq 0 $(( RUNS - 1 ))); do
+        for k in 0 1 2; do
+          t=${servers[$(( (round + k) % 3 ))]}
+          label=${t%%:*}
+          cpu="bash $here/postfix_peer.sh pid"
+          [ "$label" = backupmx ] && cpu="cat $work/bmx.pid"
+          [ "$label" = smtp-sink ] && cpu="cat $work/ref.pid"
+          bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
+            --sessions "$sessions" --count "$count" --size "$size" --runs 1 --warmup 50 \
+            --cpu-pids-cmd "$cpu" | grep '^RUN' | sed "s/ run=1 / run=$(( round + 1 )) /" | tee -a "$out" || true
+        done
       done
     done
   done
@@ -101,15 +108,20 @@ relay() {
   bash "$here/postfix_peer.sh" flush >&2
   start_bmx
   drain_bmx="for i in \$(seq 1 600); do [ \"\$($BMX --config $work/backupmx.toml queue list --json | grep -c '\"id\"')\" = 0 ] && exit 0; sleep 0.2; done; exit 1"
-  for t in postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT; do
-    label=${t%%:*}
-    drain="bash $here/postfix_peer.sh wait-empty 120"
-    [ "$label" = backupmx ] && drain=$drain_bmx
-    cpu="bash $here/postfix_peer.sh pid"
-    [ "$label" = backupmx ] && cpu="cat $work/bmx.pid"
-    bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
-      --sessions 10 --count 3000 --size 1024 --runs "$RUNS" --warmup 100 --drain-cmd "$drain" \
-      --cpu-pids-cmd "$cpu" | tee -a "$out"
+  # Interleaved rounds, as in accept().
+  servers=(postfix:127.0.0.1:$PEER_PORT backupmx:127.0.0.1:$BMX_PORT)
+  for round in $(seq 0 $(( RUNS - 1 ))); do
+    for k in 0 1; do
+      t=${servers[$(( (round + k) % 2 ))]}
+      label=${t%%:*}
+      drain="bash $here/postfix_peer.sh wait-empty 120"
+      [ "$label" = backupmx ] && drain=$drain_bmx
+      cpu="bash $here/postfix_peer.sh pid"
+      [ "$label" = backupmx ] && cpu="cat $work/bmx.pid"
+      bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
+        --sessions 10 --count 3000 --size 1024 --runs 1 --warmup 50 --drain-cmd "$drain" \
+        --cpu-pids-cmd "$cpu" | grep '^RUN' | sed "s/ run=1 / run=$(( round + 1 )) /" | tee -a "$out" || true
+    done
   done
   python3 "$here/summarize.py" "$out" --ratio backupmx postfix
 }

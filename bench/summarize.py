@@ -57,10 +57,23 @@ def main():
             return None
         return statistics.median(vals), min(vals), max(vals), len(vals)
 
+    def paired(ka, kb):
+        """Run i of A against run i of B: with interleaved rounds (compare.sh)
+        both ran within the same minute, so machine noise mostly cancels."""
+        rates_b = {r["run"]: fnum(r.get("accept_mps")) for r in runs.get(kb, [])}
+        ratios = sorted(
+            fnum(r.get("accept_mps")) / rates_b[r["run"]]
+            for r in runs.get(ka, [])
+            if rates_b.get(r["run"]) and fnum(r.get("accept_mps"))
+        )
+        if not ratios:
+            return "n/a"
+        return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f}, {len(ratios)} pairs)"
+
     if a.ratio:
         A, B = a.ratio
-        print(f"| sessions | size B | {A} msg/s | {B} msg/s | throughput ratio {A}/{B} | CPU µs/msg {A} | CPU µs/msg {B} | CPU-efficiency ratio {B}/{A} |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| sessions | size B | {A} msg/s | {B} msg/s | throughput ratio {A}/{B} | CPU µs/msg {A} | CPU µs/msg {B} | CPU-efficiency ratio {B}/{A} | paired ratio {A}/{B}: median (min–max) of runs |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for key in order:
             if key[0] != A:
                 continue
@@ -73,7 +86,9 @@ def main():
             cr = f"{cb[0] / ca[0]:.2f}" if ca and cb and ca[0] > 0 else "n/a"
             print(f"| {key[1]} | {key[2]} | {sa[0]:.0f} | {sb[0]:.0f} | {r:.2f} | "
                   f"{ca[0]:.0f} | {cb[0]:.0f} | {cr} |" if ca and cb else
-                  f"| {key[1]} | {key[2]} | {sa[0]:.0f} | {sb[0]:.0f} | {r:.2f} | n/a | n/a | n/a |")
+                  f"| {key[1]} | {key[2]} | {sa[0]:.0f} | {sb[0]:.0f} | {r:.2f} | n/a | n/a | n/a |",
+                  end="")
+            print(f" {paired(key, kb)} |")
         # Relay-through: accepted *and* delivered, per second.
         for key in order:
             if key[0] != A:
