@@ -64,6 +64,22 @@ start_ref() {
   echo $! > "$work/ref.pid"
 }
 stop_ref() { [ -f "$work/ref.pid" ] && kill "$(cat "$work/ref.pid")" 2>/dev/null || true; }
+# Waits (at most 60 s) until this machine's own CPU use (user, system,
+# interrupts; not steal or iowait) stays under 15 % for half a second, so
+# the work one server does after its run (Postfix's queue manager trying
+# the dead primary for what it just accepted, writeback) is not charged
+# to the next server's run.
+settle() {
+  local cores busy0 all0 busy1 all1
+  cores=$(nproc)
+  for _ in $(seq 1 120); do
+    read -r busy0 all0 < <(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
+    sleep 0.5
+    read -r busy1 all1 < <(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
+    [ $(( (busy1 - busy0) * 100 )) -le $(( (all1 - all0) * 15 )) ] && return 0
+  done
+  echo "compare: machine still busy after 60 s, going on" >&2
+}
 trap 'stop_bmx; stop_ref; bash "$here/postfix_peer.sh" stop >/dev/null 2>&1 || true' EXIT
 
 accept() {
@@ -92,6 +108,7 @@ accept() {
           cpu="bash $here/postfix_peer.sh pid"
           [ "$label" = backupmx ] && cpu="cat $work/bmx.pid"
           [ "$label" = smtp-sink ] && cpu="cat $work/ref.pid"
+          settle
           bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
             --sessions "$sessions" --count "$count" --size "$size" --runs 1 --warmup 50 \
             --cpu-pids-cmd "$cpu" | grep '^RUN' | sed "s/ run=1 / run=$(( round + 1 )) /" | tee -a "$out" || true
@@ -118,6 +135,7 @@ relay() {
       [ "$label" = backupmx ] && drain=$drain_bmx
       cpu="bash $here/postfix_peer.sh pid"
       [ "$label" = backupmx ] && cpu="cat $work/bmx.pid"
+      settle
       bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
         --sessions 10 --count 3000 --size 1024 --runs 1 --warmup 50 --drain-cmd "$drain" \
         --cpu-pids-cmd "$cpu" | grep '^RUN' | sed "s/ run=1 / run=$(( round + 1 )) /" | tee -a "$out" || true
