@@ -81,15 +81,13 @@ pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
     }
 }
 
-pub fn aws_names(config: &Config) -> AwsNames {
-    AwsNames::from_config(&config.aws)
-}
-
 async fn connect_aws(config: &Config) -> anyhow::Result<AwsStore> {
     let conf = relay_core::store::aws::sdk_config().await;
-    AwsStore::connect(&conf, aws_names(config)).await.context(
-        "cannot reach the AWS backend (is AWS_ENDPOINT_URL or the AWS configuration right?)",
-    )
+    AwsStore::connect(&conf, AwsNames::from_config(&config.aws))
+        .await
+        .context(
+            "cannot reach the AWS backend (is AWS_ENDPOINT_URL or the AWS configuration right?)",
+        )
 }
 
 /// Counts connections per client address.
