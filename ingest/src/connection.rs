@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use relay_core::policy::{ClientLookups, Policy};
-use relay_core::smtp::{Action, Session, SessionConfig};
+use relay_core::smtp::{Action, Reply, Session, SessionConfig};
 use relay_core::store::Spool;
 use std::task::Poll;
 
@@ -25,8 +25,47 @@ pub struct Delivery {
     pub etrn_networks: Vec<ipnet::IpNet>,
 }
 
+/// What new mail needs: disk space (embedded store) and memory.
+pub struct Resources {
+    /// Message data held by all sessions together.
+    pub memory: relay_core::budget::MemoryBudget,
+    /// The data directory's free space; `None` on the AWS backend.
+    pub disk: Option<relay_core::store::space::FreeSpace>,
+}
+
+/// Below this much room in the memory budget a MAIL without `SIZE=` is
+/// refused: a message of unknown size would very likely not fit.
+const MIN_ROOM_FOR_MAIL: u64 = 1024 * 1024;
+
+impl Resources {
+    /// The answer to a MAIL: `452 4.3.1` (RFC 3463: mail system full)
+    /// when the disk or the memory budget has no room for the message.
+    fn admit(&self, size: Option<u64>) -> Result<(), Reply> {
+        if let Some(disk) = &self.disk {
+            if !disk.room_for(size.unwrap_or(0)) {
+                return Err(Reply::new(
+                    452,
+                    "4.3.1",
+                    "Insufficient system storage, try again later",
+                ));
+            }
+        }
+        if self.memory.available() < size.unwrap_or(MIN_ROOM_FOR_MAIL).max(1)
+            && self.memory.used() > 0
+        {
+            return Err(Reply::new(
+                452,
+                "4.3.1",
+                "Insufficient system resources, try again later",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What every connection shares.
 pub struct Shared {
+    pub resources: Resources,
     pub session: Arc<SessionConfig>,
     pub policy: Arc<Policy>,
     pub spool: Arc<dyn Spool>,
@@ -118,6 +157,9 @@ pub async fn serve(
     // Slow clients (a byte now and then) never trip the idle timeout; a
     // deadline per command line and per DATA phase bounds them.
     let mut deadline: Option<tokio::time::Instant> = None;
+    // Bytes of the memory budget this session's message data holds.
+    let mut reserved: u64 = 0;
+    let memory = &shared.resources.memory;
     tracing::debug!(event = "session_start", session_id, peer = %peer);
     loop {
         let out = session.take_output();
@@ -131,6 +173,11 @@ pub async fn serve(
         }
         match session.poll_action() {
             Action::Read => {
+                if !session.in_data() && reserved > 0 {
+                    // The message was stored or refused: its memory is free.
+                    memory.release(reserved);
+                    reserved = 0;
+                }
                 let idle = session.is_idle();
                 if idle && *shutdown.borrow() {
                     session.handle_shutdown();
@@ -161,6 +208,30 @@ pub async fn serve(
                     Ok(Ok(0)) | Ok(Err(_)) => break,
                     Ok(Ok(_)) => {}
                 }
+                let held = session.data_held() as u64;
+                if held > reserved {
+                    if memory.try_reserve(held - reserved) {
+                        reserved = held;
+                    } else {
+                        metrics::counter!("backupmx_memory_budget_refusals_total").increment(1);
+                        tracing::warn!(event = "memory_budget_exhausted", session_id, peer = %peer, held,
+                            "message data refused: the memory budget (smtp.memory_budget) is in use");
+                        session.refuse_data(Reply::new(
+                            452,
+                            "4.3.1",
+                            "Insufficient system resources, try again later",
+                        ));
+                        memory.release(reserved);
+                        reserved = 0;
+                    }
+                }
+            }
+            Action::AdmitMail { size } => {
+                let verdict = shared.resources.admit(size);
+                if let Err(r) = &verdict {
+                    tracing::warn!(event = "mail_refused_resources", session_id, peer = %peer, size, reply = %r);
+                }
+                session.mail_admitted(verdict, SystemTime::now());
             }
             Action::CheckRecipient { recipient, sender } => {
                 let verdict = shared
@@ -265,6 +336,7 @@ pub async fn serve(
             Action::Close => break,
         }
     }
+    memory.release(reserved);
     conn.shutdown().await;
     tracing::debug!(event = "session_end", session_id, peer = %peer);
 }

@@ -16,13 +16,13 @@ use relay_core::greylist::{Greylist, GreylistStore};
 use relay_core::policy::Policy;
 use relay_core::smtp::{Session, SessionConfig};
 use relay_core::store::aws::{AwsNames, AwsStore};
-use relay_core::store::local::LocalStore;
+use relay_core::store::local::{LocalStore, StoreOptions};
 use relay_core::store::{DeliveryQueue, DomainRegistry, MessageStore, SplitSpool, Spool};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::connection::{self, Delivery, Shared};
+use crate::connection::{self, Delivery, Resources, Shared};
 use crate::tls::Tls;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,13 +48,18 @@ pub struct Backends {
 pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
     match config.storage.backend {
         Backend::Local => {
-            let store =
-                Arc::new(LocalStore::open(&config.storage.data_dir).with_context(|| {
+            let store = Arc::new(
+                LocalStore::open_with(
+                    &config.storage.data_dir,
+                    StoreOptions::from_config(&config.storage),
+                )
+                .with_context(|| {
                     format!(
                         "cannot open the data directory {}",
                         config.storage.data_dir.display()
                     )
-                })?);
+                })?,
+            );
             Ok(Backends {
                 registry: store.clone(),
                 greylist: store.clone(),
@@ -130,17 +135,24 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     if mode == Mode::Embedded && config.storage.backend != Backend::Local {
         bail!("`backupmx run` is the embedded mode and needs storage.backend = \"local\"; use `backupmx ingest` for other backends");
     }
+    let max_connections = crate::limits::raise_open_files(&config);
     let backends = open_backends(&config).await?;
     for d in &config.domains {
         // validate() already checked every entry.
         let domain = d
             .to_domain()
             .with_context(|| format!("[[domain]] {}", d.name))?;
-        backends
-            .registry
-            .put(&domain)
-            .await
-            .with_context(|| format!("cannot store domain {}", d.name))?;
+        // Unchanged records are not written again, and a write that fails
+        // (a full disk) must not keep the server from serving the domains
+        // it already has: mail for them is what the disk is full of.
+        if matches!(backends.registry.get(&domain.name).await, Ok(Some(ref stored)) if *stored == domain)
+        {
+            continue;
+        }
+        if let Err(e) = backends.registry.put(&domain).await {
+            tracing::error!(event = "domain_upsert_failed", domain = %d.name, error = %e,
+                "[[domain]] from the config file not stored; the stored record (if any) stays in use");
+        }
     }
     let tls = match &config.tls {
         Some(files) => Some(Tls::new(files)?),
@@ -188,6 +200,15 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         listeners.push(l);
     }
     let shared = Arc::new(Shared {
+        resources: Resources {
+            memory: relay_core::budget::MemoryBudget::new(config.smtp.memory_budget),
+            disk: (config.storage.backend == Backend::Local).then(|| {
+                relay_core::store::space::FreeSpace::new(
+                    &config.storage.data_dir,
+                    config.storage.min_free_space,
+                )
+            }),
+        },
         session: Arc::new(SessionConfig {
             hostname: config.hostname.clone(),
             max_message_size: config.smtp.max_message_size,
@@ -197,6 +218,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             max_received_headers: 100,
             tls_available: tls.is_some(),
             etrn_available: delivery.is_some(),
+            admit_mail: true,
         }),
         policy,
         spool: with_faults(backends.spool.clone()),
@@ -210,8 +232,8 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             trusted: config.smtp.trusted_proxies.clone(),
             timeout: config.smtp.proxy_header_timeout,
         }),
-        total: Arc::new(Semaphore::new(config.smtp.max_connections)),
-        max_total: config.smtp.max_connections,
+        total: Arc::new(Semaphore::new(max_connections)),
+        max_total: max_connections,
         per_ip: Arc::new(PerIp::default()),
         max_per_ip: config.smtp.max_connections_per_ip,
         hostname: config.hostname.clone(),
@@ -274,6 +296,7 @@ fn start_delivery(
             max_total: d.max_connections,
             poll_interval: d.poll_interval,
             probe_interval: d.probe_interval,
+            memory_budget: d.memory_budget,
         },
     );
     Ok((
@@ -323,18 +346,32 @@ async fn accept_loop(
     shutdown: watch::Receiver<bool>,
 ) {
     static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    // A descriptor held back for the moment the process has none left: it
+    // is closed to accept one waiting client and tell it 421 rather than
+    // leave it hanging with no greeting.
+    let mut spare = std::fs::File::open("/dev/null").ok();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => {
-                backoff = Duration::from_millis(5);
+                backoff = ACCEPT_BACKOFF_MIN;
                 x
             }
             Err(e) => {
-                // EMFILE and friends: wait rather than spin.
+                let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                 tracing::warn!(event = "accept_failed", error = %e);
+                if out_of_files {
+                    metrics::counter!("backupmx_accept_out_of_files_total").increment(1);
+                    if spare.take().is_some() {
+                        if let Ok((stream, peer)) = listener.accept().await {
+                            refuse_now(&stream, peer, &limits.hostname);
+                        }
+                        spare = std::fs::File::open("/dev/null").ok();
+                    }
+                }
+                // Wait rather than spin while descriptors are short.
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
@@ -462,6 +499,23 @@ impl ProxyPolicy {
             }
         }
     }
+}
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+/// `421 4.3.2` written without waiting, for a client accepted on the spare
+/// descriptor: the socket closes when `stream` is dropped right after.
+fn refuse_now(stream: &TcpStream, peer: SocketAddr, hostname: &str) {
+    metrics::counter!("backupmx_rejections_total", "reason" => "out_of_files", "code" => "421")
+        .increment(1);
+    tracing::warn!(event = "connection_refused", peer = %peer, reason = "out_of_files");
+    let reply = relay_core::smtp::Reply::new(
+        421,
+        "4.3.2",
+        format!("{hostname} out of resources, try again later"),
+    );
+    let _ = stream.try_write(&reply.to_bytes());
 }
 
 fn refuse(

@@ -68,6 +68,10 @@ pub struct SmtpConfig {
     /// How long a connection may take to send its PROXY header.
     #[serde(with = "humantime_serde")]
     pub proxy_header_timeout: Duration,
+    /// Bytes of message data all sessions together may hold in memory
+    /// while receiving; past it, `452 4.3.1` at MAIL (for a declared
+    /// `SIZE=`) or at the end of DATA, rather than growth.
+    pub memory_budget: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +93,14 @@ pub enum Backend {
 pub struct StorageConfig {
     pub backend: Backend,
     pub data_dir: PathBuf,
+    /// Free bytes on the data directory's filesystem below which new mail
+    /// is refused with `452 4.3.1` at MAIL (Postfix's `queue_minfree`); a
+    /// declared `SIZE=` must fit above it too.
+    pub min_free_space: u64,
+    /// Bytes preallocated in the data directory and given up when the disk
+    /// is full, so that deliveries can still be recorded and `queue delete`
+    /// still works; 0 = none.
+    pub reserve_space: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +224,10 @@ pub struct DeliveryConfig {
     /// The reply after the end of data (RFC 5321 §4.5.3.2: 10 minutes).
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// Bytes of queued messages all deliveries together may load at once;
+    /// a batch that does not fit waits for one in progress to finish (one
+    /// message always fits).
+    pub memory_budget: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +280,7 @@ impl Default for SmtpConfig {
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
             proxy_header_timeout: Duration::from_secs(5),
+            memory_budget: 256 * 1024 * 1024,
         }
     }
 }
@@ -273,6 +290,8 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: Backend::Local,
             data_dir: PathBuf::from("./data"),
+            min_free_space: 100 * 1024 * 1024,
+            reserve_space: 16 * 1024 * 1024,
         }
     }
 }
@@ -335,6 +354,7 @@ impl Default for DeliveryConfig {
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            memory_budget: 128 * 1024 * 1024,
         }
     }
 }
@@ -411,6 +431,12 @@ impl Config {
         }
         if self.smtp.proxy_protocol && self.smtp.trusted_proxies.is_empty() {
             return invalid("smtp.proxy_protocol = true needs smtp.trusted_proxies (the load balancer's addresses)".into());
+        }
+        if self.smtp.memory_budget < self.smtp.max_message_size {
+            return invalid(format!(
+                "smtp.memory_budget ({}) must be at least smtp.max_message_size ({}), or no message of the largest size could ever be received",
+                self.smtp.memory_budget, self.smtp.max_message_size
+            ));
         }
         if self.smtp.max_errors == 0 {
             return invalid("smtp.max_errors must be positive".into());

@@ -16,6 +16,7 @@
 //! Data flows `ingest → Spool (body + queue entry) → delivery`.
 
 pub mod address;
+pub mod budget;
 pub mod config;
 pub mod delivery;
 pub mod dns;

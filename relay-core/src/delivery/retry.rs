@@ -21,6 +21,34 @@ use crate::time::unix_seconds;
 /// assumed orphaned (SQS visibility timeout plus the longest delay).
 const ORPHAN_GRACE_SECS: u64 = 5400 + 900;
 
+/// Tries of each write after a delivery attempt, and the first pause
+/// between them (doubling: 0.2 + 0.4 + … ≈ 6 s in all).
+const PERSIST_TRIES: u32 = 5;
+const PERSIST_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Runs a store write, trying again with backoff while it fails.
+async fn persist<T, F, Fut>(what: &str, mut write: F) -> Result<T, RetryError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let mut pause = PERSIST_PAUSE;
+    let mut tries = 1;
+    loop {
+        match write().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tries >= PERSIST_TRIES => return Err(RetryError(format!("{what}: {e}"))),
+            Err(e) => {
+                metrics::counter!("backupmx_outcome_store_failures_total").increment(1);
+                tracing::warn!(event = "outcome_store_retry", what, tries, error = %e);
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                tries += 1;
+            }
+        }
+    }
+}
+
 /// What became of one SQS message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Processed {
@@ -78,15 +106,16 @@ impl RetryProcessor {
             )));
         };
         let report = self.engine.attempt(&record, &body, now).await;
+        // From here on the primary may have taken recipients: a failed
+        // write must not end the invocation at once, or the redelivered
+        // SQS message would send them again. Each write is retried while
+        // the store recovers from a short outage.
         if let Some(bounce) = report.bounce.clone() {
             let spool = SplitSpool {
                 messages: store.clone(),
                 queue: store.clone(),
             };
-            spool
-                .accept(bounce)
-                .await
-                .map_err(|e| RetryError(format!("queueing the DSN: {e}")))?;
+            persist("queueing the DSN", || spool.accept(bounce.clone())).await?;
         }
         let e = &report.entry;
         tracing::info!(
@@ -94,18 +123,16 @@ impl RetryProcessor {
             delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
         );
         if report.finished {
-            DeliveryQueue::remove(store.as_ref(), &e.id)
-                .await
-                .map_err(|err| RetryError(err.to_string()))?;
+            persist("removing the record", || {
+                DeliveryQueue::remove(store.as_ref(), &e.id)
+            })
+            .await?;
         } else {
-            store
-                .put_record(e)
-                .await
-                .map_err(|err| RetryError(err.to_string()))?;
-            store
-                .schedule(e, e.next_attempt.saturating_sub(now_secs))
-                .await
-                .map_err(|err| RetryError(err.to_string()))?;
+            persist("updating the record", || store.put_record(e)).await?;
+            persist("scheduling the next attempt", || {
+                store.schedule(e, e.next_attempt.saturating_sub(now_secs))
+            })
+            .await?;
         }
         Ok(Processed::Attempted {
             finished: report.finished,

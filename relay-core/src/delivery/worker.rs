@@ -2,10 +2,16 @@
 //! [`Engine::attempt`] with bounded concurrency per destination, stores the
 //! outcome, and probes destinations that were down so their queue is
 //! released the moment they answer again.
+//!
+//! An outcome that cannot be stored (a full disk, a failing store) is never
+//! a reason to deliver again: the worker keeps it in memory, stops starting
+//! attempts, and writes it again with backoff until the store takes it.
+//! Only then does delivery resume, so a recipient the primary accepted is
+//! not sent a second time while its record still says "pending".
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,10 +27,19 @@ use crate::time::unix_seconds;
 /// Most messages sent over one connection in one go.
 const MESSAGES_PER_CONNECTION: usize = 20;
 
+/// Most bytes of messages in one such batch (a single larger message still
+/// goes alone): with big mail, a batch's bodies are what a delivery holds.
+const BATCH_BYTES: u64 = 8 * 1024 * 1024;
+
 /// How long the worker lets newly queued mail gather before it looks: mail
 /// arriving one message at a time then leaves in batches over one
 /// connection each, instead of a connection per message.
 const GATHER: Duration = Duration::from_millis(10);
+
+/// First wait before unstored outcomes are written again; doubles up to
+/// [`STORE_RETRY_MAX`].
+const STORE_RETRY_INITIAL: Duration = Duration::from_secs(1);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -37,6 +52,8 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// How often a destination that was down is probed.
     pub probe_interval: Duration,
+    /// Bytes of message bodies loaded by all deliveries together.
+    pub memory_budget: u64,
 }
 
 impl Default for WorkerConfig {
@@ -46,6 +63,7 @@ impl Default for WorkerConfig {
             max_total: 100,
             poll_interval: Duration::from_secs(1),
             probe_interval: Duration::from_secs(30),
+            memory_budget: crate::config::DeliveryConfig::default().memory_budget,
         }
     }
 }
@@ -60,8 +78,30 @@ pub struct Worker {
     in_flight: Mutex<HashSet<QueueId>>,
     per_destination: Mutex<HashMap<DomainName, Arc<Semaphore>>>,
     total: Arc<Semaphore>,
+    /// Memory for the bodies that deliveries load (each twice: as stored
+    /// and dot-stuffed for the wire).
+    memory: Arc<crate::budget::MemoryBudget>,
     /// Domains whose destination did not answer: probed until it does.
     down: Mutex<HashSet<DomainName>>,
+    /// Outcomes the store refused; while any is here, no attempt starts.
+    unstored: Mutex<Unstored>,
+}
+
+/// Attempt outcomes waiting to be written, by queue id.
+struct Unstored {
+    reports: HashMap<QueueId, super::AttemptReport>,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+impl Default for Unstored {
+    fn default() -> Self {
+        Unstored {
+            reports: HashMap::new(),
+            retry_at: Instant::now(),
+            backoff: STORE_RETRY_INITIAL,
+        }
+    }
 }
 
 impl Worker {
@@ -74,6 +114,7 @@ impl Worker {
     ) -> Arc<Self> {
         Arc::new(Worker {
             total: Arc::new(Semaphore::new(cfg.max_total)),
+            memory: Arc::new(crate::budget::MemoryBudget::new(cfg.memory_budget)),
             engine,
             queue,
             messages,
@@ -83,7 +124,17 @@ impl Worker {
             in_flight: Mutex::new(HashSet::new()),
             per_destination: Mutex::new(HashMap::new()),
             down: Mutex::new(HashSet::new()),
+            unstored: Mutex::new(Unstored::default()),
         })
+    }
+
+    /// Delivery is paused because outcomes could not be stored.
+    pub fn paused(&self) -> bool {
+        !self.lock_unstored().reports.is_empty()
+    }
+
+    fn lock_unstored(&self) -> std::sync::MutexGuard<'_, Unstored> {
+        self.unstored.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Look at the queue now (a message was accepted or released).
@@ -168,7 +219,9 @@ impl Worker {
             if *shutdown.borrow() {
                 break;
             }
-            self.start_due(&mut tasks).await;
+            if self.store_unstored().await {
+                self.start_due(&mut tasks).await;
+            }
             while tasks.try_join_next().is_some() {}
             tokio::select! {
                 _ = self.wake.notified() => tokio::time::sleep(GATHER).await,
@@ -179,6 +232,70 @@ impl Worker {
         }
         probe.abort();
         while tasks.join_next().await.is_some() {}
+        // Last chance for outcomes the store refused; what is still
+        // unstored now is attempted again after a restart.
+        self.lock_unstored().retry_at = Instant::now();
+        self.store_unstored().await;
+    }
+
+    /// Writes outcomes the store refused earlier, when their backoff is
+    /// up. Returns whether none is left, i.e. new attempts may start.
+    async fn store_unstored(&self) -> bool {
+        let reports: Vec<super::AttemptReport> = {
+            let unstored = self.lock_unstored();
+            if unstored.reports.is_empty() {
+                return true;
+            }
+            if Instant::now() < unstored.retry_at {
+                return false;
+            }
+            unstored.reports.values().cloned().collect()
+        };
+        for mut report in reports {
+            let id = report.entry.id.clone();
+            match self.commit_outcome(&mut report).await {
+                Ok(()) => {
+                    self.lock_unstored().reports.remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(event = "queue_update_failed", queue_id = %id, error = %e);
+                    let mut unstored = self.lock_unstored();
+                    // Keep what was stored (the DSN) from being stored twice.
+                    unstored.reports.insert(id, report);
+                    unstored.retry_at = Instant::now() + unstored.backoff;
+                    unstored.backoff = (unstored.backoff * 2).min(STORE_RETRY_MAX);
+                    return false;
+                }
+            }
+        }
+        let mut unstored = self.lock_unstored();
+        if unstored.reports.is_empty() {
+            unstored.backoff = STORE_RETRY_INITIAL;
+            metrics::gauge!("backupmx_delivery_paused").set(0.0);
+            tracing::warn!(
+                event = "delivery_resumed",
+                "the store takes writes again; delivery resumes"
+            );
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Keeps an outcome the store refused and pauses delivery.
+    fn keep_unstored(&self, report: super::AttemptReport, error: &StoreError) {
+        metrics::counter!("backupmx_outcome_store_failures_total").increment(1);
+        let mut unstored = self.lock_unstored();
+        if unstored.reports.is_empty() {
+            metrics::gauge!("backupmx_delivery_paused").set(1.0);
+            tracing::error!(
+                event = "delivery_paused", error = %error,
+                "cannot record delivery outcomes; no new attempts until the store takes writes again (is the disk full?)"
+            );
+            unstored.backoff = STORE_RETRY_INITIAL;
+            unstored.retry_at = Instant::now() + STORE_RETRY_INITIAL;
+        }
+        unstored.reports.insert(report.entry.id.clone(), report);
     }
 
     async fn start_due(self: &Arc<Self>, tasks: &mut tokio::task::JoinSet<()>) {
@@ -222,13 +339,15 @@ impl Worker {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(&entry.id)
+                || self.lock_unstored().reports.contains_key(&entry.id)
             {
                 continue;
             }
-            match batches
-                .iter_mut()
-                .find(|(d, b)| *d == entry.domain && b.len() < MESSAGES_PER_CONNECTION)
-            {
+            match batches.iter_mut().find(|(d, b)| {
+                *d == entry.domain
+                    && b.len() < MESSAGES_PER_CONNECTION
+                    && b.iter().map(|e| e.size).sum::<u64>() + entry.size <= BATCH_BYTES
+            }) {
                 Some((_, b)) => b.push(entry),
                 None => batches.push((entry.domain.clone(), vec![entry])),
             }
@@ -240,6 +359,13 @@ impl Worker {
             let Ok(total) = self.total.clone().try_acquire_owned() else {
                 break;
             };
+            // A batch that does not fit waits for the next look; the
+            // budget lets a lone batch through whatever its size.
+            let bytes = batch.iter().map(|e| e.size.saturating_mul(2)).sum::<u64>();
+            if !self.memory.try_reserve(bytes) {
+                continue;
+            }
+            let memory = self.memory.clone();
             let ids: Vec<QueueId> = batch.iter().map(|e| e.id.clone()).collect();
             self.in_flight
                 .lock()
@@ -254,6 +380,7 @@ impl Worker {
                         in_flight.remove(id);
                     }
                 }
+                memory.release(bytes);
                 drop(dest);
                 drop(total);
                 worker.wake();
@@ -294,45 +421,52 @@ impl Worker {
         futures_util::future::join_all(reports.into_iter().map(|r| self.store_report(r))).await;
     }
 
-    async fn store_report(&self, report: super::AttemptReport) {
-        let entry = &report.entry;
-        if let Some(bounce) = report.bounce.clone() {
-            // The DSN is stored before the entry changes, so a crash in
-            // between repeats the attempt rather than losing the bounce.
-            let dsn_id = bounce.id.clone();
-            if let Err(e) = self.spool.accept(bounce).await {
-                tracing::error!(event = "bounce_store_failed", queue_id = %entry.id, error = %e);
-                return;
-            }
-            tracing::info!(event = "bounce_queued", queue_id = %entry.id, dsn_id = %dsn_id, to = %entry.sender);
-        }
+    async fn store_report(&self, mut report: super::AttemptReport) {
         let e = &report.entry;
         tracing::info!(
             event = "delivery_attempt", queue_id = %e.id, domain = %e.domain, attempt = e.attempts,
             delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
         );
         metrics::counter!("backupmx_delivered_total").increment(report.delivered as u64);
-        let stored = if report.finished {
-            self.queue.remove(&e.id).await.map(|_| ())
-        } else {
-            self.queue.update(e).await.map(|_| ())
-        };
-        if let Err(err) = stored {
-            tracing::error!(event = "queue_update_failed", queue_id = %e.id, error = %err);
+        let domain = e.domain.clone();
+        let next_attempt = e.next_attempt;
+        let (destination_down, delivered) = (report.destination_down, report.delivered);
+        if let Err(err) = self.commit_outcome(&mut report).await {
+            tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %err);
+            self.keep_unstored(report, &err);
         }
-        if report.destination_down {
+        if destination_down {
             self.down
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(e.domain.clone());
-            if let Err(err) = self.queue.defer_domain(&e.domain, e.next_attempt).await {
-                tracing::warn!(event = "defer_failed", domain = %e.domain, error = %err);
+                .insert(domain.clone());
+            if let Err(err) = self.queue.defer_domain(&domain, next_attempt).await {
+                tracing::warn!(event = "defer_failed", domain = %domain, error = %err);
             }
-        } else if report.delivered > 0 {
+        } else if delivered > 0 {
             self.down
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&e.domain);
+                .remove(&domain);
+        }
+    }
+
+    /// Stores an attempt's outcome: the DSN first (so a crash in between
+    /// repeats the attempt rather than losing the bounce), then the entry.
+    /// A DSN once stored is taken out of the report, so a retry after a
+    /// failed entry update does not queue it twice.
+    async fn commit_outcome(&self, report: &mut super::AttemptReport) -> Result<(), StoreError> {
+        let entry = &report.entry;
+        if let Some(bounce) = report.bounce.clone() {
+            let dsn_id = bounce.id.clone();
+            self.spool.accept(bounce).await?;
+            tracing::info!(event = "bounce_queued", queue_id = %entry.id, dsn_id = %dsn_id, to = %entry.sender);
+            report.bounce = None;
+        }
+        if report.finished {
+            self.queue.remove(&entry.id).await.map(|_| ())
+        } else {
+            self.queue.update(entry).await.map(|_| ())
         }
     }
 

@@ -80,6 +80,19 @@ impl DataReceiver {
         self.body
     }
 
+    /// Bytes of memory the message holds (its buffer's capacity).
+    pub fn held(&self) -> usize {
+        self.body.capacity()
+    }
+
+    /// Keeps nothing more and frees what was kept; the end of data is
+    /// still found.
+    pub fn discard(&mut self) {
+        self.body = Vec::new();
+        self.prefix_len = 0;
+        self.limit = 0;
+    }
+
     fn emit(&mut self, bytes: &[u8]) {
         self.size += bytes.len() as u64;
         if self.size <= self.limit as u64 {

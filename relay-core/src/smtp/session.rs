@@ -35,6 +35,9 @@ pub struct SessionConfig {
     pub tls_available: bool,
     /// ETRN is offered (a delivery worker runs in this process).
     pub etrn_available: bool,
+    /// Ask the driver before each MAIL is accepted ([`Action::AdmitMail`]):
+    /// whether there is disk space and memory for a new message.
+    pub admit_mail: bool,
 }
 
 impl Default for SessionConfig {
@@ -48,6 +51,7 @@ impl Default for SessionConfig {
             max_received_headers: 100,
             tls_available: false,
             etrn_available: false,
+            admit_mail: false,
         }
     }
 }
@@ -68,6 +72,9 @@ pub enum Action {
     StartTls,
     /// Decide on an ETRN request and call [`Session::etrn_done`].
     Etrn { node: String },
+    /// Is there room for a new message (of `size` bytes, when declared)?
+    /// Call [`Session::mail_admitted`].
+    AdmitMail { size: Option<u64> },
     /// Flush output and close the connection.
     Close,
 }
@@ -92,6 +99,7 @@ enum Mode {
 enum Waiting {
     Nothing,
     Recipient,
+    Admit,
     Store,
     Tls,
     Etrn,
@@ -125,6 +133,11 @@ pub struct Session {
     waiting: Waiting,
     errors: u32,
     discarding_long_line: bool,
+    /// A MAIL waiting for [`Session::mail_admitted`].
+    pending_mail: Option<(ReversePath, MailParams)>,
+    /// The reply for the end of the current DATA, when the driver stopped
+    /// it being kept ([`Session::refuse_data`]).
+    data_refusal: Option<Reply>,
 }
 
 impl Session {
@@ -143,6 +156,8 @@ impl Session {
             waiting: Waiting::Nothing,
             errors: 0,
             discarding_long_line: false,
+            pending_mail: None,
+            data_refusal: None,
         };
         let greeting = Reply::new(220, "", format!("{} ESMTP backupmx", s.cfg.hostname));
         s.reply(&greeting);
@@ -189,6 +204,23 @@ impl Session {
     /// Receiving message data (after 354).
     pub fn in_data(&self) -> bool {
         matches!(self.mode, Mode::Data(_))
+    }
+
+    /// Bytes of memory the message being received holds now.
+    pub fn data_held(&self) -> usize {
+        match &self.mode {
+            Mode::Data(recv) => recv.held(),
+            Mode::Command => 0,
+        }
+    }
+
+    /// Stops keeping the message being received (its memory is freed at
+    /// once); the rest of the data is read and `reply` answers its end.
+    pub fn refuse_data(&mut self, reply: Reply) {
+        if let Mode::Data(recv) = &mut self.mode {
+            recv.discard();
+            self.data_refusal = Some(reply);
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -300,6 +332,22 @@ impl Session {
                     "Error: could not store the message, try again later",
                 ));
             }
+        }
+        self.process(now);
+    }
+
+    /// The answer to [`Action::AdmitMail`]: `Err` carries the refusal.
+    pub fn mail_admitted(&mut self, result: Result<(), Reply>, now: SystemTime) {
+        if self.waiting != Waiting::Admit {
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        let Some((sender, params)) = self.pending_mail.take() else {
+            return;
+        };
+        match result {
+            Ok(()) => self.open_transaction(sender, params),
+            Err(reply) => self.reject("resources", reply),
         }
         self.process(now);
     }
@@ -493,6 +541,17 @@ impl Session {
                 );
             }
         }
+        if self.cfg.admit_mail {
+            let size = params.size;
+            self.pending_mail = Some((sender, params));
+            self.waiting = Waiting::Admit;
+            self.action = Some(Action::AdmitMail { size });
+            return;
+        }
+        self.open_transaction(sender, params);
+    }
+
+    fn open_transaction(&mut self, sender: ReversePath, params: MailParams) {
         self.tx = Some(Transaction {
             sender,
             params,
@@ -621,6 +680,9 @@ impl Session {
             return;
         };
         let Some(tx) = self.tx.take() else { return };
+        if let Some(reply) = self.data_refusal.take() {
+            return self.reject("resources", reply);
+        }
         if recv.exceeded() {
             return self.reject(
                 "size",

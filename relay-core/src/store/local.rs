@@ -16,7 +16,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::{DeliveryQueue, DomainRegistry, MessageStore, ScheduledQueue, Spool, StoreError};
+use super::{
+    space, DeliveryQueue, DomainRegistry, MessageStore, ScheduledQueue, Spool, StoreError,
+};
 use crate::address::DomainName;
 use crate::domain::Domain;
 use crate::greylist::{ClientState, GreylistStore, TripletState};
@@ -114,6 +116,31 @@ struct WriteJob {
     done: oneshot::Sender<Result<bool, StoreError>>,
 }
 
+/// Disk-space settings of the embedded store (see [`super::space`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Preallocated space given up for bookkeeping when the disk fills; 0 = none.
+    pub reserve_space: u64,
+    /// Free space below which new mail is refused; the reserve is taken
+    /// back only above it.
+    pub min_free_space: u64,
+}
+
+impl StoreOptions {
+    pub fn from_config(config: &crate::config::StorageConfig) -> Self {
+        StoreOptions {
+            reserve_space: config.reserve_space,
+            min_free_space: config.min_free_space,
+        }
+    }
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self::from_config(&crate::config::StorageConfig::default())
+    }
+}
+
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct LocalStore {
     writer: Mutex<mpsc::Sender<WriteJob>>,
@@ -157,15 +184,33 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
 }
 
 impl LocalStore {
-    /// Opens (creating if needed) the database in `data_dir`.
+    /// Opens (creating if needed) the database in `data_dir`, with the
+    /// default disk-space settings.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
+        Self::open_with(data_dir, StoreOptions::default())
+    }
+
+    /// Opens (creating if needed) the database in `data_dir`.
+    pub fn open_with(data_dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        space::prepare_data_dir(data_dir).map_err(|e| {
             StoreError::Backend(format!(
-                "cannot create data directory {}: {e}",
+                "cannot prepare data directory {}: {e}",
                 data_dir.display()
             ))
         })?;
         let path = data_dir.join(DB_FILE);
+        if !path.exists() {
+            // Created here with mode 0600: SQLite gives its -wal and -shm
+            // files the database's mode, whatever the umask.
+            space::open_private(&path, false).map_err(|e| {
+                StoreError::Backend(format!("cannot create {}: {e}", path.display()))
+            })?;
+        }
+        let mut reserve =
+            space::Reserve::new(data_dir, options.reserve_space, options.min_free_space);
+        if let Err(e) = reserve.take() {
+            tracing::warn!(event = "storage_reserve_unavailable", dir = %data_dir.display(), error = %e);
+        }
         let writer_conn = open_connection(&path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         writer_conn.execute_batch(SCHEMA).map_err(|e| {
@@ -186,7 +231,7 @@ impl LocalStore {
         let (tx, rx) = mpsc::channel::<WriteJob>();
         thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(writer_conn, &rx, &nudge))
+            .spawn(move || writer_loop(writer_conn, &rx, &nudge, &mut reserve))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
         Ok(LocalStore {
             writer: Mutex::new(tx),
@@ -209,11 +254,8 @@ impl LocalStore {
     /// new stamp also sees the change.
     fn bump_domains_stamp(&self) {
         use std::io::Write;
-        let bumped = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.stamp_path())
-            .and_then(|mut f| f.write_all(b"."));
+        let bumped =
+            space::open_private(&self.stamp_path(), true).and_then(|mut f| f.write_all(b"."));
         if let Err(e) = bumped {
             tracing::warn!(event = "domains_stamp_failed", path = %self.stamp_path().display(), error = %e);
         }
@@ -259,6 +301,7 @@ fn writer_loop(
     mut conn: Connection,
     rx: &mpsc::Receiver<WriteJob>,
     checkpoint: &mpsc::SyncSender<()>,
+    reserve: &mut space::Reserve,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -268,7 +311,8 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&mut conn, &batch);
+        let results = commit_batch(&mut conn, &batch, reserve);
+        reserve.maintain();
         for (job, result) in batch.into_iter().zip(results) {
             // The waiting session may have gone away; nothing to tell then.
             let _ = job.done.send(result);
@@ -300,7 +344,11 @@ fn checkpoint_loop(conn: &Connection, nudged: &mpsc::Receiver<()>) {
 /// back and every job is applied again in its own transaction so the
 /// failure stays with its own request. This is cheaper than a savepoint per
 /// job on the common path.
-fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, StoreError>> {
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &[WriteJob],
+    reserve: &mut space::Reserve,
+) -> Vec<Result<bool, StoreError>> {
     let together = (|| {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let results = batch
@@ -312,19 +360,54 @@ fn commit_batch(conn: &mut Connection, batch: &[WriteJob]) -> Vec<Result<bool, S
     })();
     match together {
         Ok(results) => results.into_iter().map(Ok).collect(),
-        Err(_) if batch.len() > 1 => batch.iter().map(|job| commit_one(conn, &job.op)).collect(),
-        Err(e) => vec![Err(backend(e))],
+        Err(e) if batch.len() == 1 && !(is_disk_full(&e) && frees_or_tracks(&batch[0].op)) => {
+            vec![Err(backend(e))]
+        }
+        Err(_) => batch
+            .iter()
+            .map(|job| commit_one(conn, &job.op, reserve))
+            .collect(),
     }
 }
 
-fn commit_one(conn: &mut Connection, op: &WriteOp) -> Result<bool, StoreError> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|e| StoreError::Backend(format!("cannot begin transaction: {e}")))?;
-    let result = apply(&tx, op).map_err(backend)?;
-    tx.commit()
-        .map_err(|e| StoreError::Backend(format!("commit failed: {e}")))?;
-    Ok(result)
+/// Commits one request. Bookkeeping that fails on a full disk is tried
+/// once more after the reserve is given up.
+fn commit_one(
+    conn: &mut Connection,
+    op: &WriteOp,
+    reserve: &mut space::Reserve,
+) -> Result<bool, StoreError> {
+    let mut once = || {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let result = apply(&tx, op)?;
+        tx.commit()?;
+        Ok::<_, rusqlite::Error>(result)
+    };
+    match once() {
+        Err(e) if is_disk_full(&e) && frees_or_tracks(op) && reserve.release() => {
+            once().map_err(backend)
+        }
+        other => other.map_err(backend),
+    }
+}
+
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
+/// Requests that keep the queue true to what happened (an outcome, a
+/// deletion, a release) rather than bring new data in: these may use the
+/// reserve, new mail may not.
+fn frees_or_tracks(op: &WriteOp) -> bool {
+    !matches!(
+        op,
+        WriteOp::Accept { .. }
+            | WriteOp::PutBody { .. }
+            | WriteOp::Enqueue(_)
+            | WriteOp::InsertTriplet { .. }
+            | WriteOp::ReplaceTriplet { .. }
+            | WriteOp::PutClient { .. }
+    )
 }
 
 /// Runs one statement through the connection's statement cache: the writer

@@ -16,6 +16,7 @@ use crate::queue::{AcceptedMessage, QueueEntry, QueueId, RecordError};
 pub mod aws;
 pub mod fault;
 pub mod local;
+pub mod space;
 
 #[cfg(test)]
 pub(crate) mod contract;

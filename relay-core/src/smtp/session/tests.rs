@@ -12,6 +12,9 @@ struct Transcript {
     store_fails: bool,
     closed: bool,
     tls_started: u32,
+    /// The answer to every MAIL admission request.
+    admission: Result<(), Reply>,
+    admissions: Vec<Option<u64>>,
 }
 
 impl Transcript {
@@ -34,6 +37,8 @@ impl Transcript {
             store_fails: false,
             closed: false,
             tls_started: 0,
+            admission: Ok(()),
+            admissions: Vec::new(),
         };
         let greeting = t.drain();
         assert_eq!(greeting, "220 mx2.test ESMTP backupmx\r\n");
@@ -93,6 +98,11 @@ impl Transcript {
                         Reply::new(459, "4.7.1", format!("Node {node} not allowed"))
                     };
                     self.session.etrn_done(r, Self::now());
+                }
+                Action::AdmitMail { size } => {
+                    self.admissions.push(size);
+                    self.session
+                        .mail_admitted(self.admission.clone(), Self::now());
                 }
                 Action::StartTls => {
                     self.tls_started += 1;
@@ -477,4 +487,48 @@ fn etrn_without_a_worker_is_not_implemented() {
     let out = t.send("EHLO c.test\r\n");
     assert!(!out.contains("ETRN"));
     t.cmd("ETRN example.test", "502 5.5.1");
+}
+
+#[test]
+fn mail_waits_for_admission_and_a_refusal_is_452() {
+    let mut t = Transcript::with(SessionConfig {
+        admit_mail: true,
+        ..SessionConfig::default()
+    });
+    t.ehlo();
+    t.admission = Err(Reply::new(452, "4.3.1", "Insufficient system storage"));
+    // Pipelined: MAIL refused, so RCPT and DATA are out of sequence.
+    let out =
+        t.send("MAIL FROM:<a@remote.test> SIZE=5000\r\nRCPT TO:<user@example.test>\r\nDATA\r\n");
+    assert_eq!(codes(&out), ["452", "503", "503"], "{out}");
+    assert!(out.starts_with("452 4.3.1 "), "{out}");
+    assert_eq!(t.admissions, [Some(5000)]);
+    t.admission = Ok(());
+    t.cmd("MAIL FROM:<a@remote.test>", "250 2.1.0");
+    assert_eq!(t.admissions, [Some(5000), None]);
+    t.cmd("RCPT TO:<user@example.test>", "250 2.1.5");
+    t.cmd("DATA", "354");
+    t.cmd("Subject: x\r\n\r\nbody\r\n.", "250 2.0.0");
+    assert_eq!(t.stored.len(), 1);
+}
+
+#[test]
+fn refused_data_is_read_to_its_end_and_answered_452() {
+    let mut t = Transcript::new();
+    t.envelope();
+    t.cmd("DATA", "354");
+    t.send("Subject: big\r\n\r\n".to_string() + &"x".repeat(10_000) + "\r\n");
+    assert!(t.session.data_held() >= 10_000);
+    t.session
+        .refuse_data(Reply::new(452, "4.3.1", "Insufficient system resources"));
+    assert_eq!(t.session.data_held(), 0, "the kept data is freed at once");
+    let out = t.send("more data\r\n.\r\n");
+    assert!(out.starts_with("452 4.3.1 "), "{out}");
+    assert!(t.stored.is_empty());
+    // The session goes on: the next message is stored.
+    t.cmd("MAIL FROM:<a@remote.test>", "250 2.1.0");
+    t.cmd("RCPT TO:<user@example.test>", "250 2.1.5");
+    t.cmd("DATA", "354");
+    t.cmd("Subject: y\r\n\r\nsmall\r\n.", "250 2.0.0");
+    assert_eq!(t.stored.len(), 1);
 }

@@ -1,0 +1,280 @@
+//! The data directory's file modes and disk space.
+//!
+//! Queued mail is other people's mail: the directory is `0700` and every
+//! file in it `0600`, whatever the umask, and wider modes found at start
+//! are narrowed with a warning.
+//!
+//! Disk space is watched from two sides, as Postfix does with
+//! `queue_minfree`: new mail is refused (`452 4.3.1` at MAIL) while free
+//! space is below a floor, and a reserve file of preallocated space is kept
+//! beside the database. When the disk fills up anyway (another process
+//! filled it), the writer gives the reserve up so that bookkeeping (a
+//! delivered message removed, an entry updated, `queue delete`) still
+//! commits; it is taken again once space is back.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Mode of the data directory.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of every file in it.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Name of the reserve file inside the data directory.
+pub const RESERVE_FILE: &str = "reserve.space";
+
+/// Creates the data directory (`0700`) if needed and narrows the modes of
+/// the directory and the files in it to `0700`/`0600`, logging each repair.
+pub fn prepare_data_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)?;
+    narrow_mode(dir, DIR_MODE)?;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            narrow_mode(&entry.path(), FILE_MODE)?;
+        }
+    }
+    Ok(())
+}
+
+fn narrow_mode(path: &Path, wanted: u32) -> io::Result<()> {
+    let mode = fs::metadata(path)?.permissions().mode() & 0o7777;
+    if mode & !wanted != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(wanted))?;
+        tracing::warn!(
+            event = "permissions_repaired", path = %path.display(),
+            was = format!("{mode:o}"), now = format!("{wanted:o}"),
+            "queued mail must not be readable by other users"
+        );
+    }
+    Ok(())
+}
+
+/// Opens (creating with mode `0600`) a file in the data directory.
+pub fn open_private(path: &Path, append: bool) -> io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .mode(FILE_MODE)
+        .open(path)
+}
+
+/// Bytes available to an unprivileged writer on the filesystem of `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// How often [`FreeSpace`] asks the filesystem: a `statvfs` per MAIL would
+/// be cheap, but one every 250 ms is enough to see a disk fill.
+const FREE_SPACE_REFRESH: Duration = Duration::from_millis(250);
+
+/// Free space of the data directory's filesystem, read at most every
+/// [`FREE_SPACE_REFRESH`] however many sessions ask.
+#[derive(Debug)]
+pub struct FreeSpace {
+    dir: PathBuf,
+    /// The floor below which new mail is refused.
+    pub min_free: u64,
+    started: Instant,
+    /// Milliseconds since `started` of the last read, and its result.
+    read_at: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl FreeSpace {
+    pub fn new(dir: &Path, min_free: u64) -> Self {
+        FreeSpace {
+            dir: dir.to_path_buf(),
+            min_free,
+            started: Instant::now(),
+            read_at: AtomicU64::new(u64::MAX),
+            bytes: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Free bytes now (an unreadable filesystem counts as having room:
+    /// the store's own write errors then decide).
+    pub fn available(&self) -> u64 {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.read_at.load(Ordering::Relaxed);
+        let refresh = FREE_SPACE_REFRESH.as_millis() as u64;
+        if last == u64::MAX || now.saturating_sub(last) >= refresh {
+            let bytes = free_bytes(&self.dir).unwrap_or(u64::MAX);
+            self.bytes.store(bytes, Ordering::Relaxed);
+            self.read_at.store(now, Ordering::Relaxed);
+        }
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a message of `size` bytes (0 when unknown) fits above the floor.
+    pub fn room_for(&self, size: u64) -> bool {
+        self.available() >= self.min_free.saturating_add(size)
+    }
+}
+
+/// Preallocated space the store can give up when the disk is full.
+#[derive(Debug)]
+pub struct Reserve {
+    path: PathBuf,
+    size: u64,
+    /// Free space needed, besides the reserve itself, before it is taken
+    /// again (so it is not taken back from mail about to be accepted).
+    min_free: u64,
+    last_check: Option<Instant>,
+}
+
+/// How often the writer checks whether a released reserve can be taken back.
+const RESERVE_RECHECK: Duration = Duration::from_secs(5);
+
+impl Reserve {
+    /// The reserve of `dir`; `size` 0 turns it off.
+    pub fn new(dir: &Path, size: u64, min_free: u64) -> Self {
+        Reserve {
+            path: dir.join(RESERVE_FILE),
+            size,
+            min_free,
+            last_check: None,
+        }
+    }
+
+    /// Whether the reserve file exists with its full size.
+    pub fn is_held(&self) -> bool {
+        self.size > 0
+            && fs::metadata(&self.path).is_ok_and(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.blocks() * 512 >= self.size
+            })
+    }
+
+    /// Creates the reserve file if it is missing and there is room.
+    pub fn take(&mut self) -> io::Result<()> {
+        self.last_check = Some(Instant::now());
+        if self.size == 0 || self.is_held() {
+            return Ok(());
+        }
+        let free = free_bytes(self.path.parent().unwrap_or(Path::new(".")))?;
+        if free < self.size.saturating_add(self.min_free) {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "{free} bytes free, the reserve needs {} more than the floor",
+                    self.size
+                ),
+            ));
+        }
+        let file = open_private(&self.path, false)?;
+        let allocated =
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, self.size);
+        if let Err(e) = allocated {
+            if e != rustix::io::Errno::OPNOTSUPP {
+                let _ = fs::remove_file(&self.path);
+                return Err(e.into());
+            }
+            // No fallocate (some filesystems): write the zeros.
+            use std::io::Write;
+            let mut file = file;
+            let zeros = vec![0u8; 1 << 20];
+            let mut left = self.size;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                if let Err(e) = file.write_all(&zeros[..n]) {
+                    let _ = fs::remove_file(&self.path);
+                    return Err(e);
+                }
+                left -= n as u64;
+            }
+            file.sync_all()?;
+        }
+        tracing::info!(event = "storage_reserve_held", path = %self.path.display(), bytes = self.size);
+        Ok(())
+    }
+
+    /// Gives the reserve up; returns whether there was one to give.
+    pub fn release(&mut self) -> bool {
+        if self.size == 0 || fs::remove_file(&self.path).is_err() {
+            return false;
+        }
+        self.last_check = Some(Instant::now());
+        metrics::counter!("backupmx_storage_reserve_released_total").increment(1);
+        tracing::error!(
+            event = "storage_reserve_released", path = %self.path.display(), bytes = self.size,
+            "the disk is full: using the reserve for queue bookkeeping; free space on it"
+        );
+        true
+    }
+
+    /// After a commit: takes a released reserve back when space returned
+    /// (checked at most every few seconds).
+    pub fn maintain(&mut self) {
+        if self.size == 0
+            || self
+                .last_check
+                .is_some_and(|t| t.elapsed() < RESERVE_RECHECK)
+        {
+            return;
+        }
+        self.last_check = Some(Instant::now());
+        if !self.is_held() {
+            let _ = self.take();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_dir_and_files_are_made_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let file = dir.join("backupmx.db");
+        fs::write(&file, b"x").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        prepare_data_dir(&dir).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        let created = tmp.path().join("new/deeper");
+        prepare_data_dir(&created).unwrap();
+        assert_eq!(mode(&created), 0o700);
+    }
+
+    #[test]
+    fn reserve_is_taken_released_and_taken_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut reserve = Reserve::new(tmp.path(), 1 << 20, 0);
+        reserve.take().unwrap();
+        assert!(reserve.is_held());
+        let mode = fs::metadata(tmp.path().join(RESERVE_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(reserve.release());
+        assert!(!reserve.is_held());
+        assert!(!reserve.release(), "nothing left to release");
+        reserve.last_check = None;
+        reserve.maintain();
+        assert!(reserve.is_held());
+        assert!(!Reserve::new(tmp.path(), 0, 0).release(), "size 0 is off");
+    }
+
+    #[test]
+    fn free_space_floor() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert!(FreeSpace::new(tmp.path(), 0).room_for(1));
+        assert!(!FreeSpace::new(tmp.path(), u64::MAX / 2).room_for(0));
+    }
+}
