@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         max_errors: 50,
         tls_available: true,
         etrn_available: true,
+        admit_mail: true,
         ..SessionConfig::default()
     };
     let mut s = Session::new(Arc::new(cfg), "192.0.2.1".parse().unwrap());
@@ -56,6 +57,15 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Action::StartTls => s.tls_established("TLSv1.3".into()),
                 Action::Etrn { .. } => s.etrn_done(Reply::new(251, "2.0.0", "OK"), now),
+                Action::AdmitMail { size } => {
+                    // Refuse some admissions; refuse some data mid-way too.
+                    let admitted = size.is_none_or(|n| n % 5 != 0);
+                    let verdict = if admitted { Ok(()) } else { Err(Reply::new(452, "4.3.1", "full")) };
+                    s.mail_admitted(verdict, now);
+                }
+            }
+            if s.data_held() > 3000 {
+                s.refuse_data(Reply::new(452, "4.3.1", "budget"));
             }
         }
         if s.is_closed() {
