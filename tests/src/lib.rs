@@ -39,6 +39,8 @@ pub struct Server {
     pub log_path: PathBuf,
     mode: &'static str,
     env: Vec<(String, String)>,
+    /// A command the binary is started under (`prlimit …`, `sh -c …`).
+    wrapper: Vec<String>,
 }
 
 impl Server {
@@ -54,12 +56,9 @@ impl Server {
     /// `[dns]` section in `extra`, DNS goes to a dead loopback port: tests
     /// never query a real resolver.
     pub fn start_run(smtp: &str, extra: &str, example_primary: &str) -> Server {
-        let extra = if extra.contains("[dns]") {
-            extra.to_string()
-        } else {
-            format!("{extra}\n[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n")
-        };
-        Server::start_mode("run", smtp, &extra, example_primary)
+        let mut s = Server::prepare_run(smtp, extra, example_primary);
+        s.spawn();
+        s
     }
 
     /// `backupmx ingest` on the AWS backend, with fresh uniquely named
@@ -144,6 +143,7 @@ impl Server {
             log_path,
             mode: self.mode,
             env: self.env.clone(),
+            wrapper: self.wrapper.clone(),
         };
         s.spawn();
         s
@@ -191,16 +191,47 @@ impl Server {
             log_path,
             mode,
             env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
-    fn spawn(&mut self) {
+    /// As [`Server::start_run`], but not started yet: set a wrapper or
+    /// prepare the data directory (`dir/data`), then call [`Server::spawn`].
+    pub fn prepare_run(smtp: &str, extra: &str, example_primary: &str) -> Server {
+        let extra = if extra.contains("[dns]") {
+            extra.to_string()
+        } else {
+            format!("{extra}\n[dns]\nservers = [\"127.0.0.1:9\"]\ntimeout = \"1s\"\n")
+        };
+        Server::prepare("run", smtp, &extra, example_primary, "")
+    }
+
+    /// The data directory of the configuration.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts the binary under `command` (its arguments, then ours follow).
+    pub fn set_wrapper(&mut self, command: &[&str]) {
+        self.wrapper = command.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Starts the server and waits for its greeting.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
             .expect("log file");
-        let child = Command::new(backupmx_bin())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(backupmx_bin());
+                c
+            }
+            None => Command::new(backupmx_bin()),
+        };
+        let child = command
             .arg(self.mode)
             .arg("--config")
             .arg(&self.config_path)

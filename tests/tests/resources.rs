@@ -1,0 +1,323 @@
+//! End-to-end: a full disk, file modes and descriptor limits, on the real
+//! binary. The disk-full cases mount a small tmpfs as the data directory
+//! (they need root, as CI has).
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use backupmx_tests::sink::Sink;
+use backupmx_tests::*;
+
+/// A tmpfs mounted for one test, lazily unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("mount point");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs at {} (the disk-full tests need root)",
+            path.display()
+        );
+        Tmpfs(path.to_path_buf())
+    }
+
+    /// Writes a filler file until the filesystem has no space left.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).expect("filler");
+        for chunk in [1 << 20, 64 << 10, 4 << 10, 512] {
+            let zeros = vec![0u8; chunk];
+            while f.write_all(&zeros).is_ok() {}
+        }
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn subject_counts(sink: &Sink) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for m in sink.received() {
+        let text = String::from_utf8_lossy(&m.data).to_string();
+        let subject = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Subject: "))
+            .unwrap_or("")
+            .to_string();
+        *counts.entry(subject).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A server whose data directory is a fresh tmpfs, delivering example.test
+/// to `primary_port` (nothing listens there yet), retrying every second.
+fn server_on_tmpfs(reserve: u64, primary_port: u16) -> (Server, Tmpfs) {
+    let mut s = Server::prepare_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\npoll_interval = \"200ms\"\n",
+        &format!("[\"127.0.0.1:{primary_port}\"]"),
+    );
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    let text = text.replacen(
+        "[storage]\n",
+        &format!("[storage]\nmin_free_space = 4194304\nreserve_space = {reserve}\n"),
+        1,
+    );
+    std::fs::write(&s.config_path, text).expect("config");
+    let fs = Tmpfs::mount(&s.data_dir(), "24m");
+    s.spawn();
+    (s, fs)
+}
+
+fn queue_messages(s: &Server, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let mut c = s.client();
+            queue_id(&c.send_message(
+                "a@remote.test",
+                &["user@example.test"],
+                &format!("Subject: m{i}\r\n\r\nbody {i}\r\n"),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn on_a_full_disk_delivered_mail_is_never_sent_again() {
+    let port = free_port();
+    // No reserve: recording the outcomes fails, which is the case to prove.
+    let (s, fs) = server_on_tmpfs(0, port);
+    queue_messages(&s, 20);
+    // The primary is found down (the rest waits for the probe).
+    eventually(
+        Duration::from_secs(20),
+        "an attempt against the dead primary",
+        || s.log().contains("delivery_attempt").then_some(()),
+    );
+    let filler = fs.fill();
+    let sink = Sink::start(port);
+    sink.wait_for(20, Duration::from_secs(30));
+    // The outcomes cannot be written: delivery pauses instead of sending
+    // the same messages again and again.
+    eventually(Duration::from_secs(10), "delivery paused", || {
+        s.log().contains("delivery_paused").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let counts = subject_counts(&sink);
+    assert_eq!(counts.len(), 20, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 1), "sent twice: {counts:?}");
+    std::fs::remove_file(filler).expect("free space");
+    eventually(Duration::from_secs(40), "queue emptied", || {
+        s.queue().is_empty().then_some(())
+    });
+    assert!(s.log().contains("delivery_resumed"), "{}", s.log());
+    let counts = subject_counts(&sink);
+    assert!(
+        counts.len() == 20 && counts.values().all(|&n| n == 1),
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn on_a_full_disk_a_deferring_primary_is_not_hammered() {
+    let port = free_port();
+    let (s, fs) = server_on_tmpfs(0, port);
+    queue_messages(&s, 10);
+    // The primary is found down (the rest waits for the probe).
+    eventually(
+        Duration::from_secs(20),
+        "an attempt against the dead primary",
+        || s.log().contains("delivery_attempt").then_some(()),
+    );
+    let filler = fs.fill();
+    let sink = Sink::start(port);
+    sink.set(|b| b.tempfail_next = usize::MAX);
+    // Retries are due every 1–2 s: over 10 s a healthy worker makes a few
+    // connections; one that cannot record outcomes used to make hundreds.
+    std::thread::sleep(Duration::from_secs(10));
+    let connections = sink.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        connections <= 4,
+        "{connections} connections in 10 s on a full disk"
+    );
+    assert!(s.log().contains("delivery_paused"), "{}", s.log());
+    std::fs::remove_file(filler).expect("free space");
+    sink.set(|b| b.tempfail_next = 0);
+    eventually(Duration::from_secs(40), "queue emptied", || {
+        s.queue().is_empty().then_some(())
+    });
+    let counts = subject_counts(&sink);
+    assert!(
+        counts.len() == 10 && counts.values().all(|&n| n == 1),
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn a_full_disk_refuses_new_mail_but_deletes_restarts_and_recovers() {
+    let port = free_port();
+    let (mut s, fs) = server_on_tmpfs(4 << 20, port);
+    assert!(
+        s.data_dir().join("reserve.space").exists(),
+        "reserve taken at start"
+    );
+    let ids = queue_messages(&s, 3);
+    // A declared size that does not fit above the floor is refused at MAIL.
+    let mut c = s.client();
+    c.expect("EHLO client.test", "250");
+    c.expect("MAIL FROM:<a@remote.test> SIZE=20000000", "452 4.3.1");
+    c.expect("MAIL FROM:<a@remote.test> SIZE=1000", "250");
+    c.expect("QUIT", "221");
+
+    let filler = fs.fill();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = s.client();
+    c.expect("EHLO client.test", "250");
+    c.expect("MAIL FROM:<a@remote.test>", "452 4.3.1");
+    c.expect("QUIT", "221");
+
+    // The operator frees queue space with our own tool, on the full disk.
+    let out = s.cli(&["queue", "delete", &ids[0]]);
+    assert!(
+        out.status.success(),
+        "queue delete on a full disk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(s.queue().len(), 2);
+
+    // A restart on the full disk serves (spawn waits for the greeting).
+    s.restart();
+    let mut c = s.client();
+    c.expect("EHLO client.test", "250");
+    c.expect("MAIL FROM:<a@remote.test>", "452 4.3.1");
+    c.expect("QUIT", "221");
+
+    std::fs::remove_file(filler).expect("free space");
+    let reply = eventually(Duration::from_secs(5), "mail accepted again", || {
+        let mut c = s.client();
+        c.expect("EHLO client.test", "250");
+        let r = c.cmd("MAIL FROM:<a@remote.test>");
+        r.starts_with("250").then_some(r)
+    });
+    assert!(reply.starts_with("250 2.1.0"), "{reply}");
+    // The reserve given up for the deletion is taken back.
+    eventually(Duration::from_secs(20), "reserve taken back", || {
+        queue_messages(&s, 1);
+        s.data_dir().join("reserve.space").exists().then_some(())
+    });
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
+
+#[test]
+fn queued_mail_is_private_under_any_umask() {
+    for umask in ["000", "022"] {
+        let mut s = Server::prepare_run("", "", "");
+        s.set_wrapper(&["sh", "-c", &format!("umask {umask}; exec \"$0\" \"$@\"")]);
+        s.spawn();
+        queue_messages(&s, 1);
+        let data = s.data_dir();
+        assert_eq!(mode(&data), 0o700, "umask {umask}: data directory");
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(&data).expect("data dir") {
+            let path = entry.expect("entry").path();
+            assert_eq!(mode(&path), 0o600, "umask {umask}: {}", path.display());
+            seen.push(path.file_name().unwrap().to_string_lossy().to_string());
+        }
+        for f in ["backupmx.db", "backupmx.db-wal", "backupmx.db-shm"] {
+            assert!(seen.iter().any(|s| s == f), "{f} missing: {seen:?}");
+        }
+    }
+}
+
+#[test]
+fn wide_modes_found_at_start_are_narrowed_with_a_warning() {
+    let mut s = Server::start_run("", "", "");
+    queue_messages(&s, 1);
+    s.kill9();
+    let data = s.data_dir();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let db = data.join("backupmx.db");
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    s.spawn();
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&db), 0o600);
+    assert!(s.log().contains("permissions_repaired"), "{}", s.log());
+}
+
+/// Opens `n` connections at once and reads the first reply of each.
+fn greet_many(addr: std::net::SocketAddr, n: usize) -> (usize, usize, Vec<String>) {
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        streams.push(stream);
+    }
+    let (mut greeted, mut refused, mut other) = (0, 0, Vec::new());
+    for stream in &streams {
+        let mut c = Client::from_stream(stream.try_clone().expect("clone"));
+        let reply = c.read_reply();
+        if reply.starts_with("220 ") {
+            greeted += 1;
+        } else if reply.starts_with("421 4.") {
+            refused += 1;
+        } else {
+            other.push(reply);
+        }
+    }
+    (greeted, refused, other)
+}
+
+#[test]
+fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+    let mut s = Server::prepare_run("max_connections_per_ip = 5000", "", "");
+    s.set_wrapper(&["prlimit", "--nofile=1024:4096", "--"]);
+    s.spawn();
+    let (greeted, refused, other) = greet_many(s.addr, 3000);
+    assert_eq!(
+        (greeted, refused, other.len()),
+        (3000, 0, 0),
+        "hanging or odd: {other:?}"
+    );
+    assert!(
+        s.log().contains("soft_before=1024") && s.log().contains("soft=4096"),
+        "{}",
+        s.log()
+    );
+}
+
+#[test]
+fn with_few_descriptors_every_client_gets_a_reply() {
+    let mut s = Server::prepare_run("max_connections_per_ip = 5000", "", "");
+    s.set_wrapper(&["prlimit", "--nofile=1024:1024", "--"]);
+    s.spawn();
+    let (greeted, refused, other) = greet_many(s.addr, 3000);
+    assert!(other.is_empty(), "no reply or odd reply: {other:?}");
+    assert_eq!(greeted + refused, 3000);
+    assert!(greeted > 500, "greeted {greeted}");
+    assert!(s.log().contains("max_connections_lowered"), "{}", s.log());
+}
