@@ -135,6 +135,12 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     if mode == Mode::Embedded && config.storage.backend != Backend::Local {
         bail!("`backupmx run` is the embedded mode and needs storage.backend = \"local\"; use `backupmx ingest` for other backends");
     }
+    // Files named by the config are checked before anything is logged or
+    // opened, so a wrong path is the one line an operator sees.
+    let tls = match &config.tls {
+        Some(files) => Some(Tls::new(files)?),
+        None => None,
+    };
     let max_connections = crate::limits::raise_open_files(&config);
     let backends = open_backends(&config).await?;
     for d in &config.domains {
@@ -154,10 +160,6 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 "[[domain]] from the config file not stored; the stored record (if any) stays in use");
         }
     }
-    let tls = match &config.tls {
-        Some(files) => Some(Tls::new(files)?),
-        None => None,
-    };
     if let Some(m) = &config.metrics {
         crate::metrics::serve(m.listen).await?;
         let queue = backends.queue.clone();

@@ -194,7 +194,7 @@ impl Reserve {
             }
             file.sync_all()?;
         }
-        tracing::info!(event = "storage_reserve_held", path = %self.path.display(), bytes = self.size);
+        tracing::debug!(event = "storage_reserve_held", path = %self.path.display(), bytes = self.size);
         Ok(())
     }
 
