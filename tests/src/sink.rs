@@ -38,6 +38,9 @@ pub struct Behaviour {
     /// How many messages are hanging now.
     pub stalled: usize,
     pub release_stalled: bool,
+    /// Offer no extension at all after EHLO (a plain RFC 5321 server, or
+    /// what a firewall's SMTP inspection leaves of one).
+    pub no_extensions: bool,
 }
 
 pub struct Sink {
@@ -170,7 +173,11 @@ fn serve(
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = text.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
-            writer.write_all(b"250-primary.test\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")?;
+            if behaviour.lock().expect("lock").no_extensions {
+                writer.write_all(b"250 primary.test\r\n")?;
+            } else {
+                writer.write_all(b"250-primary.test\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")?;
+            }
         } else if upper.starts_with("HELO") {
             writer.write_all(b"250 primary.test\r\n")?;
         } else if upper.starts_with("MAIL FROM:") {

@@ -420,3 +420,47 @@ fn a_backlog_goes_out_over_few_connections() {
     );
     assert_eq!(sink.received().len(), 30);
 }
+
+#[test]
+fn a_backlog_drains_in_one_go_to_a_primary_without_pipelining() {
+    let port = free_port();
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1h\"\n",
+        &format!("[\"127.0.0.1:{port}\"]"),
+    );
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let mut c = s.client();
+        ids.push(queue_id(&c.send_message(
+            "alice@remote.test",
+            &["bob@example.test"],
+            &format!("Subject: {i}\r\n\r\nx\r\n"),
+        )));
+    }
+    wait_attempted(&s, &ids[0]);
+    let sink = Sink::start(port);
+    sink.set(|b| b.no_extensions = true);
+    let out = s.cli(&["queue", "flush"]);
+    assert!(out.status.success());
+    // One flush, one connection: every message of the batch goes out, not
+    // just the first (the retry interval is an hour, so a message left
+    // behind would still be queued).
+    sink.wait_for(12, WAIT);
+    wait_empty(&s);
+    let mut subjects: Vec<String> = sink
+        .received()
+        .iter()
+        .map(|m| {
+            String::from_utf8_lossy(&m.data)
+                .lines()
+                .find(|l| l.starts_with("Subject:"))
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 12, "{subjects:?}");
+    assert_eq!(sink.received().len(), 12);
+}

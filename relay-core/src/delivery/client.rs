@@ -365,7 +365,15 @@ impl ClientSession {
                     self.results[i] = Some(RcptResult::from_response(&r));
                 }
                 if self.transaction_failed.is_none() {
-                    self.flush_queued();
+                    let only_data_left = self.queued.len() == 1;
+                    let none_accepted = self.results.iter().all(Option::is_some);
+                    if !self.ext.pipelining && only_data_left && none_accepted {
+                        // RFC 5321 §3.3: no DATA without an accepted recipient.
+                        self.queued.clear();
+                        self.end_transaction();
+                    } else {
+                        self.flush_queued();
+                    }
                 }
             }
             Expect::Data => {
@@ -402,7 +410,16 @@ impl ClientSession {
                     self.end_transaction();
                 }
             }
-            Expect::Aborted | Expect::Rset | Expect::Quit => {}
+            Expect::Rset => {
+                if r.code == 421 {
+                    self.abandon(RcptResult::Transient(format!("RSET: {r}")));
+                } else {
+                    // Without PIPELINING the next transaction's MAIL waited
+                    // for this reply.
+                    self.flush_queued();
+                }
+            }
+            Expect::Aborted | Expect::Quit => {}
         }
     }
 

@@ -427,3 +427,93 @@ fn a_lost_connection_fails_the_messages_not_yet_sent() {
     assert_eq!(all[0], [RcptResult::Delivered("250 done".into())]);
     assert!(matches!(all[1][0], RcptResult::Transient(_)), "{all:?}");
 }
+
+#[test]
+fn several_messages_without_pipelining_wait_for_each_reply() {
+    let mut c = ClientSession::with_messages(
+        "mx2.test",
+        false,
+        vec![
+            envelope(&["x@d.test"]),
+            envelope(&["y@d.test", "z@d.test"]),
+            envelope(&["w@d.test"]),
+            envelope(&["v@d.test"]),
+        ],
+    );
+    // A plain RFC 5321 server: no extension at all.
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            "250 mx.test\r\n",
+            // message 0
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 queued 0\r\n",
+            // message 1: one recipient refused
+            "250 reset\r\n",
+            "250 ok\r\n",
+            "550 5.1.1 no y\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 queued 1\r\n",
+            // message 2: its only recipient refused, so no DATA
+            "250 reset\r\n",
+            "250 ok\r\n",
+            "550 5.1.1 no w\r\n",
+            // message 3
+            "250 reset\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 queued 3\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert_eq!(
+        sent,
+        "EHLO mx2.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<x@d.test>\r\nDATA\r\n<BODY0>\r\n\
+         RSET\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<y@d.test>\r\nRCPT TO:<z@d.test>\r\nDATA\r\n<BODY1>\r\n\
+         RSET\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<w@d.test>\r\n\
+         RSET\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<v@d.test>\r\nDATA\r\n<BODY3>\r\nQUIT\r\n"
+    );
+    let all = c.all_results();
+    assert_eq!(all[0], [RcptResult::Delivered("250 queued 0".into())]);
+    assert_eq!(
+        all[1],
+        [
+            RcptResult::Permanent("550 5.1.1 no y".into()),
+            RcptResult::Delivered("250 queued 1".into())
+        ]
+    );
+    assert_eq!(all[2], [RcptResult::Permanent("550 5.1.1 no w".into())]);
+    assert_eq!(all[3], [RcptResult::Delivered("250 queued 3".into())]);
+}
+
+#[test]
+fn rset_answered_421_fails_the_rest_transiently() {
+    let mut c = ClientSession::with_messages(
+        "mx2.test",
+        false,
+        vec![envelope(&["x@d.test"]), envelope(&["y@d.test"])],
+    );
+    run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            "250 mx.test\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 queued 0\r\n",
+            "421 4.3.2 closing\r\n",
+        ],
+    );
+    let all = c.all_results();
+    assert_eq!(all[0], [RcptResult::Delivered("250 queued 0".into())]);
+    assert!(
+        matches!(&all[1][0], RcptResult::Transient(t) if t.contains("421")),
+        "{all:?}"
+    );
+}
