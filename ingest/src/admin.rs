@@ -229,14 +229,22 @@ pub async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
         QueueCommand::Show { id, raw } => {
             let id = parse_id(&id)?;
             if raw {
-                let body = messages
-                    .get(&id)
-                    .await?
-                    .ok_or_else(|| anyhow!("no such message: {id}"))?;
+                // In pieces: a 30 MB message is never in memory whole.
                 use std::io::Write;
-                std::io::stdout()
-                    .write_all(&body)
-                    .context("cannot write to stdout")?;
+                let mut out = std::io::stdout().lock();
+                let mut offset = 0u64;
+                loop {
+                    let piece = messages
+                        .read_chunk(&id, offset, relay_core::store::BODY_CHUNK)
+                        .await?
+                        .ok_or_else(|| anyhow!("no such message: {id}"))?;
+                    if piece.is_empty() {
+                        break;
+                    }
+                    offset += piece.len() as u64;
+                    out.write_all(&piece).context("cannot write to stdout")?;
+                }
+                out.flush().context("cannot write to stdout")?;
                 return Ok(());
             }
             let e = store

@@ -63,9 +63,52 @@ impl Resources {
     }
 }
 
+/// Message data held in memory past this is moved to a spool file while
+/// it arrives: a session holds about this much of a message, whatever its
+/// size.
+const SPILL_AT: usize = 512 * 1024;
+
+/// A big message's data on its way to the store, in `spool_dir`.
+struct Spill {
+    file: tokio::fs::File,
+    path: std::path::PathBuf,
+    len: u64,
+}
+
+impl Spill {
+    async fn create(dir: &std::path::Path, session_id: u64) -> io::Result<Spill> {
+        static FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{session_id}-{n}.part"));
+        let file = tokio::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(relay_core::store::space::FILE_MODE)
+            .open(&path)
+            .await?;
+        Ok(Spill { file, path, len: 0 })
+    }
+
+    async fn write(&mut self, piece: &[u8]) -> io::Result<()> {
+        self.file.write_all(piece).await?;
+        self.len += piece.len() as u64;
+        Ok(())
+    }
+
+    /// Deletes the file (the store has its own copy, or the message was refused).
+    async fn remove(self) {
+        drop(self.file);
+        if let Err(e) = tokio::fs::remove_file(&self.path).await {
+            tracing::warn!(event = "spool_file_not_removed", path = %self.path.display(), error = %e);
+        }
+    }
+}
+
 /// What every connection shares.
 pub struct Shared {
     pub resources: Resources,
+    /// Where big messages are spilled while they arrive.
+    pub spool_dir: std::path::PathBuf,
     pub session: Arc<SessionConfig>,
     pub policy: Arc<Policy>,
     pub spool: Arc<dyn Spool>,
@@ -135,6 +178,22 @@ impl Conn {
     }
 }
 
+/// Appends the message's last data to its spool file and points the
+/// message at the file.
+async fn finish_spill(
+    spill: &mut Spill,
+    message: &mut relay_core::queue::AcceptedMessage,
+) -> io::Result<()> {
+    let tail = std::mem::take(&mut message.body);
+    spill.write(&tail).await?;
+    spill.file.flush().await?;
+    message.spooled = Some(relay_core::queue::SpooledBody {
+        path: spill.path.clone(),
+        len: spill.len,
+    });
+    Ok(())
+}
+
 /// Runs one session to its end.
 pub async fn serve(
     stream: TcpStream,
@@ -159,6 +218,7 @@ pub async fn serve(
     let mut deadline: Option<tokio::time::Instant> = None;
     // Bytes of the memory budget this session's message data holds.
     let mut reserved: u64 = 0;
+    let mut spill: Option<Spill> = None;
     let memory = &shared.resources.memory;
     tracing::debug!(event = "session_start", session_id, peer = %peer);
     loop {
@@ -207,6 +267,34 @@ pub async fn serve(
                     }
                     Ok(Ok(0)) | Ok(Err(_)) => break,
                     Ok(Ok(_)) => {}
+                }
+                if !session.in_data() && !session.is_storing() {
+                    if let Some(s) = spill.take() {
+                        // Refused at the end of DATA (size, loop, budget):
+                        // removed before the reply goes out.
+                        s.remove().await;
+                    }
+                }
+                if let Some(piece) = session.take_data_over(SPILL_AT) {
+                    let written = match spill.as_mut() {
+                        Some(s) => s.write(&piece).await,
+                        None => match Spill::create(&shared.spool_dir, session_id).await {
+                            Ok(mut s) => {
+                                let w = s.write(&piece).await;
+                                spill = Some(s);
+                                w
+                            }
+                            Err(e) => Err(e),
+                        },
+                    };
+                    if let Err(e) = written {
+                        tracing::error!(event = "spool_write_failed", session_id, peer = %peer, error = %e);
+                        session.refuse_data(Reply::new(
+                            452,
+                            "4.3.1",
+                            "Insufficient system storage, try again later",
+                        ));
+                    }
                 }
                 let held = session.data_held() as u64;
                 if held > reserved {
@@ -263,7 +351,22 @@ pub async fn serve(
                 if let Some(d) = &shared.delivery {
                     message.deferred = d.worker.deferred_until(&domains, SystemTime::now());
                 }
-                let result = shared.spool.accept(*message).await;
+                let mut spilled = spill.take();
+                let size = size + spilled.as_ref().map_or(0, |s| s.len);
+                let result = match spilled.as_mut() {
+                    // The rest of a big message joins its first pieces in
+                    // the file, and the store copies it from there.
+                    Some(s) => match finish_spill(s, &mut message).await {
+                        Ok(()) => shared.spool.accept(*message).await,
+                        Err(e) => Err(relay_core::store::StoreError::Backend(format!(
+                            "cannot write the spool file: {e}"
+                        ))),
+                    },
+                    None => shared.spool.accept(*message).await,
+                };
+                if let Some(s) = spilled {
+                    s.remove().await;
+                }
                 match &result {
                     Ok(ids) => {
                         metrics::counter!("backupmx_messages_accepted_total").increment(1);
@@ -337,6 +440,9 @@ pub async fn serve(
         }
     }
     memory.release(reserved);
+    if let Some(s) = spill {
+        s.remove().await;
+    }
     conn.shutdown().await;
     tracing::debug!(event = "session_end", session_id, peer = %peer);
 }

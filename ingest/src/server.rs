@@ -201,7 +201,9 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         tracing::info!(event = "listening", addr = %l.local_addr().unwrap_or(*addr), hostname = %config.hostname);
         listeners.push(l);
     }
+    let spool_dir = prepare_spool_dir(&config.storage.data_dir)?;
     let shared = Arc::new(Shared {
+        spool_dir,
         resources: Resources {
             memory: relay_core::budget::MemoryBudget::new(config.smtp.memory_budget),
             disk: (config.storage.backend == Backend::Local).then(|| {
@@ -276,6 +278,19 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The directory big messages are spilled to while they arrive
+/// (`DATA_DIR/incoming`, private). What is in it at start was left by a
+/// process that died before storing it (the client got no 250): removed.
+fn prepare_spool_dir(data_dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let dir = data_dir.join("incoming");
+    relay_core::store::space::prepare_data_dir(&dir)
+        .with_context(|| format!("cannot prepare the spool directory {}", dir.display()))?;
+    for entry in std::fs::read_dir(&dir)?.flatten() {
+        let _ = std::fs::remove_file(entry.path());
+    }
+    Ok(dir)
+}
+
 /// The delivery engine and worker of the embedded mode.
 fn start_delivery(
     config: &Config,
@@ -298,7 +313,6 @@ fn start_delivery(
             max_total: d.max_connections,
             poll_interval: d.poll_interval,
             probe_interval: d.probe_interval,
-            memory_budget: d.memory_budget,
         },
     );
     Ok((

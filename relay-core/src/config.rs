@@ -224,10 +224,6 @@ pub struct DeliveryConfig {
     /// The reply after the end of data (RFC 5321 §4.5.3.2: 10 minutes).
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
-    /// Bytes of queued messages all deliveries together may load at once;
-    /// a batch that does not fit waits for one in progress to finish (one
-    /// message always fits).
-    pub memory_budget: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -354,7 +350,6 @@ impl Default for DeliveryConfig {
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
-            memory_budget: 128 * 1024 * 1024,
         }
     }
 }

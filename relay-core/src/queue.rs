@@ -106,13 +106,33 @@ pub struct AcceptedMessage {
     pub smtputf8: bool,
     pub eight_bit: bool,
     /// The message as stored: our Received header, then the client's data
-    /// with CRLF line endings and dot-stuffing removed.
+    /// with CRLF line endings and dot-stuffing removed. Empty when the
+    /// message is in `spooled` instead.
     pub body: Vec<u8>,
+    /// A big message, moved out of memory while it arrived: the whole body
+    /// is in this file, and backends copy it from there in pieces.
+    pub spooled: Option<SpooledBody>,
     /// Hosted domains whose destination is known to be down, with the time
     /// their entry is first due. As with Postfix's dead-destination cache,
     /// such mail is queued deferred instead of due now, so a backlog does
     /// not cost a write per message to push it back.
     pub deferred: Vec<(DomainName, u64)>,
+}
+
+/// A message body in a file of the ingest's spool directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpooledBody {
+    pub path: std::path::PathBuf,
+    pub len: u64,
+}
+
+impl AcceptedMessage {
+    /// Size of the body, wherever it is.
+    pub fn size(&self) -> u64 {
+        self.spooled
+            .as_ref()
+            .map_or(self.body.len() as u64, |s| s.len)
+    }
 }
 
 /// Per-recipient delivery state.
@@ -234,7 +254,7 @@ impl AcceptedMessage {
                     .find(|(d, _)| d == *domain)
                     .map_or(received, |(_, until)| *until),
                 last_error: None,
-                size: self.body.len() as u64,
+                size: self.size(),
                 smtputf8: self.smtputf8,
                 eight_bit: self.eight_bit,
             })
@@ -264,6 +284,7 @@ mod tests {
             eight_bit: false,
             body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
             deferred: Vec::new(),
+            spooled: None,
         }
     }
 

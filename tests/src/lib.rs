@@ -517,6 +517,23 @@ pub fn assert_no_bare_cr_lf(data: &[u8]) {
 
 /// Strips our prepended Received header (up to the first line that is not
 /// a continuation) and returns the rest.
+/// A message of about `size` bytes as a client sends it (dot-stuffed,
+/// ending in CRLF, without the final `.`), with lines that start with a
+/// dot and bare LFs, and what a server stores of it (dots unstuffed, every
+/// line ending CRLF).
+pub fn big_message(size: usize) -> (String, Vec<u8>) {
+    let mut wire = String::from("From: alice@remote.test\r\nSubject: big\r\n\r\n");
+    let mut i = 0;
+    while wire.len() < size {
+        wire.push_str(&format!("..dotted line {i} of a big message, with some text to make it longer\r\nbare\nlf {i}\r\n"));
+        i += 1;
+    }
+    let stored = wire
+        .replace("\r\n..", "\r\n.")
+        .replace("bare\nlf", "bare\r\nlf");
+    (wire, stored.into_bytes())
+}
+
 pub fn after_received(message: &[u8]) -> &[u8] {
     assert!(
         message.starts_with(b"Received: "),

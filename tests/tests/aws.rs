@@ -62,6 +62,36 @@ fn ingest_stores_in_s3_and_sqs_and_retry_fn_delivers_once() {
 }
 
 #[test]
+fn a_big_message_goes_through_s3_in_pieces_byte_exact() {
+    let sink = Sink::start(0);
+    let Some(s) = Server::start_aws(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+        false,
+    ) else {
+        return;
+    };
+    let (wire, stored) = big_message(2 * 1024 * 1024);
+    let mut c = s.client();
+    let id = queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], &wire));
+    let raw = s.raw(&id);
+    assert!(
+        after_received(&raw) == stored.as_slice(),
+        "stored byte-exact in S3"
+    );
+    let out = run_retry_fn(&s, "3s");
+    assert!(
+        out.status.success(),
+        "retry-fn: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = sink.wait_for(1, Duration::from_secs(20));
+    assert!(got[0].data == raw, "relayed byte-exact from S3");
+    assert!(s.queue().is_empty());
+}
+
+#[test]
 fn temporary_failures_are_rescheduled_through_sqs() {
     let sink = Sink::start(0);
     sink.set(|b| b.tempfail_next = 1);
@@ -191,6 +221,7 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
         eight_bit: false,
         body: BODY.as_bytes().to_vec(),
         deferred: Vec::new(),
+        spooled: None,
     };
     spool.accept(message).await.unwrap();
     let received = store

@@ -464,3 +464,54 @@ fn a_backlog_drains_in_one_go_to_a_primary_without_pipelining() {
     assert_eq!(subjects.len(), 12, "{subjects:?}");
     assert_eq!(sink.received().len(), 12);
 }
+
+#[test]
+fn a_big_message_is_relayed_byte_exact_in_pieces() {
+    let port = free_port();
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1h\"\n",
+        &format!("[\"127.0.0.1:{port}\"]"),
+    );
+    // Several times the spill threshold and the relay piece size.
+    let (wire, stored) = big_message(3 * 1024 * 1024);
+    let mut c = s.client();
+    let id = queue_id(&c.send_message("alice@remote.test", &["bob@example.test"], &wire));
+    let raw = s.raw(&id);
+    assert!(
+        after_received(&raw) == stored.as_slice(),
+        "stored byte-exact"
+    );
+    assert_eq!(s.queue()[0]["size"], raw.len());
+    let incoming = s.data_dir().join("incoming");
+    assert_eq!(
+        std::fs::read_dir(&incoming).unwrap().count(),
+        0,
+        "spool file removed"
+    );
+    let sink = Sink::start(port);
+    let out = s.cli(&["queue", "flush"]);
+    assert!(out.status.success());
+    let got = sink.wait_for(1, WAIT);
+    assert!(got[0].data == raw, "relayed byte-exact");
+    wait_empty(&s);
+}
+
+#[test]
+fn a_big_message_over_the_size_limit_leaves_nothing_behind() {
+    let s = Server::start_run("max_message_size = 1048576", "", "");
+    let (wire, _) = big_message(3 * 1024 * 1024);
+    let mut c = s.client();
+    let reply = c.send_message("alice@remote.test", &["bob@example.test"], &wire);
+    assert!(reply.starts_with("552 5.3.4"), "{reply}");
+    let incoming = s.data_dir().join("incoming");
+    assert_eq!(std::fs::read_dir(&incoming).unwrap().count(), 0);
+    assert!(s.queue().is_empty());
+    // The session is still usable.
+    let reply = c.send_message(
+        "alice@remote.test",
+        &["bob@example.test"],
+        "Subject: small\r\n\r\nx\r\n",
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+}

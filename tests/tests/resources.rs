@@ -243,10 +243,16 @@ fn queued_mail_is_private_under_any_umask() {
         let mut seen = Vec::new();
         for entry in std::fs::read_dir(&data).expect("data dir") {
             let path = entry.expect("entry").path();
-            assert_eq!(mode(&path), 0o600, "umask {umask}: {}", path.display());
+            let want = if path.is_dir() { 0o700 } else { 0o600 };
+            assert_eq!(mode(&path), want, "umask {umask}: {}", path.display());
             seen.push(path.file_name().unwrap().to_string_lossy().to_string());
         }
-        for f in ["backupmx.db", "backupmx.db-wal", "backupmx.db-shm"] {
+        for f in [
+            "backupmx.db",
+            "backupmx.db-wal",
+            "backupmx.db-shm",
+            "incoming",
+        ] {
             assert!(seen.iter().any(|s| s == f), "{f} missing: {seen:?}");
         }
     }

@@ -50,7 +50,27 @@ pub fn header_section(message: &[u8]) -> &[u8] {
     }
 }
 
-/// Builds the DSN message for `entry`'s sender.
+/// Most bytes of the original message's headers a DSN returns (Postfix
+/// caps bounces at 50 KB): a forged sender must not be sent megabytes of
+/// someone's headers.
+pub const RETURNED_HEADERS_MAX: usize = 50 * 1024;
+
+/// The header section of `head` (the start of a message), cut at the last
+/// complete line within [`RETURNED_HEADERS_MAX`] if it is longer.
+pub fn returned_headers(head: &[u8]) -> &[u8] {
+    let headers = header_section(head);
+    if headers.len() <= RETURNED_HEADERS_MAX {
+        return headers;
+    }
+    let within = &headers[..RETURNED_HEADERS_MAX];
+    match memchr::memrchr(b'\n', within) {
+        Some(i) => &within[..=i],
+        None => b"",
+    }
+}
+
+/// Builds the DSN message for `entry`'s sender. `original` is the start of
+/// the message (at least its headers, or [`RETURNED_HEADERS_MAX`] bytes).
 pub fn build(
     hostname: &str,
     entry: &QueueEntry,
@@ -104,7 +124,7 @@ pub fn build(
     }
     m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n\r\n"));
     let mut out = m.into_bytes();
-    out.extend_from_slice(header_section(original));
+    out.extend_from_slice(returned_headers(original));
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
 }
@@ -178,6 +198,16 @@ mod tests {
             assert!(dsn.contains(needle), "missing {needle:?} in\n{dsn}");
         }
         assert!(!dsn.contains("secret body"), "only headers are returned");
+        let mut huge = b"Subject: big\r\n".to_vec();
+        while huge.len() < 5 * RETURNED_HEADERS_MAX {
+            huge.extend_from_slice(b"X-Filler: 0123456789012345678901234567890123456789\r\n");
+        }
+        huge.extend_from_slice(b"\r\nbody\r\n");
+        let returned = returned_headers(&huge);
+        assert!(
+            returned.len() <= RETURNED_HEADERS_MAX && returned.len() > RETURNED_HEADERS_MAX - 100
+        );
+        assert!(returned.starts_with(b"Subject: big\r\n") && returned.ends_with(b"\r\n"));
         crate::smtp::data::encode_for_data(dsn.as_bytes());
         for (i, b) in dsn.bytes().enumerate() {
             assert!(b != b'\n' || dsn.as_bytes()[i - 1] == b'\r');

@@ -26,7 +26,7 @@ use transport::{SessionReport, Timeouts};
 use crate::address::DomainName;
 use crate::dns::Resolver;
 use crate::queue::{AcceptedMessage, AcceptedRecipient, QueueEntry, QueueId, RecipientStatus};
-use crate::store::DomainRegistry;
+use crate::store::{DomainRegistry, MessageStore};
 use crate::time::unix_seconds;
 
 /// Settings for delivery attempts.
@@ -142,10 +142,16 @@ impl Engine {
         .await
     }
 
-    /// One delivery attempt for the pending recipients of `entry`.
-    pub async fn attempt(&self, entry: &QueueEntry, body: &[u8], now: SystemTime) -> AttemptReport {
+    /// One delivery attempt for the pending recipients of `entry`, whose
+    /// body is read from `bodies` piece by piece.
+    pub async fn attempt(
+        &self,
+        entry: &QueueEntry,
+        bodies: &dyn MessageStore,
+        now: SystemTime,
+    ) -> AttemptReport {
         let mut reports = self
-            .attempt_batch(&[(entry.clone(), body.to_vec())], now)
+            .attempt_batch(std::slice::from_ref(entry), bodies, now)
             .await;
         reports.pop().unwrap_or_else(|| AttemptReport {
             entry: entry.clone(),
@@ -159,9 +165,13 @@ impl Engine {
     /// One attempt for several entries of the same destination domain,
     /// over one connection (one transaction each): fewer handshakes for a
     /// primary that has a queue to catch up on.
+    ///
+    /// Bodies are read from `bodies` in pieces while they are sent, so a
+    /// connection holds [`crate::store::BODY_CHUNK`] of a message at a time.
     pub async fn attempt_batch(
         &self,
-        items: &[(QueueEntry, Vec<u8>)],
+        items: &[QueueEntry],
+        bodies: &dyn MessageStore,
         now: SystemTime,
     ) -> Vec<AttemptReport> {
         struct Work {
@@ -170,7 +180,7 @@ impl Engine {
         }
         let mut work = Vec::new();
         let mut reports: Vec<Option<AttemptReport>> = Vec::new();
-        for (entry, _) in items {
+        for entry in items {
             let pending: Vec<usize> = (0..entry.recipients.len())
                 .filter(|&i| entry.recipients[i].status == RecipientStatus::Pending)
                 .collect();
@@ -210,26 +220,29 @@ impl Engine {
                 .map(|&i| vec![(RcptResult::Transient(text.clone()), ""); work[i].pending.len()])
                 .collect(),
             Ok(targets) => {
-                let messages: Vec<(Envelope, &[u8])> = active
+                let envelopes: Vec<Envelope> = active
                     .iter()
                     .map(|&i| {
                         let e = &work[i].entry;
-                        let body = &items[i].1;
-                        let envelope = Envelope {
+                        Envelope {
                             sender: e.sender.clone(),
                             recipients: work[i]
                                 .pending
                                 .iter()
                                 .map(|&r| e.recipients[r].address.clone())
                                 .collect(),
-                            size: body.len() as u64,
+                            size: e.size,
                             smtputf8: e.smtputf8,
                             eight_bit: e.eight_bit,
-                        };
-                        (envelope, body.as_slice())
+                        }
                     })
                     .collect();
-                let report = self.try_targets(&targets, &messages).await;
+                let ids: Vec<QueueId> = active.iter().map(|&i| work[i].entry.id.clone()).collect();
+                let source = transport::Bodies {
+                    store: bodies,
+                    ids: &ids,
+                };
+                let report = self.try_targets(&targets, &envelopes, &source).await;
                 destination_down = !report.transaction_started
                     && report
                         .results
@@ -245,28 +258,24 @@ impl Engine {
         };
         for (&i, results) in active.iter().zip(per_message) {
             let w = &work[i];
-            reports[i] = Some(self.finish_entry(
-                w.entry.clone(),
-                &w.pending,
-                results,
-                destination_down,
-                &items[i].1,
-                now,
-            ));
+            let (mut report, failed) =
+                self.finish_entry(w.entry.clone(), &w.pending, results, destination_down, now);
+            report.bounce = self.bounce_for(&report.entry, &failed, bodies, now).await;
+            reports[i] = Some(report);
         }
         reports.into_iter().flatten().collect()
     }
 
-    /// Applies one attempt's per-recipient results to an entry.
+    /// Applies one attempt's per-recipient results to an entry; returns the
+    /// report (without its DSN) and the recipients that failed for good.
     fn finish_entry(
         &self,
         mut entry: QueueEntry,
         pending: &[usize],
         results: Vec<(RcptResult, &'static str)>,
         destination_down: bool,
-        body: &[u8],
         now: SystemTime,
-    ) -> AttemptReport {
+    ) -> (AttemptReport, Vec<dsn::FailedRecipient>) {
         let mut failed = Vec::new();
         let mut delivered = 0;
         let mut errors = Vec::new();
@@ -337,28 +346,23 @@ impl Engine {
         if !finished {
             entry.next_attempt = now_secs + self.backoff(entry.attempts).as_secs();
         }
-        let bounce = self.bounce_for(&entry, &failed, body, now);
-        AttemptReport {
+        let report = AttemptReport {
             entry,
             finished,
-            bounce,
+            bounce: None,
             destination_down,
             delivered,
-        }
+        };
+        (report, failed)
     }
 
     /// Tries the targets in order until one holds a transaction.
     async fn try_targets(
         &self,
         targets: &[Target],
-        messages: &[(Envelope, &[u8])],
+        envelopes: &[Envelope],
+        bodies: &transport::Bodies<'_>,
     ) -> SessionReport {
-        let encoded: Vec<Vec<u8>> = messages
-            .iter()
-            .map(|(_, b)| crate::smtp::data::encode_for_data(b))
-            .collect();
-        let data: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
-        let envelopes: Vec<Envelope> = messages.iter().map(|(e, _)| e.clone()).collect();
         let mut last = None;
         for target in targets {
             for addr in &target.addrs {
@@ -369,8 +373,8 @@ impl Engine {
                     host,
                     self.tls.as_ref(),
                     &self.cfg.timeouts,
-                    envelopes.clone(),
-                    &data,
+                    envelopes.to_vec(),
+                    bodies,
                 )
                 .await;
                 if report.tls_failed {
@@ -382,8 +386,8 @@ impl Engine {
                         host,
                         None,
                         &self.cfg.timeouts,
-                        envelopes.clone(),
-                        &data,
+                        envelopes.to_vec(),
+                        bodies,
                     )
                     .await;
                 }
@@ -403,14 +407,14 @@ impl Engine {
                 break;
             }
         }
-        last.unwrap_or_else(|| unreachable_report(&envelopes))
+        last.unwrap_or_else(|| unreachable_report(envelopes))
     }
 
-    fn bounce_for(
+    async fn bounce_for(
         &self,
         entry: &QueueEntry,
         failed: &[dsn::FailedRecipient],
-        body: &[u8],
+        bodies: &dyn MessageStore,
         now: SystemTime,
     ) -> Option<AcceptedMessage> {
         // RFC 5321 §6.1 / RFC 3464: never bounce a bounce.
@@ -419,8 +423,20 @@ impl Engine {
         }
         let sender = crate::address::parse_mailbox(&entry.sender).ok()?;
         let domain = sender.domain()?.clone();
+        // The start of the message is enough: only its headers go back. A
+        // DSN must not be lost to a read error; it then goes without them.
+        let head = match bodies
+            .read_chunk(&entry.id, 0, dsn::RETURNED_HEADERS_MAX + 4)
+            .await
+        {
+            Ok(head) => head.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(event = "dsn_headers_unreadable", queue_id = %entry.id, error = %e);
+                Vec::new()
+            }
+        };
         let id = QueueId::generate(now);
-        let message = dsn::build(&self.cfg.me.hostname, entry, failed, body, now, &id);
+        let message = dsn::build(&self.cfg.me.hostname, entry, failed, &head, now, &id);
         Some(AcceptedMessage {
             id,
             sender: String::new(),
@@ -435,6 +451,7 @@ impl Engine {
             eight_bit: false,
             body: message,
             deferred: Vec::new(),
+            spooled: None,
         })
     }
 }

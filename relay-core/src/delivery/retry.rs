@@ -95,17 +95,20 @@ impl RetryProcessor {
                 .map_err(|e| RetryError(e.to_string()))?;
             return Ok(Processed::Redelayed);
         }
-        let Some(body) = MessageStore::get(store.as_ref(), &record.id)
+        // The body is read in pieces while it is sent; a missing one is
+        // found before the attempt (a one-byte read), not in the middle.
+        if MessageStore::read_chunk(store.as_ref(), &record.id, 0, 1)
             .await
             .map_err(|e| RetryError(e.to_string()))?
-        else {
+            .is_none()
+        {
             tracing::error!(event = "message_body_missing", queue_id = %record.id);
             return Err(RetryError(format!(
                 "message body of {} is missing",
                 record.id
             )));
-        };
-        let report = self.engine.attempt(&record, &body, now).await;
+        }
+        let report = self.engine.attempt(&record, store.as_ref(), now).await;
         // From here on the primary may have taken recipients: a failed
         // write must not end the invocation at once, or the redelivered
         // SQS message would send them again. Each write is retried while

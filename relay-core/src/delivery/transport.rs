@@ -143,6 +143,55 @@ impl Stream {
 
 /// Delivers one message over one connection to `addr`.
 /// `tls`: try STARTTLS when offered.
+/// Where the messages of one session are read from, in the order of
+/// their envelopes.
+pub struct Bodies<'a> {
+    pub store: &'a dyn crate::store::MessageStore,
+    pub ids: &'a [crate::queue::QueueId],
+}
+
+impl Bodies<'_> {
+    /// Writes message `n` for the DATA phase, read and dot-stuffed piece by
+    /// piece, with its `.` terminator. A body that cannot be read is an
+    /// error before the terminator: the caller drops the connection, so the
+    /// server never takes a truncated message.
+    async fn send(&self, n: usize, stream: &mut Stream, block: Duration) -> Result<(), String> {
+        let id = self.ids.get(n).ok_or("no such message in the session")?;
+        let mut encoder = crate::smtp::data::DataEncoder::default();
+        let mut wire = Vec::with_capacity(crate::store::BODY_CHUNK + crate::store::BODY_CHUNK / 8);
+        let mut offset = 0u64;
+        loop {
+            let piece = match self
+                .store
+                .read_chunk(id, offset, crate::store::BODY_CHUNK)
+                .await
+            {
+                Ok(Some(piece)) => piece,
+                Ok(None) => return Err(format!("message body of {id} is missing")),
+                Err(e) => return Err(format!("reading the message body: {e}")),
+            };
+            wire.clear();
+            // A short piece is the last one: no read just to find the end.
+            let last = piece.len() < crate::store::BODY_CHUNK;
+            offset += piece.len() as u64;
+            encoder.encode(&piece, &mut wire);
+            drop(piece);
+            if last {
+                encoder.finish(&mut wire);
+            }
+            if !matches!(
+                tokio::time::timeout(block, stream.write_all(&wire)).await,
+                Ok(Ok(()))
+            ) {
+                return Err("connection lost while sending the message".into());
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+}
+
 pub async fn deliver(
     addr: SocketAddr,
     server_name: &str,
@@ -150,7 +199,7 @@ pub async fn deliver(
     tls: Option<&Arc<rustls::ClientConfig>>,
     timeouts: &Timeouts,
     envelopes: Vec<Envelope>,
-    data: &[&[u8]],
+    bodies: &Bodies<'_>,
 ) -> SessionReport {
     let mut client = ClientSession::with_messages(helo_name, tls.is_some(), envelopes);
     let mut stream = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
@@ -182,14 +231,8 @@ pub async fn deliver(
                 }
             }
             Next::SendBody(n) => {
-                let body = data.get(n).copied().unwrap_or(b".\r\n");
-                if !matches!(
-                    tokio::time::timeout(timeouts.data_block, stream.write_all(body)).await,
-                    Ok(Ok(()))
-                ) {
-                    client.connection_lost(&format!(
-                        "{addr}: connection lost while sending the message"
-                    ));
+                if let Err(why) = bodies.send(n, &mut stream, timeouts.data_block).await {
+                    client.connection_lost(&format!("{addr}: {why}"));
                 }
             }
             Next::ReadReply => {

@@ -27,10 +27,6 @@ use crate::time::unix_seconds;
 /// Most messages sent over one connection in one go.
 const MESSAGES_PER_CONNECTION: usize = 20;
 
-/// Most bytes of messages in one such batch (a single larger message still
-/// goes alone): with big mail, a batch's bodies are what a delivery holds.
-const BATCH_BYTES: u64 = 8 * 1024 * 1024;
-
 /// How long the worker lets newly queued mail gather before it looks: mail
 /// arriving one message at a time then leaves in batches over one
 /// connection each, instead of a connection per message.
@@ -52,8 +48,6 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// How often a destination that was down is probed.
     pub probe_interval: Duration,
-    /// Bytes of message bodies loaded by all deliveries together.
-    pub memory_budget: u64,
 }
 
 impl Default for WorkerConfig {
@@ -63,7 +57,6 @@ impl Default for WorkerConfig {
             max_total: 100,
             poll_interval: Duration::from_secs(1),
             probe_interval: Duration::from_secs(30),
-            memory_budget: crate::config::DeliveryConfig::default().memory_budget,
         }
     }
 }
@@ -78,9 +71,6 @@ pub struct Worker {
     in_flight: Mutex<HashSet<QueueId>>,
     per_destination: Mutex<HashMap<DomainName, Arc<Semaphore>>>,
     total: Arc<Semaphore>,
-    /// Memory for the bodies that deliveries load (each twice: as stored
-    /// and dot-stuffed for the wire).
-    memory: Arc<crate::budget::MemoryBudget>,
     /// Domains whose destination did not answer: probed until it does.
     down: Mutex<HashSet<DomainName>>,
     /// Outcomes the store refused; while any is here, no attempt starts.
@@ -114,7 +104,6 @@ impl Worker {
     ) -> Arc<Self> {
         Arc::new(Worker {
             total: Arc::new(Semaphore::new(cfg.max_total)),
-            memory: Arc::new(crate::budget::MemoryBudget::new(cfg.memory_budget)),
             engine,
             queue,
             messages,
@@ -343,11 +332,10 @@ impl Worker {
             {
                 continue;
             }
-            match batches.iter_mut().find(|(d, b)| {
-                *d == entry.domain
-                    && b.len() < MESSAGES_PER_CONNECTION
-                    && b.iter().map(|e| e.size).sum::<u64>() + entry.size <= BATCH_BYTES
-            }) {
+            match batches
+                .iter_mut()
+                .find(|(d, b)| *d == entry.domain && b.len() < MESSAGES_PER_CONNECTION)
+            {
                 Some((_, b)) => b.push(entry),
                 None => batches.push((entry.domain.clone(), vec![entry])),
             }
@@ -359,13 +347,6 @@ impl Worker {
             let Ok(total) = self.total.clone().try_acquire_owned() else {
                 break;
             };
-            // A batch that does not fit waits for the next look; the
-            // budget lets a lone batch through whatever its size.
-            let bytes = batch.iter().map(|e| e.size.saturating_mul(2)).sum::<u64>();
-            if !self.memory.try_reserve(bytes) {
-                continue;
-            }
-            let memory = self.memory.clone();
             let ids: Vec<QueueId> = batch.iter().map(|e| e.id.clone()).collect();
             self.in_flight
                 .lock()
@@ -380,7 +361,6 @@ impl Worker {
                         in_flight.remove(id);
                     }
                 }
-                memory.release(bytes);
                 drop(dest);
                 drop(total);
                 worker.wake();
@@ -394,13 +374,14 @@ impl Worker {
         }
     }
 
-    /// Entries of one destination domain, over one connection.
+    /// Entries of one destination domain, over one connection. Bodies are
+    /// read from the store piece by piece while they are sent.
     async fn deliver_batch(&self, entries: Vec<QueueEntry>) {
         let now = SystemTime::now();
         let mut items = Vec::with_capacity(entries.len());
         for entry in entries {
-            match self.messages.get(&entry.id).await {
-                Ok(Some(body)) => items.push((entry, body)),
+            match self.messages.read_chunk(&entry.id, 0, 0).await {
+                Ok(Some(_)) => items.push(entry),
                 Ok(None) => {
                     tracing::error!(event = "message_body_missing", queue_id = %entry.id);
                     let mut e = entry.clone();
@@ -417,7 +398,10 @@ impl Worker {
             return;
         }
         // Stored concurrently: the writer commits them together.
-        let reports = self.engine.attempt_batch(&items, now).await;
+        let reports = self
+            .engine
+            .attempt_batch(&items, self.messages.as_ref(), now)
+            .await;
         futures_util::future::join_all(reports.into_iter().map(|r| self.store_report(r))).await;
     }
 

@@ -32,6 +32,8 @@ pub struct DataReceiver {
     limit: usize,
     /// Bytes of the message after normalisation, kept or not.
     size: u64,
+    /// Bytes handed out by [`DataReceiver::take_kept`] so far.
+    taken: u64,
 }
 
 /// Result of feeding bytes.
@@ -60,6 +62,7 @@ impl DataReceiver {
             prefix_len: prefix.len(),
             limit,
             size: 0,
+            taken: 0,
         }
     }
 
@@ -78,6 +81,25 @@ impl DataReceiver {
 
     pub fn into_body(self) -> Vec<u8> {
         self.body
+    }
+
+    /// Hands out what was kept so far (the prefix first), so a driver can
+    /// move a big message out of memory while it arrives; later calls and
+    /// [`DataReceiver::into_body`] return what came after.
+    pub fn take_kept(&mut self, room: usize) -> Vec<u8> {
+        self.taken += (self.body.len() - self.prefix_len) as u64;
+        self.prefix_len = 0;
+        std::mem::replace(&mut self.body, Vec::with_capacity(room))
+    }
+
+    /// Bytes handed out by [`DataReceiver::take_kept`] so far (without the prefix).
+    pub fn taken(&self) -> u64 {
+        self.taken
+    }
+
+    /// Bytes kept in memory now.
+    pub fn kept(&self) -> usize {
+        self.body.len()
     }
 
     /// Bytes of memory the message holds (its buffer's capacity).
@@ -184,33 +206,81 @@ impl DataReceiver {
 /// and the `.` terminator follows.
 pub fn encode_for_data(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 8);
-    let mut at_line_start = true;
-    let mut i = 0;
-    while i < message.len() {
-        if at_line_start && message[i] == b'.' {
-            out.push(b'.');
-        }
-        let run = memchr::memchr2(b'\r', b'\n', &message[i..]).unwrap_or(message.len() - i);
-        out.extend_from_slice(&message[i..i + run]);
-        i += run;
-        if i >= message.len() {
-            at_line_start = false;
-            break;
-        }
-        // CRLF, bare CR or bare LF: one line ending, written as CRLF.
-        if message[i] == b'\r' && message.get(i + 1) == Some(&b'\n') {
-            i += 2;
-        } else {
-            i += 1;
-        }
-        out.extend_from_slice(b"\r\n");
-        at_line_start = true;
-    }
-    if !at_line_start {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
+    let mut encoder = DataEncoder::default();
+    encoder.encode(message, &mut out);
+    encoder.finish(&mut out);
     out
+}
+
+/// [`encode_for_data`] for a message read in pieces: the pieces may split
+/// a line ending or a line anywhere, and the output is the same as for the
+/// whole message at once.
+#[derive(Debug, Clone)]
+pub struct DataEncoder {
+    at_line_start: bool,
+    /// The last piece ended with a CR: a line ending, CRLF if the next
+    /// piece starts with LF (which then belongs to it).
+    pending_cr: bool,
+}
+
+impl Default for DataEncoder {
+    fn default() -> Self {
+        DataEncoder {
+            at_line_start: true,
+            pending_cr: false,
+        }
+    }
+}
+
+impl DataEncoder {
+    /// Appends the encoding of the next piece to `out`.
+    pub fn encode(&mut self, piece: &[u8], out: &mut Vec<u8>) {
+        let mut i = 0;
+        if self.pending_cr && !piece.is_empty() {
+            self.pending_cr = false;
+            if piece[0] == b'\n' {
+                i = 1;
+            }
+        }
+        while i < piece.len() {
+            if self.at_line_start && piece[i] == b'.' {
+                out.push(b'.');
+            }
+            let run = memchr::memchr2(b'\r', b'\n', &piece[i..]).unwrap_or(piece.len() - i);
+            out.extend_from_slice(&piece[i..i + run]);
+            if run > 0 {
+                self.at_line_start = false;
+            }
+            i += run;
+            if i >= piece.len() {
+                break;
+            }
+            // CRLF, bare CR or bare LF: one line ending, written as CRLF.
+            out.extend_from_slice(b"\r\n");
+            self.at_line_start = true;
+            if piece[i] == b'\r' {
+                match piece.get(i + 1) {
+                    Some(b'\n') => i += 2,
+                    Some(_) => i += 1,
+                    None => {
+                        self.pending_cr = true;
+                        i += 1;
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Ends the message: a final line ending if missing, and the `.`.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.at_line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        *self = DataEncoder::default();
+    }
 }
 
 /// Counts `Received:` header fields in the header section of `message`.
@@ -331,6 +401,45 @@ mod tests {
             encode_for_data(b"a\n.\nb\r.\r\n"),
             b"a\r\n..\r\nb\r\n..\r\n.\r\n"
         );
+    }
+
+    #[test]
+    fn encoding_in_pieces_matches_encoding_at_once() {
+        let messages: [&[u8]; 4] = [
+            b"a\r\n.b\r\n..c\r\n",
+            b"a\n.\nb\r.\r\n\r\r\n.",
+            b".\r\n\r\n.x",
+            b"no newline at all",
+        ];
+        for m in messages {
+            let whole = encode_for_data(m);
+            for split in 0..=m.len() {
+                for second in split..=m.len() {
+                    let mut e = DataEncoder::default();
+                    let mut out = Vec::new();
+                    e.encode(&m[..split], &mut out);
+                    e.encode(&m[split..second], &mut out);
+                    e.encode(&m[second..], &mut out);
+                    e.finish(&mut out);
+                    assert_eq!(out, whole, "{m:?} split at {split} and {second}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kept_data_can_be_taken_while_it_arrives() {
+        let mut r = DataReceiver::with_prefix(1 << 20, b"Received: x\r\n");
+        assert_eq!(
+            r.feed(b"Subject: a\r\n\r\nline one\r\n"),
+            Progress::NeedMore
+        );
+        let first = r.take_kept(64);
+        assert_eq!(first, b"Received: x\r\nSubject: a\r\n\r\nline one\r\n");
+        assert_eq!(r.feed(b"..two\r\n.\r\n"), Progress::Done(10));
+        assert_eq!(r.taken(), 24);
+        assert_eq!(r.size(), 30);
+        assert_eq!(r.into_body(), b".two\r\n");
     }
 
     #[test]

@@ -138,6 +138,9 @@ pub struct Session {
     /// The reply for the end of the current DATA, when the driver stopped
     /// it being kept ([`Session::refuse_data`]).
     data_refusal: Option<Reply>,
+    /// `Received:` headers counted in the first piece of data handed out
+    /// by [`Session::take_data_over`] (the header section is gone then).
+    received_in_first_piece: Option<usize>,
 }
 
 impl Session {
@@ -158,6 +161,7 @@ impl Session {
             discarding_long_line: false,
             pending_mail: None,
             data_refusal: None,
+            received_in_first_piece: None,
         };
         let greeting = Reply::new(220, "", format!("{} ESMTP backupmx", s.cfg.hostname));
         s.reply(&greeting);
@@ -206,12 +210,36 @@ impl Session {
         matches!(self.mode, Mode::Data(_))
     }
 
+    /// A message waits for [`Action::Store`] to be answered.
+    pub fn is_storing(&self) -> bool {
+        self.waiting == Waiting::Store
+    }
+
     /// Bytes of memory the message being received holds now.
     pub fn data_held(&self) -> usize {
         match &self.mode {
             Mode::Data(recv) => recv.held(),
             Mode::Command => 0,
         }
+    }
+
+    /// Message data held in memory once it reaches `threshold` bytes, for
+    /// the driver to move to its spool file; the first piece starts with
+    /// our Received header. `None` below the threshold. The message then
+    /// comes out of [`Action::Store`] with only what arrived after the last
+    /// piece, which the driver appends to its file.
+    pub fn take_data_over(&mut self, threshold: usize) -> Option<Vec<u8>> {
+        let Mode::Data(recv) = &mut self.mode else {
+            return None;
+        };
+        if recv.kept() < threshold || self.data_refusal.is_some() {
+            return None;
+        }
+        if recv.taken() == 0 {
+            self.received_in_first_piece = Some(count_received_headers(recv.data()));
+        }
+        // Room for one more read (twice over: bare LFs become CRLF).
+        Some(recv.take_kept(threshold + 64 * 1024))
     }
 
     /// Stops keeping the message being received (its memory is freed at
@@ -623,6 +651,7 @@ impl Session {
             date: now,
         });
         tx.id = Some(id);
+        self.received_in_first_piece = None;
         self.mode = Mode::Data(DataReceiver::with_prefix(limit, header.as_bytes()));
         self.reply(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
     }
@@ -693,7 +722,11 @@ impl Session {
                 ),
             );
         }
-        if count_received_headers(recv.data()) > self.cfg.max_received_headers {
+        let received = self
+            .received_in_first_piece
+            .take()
+            .unwrap_or_else(|| count_received_headers(recv.data()));
+        if received > self.cfg.max_received_headers {
             return self.reject(
                 "loop",
                 Reply::new(554, "5.4.6", "Too many hops (Received headers), mail loop?"),
@@ -714,6 +747,7 @@ impl Session {
             eight_bit: tx.params.body == Some(Body::EightBitMime),
             body,
             deferred: Vec::new(),
+            spooled: None,
         };
         self.waiting = Waiting::Store;
         self.action = Some(Action::Store(Box::new(message)));

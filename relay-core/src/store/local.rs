@@ -22,7 +22,7 @@ use super::{
 use crate::address::DomainName;
 use crate::domain::Domain;
 use crate::greylist::{ClientState, GreylistStore, TripletState};
-use crate::queue::{AcceptedMessage, QueueEntry, QueueId};
+use crate::queue::{AcceptedMessage, QueueEntry, QueueId, SpooledBody};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "backupmx.db";
@@ -74,10 +74,15 @@ enum WriteOp {
     Accept {
         entries: Vec<QueueEntry>,
         body: Vec<u8>,
+        spooled: Option<SpooledBody>,
     },
     PutBody {
         id: QueueId,
         body: Vec<u8>,
+    },
+    PutFile {
+        id: QueueId,
+        body: SpooledBody,
     },
     DeleteBody(QueueId),
     Enqueue(QueueEntry),
@@ -403,6 +408,7 @@ fn frees_or_tracks(op: &WriteOp) -> bool {
         op,
         WriteOp::Accept { .. }
             | WriteOp::PutBody { .. }
+            | WriteOp::PutFile { .. }
             | WriteOp::Enqueue(_)
             | WriteOp::InsertTriplet { .. }
             | WriteOp::ReplaceTriplet { .. }
@@ -430,16 +436,67 @@ fn insert_entry(conn: &Connection, entry: &QueueEntry) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Inserts a body from a spool file without holding it in memory: a blob
+/// of the right size first, then the file copied into it in pieces.
+fn insert_body_from_file(
+    conn: &Connection,
+    id: &QueueId,
+    file: &SpooledBody,
+    replace: bool,
+) -> rusqlite::Result<()> {
+    use std::io::Read;
+    let io = |e: std::io::Error| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
+    let len = i64::try_from(file.len)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let sql = if replace {
+        "INSERT OR REPLACE INTO messages (id, body) VALUES (?1, zeroblob(?2))"
+    } else {
+        "INSERT INTO messages (id, body) VALUES (?1, zeroblob(?2))"
+    };
+    exec(conn, sql, params![id.as_str(), len])?;
+    let rowid = conn.last_insert_rowid();
+    let mut blob = conn.blob_open(rusqlite::MAIN_DB, "messages", "body", rowid, false)?;
+    let mut source = std::fs::File::open(&file.path).map_err(io)?;
+    let mut buf = vec![0u8; super::BODY_CHUNK];
+    let mut at = 0usize;
+    loop {
+        let n = source.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        if (at + n) as u64 > file.len {
+            return Err(io(std::io::Error::other("spool file longer than recorded")));
+        }
+        blob.write_all_at(&buf[..n], at)?;
+        at += n;
+    }
+    if at as u64 != file.len {
+        return Err(io(std::io::Error::other(
+            "spool file shorter than recorded",
+        )));
+    }
+    Ok(())
+}
+
 fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
     match op {
-        WriteOp::Accept { entries, body } => {
+        WriteOp::Accept { entries, body, spooled } => {
             for entry in entries {
-                exec(conn,
-                    "INSERT INTO messages (id, body) VALUES (?1, ?2)",
-                    params![entry.id.as_str(), body],
-                )?;
+                match spooled {
+                    None => {
+                        exec(conn,
+                            "INSERT INTO messages (id, body) VALUES (?1, ?2)",
+                            params![entry.id.as_str(), body],
+                        )?;
+                    }
+                    Some(file) => insert_body_from_file(conn, &entry.id, file, false)?,
+                }
                 insert_entry(conn, entry)?;
             }
+            Ok(true)
+        }
+        WriteOp::PutFile { id, body } => {
+            insert_body_from_file(conn, id, body, true)?;
             Ok(true)
         }
         WriteOp::PutBody { id, body } => {
@@ -612,8 +669,42 @@ impl MessageStore for LocalStore {
         .map(|_| ())
     }
 
+    async fn put_file(&self, id: &QueueId, body: &SpooledBody) -> Result<(), StoreError> {
+        self.write(WriteOp::PutFile {
+            id: id.clone(),
+            body: body.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
     async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, StoreError> {
         self.read_optional("SELECT body FROM messages WHERE id = ?1", [id.as_str()])
+    }
+
+    async fn read_chunk(
+        &self,
+        id: &QueueId,
+        offset: u64,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|c| {
+            let Some(rowid) = c
+                .prepare_cached("SELECT rowid FROM messages WHERE id = ?1")?
+                .query_row([id.as_str()], |r| r.get::<_, i64>(0))
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            // Only the pages of the piece are read, not the whole blob.
+            let blob = c.blob_open(rusqlite::MAIN_DB, "messages", "body", rowid, true)?;
+            let len = blob.len() as u64;
+            let start = offset.min(len);
+            let n = usize::try_from(len - start).unwrap_or(usize::MAX).min(max);
+            let mut buf = vec![0u8; n];
+            blob.read_at_exact(&mut buf, start as usize)?;
+            Ok(Some(buf))
+        })
     }
 
     async fn delete(&self, id: &QueueId) -> Result<(), StoreError> {
@@ -719,6 +810,7 @@ impl Spool for LocalStore {
         self.write(WriteOp::Accept {
             entries,
             body: message.body,
+            spooled: message.spooled,
         })
         .await?;
         Ok(ids)

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use crate::address::DomainName;
 use crate::domain::Domain;
-use crate::queue::{AcceptedMessage, QueueEntry, QueueId, RecordError};
+use crate::queue::{AcceptedMessage, QueueEntry, QueueId, RecordError, SpooledBody};
 
 #[cfg(feature = "aws")]
 pub mod aws;
@@ -62,12 +62,30 @@ pub trait DomainRegistry: Send + Sync {
 }
 
 /// Message bodies, one per queue entry.
+///
+/// Big bodies never need to be in memory whole: they go in from a file
+/// ([`MessageStore::put_file`]) and come out in pieces
+/// ([`MessageStore::read_chunk`]); `get` is for small bodies and tests.
 #[async_trait]
 pub trait MessageStore: Send + Sync {
     async fn put(&self, id: &QueueId, body: &[u8]) -> Result<(), StoreError>;
+    /// Stores the body held in `body`'s file, copying it in pieces.
+    async fn put_file(&self, id: &QueueId, body: &SpooledBody) -> Result<(), StoreError>;
     async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `max` bytes of a body, from `offset`: `None` if there is no
+    /// such body, empty from its end on.
+    async fn read_chunk(
+        &self,
+        id: &QueueId,
+        offset: u64,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
     async fn delete(&self, id: &QueueId) -> Result<(), StoreError>;
 }
+
+/// Pieces in which bodies are read for relaying and copied from spool
+/// files: what one delivery connection holds of a message at a time.
+pub const BODY_CHUNK: usize = 256 * 1024;
 
 /// Queue entries waiting for delivery.
 #[async_trait]
@@ -125,7 +143,11 @@ impl Spool for SplitSpool {
         let mut queued = Vec::new();
         let mut result = Ok(());
         for entry in &entries {
-            if let Err(e) = self.messages.put(&entry.id, &message.body).await {
+            let put = match &message.spooled {
+                Some(file) => self.messages.put_file(&entry.id, file).await,
+                None => self.messages.put(&entry.id, &message.body).await,
+            };
+            if let Err(e) = put {
                 result = Err(e);
                 break;
             }

@@ -532,3 +532,54 @@ fn refused_data_is_read_to_its_end_and_answered_452() {
     t.cmd("Subject: y\r\n\r\nsmall\r\n.", "250 2.0.0");
     assert_eq!(t.stored.len(), 1);
 }
+
+#[test]
+fn a_big_message_can_leave_memory_while_it_arrives() {
+    let mut wire = b"Received: from a\r\nReceived: from b\r\nSubject: big\r\n\r\n".to_vec();
+    for i in 0..40_000 {
+        wire.extend_from_slice(format!(".line {i} with a leading dot\r\nbare\nlf\r\n").as_bytes());
+    }
+    let mut whole = Transcript::new();
+    whole.envelope();
+    whole.cmd("DATA", "354");
+    let mut spilled = Transcript::new();
+    spilled.envelope();
+    spilled.cmd("DATA", "354");
+    let mut pieces = Vec::new();
+    for chunk in wire.chunks(32 * 1024) {
+        whole.send(chunk);
+        spilled.send(chunk);
+        if let Some(piece) = spilled.session.take_data_over(100_000) {
+            assert!(piece.len() >= 100_000);
+            pieces.push(piece);
+        }
+        assert!(spilled.session.data_held() < 300_000, "held stays bounded");
+    }
+    assert!(whole.send(".\r\n").starts_with("250 "));
+    assert!(spilled.send(".\r\n").starts_with("250 "));
+    assert!(pieces.len() > 5);
+    let mut joined: Vec<u8> = pieces.concat();
+    joined.extend_from_slice(&spilled.stored[0].body);
+    let expected = &whole.stored[0].body;
+    // The Received headers differ only in the queue id.
+    let strip = |b: &[u8]| b[b.windows(4).position(|w| w == b";\r\n\t").unwrap()..].to_vec();
+    assert_eq!(strip(&joined), strip(expected));
+}
+
+#[test]
+fn loop_detection_counts_the_headers_of_a_spilled_message() {
+    let mut t = Transcript::with(SessionConfig {
+        max_received_headers: 3,
+        ..SessionConfig::default()
+    });
+    t.envelope();
+    t.cmd("DATA", "354");
+    t.send(
+        "Received: 1\r\nReceived: 2\r\nReceived: 3\r\nReceived: 4\r\n\r\n".to_string()
+            + &"x".repeat(5000)
+            + "\r\n",
+    );
+    assert!(t.session.take_data_over(1000).is_some());
+    let out = t.send(".\r\n");
+    assert!(out.starts_with("554 5.4.6"), "{out}");
+}
