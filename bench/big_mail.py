@@ -57,7 +57,8 @@ async def send_one(port, size, body_chunk, counts):
             writer.write(body_chunk[:n])
             await writer.drain()
             sent += n
-        writer.write(b".\r\n")
+        # CRLF first: the last piece may end mid-line.
+        writer.write(b"\r\n.\r\n")
         counts[await reply(reader)] += 1
         writer.write(b"QUIT\r\n")
         await writer.drain()
