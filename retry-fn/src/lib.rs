@@ -28,7 +28,7 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
         Arc::new(resolver),
         store.clone(),
     ));
-    Ok(RetryProcessor { store, engine })
+    Ok(RetryProcessor::new(store, engine))
 }
 
 /// The Lambda handler: only the messages that failed transiently are

@@ -139,9 +139,9 @@ fn on_a_full_disk_delivered_mail_is_never_sent_again() {
 }
 
 #[test]
-fn on_a_full_disk_a_deferring_primary_is_not_hammered() {
+fn on_a_full_disk_a_deferring_primary_is_not_hammered_and_a_restart_serves() {
     let port = free_port();
-    let (s, fs) = server_on_tmpfs(0, port);
+    let (mut s, fs) = server_on_tmpfs(0, port);
     queue_messages(&s, 10);
     // The primary is found down (the rest waits for the probe).
     eventually(
@@ -161,6 +161,19 @@ fn on_a_full_disk_a_deferring_primary_is_not_hammered() {
         "{connections} connections in 10 s on a full disk"
     );
     assert!(s.log().contains("delivery_paused"), "{}", s.log());
+    // A restart on the full disk, with a changed [[domain]] that cannot be
+    // stored: logged, and the server serves (spawn waits for the greeting).
+    let text = std::fs::read_to_string(&s.config_path).expect("config");
+    std::fs::write(
+        &s.config_path,
+        text.replace(
+            "name = \"example.test\"\n",
+            "name = \"example.test\"\nmax_message_size = 1000000\n",
+        ),
+    )
+    .expect("config");
+    s.restart();
+    assert!(s.log().contains("domain_upsert_failed"), "{}", s.log());
     std::fs::remove_file(filler).expect("free space");
     sink.set(|b| b.tempfail_next = 0);
     eventually(Duration::from_secs(40), "queue emptied", || {

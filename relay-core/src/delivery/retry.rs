@@ -8,11 +8,12 @@
 //! from the record's is stale and dropped, unless the record is long
 //! overdue (its next message was lost), in which case it is rescued.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use super::Engine;
-use crate::queue::QueueEntry;
+use super::{AttemptReport, Engine};
+use crate::queue::{QueueEntry, QueueId};
 use crate::store::aws::AwsStore;
 use crate::store::{DeliveryQueue, MessageStore, SplitSpool, Spool};
 use crate::time::unix_seconds;
@@ -69,12 +70,34 @@ pub struct RetryError(pub String);
 pub struct RetryProcessor {
     pub store: Arc<AwsStore>,
     pub engine: Arc<Engine>,
+    /// Outcomes this process could not store, by queue id: when their SQS
+    /// message comes back, the outcome is stored instead of the message
+    /// being delivered again (as the embedded worker does).
+    unstored: Mutex<HashMap<QueueId, AttemptReport>>,
 }
 
 impl RetryProcessor {
+    pub fn new(store: Arc<AwsStore>, engine: Arc<Engine>) -> Self {
+        RetryProcessor {
+            store,
+            engine,
+            unstored: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_unstored(&self) -> std::sync::MutexGuard<'_, HashMap<QueueId, AttemptReport>> {
+        self.unstored.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub async fn process(&self, body: &str, now: SystemTime) -> Result<Processed, RetryError> {
         let message = QueueEntry::decode(body.as_bytes())
             .map_err(|e| RetryError(format!("malformed queue message: {e}")))?;
+        let now_secs = unix_seconds(now);
+        let earlier = self.lock_unstored().remove(&message.id);
+        if let Some(report) = earlier {
+            tracing::info!(event = "unstored_outcome_retried", queue_id = %message.id);
+            return self.commit(report, now_secs).await;
+        }
         let store = &self.store;
         let Some(record) = DeliveryQueue::get(store.as_ref(), &message.id)
             .await
@@ -82,7 +105,6 @@ impl RetryProcessor {
         else {
             return Ok(Processed::Dropped("no record (delivered or deleted)"));
         };
-        let now_secs = unix_seconds(now);
         if record.attempts != message.attempts
             && now_secs < record.next_attempt.saturating_add(ORPHAN_GRACE_SECS)
         {
@@ -109,22 +131,53 @@ impl RetryProcessor {
             )));
         }
         let report = self.engine.attempt(&record, store.as_ref(), now).await;
-        // From here on the primary may have taken recipients: a failed
-        // write must not end the invocation at once, or the redelivered
-        // SQS message would send them again. Each write is retried while
-        // the store recovers from a short outage.
+        let e = &report.entry;
+        tracing::info!(
+            event = "delivery_attempt", queue_id = %e.id, domain = %e.domain, attempt = e.attempts,
+            delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
+        );
+        self.commit(report, now_secs).await
+    }
+
+    /// Stores an attempt's outcome. From here on the primary may have taken
+    /// recipients: a failed write must not simply end the invocation, or
+    /// the redelivered SQS message would send them again. Each write is
+    /// retried while the store recovers from a short outage; an outcome
+    /// still unstored is kept for when its SQS message comes back.
+    async fn commit(
+        &self,
+        mut report: AttemptReport,
+        now_secs: u64,
+    ) -> Result<Processed, RetryError> {
+        match self.write_outcome(&mut report, now_secs).await {
+            Ok(()) => Ok(Processed::Attempted {
+                finished: report.finished,
+                delivered: report.delivered,
+            }),
+            Err(e) => {
+                tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %e);
+                self.lock_unstored().insert(report.entry.id.clone(), report);
+                Err(e)
+            }
+        }
+    }
+
+    async fn write_outcome(
+        &self,
+        report: &mut AttemptReport,
+        now_secs: u64,
+    ) -> Result<(), RetryError> {
+        let store = &self.store;
         if let Some(bounce) = report.bounce.clone() {
             let spool = SplitSpool {
                 messages: store.clone(),
                 queue: store.clone(),
             };
             persist("queueing the DSN", || spool.accept(bounce.clone())).await?;
+            // Stored: a retry of the rest must not queue it twice.
+            report.bounce = None;
         }
         let e = &report.entry;
-        tracing::info!(
-            event = "delivery_attempt", queue_id = %e.id, domain = %e.domain, attempt = e.attempts,
-            delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
-        );
         if report.finished {
             persist("removing the record", || {
                 DeliveryQueue::remove(store.as_ref(), &e.id)
@@ -137,9 +190,6 @@ impl RetryProcessor {
             })
             .await?;
         }
-        Ok(Processed::Attempted {
-            finished: report.finished,
-            delivered: report.delivered,
-        })
+        Ok(())
     }
 }
