@@ -26,7 +26,8 @@ pub enum AddressError {
     BadDomain,
 }
 
-/// A domain name normalised for comparison: ASCII lower-case, no trailing dot.
+/// A domain name normalised for comparison: ASCII lower-case, no trailing
+/// dot, internationalised names as A-labels (IDNA, UTS 46).
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -46,7 +47,22 @@ impl DomainName {
                 return Err(AddressError::BadDomain);
             }
         }
-        Ok(DomainName(trimmed.to_lowercase()))
+        // One form for comparison: a Unicode domain (SMTPUTF8 mail to
+        // `bücher.test`) is the same domain as its A-labels
+        // (`xn--bcher-kva.test`, how operators host it). UTS 46 maps and
+        // checks it, and rejects A-labels that are not valid punycode.
+        let is_idn = !trimmed.is_ascii()
+            || trimmed
+                .split('.')
+                .any(|l| l.len() >= 4 && l[..4].eq_ignore_ascii_case("xn--"));
+        if is_idn {
+            let ascii = idna::domain_to_ascii(trimmed).map_err(|_| AddressError::BadDomain)?;
+            if ascii.is_empty() || ascii.len() > MAX_DOMAIN {
+                return Err(AddressError::BadDomain);
+            }
+            return Ok(DomainName(ascii));
+        }
+        Ok(DomainName(trimmed.to_ascii_lowercase()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -102,6 +118,9 @@ pub enum Host {
 pub struct Mailbox {
     pub local: String,
     pub host: Host,
+    /// The domain was written in Unicode (it is kept as A-labels): the
+    /// address still needs SMTPUTF8 (RFC 6531 §3.4).
+    pub unicode_domain: bool,
 }
 
 impl Mailbox {
@@ -127,6 +146,7 @@ impl Mailbox {
 
     pub fn is_ascii(&self) -> bool {
         self.local.is_ascii()
+            && !self.unicode_domain
             && match &self.host {
                 Host::Domain(d) => d.as_str().is_ascii(),
                 Host::Literal(l) => l.is_ascii(),
@@ -238,6 +258,7 @@ pub fn parse_mailbox(input: &str) -> Result<Mailbox, AddressError> {
         (local, &input[at..])
     };
     let host = rest.strip_prefix('@').ok_or(AddressError::Syntax)?;
+    let host_text = host;
     if local.len() > MAX_LOCAL_PART {
         return Err(AddressError::TooLong);
     }
@@ -252,6 +273,7 @@ pub fn parse_mailbox(input: &str) -> Result<Mailbox, AddressError> {
     Ok(Mailbox {
         local: local.to_string(),
         host,
+        unicode_domain: !host_text.is_ascii(),
     })
 }
 
@@ -362,7 +384,8 @@ mod tests {
                 "user@[IPv6:2001:db8::1]",
                 Some(("user", "[IPv6:2001:db8::1]")),
             ),
-            ("üser@exämple.test", Some(("üser", "exämple.test"))),
+            // Internationalised domains are kept as A-labels (UTS 46).
+            ("üser@exämple.test", Some(("üser", "xn--exmple-cua.test"))),
             ("user@example.test@evil.test", None),
             ("user", None),
             ("@example.test", None),
@@ -429,5 +452,20 @@ mod tests {
         assert_eq!(split_path("<>").unwrap(), ("", ""));
         assert!(split_path("user@x.test").is_err());
         assert!(split_path("<user@x.test").is_err());
+    }
+
+    #[test]
+    fn internationalised_domains_compare_as_a_labels() {
+        let u = DomainName::parse("Bücher.TEST.").unwrap();
+        assert_eq!(u.as_str(), "xn--bcher-kva.test");
+        assert_eq!(u, DomainName::parse("XN--BCHER-KVA.test").unwrap());
+        assert!(
+            DomainName::parse("xn--zz.test").is_err(),
+            "invalid punycode"
+        );
+        let m = parse_mailbox("u@bücher.test").unwrap();
+        assert_eq!(m.domain().unwrap().as_str(), "xn--bcher-kva.test");
+        assert!(!m.is_ascii(), "still needs SMTPUTF8");
+        assert!(parse_mailbox("u@xn--bcher-kva.test").unwrap().is_ascii());
     }
 }

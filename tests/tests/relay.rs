@@ -163,3 +163,27 @@ fn swaks_session_is_queued() {
     let raw = s.raw(queue[0]["id"].as_str().unwrap());
     assert!(String::from_utf8_lossy(&raw).contains("hello from swaks"));
 }
+
+#[test]
+fn an_idn_domain_is_hosted_in_either_form() {
+    let s = Server::start("", "[[domain]]\nname = \"xn--bcher-kva.test\"\n");
+    let mut c = s.client();
+    c.expect("EHLO client.test", "250");
+    c.expect("MAIL FROM:<a@remote.test> SMTPUTF8", "250");
+    c.expect("RCPT TO:<u@bücher.test>", "250 2.1.5");
+    c.expect("RCPT TO:<v@XN--BCHER-KVA.test>", "250 2.1.5");
+    c.expect("DATA", "354");
+    c.send("Subject: idn\r\n\r\nhi\r\n.\r\n");
+    queue_id(&c.read_reply());
+    let queue = s.queue();
+    assert_eq!(queue.len(), 1, "one hosted domain: {queue:?}");
+    assert_eq!(queue[0]["domain"], "xn--bcher-kva.test");
+    // The CLI takes the Unicode form too, and stores the A-labels.
+    let out = s.cli(&["domain", "add", "Straße.test"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = s.cli(&["domain", "list"]);
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(listed.contains("xn--strae-oqa.test"), "{listed}");
+    let out = s.cli(&["domain", "add", "xn--zz.test"]);
+    assert!(!out.status.success(), "invalid punycode refused");
+}

@@ -614,6 +614,12 @@ impl Session {
                 ),
             );
         }
+        // The same recipient twice in one transaction is delivered once
+        // (RFC 5321 §3.3 lets a server drop duplicates, as Postfix does).
+        let address = mailbox.to_string();
+        if tx.recipients.iter().any(|r| r.address == address) {
+            return self.reply(&Reply::new(250, "2.1.5", "Ok (duplicate recipient)"));
+        }
         tx.pending_recipient = Some(mailbox.clone());
         self.waiting = Waiting::Recipient;
         self.action = Some(Action::CheckRecipient {

@@ -583,3 +583,36 @@ fn loop_detection_counts_the_headers_of_a_spilled_message() {
     let out = t.send(".\r\n");
     assert!(out.starts_with("554 5.4.6"), "{out}");
 }
+
+#[test]
+fn a_repeated_recipient_is_accepted_once() {
+    let mut t = Transcript::new();
+    t.envelope();
+    t.cmd("RCPT TO:<user@EXAMPLE.test>", "250 2.1.5 Ok (duplicate");
+    t.cmd("RCPT TO:<other@example.test>", "250 2.1.5 Ok\r");
+    t.cmd("DATA", "354");
+    t.cmd("x\r\n.", "250 2.0.0");
+    let rcpts: Vec<&str> = t.stored[0]
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(rcpts, ["user@example.test", "other@example.test"]);
+}
+
+#[test]
+fn a_unicode_domain_is_the_same_as_its_a_labels_and_still_needs_smtputf8() {
+    let mut t = Transcript::new();
+    t.ehlo();
+    t.cmd("MAIL FROM:<a@remote.test>", "250");
+    t.cmd("RCPT TO:<u@bücher.example.test>", "553 5.6.7");
+    t.cmd("RSET", "250");
+    t.cmd("MAIL FROM:<a@remote.test> SMTPUTF8", "250");
+    t.cmd("RCPT TO:<u@bücher.example.test>", "550 5.7.1");
+    assert_eq!(
+        crate::address::DomainName::parse("Bücher.Example.TEST")
+            .unwrap()
+            .as_str(),
+        "xn--bcher-kva.example.test"
+    );
+}
