@@ -222,6 +222,10 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             max_received_headers: 100,
             tls_available: tls.is_some(),
             etrn_available: delivery.is_some(),
+            postmaster: config
+                .postmaster()
+                .ok()
+                .map(|(address, domain)| relay_core::queue::AcceptedRecipient { address, domain }),
             admit_mail: true,
         }),
         policy,

@@ -28,6 +28,9 @@ pub enum ConfigError {
 pub struct Config {
     /// Our host name: greeting, Received header, MX self-detection.
     pub hostname: String,
+    /// Where mail to the bare `postmaster` (RFC 5321 §4.5.1) goes; empty:
+    /// `postmaster@HOSTNAME`.
+    pub postmaster: String,
     pub smtp: SmtpConfig,
     pub tls: Option<TlsConfig>,
     pub storage: StorageConfig,
@@ -246,6 +249,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             hostname: system_hostname(),
+            postmaster: String::new(),
             smtp: SmtpConfig::default(),
             tls: None,
             storage: StorageConfig::default(),
@@ -405,8 +409,33 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The address `RCPT TO:<postmaster>` is delivered to, and its domain.
+    pub fn postmaster(&self) -> Result<(String, crate::address::DomainName), ConfigError> {
+        let address = if self.postmaster.is_empty() {
+            format!("postmaster@{}", self.hostname)
+        } else {
+            self.postmaster.clone()
+        };
+        let mailbox = crate::address::parse_mailbox(&address)
+            .ok()
+            .filter(|m| m.domain().is_some())
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "postmaster {address:?} is not an address with a domain (set postmaster = \"you@example.net\")"
+                ))
+            })?;
+        let domain = mailbox
+            .domain()
+            .cloned()
+            .ok_or_else(|| ConfigError::Invalid(address.clone()))?;
+        Ok((mailbox.to_string(), domain))
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |s: String| Err(ConfigError::Invalid(s));
+        if !self.postmaster.is_empty() {
+            self.postmaster()?;
+        }
         if self.smtp.listen.is_empty() {
             return invalid("smtp.listen must name at least one address".into());
         }

@@ -515,3 +515,32 @@ fn a_big_message_over_the_size_limit_leaves_nothing_behind() {
     );
     assert!(reply.starts_with("250 "), "{reply}");
 }
+
+#[test]
+fn mail_to_the_bare_postmaster_is_delivered_to_the_configured_address() {
+    let ops = Sink::start(0);
+    let mut s = Server::prepare_run(
+        "",
+        &format!(
+            "[delivery]\nroutes = {{ \"ops.test\" = \"{}\" }}\n",
+            ops.addr
+        ),
+        "",
+    );
+    let text = std::fs::read_to_string(&s.config_path).unwrap();
+    std::fs::write(
+        &s.config_path,
+        format!("postmaster = \"admin@ops.test\"\n{text}"),
+    )
+    .unwrap();
+    s.spawn();
+    let mut c = s.client();
+    let reply = c.send_message(
+        "alice@remote.test",
+        &["postmaster"],
+        "Subject: hi\r\n\r\nx\r\n",
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    let got = ops.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["admin@ops.test"]);
+}

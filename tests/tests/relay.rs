@@ -180,7 +180,11 @@ fn an_idn_domain_is_hosted_in_either_form() {
     assert_eq!(queue[0]["domain"], "xn--bcher-kva.test");
     // The CLI takes the Unicode form too, and stores the A-labels.
     let out = s.cli(&["domain", "add", "Straße.test"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = s.cli(&["domain", "list"]);
     let listed = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(listed.contains("xn--strae-oqa.test"), "{listed}");

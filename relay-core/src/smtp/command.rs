@@ -30,6 +30,9 @@ pub enum Command {
     Helo(String),
     Mail(ReversePath, MailParams),
     Rcpt(Mailbox),
+    /// `RCPT TO:<postmaster>` without a domain, which a server must accept
+    /// (RFC 5321 §4.5.1).
+    RcptPostmaster,
     Data,
     Rset,
     Noop,
@@ -184,11 +187,14 @@ fn parse_rcpt(args: &str) -> Result<Command, SyntaxError> {
     let syntax = || err(501, "5.5.4", "Syntax: RCPT TO:<address>");
     let rest = strip_keyword(args, "TO:").ok_or_else(syntax)?;
     let (path, params) = address::split_path(rest).map_err(|_| syntax())?;
-    let mailbox =
-        address::parse_forward_path(path).map_err(|e| address_error(e, "5.1.3", "recipient"))?;
     if !esmtp_params(params)?.is_empty() {
         return Err(err(555, "5.5.4", "Unsupported RCPT parameter"));
     }
+    if path.eq_ignore_ascii_case("postmaster") {
+        return Ok(Command::RcptPostmaster);
+    }
+    let mailbox =
+        address::parse_forward_path(path).map_err(|e| address_error(e, "5.1.3", "recipient"))?;
     Ok(Command::Rcpt(mailbox))
 }
 

@@ -35,6 +35,9 @@ pub struct SessionConfig {
     pub tls_available: bool,
     /// ETRN is offered (a delivery worker runs in this process).
     pub etrn_available: bool,
+    /// Where `RCPT TO:<postmaster>` (no domain) goes: an address and the
+    /// domain it is routed by. `None` refuses it with 550 5.1.1.
+    pub postmaster: Option<AcceptedRecipient>,
     /// Ask the driver before each MAIL is accepted ([`Action::AdmitMail`]):
     /// whether there is disk space and memory for a new message.
     pub admit_mail: bool,
@@ -51,6 +54,7 @@ impl Default for SessionConfig {
             max_received_headers: 100,
             tls_available: false,
             etrn_available: false,
+            postmaster: None,
             admit_mail: false,
         }
     }
@@ -505,6 +509,7 @@ impl Session {
             }
             Command::Mail(sender, params) => self.mail(sender, params),
             Command::Rcpt(mailbox) => self.rcpt(mailbox),
+            Command::RcptPostmaster => self.rcpt_postmaster(),
             Command::Data => self.data(now),
             Command::Rset => {
                 self.tx = None;
@@ -626,6 +631,36 @@ impl Session {
             recipient: mailbox,
             sender: tx.sender.clone(),
         });
+    }
+
+    /// RFC 5321 §4.5.1: the bare `postmaster` is always accepted, and goes
+    /// to the configured postmaster address without relay control, DNSBL
+    /// or greylisting (a listed sender must still reach a human).
+    fn rcpt_postmaster(&mut self) {
+        let max = self.cfg.max_recipients;
+        let Some(target) = self.cfg.postmaster.clone() else {
+            return self.reject(
+                "recipient",
+                Reply::new(
+                    550,
+                    "5.1.1",
+                    "<postmaster>: no postmaster address is configured",
+                ),
+            );
+        };
+        let Some(tx) = self.tx.as_mut() else {
+            return self.reject(
+                "sequence",
+                Reply::new(503, "5.5.1", "Error: need MAIL command"),
+            );
+        };
+        if !tx.recipients.iter().any(|r| r.address == target.address) {
+            if tx.recipients.len() >= max {
+                return self.reply(&Reply::new(452, "4.5.3", "Error: too many recipients"));
+            }
+            tx.recipients.push(target);
+        }
+        self.reply(&Reply::new(250, "2.1.5", "Ok"));
     }
 
     fn data(&mut self, now: SystemTime) {

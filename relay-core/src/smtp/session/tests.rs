@@ -616,3 +616,29 @@ fn a_unicode_domain_is_the_same_as_its_a_labels_and_still_needs_smtputf8() {
         "xn--bcher-kva.example.test"
     );
 }
+
+#[test]
+fn bare_postmaster_is_accepted_and_goes_to_the_configured_address() {
+    let ops = crate::address::DomainName::parse("ops.test").unwrap();
+    let mut t = Transcript::with(SessionConfig {
+        postmaster: Some(AcceptedRecipient {
+            address: "admin@ops.test".into(),
+            domain: ops.clone(),
+        }),
+        ..SessionConfig::default()
+    });
+    t.ehlo();
+    t.cmd("MAIL FROM:<a@remote.test>", "250");
+    t.cmd("RCPT TO:<Postmaster>", "250 2.1.5");
+    t.cmd("RCPT TO:<POSTMASTER>", "250 2.1.5");
+    t.cmd("DATA", "354");
+    t.cmd("x\r\n.", "250 2.0.0");
+    assert_eq!(t.stored[0].recipients.len(), 1);
+    assert_eq!(t.stored[0].recipients[0].address, "admin@ops.test");
+    assert_eq!(t.stored[0].recipients[0].domain, ops);
+
+    let mut none = Transcript::new();
+    none.ehlo();
+    none.cmd("MAIL FROM:<a@remote.test>", "250");
+    none.cmd("RCPT TO:<postmaster>", "550 5.1.1");
+}
