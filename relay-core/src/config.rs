@@ -227,6 +227,9 @@ pub struct DeliveryConfig {
     /// The reply after the end of data (RFC 5321 §4.5.3.2: 10 minutes).
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// Most bytes of the original message's headers a DSN returns (the
+    /// rest is cut at a line end): bounces go to possibly forged senders.
+    pub bounce_headers_max: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -354,6 +357,7 @@ impl Default for DeliveryConfig {
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            bounce_headers_max: 50 * 1024,
         }
     }
 }

@@ -544,3 +544,45 @@ fn mail_to_the_bare_postmaster_is_delivered_to_the_configured_address() {
     let got = ops.wait_for(1, WAIT);
     assert_eq!(got[0].rcpts, ["admin@ops.test"]);
 }
+
+#[test]
+fn a_dsn_returns_at_most_the_configured_size_of_headers() {
+    let primary = Sink::start(0);
+    primary.set(|b| {
+        b.rcpt_replies = vec![("bob@example.test".into(), "550 5.1.1 no such user".into())]
+    });
+    let senders_mx = Sink::start(0);
+    let s = Server::start_run(
+        "",
+        &format!(
+            "[delivery]\nbounce_headers_max = 20000\nroutes = {{ \"remote.test\" = \"{}\" }}\n",
+            senders_mx.addr
+        ),
+        &format!("[\"{}\"]", primary.addr),
+    );
+    let mut headers = String::from("Subject: huge headers\r\n");
+    for i in 0..5000 {
+        headers.push_str(&format!(
+            "X-Filler-{i}: 0123456789012345678901234567890123456789\r\n"
+        ));
+    }
+    let body = format!("{headers}\r\nsecret body\r\n");
+    let mut c = s.client();
+    let reply = c.send_message("alice@remote.test", &["bob@example.test"], &body);
+    assert!(reply.starts_with("250 "), "{reply}");
+    let dsn = senders_mx.wait_for(1, WAIT);
+    assert_eq!(dsn[0].rcpts, ["alice@remote.test"]);
+    let text = String::from_utf8_lossy(&dsn[0].data).to_string();
+    assert!(
+        text.contains("Subject: huge headers\r\n"),
+        "{}",
+        &text[..2000.min(text.len())]
+    );
+    assert!(!text.contains("secret body"));
+    assert!(
+        body.len() > 250_000 && dsn[0].data.len() < 25_000,
+        "DSN of {} bytes",
+        dsn[0].data.len()
+    );
+    wait_empty(&s);
+}

@@ -50,19 +50,16 @@ pub fn header_section(message: &[u8]) -> &[u8] {
     }
 }
 
-/// Most bytes of the original message's headers a DSN returns (Postfix
-/// caps bounces at 50 KB): a forged sender must not be sent megabytes of
-/// someone's headers.
-pub const RETURNED_HEADERS_MAX: usize = 50 * 1024;
-
 /// The header section of `head` (the start of a message), cut at the last
-/// complete line within [`RETURNED_HEADERS_MAX`] if it is longer.
-pub fn returned_headers(head: &[u8]) -> &[u8] {
+/// complete line within `max` bytes if it is longer: a forged sender must
+/// not be sent megabytes of someone's headers (`[delivery]
+/// bounce_headers_max`, 50 KB as Postfix's bounce size limit).
+pub fn returned_headers(head: &[u8], max: usize) -> &[u8] {
     let headers = header_section(head);
-    if headers.len() <= RETURNED_HEADERS_MAX {
+    if headers.len() <= max {
         return headers;
     }
-    let within = &headers[..RETURNED_HEADERS_MAX];
+    let within = &headers[..max];
     match memchr::memrchr(b'\n', within) {
         Some(i) => &within[..=i],
         None => b"",
@@ -70,9 +67,11 @@ pub fn returned_headers(head: &[u8]) -> &[u8] {
 }
 
 /// Builds the DSN message for `entry`'s sender. `original` is the start of
-/// the message (at least its headers, or [`RETURNED_HEADERS_MAX`] bytes).
+/// the message; at most `headers_max` bytes of its headers are returned.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     hostname: &str,
+    headers_max: usize,
     entry: &QueueEntry,
     failed: &[FailedRecipient],
     original: &[u8],
@@ -124,7 +123,7 @@ pub fn build(
     }
     m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n\r\n"));
     let mut out = m.into_bytes();
-    out.extend_from_slice(returned_headers(original));
+    out.extend_from_slice(returned_headers(original, headers_max));
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
 }
@@ -178,6 +177,7 @@ mod tests {
         let original = b"Received: x\r\nSubject: hello\r\n\r\nsecret body\r\n";
         let dsn = String::from_utf8(build(
             "mx2.test",
+            50 * 1024,
             &entry,
             &failed,
             original,
@@ -199,14 +199,13 @@ mod tests {
         }
         assert!(!dsn.contains("secret body"), "only headers are returned");
         let mut huge = b"Subject: big\r\n".to_vec();
-        while huge.len() < 5 * RETURNED_HEADERS_MAX {
+        let max = 50 * 1024;
+        while huge.len() < 5 * max {
             huge.extend_from_slice(b"X-Filler: 0123456789012345678901234567890123456789\r\n");
         }
         huge.extend_from_slice(b"\r\nbody\r\n");
-        let returned = returned_headers(&huge);
-        assert!(
-            returned.len() <= RETURNED_HEADERS_MAX && returned.len() > RETURNED_HEADERS_MAX - 100
-        );
+        let returned = returned_headers(&huge, max);
+        assert!(returned.len() <= max && returned.len() > max - 100);
         assert!(returned.starts_with(b"Subject: big\r\n") && returned.ends_with(b"\r\n"));
         crate::smtp::data::encode_for_data(dsn.as_bytes());
         for (i, b) in dsn.bytes().enumerate() {

@@ -41,6 +41,8 @@ pub struct EngineConfig {
     pub timeouts: Timeouts,
     /// Offer STARTTLS to next hops when they advertise it.
     pub opportunistic_tls: bool,
+    /// Most bytes of the original headers a DSN returns.
+    pub bounce_headers_max: usize,
 }
 
 /// The outcome of one attempt.
@@ -80,6 +82,7 @@ impl EngineConfig {
                 data_final: d.data_timeout,
             },
             opportunistic_tls: d.opportunistic_tls,
+            bounce_headers_max: usize::try_from(d.bounce_headers_max).unwrap_or(usize::MAX),
         }
     }
 }
@@ -426,7 +429,7 @@ impl Engine {
         // The start of the message is enough: only its headers go back. A
         // DSN must not be lost to a read error; it then goes without them.
         let head = match bodies
-            .read_chunk(&entry.id, 0, dsn::RETURNED_HEADERS_MAX + 4)
+            .read_chunk(&entry.id, 0, self.cfg.bounce_headers_max + 4)
             .await
         {
             Ok(head) => head.unwrap_or_default(),
@@ -436,7 +439,15 @@ impl Engine {
             }
         };
         let id = QueueId::generate(now);
-        let message = dsn::build(&self.cfg.me.hostname, entry, failed, &head, now, &id);
+        let message = dsn::build(
+            &self.cfg.me.hostname,
+            self.cfg.bounce_headers_max,
+            entry,
+            failed,
+            &head,
+            now,
+            &id,
+        );
         Some(AcceptedMessage {
             id,
             sender: String::new(),
@@ -491,6 +502,7 @@ mod tests {
                 queue_lifetime: Duration::from_secs(5 * 86_400),
                 timeouts: Timeouts::default(),
                 opportunistic_tls: false,
+                bounce_headers_max: 50 * 1024,
             },
             Arc::new(
                 crate::dns::HickoryResolver::new(
