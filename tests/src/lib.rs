@@ -3,6 +3,7 @@
 //! sockets (optionally from another 127.0.0.x source address).
 
 pub mod dns;
+pub mod exim;
 pub mod postfix;
 pub mod sink;
 pub mod soak;

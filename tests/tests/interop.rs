@@ -1,28 +1,132 @@
-//! Interoperability with a real MTA (Debian's Postfix) on loopback, both
-//! ways: Postfix as the primary that comes back after an outage (with and
-//! without PIPELINING, with and without STARTTLS), and Postfix as a sender
-//! relaying through backupmx with greylisting on, which must retry, and
-//! which must take the DSN backupmx sends back.
+//! Interoperability with real MTAs (Debian's Postfix and Exim) on
+//! loopback, both ways: each as the primary that comes back after an outage
+//! (with and without PIPELINING, with and without STARTTLS), and each as a
+//! sender relaying through backupmx with greylisting on, which must retry,
+//! and which must take the DSN backupmx sends back.
 
 use std::time::Duration;
 
+use backupmx_tests::exim::{Exim, EximOptions};
 use backupmx_tests::postfix::{delivered_matches, report, Postfix, PostfixOptions};
 use backupmx_tests::sink::Sink;
 use backupmx_tests::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A backlog queued while the Postfix primary is down, then delivered to
-/// it: every message once, byte-exact after the primary's own headers.
-fn backlog_to_postfix_primary(label: &str, opts: PostfixOptions) {
-    let port = free_port();
-    let mut primary = Postfix::new(
+/// What the tests need of a real MTA.
+trait Mta {
+    const NAME: &'static str;
+    /// Marks its own Received header with when the message came over TLS.
+    const TLS_MARK: &'static str;
+    fn start(&mut self);
+    fn maildir(&self) -> Vec<Vec<u8>>;
+    fn wait_for(&self, n: usize, within: Duration) -> Vec<Vec<u8>>;
+    fn log(&self) -> String;
+    /// Whether the MTA shows it left PIPELINING out (where it says so).
+    fn shows_no_pipelining(&self) -> bool {
+        true
+    }
+}
+
+impl Mta for Postfix {
+    const NAME: &'static str = "postfix";
+    const TLS_MARK: &'static str = "with ESMTPS";
+    fn start(&mut self) {
+        Postfix::start(self)
+    }
+    fn maildir(&self) -> Vec<Vec<u8>> {
+        Postfix::maildir(self)
+    }
+    fn wait_for(&self, n: usize, within: Duration) -> Vec<Vec<u8>> {
+        Postfix::wait_for(self, n, within)
+    }
+    fn log(&self) -> String {
+        Postfix::log(self)
+    }
+    fn shows_no_pipelining(&self) -> bool {
+        self.log().contains("discarding EHLO keywords: PIPELINING")
+    }
+}
+
+impl Mta for Exim {
+    const NAME: &'static str = "exim";
+    const TLS_MARK: &'static str = "with esmtps";
+    fn start(&mut self) {
+        Exim::start(self)
+    }
+    fn maildir(&self) -> Vec<Vec<u8>> {
+        Exim::maildir(self)
+    }
+    fn wait_for(&self, n: usize, within: Duration) -> Vec<Vec<u8>> {
+        Exim::wait_for(self, n, within)
+    }
+    fn log(&self) -> String {
+        Exim::log(self)
+    }
+}
+
+/// Settings shared by both MTAs' primaries.
+#[derive(Clone, Default)]
+struct PrimarySetup {
+    no_pipelining: bool,
+    tls: bool,
+}
+
+fn postfix_primary(port: u16, setup: &PrimarySetup, keys: &std::path::Path) -> Postfix {
+    Postfix::new(
         port,
         &PostfixOptions {
             domains: vec!["example.test".into()],
-            ..opts.clone()
+            no_pipelining: setup.no_pipelining,
+            tls: setup
+                .tls
+                .then(|| (keys.join("cert.pem"), keys.join("key.pem"))),
+            relayhost: None,
         },
-    );
+    )
+}
+
+fn exim_primary(port: u16, setup: &PrimarySetup, keys: &std::path::Path) -> Exim {
+    Exim::new(
+        port,
+        &EximOptions {
+            domains: vec!["example.test".into()],
+            no_pipelining: setup.no_pipelining,
+            tls: setup
+                .tls
+                .then(|| (keys.join("cert.pem"), keys.join("key.pem"))),
+            relayhost: None,
+        },
+    )
+}
+
+/// A certificate and key the MTAs' own users can read.
+fn readable_keys() -> tempfile::TempDir {
+    let keys = tempfile::tempdir().expect("tempdir");
+    self_signed_tls(keys.path());
+    for (path, mode) in [
+        (keys.path().to_path_buf(), "755"),
+        (keys.path().join("cert.pem"), "644"),
+        (keys.path().join("key.pem"), "644"),
+    ] {
+        let _ = std::process::Command::new("chmod")
+            .arg(mode)
+            .arg(path)
+            .status();
+    }
+    keys
+}
+
+/// A backlog queued while the primary is down, then delivered to it when
+/// it is back: every message once, byte-exact after the primary's own
+/// trace headers.
+fn backlog_to_primary<M: Mta>(
+    setup: PrimarySetup,
+    make: fn(u16, &PrimarySetup, &std::path::Path) -> M,
+) {
+    let keys = readable_keys();
+    let port = free_port();
+    let mut primary = make(port, &setup, keys.path());
     let s = Server::start_run(
         "",
         "[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1h\"\n",
@@ -58,75 +162,88 @@ fn backlog_to_postfix_primary(label: &str, opts: PostfixOptions) {
         s.queue().is_empty().then_some(())
     });
     std::thread::sleep(Duration::from_millis(500));
-    let got_now = primary.maildir();
-    assert_eq!(got_now.len(), 12, "each message once: {}", primary.log());
+    assert_eq!(
+        primary.maildir().len(),
+        12,
+        "each message once: {}",
+        primary.log()
+    );
     for (i, raw) in stored.iter().enumerate() {
         let matching = got.iter().filter(|d| delivered_matches(d, raw)).count();
         assert_eq!(matching, 1, "message {i} delivered byte-exact once");
     }
-    let log = primary.log();
-    if opts.tls.is_some() {
+    if setup.no_pipelining {
+        assert!(primary.shows_no_pipelining(), "{}", primary.log());
+    }
+    if setup.tls {
         assert!(
             got.iter()
-                .all(|d| String::from_utf8_lossy(d).contains("with ESMTPS")),
+                .all(|d| String::from_utf8_lossy(d).contains(M::TLS_MARK)),
             "delivered over TLS"
         );
     }
-    if opts.no_pipelining {
-        // Postfix says so each time it leaves PIPELINING out of EHLO.
-        assert!(
-            log.contains("discarding EHLO keywords: PIPELINING"),
-            "{log}"
-        );
-    }
+    let label = match (setup.no_pipelining, setup.tls) {
+        (false, false) => "pipelining, plain",
+        (true, false) => "no pipelining, plain",
+        (false, true) => "pipelining, STARTTLS",
+        (true, true) => "no pipelining, STARTTLS",
+    };
     report(&format!(
-        "interop: backupmx -> postfix primary ({label}): 12 queued while down, 12 delivered once, byte-exact"
+        "interop: backupmx -> {} primary ({label}): 12 queued while down, 12 delivered once, byte-exact",
+        M::NAME
     ));
 }
 
 #[test]
 fn postfix_primary_with_pipelining() {
-    backlog_to_postfix_primary("pipelining, plain", PostfixOptions::default());
+    backlog_to_primary(PrimarySetup::default(), postfix_primary);
 }
 
 #[test]
 fn postfix_primary_without_pipelining() {
-    backlog_to_postfix_primary(
-        "no pipelining, plain",
-        PostfixOptions {
-            no_pipelining: true,
-            ..PostfixOptions::default()
-        },
-    );
+    let setup = PrimarySetup {
+        no_pipelining: true,
+        ..PrimarySetup::default()
+    };
+    backlog_to_primary(setup, postfix_primary);
 }
 
 #[test]
 fn postfix_primary_with_starttls() {
-    let keys = tempfile::tempdir().expect("tempdir");
-    self_signed_tls(keys.path());
-    // Postfix reads the key as its own user.
-    for f in ["cert.pem", "key.pem"] {
-        let _ = std::process::Command::new("chmod")
-            .arg("644")
-            .arg(keys.path().join(f))
-            .status();
-    }
-    let _ = std::process::Command::new("chmod")
-        .arg("755")
-        .arg(keys.path())
-        .status();
-    backlog_to_postfix_primary(
-        "no pipelining, STARTTLS",
-        PostfixOptions {
-            no_pipelining: true,
-            tls: Some((keys.path().join("cert.pem"), keys.path().join("key.pem"))),
-            ..PostfixOptions::default()
-        },
-    );
+    let setup = PrimarySetup {
+        no_pipelining: true,
+        tls: true,
+    };
+    backlog_to_primary(setup, postfix_primary);
 }
 
 #[test]
-fn postfix_sender_retries_through_greylisting_and_takes_our_dsn() {
+fn exim_primary_with_pipelining() {
+    backlog_to_primary(PrimarySetup::default(), exim_primary);
+}
+
+#[test]
+fn exim_primary_without_pipelining() {
+    let setup = PrimarySetup {
+        no_pipelining: true,
+        ..PrimarySetup::default()
+    };
+    backlog_to_primary(setup, exim_primary);
+}
+
+#[test]
+fn exim_primary_with_starttls() {
+    let setup = PrimarySetup {
+        no_pipelining: false,
+        tls: true,
+    };
+    backlog_to_primary(setup, exim_primary);
+}
+
+/// A real MTA sends through backupmx with greylisting on: it must retry
+/// after the 450 and get through, and it must take the DSN backupmx sends
+/// back for a recipient the primary refuses.
+fn sender_through_greylisting<M: Mta>(make: fn(u16, std::net::SocketAddr) -> M) {
     let primary = Sink::start(0);
     primary.set(|b| {
         b.rcpt_replies = vec![(
@@ -136,7 +253,7 @@ fn postfix_sender_retries_through_greylisting_and_takes_our_dsn() {
     });
     let sender_port = free_port();
     // backupmx: greylisting on (1 s), DSNs for remote.test go back to the
-    // sending Postfix, which hosts that domain.
+    // sending MTA, which hosts that domain.
     let s = Server::start_run(
         "",
         &format!(
@@ -144,36 +261,55 @@ fn postfix_sender_retries_through_greylisting_and_takes_our_dsn() {
         ),
         &format!("[\"{}\"]", primary.addr),
     );
-    let mut sender = Postfix::new(
-        sender_port,
-        &PostfixOptions {
-            domains: vec!["remote.test".into()],
-            relayhost: Some(s.addr),
-            ..PostfixOptions::default()
-        },
-    );
+    let mut sender = make(sender_port, s.addr);
     sender.start();
-    let mut c = Client::connect(sender.addr);
+    let mut c = Client::connect(std::net::SocketAddr::from(([127, 0, 0, 1], sender_port)));
     let reply = c.send_message(
         "alice@remote.test",
         &["bob@example.test", "nobody@example.test"],
-        "Subject: through postfix\r\n\r\nhello\r\n",
+        "Subject: through a real MTA\r\n\r\nhello\r\n",
     );
     assert!(reply.starts_with("250 "), "{reply}");
-    // Postfix got 450 4.2.0, retried after the delay, and got through.
+    // The sender got 450 4.2.0, retried after the delay, and got through.
     let got = primary.wait_for(1, WAIT);
     assert_eq!(got[0].rcpts, ["bob@example.test"]);
-    assert!(
-        s.log().contains("greylisted") || s.log().contains("450"),
-        "{}",
-        s.log()
-    );
     assert!(sender.log().contains("450 4.2.0"), "{}", sender.log());
-    // The 550 for nobody@ became our DSN, which Postfix accepted and filed.
+    // The 550 for nobody@ became our DSN, which the sender took and filed.
     let dsns = sender.wait_for(1, WAIT);
     let dsn = String::from_utf8_lossy(&dsns[0]).to_string();
     assert!(dsn.contains("multipart/report"), "{dsn}");
     assert!(dsn.contains("nobody@example.test"), "{dsn}");
-    assert!(dsn.contains("Subject: through postfix"), "{dsn}");
-    report("interop: postfix sender -> backupmx (greylisting on): 450 then retried, 1 delivered; our DSN accepted by postfix, 1 filed");
+    assert!(dsn.contains("Subject: through a real MTA"), "{dsn}");
+    report(&format!(
+        "interop: {} sender -> backupmx (greylisting on): 450, retried, 1 delivered; our DSN taken and filed: 1",
+        M::NAME
+    ));
+}
+
+#[test]
+fn postfix_sender_retries_through_greylisting_and_takes_our_dsn() {
+    sender_through_greylisting(|port, relay| {
+        Postfix::new(
+            port,
+            &PostfixOptions {
+                domains: vec!["remote.test".into()],
+                relayhost: Some(relay),
+                ..PostfixOptions::default()
+            },
+        )
+    });
+}
+
+#[test]
+fn exim_sender_retries_through_greylisting_and_takes_our_dsn() {
+    sender_through_greylisting(|port, relay| {
+        Exim::new(
+            port,
+            &EximOptions {
+                domains: vec!["remote.test".into()],
+                relayhost: Some(relay),
+                ..EximOptions::default()
+            },
+        )
+    });
 }
