@@ -165,9 +165,6 @@ fn domain_commands_work_on_dynamodb() {
     c.expect("RCPT TO:<a@dyn.test>", "250");
     c.expect("RCPT TO:<b@dyn.test>", "550 5.1.1");
     assert!(s.cli(&["domain", "remove", "dyn.test"]).status.success());
-    // A new transaction: within one, a repeated recipient is a duplicate.
-    c.expect("RSET", "250");
-    c.expect("MAIL FROM:<x@remote.test>", "250");
     c.expect("RCPT TO:<a@dyn.test>", "550 5.7.1");
 }
 

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use backupmx_tests::exim::{Exim, EximOptions};
+use backupmx_tests::opensmtpd::OpenSmtpd;
 use backupmx_tests::postfix::{delivered_matches, report, Postfix, PostfixOptions};
 use backupmx_tests::sink::Sink;
 use backupmx_tests::*;
@@ -65,7 +66,24 @@ impl Mta for Exim {
     }
 }
 
-/// Settings shared by both MTAs' primaries.
+impl Mta for OpenSmtpd {
+    const NAME: &'static str = "opensmtpd";
+    const TLS_MARK: &'static str = "with ESMTPS";
+    fn start(&mut self) {
+        OpenSmtpd::start(self)
+    }
+    fn maildir(&self) -> Vec<Vec<u8>> {
+        OpenSmtpd::maildir(self)
+    }
+    fn wait_for(&self, n: usize, within: Duration) -> Vec<Vec<u8>> {
+        OpenSmtpd::wait_for(self, n, within)
+    }
+    fn log(&self) -> String {
+        OpenSmtpd::log(self)
+    }
+}
+
+/// Settings shared by the MTAs' primaries.
 #[derive(Clone, Default)]
 struct PrimarySetup {
     no_pipelining: bool,
@@ -135,11 +153,16 @@ fn backlog_to_primary<M: Mta>(
     let (wire, _) = big_message(700 * 1024);
     let mut ids = Vec::new();
     for i in 0..12 {
+        // Date and Message-ID, as real senders write them: MTAs that add
+        // missing ones (OpenSMTPD does) then keep the message as it is.
+        let headers = format!(
+            "Subject: m{i}\r\nDate: Mon, 30 Nov 2026 12:00:00 +0000\r\nMessage-ID: <m{i}@remote.test>"
+        );
         let body = if i == 0 {
             // One big message: several spill and relay pieces.
-            wire.replace("Subject: big", "Subject: m0")
+            wire.replace("Subject: big", &headers)
         } else {
-            format!("Subject: m{i}\r\n\r\n..dot line\r\nbare\nlf\r\n8bit \u{e9}\r\n")
+            format!("{headers}\r\n\r\n..dot line\r\nbare\nlf\r\n8bit \u{e9}\r\n")
         };
         let mut c = s.client();
         ids.push(queue_id(&c.send_message(
@@ -170,6 +193,7 @@ fn backlog_to_primary<M: Mta>(
     );
     for (i, raw) in stored.iter().enumerate() {
         let matching = got.iter().filter(|d| delivered_matches(d, raw)).count();
+
         assert_eq!(matching, 1, "message {i} delivered byte-exact once");
     }
     if setup.no_pipelining {
@@ -215,6 +239,13 @@ fn postfix_primary_with_starttls() {
         tls: true,
     };
     backlog_to_primary(setup, postfix_primary);
+}
+
+#[test]
+fn opensmtpd_primary() {
+    backlog_to_primary(PrimarySetup::default(), |port, _, _| {
+        OpenSmtpd::new(port, &["example.test"])
+    });
 }
 
 #[test]

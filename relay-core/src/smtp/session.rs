@@ -337,11 +337,16 @@ impl Session {
                 if let Some(limit) = max_message_size {
                     tx.size_limit = tx.size_limit.min(limit);
                 }
-                tx.recipients.push(AcceptedRecipient {
-                    address: mailbox.to_string(),
-                    domain,
-                });
-                self.reply(&Reply::new(250, "2.1.5", "Ok"));
+                // The same recipient twice in one transaction is delivered
+                // once (RFC 5321 §3.3 lets a server drop duplicates, as
+                // Postfix does). It is still checked: the answer may differ.
+                let address = mailbox.to_string();
+                if tx.recipients.iter().any(|r| r.address == address) {
+                    self.reply(&Reply::new(250, "2.1.5", "Ok (duplicate recipient)"));
+                } else {
+                    tx.recipients.push(AcceptedRecipient { address, domain });
+                    self.reply(&Reply::new(250, "2.1.5", "Ok"));
+                }
             }
             RcptVerdict::Reject(reply) => self.reject("recipient", reply),
         }
@@ -618,12 +623,6 @@ impl Session {
                     "Non-ASCII recipient address requires SMTPUTF8",
                 ),
             );
-        }
-        // The same recipient twice in one transaction is delivered once
-        // (RFC 5321 §3.3 lets a server drop duplicates, as Postfix does).
-        let address = mailbox.to_string();
-        if tx.recipients.iter().any(|r| r.address == address) {
-            return self.reply(&Reply::new(250, "2.1.5", "Ok (duplicate recipient)"));
         }
         tx.pending_recipient = Some(mailbox.clone());
         self.waiting = Waiting::Recipient;
