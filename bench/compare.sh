@@ -7,6 +7,7 @@
 #   bench/compare.sh relay    [RUNS]   relay-through to smtp-sink (primary up)
 #   bench/compare.sh idle     [N]      RSS of backupmx holding N idle sessions after EHLO
 #   bench/compare.sh recovery [N]      N queued messages, primary comes up: seconds to empty
+#                                      (SINK_OPTS=-p: a primary without PIPELINING; PROBE=1s: probe interval)
 #
 # Needs root (installs Debian's postfix for smtp-source/smtp-sink and the
 # peer). Results go to bench/results-<scenario>.txt as well.
@@ -165,7 +166,7 @@ recovery() {
   t0=$(date +%s.%N)
   while [ "$($BMX --config "$work/backupmx.toml" queue list --json | grep -c '"id"')" != 0 ]; do sleep 0.5; done
   t1=$(date +%s.%N)
-  echo "RECOVERY messages=$n seconds=$(echo "$t1 - $t0" | bc)" | tee -a "$out"
+  echo "RECOVERY messages=$n probe=${PROBE:-30s} sink_opts=${SINK_OPTS:-none} seconds=$(echo "$t1 - $t0" | bc)" | tee -a "$out"
 }
 
 "$scenario"

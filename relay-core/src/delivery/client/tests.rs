@@ -517,3 +517,36 @@ fn rset_answered_421_fails_the_rest_transiently() {
         "{all:?}"
     );
 }
+
+#[test]
+fn a_server_with_no_extensions_gets_plain_rfc_5321() {
+    // No SIZE, no 8BITMIME, no ENHANCEDSTATUSCODES, no PIPELINING: the
+    // 8-bit message still goes (as every MTA does), with no parameters.
+    let mut env = envelope(&["x@d.test", "y@d.test"]);
+    env.eight_bit = true;
+    let mut c = ClientSession::new("mx2.test", true, env);
+    let sent = run(
+        &mut c,
+        &[
+            "220 plain server\r\n",
+            "250 plain.test\r\n",
+            "250 sender ok\r\n",
+            "550 no such user\r\n",
+            "250 recipient ok\r\n",
+            "354 go ahead\r\n",
+            "250 ok\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert_eq!(
+        sent,
+        "EHLO mx2.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\nDATA\r\n<BODY0>\r\nQUIT\r\n"
+    );
+    assert_eq!(
+        c.results(),
+        [
+            RcptResult::Permanent("550 no such user".into()),
+            RcptResult::Delivered("250 ok".into())
+        ]
+    );
+}
