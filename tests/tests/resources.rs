@@ -340,3 +340,39 @@ fn with_few_descriptors_every_client_gets_a_reply() {
     assert!(greeted > 500, "greeted {greeted}");
     assert!(s.log().contains("max_connections_lowered"), "{}", s.log());
 }
+
+#[test]
+fn past_the_memory_budget_a_declared_size_gets_452_until_memory_is_free() {
+    let s = Server::start_run(
+        "max_message_size = 1048576\nmemory_budget = 1048576",
+        "",
+        "",
+    );
+    // One session holds half a megabyte of a message it is still sending.
+    let mut a = s.client();
+    a.expect("EHLO a.test", "250");
+    a.expect("MAIL FROM:<a@remote.test>", "250");
+    a.expect("RCPT TO:<user@example.test>", "250");
+    a.expect("DATA", "354");
+    let line = "x".repeat(998) + "\r\n";
+    a.send(format!("Subject: held\r\n\r\n{}", line.repeat(500)));
+    let mut b = s.client();
+    b.expect("EHLO b.test", "250");
+    let refused = eventually(Duration::from_secs(5), "the budget in use", || {
+        let r = b.cmd("MAIL FROM:<b@remote.test> SIZE=800000");
+        if r.starts_with("250") {
+            b.expect("RSET", "250");
+            None
+        } else {
+            Some(r)
+        }
+    });
+    assert!(refused.starts_with("452 4.3.1"), "{refused}");
+    a.send(".\r\n");
+    assert!(a.read_reply().starts_with("250 "));
+    let reply = eventually(Duration::from_secs(5), "the budget free again", || {
+        let r = b.cmd("MAIL FROM:<b@remote.test> SIZE=800000");
+        r.starts_with("250").then_some(r)
+    });
+    assert!(reply.starts_with("250 2.1.0"), "{reply}");
+}
