@@ -23,8 +23,13 @@ pub struct OpenSmtpd {
 }
 
 impl OpenSmtpd {
-    /// An instance that delivers `domains` to a maildir.
-    pub fn new(port: u16, domains: &[&str]) -> OpenSmtpd {
+    /// An instance that delivers `domains` to a maildir, offering
+    /// STARTTLS with `tls` (certificate and key PEM files) if given.
+    pub fn new(
+        port: u16,
+        domains: &[&str],
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> OpenSmtpd {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let smtpd = PathBuf::from(OPENSMTPD_ROOT).join("usr/sbin/smtpd");
         assert!(

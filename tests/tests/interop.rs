@@ -203,7 +203,8 @@ fn backlog_to_primary<M: Mta>(
         assert!(
             got.iter()
                 .all(|d| String::from_utf8_lossy(d).contains(M::TLS_MARK)),
-            "delivered over TLS"
+            "delivered over TLS: {}",
+            String::from_utf8_lossy(&got[0][..got[0].len().min(600)])
         );
     }
     let label = match (setup.no_pipelining, setup.tls) {
@@ -241,11 +242,16 @@ fn postfix_primary_with_starttls() {
     backlog_to_primary(setup, postfix_primary);
 }
 
+// OpenSMTPD (6.8) offers no PIPELINING at all. Its STARTTLS fails here
+// (OpenSSL 3: "EVP lib" at the handshake, with RSA and ECDSA keys alike),
+// so there is no TLS case for it; backupmx then falls back to plain text.
 #[test]
 fn opensmtpd_primary() {
-    backlog_to_primary(PrimarySetup::default(), |port, _, _| {
-        OpenSmtpd::new(port, &["example.test"])
-    });
+    let setup = PrimarySetup {
+        no_pipelining: true,
+        tls: false,
+    };
+    backlog_to_primary(setup, |port, _, _| OpenSmtpd::new(port, &["example.test"]));
 }
 
 #[test]
