@@ -13,12 +13,13 @@ use relay_core::store::{DeliveryQueue, DomainRegistry, MessageStore};
 use relay_core::time::from_unix_seconds;
 use serde_json::json;
 
-use crate::server::open_backends;
+use crate::server::open_backends_as;
 
 #[derive(Subcommand)]
 pub enum DomainCommand {
-    /// Add a hosted domain, or replace its settings.
+    /// Add a hosted domain (with --replace: overwrite an existing one's settings).
     Add {
+        /// The domain name (Unicode or A-labels; stored as A-labels).
         domain: String,
         /// Explicit next hop HOST[:PORT]; repeat for several (tried in order).
         #[arg(long = "primary", value_name = "HOST[:PORT]")]
@@ -32,29 +33,46 @@ pub enum DomainCommand {
         /// Accept only these recipients; repeat for several.
         #[arg(long = "recipient", value_name = "ADDR")]
         recipient: Vec<String>,
+        /// Overwrite the settings of a domain that is already hosted.
+        #[arg(long)]
+        replace: bool,
     },
     /// List hosted domains.
     List {
+        /// Print a JSON array of domain records.
         #[arg(long)]
         json: bool,
     },
     /// Show one domain.
-    Show { domain: String },
-    /// Stop hosting a domain.
-    Remove { domain: String },
+    Show {
+        /// The domain name.
+        domain: String,
+    },
+    /// Stop hosting a domain. Its queued mail stays queued and is delivered
+    /// by its MX records, unless --purge-queue deletes it.
+    Remove {
+        /// The domain name.
+        domain: String,
+        /// Also delete the domain's queued messages (they will not be delivered).
+        #[arg(long)]
+        purge_queue: bool,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum QueueCommand {
     /// List queued messages, oldest first.
     List {
+        /// Only the messages for this hosted domain.
         #[arg(long, value_name = "D")]
         domain: Option<String>,
+        /// Print a JSON array, one object per queued message.
         #[arg(long)]
         json: bool,
     },
     /// Show one queued message.
     Show {
+        /// The queue id (from `queue list`).
         id: String,
         /// Print the stored message exactly as it will be relayed.
         #[arg(long)]
@@ -62,11 +80,15 @@ pub enum QueueCommand {
     },
     /// Make queued messages due now (the running worker sends them within a second).
     Flush {
+        /// Only the messages for this hosted domain.
         #[arg(long, value_name = "D")]
         domain: Option<String>,
     },
     /// Delete a queued message (it will not be delivered).
-    Delete { id: String },
+    Delete {
+        /// The queue id (from `queue list`).
+        id: String,
+    },
 }
 
 fn parse_domain(name: &str) -> anyhow::Result<DomainName> {
@@ -77,8 +99,41 @@ fn parse_id(id: &str) -> anyhow::Result<QueueId> {
     QueueId::parse(id).map_err(|e| anyhow!("{e}"))
 }
 
-pub async fn domain(config: &Config, cmd: DomainCommand) -> anyhow::Result<()> {
-    let store: Arc<dyn DomainRegistry> = open_backends(config).await?.registry;
+/// Where the configured store is, for messages.
+pub fn store_description(config: &Config) -> String {
+    match config.storage.backend {
+        relay_core::config::Backend::Local => format!(
+            "{}",
+            config
+                .storage
+                .data_dir
+                .join(relay_core::store::local::DB_FILE)
+                .display()
+        ),
+        relay_core::config::Backend::Aws => format!(
+            "DynamoDB table {} and bucket {}",
+            config.aws.domains_table, config.aws.bucket
+        ),
+    }
+}
+
+/// Opens the store for an admin command; an error names the configuration
+/// it came from, the usual cause of "no store here".
+async fn open_store(
+    config: &Config,
+    create: bool,
+    source: &str,
+) -> anyhow::Result<crate::server::Backends> {
+    open_backends_as(config, create)
+        .await
+        .map_err(|e| anyhow!("{e:#} [configuration: {source}]"))
+}
+
+pub async fn domain(config: &Config, source: &str, cmd: DomainCommand) -> anyhow::Result<()> {
+    // Only `add` may create a store; the others need the one that exists.
+    let create = matches!(cmd, DomainCommand::Add { .. });
+    let backends = open_store(config, create, source).await?;
+    let store: Arc<dyn DomainRegistry> = backends.registry;
     match cmd {
         DomainCommand::Add {
             domain,
@@ -86,13 +141,27 @@ pub async fn domain(config: &Config, cmd: DomainCommand) -> anyhow::Result<()> {
             no_greylist,
             max_size,
             recipient,
+            replace,
         } => {
             let recipients = (!recipient.is_empty()).then_some(recipient.as_slice());
             let mut d = Domain::from_parts(&domain, &primary, recipients)?;
             d.greylist = !no_greylist;
             d.max_message_size = max_size;
+            let existing = store.get(&d.name).await.context("cannot read the domain")?;
+            if existing.is_some() && !replace {
+                bail!(
+                    "{} is already hosted: add --replace to overwrite its settings (see `backupmx domain show {}`)",
+                    d.name,
+                    d.name
+                );
+            }
             store.put(&d).await.context("cannot store the domain")?;
-            println!("{}", d.name);
+            let verb = if existing.is_some() {
+                "replaced"
+            } else {
+                "added"
+            };
+            println!("{verb} {}", d.name);
         }
         DomainCommand::List { json } => {
             let domains = store.list().await.context("cannot list domains")?;
@@ -101,6 +170,9 @@ pub async fn domain(config: &Config, cmd: DomainCommand) -> anyhow::Result<()> {
             } else {
                 for d in &domains {
                     println!("{}", domain_line(d));
+                }
+                if domains.is_empty() {
+                    eprintln!("no hosted domains in {}", store_description(config));
                 }
             }
         }
@@ -133,12 +205,35 @@ pub async fn domain(config: &Config, cmd: DomainCommand) -> anyhow::Result<()> {
                     .map_or("(any)".into(), |r| r.join(", "))
             );
         }
-        DomainCommand::Remove { domain } => {
+        DomainCommand::Remove {
+            domain,
+            purge_queue,
+        } => {
             let name = parse_domain(&domain)?;
             if !store.remove(&name).await? {
                 bail!("no such domain: {name}");
             }
-            println!("{name}");
+            let queued = backends
+                .queue
+                .list(Some(&name))
+                .await
+                .context("cannot list the domain's queued mail")?;
+            if purge_queue {
+                for e in &queued {
+                    backends.queue.remove(&e.id).await?;
+                }
+                println!(
+                    "removed {name}; deleted its {} queued message(s)",
+                    queued.len()
+                );
+            } else if queued.is_empty() {
+                println!("removed {name}");
+            } else {
+                println!(
+                    "removed {name}; its {} queued message(s) stay queued and go to its MX hosts (--purge-queue deletes them)",
+                    queued.len()
+                );
+            }
         }
     }
     Ok(())
@@ -193,8 +288,8 @@ fn entry_json(e: &QueueEntry) -> serde_json::Value {
     })
 }
 
-pub async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
-    let backends = open_backends(config).await?;
+pub async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> anyhow::Result<()> {
+    let backends = open_store(config, false, source).await?;
     let store: Arc<dyn DeliveryQueue> = backends.queue;
     let messages: Arc<dyn MessageStore> = backends.messages;
     match cmd {
@@ -267,7 +362,7 @@ pub async fn queue(config: &Config, cmd: QueueCommand) -> anyhow::Result<()> {
             if !store.remove(&id).await? {
                 bail!("no such message: {id}");
             }
-            println!("{id}");
+            println!("deleted {id}");
         }
     }
     Ok(())

@@ -27,6 +27,9 @@ struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// Say on stderr which configuration file and store a command uses.
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,7 +51,8 @@ enum Command {
     Aws(admin::AwsCommand),
     /// Health check: connect, expect the 220 greeting, QUIT (exit 0 if healthy).
     Health {
-        #[arg(long, default_value = "127.0.0.1:2525")]
+        /// The SMTP listener to check (ADDR:PORT).
+        #[arg(long, default_value = "127.0.0.1:2525", value_name = "ADDR:PORT")]
         connect: std::net::SocketAddr,
         /// Send a PROXY v2 LOCAL header first (when proxy_protocol is on).
         #[arg(long)]
@@ -94,6 +98,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         let config = relay_core::config::Config::load(cli.config.as_deref())
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let source = config_source(cli.config.as_deref());
+        if cli.verbose {
+            eprintln!(
+                "backupmx: configuration {source}; store {}",
+                admin::store_description(&config)
+            );
+        }
         match cli.command {
             Command::Run => {
                 init_logging(cli.log_json);
@@ -103,8 +114,8 @@ fn main() -> ExitCode {
                 init_logging(cli.log_json);
                 server::run(config, server::Mode::IngestOnly).await
             }
-            Command::Domain(cmd) => admin::domain(&config, cmd).await,
-            Command::Queue(cmd) => admin::queue(&config, cmd).await,
+            Command::Domain(cmd) => admin::domain(&config, &source, cmd).await,
+            Command::Queue(cmd) => admin::queue(&config, &source, cmd).await,
             Command::Aws(cmd) => admin::aws(&config, cmd).await,
             Command::Health { .. } => Ok(()),
         }
@@ -117,9 +128,23 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 line.push_str(&format!(": {cause}"));
             }
-            eprintln!("{}", line.replace('\n', " "));
+            if line.contains("TOML parse error") {
+                // The caret under the mistake needs its lines.
+                eprintln!("{line}");
+            } else {
+                eprintln!("{}", line.replace('\n', " "));
+            }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Which configuration a command runs with (as `Config::load` picks it).
+fn config_source(path: Option<&std::path::Path>) -> String {
+    match path {
+        Some(p) => p.display().to_string(),
+        None if std::path::Path::new("backupmx.toml").exists() => "./backupmx.toml".into(),
+        None => "built-in defaults (no --config, no ./backupmx.toml)".into(),
     }
 }
 

@@ -30,22 +30,127 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn describe() {
-    metrics::describe_counter!("backupmx_sessions_total", "SMTP sessions accepted");
-    metrics::describe_gauge!("backupmx_sessions_active", "SMTP sessions open now");
-    metrics::describe_counter!(
+/// Every metric the server exports: name, help, whether it is a gauge,
+/// and the labels of the series created at 0 when the server starts (so
+/// dashboards and alerts can be built before the first event). The DNSBL
+/// counter has a series per configured zone once lookups happen.
+const METRICS: &[(&str, &str, bool, &[(&str, &str)])] = &[
+    (
+        "backupmx_sessions_total",
+        "SMTP sessions accepted",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_sessions_active",
+        "SMTP sessions open now",
+        true,
+        &[],
+    ),
+    (
         "backupmx_messages_accepted_total",
-        "messages stored and answered 250"
-    );
-    metrics::describe_counter!(
+        "messages stored and answered 250",
+        false,
+        &[],
+    ),
+    (
         "backupmx_bytes_accepted_total",
-        "bytes of accepted messages"
-    );
-    metrics::describe_counter!(
+        "bytes of accepted messages",
+        false,
+        &[],
+    ),
+    (
         "backupmx_rejections_total",
-        "rejected commands and connections by reason and code"
+        "rejected commands and connections by reason and code",
+        false,
+        &[("reason", "recipient"), ("code", "550")],
+    ),
+    (
+        "backupmx_queue_depth",
+        "queue entries waiting for delivery",
+        true,
+        &[],
+    ),
+    (
+        "backupmx_delivered_total",
+        "recipients delivered to their primary",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_probe_recoveries_total",
+        "destinations found answering again by the probe",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_etrn_total",
+        "ETRN requests by result",
+        false,
+        &[("result", "started")],
+    ),
+    (
+        "backupmx_greylist_total",
+        "greylisting decisions by result",
+        false,
+        &[("result", "greylisted")],
+    ),
+    (
+        "backupmx_greylist_errors_total",
+        "greylist store errors (mail let through)",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_delivery_paused",
+        "1 while delivery waits because outcomes cannot be stored",
+        true,
+        &[],
+    ),
+    (
+        "backupmx_outcome_store_failures_total",
+        "delivery outcomes the store refused (kept and written again)",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_storage_reserve_released_total",
+        "times the disk reserve was given up on a full disk",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_memory_budget_refusals_total",
+        "messages refused because smtp.memory_budget was in use",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_accept_out_of_files_total",
+        "accepts that failed for want of file descriptors",
+        false,
+        &[],
+    ),
+];
+
+fn describe() {
+    metrics::describe_counter!(
+        "backupmx_dnsbl_lookups_total",
+        "DNSBL lookups by zone and result"
     );
-    metrics::describe_gauge!("backupmx_queue_depth", "queue entries waiting for delivery");
+    for &(name, help, gauge, labels) in METRICS {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|&(k, v)| metrics::Label::new(k, v))
+            .collect();
+        if gauge {
+            metrics::describe_gauge!(name, help);
+            metrics::gauge!(name, labels).set(0.0);
+        } else {
+            metrics::describe_counter!(name, help);
+            metrics::counter!(name, labels).absolute(0);
+        }
+    }
 }
 
 /// A minimal HTTP/1.0 responder: the exposition is the only resource.

@@ -44,10 +44,29 @@ pub struct Backends {
     pub local: Option<Arc<LocalStore>>,
 }
 
-/// Opens the configured backend.
-pub async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
+/// Opens the configured backend, creating the local store if needed.
+async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
+    open_backends_as(config, true).await
+}
+
+/// Opens the configured backend; with `create` false a local store that
+/// does not exist yet is an error instead of a new empty store (commands
+/// that only read or change what is there must not make one in the wrong
+/// directory and report it empty).
+pub async fn open_backends_as(config: &Config, create: bool) -> anyhow::Result<Backends> {
     match config.storage.backend {
         Backend::Local => {
+            let db = config
+                .storage
+                .data_dir
+                .join(relay_core::store::local::DB_FILE);
+            if !create && !db.exists() {
+                bail!(
+                    "no store in the data directory {} ({} does not exist): run this command with the server's configuration (--config FILE), or start `backupmx run` first",
+                    config.storage.data_dir.display(),
+                    db.display()
+                );
+            }
             let store = Arc::new(
                 LocalStore::open_with(
                     &config.storage.data_dir,
@@ -141,6 +160,15 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         Some(files) => Some(Tls::new(files)?),
         None => None,
     };
+    // One server per data directory (its queue, its spool), for as long
+    // as this one runs.
+    relay_core::store::space::prepare_data_dir(&config.storage.data_dir).with_context(|| {
+        format!(
+            "cannot prepare the data directory {}",
+            config.storage.data_dir.display()
+        )
+    })?;
+    let _lock = relay_core::store::space::DataDirLock::take(&config.storage.data_dir)?;
     let max_connections = crate::limits::raise_open_files(&config);
     let backends = open_backends(&config).await?;
     for d in &config.domains {

@@ -34,10 +34,28 @@ fn yes() -> bool {
 pub enum DomainError {
     #[error("invalid domain name {0:?}")]
     BadName(String),
+    #[error("{0:?} cannot be a hosted domain: {1}")]
+    NotHostable(String, &'static str),
     #[error("invalid primary {0:?}: expected HOST or HOST:PORT")]
     BadPrimary(String),
     #[error("invalid recipient {0:?}: expected local@{1}")]
     BadRecipient(String, String),
+}
+
+/// A hosted domain is a name mail is addressed to on the Internet: at
+/// least two labels, and not an IP address written as one.
+fn hostable(name: &DomainName) -> Result<(), &'static str> {
+    let labels: Vec<&str> = name.as_str().split('.').collect();
+    if labels.len() < 2 {
+        return Err("a domain needs at least two labels (like example.com)");
+    }
+    if labels
+        .last()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("an IP address is not a domain name");
+    }
+    Ok(())
 }
 
 impl Domain {
@@ -58,7 +76,9 @@ impl Domain {
         primary: &[String],
         recipients: Option<&[String]>,
     ) -> Result<Self, DomainError> {
-        let name = DomainName::parse(name).map_err(|_| DomainError::BadName(name.to_string()))?;
+        let parsed = DomainName::parse(name).map_err(|_| DomainError::BadName(name.to_string()))?;
+        hostable(&parsed).map_err(|why| DomainError::NotHostable(name.to_string(), why))?;
+        let name = parsed;
         for p in primary {
             validate_primary(p)?;
         }
@@ -126,6 +146,16 @@ pub fn validate_primary(p: &str) -> Result<(), DomainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_internet_domain_names_can_be_hosted() {
+        for bad in ["1.2.3.4", "localhost", "xn--zz.test", "a..b"] {
+            assert!(Domain::from_parts(bad, &[], None).is_err(), "{bad}");
+        }
+        for good in ["example.test", "b\u{fc}cher.example", "a-b.co.uk"] {
+            assert!(Domain::from_parts(good, &[], None).is_ok(), "{good}");
+        }
+    }
 
     #[test]
     fn primaries_are_validated() {

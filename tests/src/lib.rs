@@ -135,6 +135,11 @@ impl Server {
             &format!("127.0.0.1:{port}"),
         );
         let dir = tempfile::tempdir().expect("tempdir");
+        // Its own data directory: one server per data directory.
+        let text = text.replace(
+            &self.data_dir().display().to_string(),
+            &dir.path().join("data").display().to_string(),
+        );
         let config_path = dir.path().join("backupmx.toml");
         std::fs::write(&config_path, text).expect("write config");
         let log_path = dir.path().join("backupmx.log");

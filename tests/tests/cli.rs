@@ -117,7 +117,6 @@ fn bad_config_files_give_one_line_and_a_nonzero_exit() {
         ("[smtp]\nlisten = \"nowhere\"\n", "listen"),
         ("[smtp]\nunknown_key = 1\n", "unknown_key"),
         ("[greylist]\ndelay = \"soon\"\n", "delay"),
-        ("this is not toml\n", "config"),
         (
             "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n",
             "cert",
@@ -146,6 +145,143 @@ fn bad_config_files_give_one_line_and_a_nonzero_exit() {
         .output()
         .unwrap();
     one_line_error(&out);
+    // A TOML syntax error keeps its caret under the mistake, on its lines.
+    let path = dir.path().join("syntax.toml");
+    std::fs::write(&path, "[smtp\nlisten = 1\n").unwrap();
+    let out = Command::new(backupmx_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("TOML parse error at line 1")
+            && err.contains("1 | [smtp")
+            && err.contains('^'),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_errors_point_at_the_line_and_suggest_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.toml");
+    std::fs::write(
+        &path,
+        "hostname = \"mx2.test\"\n[smtp]\nmax_mesage_size = 5\n",
+    )
+    .unwrap();
+    let out = Command::new(backupmx_bin())
+        .args(["domain", "list", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains(&format!("{}:3:", path.display())), "{err}");
+    assert!(err.contains("unknown key `smtp.max_mesage_size`"), "{err}");
+    assert!(err.contains("did you mean `max_message_size`?"), "{err}");
+    assert!(
+        !err.contains("default.") && !err.contains("TOML source string"),
+        "{err}"
+    );
+    std::fs::write(&path, "[greylist]\ndelay = \"five minutes\"\n").unwrap();
+    let out = Command::new(backupmx_bin())
+        .args(["domain", "list", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(
+        err.contains(":2:") && err.contains("\"90s\", \"5m\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn read_only_commands_in_an_empty_directory_create_nothing_and_say_where_they_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["queue", "list"][..],
+        &["domain", "list"],
+        &["queue", "flush"],
+        &["domain", "remove", "example.test"],
+    ] {
+        let out = Command::new(backupmx_bin())
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let err = one_line_error(&out);
+        assert!(
+            err.contains("no store in the data directory ./data"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("built-in defaults"), "{args:?}: {err}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing created"
+    );
+    let out = Command::new(backupmx_bin())
+        .args(["-v", "domain", "add", "example.test"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(ok(&out).trim(), "added example.test");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        said.contains("configuration built-in defaults") && said.contains("data/backupmx.db"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    let s = Server::start("", "");
+    let out = Command::new(backupmx_bin())
+        .args(["ingest", "--config"])
+        .arg(&s.config_path)
+        .env(
+            "BACKUPMX_SMTP__LISTEN",
+            format!("[\"127.0.0.1:{}\"]", free_port()),
+        )
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("already serving the data directory"), "{err}");
+    assert!(err.contains("pid"), "{err}");
+    // Admin commands still work alongside the running server.
+    ok(&s.cli(&["domain", "list"]));
+}
+
+#[test]
+fn domain_add_does_not_silently_replace_and_refuses_bad_names() {
+    let s = Server::start("", "");
+    let err = one_line_error(&s.cli(&["domain", "add", "example.test", "--primary", "10.0.0.1"]));
+    assert!(
+        err.contains("already hosted") && err.contains("--replace"),
+        "{err}"
+    );
+    let out = ok(&s.cli(&[
+        "domain",
+        "add",
+        "example.test",
+        "--primary",
+        "127.0.0.1:2626",
+        "--replace",
+    ]));
+    assert_eq!(out.trim(), "replaced example.test");
+    for bad in ["1.2.3.4", "localhost", "xn--zz.test"] {
+        let err = one_line_error(&s.cli(&["domain", "add", bad]));
+        assert!(err.contains(bad), "{bad}: {err}");
+    }
+    let out = ok(&s.cli(&["domain", "remove", "example.test"]));
+    assert_eq!(out.trim(), "removed example.test");
+    let out = s.cli(&["domain", "list"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no hosted domains in"));
 }
 
 #[test]
@@ -161,19 +297,34 @@ fn an_unusable_data_dir_gives_one_line_and_a_nonzero_exit() {
         .unwrap();
     let err = one_line_error(&out);
     assert!(err.contains("data directory"), "{err}");
+    let out = Command::new(backupmx_bin())
+        .args(["domain", "add", "example.test"])
+        .env("BACKUPMX_STORAGE__DATA_DIR", &file)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = one_line_error(&out);
+    assert!(err.contains("data directory"), "{err}");
 }
 
 #[test]
 fn environment_overrides_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(backupmx_bin())
+        .args(["domain", "add", "example.test"])
+        .env("BACKUPMX_STORAGE__DATA_DIR", dir.path().join("envdata"))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    ok(&out);
+    assert!(dir.path().join("envdata").join("backupmx.db").exists());
+    let out = Command::new(backupmx_bin())
         .args(["domain", "list", "--json"])
         .env("BACKUPMX_STORAGE__DATA_DIR", dir.path().join("envdata"))
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert_eq!(ok(&out).trim(), "[]");
-    assert!(dir.path().join("envdata").join("backupmx.db").exists());
+    assert!(ok(&out).contains("example.test"));
 }
 
 #[test]
@@ -203,4 +354,53 @@ fn metrics_are_served_in_prometheus_text() {
         text.contains("backupmx_rejections_total{reason=\"sequence\",code=\"503\"} 1"),
         "{text}"
     );
+}
+
+#[test]
+fn every_documented_metric_is_there_from_the_start_with_help_and_type() {
+    let port = free_port();
+    let s = Server::start_run(
+        "",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        "",
+    );
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .unwrap();
+    let section = readme
+        .split("## Metrics and logs")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .unwrap();
+    let documented: Vec<&str> = section
+        .split('`')
+        .filter(|w| w.starts_with("backupmx_"))
+        .map(|w| w.split('{').next().unwrap())
+        // A series per configured DNSBL zone, created by its first lookup.
+        .filter(|w| *w != "backupmx_dnsbl_lookups_total")
+        .collect();
+    assert!(documented.len() >= 15, "{documented:?}");
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    use std::io::{Read, Write};
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    for m in documented {
+        assert!(
+            text.contains(&format!("# HELP {m} ")),
+            "{m} has no HELP:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {m} ")),
+            "{m} has no TYPE:\n{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(m) && !l.starts_with('#')),
+            "{m} has no series at start:\n{text}"
+        );
+    }
+    drop(s);
 }

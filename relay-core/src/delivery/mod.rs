@@ -92,6 +92,8 @@ pub struct Engine {
     resolver: Arc<dyn Resolver>,
     registry: Arc<dyn DomainRegistry>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Destinations already logged as not hosted.
+    unhosted: std::sync::Mutex<std::collections::HashSet<DomainName>>,
 }
 
 impl Engine {
@@ -106,6 +108,7 @@ impl Engine {
             resolver,
             registry,
             tls,
+            unhosted: Default::default(),
         }
     }
 
@@ -132,7 +135,22 @@ impl Engine {
     pub async fn targets_for(&self, domain: &DomainName) -> Result<Vec<Target>, RouteError> {
         let primaries = match self.registry.get(domain).await {
             Ok(Some(d)) => d.primary,
-            Ok(None) => Vec::new(),
+            Ok(None) => {
+                // Queued mail of a domain that was removed (or a DSN's
+                // destination): said once per domain, then by MX.
+                let first = {
+                    let mut seen = self.unhosted.lock().unwrap_or_else(|p| p.into_inner());
+                    if seen.len() >= 10_000 {
+                        seen.clear();
+                    }
+                    seen.insert(domain.clone())
+                };
+                if first && !self.cfg.routes.contains_key(domain.as_str()) {
+                    tracing::info!(event = "delivering_by_mx", domain = %domain,
+                        "not a hosted domain (a DSN's destination, or removed with mail queued): delivered to its MX hosts");
+                }
+                Vec::new()
+            }
             Err(e) => return Err(RouteError::Transient(format!("domain lookup: {e}"))),
         };
         route::targets(

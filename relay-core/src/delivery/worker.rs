@@ -468,49 +468,70 @@ impl Worker {
                 .cloned()
                 .collect();
             for domain in domains {
-                if self.probe(&domain).await {
-                    tracing::info!(event = "destination_back", domain = %domain);
-                    metrics::counter!("backupmx_probe_recoveries_total").increment(1);
-                    if let Err(e) = self.release(Some(&domain)).await {
-                        tracing::warn!(event = "release_failed", domain = %domain, error = %e);
+                match self.probe(&domain).await {
+                    Ok(()) => {
+                        tracing::info!(event = "destination_back", domain = %domain);
+                        metrics::counter!("backupmx_probe_recoveries_total").increment(1);
+                        if let Err(e) = self.release(Some(&domain)).await {
+                            tracing::warn!(event = "release_failed", domain = %domain, error = %e);
+                        }
+                    }
+                    Err(why) => {
+                        tracing::info!(event = "probe_failed", domain = %domain, error = %why);
                     }
                 }
             }
         }
     }
 
-    /// Connect + greeting + EHLO: does the destination answer again?
-    async fn probe(&self, domain: &DomainName) -> bool {
-        let Ok(targets) = self.engine.targets_for(domain).await else {
-            return false;
-        };
+    /// Connect + greeting + EHLO: does the destination answer again? The
+    /// error says why not (for the log), from the last address tried.
+    async fn probe(&self, domain: &DomainName) -> Result<(), String> {
+        let targets = self
+            .engine
+            .targets_for(domain)
+            .await
+            .map_err(|e| format!("no route: {e}"))?;
+        let mut why = String::from("no address to connect to");
         for target in targets {
             for addr in target.addrs {
                 let attempt = tokio::time::timeout(Duration::from_secs(10), async {
-                    let mut stream = TcpStream::connect(addr).await.ok()?;
+                    let mut stream = TcpStream::connect(addr)
+                        .await
+                        .map_err(|e| format!("{addr}: {e}"))?;
                     let mut parser = ReplyParser::default();
                     let mut buf = [0u8; 2048];
-                    let greeting = read_one(&mut stream, &mut parser, &mut buf).await?;
+                    let greeting = read_one(&mut stream, &mut parser, &mut buf)
+                        .await
+                        .ok_or_else(|| format!("{addr}: no greeting"))?;
                     if greeting.code != 220 {
-                        return None;
+                        return Err(format!("{addr}: greeting {greeting}"));
                     }
                     stream
                         .write_all(
                             format!("EHLO {}\r\n", self.engine.config().me.hostname).as_bytes(),
                         )
                         .await
-                        .ok()?;
-                    let ehlo = read_one(&mut stream, &mut parser, &mut buf).await?;
+                        .map_err(|e| format!("{addr}: {e}"))?;
+                    let ehlo = read_one(&mut stream, &mut parser, &mut buf)
+                        .await
+                        .ok_or_else(|| format!("{addr}: no EHLO reply"))?;
                     let _ = stream.write_all(b"QUIT\r\n").await;
-                    Some(ehlo.code == 250)
+                    if ehlo.code == 250 {
+                        Ok(())
+                    } else {
+                        Err(format!("{addr}: EHLO {ehlo}"))
+                    }
                 })
                 .await;
-                if matches!(attempt, Ok(Some(true))) {
-                    return true;
+                match attempt {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e)) => why = e,
+                    Err(_) => why = format!("{addr}: timed out"),
                 }
             }
         }
-        false
+        Err(why)
     }
 }
 

@@ -229,6 +229,60 @@ impl Reserve {
     }
 }
 
+/// Name of the lock file a server holds in the data directory.
+pub const LOCK_FILE: &str = "server.lock";
+
+/// An exclusive lock on a data directory, held by a running server for as
+/// long as this value lives: two servers on one data directory would
+/// deliver the same queue twice and remove each other's spool files.
+/// Admin commands do not take it (they work alongside a server).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock or says who holds it.
+    pub fn take(dir: &Path) -> io::Result<DataDirLock> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(LOCK_FILE);
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(FILE_MODE)
+            .open(&path)?;
+        if let Err(e) =
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        {
+            if e == rustix::io::Errno::WOULDBLOCK {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let who = if holder.is_empty() {
+                    "another process".to_string()
+                } else {
+                    format!("another backupmx (pid {holder})")
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "{who} is already serving the data directory {} (lock {}); give each server its own storage.data_dir",
+                        dir.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            return Err(e.into());
+        }
+        file.set_len(0)?;
+        file.seek(io::SeekFrom::Start(0))?;
+        write!(file, "{}", std::process::id())?;
+        Ok(DataDirLock { _file: file })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +323,20 @@ mod tests {
         reserve.maintain();
         assert!(reserve.is_held());
         assert!(!Reserve::new(tmp.path(), 0, 0).release(), "size 0 is off");
+    }
+
+    #[test]
+    fn a_data_directory_has_one_server_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = DataDirLock::take(tmp.path()).unwrap();
+        let err = DataDirLock::take(tmp.path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(first);
+        DataDirLock::take(tmp.path()).unwrap();
     }
 
     #[test]
