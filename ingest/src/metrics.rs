@@ -34,7 +34,15 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
 /// and the labels of the series created at 0 when the server starts (so
 /// dashboards and alerts can be built before the first event). The DNSBL
 /// counter has a series per configured zone once lookups happen.
-const METRICS: &[(&str, &str, bool, &[(&str, &str)])] = &[
+/// (name, help, is a gauge, labels of the series created at start)
+type MetricSpec = (
+    &'static str,
+    &'static str,
+    bool,
+    &'static [(&'static str, &'static str)],
+);
+
+const METRICS: &[MetricSpec] = &[
     (
         "backupmx_sessions_total",
         "SMTP sessions accepted",
