@@ -124,7 +124,13 @@ fn greylisting_can_be_switched_off_per_domain() {
         rcpt_reply(&s, "127.0.0.2", "a@remote.test", "u@example.test").starts_with("450 4.2.0")
     );
     // The CLI switch works on the running server too.
-    let out = s.cli(&["domain", "add", "example.test", "--no-greylist"]);
+    let out = s.cli(&[
+        "domain",
+        "add",
+        "example.test",
+        "--no-greylist",
+        "--replace",
+    ]);
     assert!(out.status.success());
     assert!(rcpt_reply(&s, "127.0.0.2", "b@remote.test", "u@example.test").starts_with("250"));
 }
