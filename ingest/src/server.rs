@@ -508,7 +508,13 @@ impl ProxyPolicy {
             metrics::counter!("backupmx_rejections_total", "reason" => "proxy_header", "code" => "close").increment(1);
             tracing::warn!(event = "proxy_header_refused", peer = %peer, why);
         };
-        if !self.trusted.iter().any(|n| n.contains(&peer.ip())) {
+        let trusted = self.trusted.iter().any(|n| n.contains(&peer.ip()));
+        // The container's own health check runs on this host and sends a
+        // LOCAL header (no forwarded address): it needs no trust, and it
+        // is the only header taken from a host outside trusted_proxies.
+        let this_host = peer.ip() == IpAddr::from(std::net::Ipv4Addr::LOCALHOST)
+            || peer.ip() == IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+        if !trusted && !this_host {
             refuse("not a trusted proxy");
             return None;
         }
@@ -518,12 +524,16 @@ impl ProxyPolicy {
                 match parse(&buf) {
                     Ok(Parsed::Done(header, used)) => return Ok((header, used)),
                     Ok(Parsed::NeedMore) => {}
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(Some(e.to_string())),
                 }
                 let mut chunk = [0u8; 512];
                 let want = chunk.len().min(V2_MAX + 512 - buf.len());
                 match stream.read(&mut chunk[..want]).await {
-                    Ok(0) | Err(_) => return Err("connection closed before the header".to_string()),
+                    // A bare TCP check (the NLB's): connect, close.
+                    Ok(0) | Err(_) if buf.is_empty() => return Err(None),
+                    Ok(0) | Err(_) => {
+                        return Err(Some("connection closed before the header".to_string()))
+                    }
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
             }
@@ -532,13 +542,21 @@ impl ProxyPolicy {
         match read {
             Ok(Ok((header, used))) => {
                 let client = match header {
-                    ProxyHeader::Tcp { source, .. } => source,
+                    ProxyHeader::Tcp { source, .. } if trusted => source,
+                    ProxyHeader::Tcp { .. } => {
+                        refuse("a forwarded address from a host that is not a trusted proxy");
+                        return None;
+                    }
                     ProxyHeader::Local => peer,
                 };
                 Some((client, buf.split_off(used)))
             }
-            Ok(Err(why)) => {
+            Ok(Err(Some(why))) => {
                 refuse(&why);
+                None
+            }
+            Ok(Err(None)) => {
+                tracing::debug!(event = "tcp_health_check", peer = %peer);
                 None
             }
             Err(_) => {

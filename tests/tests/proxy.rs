@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::process::Command;
 use std::time::Duration;
 
 use backupmx_tests::*;
@@ -125,4 +126,52 @@ fn proxy_protocol_without_trusted_proxies_is_a_config_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("trusted_proxies"));
+}
+
+#[test]
+fn the_container_health_check_passes_with_the_templates_settings() {
+    // As infra/template.yaml runs it: PROXY on, trusted_proxies = the VPC
+    // CIDR, and `backupmx health --connect 127.0.0.1:PORT --proxy` from
+    // inside the container.
+    let s = Server::start(
+        "proxy_protocol = true\ntrusted_proxies = [\"10.0.0.0/16\"]",
+        "",
+    );
+    let out = Command::new(backupmx_bin())
+        .args(["health", "--connect", &s.addr.to_string(), "--proxy"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.log()
+    );
+    // This host may send LOCAL, never a forwarded client address.
+    let mut c = Client::connect_from_raw("127.0.0.1".parse().unwrap(), s.addr);
+    c.send("PROXY TCP4 192.0.2.7 192.0.2.1 40000 25\r\n");
+    assert!(c.is_closed());
+    assert!(s.log().contains("not a trusted proxy"), "{}", s.log());
+}
+
+#[test]
+fn a_bare_tcp_health_check_is_neither_an_error_nor_a_rejection() {
+    let port = free_port();
+    let s = Server::start(
+        "proxy_protocol = true\ntrusted_proxies = [\"127.0.0.0/8\"]",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    for _ in 0..3 {
+        // The NLB's TCP check: connect, close.
+        drop(std::net::TcpStream::connect(s.addr).unwrap());
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!s.log().contains("proxy_header_refused"), "{}", s.log());
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    use std::io::{Read, Write};
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(!text.contains("reason=\"proxy_header\""), "{text}");
 }
