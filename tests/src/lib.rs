@@ -85,6 +85,27 @@ impl Server {
         break_bucket: bool,
         endpoint: Option<&str>,
     ) -> Option<Server> {
+        Server::start_aws_named(smtp, extra, example_primary, break_bucket, endpoint, false)
+    }
+
+    /// As [`Server::start_aws`], with the queue given as `queue_url` (as
+    /// the SAM stack's outputs give it) instead of `queue_name`.
+    pub fn start_aws_by_queue_url(
+        smtp: &str,
+        extra: &str,
+        example_primary: &str,
+    ) -> Option<Server> {
+        Server::start_aws_named(smtp, extra, example_primary, false, None, true)
+    }
+
+    fn start_aws_named(
+        smtp: &str,
+        extra: &str,
+        example_primary: &str,
+        break_bucket: bool,
+        endpoint: Option<&str>,
+        queue_by_url: bool,
+    ) -> Option<Server> {
         if !aws_available() {
             return None;
         }
@@ -94,8 +115,17 @@ impl Server {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         );
+        let queue = if queue_by_url {
+            let emulator = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+            format!(
+                "queue_url = \"{}/000000000000/queue-{suffix}\"\n",
+                emulator.trim_end_matches('/')
+            )
+        } else {
+            format!("queue_name = \"queue-{suffix}\"\n")
+        };
         let aws = format!(
-            "[aws]\ndomains_table = \"domains-{suffix}\"\ngreylist_table = \"greylist-{suffix}\"\nbucket = \"bucket-{suffix}\"\nqueue_name = \"queue-{suffix}\"\n"
+            "[aws]\ndomains_table = \"domains-{suffix}\"\ngreylist_table = \"greylist-{suffix}\"\nbucket = \"bucket-{suffix}\"\n{queue}"
         );
         let mut s = Server::prepare(
             "ingest",

@@ -92,6 +92,45 @@ fn a_big_message_goes_through_s3_in_pieces_byte_exact() {
 }
 
 #[test]
+fn bootstrap_creates_the_queue_a_configured_queue_url_names() {
+    let sink = Sink::start(0);
+    let Some(s) = Server::start_aws_by_queue_url(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+    ) else {
+        return;
+    };
+    // The ingest sends to that URL: a missing queue would be a 451.
+    let mut c = s.client();
+    let reply = c.send_message("alice@remote.test", &["bob@example.test"], BODY);
+    assert!(reply.starts_with("250 "), "{reply}");
+    let out = run_retry_fn(&s, "3s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sink.wait_for(1, Duration::from_secs(10));
+    // A queue_name that contradicts the URL is refused, not ignored.
+    let text = std::fs::read_to_string(&s.config_path).unwrap();
+    let contradicting = s.dir.path().join("contradicting.toml");
+    std::fs::write(
+        &contradicting,
+        text.replace("[aws]\n", "[aws]\nqueue_name = \"other\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(backupmx_bin())
+        .arg("--config")
+        .arg(&contradicting)
+        .args(["aws", "bootstrap"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set one of them"));
+}
+
+#[test]
 fn temporary_failures_are_rescheduled_through_sqs() {
     let sink = Sink::start(0);
     sink.set(|b| b.tempfail_next = 1);

@@ -94,6 +94,36 @@ fn s3_client(conf: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
     )
 }
 
+/// The queue `bootstrap` creates: the one a configured `queue_url` names
+/// (its last path segment), else `queue_name`. A `queue_name` set to
+/// something else than the URL's is a contradiction, refused.
+fn queue_name_to_create(names: &AwsNames) -> Result<String, StoreError> {
+    if names.queue_url.is_empty() {
+        return Ok(names.queue_name.clone());
+    }
+    let from_url = names
+        .queue_url
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    if from_url.is_empty() || from_url.contains(':') {
+        return Err(StoreError::Backend(format!(
+            "aws.queue_url {:?} does not end in a queue name",
+            names.queue_url
+        )));
+    }
+    let default_name = crate::config::AwsConfig::default().queue_name;
+    if names.queue_name != default_name && names.queue_name != from_url {
+        return Err(StoreError::Backend(format!(
+            "aws.queue_url names the queue {from_url:?} but aws.queue_name is {:?}: set one of them",
+            names.queue_name
+        )));
+    }
+    Ok(from_url)
+}
+
 impl AwsStore {
     /// Connects to existing resources.
     pub async fn connect(
@@ -187,7 +217,8 @@ impl AwsStore {
             }
         }
         let sqs = aws_sdk_sqs::Client::new(conf);
-        let dlq_name = format!("{}-dlq", names.queue_name);
+        let queue_name = queue_name_to_create(&names)?;
+        let dlq_name = format!("{queue_name}-dlq");
         let dlq_url = sqs
             .create_queue()
             .queue_name(&dlq_name)
@@ -208,9 +239,9 @@ impl AwsStore {
             .attributes()
             .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
             .unwrap_or_default();
-        let queue_url = sqs
+        let created_url = sqs
             .create_queue()
-            .queue_name(&names.queue_name)
+            .queue_name(&queue_name)
             .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
             .attributes(QueueAttributeName::VisibilityTimeout, "5400")
             .attributes(
@@ -223,6 +254,13 @@ impl AwsStore {
             .queue_url()
             .unwrap_or_default()
             .to_string();
+        // A configured queue_url is what the servers will use; the queue it
+        // names now exists.
+        let queue_url = if names.queue_url.is_empty() {
+            created_url
+        } else {
+            names.queue_url.clone()
+        };
         AwsStore::connect(conf, AwsNames { queue_url, ..names }).await
     }
 
