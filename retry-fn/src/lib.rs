@@ -31,14 +31,39 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     Ok(RetryProcessor::new(store, engine))
 }
 
-/// The Lambda handler: only the messages that failed transiently are
-/// reported, so SQS redelivers just those.
-pub async fn handle(processor: &RetryProcessor, event: SqsEvent) -> SqsBatchResponse {
-    let mut response = SqsBatchResponse::default();
-    for record in event.records {
+/// Time kept back from the invocation's deadline to report the batch.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+
+/// The Lambda handler: the records of a batch are processed at once (a
+/// slow primary does not hold up the others), each within the time the
+/// invocation has left. Only the records that failed transiently or did
+/// not finish are reported, so SQS redelivers just those.
+pub async fn handle(
+    processor: &RetryProcessor,
+    event: SqsEvent,
+    deadline: Option<SystemTime>,
+) -> SqsBatchResponse {
+    let budget = deadline.map(|d| {
+        d.duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .saturating_sub(DEADLINE_MARGIN)
+    });
+    let work = event.records.into_iter().map(|record| async move {
         let id = record.message_id.clone().unwrap_or_default();
         let body = record.body.unwrap_or_default();
-        match processor.process(&body, SystemTime::now()).await {
+        let processing = processor.process(&body, SystemTime::now());
+        let result = match budget {
+            Some(left) => match tokio::time::timeout(left, processing).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("not finished before the invocation's deadline".to_string()),
+            },
+            None => processing.await.map_err(|e| e.to_string()),
+        };
+        (id, result)
+    });
+    let mut response = SqsBatchResponse::default();
+    for (id, result) in futures_util::future::join_all(work).await {
+        match result {
             Ok(outcome) => {
                 tracing::debug!(event = "sqs_record_done", message_id = %id, outcome = ?outcome)
             }

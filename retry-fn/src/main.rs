@@ -69,8 +69,13 @@ fn main() -> ExitCode {
             }
             None => lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
                 let p = processor.clone();
+                // The runtime gives the deadline in milliseconds since the epoch.
+                let deadline =
+                    std::time::UNIX_EPOCH + Duration::from_millis(event.context.deadline);
                 async move {
-                    Ok::<_, std::convert::Infallible>(retry_fn::handle(&p, event.payload).await)
+                    Ok::<_, std::convert::Infallible>(
+                        retry_fn::handle(&p, event.payload, Some(deadline)).await,
+                    )
                 }
             }))
             .await

@@ -282,7 +282,7 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
     )
     .unwrap();
     let processor = retry_fn::build(&config).await.unwrap();
-    let response = retry_fn::handle(&processor, event.clone()).await;
+    let response = retry_fn::handle(&processor, event.clone(), None).await;
     let failed: Vec<String> = response
         .batch_item_failures
         .iter()
@@ -291,7 +291,7 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
     assert_eq!(failed, ["m-bad-2"]);
     assert_eq!(sink.received().len(), 1);
     // SQS redelivers the same message: nothing is sent again.
-    let response = retry_fn::handle(&processor, event).await;
+    let response = retry_fn::handle(&processor, event, None).await;
     assert_eq!(response.batch_item_failures.len(), 1);
     assert_eq!(
         sink.received().len(),
@@ -413,4 +413,106 @@ fn an_unreachable_aws_backend_gives_451_and_service_resumes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(sink.wait_for(2, Duration::from_secs(10)).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_primary_does_not_fail_the_whole_lambda_batch() {
+    if !aws_available() {
+        return;
+    }
+    let sink = Sink::start(0);
+    // A primary that accepts connections and never greets.
+    let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hanging_addr = hanging.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hanging.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let suffix = relay_core::queue::QueueId::generate(std::time::SystemTime::now())
+        .as_str()
+        .to_lowercase();
+    let config = Config::from_toml(&format!(
+        "hostname = \"mx2.test\"\n[aws]\ndomains_table = \"d-{suffix}\"\ngreylist_table = \"g-{suffix}\"\nbucket = \"b-{suffix}\"\nqueue_name = \"q-{suffix}\"\n[dns]\nservers = [\"127.0.0.1:9\"]\n\
+         [[domain]]\nname = \"example.test\"\nprimary = [\"{}\"]\n[[domain]]\nname = \"slow.test\"\nprimary = [\"{hanging_addr}\"]\n",
+        sink.addr
+    ))
+    .unwrap();
+    let names = relay_core::store::aws::AwsNames::from_config(&config.aws);
+    let conf = relay_core::store::aws::sdk_config().await;
+    let store = std::sync::Arc::new(
+        relay_core::store::aws::AwsStore::bootstrap(&conf, names)
+            .await
+            .unwrap(),
+    );
+    use relay_core::store::{DomainRegistry, Spool};
+    for d in &config.domains {
+        store.put(&d.to_domain().unwrap()).await.unwrap();
+    }
+    let spool = relay_core::store::SplitSpool {
+        messages: store.clone(),
+        queue: store.clone(),
+    };
+    for rcpt in ["bob@example.test", "carol@slow.test"] {
+        let domain = rcpt.split('@').nth(1).unwrap();
+        spool
+            .accept(relay_core::queue::AcceptedMessage {
+                id: relay_core::queue::QueueId::generate(std::time::SystemTime::now()),
+                sender: "alice@remote.test".into(),
+                recipients: vec![relay_core::queue::AcceptedRecipient {
+                    address: rcpt.into(),
+                    domain: relay_core::address::DomainName::parse(domain).unwrap(),
+                }],
+                client_ip: "192.0.2.1".parse().unwrap(),
+                helo: "client.test".into(),
+                received_at: std::time::SystemTime::now(),
+                smtputf8: false,
+                eight_bit: false,
+                body: BODY.as_bytes().to_vec(),
+                deferred: Vec::new(),
+                spooled: None,
+            })
+            .await
+            .unwrap();
+    }
+    let mut records = Vec::new();
+    while records.len() < 2 {
+        let received = store
+            .sqs()
+            .receive_message()
+            .queue_url(store.queue_url())
+            .max_number_of_messages(10)
+            .wait_time_seconds(2)
+            .send()
+            .await
+            .unwrap();
+        for m in received.messages() {
+            let body = m.body().unwrap().to_string();
+            let mut record = aws_lambda_events::event::sqs::SqsMessage::default();
+            record.message_id = Some(
+                if body.contains("slow.test") {
+                    "slow"
+                } else {
+                    "fast"
+                }
+                .into(),
+            );
+            record.body = Some(body);
+            records.push(record);
+        }
+    }
+    let mut event = SqsEvent::default();
+    event.records = records;
+    let processor = retry_fn::build(&config).await.unwrap();
+    // 6 s left, 5 s kept back to report: 1 s for the batch.
+    let deadline = std::time::SystemTime::now() + Duration::from_secs(6);
+    let response = retry_fn::handle(&processor, event, Some(deadline)).await;
+    let failed: Vec<String> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect();
+    assert_eq!(failed, ["slow"], "only the unfinished record is reported");
+    assert_eq!(sink.received().len(), 1, "the other was delivered");
 }
