@@ -44,7 +44,7 @@ servers = ["127.0.0.1:9"]
 [delivery]
 retry_initial = "1h"
 retry_max = "2h"
-probe_interval = "${PROBE:-30s}"
+probe_interval = "${PROBE:-5s}"
 [[domain]]
 name = "$DOMAIN"
 primary = ["127.0.0.1:$SINK_PORT"]
@@ -166,7 +166,7 @@ recovery() {
   t0=$(date +%s.%N)
   while [ "$($BMX --config "$work/backupmx.toml" queue list --json | grep -c '"id"')" != 0 ]; do sleep 0.5; done
   t1=$(date +%s.%N)
-  echo "RECOVERY messages=$n probe=${PROBE:-30s} sink_opts=${SINK_OPTS:-none} seconds=$(echo "$t1 - $t0" | bc)" | tee -a "$out"
+  echo "RECOVERY messages=$n probe=${PROBE:-5s} sink_opts=${SINK_OPTS:-none} seconds=$(echo "$t1 - $t0" | bc)" | tee -a "$out"
 }
 
 "$scenario"

@@ -350,7 +350,7 @@ impl Default for DeliveryConfig {
             mx_port: 25,
             max_connections_per_destination: 10,
             max_connections: 100,
-            probe_interval: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
             etrn_networks: Vec::new(),
             opportunistic_tls: true,

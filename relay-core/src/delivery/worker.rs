@@ -56,7 +56,7 @@ impl Default for WorkerConfig {
             max_per_destination: 10,
             max_total: 100,
             poll_interval: Duration::from_secs(1),
-            probe_interval: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(5),
         }
     }
 }
@@ -467,19 +467,23 @@ impl Worker {
                 .iter()
                 .cloned()
                 .collect();
-            for domain in domains {
-                match self.probe(&domain).await {
-                    Ok(()) => {
-                        tracing::info!(event = "destination_back", domain = %domain);
-                        metrics::counter!("backupmx_probe_recoveries_total").increment(1);
-                        if let Err(e) = self.release(Some(&domain)).await {
-                            tracing::warn!(event = "release_failed", domain = %domain, error = %e);
-                        }
-                    }
-                    Err(why) => {
-                        tracing::info!(event = "probe_failed", domain = %domain, error = %why);
-                    }
+            // At once: a blackholed primary (each try waits for its
+            // timeout) must not delay the others' recovery.
+            futures_util::future::join_all(domains.iter().map(|d| self.probe_and_release(d))).await;
+        }
+    }
+
+    async fn probe_and_release(&self, domain: &DomainName) {
+        match self.probe(domain).await {
+            Ok(()) => {
+                tracing::info!(event = "destination_back", domain = %domain);
+                metrics::counter!("backupmx_probe_recoveries_total").increment(1);
+                if let Err(e) = self.release(Some(domain)).await {
+                    tracing::warn!(event = "release_failed", domain = %domain, error = %e);
                 }
+            }
+            Err(why) => {
+                tracing::info!(event = "probe_failed", domain = %domain, error = %why);
             }
         }
     }
