@@ -497,6 +497,10 @@ impl Config {
         if d.max_connections_per_destination == 0 || d.max_connections == 0 || d.mx_port == 0 {
             return invalid("delivery.max_connections, max_connections_per_destination and mx_port must be positive".into());
         }
+        if d.queue_lifetime > Duration::from_secs(60 * 86_400) {
+            // The AWS bucket keeps bodies 62 days (infra/template.yaml).
+            return invalid("delivery.queue_lifetime must be at most 60d".into());
+        }
         if d.probe_interval.is_zero() || d.poll_interval.is_zero() {
             return invalid("delivery.probe_interval and poll_interval must be positive".into());
         }

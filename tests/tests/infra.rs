@@ -206,6 +206,19 @@ fn queue_and_function_settings_fit_together() {
         r["GreylistTable"]["Properties"]["TimeToLiveSpecification"]["AttributeName"].as_str(),
         Some("expires")
     );
+    // Bodies outlive the longest queue lifetime, whatever QueueLifetime says.
+    let rules = r["MessagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+        .as_sequence()
+        .unwrap();
+    for rule in rules {
+        let days = rule["ExpirationInDays"].as_u64().unwrap();
+        assert!(days >= 60 + 2, "bucket lifecycle {days} d < 60 d + margin");
+    }
+    let lifetime = t["Parameters"]["QueueLifetime"]["Default"]
+        .as_str()
+        .unwrap();
+    let lifetime = relay_core::config::parse_duration(lifetime).unwrap();
+    assert!(lifetime.as_secs() <= 60 * 86_400);
     // The binary the function is built from exists in the workspace.
     let binary = r["RetryFunction"]["Metadata"]["BuildProperties"]["Binary"]
         .as_str()
