@@ -172,29 +172,18 @@ impl Exim {
 
     /// Every message delivered to the maildir, as stored (LF line ends).
     pub fn maildir(&self) -> Vec<Vec<u8>> {
-        let new = self.dir.path().join("mail/inbox/new");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(new)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        files.sort();
-        files.iter().filter_map(|p| std::fs::read(p).ok()).collect()
+        crate::mta::read_maildir(&self.dir.path().join("mail/inbox"))
     }
 
+    /// Waits until the maildir holds at least `n` messages.
     pub fn wait_for(&self, n: usize, within: Duration) -> Vec<Vec<u8>> {
-        let deadline = Instant::now() + within;
-        loop {
-            let got = self.maildir();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "exim maildir has {} of {n} messages\n{}",
-                got.len(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::mta::wait_for_maildir(
+            &self.dir.path().join("mail/inbox"),
+            n,
+            within,
+            "exim",
+            || self.log(),
+        )
     }
 }
 

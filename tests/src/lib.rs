@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod exim;
+pub mod mta;
 pub mod opensmtpd;
 pub mod postfix;
 pub mod sink;

@@ -165,30 +165,18 @@ impl Postfix {
 
     /// Every message delivered to the maildir, as stored (LF line ends).
     pub fn maildir(&self) -> Vec<Vec<u8>> {
-        let new = self.dir.path().join("mail/inbox/new");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(new)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        files.sort();
-        files.iter().filter_map(|p| std::fs::read(p).ok()).collect()
+        crate::mta::read_maildir(&self.dir.path().join("mail/inbox"))
     }
 
     /// Waits until the maildir holds at least `n` messages.
     pub fn wait_for(&self, n: usize, within: Duration) -> Vec<Vec<u8>> {
-        let deadline = Instant::now() + within;
-        loop {
-            let got = self.maildir();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "postfix maildir has {} of {n} messages\n{}",
-                got.len(),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::mta::wait_for_maildir(
+            &self.dir.path().join("mail/inbox"),
+            n,
+            within,
+            "postfix",
+            || self.log(),
+        )
     }
 }
 
@@ -226,36 +214,3 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 ";
-
-/// Where the message `stored` (as backupmx stores it: CRLF, starting with
-/// our Received header) is in `delivered` (a maildir file, LF line ends,
-/// the primary's own trace headers first): the rest must match exactly.
-pub fn delivered_matches(delivered: &[u8], stored: &[u8]) -> bool {
-    let stored_lf: Vec<u8> = String::from_utf8_lossy(stored)
-        .replace("\r\n", "\n")
-        .into_bytes();
-    let first_line = stored_lf.split(|&b| b == b'\n').next().unwrap_or_default();
-    delivered
-        .windows(first_line.len().max(1))
-        .position(|w| w == first_line)
-        .is_some_and(|at| delivered[at..] == stored_lf[..])
-}
-
-/// One line per MTA pair, appended to `target/interop-summary.txt`, which
-/// scripts/test prints after the run (test output itself is captured).
-pub fn report(line: &str) {
-    use std::io::Write;
-    let exe = std::env::current_exe().expect("test executable");
-    let target = exe
-        .ancestors()
-        .find(|p| p.file_name().is_some_and(|n| n == "target"))
-        .map(Path::to_path_buf)
-        .unwrap_or_else(std::env::temp_dir);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(target.join("interop-summary.txt"))
-    {
-        let _ = writeln!(f, "{line}");
-    }
-}

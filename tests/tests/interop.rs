@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use backupmx_tests::exim::{Exim, EximOptions};
+use backupmx_tests::mta::{delivered_matches, report};
 use backupmx_tests::opensmtpd::OpenSmtpd;
-use backupmx_tests::postfix::{delivered_matches, report, Postfix, PostfixOptions};
+use backupmx_tests::postfix::{Postfix, PostfixOptions};
 use backupmx_tests::sink::Sink;
 use backupmx_tests::*;
 
