@@ -175,6 +175,11 @@ fn queue_and_function_settings_fit_together() {
         visibility >= 6 * timeout,
         "visibility {visibility} < 6 x {timeout}"
     );
+    // One value in the template and in the code (bootstrap, retry-fn).
+    assert_eq!(
+        visibility,
+        relay_core::store::aws::QUEUE_VISIBILITY_TIMEOUT_SECS
+    );
     assert_eq!(
         r["DeliveryQueue"]["Properties"]["MessageRetentionPeriod"].as_u64(),
         Some(1_209_600)

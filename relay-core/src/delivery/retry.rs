@@ -20,7 +20,8 @@ use crate::time::unix_seconds;
 
 /// A record this far past its next attempt with no attempt made is
 /// assumed orphaned (SQS visibility timeout plus the longest delay).
-const ORPHAN_GRACE_SECS: u64 = 5400 + 900;
+const ORPHAN_GRACE_SECS: u64 =
+    crate::store::aws::QUEUE_VISIBILITY_TIMEOUT_SECS + crate::store::aws::MAX_SQS_DELAY;
 
 /// Tries of each write after a delivery attempt, and the first pause
 /// between them (doubling: 0.2 + 0.4 + … ≈ 6 s in all).

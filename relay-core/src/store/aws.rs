@@ -124,6 +124,11 @@ fn queue_name_to_create(names: &AwsNames) -> Result<String, StoreError> {
     Ok(from_url)
 }
 
+/// The delivery queue's visibility timeout (seconds): at least six times
+/// the function's 900 s timeout, AWS's advice for SQS event sources. The
+/// SAM template sets the same value (tests/tests/infra.rs checks it).
+pub const QUEUE_VISIBILITY_TIMEOUT_SECS: u64 = 5400;
+
 impl AwsStore {
     /// Connects to existing resources.
     pub async fn connect(
@@ -243,7 +248,10 @@ impl AwsStore {
             .create_queue()
             .queue_name(&queue_name)
             .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
-            .attributes(QueueAttributeName::VisibilityTimeout, "5400")
+            .attributes(
+                QueueAttributeName::VisibilityTimeout,
+                QUEUE_VISIBILITY_TIMEOUT_SECS.to_string(),
+            )
             .attributes(
                 QueueAttributeName::RedrivePolicy,
                 format!("{{\"deadLetterTargetArn\":\"{dlq_arn}\",\"maxReceiveCount\":\"10\"}}"),
