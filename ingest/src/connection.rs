@@ -70,28 +70,54 @@ const SPILL_AT: usize = 512 * 1024;
 
 /// A big message's data on its way to the store, in `spool_dir`.
 struct Spill {
-    file: tokio::fs::File,
+    /// `None` only while a write is in progress on a blocking thread.
+    file: Option<std::fs::File>,
     path: std::path::PathBuf,
     len: u64,
 }
 
 impl Spill {
     async fn create(dir: &std::path::Path, session_id: u64) -> io::Result<Spill> {
+        use std::os::unix::fs::OpenOptionsExt;
         static FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = dir.join(format!("{session_id}-{n}.part"));
-        let file = tokio::fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(relay_core::store::space::FILE_MODE)
-            .open(&path)
-            .await?;
-        Ok(Spill { file, path, len: 0 })
+        let open = path.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(relay_core::store::space::FILE_MODE)
+                .open(open)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(Spill {
+            file: Some(file),
+            path,
+            len: 0,
+        })
     }
 
-    async fn write(&mut self, piece: &[u8]) -> io::Result<()> {
-        self.file.write_all(piece).await?;
-        self.len += piece.len() as u64;
+    /// Writes a piece on a blocking thread. The piece moves there and is
+    /// freed after the write: unlike tokio's `File`, no copy of it is kept
+    /// in a write buffer, so a session holds one piece at a time.
+    async fn write(&mut self, piece: Vec<u8>) -> io::Result<()> {
+        use std::io::Write;
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("spool file lost after a failed write"))?;
+        let n = piece.len() as u64;
+        let (file, written) = tokio::task::spawn_blocking(move || {
+            let written = file.write_all(&piece);
+            (file, written)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        self.file = Some(file);
+        written?;
+        self.len += n;
         Ok(())
     }
 
@@ -185,8 +211,7 @@ async fn finish_spill(
     message: &mut relay_core::queue::AcceptedMessage,
 ) -> io::Result<()> {
     let tail = std::mem::take(&mut message.body);
-    spill.write(&tail).await?;
-    spill.file.flush().await?;
+    spill.write(tail).await?;
     message.spooled = Some(relay_core::queue::SpooledBody {
         path: spill.path.clone(),
         len: spill.len,
@@ -277,10 +302,10 @@ pub async fn serve(
                 }
                 if let Some(piece) = session.take_data_over(SPILL_AT) {
                     let written = match spill.as_mut() {
-                        Some(s) => s.write(&piece).await,
+                        Some(s) => s.write(piece).await,
                         None => match Spill::create(&shared.spool_dir, session_id).await {
                             Ok(mut s) => {
-                                let w = s.write(&piece).await;
+                                let w = s.write(piece).await;
                                 spill = Some(s);
                                 w
                             }
