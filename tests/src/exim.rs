@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Where scripts/install-test-deps unpacks Exim (`EXIM_ROOT` overrides).
 pub const EXIM_ROOT: &str = "/opt/backupmx-test/exim";
@@ -150,15 +150,7 @@ impl Exim {
             .spawn()
             .expect("start exim");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(self.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "exim did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::mta::wait_listening(self.addr, "exim", || self.log());
     }
 
     pub fn log(&self) -> String {

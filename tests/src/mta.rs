@@ -5,6 +5,16 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Waits (at most 20 s) until something accepts connections on `addr`; on
+/// time-out the panic shows the MTA's log.
+pub fn wait_listening(addr: std::net::SocketAddr, mta: &str, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{mta} did not listen: {}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every message in the maildir `dir` (its `new/`), oldest name first, as
 /// stored (LF line ends).
 pub fn read_maildir(dir: &Path) -> Vec<Vec<u8>> {

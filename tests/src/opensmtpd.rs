@@ -78,15 +78,7 @@ impl OpenSmtpd {
             .spawn()
             .expect("start smtpd");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(self.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "opensmtpd did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::mta::wait_listening(self.addr, "opensmtpd", || self.log());
     }
 
     pub fn log(&self) -> String {

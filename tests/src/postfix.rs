@@ -136,15 +136,7 @@ impl Postfix {
             self.log()
         );
         self.running = true;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(self.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "postfix did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::mta::wait_listening(self.addr, "postfix", || self.log());
     }
 
     /// Stops the instance (the primary goes down).
