@@ -22,7 +22,6 @@ use crate::tls::Tls;
 pub struct Delivery {
     pub engine: Arc<relay_core::delivery::Engine>,
     pub worker: Arc<relay_core::delivery::worker::Worker>,
-    pub etrn_networks: Vec<ipnet::IpNet>,
 }
 
 /// What new mail needs: disk space (embedded store) and memory.
@@ -143,6 +142,16 @@ pub struct Shared {
     /// Longest DATA phase; a command line must be complete within `idle_timeout`.
     pub data_timeout: Duration,
     pub delivery: Option<Delivery>,
+    /// ETRN: in the embedded mode the worker, with the AWS backend the
+    /// shared queue (any delivery process picks the released mail up).
+    pub etrn: Option<Etrn>,
+}
+
+pub struct Etrn {
+    /// Resolves the domain's primaries (who may ask).
+    pub engine: Arc<relay_core::delivery::Engine>,
+    pub release: Arc<dyn relay_core::delivery::etrn::Release>,
+    pub networks: Vec<ipnet::IpNet>,
 }
 
 enum Conn {
@@ -442,15 +451,15 @@ pub async fn serve(
                 }
             }
             Action::Etrn { node } => {
-                let reply = match &shared.delivery {
-                    Some(d) => {
+                let reply = match &shared.etrn {
+                    Some(e) => {
                         relay_core::delivery::etrn::handle(
                             &node,
                             peer.ip(),
-                            &d.etrn_networks,
+                            &e.networks,
                             shared.policy.registry.as_ref(),
-                            &d.engine,
-                            &d.worker,
+                            &e.engine,
+                            e.release.as_ref(),
                         )
                         .await
                     }

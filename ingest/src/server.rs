@@ -22,7 +22,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::connection::{self, Delivery, Resources, Shared};
+use crate::connection::{self, Delivery, Etrn, Resources, Shared};
 use crate::tls::Tls;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +201,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         });
     }
     let needs_dns = mode == Mode::Embedded
+        || config.storage.backend == Backend::Aws
         || !config.dnsbl.zones.is_empty()
         || !config.dnsbl.allow_zones.is_empty();
     let resolver: Option<Arc<dyn Resolver>> = if needs_dns {
@@ -214,14 +215,36 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     spawn_maintenance(&config, &backends, &policy);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut worker_task = None;
-    let delivery = if let (Mode::Embedded, Some(resolver), Some(store)) =
-        (mode, resolver, backends.local.as_ref())
-    {
-        let (delivery, worker) = start_delivery(&config, store, resolver)?;
-        worker_task = Some(tokio::spawn(worker.run(shutdown_rx.clone())));
-        Some(delivery)
-    } else {
-        None
+    let etrn_networks = config.delivery.etrn_networks.clone();
+    let (delivery, etrn) = match (mode, resolver, backends.local.as_ref()) {
+        (Mode::Embedded, Some(resolver), Some(store)) => {
+            let (delivery, worker) = start_delivery(&config, store, resolver)?;
+            worker_task = Some(tokio::spawn(worker.clone().run(shutdown_rx.clone())));
+            let etrn = Etrn {
+                engine: delivery.engine.clone(),
+                release: worker,
+                networks: etrn_networks,
+            };
+            (Some(delivery), Some(etrn))
+        }
+        // Ingest only, on the shared AWS queue: ETRN makes the domain's
+        // records due and gives them tickets; the retry function delivers.
+        (Mode::IngestOnly, Some(resolver), None) if config.storage.backend == Backend::Aws => {
+            let engine = Arc::new(Engine::new(
+                EngineConfig::from_config(&config),
+                resolver,
+                backends.registry.clone(),
+            ));
+            let etrn = Etrn {
+                engine,
+                release: Arc::new(relay_core::delivery::etrn::QueueRelease(
+                    backends.queue.clone(),
+                )),
+                networks: etrn_networks,
+            };
+            (None, Some(etrn))
+        }
+        _ => (None, None),
     };
     let mut listeners = Vec::new();
     for addr in &config.smtp.listen {
@@ -249,7 +272,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             max_errors: config.smtp.max_errors,
             max_received_headers: 100,
             tls_available: tls.is_some(),
-            etrn_available: delivery.is_some(),
+            etrn_available: etrn.is_some(),
             postmaster: config
                 .postmaster()
                 .ok()
@@ -262,6 +285,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         idle_timeout: config.smtp.idle_timeout,
         data_timeout: config.smtp.data_timeout,
         delivery,
+        etrn,
     });
     let limits = Arc::new(Limits {
         proxy: config.smtp.proxy_protocol.then(|| ProxyPolicy {
@@ -351,7 +375,6 @@ fn start_delivery(
         Delivery {
             engine,
             worker: worker.clone(),
-            etrn_networks: d.etrn_networks.clone(),
         },
         worker,
     ))

@@ -115,6 +115,22 @@ pub struct AwsConfig {
     /// Empty: looked up by `queue_name`.
     pub queue_url: String,
     pub queue_name: String,
+    /// The queue records (per-recipient state, next attempt, version):
+    /// updated only conditionally, so no writer overwrites another's.
+    pub queue_table: String,
+    /// Empty: the one the queue's redrive policy names.
+    pub dead_letter_queue_url: String,
+    /// A record this long past its next attempt, with no attempt under
+    /// way, is given a new SQS message by the sweeper (its own was lost).
+    #[serde(with = "humantime_serde")]
+    pub orphan_after: Duration,
+    /// How long a claimed attempt owns a record; longer than any attempt
+    /// can run (the function's 15-minute limit).
+    #[serde(with = "humantime_serde")]
+    pub attempt_lease: Duration,
+    /// How often `retry-fn poll` runs the sweeper.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -307,6 +323,11 @@ impl Default for AwsConfig {
             bucket: "backupmx-messages".into(),
             queue_url: String::new(),
             queue_name: "backupmx-queue".into(),
+            queue_table: "backupmx-queue-records".into(),
+            dead_letter_queue_url: String::new(),
+            orphan_after: Duration::from_secs(300),
+            attempt_lease: Duration::from_secs(1200),
+            sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -487,6 +508,9 @@ impl Config {
                     z.zone
                 ));
             }
+        }
+        if self.aws.attempt_lease < Duration::from_secs(1) || self.aws.sweep_interval.is_zero() {
+            return invalid("aws.attempt_lease and aws.sweep_interval must be positive".into());
         }
         let d = &self.delivery;
         if d.retry_initial.is_zero() || d.retry_max < d.retry_initial {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use relay_core::config::Config;
-use relay_core::delivery::retry::{Processed, RetryProcessor};
+use relay_core::delivery::retry::{CrashPoint, Processed, RetryProcessor, RetrySettings};
 use relay_core::delivery::{Engine, EngineConfig};
 use relay_core::dns::HickoryResolver;
 use relay_core::store::aws::{AwsNames, AwsStore};
@@ -28,7 +28,40 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
         Arc::new(resolver),
         store.clone(),
     ));
-    Ok(RetryProcessor::new(store, engine))
+    Ok(
+        RetryProcessor::new(store, engine, RetrySettings::from_config(config))
+            .with_crash_point(crash_point()),
+    )
+}
+
+/// Debug builds only: `FAULT_INJECTION=retry:POINT` makes the process die
+/// at that point of its work (tests of the sweeper's rescue).
+fn crash_point() -> Option<CrashPoint> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let spec = std::env::var("FAULT_INJECTION").ok()?;
+    let point = CrashPoint::parse_spec(&spec);
+    if point.is_some() {
+        tracing::warn!(event = "fault_injection", spec = %spec);
+    }
+    point
+}
+
+/// One sweeper pass, logged.
+pub async fn sweep(processor: &RetryProcessor) -> anyhow::Result<()> {
+    let report = processor
+        .sweep(SystemTime::now())
+        .await
+        .map_err(|e| anyhow::anyhow!("sweep failed: {e}"))?;
+    tracing::info!(
+        event = "sweep_done",
+        orphans = report.orphans,
+        dead_letters = report.dead_letters,
+        redriven = report.redriven,
+        malformed_dead_letters = report.malformed
+    );
+    Ok(())
 }
 
 /// Time kept back from the invocation's deadline to report the batch.
@@ -84,6 +117,26 @@ pub async fn poll(
     let url = processor.store.queue_url().to_string();
     let mut idle_since = std::time::Instant::now();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // The sweeper runs beside the consumer, so one process is a whole
+    // delivery tier (containers, LocalStack).
+    let sweeper = {
+        let p = processor.clone();
+        let every = p.settings().sweep_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = sweep(&p).await {
+                    tracing::warn!(event = "sweep_failed", error = %e);
+                }
+            }
+        })
+    };
+    let _stop_sweeper = AbortOnDrop(sweeper);
+    // An attempt must end (and its outcome be stored) inside its lease, or
+    // another may take the record over.
+    let attempt_limit = processor.settings().attempt_lease.mul_f32(0.9);
     loop {
         let receive = sqs
             .receive_message()
@@ -107,9 +160,13 @@ pub async fn poll(
         for m in messages {
             let p = processor.clone();
             tasks.push(tokio::spawn(async move {
-                let result = p
-                    .process(m.body().unwrap_or_default(), SystemTime::now())
-                    .await;
+                let processing = p.process(m.body().unwrap_or_default(), SystemTime::now());
+                let result = match tokio::time::timeout(attempt_limit, processing).await {
+                    Ok(r) => r,
+                    Err(_) => Err(relay_core::delivery::retry::RetryError(
+                        "attempt did not finish within its lease".into(),
+                    )),
+                };
                 (m, result)
             }));
         }
@@ -120,6 +177,7 @@ pub async fn poll(
                     if matches!(outcome, Processed::Attempted { .. }) {
                         tracing::debug!(event = "sqs_record_done", outcome = ?outcome);
                     }
+                    processor.crash_if(CrashPoint::BeforeSqsDelete);
                     if let Some(handle) = m.receipt_handle() {
                         if let Err(e) = sqs
                             .delete_message()
@@ -141,4 +199,12 @@ pub async fn poll(
 
 fn aws_sdk_error(e: &dyn std::error::Error) -> String {
     e.to_string()
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

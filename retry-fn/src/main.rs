@@ -37,6 +37,9 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = relay_core::config::parse_duration)]
         exit_when_idle: Option<Duration>,
     },
+    /// One sweeper pass (orphaned records, dead letters), then exit; the
+    /// scheduled Lambda invocation does the same.
+    Sweep,
 }
 
 fn main() -> ExitCode {
@@ -72,19 +75,29 @@ fn main() -> ExitCode {
             Some(Command::Poll { exit_when_idle }) => {
                 retry_fn::poll(processor, exit_when_idle).await
             }
-            None => lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
-                let p = processor.clone();
-                // The runtime gives the deadline in milliseconds since the epoch.
-                let deadline =
-                    std::time::UNIX_EPOCH + Duration::from_millis(event.context.deadline);
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        retry_fn::handle(&p, event.payload, Some(deadline)).await,
-                    )
-                }
-            }))
-            .await
-            .map_err(|e| anyhow::anyhow!("lambda runtime: {e}")),
+            Some(Command::Sweep) => retry_fn::sweep(&processor).await,
+            None => {
+                lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
+                    let p = processor.clone();
+                    // The runtime gives the deadline in milliseconds since the epoch.
+                    let deadline =
+                        std::time::UNIX_EPOCH + Duration::from_millis(event.context.deadline);
+                    async move {
+                        // Two event sources: the SQS queue, and the schedule
+                        // (EventBridge) that runs the sweeper.
+                        if event.payload.get("Records").is_some() {
+                            let batch: SqsEvent = serde_json::from_value(event.payload)?;
+                            let response = retry_fn::handle(&p, batch, Some(deadline)).await;
+                            Ok::<_, lambda_runtime::Error>(serde_json::to_value(response)?)
+                        } else {
+                            retry_fn::sweep(&p).await.map_err(|e| e.to_string())?;
+                            Ok(serde_json::json!({}))
+                        }
+                    }
+                }))
+                .await
+                .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+            }
         }
     });
     match result {

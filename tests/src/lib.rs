@@ -126,7 +126,7 @@ impl Server {
             format!("queue_name = \"queue-{suffix}\"\n")
         };
         let aws = format!(
-            "[aws]\ndomains_table = \"domains-{suffix}\"\ngreylist_table = \"greylist-{suffix}\"\nbucket = \"bucket-{suffix}\"\n{queue}"
+            "[aws]\ndomains_table = \"domains-{suffix}\"\ngreylist_table = \"greylist-{suffix}\"\nqueue_table = \"records-{suffix}\"\nbucket = \"bucket-{suffix}\"\n{queue}"
         );
         let mut s = Server::prepare(
             "ingest",

@@ -71,6 +71,7 @@ fn every_variable_is_a_config_key_and_the_required_ones_are_set() {
         "BACKUPMX_AWS__GREYLIST_TABLE",
         "BACKUPMX_AWS__BUCKET",
         "BACKUPMX_AWS__QUEUE_URL",
+        "BACKUPMX_AWS__QUEUE_TABLE",
     ] {
         assert!(function.contains(required), "retry-fn lacks {required}");
         assert!(ingest.contains(required), "ingest lacks {required}");
@@ -244,4 +245,39 @@ impl IsTagged for Value {
     fn is_tagged(&self) -> bool {
         matches!(self, Value::Tagged(_))
     }
+}
+
+/// The queue table's indexes are the ones the code queries, and the
+/// sweeper is scheduled: without it a lost SQS message would orphan a
+/// record for good.
+#[test]
+fn the_queue_table_and_the_sweeper_match_the_code() {
+    let t = template();
+    let r = &t["Resources"];
+    let table = &r["QueueTable"];
+    assert_eq!(table["DeletionPolicy"].as_str(), Some("Retain"));
+    let indexes: Vec<&str> = table["Properties"]["GlobalSecondaryIndexes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|i| i["IndexName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        indexes,
+        [
+            relay_core::store::aws::queue::BY_DOMAIN,
+            relay_core::store::aws::queue::BY_DUE
+        ]
+    );
+    assert!(
+        table["Properties"]["TimeToLiveSpecification"].is_null(),
+        "queue records must never expire on their own"
+    );
+    let sweep = &r["RetryFunction"]["Properties"]["Events"]["Sweep"];
+    assert_eq!(sweep["Type"].as_str(), Some("Schedule"));
+    assert_eq!(
+        sweep["Properties"]["Schedule"].as_str(),
+        Some("rate(1 minute)")
+    );
+    assert!(function_env(&t).contains("BACKUPMX_AWS__DEAD_LETTER_QUEUE_URL"));
 }

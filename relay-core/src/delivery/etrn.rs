@@ -5,14 +5,46 @@
 //! stranger cannot make us hammer a recovering server.
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
 
+use async_trait::async_trait;
 use ipnet::IpNet;
 
 use super::worker::Worker;
 use super::Engine;
 use crate::address::DomainName;
 use crate::smtp::Reply;
-use crate::store::DomainRegistry;
+use crate::store::{DeliveryQueue, DomainRegistry, StoreError};
+use crate::time::unix_seconds;
+
+/// What ETRN sets off: the queued mail of a domain made due now.
+#[async_trait]
+pub trait Release: Send + Sync {
+    /// Returns how many entries the domain has queued.
+    async fn release(&self, domain: &DomainName) -> Result<u64, StoreError>;
+}
+
+/// The embedded worker: forgets the destination is down and wakes up.
+#[async_trait]
+impl Release for Worker {
+    async fn release(&self, domain: &DomainName) -> Result<u64, StoreError> {
+        Worker::release(self, Some(domain)).await
+    }
+}
+
+/// A shared queue that the delivery tier works from (AWS: the records are
+/// made due and given tickets, whichever process delivers them).
+pub struct QueueRelease(pub Arc<dyn DeliveryQueue>);
+
+#[async_trait]
+impl Release for QueueRelease {
+    async fn release(&self, domain: &DomainName) -> Result<u64, StoreError> {
+        self.0
+            .release(Some(domain), unix_seconds(SystemTime::now()))
+            .await
+    }
+}
 
 /// Answers one `ETRN node` from `client`.
 pub async fn handle(
@@ -21,7 +53,7 @@ pub async fn handle(
     networks: &[IpNet],
     registry: &dyn DomainRegistry,
     engine: &Engine,
-    worker: &Worker,
+    release: &dyn Release,
 ) -> Reply {
     if node.starts_with('#') {
         return Reply::new(
@@ -61,7 +93,7 @@ pub async fn handle(
             format!("Node {domain} not allowed: {client} is not a primary of {domain}"),
         );
     }
-    match worker.release(Some(&domain)).await {
+    match release.release(&domain).await {
         Ok(0) => {
             metrics::counter!("backupmx_etrn_total", "result" => "empty").increment(1);
             Reply::new(

@@ -183,6 +183,28 @@ impl Engine {
         })
     }
 
+    /// An attempt that could not be made (for `reason`, e.g. the body is
+    /// missing from the store): every pending recipient counts a temporary
+    /// failure, so the entry backs off and, at the end of its lifetime,
+    /// bounces like any other, instead of being retried forever.
+    pub async fn attempt_failed(
+        &self,
+        entry: &QueueEntry,
+        reason: &str,
+        bodies: &dyn MessageStore,
+        now: SystemTime,
+    ) -> AttemptReport {
+        let mut entry = entry.clone();
+        entry.attempts += 1;
+        let pending: Vec<usize> = (0..entry.recipients.len())
+            .filter(|&i| entry.recipients[i].status == RecipientStatus::Pending)
+            .collect();
+        let results = vec![(RcptResult::Transient(reason.to_string()), ""); pending.len()];
+        let (mut report, failed) = self.finish_entry(entry, &pending, results, false, now);
+        report.bounce = self.bounce_for(&report.entry, &failed, bodies, now).await;
+        report
+    }
+
     /// One attempt for several entries of the same destination domain,
     /// over one connection (one transaction each): fewer handshakes for a
     /// primary that has a queue to catch up on.

@@ -1,32 +1,27 @@
-//! The AWS retry function's work for one SQS message: load the record from
-//! S3, make one delivery attempt with the shared [`Engine`], then store the
-//! outcome and schedule the next attempt (or finish).
+//! The AWS retry function's work: one SQS ticket → claim the record in
+//! DynamoDB, make one delivery attempt with the shared [`Engine`], store
+//! the outcome conditionally and send the next ticket; and the sweeper,
+//! which gives a new ticket to every record that lost its own.
 //!
-//! The S3 record is authoritative: it is updated before the next SQS
-//! message is sent, so a redelivered message can never resend to a
-//! recipient already delivered. An SQS message whose `attempts` differs
-//! from the record's is stale and dropped, unless the record is long
-//! overdue (its next message was lost), in which case it is rescued.
+//! The queue record is authoritative and every write is conditional on the
+//! version the writer claimed (see [`crate::store::aws::queue`]): a
+//! redelivered or duplicated ticket never repeats an attempt, and an
+//! attempt never overwrites a record someone else changed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::{AttemptReport, Engine};
-use crate::queue::{QueueEntry, QueueId};
-use crate::store::aws::AwsStore;
-use crate::store::{DeliveryQueue, MessageStore, SplitSpool, Spool};
+use crate::queue::QueueId;
+use crate::store::aws::{AwsStore, Claim, Ticket};
+use crate::store::{MessageStore, SplitSpool, Spool};
 use crate::time::unix_seconds;
-
-/// A record this far past its next attempt with no attempt made is
-/// assumed orphaned (SQS visibility timeout plus the longest delay).
-const ORPHAN_GRACE_SECS: u64 =
-    crate::store::aws::QUEUE_VISIBILITY_TIMEOUT_SECS + crate::store::aws::MAX_SQS_DELAY;
 
 /// Tries of each write after a delivery attempt, and the first pause
 /// between them (doubling: 0.2 + 0.4 + … ≈ 6 s in all).
 const PERSIST_TRIES: u32 = 5;
-const PERSIST_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+const PERSIST_PAUSE: Duration = Duration::from_millis(200);
 
 /// Runs a store write, trying again with backoff while it fails.
 async fn persist<T, F, Fut>(what: &str, mut write: F) -> Result<T, RetryError>
@@ -51,113 +46,207 @@ where
     }
 }
 
-/// What became of one SQS message.
+/// What became of one SQS ticket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Processed {
     /// An attempt was made; `finished` if nothing is pending any more.
     Attempted { finished: bool, delivered: usize },
     /// Not due yet: sent back to the queue with the remaining delay.
     Redelayed,
-    /// Stale duplicate or the entry is gone: dropped.
+    /// Stale duplicate, attempt under way elsewhere, or the entry is gone.
     Dropped(&'static str),
 }
 
 /// Failures worth retrying the SQS message for (it stays in the queue and,
-/// after `maxReceiveCount` receipts, moves to the dead-letter queue).
+/// after `maxReceiveCount` receipts, moves to the dead-letter queue, from
+/// which the sweeper re-drives it).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct RetryError(pub String);
 
+/// Where a debug build's `FAULT_INJECTION=retry:POINT` makes the process
+/// die, to show that no crash point loses a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// The primary has answered; the outcome is not stored yet.
+    AfterDelivery,
+    /// The outcome is stored; the next ticket is not sent yet.
+    BeforeTicket,
+    /// Everything is stored; the SQS message is not deleted yet (poll).
+    BeforeSqsDelete,
+}
+
+impl CrashPoint {
+    pub fn parse_spec(spec: &str) -> Option<Self> {
+        match spec.strip_prefix("retry:")? {
+            "after_delivery" => Some(CrashPoint::AfterDelivery),
+            "before_ticket" => Some(CrashPoint::BeforeTicket),
+            "before_sqs_delete" => Some(CrashPoint::BeforeSqsDelete),
+            _ => None,
+        }
+    }
+}
+
+/// Timings of the AWS queue (`[aws]` in the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct RetrySettings {
+    pub attempt_lease: Duration,
+    pub orphan_after: Duration,
+    pub sweep_interval: Duration,
+}
+
+impl RetrySettings {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        RetrySettings {
+            attempt_lease: config.aws.attempt_lease,
+            orphan_after: config.aws.orphan_after,
+            sweep_interval: config.aws.sweep_interval,
+        }
+    }
+}
+
+/// What one sweeper pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Overdue records, not being attempted, given a new ticket.
+    pub orphans: usize,
+    /// Dead-letter messages taken off the dead-letter queue.
+    pub dead_letters: usize,
+    /// Dead letters whose record got a new ticket.
+    pub redriven: usize,
+    /// Dead letters that are no ticket of ours, left in place.
+    pub malformed: usize,
+}
+
 pub struct RetryProcessor {
     pub store: Arc<AwsStore>,
     pub engine: Arc<Engine>,
-    /// Outcomes this process could not store, by queue id: when their SQS
-    /// message comes back, the outcome is stored instead of the message
-    /// being delivered again (as the embedded worker does).
-    unstored: Mutex<HashMap<QueueId, AttemptReport>>,
+    settings: RetrySettings,
+    crash: Option<CrashPoint>,
+    /// Outcomes this process could not store, by queue id, with the
+    /// version they were claimed at: when their ticket (or the sweeper's)
+    /// comes back, the outcome is stored instead of the message being
+    /// delivered again.
+    unstored: Mutex<HashMap<QueueId, (AttemptReport, u64)>>,
 }
 
 impl RetryProcessor {
-    pub fn new(store: Arc<AwsStore>, engine: Arc<Engine>) -> Self {
+    pub fn new(store: Arc<AwsStore>, engine: Arc<Engine>, settings: RetrySettings) -> Self {
         RetryProcessor {
             store,
             engine,
+            settings,
+            crash: None,
             unstored: Mutex::new(HashMap::new()),
         }
     }
 
-    fn lock_unstored(&self) -> std::sync::MutexGuard<'_, HashMap<QueueId, AttemptReport>> {
+    /// Dies at `point` (fault injection for tests; debug builds only
+    /// read it from the environment).
+    pub fn with_crash_point(mut self, point: Option<CrashPoint>) -> Self {
+        self.crash = point;
+        self
+    }
+
+    pub fn settings(&self) -> RetrySettings {
+        self.settings
+    }
+
+    /// Dies here if the fault injection says so.
+    pub fn crash_if(&self, point: CrashPoint) {
+        if self.crash == Some(point) {
+            eprintln!("retry-fn: injected crash at {point:?}");
+            std::process::exit(70);
+        }
+    }
+
+    fn lock_unstored(&self) -> std::sync::MutexGuard<'_, HashMap<QueueId, (AttemptReport, u64)>> {
         self.unstored.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub async fn process(&self, body: &str, now: SystemTime) -> Result<Processed, RetryError> {
-        let message = QueueEntry::decode(body.as_bytes())
-            .map_err(|e| RetryError(format!("malformed queue message: {e}")))?;
+        let ticket = match Ticket::decode(body) {
+            Ok(t) => t,
+            Err(e) => {
+                // Not ours: it goes to the dead-letter queue, where the
+                // sweeper leaves it for the operator to look at.
+                return Err(RetryError(format!("malformed queue message: {e}")));
+            }
+        };
         let now_secs = unix_seconds(now);
-        let earlier = self.lock_unstored().remove(&message.id);
-        if let Some(report) = earlier {
-            tracing::info!(event = "unstored_outcome_retried", queue_id = %message.id);
-            return self.commit(report, now_secs).await;
+        let earlier = self.lock_unstored().remove(&ticket.id);
+        if let Some((report, claimed)) = earlier {
+            tracing::info!(event = "unstored_outcome_retried", queue_id = %ticket.id);
+            return self.commit(report, claimed, now_secs).await;
         }
         let store = &self.store;
-        let Some(record) = DeliveryQueue::get(store.as_ref(), &message.id)
+        let lease = self.settings.attempt_lease.as_secs().max(1);
+        let item = match store
+            .claim(&ticket, now_secs, lease)
             .await
             .map_err(|e| RetryError(e.to_string()))?
-        else {
-            return Ok(Processed::Dropped("no record (delivered or deleted)"));
-        };
-        if record.attempts != message.attempts
-            && now_secs < record.next_attempt.saturating_add(ORPHAN_GRACE_SECS)
         {
-            return Ok(Processed::Dropped("stale message"));
-        }
-        if record.next_attempt > now_secs {
-            store
-                .schedule(&record, record.next_attempt - now_secs)
-                .await
-                .map_err(|e| RetryError(e.to_string()))?;
-            return Ok(Processed::Redelayed);
-        }
+            Claim::Claimed(item) => item,
+            Claim::Gone => return Ok(Processed::Dropped("no record (delivered or deleted)")),
+            Claim::Stale => return Ok(Processed::Dropped("stale ticket")),
+            Claim::Leased => return Ok(Processed::Dropped("attempt under way")),
+            Claim::NotDue { due } => {
+                store
+                    .send_ticket(&ticket, due - now_secs)
+                    .await
+                    .map_err(|e| RetryError(e.to_string()))?;
+                return Ok(Processed::Redelayed);
+            }
+        };
+        let record = &item.entry;
         // The body is read in pieces while it is sent; a missing one is
         // found before the attempt (a one-byte read), not in the middle.
-        if MessageStore::read_chunk(store.as_ref(), &record.id, 0, 1)
+        let body_present = MessageStore::read_chunk(store.as_ref(), &record.id, 0, 1)
             .await
             .map_err(|e| RetryError(e.to_string()))?
-            .is_none()
-        {
+            .is_some();
+        let report = if body_present {
+            self.engine.attempt(record, store.as_ref(), now).await
+        } else {
             tracing::error!(event = "message_body_missing", queue_id = %record.id);
-            return Err(RetryError(format!(
-                "message body of {} is missing",
-                record.id
-            )));
-        }
-        let report = self.engine.attempt(&record, store.as_ref(), now).await;
+            self.engine
+                .attempt_failed(
+                    record,
+                    "the message body is missing from the store",
+                    store.as_ref(),
+                    now,
+                )
+                .await
+        };
         let e = &report.entry;
         tracing::info!(
             event = "delivery_attempt", queue_id = %e.id, domain = %e.domain, attempt = e.attempts,
             delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
         );
-        self.commit(report, now_secs).await
+        self.crash_if(CrashPoint::AfterDelivery);
+        self.commit(report, item.version, now_secs).await
     }
 
     /// Stores an attempt's outcome. From here on the primary may have taken
     /// recipients: a failed write must not simply end the invocation, or
-    /// the redelivered SQS message would send them again. Each write is
-    /// retried while the store recovers from a short outage; an outcome
-    /// still unstored is kept for when its SQS message comes back.
+    /// the record would be attempted again once the lease ends. Each write
+    /// is retried while the store recovers from a short outage; an outcome
+    /// still unstored is kept for when a ticket for the record comes back.
     async fn commit(
         &self,
         mut report: AttemptReport,
+        claimed: u64,
         now_secs: u64,
     ) -> Result<Processed, RetryError> {
-        match self.write_outcome(&mut report, now_secs).await {
+        match self.write_outcome(&mut report, claimed, now_secs).await {
             Ok(()) => Ok(Processed::Attempted {
                 finished: report.finished,
                 delivered: report.delivered,
             }),
             Err(e) => {
                 tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %e);
-                self.lock_unstored().insert(report.entry.id.clone(), report);
+                self.lock_unstored()
+                    .insert(report.entry.id.clone(), (report, claimed));
                 Err(e)
             }
         }
@@ -166,6 +255,7 @@ impl RetryProcessor {
     async fn write_outcome(
         &self,
         report: &mut AttemptReport,
+        claimed: u64,
         now_secs: u64,
     ) -> Result<(), RetryError> {
         let store = &self.store;
@@ -180,17 +270,144 @@ impl RetryProcessor {
         }
         let e = &report.entry;
         if report.finished {
-            persist("removing the record", || {
-                DeliveryQueue::remove(store.as_ref(), &e.id)
+            let ours = persist("removing the record", || {
+                store.finish_record(&e.id, claimed)
             })
             .await?;
-        } else {
-            persist("updating the record", || store.put_record(e)).await?;
-            persist("scheduling the next attempt", || {
-                store.schedule(e, e.next_attempt.saturating_sub(now_secs))
-            })
-            .await?;
+            if ours {
+                if let Err(err) = MessageStore::delete(store.as_ref(), &e.id).await {
+                    // The bucket's lifecycle removes it in the end.
+                    tracing::warn!(event = "body_delete_failed", queue_id = %e.id, error = %err);
+                }
+            } else {
+                lost_race(e);
+            }
+            return Ok(());
+        }
+        let Some(version) =
+            persist("updating the record", || store.store_attempt(e, claimed)).await?
+        else {
+            lost_race(e);
+            return Ok(());
+        };
+        self.crash_if(CrashPoint::BeforeTicket);
+        let ticket = Ticket {
+            id: e.id.clone(),
+            version,
+        };
+        let delay = e.next_attempt.saturating_sub(now_secs);
+        if let Err(err) = persist("scheduling the next attempt", || {
+            store.send_ticket(&ticket, delay)
+        })
+        .await
+        {
+            // The record is stored and due at its time: the sweeper gives
+            // it a ticket then. Nothing to redo here.
+            tracing::warn!(event = "ticket_send_failed", queue_id = %e.id, error = %err);
         }
         Ok(())
     }
+
+    /// One sweeper pass: every record overdue by `orphan_after` with no
+    /// attempt under way and no ticket sent in that time gets a new ticket
+    /// (its own was lost to a crash, a timeout or a failed send); every
+    /// dead letter is taken off the dead-letter queue and its record, if
+    /// any, given a ticket. Expiry needs nothing more: a record that is
+    /// attempted past its lifetime bounces. Deletes no record.
+    pub async fn sweep(&self, now: SystemTime) -> Result<SweepReport, RetryError> {
+        let now_secs = unix_seconds(now);
+        let orphan_after = self.settings.orphan_after.as_secs();
+        let store = &self.store;
+        let mut report = SweepReport::default();
+        let overdue = store
+            .overdue(now_secs.saturating_sub(orphan_after))
+            .await
+            .map_err(|e| RetryError(e.to_string()))?;
+        for item in overdue {
+            if item.lease > now_secs || item.nudged.saturating_add(orphan_after) > now_secs {
+                continue;
+            }
+            match store.nudge(&item, now_secs).await {
+                Ok(true) => {
+                    report.orphans += 1;
+                    metrics::counter!("backupmx_sweeper_orphans_total").increment(1);
+                    tracing::warn!(event = "orphan_requeued", queue_id = %item.entry.id, due = item.entry.next_attempt);
+                }
+                Ok(false) => {}
+                Err(e) => return Err(RetryError(e.to_string())),
+            }
+        }
+        let Some(dlq) = store
+            .dead_letter_queue_url()
+            .await
+            .map_err(|e| RetryError(e.to_string()))?
+        else {
+            return Ok(report);
+        };
+        loop {
+            let received = store
+                .sqs()
+                .receive_message()
+                .queue_url(&dlq)
+                .max_number_of_messages(10)
+                .wait_time_seconds(0)
+                .send()
+                .await
+                .map_err(|e| RetryError(format!("dead-letter receive: {e}")))?;
+            let messages = received.messages();
+            // Messages left in place stay invisible for a while: an empty
+            // receive means every dead letter was seen once.
+            if messages.is_empty() {
+                return Ok(report);
+            }
+            for m in messages {
+                report.dead_letters += 1;
+                let body = m.body().unwrap_or_default();
+                match Ticket::decode(body) {
+                    Ok(ticket) => {
+                        let item = store
+                            .queue_item(&ticket.id)
+                            .await
+                            .map_err(|e| RetryError(e.to_string()))?;
+                        if let Some(item) = item {
+                            if item.lease <= now_secs
+                                && store
+                                    .nudge(&item, now_secs)
+                                    .await
+                                    .map_err(|e| RetryError(e.to_string()))?
+                            {
+                                report.redriven += 1;
+                                metrics::counter!("backupmx_sweeper_redriven_total").increment(1);
+                                tracing::warn!(event = "dead_letter_redriven", queue_id = %ticket.id);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // Kept in the dead-letter queue (its alarm tells
+                        // the operator); no record stands behind it.
+                        report.malformed += 1;
+                        tracing::error!(event = "malformed_dead_letter", error = %e);
+                        continue;
+                    }
+                }
+                if let Some(handle) = m.receipt_handle() {
+                    store
+                        .sqs()
+                        .delete_message()
+                        .queue_url(&dlq)
+                        .receipt_handle(handle)
+                        .send()
+                        .await
+                        .map_err(|e| RetryError(format!("dead-letter delete: {e}")))?;
+                }
+            }
+        }
+    }
+}
+
+fn lost_race(e: &crate::queue::QueueEntry) {
+    // Deleted by an operator, or the lease ran out and another attempt
+    // took the record: its writer's state stands.
+    metrics::counter!("backupmx_queue_lost_races_total").increment(1);
+    tracing::warn!(event = "outcome_not_stored_record_changed", queue_id = %e.id);
 }

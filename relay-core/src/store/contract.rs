@@ -559,6 +559,8 @@ mod aws {
             bucket: format!("messages-{suffix}"),
             queue_url: String::new(),
             queue_name: format!("queue-{suffix}"),
+            queue_table: format!("queue-{suffix}"),
+            dead_letter_queue_url: String::new(),
         };
         let conf = crate::store::aws::sdk_config().await;
         Some(Arc::new(

@@ -1,5 +1,5 @@
-//! The AWS backend: domains and greylisting in DynamoDB, message bodies and
-//! queue records in S3, the delivery schedule in SQS.
+//! The AWS backend: domains, greylisting and queue records in DynamoDB,
+//! message bodies in S3, the delivery schedule in SQS.
 //!
 //! Layout (documented for operators in `infra/README.md`):
 //! - domains table, partition key `name` (S): `primary` (L of S),
@@ -8,13 +8,9 @@
 //! - greylist table, partition key `pk` (S): `t#<triplet>` or `c#<network>`,
 //!   the state as attributes, and `expires` (N, the table's TTL attribute —
 //!   DynamoDB deletes lazily, so expiry is always checked in code too).
-//! - bucket: `messages/<yyyy-mm-dd>/<id>.eml` (the message) and
-//!   `messages/<yyyy-mm-dd>/<id>.json` (the queue record, authoritative for
-//!   per-recipient status), both with SSE; the date comes from the id.
-//! - queue: each SQS message is the queue record's JSON at the time it was
-//!   sent; its `attempts` is a token: a message whose attempts differ from
-//!   the S3 record is stale and dropped, so a redelivered or duplicated SQS
-//!   message never repeats an attempt.
+//! - bucket: `messages/<yyyy-mm-dd>/<id>.eml` (the message body, SSE);
+//!   the date comes from the id.
+//! - queue table and SQS tickets: see [`queue`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -28,11 +24,14 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ServerSideEncryption;
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use super::{DeliveryQueue, DomainRegistry, MessageStore, StoreError};
+use super::{DomainRegistry, MessageStore, StoreError};
 use crate::address::DomainName;
 use crate::domain::Domain;
 use crate::greylist::{ClientState, GreylistStore, TripletState};
-use crate::queue::{QueueEntry, QueueId, SpooledBody};
+use crate::queue::{QueueId, SpooledBody};
+
+pub mod queue;
+pub use queue::{Claim, QueueItem, Ticket};
 
 /// Names of the AWS resources.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +42,9 @@ pub struct AwsNames {
     /// Full queue URL; empty to look it up by `queue_name`.
     pub queue_url: String,
     pub queue_name: String,
+    pub queue_table: String,
+    /// Empty: the one the queue's redrive policy names.
+    pub dead_letter_queue_url: String,
 }
 
 impl AwsNames {
@@ -53,6 +55,8 @@ impl AwsNames {
             bucket: aws.bucket.clone(),
             queue_url: aws.queue_url.clone(),
             queue_name: aws.queue_name.clone(),
+            queue_table: aws.queue_table.clone(),
+            dead_letter_queue_url: aws.dead_letter_queue_url.clone(),
         }
     }
 }
@@ -195,6 +199,7 @@ impl AwsStore {
                 }
             }
         }
+        create_queue_table(&ddb, &names.queue_table).await?;
         let ttl = ddb
             .update_time_to_live()
             .table_name(&names.greylist_table)
@@ -284,6 +289,43 @@ impl AwsStore {
         &self.sqs
     }
 
+    /// The dead-letter queue named by the delivery queue's redrive policy
+    /// (the template's and `bootstrap`'s alike); `None` without one.
+    pub async fn dead_letter_queue_url(&self) -> Result<Option<String>, StoreError> {
+        if !self.names.dead_letter_queue_url.is_empty() {
+            return Ok(Some(self.names.dead_letter_queue_url.clone()));
+        }
+        let attrs = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(|e| backend("queue redrive policy", e))?;
+        let Some(policy) = attrs
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
+        else {
+            return Ok(None);
+        };
+        let arn = serde_json::from_str::<serde_json::Value>(policy)
+            .ok()
+            .and_then(|v| v["deadLetterTargetArn"].as_str().map(String::from))
+            .ok_or_else(|| StoreError::Backend(format!("unreadable redrive policy {policy:?}")))?;
+        let name = arn.rsplit(':').next().unwrap_or_default();
+        let url = self
+            .sqs
+            .get_queue_url()
+            .queue_name(name)
+            .send()
+            .await
+            .map_err(|e| backend(&format!("dead-letter queue {name}"), e))?
+            .queue_url()
+            .map(String::from);
+        Ok(url)
+    }
+
     /// `messages/<yyyy-mm-dd>/<id>` from the time inside the id.
     fn key_base(id: &QueueId) -> String {
         let millis = id.timestamp_millis();
@@ -351,57 +393,59 @@ impl AwsStore {
             .map_err(|e| backend(&format!("S3 delete {key}"), e))?;
         Ok(())
     }
+}
 
-    /// Writes the authoritative queue record.
-    pub async fn put_record(&self, entry: &QueueEntry) -> Result<(), StoreError> {
-        self.put_object(
-            &format!("{}.json", Self::key_base(&entry.id)),
-            entry.encode().into_bytes(),
-            "application/json",
-        )
-        .await
-    }
-
-    /// Schedules an attempt of `entry` in `delay` seconds (at most 15 min;
-    /// the retry function re-delays records that are not due yet).
-    pub async fn schedule(&self, entry: &QueueEntry, delay: u64) -> Result<(), StoreError> {
-        self.sqs
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(entry.encode())
-            .delay_seconds(delay.min(MAX_SQS_DELAY) as i32)
-            .send()
-            .await
-            .map_err(|e| backend("SQS send", e))?;
-        Ok(())
-    }
-
-    async fn record_keys(&self) -> Result<Vec<String>, StoreError> {
-        let mut keys = Vec::new();
-        let mut token = None;
-        loop {
-            let out = self
-                .s3
-                .list_objects_v2()
-                .bucket(&self.names.bucket)
-                .prefix("messages/")
-                .set_continuation_token(token)
-                .send()
-                .await
-                .map_err(|e| backend("S3 list", e))?;
-            keys.extend(
-                out.contents()
-                    .iter()
-                    .filter_map(|o| o.key())
-                    .filter(|k| k.ends_with(".json"))
-                    .map(String::from),
-            );
-            match out.next_continuation_token() {
-                Some(t) => token = Some(t.to_string()),
-                None => return Ok(keys),
-            }
+/// The queue table with its two indexes (see [`queue`]); an existing
+/// table is left as it is.
+async fn create_queue_table(ddb: &aws_sdk_dynamodb::Client, table: &str) -> Result<(), StoreError> {
+    use aws_sdk_dynamodb::types::{GlobalSecondaryIndex, Projection, ProjectionType};
+    let attr = |name: &str, kind: ScalarAttributeType| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(kind)
+            .build()
+            .map_err(|e| backend("queue table definition", e))
+    };
+    let key = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .map_err(|e| backend("queue table key", e))
+    };
+    let index = |name: &str, hash: &str| -> Result<GlobalSecondaryIndex, StoreError> {
+        GlobalSecondaryIndex::builder()
+            .index_name(name)
+            .key_schema(key(hash, KeyType::Hash)?)
+            .key_schema(key("due", KeyType::Range)?)
+            .projection(
+                Projection::builder()
+                    .projection_type(ProjectionType::All)
+                    .build(),
+            )
+            .build()
+            .map_err(|e| backend("queue table index", e))
+    };
+    let created = ddb
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("id", ScalarAttributeType::S)?)
+        .attribute_definitions(attr("domain", ScalarAttributeType::S)?)
+        .attribute_definitions(attr("q", ScalarAttributeType::S)?)
+        .attribute_definitions(attr("due", ScalarAttributeType::N)?)
+        .key_schema(key("id", KeyType::Hash)?)
+        .global_secondary_indexes(index(queue::BY_DOMAIN, "domain")?)
+        .global_secondary_indexes(index(queue::BY_DUE, "q")?)
+        .send()
+        .await;
+    if let Err(e) = created {
+        let service = e.into_service_error();
+        if !service.is_resource_in_use_exception() {
+            return Err(backend(&format!("create table {table}"), service));
         }
     }
+    Ok(())
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -781,90 +825,5 @@ impl MessageStore for AwsStore {
     async fn delete(&self, id: &QueueId) -> Result<(), StoreError> {
         self.delete_object(&format!("{}.eml", Self::key_base(id)))
             .await
-    }
-}
-
-#[async_trait]
-impl DeliveryQueue for AwsStore {
-    /// The record goes to S3 first, then the first attempt to SQS.
-    async fn enqueue(&self, entry: &QueueEntry) -> Result<(), StoreError> {
-        self.put_record(entry).await?;
-        if let Err(e) = self.schedule(entry, 0).await {
-            let _ = self
-                .delete_object(&format!("{}.json", Self::key_base(&entry.id)))
-                .await;
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError> {
-        let Some(bytes) = self
-            .get_object(&format!("{}.json", Self::key_base(id)))
-            .await?
-        else {
-            return Ok(None);
-        };
-        QueueEntry::decode(&bytes)
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt {
-                id: id.to_string(),
-                source,
-            })
-    }
-
-    async fn list(&self, domain: Option<&DomainName>) -> Result<Vec<QueueEntry>, StoreError> {
-        let mut entries = Vec::new();
-        for key in self.record_keys().await? {
-            let Some(bytes) = self.get_object(&key).await? else {
-                continue;
-            };
-            let entry = QueueEntry::decode(&bytes).map_err(|source| StoreError::Corrupt {
-                id: key.clone(),
-                source,
-            })?;
-            if domain.is_none_or(|d| *d == entry.domain) {
-                entries.push(entry);
-            }
-        }
-        entries.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
-        Ok(entries)
-    }
-
-    /// Deletes the record and the body; an SQS message still in flight
-    /// finds no record and is dropped.
-    async fn remove(&self, id: &QueueId) -> Result<bool, StoreError> {
-        let base = Self::key_base(id);
-        let existed = self.get_object(&format!("{base}.json")).await?.is_some();
-        self.delete_object(&format!("{base}.json")).await?;
-        self.delete_object(&format!("{base}.eml")).await?;
-        Ok(existed)
-    }
-
-    /// Queued entries (their records in S3; SQS counts would include
-    /// stale duplicates).
-    async fn depth(&self) -> Result<u64, StoreError> {
-        Ok(self.record_keys().await?.len() as u64)
-    }
-
-    async fn update(&self, entry: &QueueEntry) -> Result<bool, StoreError> {
-        if DeliveryQueue::get(self, &entry.id).await?.is_none() {
-            return Ok(false);
-        }
-        self.put_record(entry).await?;
-        Ok(true)
-    }
-
-    /// Sends an immediate attempt for each record; the delayed SQS message
-    /// already waiting becomes stale once the attempt counter moves on.
-    async fn release(&self, domain: Option<&DomainName>, now: u64) -> Result<u64, StoreError> {
-        let entries = DeliveryQueue::list(self, domain).await?;
-        for e in &entries {
-            let mut due = e.clone();
-            due.next_attempt = due.next_attempt.min(now);
-            self.put_record(&due).await?;
-            self.schedule(&due, 0).await?;
-        }
-        Ok(entries.len() as u64)
     }
 }

@@ -1,0 +1,343 @@
+//! The AWS queue loses nothing: `retry-fn` killed at each step of its work
+//! (fault injection of debug builds, and SIGKILL at random moments of a
+//! drain), dead letters, and `queue flush` racing with delivery — then the
+//! sweeper (`retry-fn sweep`) and a new poller finish the job. Against the
+//! emulator (LocalStack), with the real binaries.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use backupmx_tests::sink::Sink;
+use backupmx_tests::*;
+
+/// The sweeper's timings made short: a record is an orphan as soon as it
+/// is overdue, and an attempt's lease ends after two seconds.
+const SHORT: [(&str, &str); 2] = [
+    ("BACKUPMX_AWS__ORPHAN_AFTER", "0s"),
+    ("BACKUPMX_AWS__ATTEMPT_LEASE", "2s"),
+];
+
+fn retry_fn(s: &Server, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(retry_fn_bin());
+    c.arg("--config").arg(&s.config_path).args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+fn poll(s: &Server, idle: &str, env: &[(&str, &str)]) -> Output {
+    retry_fn(s, &["poll", "--exit-when-idle", idle], env)
+        .output()
+        .expect("run retry-fn poll")
+}
+
+fn sweep(s: &Server, env: &[(&str, &str)]) -> String {
+    let out = retry_fn(s, &["sweep"], env)
+        .output()
+        .expect("run retry-fn sweep");
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "sweep: {log}");
+    log
+}
+
+fn start(sink: &Sink, extra: &str) -> Option<Server> {
+    Server::start_aws(
+        "",
+        &format!("[delivery]\nretry_initial = \"1s\"\n{extra}"),
+        &format!("[\"{}\"]", sink.addr),
+        false,
+    )
+}
+
+fn body(n: usize) -> String {
+    format!("From: alice@remote.test\r\nSubject: message {n}\r\n\r\nbody {n}\r\n")
+}
+
+/// How often each numbered message reached the sink.
+fn deliveries(sink: &Sink) -> BTreeMap<usize, usize> {
+    let mut count = BTreeMap::new();
+    for m in sink.received() {
+        let text = String::from_utf8_lossy(&m.data).to_string();
+        if let Some(n) = text
+            .split("Subject: message ")
+            .nth(1)
+            .and_then(|t| t.split("\r\n").next())
+            .and_then(|t| t.parse().ok())
+        {
+            *count.entry(n).or_insert(0) += 1;
+        }
+    }
+    count
+}
+
+fn send_numbered(s: &Server, count: usize) {
+    let mut c = s.client();
+    for n in 0..count {
+        let reply = c.send_message("alice@remote.test", &["bob@example.test"], &body(n));
+        assert!(reply.starts_with("250 "), "message {n}: {reply}");
+    }
+}
+
+fn assert_crashed(out: &Output, point: &str) {
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(70), "{log}");
+    assert!(log.contains(&format!("injected crash at {point}")), "{log}");
+}
+
+#[test]
+fn a_crash_after_the_primary_took_the_message_ends_in_one_bounded_duplicate() {
+    let sink = Sink::start(0);
+    let Some(s) = start(&sink, "") else { return };
+    send_numbered(&s, 1);
+    let out = poll(
+        &s,
+        "3s",
+        &[
+            SHORT[0],
+            SHORT[1],
+            ("FAULT_INJECTION", "retry:after_delivery"),
+        ],
+    );
+    assert_crashed(&out, "AfterDelivery");
+    assert_eq!(sink.received().len(), 1, "the primary has it");
+    assert_eq!(s.queue().len(), 1, "the outcome was not stored");
+    // The lease runs out; the sweeper gives the record a new ticket.
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = sweep(&s, &SHORT);
+    assert!(log.contains("orphans=1"), "{log}");
+    let out = poll(&s, "3s", &SHORT);
+    assert!(out.status.success());
+    // At least once: sent again, once, because its outcome was lost.
+    assert_eq!(deliveries(&sink), BTreeMap::from([(0, 2)]));
+    assert!(s.queue().is_empty());
+}
+
+#[test]
+fn a_crash_between_the_record_write_and_its_ticket_is_rescued_by_the_sweeper() {
+    let sink = Sink::start(0);
+    sink.set(|b| b.tempfail_next = 1);
+    let Some(s) = start(&sink, "") else { return };
+    send_numbered(&s, 1);
+    let out = poll(
+        &s,
+        "3s",
+        &[
+            SHORT[0],
+            SHORT[1],
+            ("FAULT_INJECTION", "retry:before_ticket"),
+        ],
+    );
+    assert_crashed(&out, "BeforeTicket");
+    let queue = s.queue();
+    assert_eq!(queue.len(), 1);
+    assert_eq!(queue[0]["attempts"], 1, "the 451 was stored");
+    // Without the sweeper nothing would ever attempt it again (this
+    // poller's own sweeper waits the default 5 minutes for orphans).
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = poll(&s, "2s", &[]);
+    assert!(out.status.success());
+    assert!(sink.received().is_empty(), "no ticket, no attempt");
+    assert_eq!(s.queue().len(), 1);
+    let log = sweep(&s, &SHORT);
+    assert!(log.contains("orphans=1"), "{log}");
+    let out = poll(&s, "3s", &SHORT);
+    assert!(out.status.success());
+    assert_eq!(deliveries(&sink), BTreeMap::from([(0, 1)]));
+    assert!(s.queue().is_empty());
+}
+
+#[test]
+fn a_crash_before_the_sqs_delete_repeats_nothing() {
+    let sink = Sink::start(0);
+    let Some(s) = start(&sink, "") else { return };
+    send_numbered(&s, 1);
+    let out = poll(
+        &s,
+        "3s",
+        &[
+            SHORT[0],
+            SHORT[1],
+            ("FAULT_INJECTION", "retry:before_sqs_delete"),
+        ],
+    );
+    assert_crashed(&out, "BeforeSqsDelete");
+    assert!(s.queue().is_empty(), "the record was finished");
+    let log = sweep(&s, &SHORT);
+    assert!(log.contains("orphans=0"), "{log}");
+    assert!(poll(&s, "2s", &SHORT).status.success());
+    assert_eq!(deliveries(&sink), BTreeMap::from([(0, 1)]));
+}
+
+/// 200 messages drained by a poller that is killed with SIGKILL three
+/// times at random moments; the sweeper and a last poller finish. Every
+/// message arrives; duplicates only for attempts cut between the primary's
+/// reply and the record's update (at most a batch per kill).
+#[test]
+fn sigkill_during_a_drain_loses_nothing() {
+    let sink = Sink::start(0);
+    let Some(s) = start(&sink, "") else { return };
+    const COUNT: usize = 200;
+    send_numbered(&s, COUNT);
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(7, |d| d.subsec_nanos() as u64);
+    let mut kills = 0;
+    for _ in 0..3 {
+        let mut child: Child = retry_fn(&s, &["poll"], &SHORT)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn retry-fn poll");
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let wait = Duration::from_millis(300 + (seed >> 33) % 1500);
+        std::thread::sleep(wait);
+        if child.try_wait().ok().flatten().is_none() {
+            kills += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !s.queue().is_empty() {
+        assert!(Instant::now() < deadline, "queue never drained");
+        std::thread::sleep(Duration::from_millis(2100));
+        sweep(&s, &SHORT);
+        assert!(poll(&s, "3s", &SHORT).status.success());
+    }
+    let got = deliveries(&sink);
+    let missing: Vec<usize> = (0..COUNT).filter(|n| !got.contains_key(n)).collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    let duplicates: usize = got.values().map(|c| c - 1).sum();
+    eprintln!("sigkill drain: {kills} kills, {duplicates} duplicate deliveries");
+    assert!(
+        duplicates <= 10 * kills,
+        "{duplicates} duplicates for {kills} kills"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_redriven_and_delivered() {
+    let sink = Sink::start(0);
+    let Some(s) = start(&sink, "") else { return };
+    send_numbered(&s, 1);
+    // Move the ticket to the dead-letter queue, as ten failed receipts would.
+    let config = relay_core::config::Config::load(Some(&s.config_path)).unwrap();
+    let store = relay_core::store::aws::AwsStore::connect(
+        &relay_core::store::aws::sdk_config().await,
+        relay_core::store::aws::AwsNames::from_config(&config.aws),
+    )
+    .await
+    .unwrap();
+    let sqs = store.sqs();
+    let received = sqs
+        .receive_message()
+        .queue_url(store.queue_url())
+        .wait_time_seconds(2)
+        .send()
+        .await
+        .unwrap();
+    let ticket = &received.messages()[0];
+    let dlq = store.dead_letter_queue_url().await.unwrap().unwrap();
+    sqs.send_message()
+        .queue_url(&dlq)
+        .message_body(ticket.body().unwrap())
+        .send()
+        .await
+        .unwrap();
+    sqs.delete_message()
+        .queue_url(store.queue_url())
+        .receipt_handle(ticket.receipt_handle().unwrap())
+        .send()
+        .await
+        .unwrap();
+    // Garbage in the dead-letter queue is left there for the operator.
+    sqs.send_message()
+        .queue_url(&dlq)
+        .message_body("not a ticket")
+        .send()
+        .await
+        .unwrap();
+    // The record is not overdue enough to be an orphan: only the re-drive
+    // can bring it back.
+    let log = sweep(&s, &[]);
+    assert!(log.contains("redriven=1"), "{log}");
+    assert!(log.contains("orphans=0"), "{log}");
+    assert!(log.contains("malformed_dead_letters=1"), "{log}");
+    assert!(poll(&s, "3s", &[]).status.success());
+    assert_eq!(deliveries(&sink), BTreeMap::from([(0, 1)]));
+    assert!(s.queue().is_empty());
+}
+
+/// `queue flush` run again and again while `retry-fn` drains a backlog:
+/// each writer's update is conditional, so no recipient is sent twice.
+#[test]
+fn queue_flush_racing_with_delivery_sends_nothing_twice() {
+    let port = free_port();
+    let primary: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let Some(s) = Server::start_aws(
+        "",
+        "[delivery]\nretry_initial = \"10m\"\nretry_max = \"15m\"\n",
+        &format!("[\"{primary}\"]"),
+        false,
+    ) else {
+        return;
+    };
+    const COUNT: usize = 200;
+    send_numbered(&s, COUNT);
+    // The primary is down: every message fails once and waits 10 minutes.
+    assert!(poll(&s, "3s", &[]).status.success());
+    let queue = s.queue();
+    assert_eq!(queue.len(), COUNT);
+    assert!(queue.iter().all(|e| e["attempts"] == 1), "{:?}", queue[0]);
+    let sink = Sink::start_on(primary);
+    let mut poller = retry_fn(&s, &["poll", "--exit-when-idle", "4s"], &[])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn retry-fn poll");
+    for _ in 0..6 {
+        let out = s.cli(&["queue", "flush", "--domain", "example.test"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let status = poller.wait().unwrap();
+    assert!(status.success());
+    let got = deliveries(&sink);
+    assert_eq!(got.len(), COUNT, "every message delivered");
+    let twice: Vec<_> = got.iter().filter(|(_, &c)| c > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert!(s.queue().is_empty());
+}
+
+/// ETRN to `backupmx ingest` on the AWS backend releases the domain's
+/// queue through the shared table (no more 502).
+#[test]
+fn etrn_to_the_aws_ingest_releases_the_domain() {
+    let port = free_port();
+    let primary: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let Some(s) = Server::start_aws(
+        "",
+        "[delivery]\nretry_initial = \"10m\"\n",
+        &format!("[\"{primary}\"]"),
+        false,
+    ) else {
+        return;
+    };
+    send_numbered(&s, 3);
+    assert!(poll(&s, "3s", &[]).status.success());
+    let sink = Sink::start_on(primary);
+    let mut c = s.client();
+    let ehlo = c.cmd("EHLO primary.example.test");
+    assert!(ehlo.contains("ETRN"), "{ehlo}");
+    c.expect("ETRN example.test", "253 2.0.0");
+    c.expect("ETRN other.test", "458 4.3.0");
+    assert!(poll(&s, "3s", &[]).status.success());
+    assert_eq!(deliveries(&sink).len(), 3);
+    assert!(s.queue().is_empty());
+}
