@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use relay_core::config::Config;
-use relay_core::delivery::retry::{CrashPoint, Processed, RetryProcessor, RetrySettings};
+use relay_core::delivery::retry::{CrashPoint, RetryProcessor, RetrySettings};
 use relay_core::delivery::{Engine, EngineConfig};
 use relay_core::dns::HickoryResolver;
 use relay_core::store::aws::{AwsNames, AwsStore};
@@ -48,8 +48,8 @@ fn crash_point() -> Option<CrashPoint> {
     point
 }
 
-/// One sweeper pass, logged.
-pub async fn sweep(processor: &RetryProcessor) -> anyhow::Result<()> {
+/// One sweeper pass, logged; returns how many destinations are still down.
+pub async fn sweep(processor: &RetryProcessor) -> anyhow::Result<usize> {
     let report = processor
         .sweep(SystemTime::now())
         .await
@@ -59,10 +59,37 @@ pub async fn sweep(processor: &RetryProcessor) -> anyhow::Result<()> {
         orphans = report.orphans,
         dead_letters = report.dead_letters,
         redriven = report.redriven,
-        malformed_dead_letters = report.malformed
+        malformed_dead_letters = report.malformed,
+        destinations_down = report.down
     );
+    Ok(report.down)
+}
+
+/// The scheduled invocation (every minute, the shortest EventBridge
+/// rate): a sweeper pass, then, while a destination is down, probes every
+/// `probe_interval` for most of the minute, so a primary that comes back
+/// is found within one interval, not at the next schedule.
+pub async fn scheduled(processor: &RetryProcessor) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut down = sweep(processor).await?;
+    let every = processor
+        .settings()
+        .probe_interval
+        .max(Duration::from_secs(1));
+    while down > 0 && started.elapsed() + every < SCHEDULED_PROBING {
+        tokio::time::sleep(every).await;
+        down = processor
+            .probe_down(SystemTime::now())
+            .await
+            .map_err(|e| anyhow::anyhow!("probe failed: {e}"))?
+            .len();
+    }
     Ok(())
 }
+
+/// How long a scheduled invocation keeps probing down destinations (under
+/// the one-minute schedule, so invocations do not pile up).
+const SCHEDULED_PROBING: Duration = Duration::from_secs(50);
 
 /// Time kept back from the invocation's deadline to report the batch.
 const DEADLINE_MARGIN: Duration = Duration::from_secs(5);
@@ -134,32 +161,65 @@ pub async fn poll(
         })
     };
     let _stop_sweeper = AbortOnDrop(sweeper);
+    // Destinations recorded down are probed more often than the sweep.
+    let prober = {
+        let p = processor.clone();
+        let every = p.settings().probe_interval.max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = p.probe_down(SystemTime::now()).await {
+                    tracing::warn!(event = "probe_failed", error = %e);
+                }
+            }
+        })
+    };
+    let _stop_prober = AbortOnDrop(prober);
     // An attempt must end (and its outcome be stored) inside its lease, or
     // another may take the record over.
     let attempt_limit = processor.settings().attempt_lease.mul_f32(0.9);
+    // Tickets in work at once: a receive takes at most 10, and a batch
+    // does not wait for its slowest record before the next is received.
+    let slots = Arc::new(tokio::sync::Semaphore::new(POLL_CONCURRENCY));
+    let mut in_flight = tokio::task::JoinSet::new();
     loop {
+        while in_flight.try_join_next().is_some() {}
+        let free = slots.available_permits().min(10);
+        if free == 0 {
+            // Wait for one to finish before receiving more.
+            tokio::select! {
+                _ = in_flight.join_next() => {}
+                _ = term.recv() => break,
+            }
+            continue;
+        }
         let receive = sqs
             .receive_message()
             .queue_url(&url)
-            .max_number_of_messages(10)
+            .max_number_of_messages(free as i32)
             .wait_time_seconds(if exit_when_idle.is_some() { 1 } else { 20 })
             .send();
         let out = tokio::select! {
             r = receive => r.context("SQS receive failed")?,
-            _ = term.recv() => return Ok(()),
+            _ = term.recv() => break,
         };
         let messages = out.messages().to_vec();
         if messages.is_empty() {
-            if exit_when_idle.is_some_and(|d| idle_since.elapsed() >= d) {
-                return Ok(());
+            if in_flight.is_empty() && exit_when_idle.is_some_and(|d| idle_since.elapsed() >= d) {
+                break;
             }
             continue;
         }
         idle_since = std::time::Instant::now();
-        let mut tasks = Vec::new();
         for m in messages {
             let p = processor.clone();
-            tasks.push(tokio::spawn(async move {
+            let sqs = sqs.clone();
+            let url = url.clone();
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            in_flight.spawn(async move {
+                let _permit = permit;
                 let processing = p.process(m.body().unwrap_or_default(), SystemTime::now());
                 let result = match tokio::time::timeout(attempt_limit, processing).await {
                     Ok(r) => r,
@@ -167,35 +227,37 @@ pub async fn poll(
                         "attempt did not finish within its lease".into(),
                     )),
                 };
-                (m, result)
-            }));
-        }
-        for t in tasks {
-            let Ok((m, result)) = t.await else { continue };
-            match result {
-                Ok(outcome) => {
-                    if matches!(outcome, Processed::Attempted { .. }) {
+                match result {
+                    Ok(outcome) => {
                         tracing::debug!(event = "sqs_record_done", outcome = ?outcome);
-                    }
-                    processor.crash_if(CrashPoint::BeforeSqsDelete);
-                    if let Some(handle) = m.receipt_handle() {
-                        if let Err(e) = sqs
-                            .delete_message()
-                            .queue_url(&url)
-                            .receipt_handle(handle)
-                            .send()
-                            .await
-                        {
-                            tracing::warn!(event = "sqs_delete_failed", error = %aws_sdk_error(&e));
+                        p.crash_if(CrashPoint::BeforeSqsDelete);
+                        if let Some(handle) = m.receipt_handle() {
+                            if let Err(e) = sqs
+                                .delete_message()
+                                .queue_url(&url)
+                                .receipt_handle(handle)
+                                .send()
+                                .await
+                            {
+                                tracing::warn!(event = "sqs_delete_failed", error = %aws_sdk_error(&e));
+                            }
                         }
                     }
+                    // Left in the queue: SQS shows it again after the visibility timeout.
+                    Err(e) => tracing::warn!(event = "sqs_record_failed", error = %e),
                 }
-                // Left in the queue: SQS shows it again after the visibility timeout.
-                Err(e) => tracing::warn!(event = "sqs_record_failed", error = %e),
-            }
+            });
         }
     }
+    // SIGTERM: attempts under way finish and store their outcome (an
+    // attempt cut short would hold its record until the lease ends).
+    while in_flight.join_next().await.is_some() {}
+    Ok(())
 }
+
+/// Tickets one poller works on at once (a Lambda deployment's equivalent
+/// is its batch size times its maximum concurrency).
+const POLL_CONCURRENCY: usize = 50;
 
 fn aws_sdk_error(e: &dyn std::error::Error) -> String {
     e.to_string()

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             Some(Command::Poll { exit_when_idle }) => {
                 retry_fn::poll(processor, exit_when_idle).await
             }
-            Some(Command::Sweep) => retry_fn::sweep(&processor).await,
+            Some(Command::Sweep) => retry_fn::sweep(&processor).await.map(|_| ()),
             None => {
                 lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
                     let p = processor.clone();
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
                             let response = retry_fn::handle(&p, batch, Some(deadline)).await;
                             Ok::<_, lambda_runtime::Error>(serde_json::to_value(response)?)
                         } else {
-                            retry_fn::sweep(&p).await.map_err(|e| e.to_string())?;
+                            retry_fn::scheduled(&p).await.map_err(|e| e.to_string())?;
                             Ok(serde_json::json!({}))
                         }
                     }

@@ -21,28 +21,41 @@ use crate::time::unix_seconds;
 /// What ETRN sets off: the queued mail of a domain made due now.
 #[async_trait]
 pub trait Release: Send + Sync {
-    /// Returns how many entries the domain has queued.
-    async fn release(&self, domain: &DomainName) -> Result<u64, StoreError>;
+    /// Returns how many entries the domain has queued, or `None` if the
+    /// release goes on in the background (the count is not known yet).
+    async fn release(&self, domain: &DomainName) -> Result<Option<u64>, StoreError>;
 }
 
 /// The embedded worker: forgets the destination is down and wakes up.
 #[async_trait]
 impl Release for Worker {
-    async fn release(&self, domain: &DomainName) -> Result<u64, StoreError> {
-        Worker::release(self, Some(domain)).await
+    async fn release(&self, domain: &DomainName) -> Result<Option<u64>, StoreError> {
+        Worker::release(self, Some(domain)).await.map(Some)
     }
 }
 
 /// A shared queue that the delivery tier works from (AWS: the records are
-/// made due and given tickets, whichever process delivers them).
+/// made due and given tickets, whichever process delivers them). A domain
+/// back from an outage may have thousands: the release runs in the
+/// background and the client is answered at once (RFC 1985's 250).
 pub struct QueueRelease(pub Arc<dyn DeliveryQueue>);
 
 #[async_trait]
 impl Release for QueueRelease {
-    async fn release(&self, domain: &DomainName) -> Result<u64, StoreError> {
-        self.0
-            .release(Some(domain), unix_seconds(SystemTime::now()))
-            .await
+    async fn release(&self, domain: &DomainName) -> Result<Option<u64>, StoreError> {
+        let queue = self.0.clone();
+        let domain = domain.clone();
+        tokio::spawn(async move {
+            match queue
+                .release(Some(&domain), unix_seconds(SystemTime::now()))
+                .await
+            {
+                Ok(n) => tracing::info!(event = "etrn_released", domain = %domain, entries = n),
+                // Nothing is lost: the mail keeps its schedule.
+                Err(e) => tracing::warn!(event = "release_failed", domain = %domain, error = %e),
+            }
+        });
+        Ok(None)
     }
 }
 
@@ -94,7 +107,12 @@ pub async fn handle(
         );
     }
     match release.release(&domain).await {
-        Ok(0) => {
+        Ok(None) => {
+            metrics::counter!("backupmx_etrn_total", "result" => "started").increment(1);
+            tracing::info!(event = "etrn_release", domain = %domain, client = %client);
+            Reply::new(250, "2.0.0", format!("Queuing for node {domain} started"))
+        }
+        Ok(Some(0)) => {
             metrics::counter!("backupmx_etrn_total", "result" => "empty").increment(1);
             Reply::new(
                 251,
@@ -102,7 +120,7 @@ pub async fn handle(
                 format!("OK, no messages waiting for node {domain}"),
             )
         }
-        Ok(n) => {
+        Ok(Some(n)) => {
             metrics::counter!("backupmx_etrn_total", "result" => "started").increment(1);
             tracing::info!(event = "etrn_release", domain = %domain, client = %client, entries = n);
             Reply::new(

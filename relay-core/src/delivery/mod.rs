@@ -8,6 +8,7 @@
 pub mod client;
 pub mod dsn;
 pub mod etrn;
+mod probe;
 #[cfg(feature = "aws")]
 pub mod retry;
 pub mod route;

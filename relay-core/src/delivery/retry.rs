@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use super::{AttemptReport, Engine};
 use crate::queue::QueueId;
 use crate::store::aws::{AwsStore, Claim, Ticket};
-use crate::store::{MessageStore, SplitSpool, Spool};
+use crate::store::{DeliveryQueue, MessageStore, SplitSpool, Spool};
 use crate::time::unix_seconds;
 
 /// Tries of each write after a delivery attempt, and the first pause
@@ -93,6 +93,9 @@ pub struct RetrySettings {
     pub attempt_lease: Duration,
     pub orphan_after: Duration,
     pub sweep_interval: Duration,
+    /// How often a destination recorded down is probed
+    /// (`[delivery] probe_interval`).
+    pub probe_interval: Duration,
 }
 
 impl RetrySettings {
@@ -101,6 +104,7 @@ impl RetrySettings {
             attempt_lease: config.aws.attempt_lease,
             orphan_after: config.aws.orphan_after,
             sweep_interval: config.aws.sweep_interval,
+            probe_interval: config.delivery.probe_interval,
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct SweepReport {
     pub redriven: usize,
     /// Dead letters that are no ticket of ours, left in place.
     pub malformed: usize,
+    /// Destinations still down after this pass's probes.
+    pub down: usize,
 }
 
 pub struct RetryProcessor {
@@ -181,8 +187,51 @@ impl RetryProcessor {
         }
         let store = &self.store;
         let lease = self.settings.attempt_lease.as_secs().max(1);
+        let Some(item) = store
+            .queue_item(&ticket.id)
+            .await
+            .map_err(|e| RetryError(e.to_string()))?
+        else {
+            return Ok(Processed::Dropped("no record (delivered or deleted)"));
+        };
+        // A destination recorded down is not attempted by every ticket:
+        // one probe per interval (this ticket, if it wins it), the rest
+        // wait parked until the probe or the sweeper releases the domain.
+        let domain = item.entry.domain.clone();
+        let mut probing = false;
+        if item.version == ticket.version
+            && item.entry.next_attempt <= now_secs
+            && !self.expired(&item.entry, now_secs)
+        {
+            let down = store
+                .destination_state(&domain)
+                .await
+                .map_err(|e| RetryError(e.to_string()))?;
+            if let Some(down) = down {
+                let next_probe = now_secs + self.settings.probe_interval.as_secs().max(1);
+                if down.probe_at > now_secs
+                    || !store
+                        .claim_probe(&domain, now_secs, next_probe)
+                        .await
+                        .map_err(|e| RetryError(e.to_string()))?
+                {
+                    let park = self
+                        .engine
+                        .config()
+                        .retry_max
+                        .as_secs()
+                        .max(down.probe_at.saturating_sub(now_secs));
+                    store
+                        .send_ticket(&ticket, park)
+                        .await
+                        .map_err(|e| RetryError(e.to_string()))?;
+                    return Ok(Processed::Redelayed);
+                }
+                probing = true;
+            }
+        }
         let item = match store
-            .claim(&ticket, now_secs, lease)
+            .claim_item(item, &ticket, now_secs, lease)
             .await
             .map_err(|e| RetryError(e.to_string()))?
         {
@@ -224,7 +273,109 @@ impl RetryProcessor {
             delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
         );
         self.crash_if(CrashPoint::AfterDelivery);
-        self.commit(report, item.version, now_secs).await
+        let down = report
+            .destination_down
+            .then(|| report.entry.last_error.clone().unwrap_or_default());
+        let processed = self.commit(report, item.version, now_secs).await?;
+        match down {
+            Some(error) => self.destination_down(&domain, now_secs, &error).await,
+            None if probing => self.destination_back(&domain, now_secs).await,
+            None => {}
+        }
+        Ok(processed)
+    }
+
+    /// Past its queue lifetime: attempted whatever the destination's
+    /// state, so that it bounces instead of waiting forever.
+    fn expired(&self, entry: &crate::queue::QueueEntry, now: u64) -> bool {
+        now >= entry
+            .received_at
+            .saturating_add(self.engine.config().queue_lifetime.as_secs())
+    }
+
+    /// Records the destination down for every delivery process; its mail
+    /// waits for the probe from now on.
+    async fn destination_down(&self, domain: &crate::address::DomainName, now: u64, error: &str) {
+        let probe_at = now + self.settings.probe_interval.as_secs().max(1);
+        match self.store.mark_down(domain, now, probe_at, error).await {
+            Ok(true) => {
+                metrics::counter!("backupmx_destination_down_total").increment(1);
+                tracing::warn!(event = "destination_down", domain = %domain, error);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %e)
+            }
+        }
+    }
+
+    /// The destination answers again: forget it was down and release its
+    /// whole queue at once.
+    async fn destination_back(&self, domain: &crate::address::DomainName, now: u64) {
+        match self.store.mark_up(domain).await {
+            Ok(true) => {
+                metrics::counter!("backupmx_probe_recoveries_total").increment(1);
+                match DeliveryQueue::release(self.store.as_ref(), Some(domain), now).await {
+                    Ok(n) => {
+                        tracing::info!(event = "destination_back", domain = %domain, released = n)
+                    }
+                    Err(e) => {
+                        tracing::warn!(event = "release_failed", domain = %domain, error = %e)
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %e)
+            }
+        }
+    }
+
+    /// Probes every destination recorded down whose probe is due (one
+    /// process per destination and interval), releasing those that answer;
+    /// returns those still down.
+    pub async fn probe_down(
+        &self,
+        now: SystemTime,
+    ) -> Result<Vec<crate::address::DomainName>, RetryError> {
+        let now_secs = unix_seconds(now);
+        let down = self
+            .store
+            .down_destinations()
+            .await
+            .map_err(|e| RetryError(e.to_string()))?;
+        let next = now_secs + self.settings.probe_interval.as_secs().max(1);
+        let probes = down.iter().map(|d| async move {
+            if d.probe_at > now_secs {
+                return true;
+            }
+            match self.store.claim_probe(&d.domain, now_secs, next).await {
+                Ok(true) => {}
+                Ok(false) => return true,
+                Err(e) => {
+                    tracing::warn!(event = "probe_claim_failed", domain = %d.domain, error = %e);
+                    return true;
+                }
+            }
+            match self.engine.probe(&d.domain).await {
+                Ok(()) => {
+                    self.destination_back(&d.domain, now_secs).await;
+                    false
+                }
+                Err(why) => {
+                    tracing::info!(event = "probe_failed", domain = %d.domain, error = %why);
+                    true
+                }
+            }
+        });
+        // At once: a blackholed primary must not delay the others.
+        let still = futures_util::future::join_all(probes).await;
+        Ok(down
+            .into_iter()
+            .zip(still)
+            .filter(|(_, down)| *down)
+            .map(|(d, _)| d.domain)
+            .collect())
     }
 
     /// Stores an attempt's outcome. From here on the primary may have taken
@@ -308,7 +459,8 @@ impl RetryProcessor {
         Ok(())
     }
 
-    /// One sweeper pass: every record overdue by `orphan_after` with no
+    /// One sweeper pass: probes of the destinations recorded down; every
+    /// record overdue by `orphan_after` with no
     /// attempt under way and no ticket sent in that time gets a new ticket
     /// (its own was lost to a crash, a timeout or a failed send); every
     /// dead letter is taken off the dead-letter queue and its record, if
@@ -318,13 +470,22 @@ impl RetryProcessor {
         let now_secs = unix_seconds(now);
         let orphan_after = self.settings.orphan_after.as_secs();
         let store = &self.store;
-        let mut report = SweepReport::default();
+        let down = self.probe_down(now).await?;
+        let mut report = SweepReport {
+            down: down.len(),
+            ..SweepReport::default()
+        };
         let overdue = store
             .overdue(now_secs.saturating_sub(orphan_after))
             .await
             .map_err(|e| RetryError(e.to_string()))?;
         for item in overdue {
             if item.lease > now_secs || item.nudged.saturating_add(orphan_after) > now_secs {
+                continue;
+            }
+            // Mail for a destination that is down has its ticket parked
+            // and is released by the probe; unless it is expiring.
+            if down.contains(&item.entry.domain) && !self.expired(&item.entry, now_secs) {
                 continue;
             }
             match store.nudge(&item, now_secs).await {

@@ -13,11 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use super::client::ReplyParser;
 use super::Engine;
 use crate::address::DomainName;
 use crate::queue::{QueueEntry, QueueId};
@@ -474,7 +471,7 @@ impl Worker {
     }
 
     async fn probe_and_release(&self, domain: &DomainName) {
-        match self.probe(domain).await {
+        match self.engine.probe(domain).await {
             Ok(()) => {
                 tracing::info!(event = "destination_back", domain = %domain);
                 metrics::counter!("backupmx_probe_recoveries_total").increment(1);
@@ -486,72 +483,5 @@ impl Worker {
                 tracing::info!(event = "probe_failed", domain = %domain, error = %why);
             }
         }
-    }
-
-    /// Connect + greeting + EHLO: does the destination answer again? The
-    /// error says why not (for the log), from the last address tried.
-    async fn probe(&self, domain: &DomainName) -> Result<(), String> {
-        let targets = self
-            .engine
-            .targets_for(domain)
-            .await
-            .map_err(|e| format!("no route: {e}"))?;
-        let mut why = String::from("no address to connect to");
-        for target in targets {
-            for addr in target.addrs {
-                let attempt = tokio::time::timeout(Duration::from_secs(10), async {
-                    let mut stream = TcpStream::connect(addr)
-                        .await
-                        .map_err(|e| format!("{addr}: {e}"))?;
-                    let mut parser = ReplyParser::default();
-                    let mut buf = [0u8; 2048];
-                    let greeting = read_one(&mut stream, &mut parser, &mut buf)
-                        .await
-                        .ok_or_else(|| format!("{addr}: no greeting"))?;
-                    if greeting.code != 220 {
-                        return Err(format!("{addr}: greeting {greeting}"));
-                    }
-                    stream
-                        .write_all(
-                            format!("EHLO {}\r\n", self.engine.config().me.hostname).as_bytes(),
-                        )
-                        .await
-                        .map_err(|e| format!("{addr}: {e}"))?;
-                    let ehlo = read_one(&mut stream, &mut parser, &mut buf)
-                        .await
-                        .ok_or_else(|| format!("{addr}: no EHLO reply"))?;
-                    let _ = stream.write_all(b"QUIT\r\n").await;
-                    if ehlo.code == 250 {
-                        Ok(())
-                    } else {
-                        Err(format!("{addr}: EHLO {ehlo}"))
-                    }
-                })
-                .await;
-                match attempt {
-                    Ok(Ok(())) => return Ok(()),
-                    Ok(Err(e)) => why = e,
-                    Err(_) => why = format!("{addr}: timed out"),
-                }
-            }
-        }
-        Err(why)
-    }
-}
-
-async fn read_one(
-    stream: &mut TcpStream,
-    parser: &mut ReplyParser,
-    buf: &mut [u8],
-) -> Option<super::client::Response> {
-    loop {
-        if let Some(r) = parser.next_reply().ok()? {
-            return Some(r);
-        }
-        let n = stream.read(buf).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        parser.feed(&buf[..n]);
     }
 }

@@ -31,7 +31,7 @@ use crate::greylist::{ClientState, GreylistStore, TripletState};
 use crate::queue::{QueueId, SpooledBody};
 
 pub mod queue;
-pub use queue::{Claim, QueueItem, Ticket};
+pub use queue::{Claim, DownState, QueueItem, Ticket};
 
 /// Names of the AWS resources.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,11 @@
 //! Indexes: `by_domain` (`domain`, `due`) for a domain's flush and listing,
 //! O(that domain); `by_due` (`q`, `due`) for the sweeper's overdue records.
 //!
+//! Destinations that did not answer live in the same table, shared by every
+//! delivery process: id `down#<domain>`, `q` = `down`, `domain`, `due` (the
+//! next probe), `since`, `last_error`. They have no `record`, so listings
+//! skip them; the `by_due` index lists them under `q = down`.
+//!
 //! Why it cannot lose a message: a ticket is sent only after the write it
 //! stands for, and a ticket whose version is not the record's is stale and
 //! dropped. Whatever dies between a write and its ticket (a failed send, a
@@ -24,6 +29,7 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, Select};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{backend, get_n, n, s, AwsStore, MAX_SQS_DELAY};
@@ -35,6 +41,9 @@ use crate::store::{DeliveryQueue, MessageStore, StoreError};
 pub const BY_DOMAIN: &str = "by_domain";
 /// Index of every record by due time (one partition, `q`).
 pub const BY_DUE: &str = "by_due";
+
+/// Records a release updates at once.
+const RELEASE_CONCURRENCY: usize = 32;
 
 /// An SQS message: attempt this record if it still has this version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +80,35 @@ impl QueueItem {
             version: self.version,
         }
     }
+}
+
+/// A destination that did not answer (all delivery processes see it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownState {
+    pub domain: DomainName,
+    /// Unix seconds: down since.
+    pub since: u64,
+    /// Unix seconds: when the next probe may run.
+    pub probe_at: u64,
+    pub last_error: String,
+}
+
+fn down_key(domain: &DomainName) -> String {
+    format!("down#{domain}")
+}
+
+fn down_state(item: &HashMap<String, AttributeValue>) -> Option<DownState> {
+    let domain = item.get("domain")?.as_s().ok()?;
+    Some(DownState {
+        domain: DomainName::parse(domain).ok()?,
+        since: get_n(item, "since").unwrap_or(0),
+        probe_at: get_n(item, "due").unwrap_or(0),
+        last_error: item
+            .get("last_error")
+            .and_then(|v| v.as_s().ok())
+            .cloned()
+            .unwrap_or_default(),
+    })
 }
 
 /// What [`AwsStore::claim`] found.
@@ -182,9 +220,20 @@ impl AwsStore {
         now: u64,
         lease_secs: u64,
     ) -> Result<Claim, StoreError> {
-        let Some(mut item) = self.queue_item(&ticket.id).await? else {
+        let Some(item) = self.queue_item(&ticket.id).await? else {
             return Ok(Claim::Gone);
         };
+        self.claim_item(item, ticket, now, lease_secs).await
+    }
+
+    /// [`AwsStore::claim`] for a record already read.
+    pub async fn claim_item(
+        &self,
+        mut item: QueueItem,
+        ticket: &Ticket,
+        now: u64,
+        lease_secs: u64,
+    ) -> Result<Claim, StoreError> {
         if item.version != ticket.version {
             return Ok(Claim::Stale);
         }
@@ -325,6 +374,147 @@ impl AwsStore {
         }
     }
 
+    /// Makes one record due now (see [`DeliveryQueue::release`]).
+    async fn release_one(&self, item: &QueueItem, now: u64) -> Result<(), StoreError> {
+        if item.lease > now {
+            return Ok(());
+        }
+        if item.entry.next_attempt <= now {
+            // Due already, its ticket may be parked (destination
+            // down): a fresh one; a duplicate is stale once claimed.
+            return self.send_ticket(&item.ticket(), 0).await;
+        }
+        let result = self
+            .dynamodb
+            .update_item()
+            .table_name(self.queue_table())
+            .key("id", s(item.entry.id.as_str()))
+            .update_expression("SET due = :now, version = :new")
+            .condition_expression("version = :v AND lease <= :now")
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":new", n(item.version + 1))
+            .expression_attribute_values(":v", n(item.version))
+            .send()
+            .await;
+        match result {
+            Ok(_) => {
+                let ticket = Ticket {
+                    id: item.entry.id.clone(),
+                    version: item.version + 1,
+                };
+                self.send_ticket(&ticket, 0).await
+            }
+            // Changed meanwhile: being attempted, or just scheduled.
+            Err(e) if is_condition_failed(&e) => Ok(()),
+            Err(e) => Err(backend("queue release", e)),
+        }
+    }
+
+    /// Whether `domain`'s destination is recorded down (strongly
+    /// consistent).
+    pub async fn destination_state(
+        &self,
+        domain: &DomainName,
+    ) -> Result<Option<DownState>, StoreError> {
+        let out = self
+            .dynamodb
+            .get_item()
+            .table_name(self.queue_table())
+            .key("id", s(down_key(domain)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| backend("destination state get", e))?;
+        Ok(out.item().and_then(down_state))
+    }
+
+    /// Records `domain`'s destination down (keeping the first `since`),
+    /// next probe at `probe_at`; returns whether it was up until now.
+    pub async fn mark_down(
+        &self,
+        domain: &DomainName,
+        now: u64,
+        probe_at: u64,
+        error: &str,
+    ) -> Result<bool, StoreError> {
+        let out = self
+            .dynamodb
+            .update_item()
+            .table_name(self.queue_table())
+            .key("id", s(down_key(domain)))
+            .update_expression(
+                "SET since = if_not_exists(since, :now), due = :probe, q = :down, #d = :domain, last_error = :e",
+            )
+            .expression_attribute_names("#d", "domain")
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":probe", n(probe_at))
+            .expression_attribute_values(":down", s("down"))
+            .expression_attribute_values(":domain", s(domain.as_str()))
+            .expression_attribute_values(":e", s(error))
+            .return_values(ReturnValue::UpdatedOld)
+            .send()
+            .await
+            .map_err(|e| backend("destination state update", e))?;
+        Ok(out.attributes().is_none_or(|a| !a.contains_key("since")))
+    }
+
+    /// Takes the next probe of a down destination: only one process (one
+    /// ticket, or the sweeper) tries it per interval. `false` if another
+    /// took it, or the destination is no longer recorded down.
+    pub async fn claim_probe(
+        &self,
+        domain: &DomainName,
+        now: u64,
+        next: u64,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .dynamodb
+            .update_item()
+            .table_name(self.queue_table())
+            .key("id", s(down_key(domain)))
+            .update_expression("SET due = :next")
+            .condition_expression("attribute_exists(id) AND due <= :now")
+            .expression_attribute_values(":next", n(next))
+            .expression_attribute_values(":now", n(now))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(backend("probe claim", e)),
+        }
+    }
+
+    /// Forgets that `domain`'s destination was down; returns whether it
+    /// was recorded down.
+    pub async fn mark_up(&self, domain: &DomainName) -> Result<bool, StoreError> {
+        let out = self
+            .dynamodb
+            .delete_item()
+            .table_name(self.queue_table())
+            .key("id", s(down_key(domain)))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| backend("destination state delete", e))?;
+        Ok(out.attributes().is_some_and(|a| !a.is_empty()))
+    }
+
+    /// Every destination recorded down.
+    pub async fn down_destinations(&self) -> Result<Vec<DownState>, StoreError> {
+        let out = self
+            .dynamodb
+            .query()
+            .table_name(self.queue_table())
+            .index_name(BY_DUE)
+            .key_condition_expression("q = :down")
+            .expression_attribute_values(":down", s("down"))
+            .send()
+            .await
+            .map_err(|e| backend("down destinations query", e))?;
+        Ok(out.items().iter().filter_map(down_state).collect())
+    }
+
     /// A domain's records (index reads: eventually consistent, so each
     /// writer's own condition decides), or every record.
     async fn queue_items(&self, domain: Option<&DomainName>) -> Result<Vec<QueueItem>, StoreError> {
@@ -359,7 +549,7 @@ impl AwsStore {
                     (out.items().to_vec(), out.last_evaluated_key().cloned())
                 }
             };
-            for item in &page {
+            for item in page.iter().filter(|i| i.contains_key("record")) {
                 items.push(queue_item(item)?);
             }
             match next {
@@ -441,6 +631,8 @@ impl DeliveryQueue for AwsStore {
                 .scan()
                 .table_name(self.queue_table())
                 .select(Select::Count)
+                .filter_expression("attribute_exists(#r)")
+                .expression_attribute_names("#r", "record")
                 .set_exclusive_start_key(start)
                 .send()
                 .await
@@ -489,41 +681,37 @@ impl DeliveryQueue for AwsStore {
         Ok(true)
     }
 
-    /// Makes a domain's records due now, O(that domain): each record that
+    /// Makes a domain's records due now, O(that domain), and forgets that
+    /// its destination was down: each record that
     /// is waiting and not being attempted gets `due = now` and a new
     /// version (its delayed ticket is stale from then on) and an
     /// immediate ticket. A record another writer changed meanwhile is
     /// left to that writer: it is being attempted, or was just scheduled.
     async fn release(&self, domain: Option<&DomainName>, now: u64) -> Result<u64, StoreError> {
-        let items = self.queue_items(domain).await?;
-        for item in &items {
-            if item.entry.next_attempt <= now || item.lease > now {
-                continue;
+        // Forget the destination is down first (as the embedded worker
+        // does), or the fresh tickets would only be parked again.
+        match domain {
+            Some(d) => {
+                self.mark_up(d).await?;
             }
-            let result = self
-                .dynamodb
-                .update_item()
-                .table_name(self.queue_table())
-                .key("id", s(item.entry.id.as_str()))
-                .update_expression("SET due = :now, version = :new")
-                .condition_expression("version = :v AND lease <= :now")
-                .expression_attribute_values(":now", n(now))
-                .expression_attribute_values(":new", n(item.version + 1))
-                .expression_attribute_values(":v", n(item.version))
-                .send()
-                .await;
-            match result {
-                Ok(_) => {
-                    let ticket = Ticket {
-                        id: item.entry.id.clone(),
-                        version: item.version + 1,
-                    };
-                    self.send_ticket(&ticket, 0).await?;
+            None => {
+                for down in self.down_destinations().await? {
+                    self.mark_up(&down.domain).await?;
                 }
-                Err(e) if is_condition_failed(&e) => continue,
-                Err(e) => return Err(backend("queue release", e)),
             }
         }
-        Ok(items.len() as u64)
+        let items = self.queue_items(domain).await?;
+        // Many at once: a domain back from an outage may have thousands.
+        let count = items.len() as u64;
+        let results: Vec<Result<(), StoreError>> = futures_util::stream::iter(items)
+            .map(|item| {
+                let store = self.clone();
+                async move { store.release_one(&item, now).await }
+            })
+            .buffer_unordered(RELEASE_CONCURRENCY)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<(), StoreError>>()?;
+        Ok(count)
     }
 }
