@@ -146,6 +146,10 @@ fn describe() {
         "backupmx_dnsbl_lookups_total",
         "DNSBL lookups by zone and result"
     );
+    metrics::describe_counter!(
+        "backupmx_aws_requests_total",
+        "requests to AWS by service and operation (what AWS bills; AWS backend only)"
+    );
     for &(name, help, gauge, labels) in METRICS {
         let labels: Vec<metrics::Label> = labels
             .iter()

@@ -252,7 +252,14 @@ pub async fn poll(
     // SIGTERM: attempts under way finish and store their outcome (an
     // attempt cut short would hold its record until the lease ends).
     while in_flight.join_next().await.is_some() {}
+    log_requests();
     Ok(())
+}
+
+/// The AWS requests this process made (what AWS bills), in one line.
+pub fn log_requests() {
+    let (total, by_operation) = relay_core::store::aws::requests::summary();
+    tracing::info!(event = "aws_requests", total, by_operation = %by_operation);
 }
 
 /// Tickets one poller works on at once (a Lambda deployment's equivalent

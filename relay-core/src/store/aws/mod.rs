@@ -31,6 +31,7 @@ use crate::greylist::{ClientState, GreylistStore, TripletState};
 use crate::queue::{QueueId, SpooledBody};
 
 pub mod queue;
+pub mod requests;
 pub use queue::{Claim, DownState, QueueItem, Ticket};
 
 /// Names of the AWS resources.
@@ -94,6 +95,23 @@ fn s3_client(conf: &aws_config::SdkConfig) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(conf)
             .force_path_style(path_style)
+            .interceptor(requests::RequestCounter)
+            .build(),
+    )
+}
+
+fn dynamodb_client(conf: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(conf)
+            .interceptor(requests::RequestCounter)
+            .build(),
+    )
+}
+
+fn sqs_client(conf: &aws_config::SdkConfig) -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(conf)
+            .interceptor(requests::RequestCounter)
             .build(),
     )
 }
@@ -139,7 +157,7 @@ impl AwsStore {
         conf: &aws_config::SdkConfig,
         names: AwsNames,
     ) -> Result<Self, StoreError> {
-        let sqs = aws_sdk_sqs::Client::new(conf);
+        let sqs = sqs_client(conf);
         let queue_url = if names.queue_url.is_empty() {
             sqs.get_queue_url()
                 .queue_name(&names.queue_name)
@@ -153,7 +171,7 @@ impl AwsStore {
             names.queue_url.clone()
         };
         Ok(AwsStore {
-            dynamodb: aws_sdk_dynamodb::Client::new(conf),
+            dynamodb: dynamodb_client(conf),
             s3: s3_client(conf),
             sqs,
             names,
@@ -167,7 +185,7 @@ impl AwsStore {
         conf: &aws_config::SdkConfig,
         names: AwsNames,
     ) -> Result<Self, StoreError> {
-        let ddb = aws_sdk_dynamodb::Client::new(conf);
+        let ddb = dynamodb_client(conf);
         for (table, key) in [
             (&names.domains_table, "name"),
             (&names.greylist_table, "pk"),
@@ -226,7 +244,7 @@ impl AwsStore {
                 return Err(backend(&format!("create bucket {}", names.bucket), s));
             }
         }
-        let sqs = aws_sdk_sqs::Client::new(conf);
+        let sqs = sqs_client(conf);
         let queue_name = queue_name_to_create(&names)?;
         let dlq_name = format!("{queue_name}-dlq");
         let dlq_url = sqs
