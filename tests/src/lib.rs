@@ -234,6 +234,18 @@ impl Server {
         }
     }
 
+    /// `backupmx ingest` on the AWS backend, not started yet, with no
+    /// `[aws]` section: the resources are given as `BACKUPMX_AWS__*`
+    /// variables ([`Server::set_env`]), as the SAM template gives them.
+    pub fn prepare_ingest_aws(extra: &str, example_primary: &str) -> Server {
+        Server::prepare("ingest", "", extra, example_primary, "backend = \"aws\"\n")
+    }
+
+    /// The variables set with [`Server::set_env`].
+    pub fn env_vars(&self) -> &[(String, String)] {
+        &self.env
+    }
+
     /// As [`Server::start_run`], but not started yet: set a wrapper or
     /// prepare the data directory (`dir/data`), then call [`Server::spawn`].
     pub fn prepare_run(smtp: &str, extra: &str, example_primary: &str) -> Server {
@@ -364,15 +376,18 @@ impl Server {
         self.spawn();
     }
 
-    /// Runs `backupmx --config <ours> args…`.
+    /// Runs `backupmx --config <ours> args…`, with the server's
+    /// `BACKUPMX_*` variables (config keys) but not its other ones.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(backupmx_bin())
-            .arg("--config")
+        let mut cmd = Command::new(backupmx_bin());
+        cmd.arg("--config")
             .arg(&self.config_path)
             .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run backupmx")
+            .current_dir(self.dir.path());
+        for (k, v) in self.env.iter().filter(|(k, _)| k.starts_with("BACKUPMX_")) {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run backupmx")
     }
 
     pub fn queue(&self) -> Vec<serde_json::Value> {
