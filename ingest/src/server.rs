@@ -157,9 +157,20 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     // Files named by the config are checked before anything is logged or
     // opened, so a wrong path is the one line an operator sees.
     let tls = match &config.tls {
-        Some(files) => Some(Tls::new(files)?),
+        Some(files) => Some(Tls::new(files).await?),
         None => None,
     };
+    if let (Some(t), Some(every)) = (
+        tls.clone(),
+        config.tls.as_ref().and_then(|f| f.reload_every()),
+    ) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                t.reload().await;
+            }
+        });
+    }
     // One server per data directory (its queue, its spool), for as long
     // as this one runs.
     relay_core::store::space::prepare_data_dir(&config.storage.data_dir).with_context(|| {
@@ -395,7 +406,7 @@ async fn wait_for_shutdown(tls: Option<Tls>) {
             _ = term.recv() => return,
             _ = int.recv() => return,
             _ = hup.recv() => {
-                if let Some(t) = &tls { t.reload(); }
+                if let Some(t) = &tls { t.reload().await; }
             }
         }
     }

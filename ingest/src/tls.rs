@@ -1,5 +1,6 @@
-//! STARTTLS server configuration: PEM certificate chain and key, reloaded
-//! on SIGHUP so certificates can be renewed without a restart.
+//! STARTTLS server configuration: PEM certificate chain and key, from
+//! files or S3 objects, reloaded on SIGHUP and every `tls.reload_interval`
+//! so certificates can be renewed without a restart.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -17,9 +18,25 @@ pub struct Tls {
     files: TlsConfig,
 }
 
-fn load(files: &TlsConfig) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    let certs = load_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
+/// The bytes of a certificate or key: a file, or an `s3://bucket/key`
+/// object (the AWS shape keeps them out of the image).
+async fn read_source(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    if name.starts_with("s3://") {
+        let conf = relay_core::store::aws::sdk_config().await;
+        relay_core::store::aws::fetch_s3_uri(&conf, &name)
+            .await
+            .map_err(|e| anyhow!("cannot read TLS {what} {name}: {e}"))
+    } else {
+        std::fs::read(path).map_err(|e| anyhow!("cannot read TLS {what} {name}: {e}"))
+    }
+}
+
+async fn load(files: &TlsConfig) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let cert_pem = read_source(&files.cert, "certificate").await?;
+    let certs = parse_certs(&cert_pem, &files.cert)?;
+    let key_pem = read_source(&files.key, "key").await?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| anyhow!("cannot read TLS key {}: {e}", files.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
@@ -37,9 +54,8 @@ fn load(files: &TlsConfig) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| anyhow!("cannot read TLS certificate {}: {e}", path.display()))?
+fn parse_certs(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow!("cannot parse TLS certificate {}: {e}", path.display()))?;
     if certs.is_empty() {
@@ -49,9 +65,9 @@ fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 }
 
 impl Tls {
-    pub fn new(files: &TlsConfig) -> anyhow::Result<Self> {
+    pub async fn new(files: &TlsConfig) -> anyhow::Result<Self> {
         Ok(Tls {
-            current: Arc::new(RwLock::new(load(files)?)),
+            current: Arc::new(RwLock::new(load(files).await?)),
             files: files.clone(),
         })
     }
@@ -64,9 +80,9 @@ impl Tls {
             .clone()
     }
 
-    /// Re-reads the files; on error the old certificate stays in use.
-    pub fn reload(&self) {
-        match load(&self.files) {
+    /// Re-reads the certificate and key; on error the old ones stay in use.
+    pub async fn reload(&self) {
+        match load(&self.files).await {
             Ok(acceptor) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
                 tracing::info!(event = "tls_reloaded", cert = %self.files.cert.display());

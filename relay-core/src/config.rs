@@ -80,8 +80,30 @@ pub struct SmtpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// PEM file, or `s3://bucket/key` (the AWS shape: a private object,
+    /// fetched with the task's role).
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Re-read the certificate and key this often (renewals without a
+    /// SIGHUP); absent: every hour when either comes from S3, else only on
+    /// SIGHUP.
+    #[serde(default, with = "humantime_serde")]
+    pub reload_interval: Option<Duration>,
+}
+
+impl TlsConfig {
+    /// How often the certificate is re-read, if at all.
+    pub fn reload_every(&self) -> Option<Duration> {
+        let from_s3 = [&self.cert, &self.key]
+            .iter()
+            .any(|p| p.to_string_lossy().starts_with("s3://"));
+        match self.reload_interval {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None if from_s3 => Some(Duration::from_secs(3600)),
+            None => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -154,3 +154,104 @@ fn starttls_is_not_offered_without_a_certificate() {
     assert!(!ehlo.contains("STARTTLS"));
     c.expect("STARTTLS", "502 5.5.1");
 }
+
+/// STARTTLS up to a finished handshake that trusts only `root`; whether
+/// it succeeded.
+fn handshake_trusting(s: &Server, root: &CertificateDer<'static>) -> bool {
+    let mut c = s.client();
+    c.expect("EHLO client.test", "250");
+    c.expect("STARTTLS", "220");
+    let tcp = c.into_stream();
+    let conn = rustls::ClientConnection::new(
+        client_config(root),
+        ServerName::try_from("mx2.test").unwrap(),
+    )
+    .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut tls = BufReader::new(&mut tls);
+    tls.get_mut()
+        .write_all(b"NOOP\r\n")
+        .and_then(|_| tls.get_mut().flush())
+        .is_ok()
+        && {
+            let mut line = String::new();
+            tls.read_line(&mut line).is_ok() && line.starts_with("250")
+        }
+}
+
+/// The AWS shape: certificate and key are S3 objects (kept out of the
+/// image), fetched at start and again every `tls.reload_interval`, so a
+/// renewed certificate is served without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_from_s3_is_served_and_reloaded() {
+    if !aws_available() {
+        return;
+    }
+    let conf = relay_core::store::aws::sdk_config().await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&conf)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = format!(
+        "certs-{}",
+        relay_core::queue::QueueId::generate(std::time::SystemTime::now())
+            .as_str()
+            .to_lowercase()
+    );
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let upload = |dir: std::path::PathBuf| {
+        let s3 = s3.clone();
+        let bucket = bucket.clone();
+        async move {
+            for name in ["cert.pem", "key.pem"] {
+                s3.put_object()
+                    .bucket(&bucket)
+                    .key(format!("mx/{name}"))
+                    .body(std::fs::read(dir.join(name)).unwrap().into())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let first_dir = tempfile::tempdir().unwrap();
+    let first = pki(first_dir.path());
+    upload(first_dir.path().to_path_buf()).await;
+    let tls = format!(
+        "[tls]\ncert = \"s3://{bucket}/mx/cert.pem\"\nkey = \"s3://{bucket}/mx/key.pem\"\nreload_interval = \"1s\"\n"
+    );
+    let s = tokio::task::spawn_blocking(move || Server::start_aws("", &tls, "", false))
+        .await
+        .unwrap();
+    let Some(s) = s else { return };
+    let s = std::sync::Arc::new(s);
+    let check = |root: CertificateDer<'static>| {
+        let s = s.clone();
+        tokio::task::spawn_blocking(move || handshake_trusting(&s, &root))
+    };
+    assert!(
+        check(first.cert_der.clone()).await.unwrap(),
+        "served from S3"
+    );
+    // Renewed: a new certificate in the bucket is served within the interval.
+    let second_dir = tempfile::tempdir().unwrap();
+    let second = pki(second_dir.path());
+    upload(second_dir.path().to_path_buf()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if check(second.cert_der.clone()).await.unwrap() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        !check(first.cert_der.clone()).await.unwrap(),
+        "the old one is gone"
+    );
+    assert!(s.log().contains("tls_reloaded"));
+}

@@ -82,6 +82,30 @@ fn backend(what: &str, e: impl std::error::Error) -> StoreError {
     ))
 }
 
+/// The object an `s3://bucket/key` URI names (a certificate, a key).
+pub async fn fetch_s3_uri(conf: &aws_config::SdkConfig, uri: &str) -> Result<Vec<u8>, StoreError> {
+    let rest = uri
+        .strip_prefix("s3://")
+        .ok_or_else(|| StoreError::Backend(format!("{uri:?} is not an s3:// URI")))?;
+    let (bucket, key) = rest
+        .split_once('/')
+        .filter(|(b, k)| !b.is_empty() && !k.is_empty())
+        .ok_or_else(|| StoreError::Backend(format!("{uri:?} is not s3://BUCKET/KEY")))?;
+    let out = s3_client(conf)
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| backend(&format!("S3 get {uri}"), e))?;
+    let bytes = out
+        .body
+        .collect()
+        .await
+        .map_err(|e| backend(&format!("S3 read {uri}"), e))?;
+    Ok(bytes.into_bytes().to_vec())
+}
+
 /// SDK configuration from the environment (`AWS_ENDPOINT_URL` included).
 pub async fn sdk_config() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
