@@ -60,7 +60,8 @@ pub async fn sweep(processor: &RetryProcessor) -> anyhow::Result<usize> {
         dead_letters = report.dead_letters,
         redriven = report.redriven,
         malformed_dead_letters = report.malformed,
-        destinations_down = report.down
+        destinations_down = report.down,
+        oldest_overdue_secs = report.oldest_overdue
     );
     Ok(report.down)
 }

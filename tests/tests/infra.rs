@@ -296,6 +296,19 @@ fn the_queue_table_and_the_sweeper_match_the_code() {
             relay_core::store::aws::queue::BY_DUE
         ]
     );
+    let by_due = &table["Properties"]["GlobalSecondaryIndexes"][1]["Projection"];
+    let projected: Vec<&str> = by_due["NonKeyAttributes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(projected, relay_core::store::aws::queue::BY_DUE_ATTRIBUTES);
+    // The queue-age alarm reads the sweeper's log line.
+    assert_eq!(
+        r["QueueAgeMetricFilter"]["Properties"]["MetricTransformations"][0]["MetricValue"].as_str(),
+        Some("$.fields.oldest_overdue_secs")
+    );
     assert!(
         table["Properties"]["TimeToLiveSpecification"].is_null(),
         "queue records must never expire on their own"

@@ -122,6 +122,9 @@ pub struct SweepReport {
     pub malformed: usize,
     /// Destinations still down after this pass's probes.
     pub down: usize,
+    /// Seconds since the oldest overdue record was accepted (0: none):
+    /// the queue-age alarm's metric.
+    pub oldest_overdue: u64,
 }
 
 pub struct RetryProcessor {
@@ -288,9 +291,11 @@ impl RetryProcessor {
     /// Past its queue lifetime: attempted whatever the destination's
     /// state, so that it bounces instead of waiting forever.
     fn expired(&self, entry: &crate::queue::QueueEntry, now: u64) -> bool {
-        now >= entry
-            .received_at
-            .saturating_add(self.engine.config().queue_lifetime.as_secs())
+        self.expired_at(entry.received_at, now)
+    }
+
+    fn expired_at(&self, received: u64, now: u64) -> bool {
+        now >= received.saturating_add(self.engine.config().queue_lifetime.as_secs())
     }
 
     /// Records the destination down for every delivery process; its mail
@@ -479,20 +484,23 @@ impl RetryProcessor {
             .overdue(now_secs.saturating_sub(orphan_after))
             .await
             .map_err(|e| RetryError(e.to_string()))?;
-        for item in overdue {
-            if item.lease > now_secs || item.nudged.saturating_add(orphan_after) > now_secs {
+        for record in overdue {
+            report.oldest_overdue = report
+                .oldest_overdue
+                .max(now_secs.saturating_sub(record.received));
+            if record.lease > now_secs || record.nudged.saturating_add(orphan_after) > now_secs {
                 continue;
             }
             // Mail for a destination that is down has its ticket parked
             // and is released by the probe; unless it is expiring.
-            if down.contains(&item.entry.domain) && !self.expired(&item.entry, now_secs) {
+            if down.contains(&record.domain) && !self.expired_at(record.received, now_secs) {
                 continue;
             }
-            match store.nudge(&item, now_secs).await {
+            match store.nudge(&record.ticket(), now_secs).await {
                 Ok(true) => {
                     report.orphans += 1;
                     metrics::counter!("backupmx_sweeper_orphans_total").increment(1);
-                    tracing::warn!(event = "orphan_requeued", queue_id = %item.entry.id, due = item.entry.next_attempt);
+                    tracing::warn!(event = "orphan_requeued", queue_id = %record.id, due = record.due);
                 }
                 Ok(false) => {}
                 Err(e) => return Err(RetryError(e.to_string())),
@@ -533,7 +541,7 @@ impl RetryProcessor {
                         if let Some(item) = item {
                             if item.lease <= now_secs
                                 && store
-                                    .nudge(&item, now_secs)
+                                    .nudge(&item.ticket(), now_secs)
                                     .await
                                     .map_err(|e| RetryError(e.to_string()))?
                             {

@@ -82,6 +82,53 @@ impl QueueItem {
     }
 }
 
+/// What the `by_due` index holds of a record (its projection): enough
+/// for the sweeper, a tenth of the record's size to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueRecord {
+    pub id: QueueId,
+    pub domain: DomainName,
+    pub due: u64,
+    /// Unix seconds: when the message was accepted.
+    pub received: u64,
+    pub version: u64,
+    pub lease: u64,
+    pub nudged: u64,
+}
+
+impl DueRecord {
+    pub fn ticket(&self) -> Ticket {
+        Ticket {
+            id: self.id.clone(),
+            version: self.version,
+        }
+    }
+}
+
+/// The attributes the `by_due` index projects besides its keys.
+pub const BY_DUE_ATTRIBUTES: [&str; 7] = [
+    "domain",
+    "received",
+    "version",
+    "lease",
+    "nudged",
+    "since",
+    "last_error",
+];
+
+fn due_record(item: &HashMap<String, AttributeValue>) -> Option<DueRecord> {
+    let text = |k: &str| item.get(k).and_then(|v| v.as_s().ok());
+    Some(DueRecord {
+        id: QueueId::parse(text("id")?).ok()?,
+        domain: DomainName::parse(text("domain")?).ok()?,
+        due: get_n(item, "due")?,
+        received: get_n(item, "received").unwrap_or(0),
+        version: get_n(item, "version").unwrap_or(0),
+        lease: get_n(item, "lease").unwrap_or(0),
+        nudged: get_n(item, "nudged").unwrap_or(0),
+    })
+}
+
 /// A destination that did not answer (all delivery processes see it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownState {
@@ -326,16 +373,16 @@ impl AwsStore {
     /// re-drive of dead letters): marks it nudged at `now` if it is still
     /// at the version read and not leased, then sends a ticket for that
     /// version. `false` if the record moved on meanwhile.
-    pub async fn nudge(&self, item: &QueueItem, now: u64) -> Result<bool, StoreError> {
+    pub async fn nudge(&self, ticket: &Ticket, now: u64) -> Result<bool, StoreError> {
         let result = self
             .dynamodb
             .update_item()
             .table_name(self.queue_table())
-            .key("id", s(item.entry.id.as_str()))
+            .key("id", s(ticket.id.as_str()))
             .update_expression("SET nudged = :now")
             .condition_expression("version = :v AND lease <= :now")
             .expression_attribute_values(":now", n(now))
-            .expression_attribute_values(":v", n(item.version))
+            .expression_attribute_values(":v", n(ticket.version))
             .send()
             .await;
         match result {
@@ -343,12 +390,13 @@ impl AwsStore {
             Err(e) if is_condition_failed(&e) => return Ok(false),
             Err(e) => return Err(backend("queue record nudge", e)),
         }
-        self.send_ticket(&item.ticket(), 0).await?;
+        self.send_ticket(ticket, 0).await?;
         Ok(true)
     }
 
-    /// Records due at or before `before`, oldest due first.
-    pub async fn overdue(&self, before: u64) -> Result<Vec<QueueItem>, StoreError> {
+    /// Records due at or before `before`, oldest due first (from the
+    /// index's projection, not the records themselves).
+    pub async fn overdue(&self, before: u64) -> Result<Vec<DueRecord>, StoreError> {
         let mut items = Vec::new();
         let mut start = None;
         loop {
@@ -364,9 +412,7 @@ impl AwsStore {
                 .send()
                 .await
                 .map_err(|e| backend("queue overdue query", e))?;
-            for item in out.items() {
-                items.push(queue_item(item)?);
-            }
+            items.extend(out.items().iter().filter_map(due_record));
             match out.last_evaluated_key() {
                 Some(k) if !k.is_empty() => start = Some(k.clone()),
                 _ => return Ok(items),
