@@ -61,7 +61,7 @@ start() {
   if ready; then echo "localstack already running on :$PORT"; return 0; fi
   # CloudFormation and what the SAM template declares, for the test that
   # deploys infra/template.yaml (tests/tests/infra_deploy.rs).
-  SERVICES=${SERVICES:-s3,dynamodb,sqs,cloudformation,iam,sts,ec2,sns,cloudwatch,logs,elbv2,ecs,events,lambda} \
+  SERVICES=${SERVICES:-s3,dynamodb,sqs,cloudformation,iam,sts,kms,ssm,ec2,sns,cloudwatch,logs,elbv2,ecs,events,lambda} \
   GATEWAY_LISTEN=127.0.0.1:$PORT LOCALSTACK_HOST=127.0.0.1:$PORT GATEWAY_SERVER=hypercorn \
   DISABLE_EVENTS=1 SKIP_SSL_CERT_DOWNLOAD=1 DNS_ADDRESS=0 SQS_ENDPOINT_STRATEGY=path \
   DYNAMODB_IN_MEMORY=1 DYNAMODB_REMOVE_EXPIRED_ITEMS=1 EAGER_SERVICE_LOADING=1 \
