@@ -202,12 +202,18 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     if let Some(m) = &config.metrics {
         crate::metrics::serve(m.listen).await?;
         let queue = backends.queue.clone();
+        // Counting the AWS queue reads the whole table (billed by size):
+        // every 5 minutes there, every 10 s on the local store.
+        let every = match config.storage.backend {
+            Backend::Local => Duration::from_secs(10),
+            Backend::Aws => Duration::from_secs(300),
+        };
         tokio::spawn(async move {
             loop {
                 if let Ok(n) = queue.depth().await {
                     metrics::gauge!("backupmx_queue_depth").set(n as f64);
                 }
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::time::sleep(every).await;
             }
         });
     }

@@ -252,13 +252,20 @@ impl RetryProcessor {
         };
         let record = &item.entry;
         // The body is read in pieces while it is sent; a missing one is
-        // found before the attempt (a one-byte read), not in the middle.
-        let body_present = MessageStore::read_chunk(store.as_ref(), &record.id, 0, 1)
-            .await
-            .map_err(|e| RetryError(e.to_string()))?
-            .is_some();
-        let report = if body_present {
-            self.engine.attempt(record, store.as_ref(), now).await
+        // found before the attempt, not in the middle. The first piece,
+        // read to find out, is the one the attempt sends first (one S3
+        // request per delivery less).
+        let first =
+            MessageStore::read_chunk(store.as_ref(), &record.id, 0, crate::store::BODY_CHUNK)
+                .await
+                .map_err(|e| RetryError(e.to_string()))?;
+        let report = if let Some(first) = first {
+            let bodies = Prefetched {
+                inner: store.as_ref(),
+                id: &record.id,
+                first,
+            };
+            self.engine.attempt(record, &bodies, now).await
         } else {
             tracing::error!(event = "message_body_missing", queue_id = %record.id);
             self.engine
@@ -579,4 +586,99 @@ fn lost_race(e: &crate::queue::QueueEntry) {
     // took the record: its writer's state stands.
     metrics::counter!("backupmx_queue_lost_races_total").increment(1);
     tracing::warn!(event = "outcome_not_stored_record_changed", queue_id = %e.id);
+}
+
+/// A body store with the first piece of one body already read: reads it
+/// covers are served from memory, the rest from the store.
+struct Prefetched<'a> {
+    inner: &'a dyn MessageStore,
+    id: &'a QueueId,
+    /// From offset 0: `BODY_CHUNK` bytes, or the whole body if shorter.
+    first: Vec<u8>,
+}
+
+#[async_trait::async_trait]
+impl MessageStore for Prefetched<'_> {
+    async fn put(&self, id: &QueueId, body: &[u8]) -> Result<(), crate::store::StoreError> {
+        self.inner.put(id, body).await
+    }
+
+    async fn put_file(
+        &self,
+        id: &QueueId,
+        body: &crate::queue::SpooledBody,
+    ) -> Result<(), crate::store::StoreError> {
+        self.inner.put_file(id, body).await
+    }
+
+    async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+        self.inner.get(id).await
+    }
+
+    async fn read_chunk(
+        &self,
+        id: &QueueId,
+        offset: u64,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+        let held = self.first.len() as u64;
+        let whole = self.first.len() < crate::store::BODY_CHUNK;
+        if id == self.id && (whole || offset.saturating_add(max as u64) <= held) {
+            let start = offset.min(held) as usize;
+            let end = offset.saturating_add(max as u64).min(held) as usize;
+            return Ok(Some(self.first[start..end].to_vec()));
+        }
+        self.inner.read_chunk(id, offset, max).await
+    }
+
+    async fn delete(&self, id: &QueueId) -> Result<(), crate::store::StoreError> {
+        self.inner.delete(id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::local::LocalStore;
+
+    #[tokio::test]
+    async fn prefetched_reads_match_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let id = QueueId::generate(SystemTime::now());
+        for size in [
+            0,
+            10,
+            crate::store::BODY_CHUNK,
+            crate::store::BODY_CHUNK * 2 + 7,
+        ] {
+            let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            store.put(&id, &body).await.unwrap();
+            let first = store
+                .read_chunk(&id, 0, crate::store::BODY_CHUNK)
+                .await
+                .unwrap()
+                .unwrap();
+            let p = Prefetched {
+                inner: &store,
+                id: &id,
+                first,
+            };
+            for (offset, max) in [
+                (0, 1),
+                (0, crate::store::BODY_CHUNK),
+                (5, 3),
+                (crate::store::BODY_CHUNK as u64, crate::store::BODY_CHUNK),
+                (size as u64, 10),
+                (size as u64 + 5, 10),
+            ] {
+                assert_eq!(
+                    p.read_chunk(&id, offset, max).await.unwrap(),
+                    store.read_chunk(&id, offset, max).await.unwrap(),
+                    "size {size}, offset {offset}, max {max}"
+                );
+            }
+            store.delete(&id).await.unwrap();
+        }
+    }
 }
