@@ -546,3 +546,40 @@ fn aws_requests_per_message_are_counted() {
         "{delivered} requests per delivered message"
     );
 }
+
+/// Mail for a primary that stays down is not parked forever: past its
+/// lifetime the sweeper gives it a ticket whatever the destination's
+/// state, the attempt expires it, and the sender gets a DSN; nothing is
+/// deleted undelivered and unbounced.
+#[test]
+fn mail_for_a_primary_that_stays_down_expires_with_a_dsn() {
+    let port = free_port();
+    let sender_mx = Sink::start(0);
+    let Some(s) = Server::start_aws(
+        "",
+        &format!(
+            "[delivery]\nretry_initial = \"1s\"\nqueue_lifetime = \"4s\"\nroutes = {{ \"remote.test\" = \"{}\" }}\n",
+            sender_mx.addr
+        ),
+        &format!("[\"127.0.0.1:{port}\"]"),
+        false,
+    ) else {
+        return;
+    };
+    send_numbered(&s, 3);
+    let out = poll(&s, "2s", &[]);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(log.contains("destination_down"), "{log}");
+    assert_eq!(s.queue().len(), 3);
+    std::thread::sleep(Duration::from_secs(4));
+    let log = sweep(&s, &SHORT);
+    assert!(log.contains("destinations_down=1"), "{log}");
+    assert!(poll(&s, "3s", &SHORT).status.success());
+    let dsns = sender_mx.wait_for(3, Duration::from_secs(20));
+    for dsn in &dsns {
+        assert_eq!(dsn.mail_from, "");
+        let text = String::from_utf8_lossy(&dsn.data).to_string();
+        assert!(text.contains("Status: 4.4.7"), "{text}");
+    }
+    assert!(s.queue().is_empty(), "expired and bounced, then removed");
+}
