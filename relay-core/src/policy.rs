@@ -99,7 +99,12 @@ impl ClientLookups {
     pub async fn verdict(&mut self) -> &Verdict {
         if self.verdict.is_none() {
             let v = match self.pending.take() {
-                Some(h) => h.await.unwrap_or_default(),
+                Some(h) => h.await.unwrap_or_else(|e| {
+                    // Fails open like any DNSBL error, but is not silent.
+                    metrics::counter!("backupmx_dnsbl_task_failures_total").increment(1);
+                    tracing::error!(event = "dnsbl_task_failed", error = %e);
+                    Verdict::default()
+                }),
                 None => Verdict::default(),
             };
             self.verdict = Some(v);

@@ -106,6 +106,12 @@ pub async fn fetch_s3_uri(conf: &aws_config::SdkConfig, uri: &str) -> Result<Vec
     Ok(bytes.into_bytes().to_vec())
 }
 
+/// An answer that lacks what it must carry (an emulator or API change):
+/// an error, never an empty name used later.
+fn no_answer(what: &str) -> StoreError {
+    StoreError::Backend(format!("unexpected answer from AWS: {what}"))
+}
+
 /// SDK configuration from the environment (`AWS_ENDPOINT_URL` included).
 pub async fn sdk_config() -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -189,8 +195,8 @@ impl AwsStore {
                 .await
                 .map_err(|e| backend(&format!("queue {}", names.queue_name), e))?
                 .queue_url()
-                .unwrap_or_default()
-                .to_string()
+                .map(String::from)
+                .ok_or_else(|| no_answer(&format!("queue {} has no URL", names.queue_name)))?
         } else {
             names.queue_url.clone()
         };
@@ -279,8 +285,8 @@ impl AwsStore {
             .await
             .map_err(|e| backend("create dead-letter queue", e))?
             .queue_url()
-            .unwrap_or_default()
-            .to_string();
+            .map(String::from)
+            .ok_or_else(|| no_answer("the dead-letter queue was created without a URL"))?;
         let dlq_arn = sqs
             .get_queue_attributes()
             .queue_url(&dlq_url)
@@ -290,7 +296,7 @@ impl AwsStore {
             .map_err(|e| backend("dead-letter queue ARN", e))?
             .attributes()
             .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-            .unwrap_or_default();
+            .ok_or_else(|| no_answer("the dead-letter queue has no ARN"))?;
         let created_url = sqs
             .create_queue()
             .queue_name(&queue_name)
@@ -307,8 +313,8 @@ impl AwsStore {
             .await
             .map_err(|e| backend("create queue", e))?
             .queue_url()
-            .unwrap_or_default()
-            .to_string();
+            .map(String::from)
+            .ok_or_else(|| no_answer("the queue was created without a URL"))?;
         // A configured queue_url is what the servers will use; the queue it
         // names now exists.
         let queue_url = if names.queue_url.is_empty() {
