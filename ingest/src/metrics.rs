@@ -134,6 +134,12 @@ const METRICS: &[MetricSpec] = &[
         &[],
     ),
     (
+        "backupmx_dnsbl_task_failures_total",
+        "DNSBL lookups that failed inside (counted as not listed: fail open)",
+        false,
+        &[],
+    ),
+    (
         "backupmx_accept_out_of_files_total",
         "accepts that failed for want of file descriptors",
         false,
