@@ -21,7 +21,7 @@ pub enum DomainCommand {
     Add {
         /// The domain name (Unicode or A-labels; stored as A-labels).
         domain: String,
-        /// Explicit next hop HOST[:PORT]; repeat for several (tried in order).
+        /// Explicit next hop, host or host:port; repeat for several (tried in order).
         #[arg(long = "primary", value_name = "HOST[:PORT]")]
         primary: Vec<String>,
         /// Do not greylist mail for this domain.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `backupmx` binary next to this test executable (target/<profile>/).
+/// The `backupmx` binary next to this test executable (`target/<profile>/`).
 pub fn backupmx_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");

@@ -2,7 +2,7 @@
 //! state machine.
 //!
 //! Replies go in through [`ClientSession::on_reply`] (parsed by
-//! [`ReplyParser`]); what to do next comes out of [`ClientSession::next`].
+//! [`ReplyParser`]); what to do next comes out of [`ClientSession::poll_next`].
 //! The driver owns the socket, the TLS handshake and the timers; this module
 //! decides what to send and what every reply means for each recipient.
 

@@ -78,7 +78,7 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
 const FREE_SPACE_REFRESH: Duration = Duration::from_millis(250);
 
 /// Free space of the data directory's filesystem, read at most every
-/// [`FREE_SPACE_REFRESH`] however many sessions ask.
+/// 250 ms however many sessions ask.
 #[derive(Debug)]
 pub struct FreeSpace {
     dir: PathBuf,
