@@ -3,7 +3,8 @@
 //! A triplet (client network, normalised sender, recipient) seen for the
 //! first time is deferred with `450 4.2.0`; the same triplet retried after
 //! `delay` and within `retry_window` passes and is then let through at once
-//! for `max_age`, refreshed on every pass. A client network that passes
+//! for `max_age`, refreshed on every pass (written at most once a day, so
+//! a busy sender does not cost a write per message). A client network that passes
 //! often enough is whitelisted as a whole. Time is an argument; state lives
 //! behind [`GreylistStore`], and any store failure lets the mail through.
 
@@ -63,6 +64,10 @@ pub trait GreylistStore: Send + Sync {
     /// Deletes records that expired before `now`.
     async fn sweep(&self, now: u64) -> Result<(), StoreError>;
 }
+
+/// A passing triplet's `passed_until` is rewritten only when it would move
+/// by more than this (one day).
+const REFRESH_SLACK_SECS: u64 = 86_400;
 
 /// Greylisting settings.
 #[derive(Debug, Clone)]
@@ -225,13 +230,18 @@ impl<S: GreylistStore + ?Sized> Greylist<S> {
         let s = &self.settings;
         let network = client_network(client, s);
         let net_key = network.to_string();
-        if s.auto_whitelist_after > 0 {
-            if let Some(c) = self.store.client(&net_key).await? {
+        // Read once: the pass count below starts from the same state.
+        let client_state = if s.auto_whitelist_after > 0 {
+            let c = self.store.client(&net_key).await?;
+            if let Some(c) = &c {
                 if c.expires >= now && c.passes >= s.auto_whitelist_after {
                     return Ok(Decision::Pass(PassReason::ClientWhitelisted));
                 }
             }
-        }
+            c
+        } else {
+            None
+        };
         let key = triplet_key(&network, &normalise_sender(sender), &rcpt.canonical());
         let fresh = TripletState {
             first_seen: now,
@@ -259,8 +269,15 @@ impl<S: GreylistStore + ?Sized> Greylist<S> {
         // A lost race on the writes below means another session made the
         // same decision at the same moment; the decision stands either way.
         if state.passed_until.is_some_and(|until| until >= now) {
-            self.store.replace_triplet(&key, &state, &passed).await?;
-            self.count_pass(&net_key, now).await?;
+            // Refreshed at most once a day: `max_age` is a matter of days,
+            // and a write per message is what a busy sender would cost.
+            if state
+                .passed_until
+                .is_some_and(|until| until.saturating_add(REFRESH_SLACK_SECS) < passed.expires)
+            {
+                self.store.replace_triplet(&key, &state, &passed).await?;
+            }
+            self.count_pass(&net_key, client_state, now).await?;
             return Ok(Decision::Pass(PassReason::KnownTriplet));
         }
         let elapsed = now.saturating_sub(state.first_seen);
@@ -273,16 +290,22 @@ impl<S: GreylistStore + ?Sized> Greylist<S> {
             return Ok(Decision::Defer);
         }
         self.store.replace_triplet(&key, &state, &passed).await?;
-        self.count_pass(&net_key, now).await?;
+        self.count_pass(&net_key, client_state, now).await?;
         Ok(Decision::Pass(PassReason::Retried))
     }
 
-    async fn count_pass(&self, network: &str, now: u64) -> Result<(), StoreError> {
+    /// Counts a pass for the client network, whose state was read as
+    /// `state` at the start of this decision.
+    async fn count_pass(
+        &self,
+        network: &str,
+        state: Option<ClientState>,
+        now: u64,
+    ) -> Result<(), StoreError> {
         if self.settings.auto_whitelist_after == 0 {
             return Ok(());
         }
         let max_age = self.settings.max_age.as_secs();
-        let state = self.store.client(network).await?;
         let next = match state {
             Some(c) if c.expires >= now && now < c.last_counted + 3600 => return Ok(()),
             Some(c) if c.expires >= now => ClientState {
@@ -410,6 +433,33 @@ mod tests {
         assert_eq!(
             check(&f, ip, from, to, T0 + 100 * day).await,
             Decision::Defer
+        );
+    }
+
+    #[tokio::test]
+    async fn a_passing_triplet_is_rewritten_at_most_once_a_day() {
+        let f = fixture(GreylistSettings::default());
+        let (ip, from, to) = ("192.0.2.10", "a@remote.test", "u@example.test");
+        check(&f, ip, from, to, T0).await;
+        check(&f, ip, from, to, T0 + 300).await;
+        let key = triplet_key(
+            &"192.0.2.0/24".parse().unwrap(),
+            "a@remote.test",
+            "u@example.test",
+        );
+        let until = |f: &Fixture| {
+            let store = f.grey.store.clone();
+            let key = key.clone();
+            async move { store.triplet(&key).await.unwrap().unwrap().passed_until }
+        };
+        let first = until(&f).await;
+        let day = 86_400;
+        check(&f, ip, from, to, T0 + day / 2).await;
+        assert_eq!(until(&f).await, first, "not rewritten within a day");
+        check(&f, ip, from, to, T0 + 2 * day).await;
+        assert_eq!(
+            until(&f).await,
+            Some(T0 + 2 * day + GreylistSettings::default().max_age.as_secs())
         );
     }
 
