@@ -224,9 +224,7 @@ pub async fn poll(
                 let processing = p.process(m.body().unwrap_or_default(), SystemTime::now());
                 let result = match tokio::time::timeout(attempt_limit, processing).await {
                     Ok(r) => r,
-                    Err(_) => Err(relay_core::delivery::retry::RetryError(
-                        "attempt did not finish within its lease".into(),
-                    )),
+                    Err(_) => Err(relay_core::delivery::retry::RetryError::LeaseExceeded),
                 };
                 match result {
                     Ok(outcome) => {
@@ -245,6 +243,11 @@ pub async fn poll(
                         }
                     }
                     // Left in the queue: SQS shows it again after the visibility timeout.
+                    // Not ours: no retry makes it readable; the operator
+                    // finds it in the dead-letter queue.
+                    Err(e) if !e.is_retryable() => {
+                        tracing::error!(event = "sqs_record_failed", retryable = false, error = %e)
+                    }
                     Err(e) => tracing::warn!(event = "sqs_record_failed", error = %e),
                 }
             });

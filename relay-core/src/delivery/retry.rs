@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use super::{AttemptReport, Engine};
 use crate::queue::QueueId;
 use crate::store::aws::{AwsStore, Claim, Ticket};
-use crate::store::{DeliveryQueue, MessageStore, SplitSpool, Spool};
+use crate::store::{DeliveryQueue, MessageStore, SplitSpool, Spool, StoreError};
 use crate::time::unix_seconds;
 
 /// Tries of each write after a delivery attempt, and the first pause
@@ -24,17 +24,19 @@ const PERSIST_TRIES: u32 = 5;
 const PERSIST_PAUSE: Duration = Duration::from_millis(200);
 
 /// Runs a store write, trying again with backoff while it fails.
-async fn persist<T, F, Fut>(what: &str, mut write: F) -> Result<T, RetryError>
+async fn persist<T, F, Fut>(what: &'static str, mut write: F) -> Result<T, RetryError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     let mut pause = PERSIST_PAUSE;
     let mut tries = 1;
     loop {
         match write().await {
             Ok(v) => return Ok(v),
-            Err(e) if tries >= PERSIST_TRIES => return Err(RetryError(format!("{what}: {e}"))),
+            Err(source) if tries >= PERSIST_TRIES => {
+                return Err(RetryError::Store { what, source })
+            }
             Err(e) => {
                 metrics::counter!("backupmx_outcome_store_failures_total").increment(1);
                 tracing::warn!(event = "outcome_store_retry", what, tries, error = %e);
@@ -57,12 +59,46 @@ pub enum Processed {
     Dropped(&'static str),
 }
 
-/// Failures worth retrying the SQS message for (it stays in the queue and,
-/// after `maxReceiveCount` receipts, moves to the dead-letter queue, from
-/// which the sweeper re-drives it).
+/// Why a ticket (or a sweeper pass) was not done: the SQS message stays
+/// in the queue and, after `maxReceiveCount` receipts, moves to the
+/// dead-letter queue, from which the sweeper re-drives it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RetryError(pub String);
+#[non_exhaustive]
+pub enum RetryError {
+    /// Not a ticket of ours: retrying cannot help; it ends in the
+    /// dead-letter queue for the operator.
+    #[error("malformed queue message: {0}")]
+    MalformedTicket(#[source] serde_json::Error),
+    /// The store refused or could not be reached.
+    #[error("{what}: {source}")]
+    Store {
+        what: &'static str,
+        #[source]
+        source: StoreError,
+    },
+    /// SQS refused an operation on the dead-letter queue.
+    #[error("dead-letter queue {what}: {detail}")]
+    DeadLetterQueue { what: &'static str, detail: String },
+    /// The attempt ran longer than its lease (another may take it over).
+    #[error("attempt did not finish within its lease")]
+    LeaseExceeded,
+}
+
+impl RetryError {
+    /// Whether the same work may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RetryError::MalformedTicket(_) => false,
+            RetryError::Store { source, .. } => source.is_transient(),
+            RetryError::DeadLetterQueue { .. } | RetryError::LeaseExceeded => true,
+        }
+    }
+}
+
+/// Wraps a store error with what was being done.
+fn store_err(what: &'static str) -> impl FnOnce(StoreError) -> RetryError {
+    move |source| RetryError::Store { what, source }
+}
 
 /// Where a debug build's `FAULT_INJECTION=retry:POINT` makes the process
 /// die, to show that no crash point loses a message.
@@ -179,7 +215,7 @@ impl RetryProcessor {
             Err(e) => {
                 // Not ours: it goes to the dead-letter queue, where the
                 // sweeper leaves it for the operator to look at.
-                return Err(RetryError(format!("malformed queue message: {e}")));
+                return Err(RetryError::MalformedTicket(e));
             }
         };
         let now_secs = unix_seconds(now);
@@ -193,7 +229,7 @@ impl RetryProcessor {
         let Some(item) = store
             .queue_item(&ticket.id)
             .await
-            .map_err(|e| RetryError(e.to_string()))?
+            .map_err(store_err("reading the record"))?
         else {
             return Ok(Processed::Dropped("no record (delivered or deleted)"));
         };
@@ -209,14 +245,14 @@ impl RetryProcessor {
             let down = store
                 .destination_state(&domain)
                 .await
-                .map_err(|e| RetryError(e.to_string()))?;
+                .map_err(store_err("reading the destination state"))?;
             if let Some(down) = down {
                 let next_probe = now_secs + self.settings.probe_interval.as_secs().max(1);
                 if down.probe_at > now_secs
                     || !store
                         .claim_probe(&domain, now_secs, next_probe)
                         .await
-                        .map_err(|e| RetryError(e.to_string()))?
+                        .map_err(store_err("claiming the probe"))?
                 {
                     let park = self
                         .engine
@@ -227,7 +263,7 @@ impl RetryProcessor {
                     store
                         .send_ticket(&ticket, park)
                         .await
-                        .map_err(|e| RetryError(e.to_string()))?;
+                        .map_err(store_err("parking the ticket"))?;
                     return Ok(Processed::Redelayed);
                 }
                 probing = true;
@@ -236,7 +272,7 @@ impl RetryProcessor {
         let item = match store
             .claim_item(item, &ticket, now_secs, lease)
             .await
-            .map_err(|e| RetryError(e.to_string()))?
+            .map_err(store_err("claiming the record"))?
         {
             Claim::Claimed(item) => item,
             Claim::Gone => return Ok(Processed::Dropped("no record (delivered or deleted)")),
@@ -246,7 +282,7 @@ impl RetryProcessor {
                 store
                     .send_ticket(&ticket, due - now_secs)
                     .await
-                    .map_err(|e| RetryError(e.to_string()))?;
+                    .map_err(store_err("re-delaying the ticket"))?;
                 return Ok(Processed::Redelayed);
             }
         };
@@ -258,7 +294,7 @@ impl RetryProcessor {
         let first =
             MessageStore::read_chunk(store.as_ref(), &record.id, 0, crate::store::BODY_CHUNK)
                 .await
-                .map_err(|e| RetryError(e.to_string()))?;
+                .map_err(store_err("reading the body"))?;
         let report = if let Some(first) = first {
             let bodies = Prefetched {
                 inner: store.as_ref(),
@@ -355,7 +391,7 @@ impl RetryProcessor {
             .store
             .down_destinations()
             .await
-            .map_err(|e| RetryError(e.to_string()))?;
+            .map_err(store_err("listing down destinations"))?;
         let next = now_secs + self.settings.probe_interval.as_secs().max(1);
         let probes = down.iter().map(|d| async move {
             if d.probe_at > now_secs {
@@ -490,7 +526,7 @@ impl RetryProcessor {
         let overdue = store
             .overdue(now_secs.saturating_sub(orphan_after))
             .await
-            .map_err(|e| RetryError(e.to_string()))?;
+            .map_err(store_err("listing overdue records"))?;
         for record in overdue {
             report.oldest_overdue = report
                 .oldest_overdue
@@ -510,13 +546,13 @@ impl RetryProcessor {
                     tracing::warn!(event = "orphan_requeued", queue_id = %record.id, due = record.due);
                 }
                 Ok(false) => {}
-                Err(e) => return Err(RetryError(e.to_string())),
+                Err(e) => return Err(store_err("nudging an orphan")(e)),
             }
         }
         let Some(dlq) = store
             .dead_letter_queue_url()
             .await
-            .map_err(|e| RetryError(e.to_string()))?
+            .map_err(store_err("finding the dead-letter queue"))?
         else {
             return Ok(report);
         };
@@ -529,7 +565,10 @@ impl RetryProcessor {
                 .wait_time_seconds(0)
                 .send()
                 .await
-                .map_err(|e| RetryError(format!("dead-letter receive: {e}")))?;
+                .map_err(|e| RetryError::DeadLetterQueue {
+                    what: "receive",
+                    detail: e.to_string(),
+                })?;
             let messages = received.messages();
             // Messages left in place stay invisible for a while: an empty
             // receive means every dead letter was seen once.
@@ -544,13 +583,13 @@ impl RetryProcessor {
                         let item = store
                             .queue_item(&ticket.id)
                             .await
-                            .map_err(|e| RetryError(e.to_string()))?;
+                            .map_err(store_err("reading a dead letter's record"))?;
                         if let Some(item) = item {
                             if item.lease <= now_secs
                                 && store
                                     .nudge(&item.ticket(), now_secs)
                                     .await
-                                    .map_err(|e| RetryError(e.to_string()))?
+                                    .map_err(store_err("re-driving a dead letter"))?
                             {
                                 report.redriven += 1;
                                 metrics::counter!("backupmx_sweeper_redriven_total").increment(1);
@@ -574,7 +613,10 @@ impl RetryProcessor {
                         .receipt_handle(handle)
                         .send()
                         .await
-                        .map_err(|e| RetryError(format!("dead-letter delete: {e}")))?;
+                        .map_err(|e| RetryError::DeadLetterQueue {
+                            what: "delete",
+                            detail: e.to_string(),
+                        })?;
                 }
             }
         }
