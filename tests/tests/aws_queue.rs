@@ -61,6 +61,20 @@ fn start(sink: &Sink, extra: &str) -> Option<Server> {
     )
 }
 
+/// An AWS ingest whose `example.test` primary is a loopback port nothing
+/// listens on yet (start a [`Sink`] there to bring it back); `delivery` is
+/// the `[delivery]` section's body.
+fn start_with_dead_primary(delivery: &str) -> Option<(Server, std::net::SocketAddr)> {
+    let primary: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let s = Server::start_aws(
+        "",
+        &format!("[delivery]\n{delivery}"),
+        &format!("[\"{primary}\"]"),
+        false,
+    )?;
+    Some((s, primary))
+}
+
 fn body(n: usize) -> String {
     format!("From: alice@remote.test\r\nSubject: message {n}\r\n\r\nbody {n}\r\n")
 }
@@ -279,14 +293,9 @@ async fn a_dead_letter_is_redriven_and_delivered() {
 /// each writer's update is conditional, so no recipient is sent twice.
 #[test]
 fn queue_flush_racing_with_delivery_sends_nothing_twice() {
-    let port = free_port();
-    let primary: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let Some(s) = Server::start_aws(
-        "",
-        "[delivery]\nretry_initial = \"10m\"\nretry_max = \"15m\"\n",
-        &format!("[\"{primary}\"]"),
-        false,
-    ) else {
+    let Some((s, primary)) =
+        start_with_dead_primary("retry_initial = \"10m\"\nretry_max = \"15m\"\n")
+    else {
         return;
     };
     const COUNT: usize = 200;
@@ -328,14 +337,7 @@ fn queue_flush_racing_with_delivery_sends_nothing_twice() {
 /// queue through the shared table (no more 502).
 #[test]
 fn etrn_to_the_aws_ingest_releases_the_domain() {
-    let port = free_port();
-    let primary: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let Some(s) = Server::start_aws(
-        "",
-        "[delivery]\nretry_initial = \"10m\"\n",
-        &format!("[\"{primary}\"]"),
-        false,
-    ) else {
+    let Some((s, primary)) = start_with_dead_primary("retry_initial = \"10m\"\n") else {
         return;
     };
     send_numbered(&s, 3);
@@ -359,18 +361,11 @@ fn etrn_to_the_aws_ingest_releases_the_domain() {
 #[test]
 fn a_primary_that_comes_back_gets_its_queue_at_once() {
     for (etrn, count) in [(false, 1000), (true, 200)] {
-        let port = free_port();
-        let primary: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         // Backoff far away: only the probe (or ETRN) can bring the mail.
         let probe = if etrn { "1h" } else { "5s" };
-        let Some(s) = Server::start_aws(
-            "",
-            &format!(
-                "[delivery]\nretry_initial = \"10m\"\nretry_max = \"15m\"\nprobe_interval = \"{probe}\"\n"
-            ),
-            &format!("[\"{primary}\"]"),
-            false,
-        ) else {
+        let Some((s, primary)) = start_with_dead_primary(&format!(
+            "retry_initial = \"10m\"\nretry_max = \"15m\"\nprobe_interval = \"{probe}\"\n"
+        )) else {
             return;
         };
         send_numbered(&s, count);
@@ -553,17 +548,11 @@ fn aws_requests_per_message_are_counted() {
 /// deleted undelivered and unbounced.
 #[test]
 fn mail_for_a_primary_that_stays_down_expires_with_a_dsn() {
-    let port = free_port();
     let sender_mx = Sink::start(0);
-    let Some(s) = Server::start_aws(
-        "",
-        &format!(
-            "[delivery]\nretry_initial = \"1s\"\nqueue_lifetime = \"4s\"\nroutes = {{ \"remote.test\" = \"{}\" }}\n",
-            sender_mx.addr
-        ),
-        &format!("[\"127.0.0.1:{port}\"]"),
-        false,
-    ) else {
+    let Some((s, _)) = start_with_dead_primary(&format!(
+        "retry_initial = \"1s\"\nqueue_lifetime = \"4s\"\nroutes = {{ \"remote.test\" = \"{}\" }}\n",
+        sender_mx.addr
+    )) else {
         return;
     };
     send_numbered(&s, 3);

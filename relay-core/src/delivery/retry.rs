@@ -247,7 +247,7 @@ impl RetryProcessor {
                 .await
                 .map_err(store_err("reading the destination state"))?;
             if let Some(down) = down {
-                let next_probe = now_secs + self.settings.probe_interval.as_secs().max(1);
+                let next_probe = self.next_probe(now_secs);
                 if down.probe_at > now_secs
                     || !store
                         .claim_probe(&domain, now_secs, next_probe)
@@ -270,12 +270,11 @@ impl RetryProcessor {
             }
         }
         let item = match store
-            .claim_item(item, &ticket, now_secs, lease)
+            .claim(item, &ticket, now_secs, lease)
             .await
             .map_err(store_err("claiming the record"))?
         {
             Claim::Claimed(item) => item,
-            Claim::Gone => return Ok(Processed::Dropped("no record (delivered or deleted)")),
             Claim::Stale => return Ok(Processed::Dropped("stale ticket")),
             Claim::Leased => return Ok(Processed::Dropped("attempt under way")),
             Claim::NotDue { due } => {
@@ -331,6 +330,11 @@ impl RetryProcessor {
         Ok(processed)
     }
 
+    /// When the next probe of a destination found down at `now` may run.
+    fn next_probe(&self, now: u64) -> u64 {
+        now + self.settings.probe_interval.as_secs().max(1)
+    }
+
     /// Past its queue lifetime: attempted whatever the destination's
     /// state, so that it bounces instead of waiting forever.
     fn expired(&self, entry: &crate::queue::QueueEntry, now: u64) -> bool {
@@ -344,7 +348,7 @@ impl RetryProcessor {
     /// Records the destination down for every delivery process; its mail
     /// waits for the probe from now on.
     async fn destination_down(&self, domain: &crate::address::DomainName, now: u64, error: &str) {
-        let probe_at = now + self.settings.probe_interval.as_secs().max(1);
+        let probe_at = self.next_probe(now);
         match self.store.mark_down(domain, now, probe_at, error).await {
             Ok(true) => {
                 metrics::counter!("backupmx_destination_down_total").increment(1);
@@ -392,7 +396,7 @@ impl RetryProcessor {
             .down_destinations()
             .await
             .map_err(store_err("listing down destinations"))?;
-        let next = now_secs + self.settings.probe_interval.as_secs().max(1);
+        let next = self.next_probe(now_secs);
         let probes = down.iter().map(|d| async move {
             if d.probe_at > now_secs {
                 return true;

@@ -164,8 +164,6 @@ pub enum Claim {
     /// The attempt is ours until the lease ends; the item carries the
     /// version every write of the outcome must be conditional on.
     Claimed(Box<QueueItem>),
-    /// No record: delivered, bounced or deleted.
-    Gone,
     /// The record moved on since the ticket was sent (a newer ticket, or
     /// the sweeper, stands for it now).
     Stale,
@@ -257,24 +255,11 @@ impl AwsStore {
         Ok(())
     }
 
-    /// Takes the record for one attempt if `ticket` is current, it is due
-    /// and no other attempt owns it: the version is raised (so the ticket
-    /// and any duplicate of it are stale from now on) and a lease of
-    /// `lease_secs` is set.
+    /// Takes the record (as just read) for one attempt if `ticket` is
+    /// current, it is due and no other attempt owns it: the version is
+    /// raised (so the ticket and any duplicate of it are stale from now on)
+    /// and a lease of `lease_secs` is set.
     pub async fn claim(
-        &self,
-        ticket: &Ticket,
-        now: u64,
-        lease_secs: u64,
-    ) -> Result<Claim, StoreError> {
-        let Some(item) = self.queue_item(&ticket.id).await? else {
-            return Ok(Claim::Gone);
-        };
-        self.claim_item(item, ticket, now, lease_secs).await
-    }
-
-    /// [`AwsStore::claim`] for a record already read.
-    pub async fn claim_item(
         &self,
         mut item: QueueItem,
         ticket: &Ticket,
