@@ -2,7 +2,7 @@
 //! Arbitrary server output through the reply parser and the client session:
 //! no panic, no endless loop, and every recipient ends with a result.
 use libfuzzer_sys::fuzz_target;
-use relay_core::delivery::client::{ClientSession, Envelope, Next, ReplyParser};
+use relay_proto::client::{ClientSession, Envelope, Next, ReplyParser};
 
 fuzz_target!(|data: &[u8]| {
     let env = Envelope {

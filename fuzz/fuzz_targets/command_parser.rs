@@ -1,7 +1,7 @@
 #![no_main]
 //! Any command line: a command or a reply with an error code, never a panic.
 use libfuzzer_sys::fuzz_target;
-use relay_core::smtp::command::{parse, SyntaxError};
+use relay_proto::smtp::command::{parse, SyntaxError};
 
 fuzz_target!(|data: &[u8]| {
     match parse(data) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
-use relay_core::smtp::{Action, RcptVerdict, Reply, Session, SessionConfig};
+use relay_proto::smtp::{Action, RcptVerdict, Reply, Session, SessionConfig};
 
 fn check_output(out: &[u8]) {
     for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
         admit_mail: true,
         ..SessionConfig::default()
     };
-    let mut s = Session::new(Arc::new(cfg), "192.0.2.1".parse().unwrap());
+    let mut s = Session::new(Arc::new(cfg), "192.0.2.1".parse().unwrap(), 1);
     let now = UNIX_EPOCH + Duration::from_secs(1_795_842_826);
     // The first byte picks the chunk size, so splits vary too.
     let chunk = usize::from(data.first().copied().unwrap_or(7) % 64) + 1;

@@ -11,6 +11,7 @@ use relay_core::policy::{ClientLookups, Policy};
 use relay_core::smtp::{Action, Reply, Session, SessionConfig};
 use relay_core::store::Spool;
 use std::task::Poll;
+use tracing::Instrument;
 
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -124,7 +125,7 @@ impl Spill {
     async fn remove(self) {
         drop(self.file);
         if let Err(e) = tokio::fs::remove_file(&self.path).await {
-            tracing::warn!(event = "spool_file_not_removed", path = %self.path.display(), error = %e);
+            tracing::warn!(event = "spool_file_not_removed", path = %self.path.display(), error = %relay_core::error::Report(&e));
         }
     }
 }
@@ -138,9 +139,6 @@ pub struct Shared {
     pub policy: Arc<Policy>,
     pub spool: Arc<dyn Spool>,
     pub tls: Option<Tls>,
-    pub idle_timeout: Duration,
-    /// Longest DATA phase; a command line must be complete within `idle_timeout`.
-    pub data_timeout: Duration,
     pub delivery: Option<Delivery>,
     /// ETRN: in the embedded mode the worker, with the AWS backend the
     /// shared queue (any delivery process picks the released mail up).
@@ -157,6 +155,8 @@ pub struct Etrn {
 enum Conn {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Only while the plain stream is handed to the TLS handshake.
+    Closed,
 }
 
 /// Largest single read; lives on the stack only while reading so idle
@@ -192,6 +192,7 @@ impl Conn {
         match self {
             Conn::Plain(s) => read_once(s, session).await,
             Conn::Tls(s) => read_once(s.as_mut(), session).await,
+            Conn::Closed => Ok(0),
         }
     }
 
@@ -202,6 +203,7 @@ impl Conn {
                 s.write_all(data).await?;
                 s.flush().await
             }
+            Conn::Closed => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
@@ -209,6 +211,7 @@ impl Conn {
         let _ = match self {
             Conn::Plain(s) => s.shutdown().await,
             Conn::Tls(s) => s.shutdown().await,
+            Conn::Closed => Ok(()),
         };
     }
 }
@@ -228,255 +231,333 @@ async fn finish_spill(
     Ok(())
 }
 
-/// Runs one session to its end.
+/// Runs one session to its end, inside a span that carries the session's
+/// id and peer, so every event of the connection names them once.
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     early: Vec<u8>,
     session_id: u64,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let mut conn = Conn::Plain(stream);
-    // DNSBL lookups run while the greeting goes out.
-    let mut lookups = ClientLookups::start(shared.policy.dnsbl.as_ref(), peer.ip());
-    let mut session = Session::new(shared.session.clone(), peer.ip());
-    if !early.is_empty() {
-        // Bytes that came in with the PROXY header.
-        session.handle_input(&early, SystemTime::now());
+    let span = tracing::info_span!("session", session_id, peer = %peer);
+    Handler::new(stream, peer, session_id, shared)
+        .run(early, shutdown)
+        .instrument(span)
+        .await;
+}
+
+/// One connection's driver (mini-redis's `Handler`): its state in one
+/// place, one method per request of the session.
+struct Handler {
+    conn: Conn,
+    session: Session,
+    peer: SocketAddr,
+    session_id: u64,
+    shared: Arc<Shared>,
+    /// DNSBL lookups for the client, started with the session.
+    lookups: ClientLookups,
+    /// Bytes of the memory budget this session's message data holds.
+    reserved: u64,
+    /// The message being received, once it is too big to hold in memory.
+    spill: Option<Spill>,
+}
+
+/// Whether the connection goes on after a step.
+enum Step {
+    Continue,
+    Close,
+}
+
+impl Handler {
+    fn new(stream: TcpStream, peer: SocketAddr, session_id: u64, shared: Arc<Shared>) -> Self {
+        let _ = stream.set_nodelay(true);
+        // DNSBL lookups run while the greeting goes out.
+        let lookups = ClientLookups::start(shared.policy.dnsbl.as_ref(), peer.ip());
+        let session = Session::new(shared.session.clone(), peer.ip(), rand::random());
+        Handler {
+            conn: Conn::Plain(stream),
+            session,
+            peer,
+            session_id,
+            shared,
+            lookups,
+            reserved: 0,
+            spill: None,
+        }
     }
-    let timeout = shared.idle_timeout;
-    // Slow clients (a byte now and then) never trip the idle timeout; a
-    // deadline per command line and per DATA phase bounds them.
-    let mut deadline: Option<tokio::time::Instant> = None;
-    // Bytes of the memory budget this session's message data holds.
-    let mut reserved: u64 = 0;
-    let mut spill: Option<Spill> = None;
-    let memory = &shared.resources.memory;
-    tracing::debug!(event = "session_start", session_id, peer = %peer);
-    loop {
-        let out = session.take_output();
-        if !out.is_empty()
-            && !matches!(
-                tokio::time::timeout(timeout, conn.write_all(&out)).await,
-                Ok(Ok(()))
+
+    async fn run(mut self, early: Vec<u8>, mut shutdown: watch::Receiver<bool>) {
+        tracing::debug!(event = "session_start");
+        if !early.is_empty() {
+            // Bytes that came in with the PROXY header.
+            self.session.handle_input(&early, SystemTime::now());
+        }
+        loop {
+            self.count_rejections();
+            let out = self.session.take_output();
+            if !out.is_empty()
+                && !matches!(
+                    tokio::time::timeout(self.idle_timeout(), self.conn.write_all(&out)).await,
+                    Ok(Ok(()))
+                )
+            {
+                break;
+            }
+            let step = match self.session.poll_action() {
+                Action::Read => self.read(&mut shutdown).await,
+                Action::AdmitMail { size } => self.admit_mail(size),
+                Action::CheckRecipient { recipient, sender } => {
+                    self.check_recipient(recipient, sender).await
+                }
+                Action::Store(message) => self.store(message).await,
+                Action::StartTls => self.start_tls().await,
+                Action::Etrn { node } => self.etrn(node).await,
+                Action::Close => Step::Close,
+            };
+            if let Step::Close = step {
+                break;
+            }
+        }
+        self.count_rejections();
+        self.shared.resources.memory.release(self.reserved);
+        if let Some(s) = self.spill.take() {
+            s.remove().await;
+        }
+        self.conn.shutdown().await;
+        tracing::debug!(event = "session_end");
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        self.shared.session.idle_timeout
+    }
+
+    /// The session counts its error replies; they are published here.
+    fn count_rejections(&mut self) {
+        for r in self.session.take_rejections() {
+            metrics::counter!("backupmx_rejections_total", "reason" => r.reason, "code" => r.code.to_string())
+                .increment(1);
+        }
+    }
+
+    /// Waits for input (or the session's deadline, or shutdown while idle)
+    /// and keeps the message data within the spill threshold and budget.
+    async fn read(&mut self, shutdown: &mut watch::Receiver<bool>) -> Step {
+        let memory = &self.shared.resources.memory;
+        if !self.session.in_data() && self.reserved > 0 {
+            // The message was stored or refused: its memory is free.
+            memory.release(self.reserved);
+            self.reserved = 0;
+        }
+        let idle = self.session.is_idle();
+        if idle && *shutdown.borrow() {
+            self.session.handle_shutdown();
+            return Step::Continue;
+        }
+        // Slow clients (a byte now and then) never trip the idle timeout;
+        // the session's deadline per command line and DATA phase bounds them.
+        let deadline =
+            tokio::time::Instant::from_std(self.session.poll_timeout(std::time::Instant::now()));
+        let read = tokio::select! {
+            r = tokio::time::timeout_at(deadline, self.conn.read_into(&mut self.session)) => r,
+            _ = shutdown.changed(), if idle => return Step::Continue,
+        };
+        match read {
+            Err(_) => {
+                tracing::info!(event = "session_timeout");
+                self.session.handle_timeout();
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => return Step::Close,
+            Ok(Ok(_)) => {}
+        }
+        if !self.session.in_data() && !self.session.is_storing() {
+            if let Some(s) = self.spill.take() {
+                // Refused at the end of DATA (size, loop, budget): removed
+                // before the reply goes out.
+                s.remove().await;
+            }
+        }
+        if let Some(piece) = self.session.take_data_over(SPILL_AT) {
+            let written = match self.spill.as_mut() {
+                Some(s) => s.write(piece).await,
+                None => match Spill::create(&self.shared.spool_dir, self.session_id).await {
+                    Ok(mut s) => {
+                        let w = s.write(piece).await;
+                        self.spill = Some(s);
+                        w
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = written {
+                tracing::error!(event = "spool_write_failed", error = %relay_core::error::Report(&e));
+                self.session.refuse_data(Reply::new(
+                    452,
+                    "4.3.1",
+                    "Insufficient system storage, try again later",
+                ));
+            }
+        }
+        let held = self.session.data_held() as u64;
+        if held > self.reserved {
+            if memory.try_reserve(held - self.reserved) {
+                self.reserved = held;
+            } else {
+                metrics::counter!("backupmx_memory_budget_refusals_total").increment(1);
+                tracing::warn!(
+                    event = "memory_budget_exhausted",
+                    held,
+                    "message data refused: the memory budget (smtp.memory_budget) is in use"
+                );
+                self.session.refuse_data(Reply::new(
+                    452,
+                    "4.3.1",
+                    "Insufficient system resources, try again later",
+                ));
+                memory.release(self.reserved);
+                self.reserved = 0;
+            }
+        }
+        Step::Continue
+    }
+
+    fn admit_mail(&mut self, size: Option<u64>) -> Step {
+        let verdict = self.shared.resources.admit(size);
+        if let Err(r) = &verdict {
+            tracing::warn!(event = "mail_refused_resources", size, reply = %r);
+        }
+        self.session.mail_admitted(verdict, SystemTime::now());
+        Step::Continue
+    }
+
+    async fn check_recipient(
+        &mut self,
+        recipient: relay_core::address::Mailbox,
+        sender: relay_core::address::ReversePath,
+    ) -> Step {
+        let verdict = self
+            .shared
+            .policy
+            .check(
+                self.peer.ip(),
+                &mut self.lookups,
+                &sender,
+                &recipient,
+                SystemTime::now(),
             )
-        {
-            break;
+            .await;
+        if let relay_core::smtp::RcptVerdict::Reject(r) = &verdict {
+            tracing::info!(event = "recipient_rejected", rcpt = %recipient, reply = %r);
         }
-        match session.poll_action() {
-            Action::Read => {
-                if !session.in_data() && reserved > 0 {
-                    // The message was stored or refused: its memory is free.
-                    memory.release(reserved);
-                    reserved = 0;
-                }
-                let idle = session.is_idle();
-                if idle && *shutdown.borrow() {
-                    session.handle_shutdown();
-                    continue;
-                }
-                let now = tokio::time::Instant::now();
-                if idle {
-                    deadline = None;
-                } else if deadline.is_none() {
-                    let limit = if session.in_data() {
-                        shared.data_timeout
-                    } else {
-                        timeout
-                    };
-                    deadline = Some(now + limit);
-                }
-                let wait =
-                    deadline.map_or(timeout, |d| d.saturating_duration_since(now).min(timeout));
-                let read = tokio::select! {
-                    r = tokio::time::timeout(wait, conn.read_into(&mut session)) => r,
-                    _ = shutdown.changed(), if idle => continue,
-                };
-                match read {
-                    Err(_) => {
-                        tracing::info!(event = "session_timeout", session_id, peer = %peer);
-                        session.handle_timeout();
-                    }
-                    Ok(Ok(0)) | Ok(Err(_)) => break,
-                    Ok(Ok(_)) => {}
-                }
-                if !session.in_data() && !session.is_storing() {
-                    if let Some(s) = spill.take() {
-                        // Refused at the end of DATA (size, loop, budget):
-                        // removed before the reply goes out.
-                        s.remove().await;
-                    }
-                }
-                if let Some(piece) = session.take_data_over(SPILL_AT) {
-                    let written = match spill.as_mut() {
-                        Some(s) => s.write(piece).await,
-                        None => match Spill::create(&shared.spool_dir, session_id).await {
-                            Ok(mut s) => {
-                                let w = s.write(piece).await;
-                                spill = Some(s);
-                                w
-                            }
-                            Err(e) => Err(e),
-                        },
-                    };
-                    if let Err(e) = written {
-                        tracing::error!(event = "spool_write_failed", session_id, peer = %peer, error = %e);
-                        session.refuse_data(Reply::new(
-                            452,
-                            "4.3.1",
-                            "Insufficient system storage, try again later",
-                        ));
-                    }
-                }
-                let held = session.data_held() as u64;
-                if held > reserved {
-                    if memory.try_reserve(held - reserved) {
-                        reserved = held;
-                    } else {
-                        metrics::counter!("backupmx_memory_budget_refusals_total").increment(1);
-                        tracing::warn!(event = "memory_budget_exhausted", session_id, peer = %peer, held,
-                            "message data refused: the memory budget (smtp.memory_budget) is in use");
-                        session.refuse_data(Reply::new(
-                            452,
-                            "4.3.1",
-                            "Insufficient system resources, try again later",
-                        ));
-                        memory.release(reserved);
-                        reserved = 0;
-                    }
-                }
-            }
-            Action::AdmitMail { size } => {
-                let verdict = shared.resources.admit(size);
-                if let Err(r) = &verdict {
-                    tracing::warn!(event = "mail_refused_resources", session_id, peer = %peer, size, reply = %r);
-                }
-                session.mail_admitted(verdict, SystemTime::now());
-            }
-            Action::CheckRecipient { recipient, sender } => {
-                let verdict = shared
-                    .policy
-                    .check(
-                        peer.ip(),
-                        &mut lookups,
-                        &sender,
-                        &recipient,
-                        SystemTime::now(),
-                    )
-                    .await;
-                if let relay_core::smtp::RcptVerdict::Reject(r) = &verdict {
-                    tracing::info!(event = "recipient_rejected", session_id, peer = %peer, rcpt = %recipient, reply = %r);
-                }
-                session.recipient_checked(verdict, SystemTime::now());
-            }
-            Action::Store(message) => {
-                let id = message.id.clone();
-                let size = message.body.len() as u64;
-                let sender = message.sender.clone();
-                let nrcpt = message.recipients.len();
-                let domains: Vec<relay_core::address::DomainName> = message
-                    .recipients
-                    .iter()
-                    .map(|r| r.domain.clone())
-                    .collect();
-                let mut message = message;
+        self.session.recipient_checked(verdict, SystemTime::now());
+        Step::Continue
+    }
+
+    async fn store(&mut self, mut message: Box<relay_core::queue::AcceptedMessage>) -> Step {
+        let shared = self.shared.clone();
+        let id = message.id.clone();
+        let sender = message.sender.clone();
+        let nrcpt = message.recipients.len();
+        let domains: Vec<relay_core::address::DomainName> = message
+            .recipients
+            .iter()
+            .map(|r| r.domain.clone())
+            .collect();
+        if let Some(d) = &shared.delivery {
+            message.deferred = d.worker.deferred_until(&domains, SystemTime::now());
+        }
+        let mut spilled = self.spill.take();
+        let size = message.body.len() as u64 + spilled.as_ref().map_or(0, |s| s.len);
+        let result = match spilled.as_mut() {
+            // The rest of a big message joins its first pieces in the file,
+            // and the store copies it from there.
+            Some(s) => match finish_spill(s, &mut message).await {
+                Ok(()) => shared.spool.accept(*message).await,
+                Err(e) => Err(relay_core::store::StoreError::io(
+                    "cannot write the spool file",
+                    e,
+                )),
+            },
+            None => shared.spool.accept(*message).await,
+        };
+        if let Some(s) = spilled {
+            s.remove().await;
+        }
+        match &result {
+            Ok(ids) => {
+                metrics::counter!("backupmx_messages_accepted_total").increment(1);
+                metrics::counter!("backupmx_bytes_accepted_total").increment(size);
+                tracing::info!(event = "message_accepted", queue_id = %id, from = %sender, nrcpt,
+                    size, entries = ids.len());
                 if let Some(d) = &shared.delivery {
-                    message.deferred = d.worker.deferred_until(&domains, SystemTime::now());
-                }
-                let mut spilled = spill.take();
-                let size = size + spilled.as_ref().map_or(0, |s| s.len);
-                let result = match spilled.as_mut() {
-                    // The rest of a big message joins its first pieces in
-                    // the file, and the store copies it from there.
-                    Some(s) => match finish_spill(s, &mut message).await {
-                        Ok(()) => shared.spool.accept(*message).await,
-                        Err(e) => Err(relay_core::store::StoreError::Backend(format!(
-                            "cannot write the spool file: {e}"
-                        ))),
-                    },
-                    None => shared.spool.accept(*message).await,
-                };
-                if let Some(s) = spilled {
-                    s.remove().await;
-                }
-                match &result {
-                    Ok(ids) => {
-                        metrics::counter!("backupmx_messages_accepted_total").increment(1);
-                        metrics::counter!("backupmx_bytes_accepted_total").increment(size);
-                        tracing::info!(event = "message_accepted", session_id, peer = %peer, queue_id = %id,
-                            from = %sender, nrcpt, size, entries = ids.len());
-                        if let Some(d) = &shared.delivery {
-                            d.worker.queued(&domains.iter().collect::<Vec<_>>());
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(event = "store_failed", session_id, peer = %peer, queue_id = %id, error = %e);
-                    }
-                }
-                session.message_stored(result.map(|_| id).map_err(|_| ()), SystemTime::now());
-            }
-            Action::StartTls => {
-                let Some(tls) = shared.tls.as_ref() else {
-                    break;
-                };
-                // The session never asks twice; a TLS stream here is a bug, not a peer's doing.
-                let tcp = match conn {
-                    Conn::Plain(tcp) => tcp,
-                    Conn::Tls(_) => return,
-                };
-                match tokio::time::timeout(timeout, tls.acceptor().accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let (_, state) = stream.get_ref();
-                        let description = format!(
-                            "version={} cipher={}",
-                            state
-                                .protocol_version()
-                                .map(|v| format!("{v:?}"))
-                                .unwrap_or_default(),
-                            state
-                                .negotiated_cipher_suite()
-                                .map(|c| format!("{:?}", c.suite()))
-                                .unwrap_or_default()
-                        );
-                        conn = Conn::Tls(Box::new(stream));
-                        session.tls_established(description);
-                    }
-                    Ok(Err(e)) => {
-                        tracing::info!(event = "tls_failed", session_id, peer = %peer, error = %e);
-                        return;
-                    }
-                    Err(_) => return,
+                    d.worker.queued(&domains.iter().collect::<Vec<_>>());
                 }
             }
-            Action::Etrn { node } => {
-                let reply = match &shared.etrn {
-                    Some(e) => {
-                        relay_core::delivery::etrn::handle(
-                            &node,
-                            peer.ip(),
-                            &e.networks,
-                            shared.policy.registry.as_ref(),
-                            &e.engine,
-                            e.release.as_ref(),
-                        )
-                        .await
-                    }
-                    None => {
-                        relay_core::smtp::Reply::new(502, "5.5.1", "Error: command not implemented")
-                    }
-                };
-                tracing::info!(event = "etrn", session_id, peer = %peer, node = %node, reply = %reply);
-                session.etrn_done(reply, SystemTime::now());
+            Err(e) => {
+                tracing::error!(event = "store_failed", queue_id = %id, error = %relay_core::error::Report(&e));
             }
-            Action::Close => break,
+        }
+        self.session
+            .message_stored(result.map(|_| id).map_err(|_| ()), SystemTime::now());
+        Step::Continue
+    }
+
+    async fn start_tls(&mut self) -> Step {
+        let Some(tls) = self.shared.tls.clone() else {
+            return Step::Close;
+        };
+        // The session never asks twice; a TLS stream here is a bug, not a
+        // peer's doing. The placeholder is never used: the connection either
+        // becomes the TLS stream or is closed.
+        let tcp = match std::mem::replace(&mut self.conn, Conn::Closed) {
+            Conn::Plain(tcp) => tcp,
+            Conn::Tls(_) | Conn::Closed => return Step::Close,
+        };
+        match tokio::time::timeout(self.idle_timeout(), tls.acceptor().accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                let (_, state) = stream.get_ref();
+                let description = format!(
+                    "version={} cipher={}",
+                    state
+                        .protocol_version()
+                        .map(|v| format!("{v:?}"))
+                        .unwrap_or_default(),
+                    state
+                        .negotiated_cipher_suite()
+                        .map(|c| format!("{:?}", c.suite()))
+                        .unwrap_or_default()
+                );
+                self.conn = Conn::Tls(Box::new(stream));
+                self.session.tls_established(description);
+                Step::Continue
+            }
+            Ok(Err(e)) => {
+                tracing::info!(event = "tls_failed", error = %relay_core::error::Report(&e));
+                Step::Close
+            }
+            Err(_) => Step::Close,
         }
     }
-    memory.release(reserved);
-    if let Some(s) = spill {
-        s.remove().await;
+
+    async fn etrn(&mut self, node: String) -> Step {
+        let shared = self.shared.clone();
+        let reply = match &shared.etrn {
+            Some(e) => {
+                relay_core::delivery::etrn::handle(
+                    &node,
+                    self.peer.ip(),
+                    &e.networks,
+                    shared.policy.registry.as_ref(),
+                    &e.engine,
+                    e.release.as_ref(),
+                )
+                .await
+            }
+            None => Reply::new(502, "5.5.1", "Error: command not implemented"),
+        };
+        tracing::info!(event = "etrn", node = %node, reply = %reply);
+        self.session.etrn_done(reply, SystemTime::now());
+        Step::Continue
     }
-    conn.shutdown().await;
-    tracing::debug!(event = "session_end", session_id, peer = %peer);
 }

@@ -28,7 +28,9 @@ pub fn raise_open_files(config: &Config) -> usize {
             },
         ) {
             Ok(()) => soft = before.maximum,
-            Err(e) => tracing::warn!(event = "open_files_limit_not_raised", error = %e),
+            Err(e) => {
+                tracing::warn!(event = "open_files_limit_not_raised", error = %relay_core::error::Report(&e))
+            }
         }
     }
     let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |n| n.to_string());

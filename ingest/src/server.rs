@@ -195,7 +195,7 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             continue;
         }
         if let Err(e) = backends.registry.put(&domain).await {
-            tracing::error!(event = "domain_upsert_failed", domain = %d.name, error = %e,
+            tracing::error!(event = "domain_upsert_failed", domain = %d.name, error = %relay_core::error::Report(&e),
                 "[[domain]] from the config file not stored; the stored record (if any) stays in use");
         }
     }
@@ -295,12 +295,12 @@ pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 .ok()
                 .map(|(address, domain)| relay_core::queue::AcceptedRecipient { address, domain }),
             admit_mail: true,
+            idle_timeout: config.smtp.idle_timeout,
+            data_timeout: config.smtp.data_timeout,
         }),
         policy,
         spool: with_faults(backends.spool.clone()),
         tls: tls.clone(),
-        idle_timeout: config.smtp.idle_timeout,
-        data_timeout: config.smtp.data_timeout,
         delivery,
         etrn,
     });
@@ -447,7 +447,7 @@ async fn accept_loop(
             }
             Err(e) => {
                 let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
-                tracing::warn!(event = "accept_failed", error = %e);
+                tracing::warn!(event = "accept_failed", error = %relay_core::error::Report(&e));
                 if out_of_files {
                     metrics::counter!("backupmx_accept_out_of_files_total").increment(1);
                     if spare.take().is_some() {
@@ -694,7 +694,7 @@ fn spawn_maintenance(config: &Config, backends: &Backends, policy: &Arc<Policy>)
             loop {
                 let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
                 if let Err(e) = store.sweep(now).await {
-                    tracing::warn!(event = "greylist_sweep_failed", error = %e);
+                    tracing::warn!(event = "greylist_sweep_failed", error = %relay_core::error::Report(&e));
                 }
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }

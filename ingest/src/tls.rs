@@ -87,7 +87,7 @@ impl Tls {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = acceptor;
                 tracing::info!(event = "tls_reloaded", cert = %self.files.cert.display());
             }
-            Err(e) => tracing::error!(event = "tls_reload_failed", error = %e),
+            Err(e) => tracing::error!(event = "tls_reload_failed", error = %format!("{e:#}")),
         }
     }
 }

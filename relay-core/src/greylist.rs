@@ -194,7 +194,7 @@ impl<S: GreylistStore + ?Sized> Greylist<S> {
         match self.try_check(client, sender, rcpt, now).await {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(event = "greylist_store_failed", error = %e);
+                tracing::warn!(event = "greylist_store_failed", error = %crate::error::Report(&e));
                 metrics::counter!("backupmx_greylist_errors_total").increment(1);
                 Decision::Pass(PassReason::StoreError)
             }
@@ -575,10 +575,16 @@ mod tests {
     #[async_trait]
     impl GreylistStore for Broken {
         async fn triplet(&self, _: &str) -> Result<Option<TripletState>, StoreError> {
-            Err(StoreError::Backend("down".into()))
+            Err(StoreError::io(
+                "greylist",
+                std::io::ErrorKind::NotConnected.into(),
+            ))
         }
         async fn insert_triplet(&self, _: &str, _: &TripletState) -> Result<bool, StoreError> {
-            Err(StoreError::Backend("down".into()))
+            Err(StoreError::io(
+                "greylist",
+                std::io::ErrorKind::NotConnected.into(),
+            ))
         }
         async fn replace_triplet(
             &self,
@@ -586,10 +592,16 @@ mod tests {
             _: &TripletState,
             _: &TripletState,
         ) -> Result<bool, StoreError> {
-            Err(StoreError::Backend("down".into()))
+            Err(StoreError::io(
+                "greylist",
+                std::io::ErrorKind::NotConnected.into(),
+            ))
         }
         async fn client(&self, _: &str) -> Result<Option<ClientState>, StoreError> {
-            Err(StoreError::Backend("down".into()))
+            Err(StoreError::io(
+                "greylist",
+                std::io::ErrorKind::NotConnected.into(),
+            ))
         }
         async fn put_client(
             &self,
@@ -597,10 +609,16 @@ mod tests {
             _: Option<&ClientState>,
             _: &ClientState,
         ) -> Result<bool, StoreError> {
-            Err(StoreError::Backend("down".into()))
+            Err(StoreError::io(
+                "greylist",
+                std::io::ErrorKind::NotConnected.into(),
+            ))
         }
         async fn sweep(&self, _: u64) -> Result<(), StoreError> {
-            Err(StoreError::Backend("down".into()))
+            Err(StoreError::io(
+                "greylist",
+                std::io::ErrorKind::NotConnected.into(),
+            ))
         }
     }
 

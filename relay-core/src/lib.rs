@@ -1,31 +1,30 @@
-//! backupmx core: everything a backup MX does that a test would want to
-//! exercise without sockets.
+//! backupmx core: the drivers' shared logic — policy, stores, delivery —
+//! around the sans-I/O protocol code of [`relay_proto`].
 //!
 //! # Layout
-//! - [`smtp`]: the server side of RFC 5321 as a sans-I/O state machine —
-//!   command grammar, replies, DATA framing (the SMTP-smuggling defence), the
-//!   session that turns bytes into replies and requests for its driver.
-//! - [`address`]: envelope addresses and domain names.
+//! - [`smtp`], [`address`], [`domain`], [`proxy`], [`time`]: re-exported
+//!   from `relay-proto`, which has no runtime, clock or randomness.
+//! - [`queue`]: the protocol crate's queue records, and [`queue::new_id`],
+//!   which draws the random part of an id.
 //! - [`policy`]: relay control (which recipients we accept).
-//! - [`domain`]: hosted-domain records.
-//! - [`queue`]: queue ids, accepted messages and the versioned queue record.
+//! - [`delivery`]: the engine that delivers queued mail, with the protocol
+//!   crate's client session and DSN builder re-exported as
+//!   [`delivery::client`] and [`delivery::dsn`].
 //! - [`store`]: storage traits (`DomainRegistry`, `MessageStore`,
 //!   `DeliveryQueue`, `Spool`) and their backends (`store::local`).
 //! - [`config`]: the typed configuration file.
 //!
 //! Data flows `ingest → Spool (body + queue entry) → delivery`.
 
-pub mod address;
+pub use relay_proto::{address, domain, proxy, smtp, time};
+
 pub mod budget;
 pub mod config;
 pub mod delivery;
 pub mod dns;
 pub mod dnsbl;
-pub mod domain;
+pub mod error;
 pub mod greylist;
 pub mod policy;
-pub mod proxy;
 pub mod queue;
-pub mod smtp;
 pub mod store;
-pub mod time;

@@ -28,7 +28,7 @@ pub async fn relay_check(registry: &dyn DomainRegistry, rcpt: &Mailbox) -> Resul
         Ok(Some(d)) if d.enabled => d,
         Ok(_) => return Err(deny()),
         Err(e) => {
-            tracing::warn!(event = "domain_lookup_failed", domain = %domain, error = %e);
+            tracing::warn!(event = "domain_lookup_failed", domain = %domain, error = %crate::error::Report(&e));
             return Err(Reply::new(
                 451,
                 "4.3.0",
@@ -102,7 +102,7 @@ impl ClientLookups {
                 Some(h) => h.await.unwrap_or_else(|e| {
                     // Fails open like any DNSBL error, but is not silent.
                     metrics::counter!("backupmx_dnsbl_task_failures_total").increment(1);
-                    tracing::error!(event = "dnsbl_task_failed", error = %e);
+                    tracing::error!(event = "dnsbl_task_failed", error = %crate::error::Report(&e));
                     Verdict::default()
                 }),
                 None => Verdict::default(),

@@ -53,7 +53,7 @@ pub async fn sweep(processor: &RetryProcessor) -> anyhow::Result<usize> {
     let report = processor
         .sweep(SystemTime::now())
         .await
-        .map_err(|e| anyhow::anyhow!("sweep failed: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("sweep failed: {}", relay_core::error::Report(&e)))?;
     tracing::info!(
         event = "sweep_done",
         orphans = report.orphans,
@@ -82,7 +82,7 @@ pub async fn scheduled(processor: &RetryProcessor) -> anyhow::Result<()> {
         down = processor
             .probe_down(SystemTime::now())
             .await
-            .map_err(|e| anyhow::anyhow!("probe failed: {e}"))?
+            .map_err(|e| anyhow::anyhow!("probe failed: {}", relay_core::error::Report(&e)))?
             .len();
     }
     Ok(())
@@ -115,10 +115,12 @@ pub async fn handle(
         let processing = processor.process(&body, SystemTime::now());
         let result = match budget {
             Some(left) => match tokio::time::timeout(left, processing).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
+                Ok(r) => r.map_err(|e| relay_core::error::Report(&e).to_string()),
                 Err(_) => Err("not finished before the invocation's deadline".to_string()),
             },
-            None => processing.await.map_err(|e| e.to_string()),
+            None => processing
+                .await
+                .map_err(|e| relay_core::error::Report(&e).to_string()),
         };
         (id, result)
     });
@@ -156,7 +158,7 @@ pub async fn poll(
             loop {
                 tick.tick().await;
                 if let Err(e) = sweep(&p).await {
-                    tracing::warn!(event = "sweep_failed", error = %e);
+                    tracing::warn!(event = "sweep_failed", error = %format!("{e:#}"));
                 }
             }
         })
@@ -170,7 +172,7 @@ pub async fn poll(
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(e) = p.probe_down(SystemTime::now()).await {
-                    tracing::warn!(event = "probe_failed", error = %e);
+                    tracing::warn!(event = "probe_failed", error = %relay_core::error::Report(&e));
                 }
             }
         })
@@ -246,9 +248,9 @@ pub async fn poll(
                     // Not ours: no retry makes it readable; the operator
                     // finds it in the dead-letter queue.
                     Err(e) if !e.is_retryable() => {
-                        tracing::error!(event = "sqs_record_failed", retryable = false, error = %e)
+                        tracing::error!(event = "sqs_record_failed", retryable = false, error = %relay_core::error::Report(&e))
                     }
-                    Err(e) => tracing::warn!(event = "sqs_record_failed", error = %e),
+                    Err(e) => tracing::warn!(event = "sqs_record_failed", error = %relay_core::error::Report(&e)),
                 }
             });
         }

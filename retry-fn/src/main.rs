@@ -90,7 +90,9 @@ fn main() -> ExitCode {
                             let response = retry_fn::handle(&p, batch, Some(deadline)).await;
                             Ok::<_, lambda_runtime::Error>(serde_json::to_value(response)?)
                         } else {
-                            retry_fn::scheduled(&p).await.map_err(|e| e.to_string())?;
+                            retry_fn::scheduled(&p)
+                                .await
+                                .map_err(|e| format!("{e:#}"))?;
                             Ok(serde_json::json!({}))
                         }
                     }

@@ -216,7 +216,7 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
         return;
     }
     let sink = Sink::start(0);
-    let suffix = relay_core::queue::QueueId::generate(std::time::SystemTime::now())
+    let suffix = relay_core::queue::new_id(std::time::SystemTime::now())
         .as_str()
         .to_lowercase();
     let config = Config::from_toml(&format!(
@@ -249,7 +249,7 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
         queue: store.clone(),
     };
     let message = relay_core::queue::AcceptedMessage {
-        id: relay_core::queue::QueueId::generate(std::time::SystemTime::now()),
+        id: relay_core::queue::new_id(std::time::SystemTime::now()),
         sender: "alice@remote.test".into(),
         recipients: vec![relay_core::queue::AcceptedRecipient {
             address: "bob@example.test".into(),
@@ -432,7 +432,7 @@ async fn a_slow_primary_does_not_fail_the_whole_lambda_batch() {
             held.push(c);
         }
     });
-    let suffix = relay_core::queue::QueueId::generate(std::time::SystemTime::now())
+    let suffix = relay_core::queue::new_id(std::time::SystemTime::now())
         .as_str()
         .to_lowercase();
     let config = Config::from_toml(&format!(
@@ -461,7 +461,7 @@ async fn a_slow_primary_does_not_fail_the_whole_lambda_batch() {
         let domain = rcpt.split('@').nth(1).unwrap();
         let ids = spool
             .accept(relay_core::queue::AcceptedMessage {
-                id: relay_core::queue::QueueId::generate(std::time::SystemTime::now()),
+                id: relay_core::queue::new_id(std::time::SystemTime::now()),
                 sender: "alice@remote.test".into(),
                 recipients: vec![relay_core::queue::AcceptedRecipient {
                     address: rcpt.into(),

@@ -195,7 +195,7 @@ async fn a_certificate_from_s3_is_served_and_reloaded() {
     );
     let bucket = format!(
         "certs-{}",
-        relay_core::queue::QueueId::generate(std::time::SystemTime::now())
+        relay_core::queue::new_id(std::time::SystemTime::now())
             .as_str()
             .to_lowercase()
     );

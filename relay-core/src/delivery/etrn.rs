@@ -52,7 +52,9 @@ impl Release for QueueRelease {
             {
                 Ok(n) => tracing::info!(event = "etrn_released", domain = %domain, entries = n),
                 // Nothing is lost: the mail keeps its schedule.
-                Err(e) => tracing::warn!(event = "release_failed", domain = %domain, error = %e),
+                Err(e) => {
+                    tracing::warn!(event = "release_failed", domain = %domain, error = %crate::error::Report(&e))
+                }
             }
         });
         Ok(None)

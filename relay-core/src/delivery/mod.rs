@@ -5,8 +5,7 @@
 //! It returns the updated entry (per-recipient status, attempts, next
 //! attempt) and the DSN to send, and never touches storage itself.
 
-pub mod client;
-pub mod dsn;
+pub use relay_proto::{client, dsn};
 pub mod etrn;
 mod probe;
 #[cfg(feature = "aws")]
@@ -152,7 +151,12 @@ impl Engine {
                 }
                 Vec::new()
             }
-            Err(e) => return Err(RouteError::Transient(format!("domain lookup: {e}"))),
+            Err(e) => {
+                return Err(RouteError::Transient(format!(
+                    "domain lookup: {}",
+                    crate::error::Report(&e)
+                )))
+            }
         };
         route::targets(
             self.resolver.as_ref(),
@@ -475,11 +479,11 @@ impl Engine {
         {
             Ok(head) => head.unwrap_or_default(),
             Err(e) => {
-                tracing::warn!(event = "dsn_headers_unreadable", queue_id = %entry.id, error = %e);
+                tracing::warn!(event = "dsn_headers_unreadable", queue_id = %entry.id, error = %crate::error::Report(&e));
                 Vec::new()
             }
         };
-        let id = QueueId::generate(now);
+        let id = crate::queue::new_id(now);
         let message = dsn::build(
             &self.cfg.me.hostname,
             self.cfg.bounce_headers_max,

@@ -39,7 +39,7 @@ where
             }
             Err(e) => {
                 metrics::counter!("backupmx_outcome_store_failures_total").increment(1);
-                tracing::warn!(event = "outcome_store_retry", what, tries, error = %e);
+                tracing::warn!(event = "outcome_store_retry", what, tries, error = %crate::error::Report(&e));
                 tokio::time::sleep(pause).await;
                 pause *= 2;
                 tries += 1;
@@ -67,18 +67,22 @@ pub enum Processed {
 pub enum RetryError {
     /// Not a ticket of ours: retrying cannot help; it ends in the
     /// dead-letter queue for the operator.
-    #[error("malformed queue message: {0}")]
+    #[error("malformed queue message")]
     MalformedTicket(#[source] serde_json::Error),
     /// The store refused or could not be reached.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Store {
         what: &'static str,
         #[source]
         source: StoreError,
     },
     /// SQS refused an operation on the dead-letter queue.
-    #[error("dead-letter queue {what}: {detail}")]
-    DeadLetterQueue { what: &'static str, detail: String },
+    #[error("dead-letter queue {what}")]
+    DeadLetterQueue {
+        what: &'static str,
+        #[source]
+        source: crate::error::BoxError,
+    },
     /// The attempt ran longer than its lease (another may take it over).
     #[error("attempt did not finish within its lease")]
     LeaseExceeded,
@@ -356,7 +360,7 @@ impl RetryProcessor {
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %e)
+                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %crate::error::Report(&e))
             }
         }
     }
@@ -372,13 +376,13 @@ impl RetryProcessor {
                         tracing::info!(event = "destination_back", domain = %domain, released = n)
                     }
                     Err(e) => {
-                        tracing::warn!(event = "release_failed", domain = %domain, error = %e)
+                        tracing::warn!(event = "release_failed", domain = %domain, error = %crate::error::Report(&e))
                     }
                 }
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %e)
+                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %crate::error::Report(&e))
             }
         }
     }
@@ -405,7 +409,7 @@ impl RetryProcessor {
                 Ok(true) => {}
                 Ok(false) => return true,
                 Err(e) => {
-                    tracing::warn!(event = "probe_claim_failed", domain = %d.domain, error = %e);
+                    tracing::warn!(event = "probe_claim_failed", domain = %d.domain, error = %crate::error::Report(&e));
                     return true;
                 }
             }
@@ -447,7 +451,7 @@ impl RetryProcessor {
                 delivered: report.delivered,
             }),
             Err(e) => {
-                tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %e);
+                tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %crate::error::Report(&e));
                 self.lock_unstored()
                     .insert(report.entry.id.clone(), (report, claimed));
                 Err(e)
@@ -480,7 +484,7 @@ impl RetryProcessor {
             if ours {
                 if let Err(err) = MessageStore::delete(store.as_ref(), &e.id).await {
                     // The bucket's lifecycle removes it in the end.
-                    tracing::warn!(event = "body_delete_failed", queue_id = %e.id, error = %err);
+                    tracing::warn!(event = "body_delete_failed", queue_id = %e.id, error = %crate::error::Report(&err));
                 }
             } else {
                 lost_race(e);
@@ -506,7 +510,7 @@ impl RetryProcessor {
         {
             // The record is stored and due at its time: the sweeper gives
             // it a ticket then. Nothing to redo here.
-            tracing::warn!(event = "ticket_send_failed", queue_id = %e.id, error = %err);
+            tracing::warn!(event = "ticket_send_failed", queue_id = %e.id, error = %crate::error::Report(&err));
         }
         Ok(())
     }
@@ -571,7 +575,9 @@ impl RetryProcessor {
                 .await
                 .map_err(|e| RetryError::DeadLetterQueue {
                     what: "receive",
-                    detail: e.to_string(),
+                    source: aws_sdk_sqs::error::DisplayErrorContext(e)
+                        .to_string()
+                        .into(),
                 })?;
             let messages = received.messages();
             // Messages left in place stay invisible for a while: an empty
@@ -605,7 +611,7 @@ impl RetryProcessor {
                         // Kept in the dead-letter queue (its alarm tells
                         // the operator); no record stands behind it.
                         report.malformed += 1;
-                        tracing::error!(event = "malformed_dead_letter", error = %e);
+                        tracing::error!(event = "malformed_dead_letter", error = %crate::error::Report(&e));
                         continue;
                     }
                 }
@@ -619,7 +625,9 @@ impl RetryProcessor {
                         .await
                         .map_err(|e| RetryError::DeadLetterQueue {
                             what: "delete",
-                            detail: e.to_string(),
+                            source: aws_sdk_sqs::error::DisplayErrorContext(e)
+                                .to_string()
+                                .into(),
                         })?;
                 }
             }
@@ -691,7 +699,7 @@ mod tests {
     async fn prefetched_reads_match_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
-        let id = QueueId::generate(SystemTime::now());
+        let id = crate::queue::new_id(SystemTime::now());
         for size in [
             0,
             10,

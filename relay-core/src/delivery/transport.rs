@@ -168,7 +168,12 @@ impl Bodies<'_> {
             {
                 Ok(Some(piece)) => piece,
                 Ok(None) => return Err(format!("message body of {id} is missing")),
-                Err(e) => return Err(format!("reading the message body: {e}")),
+                Err(e) => {
+                    return Err(format!(
+                        "reading the message body: {}",
+                        crate::error::Report(&e)
+                    ))
+                }
             };
             wire.clear();
             // A short piece is the last one: no read just to find the end.
@@ -268,7 +273,7 @@ pub async fn deliver(
                         client.tls_done(true);
                     }
                     Ok(Err(e)) => {
-                        tracing::info!(event = "tls_handshake_failed", addr = %addr, error = %e);
+                        tracing::info!(event = "tls_handshake_failed", addr = %addr, error = %crate::error::Report(&e));
                         client.tls_done(false);
                     }
                     Err(_) => client.tls_done(false),

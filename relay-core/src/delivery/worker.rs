@@ -244,7 +244,7 @@ impl Worker {
                     self.lock_unstored().reports.remove(&id);
                 }
                 Err(e) => {
-                    tracing::warn!(event = "queue_update_failed", queue_id = %id, error = %e);
+                    tracing::warn!(event = "queue_update_failed", queue_id = %id, error = %crate::error::Report(&e));
                     let mut unstored = self.lock_unstored();
                     // Keep what was stored (the DSN) from being stored twice.
                     unstored.reports.insert(id, report);
@@ -275,7 +275,7 @@ impl Worker {
         if unstored.reports.is_empty() {
             metrics::gauge!("backupmx_delivery_paused").set(1.0);
             tracing::error!(
-                event = "delivery_paused", error = %error,
+                event = "delivery_paused", error = %crate::error::Report(&error),
                 "cannot record delivery outcomes; no new attempts until the store takes writes again (is the disk full?)"
             );
             unstored.backoff = STORE_RETRY_INITIAL;
@@ -290,7 +290,7 @@ impl Worker {
         let due = match self.queue.due(now, batch).await {
             Ok(d) => d,
             Err(e) => {
-                tracing::error!(event = "queue_read_failed", error = %e);
+                tracing::error!(event = "queue_read_failed", error = %crate::error::Report(&e));
                 return;
             }
         };
@@ -366,7 +366,7 @@ impl Worker {
         let until = now + self.engine.config().retry_initial.as_secs();
         for domain in defer {
             if let Err(e) = self.queue.defer_domain(&domain, until).await {
-                tracing::warn!(event = "defer_failed", domain = %domain, error = %e);
+                tracing::warn!(event = "defer_failed", domain = %domain, error = %crate::error::Report(&e));
             }
         }
     }
@@ -387,7 +387,7 @@ impl Worker {
                     let _ = self.queue.update(&e).await;
                 }
                 Err(e) => {
-                    tracing::warn!(event = "message_read_failed", queue_id = %entry.id, error = %e)
+                    tracing::warn!(event = "message_read_failed", queue_id = %entry.id, error = %crate::error::Report(&e))
                 }
             }
         }
@@ -413,7 +413,7 @@ impl Worker {
         let next_attempt = e.next_attempt;
         let (destination_down, delivered) = (report.destination_down, report.delivered);
         if let Err(err) = self.commit_outcome(&mut report).await {
-            tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %err);
+            tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %crate::error::Report(&err));
             self.keep_unstored(report, &err);
         }
         if destination_down {
@@ -422,7 +422,7 @@ impl Worker {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(domain.clone());
             if let Err(err) = self.queue.defer_domain(&domain, next_attempt).await {
-                tracing::warn!(event = "defer_failed", domain = %domain, error = %err);
+                tracing::warn!(event = "defer_failed", domain = %domain, error = %crate::error::Report(&err));
             }
         } else if delivered > 0 {
             self.down
@@ -476,7 +476,7 @@ impl Worker {
                 tracing::info!(event = "destination_back", domain = %domain);
                 metrics::counter!("backupmx_probe_recoveries_total").increment(1);
                 if let Err(e) = self.release(Some(domain)).await {
-                    tracing::warn!(event = "release_failed", domain = %domain, error = %e);
+                    tracing::warn!(event = "release_failed", domain = %domain, error = %crate::error::Report(&e));
                 }
             }
             Err(why) => {

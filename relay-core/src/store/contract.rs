@@ -13,7 +13,7 @@ use crate::queue::{AcceptedRecipient, RecipientStatus};
 
 pub(crate) fn message(rcpts: &[&str]) -> AcceptedMessage {
     AcceptedMessage {
-        id: QueueId::generate(SystemTime::now()),
+        id: crate::queue::new_id(SystemTime::now()),
         sender: "sender@remote.test".into(),
         recipients: rcpts
             .iter()
@@ -191,7 +191,7 @@ pub(crate) async fn body_pieces_contract(
             Some(Vec::new())
         );
     }
-    let other = QueueId::generate(SystemTime::now());
+    let other = crate::queue::new_id(SystemTime::now());
     assert_eq!(messages.read_chunk(&other, 0, 5).await.unwrap(), None);
     messages.put_file(&other, &file).await.unwrap();
     assert!(messages.get(&other).await.unwrap().unwrap() == content);
@@ -390,7 +390,7 @@ struct FailingQueue {
 impl DeliveryQueue for FailingQueue {
     async fn enqueue(&self, entry: &QueueEntry) -> Result<(), StoreError> {
         if self.fail.load(Ordering::SeqCst) {
-            return Err(StoreError::Backend("injected".into()));
+            return Err(StoreError::io("enqueue", std::io::Error::other("injected")));
         }
         self.inner.enqueue(entry).await
     }
@@ -552,7 +552,9 @@ mod aws {
             eprintln!("skipped: AWS_ENDPOINT_URL is not set");
             return None;
         }
-        let suffix = QueueId::generate(SystemTime::now()).as_str().to_lowercase();
+        let suffix = crate::queue::new_id(SystemTime::now())
+            .as_str()
+            .to_lowercase();
         let names = AwsNames {
             domains_table: format!("domains-{suffix}"),
             greylist_table: format!("greylist-{suffix}"),
@@ -631,7 +633,10 @@ mod aws {
     #[async_trait]
     impl DeliveryQueue for FailingAwsQueue {
         async fn enqueue(&self, _: &QueueEntry) -> Result<(), StoreError> {
-            Err(StoreError::Backend("injected SQS failure".into()))
+            Err(StoreError::io(
+                "enqueue",
+                std::io::Error::other("injected SQS failure"),
+            ))
         }
         async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError> {
             DeliveryQueue::get(self.0.as_ref(), id).await

@@ -37,7 +37,10 @@ impl Spool for FaultySpool {
     async fn accept(&self, message: AcceptedMessage) -> Result<Vec<QueueId>, StoreError> {
         let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
         if n.is_multiple_of(self.every) {
-            return Err(StoreError::Backend(format!("injected fault (message {n})")));
+            return Err(StoreError::io(
+                "accept",
+                std::io::Error::other(format!("injected fault (message {n})")),
+            ));
         }
         self.inner.accept(message).await
     }

@@ -172,7 +172,7 @@ struct DomainCache {
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::backend("SQLite", e)
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -198,29 +198,28 @@ impl LocalStore {
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open_with(data_dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         space::prepare_data_dir(data_dir).map_err(|e| {
-            StoreError::Backend(format!(
-                "cannot prepare data directory {}: {e}",
-                data_dir.display()
-            ))
+            StoreError::io(
+                format!("cannot prepare data directory {}", data_dir.display()),
+                e,
+            )
         })?;
         let path = data_dir.join(DB_FILE);
         if !path.exists() {
             // Created here with mode 0600: SQLite gives its -wal and -shm
             // files the database's mode, whatever the umask.
-            space::open_private(&path, false).map_err(|e| {
-                StoreError::Backend(format!("cannot create {}: {e}", path.display()))
-            })?;
+            space::open_private(&path, false)
+                .map_err(|e| StoreError::io(format!("cannot create {}", path.display()), e))?;
         }
         let mut reserve =
             space::Reserve::new(data_dir, options.reserve_space, options.min_free_space);
         if let Err(e) = reserve.take() {
-            tracing::warn!(event = "storage_reserve_unavailable", dir = %data_dir.display(), error = %e);
+            tracing::warn!(event = "storage_reserve_unavailable", dir = %data_dir.display(), error = %crate::error::Report(&e));
         }
         let writer_conn = open_connection(&path)
-            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
-        writer_conn.execute_batch(SCHEMA).map_err(|e| {
-            StoreError::Backend(format!("cannot initialise {}: {e}", path.display()))
-        })?;
+            .map_err(|e| StoreError::backend(format!("cannot open {}", path.display()), e))?;
+        writer_conn
+            .execute_batch(SCHEMA)
+            .map_err(|e| StoreError::backend(format!("cannot initialise {}", path.display()), e))?;
         let reader = open_connection(&path)?;
         // Checkpoints (copying the WAL into the database, with an fsync of
         // its own) run on their own thread and connection instead of inside
@@ -232,12 +231,12 @@ impl LocalStore {
         thread::Builder::new()
             .name("store-checkpoint".into())
             .spawn(move || checkpoint_loop(&checkpointer_conn, &nudged))
-            .map_err(|e| StoreError::Backend(format!("cannot start checkpoint thread: {e}")))?;
+            .map_err(|e| StoreError::io("cannot start checkpoint thread", e))?;
         let (tx, rx) = mpsc::channel::<WriteJob>();
         thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer_loop(writer_conn, &rx, &nudge, &mut reserve))
-            .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
+            .map_err(|e| StoreError::io("cannot start writer thread", e))?;
         Ok(LocalStore {
             writer: Mutex::new(tx),
             reader: Mutex::new(reader),
@@ -262,7 +261,7 @@ impl LocalStore {
         let bumped =
             space::open_private(&self.stamp_path(), true).and_then(|mut f| f.write_all(b"."));
         if let Err(e) = bumped {
-            tracing::warn!(event = "domains_stamp_failed", path = %self.stamp_path().display(), error = %e);
+            tracing::warn!(event = "domains_stamp_failed", path = %self.stamp_path().display(), error = %crate::error::Report(&e));
         }
         let mut cache = self.domains.lock().unwrap_or_else(|p| p.into_inner());
         *cache = DomainCache::default();
@@ -325,7 +324,7 @@ fn writer_loop(
         let wal_pages = WAL_PAGES.with(std::cell::Cell::take);
         if wal_pages >= WAL_LIMIT_PAGES {
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-                tracing::warn!(event = "checkpoint_failed", error = %e);
+                tracing::warn!(event = "checkpoint_failed", error = %crate::error::Report(&e));
             }
         } else if wal_pages >= CHECKPOINT_PAGES {
             // Full means a nudge is already pending.
@@ -339,7 +338,7 @@ fn writer_loop(
 fn checkpoint_loop(conn: &Connection, nudged: &mpsc::Receiver<()>) {
     while nudged.recv().is_ok() {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(event = "checkpoint_failed", error = %e);
+            tracing::warn!(event = "checkpoint_failed", error = %crate::error::Report(&e));
         }
     }
 }
@@ -824,7 +823,7 @@ impl GreylistStore for LocalStore {
             self.read_optional("SELECT state FROM greylist WHERE key = ?1", [key])?;
         row.map(|r| {
             serde_json::from_str(&r)
-                .map_err(|_| StoreError::Backend(format!("corrupt greylist record {key}")))
+                .map_err(|_| StoreError::Invalid(format!("corrupt greylist record {key}")))
         })
         .transpose()
     }
@@ -858,7 +857,7 @@ impl GreylistStore for LocalStore {
         )?;
         row.map(|r| {
             serde_json::from_str(&r).map_err(|_| {
-                StoreError::Backend(format!("corrupt greylist client record {network}"))
+                StoreError::Invalid(format!("corrupt greylist client record {network}"))
             })
         })
         .transpose()

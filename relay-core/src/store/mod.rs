@@ -10,6 +10,7 @@ use async_trait::async_trait;
 
 use crate::address::DomainName;
 use crate::domain::Domain;
+use crate::error::BoxError;
 use crate::queue::{AcceptedMessage, QueueEntry, QueueId, RecordError, SpooledBody};
 
 #[cfg(feature = "aws")]
@@ -25,13 +26,27 @@ pub(crate) mod contract;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The backend could not be reached or refused the operation.
-    #[error("storage backend error: {0}")]
-    Backend(String),
+    /// The backend could not be reached or refused the operation; trying
+    /// again later may succeed.
+    #[error("{what}")]
+    Backend {
+        /// What was being done, e.g. `queue record put`.
+        what: String,
+        /// The backend's error (SQLite, the file system, an AWS SDK call).
+        #[source]
+        source: BoxError,
+    },
+    /// The backend's answer or a setting makes no sense to us (a missing
+    /// attribute, an unreadable redrive policy, a bad URI): trying again
+    /// will not help.
+    #[error("{0}")]
+    Invalid(String),
     /// A stored record could not be decoded.
-    #[error("stored record {id} is corrupt: {source}")]
+    #[error("stored record {id} is corrupt")]
     Corrupt {
+        /// The record's key.
         id: String,
+        /// Why it could not be decoded.
         #[source]
         source: RecordError,
     },
@@ -44,9 +59,23 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether trying again later may succeed.
+    /// A backend failure while doing `what`.
+    pub fn backend(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Backend {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A file-system failure while doing `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::backend(what, source)
+    }
+
+    /// Whether trying again later may succeed (the hickory shape: callers
+    /// decide on the kind, never on the text).
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Backend(_) | StoreError::Closed)
+        matches!(self, StoreError::Backend { .. } | StoreError::Closed)
     }
 }
 

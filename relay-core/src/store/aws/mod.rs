@@ -75,22 +75,22 @@ pub struct AwsStore {
     queue_url: String,
 }
 
+/// An SDK call failed. The SDK's own error says only "service error" at
+/// its top; its full context (the service's code and message) is kept as
+/// the source's text.
 fn backend(what: &str, e: impl std::error::Error) -> StoreError {
-    StoreError::Backend(format!(
-        "{what}: {}",
-        aws_sdk_s3::error::DisplayErrorContext(e)
-    ))
+    StoreError::backend(what, aws_sdk_s3::error::DisplayErrorContext(e).to_string())
 }
 
 /// The object an `s3://bucket/key` URI names (a certificate, a key).
 pub async fn fetch_s3_uri(conf: &aws_config::SdkConfig, uri: &str) -> Result<Vec<u8>, StoreError> {
     let rest = uri
         .strip_prefix("s3://")
-        .ok_or_else(|| StoreError::Backend(format!("{uri:?} is not an s3:// URI")))?;
+        .ok_or_else(|| StoreError::Invalid(format!("{uri:?} is not an s3:// URI")))?;
     let (bucket, key) = rest
         .split_once('/')
         .filter(|(b, k)| !b.is_empty() && !k.is_empty())
-        .ok_or_else(|| StoreError::Backend(format!("{uri:?} is not s3://BUCKET/KEY")))?;
+        .ok_or_else(|| StoreError::Invalid(format!("{uri:?} is not s3://BUCKET/KEY")))?;
     let out = s3_client(conf)
         .get_object()
         .bucket(bucket)
@@ -109,7 +109,7 @@ pub async fn fetch_s3_uri(conf: &aws_config::SdkConfig, uri: &str) -> Result<Vec
 /// An answer that lacks what it must carry (an emulator or API change):
 /// an error, never an empty name used later.
 fn no_answer(what: &str) -> StoreError {
-    StoreError::Backend(format!("unexpected answer from AWS: {what}"))
+    StoreError::Invalid(format!("unexpected answer from AWS: {what}"))
 }
 
 /// SDK configuration from the environment (`AWS_ENDPOINT_URL` included).
@@ -161,14 +161,14 @@ fn queue_name_to_create(names: &AwsNames) -> Result<String, StoreError> {
         .unwrap_or_default()
         .to_string();
     if from_url.is_empty() || from_url.contains(':') {
-        return Err(StoreError::Backend(format!(
+        return Err(StoreError::Invalid(format!(
             "aws.queue_url {:?} does not end in a queue name",
             names.queue_url
         )));
     }
     let default_name = crate::config::AwsConfig::default().queue_name;
     if names.queue_name != default_name && names.queue_name != from_url {
-        return Err(StoreError::Backend(format!(
+        return Err(StoreError::Invalid(format!(
             "aws.queue_url names the queue {from_url:?} but aws.queue_name is {:?}: set one of them",
             names.queue_name
         )));
@@ -360,7 +360,7 @@ impl AwsStore {
         let arn = serde_json::from_str::<serde_json::Value>(policy)
             .ok()
             .and_then(|v| v["deadLetterTargetArn"].as_str().map(String::from))
-            .ok_or_else(|| StoreError::Backend(format!("unreadable redrive policy {policy:?}")))?;
+            .ok_or_else(|| StoreError::Invalid(format!("unreadable redrive policy {policy:?}")))?;
         let name = arn.rsplit(':').next().unwrap_or_default();
         let url = self
             .sqs

@@ -205,7 +205,7 @@ fn queue_item(item: &HashMap<String, AttributeValue>) -> Result<QueueItem, Store
     let record = item
         .get("record")
         .and_then(|v| v.as_s().ok())
-        .ok_or_else(|| StoreError::Backend(format!("queue item {id} has no record")))?;
+        .ok_or_else(|| StoreError::Invalid(format!("queue item {id} has no record")))?;
     let mut entry =
         QueueEntry::decode(record.as_bytes()).map_err(|source| StoreError::Corrupt {
             id: id.clone(),

@@ -1,15 +1,15 @@
 //! Micro-benchmarks for the hot paths of the ingest: the command parser
 //! and the DATA path (end-of-data scan, CRLF normalisation, dot-unstuffing),
-//! plus the relay encoding. `cargo bench -p relay-core`.
+//! plus the relay encoding. `cargo bench -p relay-proto`.
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use relay_core::smtp::command::parse;
-use relay_core::smtp::data::{encode_for_data, DataReceiver, Progress};
-use relay_core::smtp::{Action, RcptVerdict, Session, SessionConfig};
+use relay_proto::smtp::command::parse;
+use relay_proto::smtp::data::{encode_for_data, DataReceiver, Progress};
+use relay_proto::smtp::{Action, RcptVerdict, Session, SessionConfig};
 
 const LINES: &[&[u8]] = &[
     b"EHLO mail.remote.example",
@@ -82,7 +82,7 @@ fn data_path(c: &mut Criterion) {
         });
         let now = UNIX_EPOCH + Duration::from_secs(1_795_842_826);
         b.iter(|| {
-            let mut s = Session::new(cfg.clone(), "192.0.2.1".parse().unwrap());
+            let mut s = Session::new(cfg.clone(), "192.0.2.1".parse().unwrap(), 1);
             s.handle_input(
                 b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n",
                 now,

@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::command::{self, Body, Command, MailParams, SyntaxError};
 use super::data::{count_received_headers, DataReceiver, Progress};
@@ -41,6 +41,13 @@ pub struct SessionConfig {
     /// Ask the driver before each MAIL is accepted ([`Action::AdmitMail`]):
     /// whether there is disk space and memory for a new message.
     pub admit_mail: bool,
+    /// Longest wait for input while the client owes nothing (RFC 5321
+    /// §4.5.3.2: at least 5 minutes); also the bound on each write.
+    pub idle_timeout: Duration,
+    /// Longest DATA phase. A command line must be complete within
+    /// `idle_timeout` of its first byte, so a client sending a byte now and
+    /// then cannot hold a session forever.
+    pub data_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -56,6 +63,8 @@ impl Default for SessionConfig {
             etrn_available: false,
             postmaster: None,
             admit_mail: false,
+            idle_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -81,6 +90,17 @@ pub enum Action {
     AdmitMail { size: Option<u64> },
     /// Flush output and close the connection.
     Close,
+}
+
+/// One error reply the session sent, for the driver's counters: the
+/// session counts, the driver publishes ([`Session::take_rejections`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    /// Why: `syntax`, `sequence`, `recipient`, `size`, `loop`, `storage`,
+    /// `resources`, `too_many_recipients`, `etrn`, …
+    pub reason: &'static str,
+    /// The reply code sent.
+    pub code: u16,
 }
 
 /// The verdict on one recipient.
@@ -145,11 +165,20 @@ pub struct Session {
     /// `Received:` headers counted in the first piece of data handed out
     /// by [`Session::take_data_over`] (the header section is gone then).
     received_in_first_piece: Option<usize>,
+    /// Error replies not yet handed to the driver.
+    rejections: Vec<Rejection>,
+    /// State of the generator of queue ids' random part (SplitMix64),
+    /// seeded by the driver: this crate draws no random numbers.
+    id_state: u64,
+    /// When the current command line or DATA phase must be complete.
+    deadline: Option<Instant>,
 }
 
 impl Session {
-    /// Starts a session and queues the 220 greeting.
-    pub fn new(cfg: Arc<SessionConfig>, peer: IpAddr) -> Self {
+    /// Starts a session and queues the 220 greeting. `id_seed` seeds the
+    /// random part of the queue ids this session gives out; the driver
+    /// draws it from a CSPRNG so ids never collide across sessions.
+    pub fn new(cfg: Arc<SessionConfig>, peer: IpAddr, id_seed: u64) -> Self {
         let mut s = Session {
             cfg,
             peer,
@@ -166,6 +195,9 @@ impl Session {
             pending_mail: None,
             data_refusal: None,
             received_in_first_piece: None,
+            rejections: Vec::new(),
+            id_state: id_seed,
+            deadline: None,
         };
         let greeting = Reply::new(220, "", format!("{} ESMTP backupmx", s.cfg.hostname));
         s.reply(&greeting);
@@ -177,8 +209,43 @@ impl Session {
         Reply::new(421, "4.7.0", format!("{hostname} {why}, try again later"))
     }
 
+    /// The client's address.
     pub fn peer(&self) -> IpAddr {
         self.peer
+    }
+
+    /// Error replies sent since the last call, for the driver's counters.
+    pub fn take_rejections(&mut self) -> std::vec::Drain<'_, Rejection> {
+        self.rejections.drain(..)
+    }
+
+    /// When the driver must call [`Session::handle_timeout`] if no input
+    /// comes before: the idle timeout from `now`, or sooner the deadline of
+    /// the command line or DATA phase under way.
+    pub fn poll_timeout(&mut self, now: Instant) -> Instant {
+        if self.is_idle() {
+            self.deadline = None;
+        } else if self.deadline.is_none() {
+            let limit = if self.in_data() {
+                self.cfg.data_timeout
+            } else {
+                self.cfg.idle_timeout
+            };
+            self.deadline = Some(now + limit);
+        }
+        let idle = now + self.cfg.idle_timeout;
+        self.deadline.map_or(idle, |d| d.min(idle))
+    }
+
+    /// The next queue id (RFC 5321 leaves ids to us; ours sort by arrival).
+    fn next_queue_id(&mut self, now: SystemTime) -> QueueId {
+        // SplitMix64 (Steele, Lea, Flood 2014): every seed gives a full
+        // period, and successive outputs are well mixed.
+        self.id_state = self.id_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.id_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        QueueId::new(now, z ^ (z >> 31))
     }
 
     /// Reply bytes produced so far.
@@ -362,7 +429,10 @@ impl Session {
         match result {
             Ok(id) => self.reply(&Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))),
             Err(()) => {
-                metrics::counter!("backupmx_rejections_total", "reason" => "storage", "code" => "451").increment(1);
+                self.rejections.push(Rejection {
+                    reason: "storage",
+                    code: 451,
+                });
                 self.reply(&Reply::new(
                     451,
                     "4.3.0",
@@ -429,7 +499,10 @@ impl Session {
 
     /// An error reply that counts towards the error limit.
     fn reject(&mut self, reason: &'static str, r: Reply) {
-        metrics::counter!("backupmx_rejections_total", "reason" => reason, "code" => r.code.to_string()).increment(1);
+        self.rejections.push(Rejection {
+            reason,
+            code: r.code,
+        });
         self.reply(&r);
         self.errors += 1;
         if self.errors >= self.cfg.max_errors {
@@ -611,7 +684,10 @@ impl Session {
         };
         if tx.recipients.len() >= max {
             // RFC 5321 §4.5.3.1.10: 452 and the client sends the rest later.
-            metrics::counter!("backupmx_rejections_total", "reason" => "too_many_recipients", "code" => "452").increment(1);
+            self.rejections.push(Rejection {
+                reason: "too_many_recipients",
+                code: 452,
+            });
             return self.reply(&Reply::new(452, "4.5.3", "Error: too many recipients"));
         }
         if !mailbox.is_ascii() && !tx.params.smtputf8 {
@@ -678,7 +754,8 @@ impl Session {
         let limit = usize::try_from(tx.size_limit).unwrap_or(usize::MAX);
         // The trace header is written now, as Postfix does at DATA, so the
         // client's data lands right behind it and is never copied again.
-        let id = QueueId::generate(now);
+        let id = self.next_queue_id(now);
+        let Some(tx) = self.tx.as_mut() else { return };
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
         let header = received_header(&ReceivedFields {
             helo: &helo,
@@ -772,7 +849,10 @@ impl Session {
                 Reply::new(554, "5.4.6", "Too many hops (Received headers), mail loop?"),
             );
         }
-        let id = tx.id.unwrap_or_else(|| QueueId::generate(now));
+        let id = match tx.id {
+            Some(id) => id,
+            None => self.next_queue_id(now),
+        };
         let helo = self.helo.clone().unwrap_or_default().0;
         let smtputf8 = tx.params.smtputf8;
         let body = recv.into_body();

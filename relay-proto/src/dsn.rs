@@ -150,7 +150,7 @@ mod tests {
     fn report_has_the_rfc3464_parts() {
         let entry = QueueEntry {
             version: QUEUE_RECORD_VERSION,
-            id: QueueId::generate(SystemTime::now()),
+            id: QueueId::new(SystemTime::now(), 1),
             domain: crate::address::DomainName::parse("example.test").unwrap(),
             sender: "alice@remote.test".into(),
             recipients: vec![RecipientState {
@@ -182,7 +182,7 @@ mod tests {
             &failed,
             original,
             SystemTime::now(),
-            &QueueId::generate(SystemTime::now()),
+            &QueueId::new(SystemTime::now(), 1),
         ))
         .unwrap();
         for needle in [

@@ -6,4 +6,4 @@ pub mod reply;
 pub mod session;
 
 pub use reply::Reply;
-pub use session::{Action, RcptVerdict, Session, SessionConfig};
+pub use session::{Action, RcptVerdict, Rejection, Session, SessionConfig};

@@ -32,7 +32,7 @@ impl Transcript {
             ..cfg
         };
         let mut t = Transcript {
-            session: Session::new(Arc::new(cfg), "192.0.2.7".parse().unwrap()),
+            session: Session::new(Arc::new(cfg), "192.0.2.7".parse().unwrap(), 42),
             stored: Vec::new(),
             store_fails: false,
             closed: false,
@@ -641,4 +641,98 @@ fn bare_postmaster_is_accepted_and_goes_to_the_configured_address() {
     none.ehlo();
     none.cmd("MAIL FROM:<a@remote.test>", "250");
     none.cmd("RCPT TO:<postmaster>", "550 5.1.1");
+}
+
+#[test]
+fn error_replies_are_handed_to_the_driver_to_count() {
+    let mut t = Transcript::new();
+    t.cmd("RCPT TO:<a@example.test>", "503 5.5.1");
+    t.ehlo();
+    t.cmd("MAIL FROM:<s@remote.test>", "250");
+    t.cmd("RCPT TO:<a@elsewhere.test>", "550 5.7.1");
+    let counted: Vec<_> = t.session.take_rejections().collect();
+    assert_eq!(
+        counted,
+        [
+            Rejection {
+                reason: "sequence",
+                code: 503
+            },
+            Rejection {
+                reason: "recipient",
+                code: 550
+            }
+        ]
+    );
+    assert_eq!(t.session.take_rejections().count(), 0, "handed out once");
+}
+
+#[test]
+fn deadlines_come_out_of_the_session() {
+    let cfg = SessionConfig {
+        idle_timeout: Duration::from_secs(300),
+        data_timeout: Duration::from_secs(600),
+        ..SessionConfig::default()
+    };
+    let mut t = Transcript::with(cfg);
+    let start = Instant::now();
+    // Between commands: the idle timeout, from whenever the driver asks.
+    assert_eq!(
+        t.session.poll_timeout(start),
+        start + Duration::from_secs(300)
+    );
+    let later = start + Duration::from_secs(100);
+    assert_eq!(
+        t.session.poll_timeout(later),
+        later + Duration::from_secs(300)
+    );
+    // A command line under way must be complete within the idle timeout of
+    // its first byte, however slowly it trickles in.
+    t.send("NO");
+    assert_eq!(
+        t.session.poll_timeout(start),
+        start + Duration::from_secs(300)
+    );
+    assert_eq!(
+        t.session.poll_timeout(later),
+        start + Duration::from_secs(300)
+    );
+    t.send("OP\r\n");
+    // The driver asks before every read: between commands the deadline goes.
+    let between = start + Duration::from_secs(900);
+    assert_eq!(
+        t.session.poll_timeout(between),
+        between + Duration::from_secs(300)
+    );
+    t.envelope();
+    t.cmd("DATA", "354");
+    // The DATA phase has its own, longer bound; each wait is at most the
+    // idle timeout.
+    let data_start = start + Duration::from_secs(1000);
+    assert_eq!(
+        t.session.poll_timeout(data_start),
+        data_start + Duration::from_secs(300)
+    );
+    let late = data_start + Duration::from_secs(500);
+    assert_eq!(
+        t.session.poll_timeout(late),
+        data_start + Duration::from_secs(600)
+    );
+}
+
+#[test]
+fn queue_ids_differ_within_a_session_and_across_seeds() {
+    let mut ids = std::collections::HashSet::new();
+    for seed in [1, 2] {
+        let mut s = Session::new(
+            Arc::new(SessionConfig::default()),
+            "192.0.2.7".parse().unwrap(),
+            seed,
+        );
+        for _ in 0..100 {
+            let id = s.next_queue_id(Transcript::now());
+            assert!(QueueId::parse(id.as_str()).is_ok());
+            assert!(ids.insert(id), "ids repeat");
+        }
+    }
 }
