@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::server::open_backends_as;
 
 #[derive(Subcommand)]
-pub enum DomainCommand {
+pub(crate) enum DomainCommand {
     /// Add a hosted domain (with --replace: overwrite an existing one's settings).
     Add {
         /// The domain name (Unicode or A-labels; stored as A-labels).
@@ -60,7 +60,7 @@ pub enum DomainCommand {
 }
 
 #[derive(Subcommand)]
-pub enum QueueCommand {
+pub(crate) enum QueueCommand {
     /// List queued messages, oldest first.
     List {
         /// Only the messages for this hosted domain.
@@ -100,7 +100,7 @@ fn parse_id(id: &str) -> anyhow::Result<QueueId> {
 }
 
 /// Where the configured store is, for messages.
-pub fn store_description(config: &Config) -> String {
+pub(crate) fn store_description(config: &Config) -> String {
     match config.storage.backend {
         relay_core::config::Backend::Local => format!(
             "{}",
@@ -129,7 +129,11 @@ async fn open_store(
         .map_err(|e| anyhow!("{e:#} [configuration: {source}]"))
 }
 
-pub async fn domain(config: &Config, source: &str, cmd: DomainCommand) -> anyhow::Result<()> {
+pub(crate) async fn domain(
+    config: &Config,
+    source: &str,
+    cmd: DomainCommand,
+) -> anyhow::Result<()> {
     // Only `add` may create a store; the others need the one that exists.
     let create = matches!(cmd, DomainCommand::Add { .. });
     let backends = open_store(config, create, source).await?;
@@ -288,7 +292,7 @@ fn entry_json(e: &QueueEntry) -> serde_json::Value {
     })
 }
 
-pub async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> anyhow::Result<()> {
+pub(crate) async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> anyhow::Result<()> {
     let backends = open_store(config, false, source).await?;
     let store: Arc<dyn DeliveryQueue> = backends.queue;
     let messages: Arc<dyn MessageStore> = backends.messages;
@@ -369,12 +373,12 @@ pub async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> anyhow::
 }
 
 #[derive(Subcommand)]
-pub enum AwsCommand {
+pub(crate) enum AwsCommand {
     /// Create the tables, bucket and queues (template settings) at AWS_ENDPOINT_URL.
     Bootstrap,
 }
 
-pub async fn aws(config: &Config, cmd: AwsCommand) -> anyhow::Result<()> {
+pub(crate) async fn aws(config: &Config, cmd: AwsCommand) -> anyhow::Result<()> {
     match cmd {
         AwsCommand::Bootstrap => {
             let conf = relay_core::store::aws::sdk_config().await;

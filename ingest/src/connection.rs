@@ -20,13 +20,13 @@ use tokio::sync::watch;
 use crate::tls::Tls;
 
 /// The delivery side, present in the embedded mode.
-pub struct Delivery {
+pub(crate) struct Delivery {
     pub engine: Arc<relay_core::delivery::Engine>,
     pub worker: Arc<relay_core::delivery::worker::Worker>,
 }
 
 /// What new mail needs: disk space (embedded store) and memory.
-pub struct Resources {
+pub(crate) struct Resources {
     /// Message data held by all sessions together.
     pub memory: relay_core::budget::MemoryBudget,
     /// The data directory's free space; `None` on the AWS backend.
@@ -131,7 +131,7 @@ impl Spill {
 }
 
 /// What every connection shares.
-pub struct Shared {
+pub(crate) struct Shared {
     pub resources: Resources,
     /// Where big messages are spilled while they arrive.
     pub spool_dir: std::path::PathBuf,
@@ -145,7 +145,7 @@ pub struct Shared {
     pub etrn: Option<Etrn>,
 }
 
-pub struct Etrn {
+pub(crate) struct Etrn {
     /// Resolves the domain's primaries (who may ask).
     pub engine: Arc<relay_core::delivery::Engine>,
     pub release: Arc<dyn relay_core::delivery::etrn::Release>,
@@ -233,7 +233,7 @@ async fn finish_spill(
 
 /// Runs one session to its end, inside a span that carries the session's
 /// id and peer, so every event of the connection names them once.
-pub async fn serve(
+pub(crate) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     early: Vec<u8>,

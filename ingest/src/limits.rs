@@ -16,7 +16,7 @@ const OTHER_FILES: u64 = 64;
 /// Raises the soft open-files limit to the hard one (logging both) and
 /// returns how many SMTP sessions fit: `smtp.max_connections`, lowered
 /// when the limit cannot hold them besides outgoing delivery connections.
-pub fn raise_open_files(config: &Config) -> usize {
+pub(crate) fn raise_open_files(config: &Config) -> usize {
     let before = getrlimit(Resource::Nofile);
     let mut soft = before.current;
     if before.current < before.maximum {

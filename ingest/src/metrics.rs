@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Installs the global recorder and serves it.
-pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+pub(crate) async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the metrics recorder")?;

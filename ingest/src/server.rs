@@ -26,7 +26,7 @@ use crate::connection::{self, Delivery, Etrn, Resources, Shared};
 use crate::tls::Tls;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// `backupmx run`: everything in one process on the local store.
     Embedded,
     /// `backupmx ingest`: SMTP only, on the configured backend.
@@ -34,7 +34,7 @@ pub enum Mode {
 }
 
 /// The storage backends, behind their traits.
-pub struct Backends {
+pub(crate) struct Backends {
     pub registry: Arc<dyn DomainRegistry>,
     pub greylist: Arc<dyn GreylistStore>,
     pub spool: Arc<dyn Spool>,
@@ -53,7 +53,7 @@ async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
 /// does not exist yet is an error instead of a new empty store (commands
 /// that only read or change what is there must not make one in the wrong
 /// directory and report it empty).
-pub async fn open_backends_as(config: &Config, create: bool) -> anyhow::Result<Backends> {
+pub(crate) async fn open_backends_as(config: &Config, create: bool) -> anyhow::Result<Backends> {
     match config.storage.backend {
         Backend::Local => {
             let db = config
@@ -150,7 +150,7 @@ impl Drop for PerIpGuard {
     }
 }
 
-pub async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
+pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     if mode == Mode::Embedded && config.storage.backend != Backend::Local {
         bail!("`backupmx run` is the embedded mode and needs storage.backend = \"local\"; use `backupmx ingest` for other backends");
     }

@@ -13,7 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The current acceptor, swapped on reload.
 #[derive(Clone)]
-pub struct Tls {
+pub(crate) struct Tls {
     current: Arc<RwLock<tokio_rustls::TlsAcceptor>>,
     files: TlsConfig,
 }
@@ -65,14 +65,14 @@ fn parse_certs(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'st
 }
 
 impl Tls {
-    pub async fn new(files: &TlsConfig) -> anyhow::Result<Self> {
+    pub(crate) async fn new(files: &TlsConfig) -> anyhow::Result<Self> {
         Ok(Tls {
             current: Arc::new(RwLock::new(load(files).await?)),
             files: files.clone(),
         })
     }
 
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         // A poisoned lock only means a reload panicked; the old value is fine.
         self.current
             .read()
@@ -81,7 +81,7 @@ impl Tls {
     }
 
     /// Re-reads the certificate and key; on error the old ones stay in use.
-    pub async fn reload(&self) {
+    pub(crate) async fn reload(&self) {
         match load(&self.files).await {
             Ok(acceptor) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = acceptor;

@@ -9,19 +9,25 @@ use std::fmt;
 
 /// RFC 5321 §4.5.3.1.1–3 size limits.
 pub const MAX_LOCAL_PART: usize = 64;
+/// Longest domain name in octets (RFC 5321 §4.5.3.1.2).
 pub const MAX_DOMAIN: usize = 255;
+/// Longest forward or reverse path in octets, brackets included (RFC 5321 §4.5.3.1.3).
 pub const MAX_PATH: usize = 256;
 
 /// Why an address was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AddressError {
+    /// Not of the form `<...>`.
     #[error("address must be enclosed in <>")]
     MissingBrackets,
+    /// Not a mailbox by RFC 5321 §4.1.2's grammar.
     #[error("malformed address")]
     Syntax,
+    /// Longer than RFC 5321 §4.5.3.1 allows.
     #[error("address too long")]
     TooLong,
+    /// The domain is not a valid (IDNA-convertible) domain name.
     #[error("malformed domain name")]
     BadDomain,
 }
@@ -65,6 +71,7 @@ impl DomainName {
         Ok(DomainName(trimmed.to_ascii_lowercase()))
     }
 
+    /// The name in A-labels, lower case, without a trailing dot.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -107,6 +114,7 @@ impl fmt::Display for DomainName {
 /// The part after `@`: a domain name or an address literal (`[192.0.2.1]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Host {
+    /// A domain name, in A-labels.
     Domain(DomainName),
     /// Kept verbatim including the brackets; never a hosted domain.
     Literal(String),
@@ -116,7 +124,9 @@ pub enum Host {
 /// form included) so that it reaches the primary unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mailbox {
+    /// The local part, exactly as sent (quoted form included).
     pub local: String,
+    /// What follows the `@`.
     pub host: Host,
     /// The domain was written in Unicode (it is kept as A-labels): the
     /// address still needs SMTPUTF8 (RFC 6531 §3.4).
@@ -144,6 +154,7 @@ impl Mailbox {
         self.local.contains(['%', '!', '@'])
     }
 
+    /// Whether the whole mailbox is ASCII (else it needs SMTPUTF8).
     pub fn is_ascii(&self) -> bool {
         self.local.is_ascii()
             && !self.unicode_domain
@@ -171,11 +182,14 @@ impl fmt::Display for Mailbox {
 /// A reverse-path: the null sender `<>` or a mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReversePath {
+    /// The null sender `<>` (bounces, DSNs, callouts).
     Null,
+    /// A sender's mailbox.
     Mailbox(Mailbox),
 }
 
 impl ReversePath {
+    /// Whether this is the null sender.
     pub fn is_null(&self) -> bool {
         matches!(self, ReversePath::Null)
     }

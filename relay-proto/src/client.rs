@@ -12,17 +12,22 @@ use std::fmt;
 /// A reply received from a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
+    /// The three-digit reply code.
     pub code: u16,
+    /// The text of each line, without code and separator.
     pub lines: Vec<String>,
 }
 
 impl Response {
+    /// 2xx or 3xx.
     pub fn is_success(&self) -> bool {
         (200..400).contains(&self.code)
     }
+    /// 4xx: try again later.
     pub fn is_transient(&self) -> bool {
         (400..500).contains(&self.code)
     }
+    /// 5xx: give up.
     pub fn is_permanent(&self) -> bool {
         self.code >= 500
     }
@@ -65,6 +70,7 @@ pub struct ReplyParser {
 }
 
 impl ReplyParser {
+    /// Adds bytes received from the server.
     pub fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -117,15 +123,20 @@ impl ReplyParser {
 pub struct Envelope {
     /// Empty for the null sender.
     pub sender: String,
+    /// Forward paths, one per recipient, as they go in RCPT TO.
     pub recipients: Vec<String>,
+    /// Body size in octets, declared with SIZE= when the server offers it.
     pub size: u64,
+    /// The envelope or headers need SMTPUTF8 (RFC 6531).
     pub smtputf8: bool,
+    /// The body has 8-bit octets (BODY=8BITMIME, RFC 6152).
     pub eight_bit: bool,
 }
 
 /// The result for one recipient of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptResult {
+    /// Accepted by the server after DATA; its final reply.
     Delivered(String),
     /// Try again later (4xx, connection or TLS trouble).
     Transient(String),
@@ -267,10 +278,12 @@ impl ClientSession {
         self.transaction_started
     }
 
+    /// The STARTTLS handshake failed (the driver reported it).
     pub fn tls_failed(&self) -> bool {
         self.tls_failed
     }
 
+    /// The connection runs TLS now.
     pub fn tls_active(&self) -> bool {
         self.tls_active
     }
@@ -280,6 +293,7 @@ impl ClientSession {
         self.expect.front() == Some(&Expect::Body)
     }
 
+    /// What the driver does next: send bytes, read, run TLS, send the body, or stop.
     pub fn poll_next(&mut self) -> Next {
         if !self.out.is_empty() {
             return Next::Send(std::mem::take(&mut self.out));

@@ -8,10 +8,12 @@ use crate::address::{DomainName, Mailbox};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Domain {
+    /// The domain's name (A-labels).
     pub name: DomainName,
     /// Explicit next hops (`host[:port]`), tried before any MX lookup.
     #[serde(default)]
     pub primary: Vec<String>,
+    /// Greylist mail for this domain (when greylisting is on).
     #[serde(default = "yes")]
     pub greylist: bool,
     /// Per-domain message size limit, below the global one.
@@ -21,6 +23,7 @@ pub struct Domain {
     /// local part.
     #[serde(default)]
     pub recipients: Option<Vec<String>>,
+    /// Accept mail for this domain; a disabled domain is refused like an unknown one.
     #[serde(default = "yes")]
     pub enabled: bool,
 }
@@ -29,15 +32,20 @@ fn yes() -> bool {
     true
 }
 
+/// Why operator input does not make a valid domain record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DomainError {
+    /// Not a domain name.
     #[error("invalid domain name {0:?}")]
     BadName(String),
+    /// A name mail cannot be addressed to (a single label, an address literal…), and why.
     #[error("{0:?} cannot be a hosted domain: {1}")]
     NotHostable(String, &'static str),
+    /// A primary that is not `HOST` or `HOST:PORT`.
     #[error("invalid primary {0:?}: expected HOST or HOST:PORT")]
     BadPrimary(String),
+    /// A recipient that is not `local@` this domain.
     #[error("invalid recipient {0:?}: expected local@{1}")]
     BadRecipient(String, String),
 }
@@ -59,6 +67,7 @@ fn hostable(name: &DomainName) -> Result<(), &'static str> {
 }
 
 impl Domain {
+    /// A record with the defaults: greylisted, enabled, no primary, any recipient.
     pub fn new(name: DomainName) -> Self {
         Domain {
             name,

@@ -9,6 +9,7 @@ use crate::time::{from_unix_seconds, rfc5322_date};
 /// One failed recipient for the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedRecipient {
+    /// The recipient's address.
     pub address: String,
     /// RFC 3463 status, e.g. `5.1.1`.
     pub status: String,

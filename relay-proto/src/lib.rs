@@ -18,7 +18,7 @@
 //! - [`proxy`]: PROXY protocol v1/v2 headers.
 //! - [`time`]: RFC 5322 dates and Unix-second helpers.
 
-#![warn(unreachable_pub)]
+#![warn(missing_docs)]
 
 pub mod address;
 pub mod client;

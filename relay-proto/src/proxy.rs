@@ -22,20 +22,27 @@ pub enum ProxyHeader {
     Local,
     /// A relayed TCP connection.
     Tcp {
+        /// The client, as the proxy saw it.
         source: SocketAddr,
+        /// The address the client connected to.
         destination: SocketAddr,
     },
 }
 
+/// Why the first bytes are not a PROXY header we accept.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProxyError {
+    /// The connection does not start with a PROXY signature.
     #[error("not a PROXY protocol header")]
     NotProxy,
+    /// A v1 (text) header that breaks the grammar, and where.
     #[error("malformed PROXY v1 header: {0}")]
     V1(&'static str),
+    /// A v2 (binary) header that breaks the format, and where.
     #[error("malformed PROXY v2 header: {0}")]
     V2(&'static str),
+    /// No complete header within the size the protocol allows.
     #[error("PROXY header longer than allowed")]
     TooLong,
 }
@@ -43,11 +50,13 @@ pub enum ProxyError {
 /// Result of looking at the buffered bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed {
+    /// More bytes are needed to decide.
     NeedMore,
     /// The header, and how many bytes it took.
     Done(ProxyHeader, usize),
 }
 
+/// Looks at the first bytes of a connection: a header, a request for more, or an error.
 pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyError> {
     if buf.is_empty() {
         return Ok(Parsed::NeedMore);

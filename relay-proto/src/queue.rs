@@ -18,6 +18,7 @@ use crate::time::unix_seconds;
 #[serde(try_from = "String", into = "String")]
 pub struct QueueId(String);
 
+/// A string that is not a queue id (ids are used in file and object names, so they are checked).
 #[derive(Debug, thiserror::Error)]
 #[error("malformed queue id {0:?}")]
 pub struct BadQueueId(String);
@@ -39,6 +40,7 @@ impl QueueId {
         QueueId(format!("{}-{n}", self.0))
     }
 
+    /// Checks a queue id read from outside (CLI, queue record, object key).
     pub fn parse(s: &str) -> Result<Self, BadQueueId> {
         let (base, suffix) = match s.split_once('-') {
             Some((b, n)) => (b, Some(n)),
@@ -57,6 +59,7 @@ impl QueueId {
         }
     }
 
+    /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -91,20 +94,28 @@ impl fmt::Display for QueueId {
 pub struct AcceptedRecipient {
     /// As it goes to the primary: `local@domain`, source route dropped.
     pub address: String,
+    /// The hosted domain the recipient belongs to.
     pub domain: DomainName,
 }
 
 /// Everything the session learned about a message it is about to accept.
 #[derive(Debug, Clone)]
 pub struct AcceptedMessage {
+    /// The id given at DATA, also in our Received header.
     pub id: QueueId,
     /// Empty for the null sender.
     pub sender: String,
+    /// Recipients accepted at RCPT time.
     pub recipients: Vec<AcceptedRecipient>,
+    /// The client's address (the original one behind a PROXY header).
     pub client_ip: IpAddr,
+    /// The name the client gave in HELO/EHLO.
     pub helo: String,
+    /// When the message was accepted.
     pub received_at: SystemTime,
+    /// The client asked for SMTPUTF8.
     pub smtputf8: bool,
+    /// The client declared BODY=8BITMIME.
     pub eight_bit: bool,
     /// The message as stored: our Received header, then the client's data
     /// with CRLF line endings and dot-stuffing removed. Empty when the
@@ -123,7 +134,9 @@ pub struct AcceptedMessage {
 /// A message body in a file of the ingest's spool directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpooledBody {
+    /// The spool file.
     pub path: std::path::PathBuf,
+    /// The body's length in octets.
     pub len: u64,
 }
 
@@ -140,16 +153,23 @@ impl AcceptedMessage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecipientStatus {
+    /// Not yet delivered or refused for good.
     Pending,
+    /// Accepted by the primary.
     Delivered,
+    /// Refused for good (a DSN was or will be sent).
     Failed,
 }
 
+/// One recipient of a queue entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecipientState {
+    /// The forward path, `local@domain`.
     pub address: String,
+    /// Where its delivery stands.
     pub status: RecipientStatus,
+    /// The last reply about this recipient (the DSN's diagnostic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reply: Option<String>,
 }
@@ -162,41 +182,57 @@ pub const QUEUE_RECORD_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueEntry {
+    /// Record format version: [`QUEUE_RECORD_VERSION`].
     pub version: u32,
+    /// The entry's id (a message's id, with `-N` for its further domains).
     pub id: QueueId,
+    /// The hosted domain all recipients belong to.
     pub domain: DomainName,
     /// Empty for the null sender.
     pub sender: String,
+    /// One state per recipient.
     pub recipients: Vec<RecipientState>,
+    /// The client's address.
     pub client_ip: IpAddr,
+    /// The name the client gave in HELO/EHLO.
     pub helo: String,
     /// Unix seconds.
     pub received_at: u64,
+    /// Delivery attempts so far.
     pub attempts: u32,
     /// Unix seconds.
     pub next_attempt: u64,
+    /// The last attempt's error, for `queue list` and DSNs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Body size in octets.
     pub size: u64,
+    /// The message needs SMTPUTF8.
     pub smtputf8: bool,
+    /// The body has 8-bit octets.
     pub eight_bit: bool,
 }
 
+/// Why stored bytes are not a queue record this build reads.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RecordError {
+    /// Not JSON of this record's shape.
     #[error("queue record is not valid JSON for this version")]
     Malformed(#[from] serde_json::Error),
+    /// A record version this build does not know.
     #[error("queue record version {0} is not supported (this build reads {QUEUE_RECORD_VERSION})")]
     UnsupportedVersion(u32),
 }
 
 impl QueueEntry {
+    /// The record as JSON, as every backend stores it.
     pub fn encode(&self) -> String {
         // Serialising plain structs with string keys cannot fail.
         serde_json::to_string(self).unwrap_or_default()
     }
 
+    /// Reads a stored record; strict, so a corrupt record is an error, never a guess.
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let entry: QueueEntry = serde_json::from_slice(bytes)?;
         if entry.version != QUEUE_RECORD_VERSION {
@@ -205,6 +241,7 @@ impl QueueEntry {
         Ok(entry)
     }
 
+    /// Recipients neither delivered nor failed.
     pub fn pending_recipients(&self) -> impl Iterator<Item = &RecipientState> {
         self.recipients
             .iter()

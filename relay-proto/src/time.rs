@@ -7,6 +7,7 @@ pub fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The time `secs` seconds after the Unix epoch.
 pub fn from_unix_seconds(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
 }

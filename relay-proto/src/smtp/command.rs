@@ -10,7 +10,9 @@ use crate::address::{self, AddressError, Mailbox, ReversePath};
 /// BODY= values (RFC 6152).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Body {
+    /// `BODY=7BIT`.
     SevenBit,
+    /// `BODY=8BITMIME`.
     EightBitMime,
 }
 
@@ -19,26 +21,39 @@ pub enum Body {
 pub struct MailParams {
     /// RFC 1870 declared size.
     pub size: Option<u64>,
+    /// RFC 6152 body type.
     pub body: Option<Body>,
     /// RFC 6531.
     pub smtputf8: bool,
 }
 
+/// One parsed SMTP command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// EHLO with the client's name (RFC 5321 §4.1.1.1).
     Ehlo(String),
+    /// HELO with the client's name.
     Helo(String),
+    /// MAIL FROM with its parameters.
     Mail(ReversePath, MailParams),
+    /// RCPT TO with a mailbox.
     Rcpt(Mailbox),
     /// `RCPT TO:<postmaster>` without a domain, which a server must accept
     /// (RFC 5321 §4.5.1).
     RcptPostmaster,
+    /// DATA.
     Data,
+    /// RSET.
     Rset,
+    /// NOOP.
     Noop,
+    /// QUIT.
     Quit,
+    /// VRFY, answered 252 without looking (RFC 5321 §3.5.3).
     Vrfy,
+    /// HELP.
     Help,
+    /// STARTTLS (RFC 3207).
     StartTls,
     /// ETRN (RFC 1985) with its node argument.
     Etrn(String),

@@ -71,14 +71,17 @@ impl DataReceiver {
         &self.body[self.prefix_len..]
     }
 
+    /// Octets of message data received so far (prefix not counted).
     pub fn size(&self) -> u64 {
         self.size
     }
 
+    /// More data came than the limit allows.
     pub fn exceeded(&self) -> bool {
         self.size > self.limit as u64
     }
 
+    /// The stored message: prefix and data, CRLF line endings, unstuffed.
     pub fn into_body(self) -> Vec<u8> {
         self.body
     }

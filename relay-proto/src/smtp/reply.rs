@@ -8,14 +8,17 @@ use std::fmt;
 /// One SMTP reply: a three-digit code, an enhanced status code and text lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
+    /// The three-digit reply code.
     pub code: u16,
     /// Enhanced status code such as `5.7.1`; empty for replies that carry none
     /// (the greeting, RFC 2034 §3).
     pub status: &'static str,
+    /// The text of each line.
     pub lines: Vec<String>,
 }
 
 impl Reply {
+    /// A one-line reply.
     pub fn new(code: u16, status: &'static str, text: impl Into<String>) -> Self {
         Reply {
             code,
@@ -24,6 +27,7 @@ impl Reply {
         }
     }
 
+    /// A multi-line reply (EHLO's).
     pub fn multiline(code: u16, status: &'static str, lines: Vec<String>) -> Self {
         Reply {
             code,
@@ -37,6 +41,7 @@ impl Reply {
         self.code < 400
     }
 
+    /// 4xx.
     pub fn is_transient(&self) -> bool {
         (400..500).contains(&self.code)
     }
@@ -65,6 +70,7 @@ impl Reply {
         }
     }
 
+    /// The wire form.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.write_to(&mut out);

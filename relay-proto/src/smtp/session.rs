@@ -23,7 +23,9 @@ use crate::time::rfc5322_date;
 pub struct SessionConfig {
     /// Our name in the greeting, EHLO reply and Received header.
     pub hostname: String,
+    /// Largest message in octets (advertised in EHLO's SIZE).
     pub max_message_size: u64,
+    /// Most recipients in one transaction; more get 452 (RFC 5321 §4.5.3.1.8).
     pub max_recipients: usize,
     /// Longest command line including CRLF (RFC 5321 §4.5.3.1.4: 512).
     pub max_command_line: usize,
@@ -76,7 +78,9 @@ pub enum Action {
     Read,
     /// Decide on this recipient and call [`Session::recipient_checked`].
     CheckRecipient {
+        /// The recipient asked for.
         recipient: Mailbox,
+        /// The transaction's sender.
         sender: ReversePath,
     },
     /// Store durably and call [`Session::message_stored`].
@@ -84,10 +88,16 @@ pub enum Action {
     /// Flush output, run the TLS handshake, call [`Session::tls_established`].
     StartTls,
     /// Decide on an ETRN request and call [`Session::etrn_done`].
-    Etrn { node: String },
+    Etrn {
+        /// The ETRN node (a domain, or `@domain`, `#queue`).
+        node: String,
+    },
     /// Is there room for a new message (of `size` bytes, when declared)?
     /// Call [`Session::mail_admitted`].
-    AdmitMail { size: Option<u64> },
+    AdmitMail {
+        /// The size declared with SIZE=, if any.
+        size: Option<u64>,
+    },
     /// Flush output and close the connection.
     Close,
 }
@@ -106,10 +116,14 @@ pub struct Rejection {
 /// The verdict on one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RcptVerdict {
+    /// Accept, for this hosted domain.
     Accept {
+        /// The hosted domain the recipient belongs to.
         domain: DomainName,
+        /// The domain's own size limit, if it has one.
         max_message_size: Option<u64>,
     },
+    /// Refuse with this reply.
     Reject(Reply),
 }
 
@@ -253,6 +267,7 @@ impl Session {
         std::mem::take(&mut self.out)
     }
 
+    /// Replies are waiting to be written.
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
     }
@@ -322,6 +337,7 @@ impl Session {
         }
     }
 
+    /// The session has ended (QUIT, an error limit, a timeout, shutdown).
     pub fn is_closed(&self) -> bool {
         self.waiting == Waiting::Closed
     }
