@@ -382,7 +382,7 @@ pub(crate) async fn aws(config: &Config, cmd: AwsCommand) -> anyhow::Result<()> 
     match cmd {
         AwsCommand::Bootstrap => {
             let conf = relay_core::store::aws::sdk_config().await;
-            let names = relay_core::store::aws::AwsNames::from_config(&config.aws);
+            let names = relay_core::store::aws::AwsNames::from(&config.aws);
             let store = relay_core::store::aws::AwsStore::bootstrap(&conf, names.clone())
                 .await
                 .context("cannot create the AWS resources")?;

@@ -70,7 +70,7 @@ pub(crate) async fn open_backends_as(config: &Config, create: bool) -> anyhow::R
             let store = Arc::new(
                 LocalStore::open_with(
                     &config.storage.data_dir,
-                    StoreOptions::from_config(&config.storage),
+                    StoreOptions::from(&config.storage),
                 )
                 .with_context(|| {
                     format!(
@@ -107,7 +107,7 @@ pub(crate) async fn open_backends_as(config: &Config, create: bool) -> anyhow::R
 
 async fn connect_aws(config: &Config) -> anyhow::Result<AwsStore> {
     let conf = relay_core::store::aws::sdk_config().await;
-    AwsStore::connect(&conf, AwsNames::from_config(&config.aws))
+    AwsStore::connect(&conf, AwsNames::from(&config.aws))
         .await
         .context(
             "cannot reach the AWS backend (is AWS_ENDPOINT_URL or the AWS configuration right?)",
@@ -248,7 +248,7 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         // records due and gives them tickets; the retry function delivers.
         (Mode::IngestOnly, Some(resolver), None) if config.storage.backend == Backend::Aws => {
             let engine = Arc::new(Engine::new(
-                EngineConfig::from_config(&config),
+                EngineConfig::from(&config),
                 resolver,
                 backends.registry.clone(),
             ));
@@ -282,21 +282,10 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             }),
         },
         session: Arc::new(SessionConfig {
-            hostname: config.hostname.clone(),
-            max_message_size: config.smtp.max_message_size,
-            max_recipients: config.smtp.max_recipients,
-            max_command_line: config.smtp.max_command_line,
-            max_errors: config.smtp.max_errors,
-            max_received_headers: 100,
             tls_available: tls.is_some(),
             etrn_available: etrn.is_some(),
-            postmaster: config
-                .postmaster()
-                .ok()
-                .map(|(address, domain)| relay_core::queue::AcceptedRecipient { address, domain }),
             admit_mail: true,
-            idle_timeout: config.smtp.idle_timeout,
-            data_timeout: config.smtp.data_timeout,
+            ..SessionConfig::from(&config)
         }),
         policy,
         spool: with_faults(backends.spool.clone()),
@@ -370,9 +359,8 @@ fn start_delivery(
     store: &Arc<LocalStore>,
     resolver: Arc<dyn Resolver>,
 ) -> anyhow::Result<(Delivery, Arc<Worker>)> {
-    let d = &config.delivery;
     let engine = Arc::new(Engine::new(
-        EngineConfig::from_config(config),
+        EngineConfig::from(config),
         resolver,
         store.clone(),
     ));
@@ -381,12 +369,7 @@ fn start_delivery(
         store.clone(),
         store.clone(),
         store.clone(),
-        WorkerConfig {
-            max_per_destination: d.max_connections_per_destination,
-            max_total: d.max_connections,
-            poll_interval: d.poll_interval,
-            probe_interval: d.probe_interval,
-        },
+        WorkerConfig::from(config),
     );
     Ok((
         Delivery {
@@ -667,7 +650,7 @@ fn build_policy(
             ))
         });
     let greylist = config.greylist.enabled.then(|| Greylist {
-        settings: config.greylist.settings(),
+        settings: (&config.greylist).into(),
         store: backends.greylist.clone(),
     });
     Policy {

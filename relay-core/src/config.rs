@@ -12,7 +12,23 @@ use figment::Figment;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::delivery::transport::Timeouts;
+use crate::delivery::worker::WorkerConfig;
+use crate::delivery::EngineConfig;
 use crate::domain::{Domain, DomainError};
+use crate::greylist::GreylistSettings;
+use crate::smtp::SessionConfig;
+
+/// The longest queue lifetime an operator may set.
+pub const MAX_QUEUE_LIFETIME: Duration = Duration::from_secs(60 * 86_400);
+
+/// Days the AWS bucket keeps a message body before its lifecycle rule
+/// deletes it: past [`MAX_QUEUE_LIFETIME`] with a margin, so no body goes
+/// before its message was delivered or bounced. The SAM template has the
+/// same number (tests/tests/infra.rs checks it).
+pub const AWS_BODY_EXPIRATION_DAYS: u64 = 62;
+
+const SESSION_DEFAULTS: SessionConfig = SessionConfig::DEFAULT;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -309,12 +325,14 @@ impl Default for SmtpConfig {
     fn default() -> Self {
         SmtpConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
-            max_message_size: 36_700_160,
-            max_recipients: 100,
-            max_command_line: 512,
-            max_errors: 20,
-            idle_timeout: Duration::from_secs(300),
-            data_timeout: Duration::from_secs(600),
+            // The session's limits have their defaults in one place: the
+            // protocol crate's, which its tests and fuzzers use too.
+            max_message_size: SESSION_DEFAULTS.max_message_size,
+            max_recipients: SESSION_DEFAULTS.max_recipients,
+            max_command_line: SESSION_DEFAULTS.max_command_line,
+            max_errors: SESSION_DEFAULTS.max_errors,
+            idle_timeout: SESSION_DEFAULTS.idle_timeout,
+            data_timeout: SESSION_DEFAULTS.data_timeout,
             max_connections: 10_000,
             max_connections_per_ip: 50,
             shutdown_grace: Duration::from_secs(30),
@@ -543,8 +561,7 @@ impl Config {
         if d.max_connections_per_destination == 0 || d.max_connections == 0 || d.mx_port == 0 {
             return invalid("delivery.max_connections, max_connections_per_destination and mx_port must be positive".into());
         }
-        if d.queue_lifetime > Duration::from_secs(60 * 86_400) {
-            // The AWS bucket keeps bodies 62 days (infra/template.yaml).
+        if d.queue_lifetime > MAX_QUEUE_LIFETIME {
             return invalid("delivery.queue_lifetime must be at most 60d".into());
         }
         if d.probe_interval.is_zero() || d.poll_interval.is_zero() {
@@ -707,26 +724,128 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-impl GreylistConfig {
-    pub fn settings(&self) -> crate::greylist::GreylistSettings {
-        crate::greylist::GreylistSettings {
-            delay: self.delay,
-            retry_window: self.retry_window,
-            max_age: self.max_age,
-            ipv4_prefix: self.ipv4_prefix,
-            ipv6_prefix: self.ipv6_prefix,
-            auto_whitelist_after: self.auto_whitelist_after,
-            whitelist_clients: self.whitelist_clients.clone(),
-            whitelist_sender_domains: self
+// Runtime settings. Every conversion from the file's shape to the shape
+// the code runs with is here, so a setting has one path from the file and
+// runtime types keep no defaults of their own.
+
+impl From<&GreylistConfig> for GreylistSettings {
+    fn from(g: &GreylistConfig) -> Self {
+        GreylistSettings {
+            delay: g.delay,
+            retry_window: g.retry_window,
+            max_age: g.max_age,
+            ipv4_prefix: g.ipv4_prefix,
+            ipv6_prefix: g.ipv6_prefix,
+            auto_whitelist_after: g.auto_whitelist_after,
+            whitelist_clients: g.whitelist_clients.clone(),
+            whitelist_sender_domains: g
                 .whitelist_sender_domains
                 .iter()
                 .map(|d| d.trim_end_matches('.').to_lowercase())
                 .collect(),
-            whitelist_recipients: self
+            whitelist_recipients: g
                 .whitelist_recipients
                 .iter()
                 .map(|r| r.to_lowercase())
                 .collect(),
+        }
+    }
+}
+
+impl From<&Config> for EngineConfig {
+    fn from(config: &Config) -> Self {
+        let d = &config.delivery;
+        EngineConfig {
+            me: crate::delivery::route::SelfIdentity {
+                hostname: config.hostname.clone(),
+                listen: config.smtp.listen.clone(),
+                mx_port: d.mx_port,
+            },
+            routes: d.routes.clone(),
+            retry_initial: d.retry_initial,
+            retry_max: d.retry_max,
+            queue_lifetime: d.queue_lifetime,
+            timeouts: Timeouts {
+                connect: d.connect_timeout,
+                command: d.command_timeout,
+                // RFC 5321 §4.5.3.2.5 asks for at least 3 minutes per data
+                // block; the command timeout (5 minutes) is used.
+                data_block: d.command_timeout,
+                data_final: d.data_timeout,
+            },
+            opportunistic_tls: d.opportunistic_tls,
+            bounce_headers_max: usize::try_from(d.bounce_headers_max).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+impl From<&StorageConfig> for crate::store::local::StoreOptions {
+    fn from(s: &StorageConfig) -> Self {
+        crate::store::local::StoreOptions {
+            reserve_space: s.reserve_space,
+            min_free_space: s.min_free_space,
+        }
+    }
+}
+
+#[cfg(feature = "aws")]
+impl From<&AwsConfig> for crate::store::aws::AwsNames {
+    fn from(aws: &AwsConfig) -> Self {
+        crate::store::aws::AwsNames {
+            domains_table: aws.domains_table.clone(),
+            greylist_table: aws.greylist_table.clone(),
+            bucket: aws.bucket.clone(),
+            queue_url: aws.queue_url.clone(),
+            queue_name: aws.queue_name.clone(),
+            queue_table: aws.queue_table.clone(),
+            dead_letter_queue_url: aws.dead_letter_queue_url.clone(),
+        }
+    }
+}
+
+impl From<&Config> for WorkerConfig {
+    fn from(config: &Config) -> Self {
+        let d = &config.delivery;
+        WorkerConfig {
+            max_per_destination: d.max_connections_per_destination,
+            max_total: d.max_connections,
+            poll_interval: d.poll_interval,
+            probe_interval: d.probe_interval,
+        }
+    }
+}
+
+#[cfg(feature = "aws")]
+impl From<&Config> for crate::delivery::retry::RetrySettings {
+    fn from(config: &Config) -> Self {
+        crate::delivery::retry::RetrySettings {
+            attempt_lease: config.aws.attempt_lease,
+            orphan_after: config.aws.orphan_after,
+            sweep_interval: config.aws.sweep_interval,
+            probe_interval: config.delivery.probe_interval,
+        }
+    }
+}
+
+/// The session's limits and identity. What depends on the running process
+/// (`tls_available`, `etrn_available`, `admit_mail`) is off here; the
+/// server turns it on for what it has.
+impl From<&Config> for SessionConfig {
+    fn from(config: &Config) -> Self {
+        let s = &config.smtp;
+        SessionConfig {
+            hostname: config.hostname.clone(),
+            max_message_size: s.max_message_size,
+            max_recipients: s.max_recipients,
+            max_command_line: s.max_command_line,
+            max_errors: s.max_errors,
+            postmaster: config
+                .postmaster()
+                .ok()
+                .map(|(address, domain)| crate::queue::AcceptedRecipient { address, domain }),
+            idle_timeout: s.idle_timeout,
+            data_timeout: s.data_timeout,
+            ..SessionConfig::DEFAULT
         }
     }
 }

@@ -87,13 +87,6 @@ pub struct GreylistSettings {
     pub whitelist_recipients: Vec<String>,
 }
 
-impl Default for GreylistSettings {
-    /// The defaults live in one place: the configuration's.
-    fn default() -> Self {
-        crate::config::GreylistConfig::default().settings()
-    }
-}
-
 /// What greylisting decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -331,6 +324,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    /// The configuration's defaults, as the server runs them.
+    fn defaults() -> GreylistSettings {
+        (&crate::config::GreylistConfig::default()).into()
+    }
     use crate::address::{parse_forward_path, parse_reverse_path};
     use crate::store::local::LocalStore;
 
@@ -363,7 +361,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_sight_defers_then_retry_after_delay_passes() {
-        let f = fixture(GreylistSettings::default());
+        let f = fixture(defaults());
         let (ip, from, to) = ("192.0.2.10", "a@remote.test", "u@example.test");
         assert_eq!(check(&f, ip, from, to, T0).await, Decision::Defer);
         assert_eq!(
@@ -402,7 +400,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_after_the_window_counts_as_new() {
-        let f = fixture(GreylistSettings::default());
+        let f = fixture(defaults());
         let (ip, from, to) = ("192.0.2.10", "a@remote.test", "u@example.test");
         assert_eq!(check(&f, ip, from, to, T0).await, Decision::Defer);
         let late = T0 + 2 * 86_400 + 1;
@@ -415,7 +413,7 @@ mod tests {
 
     #[tokio::test]
     async fn passing_triplets_expire_after_max_age_and_refresh_on_use() {
-        let f = fixture(GreylistSettings::default());
+        let f = fixture(defaults());
         let (ip, from, to) = ("192.0.2.10", "a@remote.test", "u@example.test");
         check(&f, ip, from, to, T0).await;
         check(&f, ip, from, to, T0 + 300).await;
@@ -438,7 +436,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_passing_triplet_is_rewritten_at_most_once_a_day() {
-        let f = fixture(GreylistSettings::default());
+        let f = fixture(defaults());
         let (ip, from, to) = ("192.0.2.10", "a@remote.test", "u@example.test");
         check(&f, ip, from, to, T0).await;
         check(&f, ip, from, to, T0 + 300).await;
@@ -459,13 +457,13 @@ mod tests {
         check(&f, ip, from, to, T0 + 2 * day).await;
         assert_eq!(
             until(&f).await,
-            Some(T0 + 2 * day + GreylistSettings::default().max_age.as_secs())
+            Some(T0 + 2 * day + defaults().max_age.as_secs())
         );
     }
 
     #[tokio::test]
     async fn clients_are_auto_whitelisted_after_five_passes_an_hour_apart() {
-        let f = fixture(GreylistSettings::default());
+        let f = fixture(defaults());
         let ip = "198.51.100.7";
         let to = "u@example.test";
         let mut now = T0;
@@ -491,7 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn passes_within_an_hour_count_once() {
-        let f = fixture(GreylistSettings::default());
+        let f = fixture(defaults());
         for i in 0..6 {
             let from = format!("user{}@r{}.test", "x".repeat(i), "y".repeat(i));
             check(&f, "203.0.113.1", &from, "u@example.test", T0).await;
@@ -523,7 +521,7 @@ mod tests {
             whitelist_clients: vec!["10.0.0.0/8".parse().unwrap()],
             whitelist_sender_domains: vec!["friend.test".into()],
             whitelist_recipients: vec!["vip@example.test".into()],
-            ..GreylistSettings::default()
+            ..defaults()
         });
         let pass = Decision::Pass(PassReason::Exempt);
         assert_eq!(
@@ -560,7 +558,7 @@ mod tests {
 
     #[test]
     fn networks_follow_the_prefixes() {
-        let s = GreylistSettings::default();
+        let s = defaults();
         assert_eq!(
             client_network("192.0.2.77".parse().unwrap(), &s).to_string(),
             "192.0.2.0/24"
@@ -625,7 +623,7 @@ mod tests {
     #[tokio::test]
     async fn a_broken_store_fails_open() {
         let g = Greylist {
-            settings: GreylistSettings::default(),
+            settings: defaults(),
             store: Arc::new(Broken),
         };
         let d = g

@@ -15,7 +15,7 @@ use relay_core::store::aws::{AwsNames, AwsStore};
 /// Clients, resolver and engine from the configuration.
 pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     let conf = relay_core::store::aws::sdk_config().await;
-    let names = AwsNames::from_config(&config.aws);
+    let names = AwsNames::from(&config.aws);
     let store = Arc::new(
         AwsStore::connect(&conf, names)
             .await
@@ -24,12 +24,12 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     let resolver = HickoryResolver::new(&config.dns.servers, config.dns.timeout)
         .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
     let engine = Arc::new(Engine::new(
-        EngineConfig::from_config(config),
+        EngineConfig::from(config),
         Arc::new(resolver),
         store.clone(),
     ));
     Ok(
-        RetryProcessor::new(store, engine, RetrySettings::from_config(config))
+        RetryProcessor::new(store, engine, RetrySettings::from(config))
             .with_crash_point(crash_point()),
     )
 }

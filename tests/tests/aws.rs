@@ -441,7 +441,7 @@ async fn a_slow_primary_does_not_fail_the_whole_lambda_batch() {
         sink.addr
     ))
     .unwrap();
-    let names = relay_core::store::aws::AwsNames::from_config(&config.aws);
+    let names = relay_core::store::aws::AwsNames::from(&config.aws);
     let conf = relay_core::store::aws::sdk_config().await;
     let store = std::sync::Arc::new(
         relay_core::store::aws::AwsStore::bootstrap(&conf, names)

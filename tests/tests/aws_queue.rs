@@ -245,7 +245,7 @@ async fn a_dead_letter_is_redriven_and_delivered() {
     let config = relay_core::config::Config::load(Some(&s.config_path)).unwrap();
     let store = relay_core::store::aws::AwsStore::connect(
         &relay_core::store::aws::sdk_config().await,
-        relay_core::store::aws::AwsNames::from_config(&config.aws),
+        relay_core::store::aws::AwsNames::from(&config.aws),
     )
     .await
     .unwrap();

@@ -210,7 +210,28 @@ fn queue_and_function_settings_fit_together() {
     );
     assert_eq!(
         r["DeliveryQueue"]["Properties"]["MessageRetentionPeriod"].as_u64(),
-        Some(1_209_600)
+        Some(relay_core::store::aws::QUEUE_RETENTION_SECS)
+    );
+    assert_eq!(
+        r["DeadLetterQueue"]["Properties"]["MessageRetentionPeriod"].as_u64(),
+        Some(relay_core::store::aws::QUEUE_RETENTION_SECS)
+    );
+    assert_eq!(
+        r["DeliveryQueue"]["Properties"]["RedrivePolicy"]["maxReceiveCount"].as_u64(),
+        Some(u64::from(relay_core::store::aws::MAX_RECEIVE_COUNT))
+    );
+    // Bodies outlive the longest queue lifetime an operator may set.
+    let rules = r["MessagesBucket"]["Properties"]["LifecycleConfiguration"]["Rules"]
+        .as_sequence()
+        .unwrap();
+    let expiry = rules
+        .iter()
+        .find(|rule| rule["Prefix"].as_str() == Some("messages/"))
+        .and_then(|rule| rule["ExpirationInDays"].as_u64());
+    assert_eq!(expiry, Some(relay_core::config::AWS_BODY_EXPIRATION_DAYS));
+    assert!(
+        relay_core::config::AWS_BODY_EXPIRATION_DAYS * 86_400
+            > relay_core::config::MAX_QUEUE_LIFETIME.as_secs() + 86_400
     );
     let event = &r["RetryFunction"]["Properties"]["Events"]["Queue"]["Properties"];
     assert_eq!(

@@ -61,32 +61,6 @@ pub struct AttemptReport {
     pub delivered: usize,
 }
 
-impl EngineConfig {
-    /// The engine settings of a configuration file.
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        let d = &config.delivery;
-        EngineConfig {
-            me: SelfIdentity {
-                hostname: config.hostname.clone(),
-                listen: config.smtp.listen.clone(),
-                mx_port: d.mx_port,
-            },
-            routes: d.routes.clone(),
-            retry_initial: d.retry_initial,
-            retry_max: d.retry_max,
-            queue_lifetime: d.queue_lifetime,
-            timeouts: Timeouts {
-                connect: d.connect_timeout,
-                command: d.command_timeout,
-                data_block: d.command_timeout,
-                data_final: d.data_timeout,
-            },
-            opportunistic_tls: d.opportunistic_tls,
-            bounce_headers_max: usize::try_from(d.bounce_headers_max).unwrap_or(usize::MAX),
-        }
-    }
-}
-
 pub struct Engine {
     cfg: EngineConfig,
     resolver: Arc<dyn Resolver>,
@@ -545,7 +519,7 @@ mod tests {
                 retry_initial: Duration::from_secs(60),
                 retry_max: Duration::from_secs(900),
                 queue_lifetime: Duration::from_secs(5 * 86_400),
-                timeouts: Timeouts::default(),
+                timeouts: EngineConfig::from(&crate::config::Config::default()).timeouts,
                 opportunistic_tls: false,
                 bounce_headers_max: 50 * 1024,
             },

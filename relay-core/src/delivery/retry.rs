@@ -138,17 +138,6 @@ pub struct RetrySettings {
     pub probe_interval: Duration,
 }
 
-impl RetrySettings {
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        RetrySettings {
-            attempt_lease: config.aws.attempt_lease,
-            orphan_after: config.aws.orphan_after,
-            sweep_interval: config.aws.sweep_interval,
-            probe_interval: config.delivery.probe_interval,
-        }
-    }
-}
-
 /// What one sweeper pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SweepReport {

@@ -26,17 +26,6 @@ pub struct Timeouts {
     pub data_final: Duration,
 }
 
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            connect: Duration::from_secs(30),
-            command: Duration::from_secs(300),
-            data_block: Duration::from_secs(180),
-            data_final: Duration::from_secs(600),
-        }
-    }
-}
-
 /// How one connection went.
 #[derive(Debug, Clone)]
 pub struct SessionReport {

@@ -47,17 +47,6 @@ pub struct WorkerConfig {
     pub probe_interval: Duration,
 }
 
-impl Default for WorkerConfig {
-    fn default() -> Self {
-        WorkerConfig {
-            max_per_destination: 10,
-            max_total: 100,
-            poll_interval: Duration::from_secs(1),
-            probe_interval: Duration::from_secs(5),
-        }
-    }
-}
-
 pub struct Worker {
     engine: Arc<Engine>,
     queue: Arc<dyn ScheduledQueue>,

@@ -131,18 +131,10 @@ pub struct StoreOptions {
     pub min_free_space: u64,
 }
 
-impl StoreOptions {
-    pub fn from_config(config: &crate::config::StorageConfig) -> Self {
-        StoreOptions {
-            reserve_space: config.reserve_space,
-            min_free_space: config.min_free_space,
-        }
-    }
-}
-
 impl Default for StoreOptions {
+    /// The configuration's defaults.
     fn default() -> Self {
-        Self::from_config(&crate::config::StorageConfig::default())
+        (&crate::config::StorageConfig::default()).into()
     }
 }
 

@@ -52,21 +52,30 @@ pub struct SessionConfig {
     pub data_timeout: Duration,
 }
 
+impl SessionConfig {
+    /// The defaults, the only ones: relay-core's configuration takes its
+    /// `[smtp]` defaults from here.
+    pub const DEFAULT: SessionConfig = SessionConfig {
+        hostname: String::new(),
+        max_message_size: 36_700_160,
+        max_recipients: 100,
+        max_command_line: 512,
+        max_errors: 20,
+        max_received_headers: 100,
+        tls_available: false,
+        etrn_available: false,
+        postmaster: None,
+        admit_mail: false,
+        idle_timeout: Duration::from_secs(300),
+        data_timeout: Duration::from_secs(600),
+    };
+}
+
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             hostname: "localhost".into(),
-            max_message_size: 36_700_160,
-            max_recipients: 100,
-            max_command_line: 512,
-            max_errors: 20,
-            max_received_headers: 100,
-            tls_available: false,
-            etrn_available: false,
-            postmaster: None,
-            admit_mail: false,
-            idle_timeout: Duration::from_secs(300),
-            data_timeout: Duration::from_secs(600),
+            ..SessionConfig::DEFAULT
         }
     }
 }

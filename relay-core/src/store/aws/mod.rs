@@ -48,20 +48,6 @@ pub struct AwsNames {
     pub dead_letter_queue_url: String,
 }
 
-impl AwsNames {
-    pub fn from_config(aws: &crate::config::AwsConfig) -> Self {
-        AwsNames {
-            domains_table: aws.domains_table.clone(),
-            greylist_table: aws.greylist_table.clone(),
-            bucket: aws.bucket.clone(),
-            queue_url: aws.queue_url.clone(),
-            queue_name: aws.queue_name.clone(),
-            queue_table: aws.queue_table.clone(),
-            dead_letter_queue_url: aws.dead_letter_queue_url.clone(),
-        }
-    }
-}
-
 /// SQS delays are at most 15 minutes.
 pub const MAX_SQS_DELAY: u64 = 900;
 
@@ -181,6 +167,15 @@ fn queue_name_to_create(names: &AwsNames) -> Result<String, StoreError> {
 /// SAM template sets the same value (tests/tests/infra.rs checks it).
 pub const QUEUE_VISIBILITY_TIMEOUT_SECS: u64 = 5400;
 
+/// How long SQS keeps a ticket (its maximum, 14 days); the queue lifetime
+/// is checked from the record, not from this. Template and code agree
+/// (tests/tests/infra.rs).
+pub const QUEUE_RETENTION_SECS: u64 = 14 * 86_400;
+
+/// Receipts of one ticket before SQS moves it to the dead-letter queue,
+/// from which the sweeper re-drives it. Template and code agree.
+pub const MAX_RECEIVE_COUNT: u32 = 10;
+
 impl AwsStore {
     /// Connects to existing resources.
     pub async fn connect(
@@ -280,7 +275,10 @@ impl AwsStore {
         let dlq_url = sqs
             .create_queue()
             .queue_name(&dlq_name)
-            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+            .attributes(
+                QueueAttributeName::MessageRetentionPeriod,
+                QUEUE_RETENTION_SECS.to_string(),
+            )
             .send()
             .await
             .map_err(|e| backend("create dead-letter queue", e))?
@@ -300,14 +298,17 @@ impl AwsStore {
         let created_url = sqs
             .create_queue()
             .queue_name(&queue_name)
-            .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+            .attributes(
+                QueueAttributeName::MessageRetentionPeriod,
+                QUEUE_RETENTION_SECS.to_string(),
+            )
             .attributes(
                 QueueAttributeName::VisibilityTimeout,
                 QUEUE_VISIBILITY_TIMEOUT_SECS.to_string(),
             )
             .attributes(
                 QueueAttributeName::RedrivePolicy,
-                format!("{{\"deadLetterTargetArn\":\"{dlq_arn}\",\"maxReceiveCount\":\"10\"}}"),
+                format!("{{\"deadLetterTargetArn\":\"{dlq_arn}\",\"maxReceiveCount\":\"{MAX_RECEIVE_COUNT}\"}}"),
             )
             .send()
             .await
