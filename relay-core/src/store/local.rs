@@ -315,14 +315,37 @@ fn writer_loop(
         }
         let wal_pages = WAL_PAGES.with(std::cell::Cell::take);
         if wal_pages >= WAL_LIMIT_PAGES {
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-                tracing::warn!(event = "checkpoint_failed", error = %crate::error::Report(&e));
-            }
+            restart_wal(&conn);
         } else if wal_pages >= CHECKPOINT_PAGES {
             // Full means a nudge is already pending.
             let _ = checkpoint.try_send(());
         }
     }
+}
+
+/// Copies the whole WAL into the database and starts it over, on the
+/// writer's thread (no commit runs meanwhile). SQLite answers "busy"
+/// without waiting while the background checkpointer is copying, and the
+/// WAL would grow by another batch each time; so this waits for it,
+/// within a bound.
+fn restart_wal(conn: &Connection) {
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+    for _ in 0..400 {
+        match conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| {
+            row.get::<_, i64>(0)
+        }) {
+            Ok(0) => return,
+            Ok(_) => thread::sleep(PAUSE),
+            Err(e) => {
+                tracing::warn!(event = "checkpoint_failed", error = %crate::error::Report(&e));
+                return;
+            }
+        }
+    }
+    tracing::warn!(
+        event = "checkpoint_busy",
+        "the WAL could not be restarted within 2 s"
+    );
 }
 
 /// Copies the WAL into the database whenever the writer says it has grown.
