@@ -61,6 +61,53 @@ pub struct AttemptReport {
     pub delivered: usize,
 }
 
+/// Where an attempt's outcome is written. The embedded store and the AWS
+/// queue differ only here; [`commit_outcome`] keeps the order both must.
+#[async_trait::async_trait]
+pub(crate) trait OutcomeWriter: Sync {
+    type Error: std::error::Error + Send;
+    /// Queues a DSN (a new message to the sender).
+    async fn queue_bounce(&self, bounce: &AcceptedMessage) -> Result<(), Self::Error>;
+    /// Removes the entry of a message with nothing left pending.
+    async fn remove(&self, entry: &QueueEntry) -> Result<(), Self::Error>;
+    /// Stores the entry's new state (recipients, attempts, next attempt).
+    async fn update(&self, entry: &QueueEntry) -> Result<(), Self::Error>;
+}
+
+/// Logs and counts one attempt: the same event and counters whichever
+/// process made it (the embedded worker or retry-fn).
+pub(crate) fn record_attempt(report: &AttemptReport) {
+    let e = &report.entry;
+    tracing::info!(
+        event = "delivery_attempt", queue_id = %e.id, domain = %e.domain, attempt = e.attempts,
+        delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
+    );
+    metrics::counter!("backupmx_delivered_total").increment(report.delivered as u64);
+}
+
+/// Stores an attempt's outcome, for both backends: the DSN first (so a
+/// crash in between repeats the attempt rather than losing the bounce),
+/// then the entry removed or updated. A DSN once stored is taken out of
+/// the report, so a retry after a failed entry write does not queue it
+/// twice.
+pub(crate) async fn commit_outcome<W: OutcomeWriter + ?Sized>(
+    report: &mut AttemptReport,
+    writer: &W,
+) -> Result<(), W::Error> {
+    if let Some(bounce) = &report.bounce {
+        writer.queue_bounce(bounce).await?;
+        tracing::info!(event = "bounce_queued", queue_id = %report.entry.id, dsn_id = %bounce.id,
+            to = %report.entry.sender);
+        metrics::counter!("backupmx_bounces_queued_total").increment(1);
+        report.bounce = None;
+    }
+    if report.finished {
+        writer.remove(&report.entry).await
+    } else {
+        writer.update(&report.entry).await
+    }
+}
+
 pub struct Engine {
     cfg: EngineConfig,
     resolver: Arc<dyn Resolver>,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::{AttemptReport, Engine};
-use crate::queue::QueueId;
+use crate::queue::{AcceptedMessage, QueueEntry, QueueId};
 use crate::store::aws::{AwsStore, Claim, Ticket};
 use crate::store::{DeliveryQueue, MessageStore, SplitSpool, Spool, StoreError};
 use crate::time::unix_seconds;
@@ -305,11 +305,7 @@ impl RetryProcessor {
                 )
                 .await
         };
-        let e = &report.entry;
-        tracing::info!(
-            event = "delivery_attempt", queue_id = %e.id, domain = %e.domain, attempt = e.attempts,
-            delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
-        );
+        super::record_attempt(&report);
         self.crash_if(CrashPoint::AfterDelivery);
         let down = report
             .destination_down
@@ -454,54 +450,12 @@ impl RetryProcessor {
         claimed: u64,
         now_secs: u64,
     ) -> Result<(), RetryError> {
-        let store = &self.store;
-        if let Some(bounce) = report.bounce.clone() {
-            let spool = SplitSpool {
-                messages: store.clone(),
-                queue: store.clone(),
-            };
-            persist("queueing the DSN", || spool.accept(bounce.clone())).await?;
-            // Stored: a retry of the rest must not queue it twice.
-            report.bounce = None;
-        }
-        let e = &report.entry;
-        if report.finished {
-            let ours = persist("removing the record", || {
-                store.finish_record(&e.id, claimed)
-            })
-            .await?;
-            if ours {
-                if let Err(err) = MessageStore::delete(store.as_ref(), &e.id).await {
-                    // The bucket's lifecycle removes it in the end.
-                    tracing::warn!(event = "body_delete_failed", queue_id = %e.id, error = %crate::error::Report(&err));
-                }
-            } else {
-                lost_race(e);
-            }
-            return Ok(());
-        }
-        let Some(version) =
-            persist("updating the record", || store.store_attempt(e, claimed)).await?
-        else {
-            lost_race(e);
-            return Ok(());
+        let writer = AwsOutcome {
+            processor: self,
+            claimed,
+            now_secs,
         };
-        self.crash_if(CrashPoint::BeforeTicket);
-        let ticket = Ticket {
-            id: e.id.clone(),
-            version,
-        };
-        let delay = e.next_attempt.saturating_sub(now_secs);
-        if let Err(err) = persist("scheduling the next attempt", || {
-            store.send_ticket(&ticket, delay)
-        })
-        .await
-        {
-            // The record is stored and due at its time: the sweeper gives
-            // it a ticket then. Nothing to redo here.
-            tracing::warn!(event = "ticket_send_failed", queue_id = %e.id, error = %crate::error::Report(&err));
-        }
-        Ok(())
+        super::commit_outcome(report, &writer).await
     }
 
     /// One sweeper pass: probes of the destinations recorded down; every
@@ -621,6 +575,74 @@ impl RetryProcessor {
                 }
             }
         }
+    }
+}
+
+/// An outcome written to the AWS queue: every write conditional on the
+/// version the attempt claimed, and retried while the store recovers.
+struct AwsOutcome<'a> {
+    processor: &'a RetryProcessor,
+    claimed: u64,
+    now_secs: u64,
+}
+
+#[async_trait::async_trait]
+impl super::OutcomeWriter for AwsOutcome<'_> {
+    type Error = RetryError;
+
+    async fn queue_bounce(&self, bounce: &AcceptedMessage) -> Result<(), RetryError> {
+        let store = &self.processor.store;
+        let spool = SplitSpool {
+            messages: store.clone(),
+            queue: store.clone(),
+        };
+        persist("queueing the DSN", || spool.accept(bounce.clone())).await?;
+        Ok(())
+    }
+
+    async fn remove(&self, e: &QueueEntry) -> Result<(), RetryError> {
+        let store = &self.processor.store;
+        let ours = persist("removing the record", || {
+            store.finish_record(&e.id, self.claimed)
+        })
+        .await?;
+        if ours {
+            if let Err(err) = MessageStore::delete(store.as_ref(), &e.id).await {
+                // The bucket's lifecycle removes it in the end.
+                tracing::warn!(event = "body_delete_failed", queue_id = %e.id, error = %crate::error::Report(&err));
+            }
+        } else {
+            lost_race(e);
+        }
+        Ok(())
+    }
+
+    async fn update(&self, e: &QueueEntry) -> Result<(), RetryError> {
+        let store = &self.processor.store;
+        let Some(version) = persist("updating the record", || {
+            store.store_attempt(e, self.claimed)
+        })
+        .await?
+        else {
+            lost_race(e);
+            return Ok(());
+        };
+        self.processor.crash_if(CrashPoint::BeforeTicket);
+        let ticket = Ticket {
+            id: e.id.clone(),
+            version,
+        };
+        let delay = e.next_attempt.saturating_sub(self.now_secs);
+        if let Err(err) = persist("scheduling the next attempt", || {
+            store.send_ticket(&ticket, delay)
+        })
+        .await
+        {
+            // The record is stored and due at its time: the sweeper gives
+            // it a ticket then. Nothing to redo here.
+            tracing::warn!(event = "ticket_send_failed", queue_id = %e.id, error = %crate::error::Report(&err));
+        }
+        Ok(())
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 
 use super::Engine;
 use crate::address::DomainName;
-use crate::queue::{QueueEntry, QueueId};
+use crate::queue::{AcceptedMessage, QueueEntry, QueueId};
 use crate::store::{MessageStore, ScheduledQueue, Spool, StoreError};
 use crate::time::unix_seconds;
 
@@ -392,12 +392,8 @@ impl Worker {
     }
 
     async fn store_report(&self, mut report: super::AttemptReport) {
+        super::record_attempt(&report);
         let e = &report.entry;
-        tracing::info!(
-            event = "delivery_attempt", queue_id = %e.id, domain = %e.domain, attempt = e.attempts,
-            delivered = report.delivered, finished = report.finished, error = e.last_error.as_deref().unwrap_or("")
-        );
-        metrics::counter!("backupmx_delivered_total").increment(report.delivered as u64);
         let domain = e.domain.clone();
         let next_attempt = e.next_attempt;
         let (destination_down, delivered) = (report.destination_down, report.delivered);
@@ -421,23 +417,9 @@ impl Worker {
         }
     }
 
-    /// Stores an attempt's outcome: the DSN first (so a crash in between
-    /// repeats the attempt rather than losing the bounce), then the entry.
-    /// A DSN once stored is taken out of the report, so a retry after a
-    /// failed entry update does not queue it twice.
+    /// Stores an attempt's outcome in the embedded store.
     async fn commit_outcome(&self, report: &mut super::AttemptReport) -> Result<(), StoreError> {
-        let entry = &report.entry;
-        if let Some(bounce) = report.bounce.clone() {
-            let dsn_id = bounce.id.clone();
-            self.spool.accept(bounce).await?;
-            tracing::info!(event = "bounce_queued", queue_id = %entry.id, dsn_id = %dsn_id, to = %entry.sender);
-            report.bounce = None;
-        }
-        if report.finished {
-            self.queue.remove(&entry.id).await.map(|_| ())
-        } else {
-            self.queue.update(entry).await.map(|_| ())
-        }
+        super::commit_outcome(report, self).await
     }
 
     async fn probe_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -472,5 +454,19 @@ impl Worker {
                 tracing::info!(event = "probe_failed", domain = %domain, error = %why);
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl super::OutcomeWriter for Worker {
+    type Error = StoreError;
+    async fn queue_bounce(&self, bounce: &AcceptedMessage) -> Result<(), StoreError> {
+        self.spool.accept(bounce.clone()).await.map(|_| ())
+    }
+    async fn remove(&self, entry: &QueueEntry) -> Result<(), StoreError> {
+        self.queue.remove(&entry.id).await.map(|_| ())
+    }
+    async fn update(&self, entry: &QueueEntry) -> Result<(), StoreError> {
+        self.queue.update(entry).await.map(|_| ())
     }
 }
