@@ -68,7 +68,10 @@ fn init_logging(json: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
-        builder.json().init();
+        // A connection's events carry its `session` span (session_id,
+        // peer) once, under "span"; the list of enclosing spans would only
+        // repeat it.
+        builder.json().with_span_list(false).init();
     } else {
         builder.init();
     }

@@ -86,6 +86,12 @@ const METRICS: &[MetricSpec] = &[
         &[],
     ),
     (
+        "backupmx_bounces_queued_total",
+        "delivery status notifications queued for senders",
+        false,
+        &[],
+    ),
+    (
         "backupmx_probe_recoveries_total",
         "destinations found answering again by the probe",
         false,

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use relay_core::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -125,7 +127,7 @@ struct PerIpGuard {
 
 impl PerIp {
     fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PerIpGuard> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.0.lock();
         let n = map.entry(ip).or_insert(0);
         if *n >= max {
             return None;
@@ -140,7 +142,7 @@ impl PerIp {
 
 impl Drop for PerIpGuard {
     fn drop(&mut self) {
-        let mut map = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.table.0.lock();
         if let Some(n) = map.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {

@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::dns::{DnsError, Resolver};
@@ -135,18 +137,14 @@ impl Dnsbl {
     }
 
     fn is_disabled(&self, zone: &str) -> bool {
-        self.disabled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|z| z == zone)
+        self.disabled.lock().iter().any(|z| z == zone)
     }
 
     /// One zone, through the cache.
     pub async fn lookup_zone(&self, ip: IpAddr, zone: &ZoneConfig) -> ZoneAnswer {
         let key = (ip, zone.zone.clone());
         {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let cache = self.cache.lock();
             if let Some(c) = cache.get(&key) {
                 if c.until > Instant::now() {
                     return c.answer.clone();
@@ -170,7 +168,7 @@ impl Dnsbl {
         metrics::counter!("backupmx_dnsbl_lookups_total", "zone" => zone.zone.clone(), "result" => result).increment(1);
         // Errors are not cached: the next client gets a fresh try.
         if !matches!(answer, ZoneAnswer::Error(_)) {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.cache.lock();
             if cache.len() >= CACHE_LIMIT {
                 cache.clear();
             }
@@ -242,7 +240,7 @@ impl Dnsbl {
             let listed_ok = matches!(&listed, Ok(a) if matches!(interpret(&a.addrs, &[]), ZoneAnswer::Listed(_)));
             let clean_ok = matches!(clean, Err(DnsError::NxDomain | DnsError::NoRecords));
             let ok = listed_ok && clean_ok;
-            let mut disabled = self.disabled.lock().unwrap_or_else(|p| p.into_inner());
+            let mut disabled = self.disabled.lock();
             let was_disabled = disabled.contains(&zone.zone);
             if ok && was_disabled {
                 disabled.retain(|z| *z != zone.zone);

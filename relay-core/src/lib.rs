@@ -28,3 +28,4 @@ pub mod greylist;
 pub mod policy;
 pub mod queue;
 pub mod store;
+pub mod sync;

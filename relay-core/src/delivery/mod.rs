@@ -114,7 +114,7 @@ pub struct Engine {
     registry: Arc<dyn DomainRegistry>,
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Destinations already logged as not hosted.
-    unhosted: std::sync::Mutex<std::collections::HashSet<DomainName>>,
+    unhosted: crate::sync::Mutex<std::collections::HashSet<DomainName>>,
 }
 
 impl Engine {
@@ -160,7 +160,7 @@ impl Engine {
                 // Queued mail of a domain that was removed (or a DSN's
                 // destination): said once per domain, then by MX.
                 let first = {
-                    let mut seen = self.unhosted.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut seen = self.unhosted.lock();
                     if seen.len() >= 10_000 {
                         seen.clear();
                     }

@@ -9,7 +9,9 @@
 //! attempt never overwrites a record someone else changed.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use super::{AttemptReport, Engine};
@@ -199,7 +201,7 @@ impl RetryProcessor {
     }
 
     fn lock_unstored(&self) -> std::sync::MutexGuard<'_, HashMap<QueueId, (AttemptReport, u64)>> {
-        self.unstored.lock().unwrap_or_else(|p| p.into_inner())
+        self.unstored.lock()
     }
 
     pub async fn process(&self, body: &str, now: SystemTime) -> Result<Processed, RetryError> {

@@ -10,7 +10,9 @@
 //! not sent a second time while its record still says "pending".
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{watch, Notify, Semaphore};
@@ -109,7 +111,7 @@ impl Worker {
     }
 
     fn lock_unstored(&self) -> std::sync::MutexGuard<'_, Unstored> {
-        self.unstored.lock().unwrap_or_else(|p| p.into_inner())
+        self.unstored.lock()
     }
 
     /// Look at the queue now (a message was accepted or released).
@@ -121,7 +123,7 @@ impl Worker {
     /// destination is known down (the probe or the next poll handles it,
     /// without a queue scan and a write per message).
     pub fn queued(&self, domains: &[&DomainName]) {
-        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let down = self.down.lock();
         if domains.iter().any(|d| !down.contains(*d)) {
             drop(down);
             self.wake();
@@ -136,7 +138,7 @@ impl Worker {
         domains: &[DomainName],
         now: SystemTime,
     ) -> Vec<(DomainName, u64)> {
-        let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let down = self.down.lock();
         if down.is_empty() {
             return Vec::new();
         }
@@ -157,7 +159,7 @@ impl Worker {
         // is queued due; only a message already past `deferred_until` and
         // not yet committed can miss the release, and waits `retry_initial`.
         {
-            let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+            let mut down = self.down.lock();
             match domain {
                 Some(d) => {
                     down.remove(d);
@@ -175,10 +177,7 @@ impl Worker {
 
     fn destination_permit(&self, domain: &DomainName) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let sem = {
-            let mut map = self
-                .per_destination
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut map = self.per_destination.lock();
             map.entry(domain.clone())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.max_per_destination)))
                 .clone()
@@ -288,7 +287,7 @@ impl Worker {
         // time) instead of each message trying to connect. Mail past its
         // lifetime is still attempted, so it expires and bounces.
         if let Ok(released) = self.queue.take_releases().await {
-            let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+            let mut down = self.down.lock();
             for r in released {
                 match r {
                     Some(d) => {
@@ -298,7 +297,7 @@ impl Worker {
                 }
             }
         }
-        let down: HashSet<DomainName> = self.down.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let down: HashSet<DomainName> = self.down.lock().clone();
         let lifetime = self.engine.config().queue_lifetime.as_secs();
         let mut defer = HashSet::new();
         // Group by destination (oldest first within each), a connection
@@ -309,11 +308,7 @@ impl Worker {
                 defer.insert(entry.domain.clone());
                 continue;
             }
-            if self
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&entry.id)
+            if self.in_flight.lock().contains(&entry.id)
                 || self.lock_unstored().reports.contains_key(&entry.id)
             {
                 continue;
@@ -334,15 +329,12 @@ impl Worker {
                 break;
             };
             let ids: Vec<QueueId> = batch.iter().map(|e| e.id.clone()).collect();
-            self.in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(ids.iter().cloned());
+            self.in_flight.lock().extend(ids.iter().cloned());
             let worker = self.clone();
             tasks.spawn(async move {
                 worker.deliver_batch(batch).await;
                 {
-                    let mut in_flight = worker.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut in_flight = worker.in_flight.lock();
                     for id in &ids {
                         in_flight.remove(id);
                     }
@@ -402,18 +394,12 @@ impl Worker {
             self.keep_unstored(report, &err);
         }
         if destination_down {
-            self.down
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(domain.clone());
+            self.down.lock().insert(domain.clone());
             if let Err(err) = self.queue.defer_domain(&domain, next_attempt).await {
                 tracing::warn!(event = "defer_failed", domain = %domain, error = %crate::error::Report(&err));
             }
         } else if delivered > 0 {
-            self.down
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&domain);
+            self.down.lock().remove(&domain);
         }
     }
 
@@ -428,13 +414,7 @@ impl Worker {
                 _ = tokio::time::sleep(self.cfg.probe_interval) => {}
                 _ = shutdown.changed() => return,
             }
-            let domains: Vec<DomainName> = self
-                .down
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .cloned()
-                .collect();
+            let domains: Vec<DomainName> = self.down.lock().iter().cloned().collect();
             // At once: a blackholed primary (each try waits for its
             // timeout) must not delay the others' recovery.
             futures_util::future::join_all(domains.iter().map(|d| self.probe_and_release(d))).await;

@@ -7,9 +7,9 @@
 //! up with many concurrent senders. A request is answered only after its
 //! transaction committed. Reads use their own connection.
 
+use crate::sync::Mutex;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Mutex;
 use std::thread;
 
 use async_trait::async_trait;
@@ -65,7 +65,11 @@ CREATE INDEX IF NOT EXISTS queue_due ON queue(next_attempt);
 -- the queue is keyed by id alone (no rowid) and has no per-domain index
 -- (listing or releasing one domain scans the queue; both are rare).
 DROP INDEX IF EXISTS queue_domain;
-CREATE TABLE IF NOT EXISTS releases (domain TEXT NOT NULL);
+-- Releases (flush, ETRN, a probe that found a destination back) for a
+-- running worker to see; domain NULL means every domain. It replaces
+-- `releases`, which wrote '' for that.
+DROP TABLE IF EXISTS releases;
+CREATE TABLE IF NOT EXISTS queue_releases (domain TEXT);
 CREATE TABLE IF NOT EXISTS greylist (key TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS greylist_clients (network TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
 ";
@@ -140,8 +144,8 @@ impl Default for StoreOptions {
 
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct LocalStore {
-    writer: Mutex<mpsc::Sender<WriteJob>>,
-    reader: Mutex<Connection>,
+    writer: std::sync::Mutex<mpsc::Sender<WriteJob>>,
+    reader: std::sync::Mutex<Connection>,
     path: PathBuf,
     domains: Mutex<DomainCache>,
 }
@@ -230,8 +234,8 @@ impl LocalStore {
             .spawn(move || writer_loop(writer_conn, &rx, &nudge, &mut reserve))
             .map_err(|e| StoreError::io("cannot start writer thread", e))?;
         Ok(LocalStore {
-            writer: Mutex::new(tx),
-            reader: Mutex::new(reader),
+            writer: std::sync::Mutex::new(tx),
+            reader: std::sync::Mutex::new(reader),
             path,
             domains: Mutex::new(DomainCache::default()),
         })
@@ -255,7 +259,7 @@ impl LocalStore {
         if let Err(e) = bumped {
             tracing::warn!(event = "domains_stamp_failed", path = %self.stamp_path().display(), error = %crate::error::Report(&e));
         }
-        let mut cache = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.domains.lock();
         *cache = DomainCache::default();
     }
 
@@ -543,8 +547,8 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             // Tells a running worker (maybe another process) that a
             // destination it believed down was released.
             exec(conn,
-                "INSERT INTO releases (domain) VALUES (?1)",
-                [domain.as_ref().map_or("", DomainName::as_str)],
+                "INSERT INTO queue_releases (domain) VALUES (?1)",
+                [domain.as_ref().map(DomainName::as_str)],
             )?;
             exec(conn,
                 "UPDATE queue SET next_attempt = ?2, record = json_set(record, '$.next_attempt', ?2)
@@ -588,7 +592,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
                 params![network, json(state), state.expires as i64, json(prev)],
             )?,
         } > 0),
-        WriteOp::TakeReleases => Ok(exec(conn, "DELETE FROM releases", [])? > 0),
+        WriteOp::TakeReleases => Ok(exec(conn, "DELETE FROM queue_releases", [])? > 0),
         WriteOp::SweepGreylist(now) => {
             let a = exec(conn, "DELETE FROM greylist WHERE expires < ?1", [*now as i64])?;
             let b = exec(conn,
@@ -625,7 +629,7 @@ impl DomainRegistry for LocalStore {
         // Stamp first: a change committed after this point bumps it again.
         let stamp = self.domains_stamp();
         {
-            let mut cache = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.domains.lock();
             if cache.stamp != Some(stamp) {
                 *cache = DomainCache {
                     stamp: Some(stamp),
@@ -640,7 +644,7 @@ impl DomainRegistry for LocalStore {
             [name.as_str()],
         )?;
         let domain = row.map(|r| decode_domain(name.as_str(), &r)).transpose()?;
-        let mut cache = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.domains.lock();
         if cache.stamp == Some(stamp) {
             if cache.entries.len() >= DOMAIN_CACHE_MAX {
                 cache.entries.clear();
@@ -793,8 +797,8 @@ impl ScheduledQueue for LocalStore {
     }
 
     async fn take_releases(&self) -> Result<Vec<Option<DomainName>>, StoreError> {
-        let rows: Vec<String> = self.read(|c| {
-            let mut st = c.prepare_cached("SELECT DISTINCT domain FROM releases")?;
+        let rows: Vec<Option<String>> = self.read(|c| {
+            let mut st = c.prepare_cached("SELECT DISTINCT domain FROM queue_releases")?;
             let rows = st.query_map([], |r| r.get(0))?;
             rows.collect()
         })?;
@@ -802,7 +806,14 @@ impl ScheduledQueue for LocalStore {
             return Ok(Vec::new());
         }
         self.write(WriteOp::TakeReleases).await?;
-        Ok(rows.iter().map(|d| DomainName::parse(d).ok()).collect())
+        // A name that no longer parses is skipped, never widened to "all".
+        Ok(rows
+            .into_iter()
+            .filter_map(|d| match d {
+                None => Some(None),
+                Some(d) => DomainName::parse(&d).ok().map(Some),
+            })
+            .collect())
     }
 
     async fn defer_domain(&self, domain: &DomainName, until: u64) -> Result<u64, StoreError> {

@@ -4,8 +4,8 @@
 //! the process for a summary (`retry-fn poll` logs one when it stops), so
 //! the cost per message can be measured (infra/README.md).
 
+use crate::sync::Mutex;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
@@ -36,7 +36,7 @@ impl Intercept for RequestCounter {
                 "operation" => m.name().to_string()
             )
             .increment(1);
-            let mut counts = COUNTS.lock().unwrap_or_else(|p| p.into_inner());
+            let mut counts = COUNTS.lock();
             *counts
                 .entry((m.service().to_string(), m.name().to_string()))
                 .or_insert(0) += 1;
@@ -47,7 +47,7 @@ impl Intercept for RequestCounter {
 
 /// Requests made by this process so far: `(service, operation) → count`.
 pub fn snapshot() -> BTreeMap<(String, String), u64> {
-    COUNTS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    COUNTS.lock().clone()
 }
 
 /// One line: `DynamoDB.GetItem=3 S3.PutObject=1 …`, and the total.
