@@ -470,32 +470,57 @@ async fn accept_loop(
                     let mut stream = stream;
                     match proxy.accept(&mut stream, peer).await {
                         Some((client, early)) => {
-                            run_session(
-                                stream, client, early, id, shared, limits, shutdown, permit,
-                            )
-                            .await;
+                            let accepted = Accepted {
+                                stream,
+                                client,
+                                early,
+                                id,
+                                permit,
+                            };
+                            run_session(accepted, shared, limits, shutdown).await;
                         }
                         None => drop(permit),
                     }
                     return;
                 }
             };
-            run_session(stream, client, early, id, shared, limits, shutdown, permit).await;
+            let accepted = Accepted {
+                stream,
+                client,
+                early,
+                id,
+                permit,
+            };
+            run_session(accepted, shared, limits, shutdown).await;
         });
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_session(
+/// A connection let in by the accept loop, with its client's address
+/// (from the PROXY header when there is one).
+struct Accepted {
     stream: TcpStream,
     client: SocketAddr,
+    /// Bytes that came in with the PROXY header.
     early: Vec<u8>,
     id: u64,
+    /// Its place in `smtp.max_connections`, held until the session ends.
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+async fn run_session(
+    accepted: Accepted,
     shared: Arc<Shared>,
     limits: Arc<Limits>,
     shutdown: watch::Receiver<bool>,
-    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    let Accepted {
+        stream,
+        client,
+        early,
+        id,
+        permit,
+    } = accepted;
     let Some(ip_guard) = limits.per_ip.try_take(client.ip(), limits.max_per_ip) else {
         refuse(
             stream,

@@ -125,31 +125,64 @@ impl Domain {
     }
 }
 
-/// `host` or `host:port`, or `[v6]:port`.
+/// A next hop as an operator writes it (a domain's primary, a static
+/// route): `host`, `host:port`, `[v6]` or `[v6]:port`. Parsed once, by the
+/// same rules for validation and for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    /// A domain name or an IP address (an IPv6 one without its brackets).
+    pub host: String,
+    /// The port, when one is given.
+    pub port: Option<u16>,
+}
+
+impl NextHop {
+    /// Parses `host[:port]` or `[v6][:port]`; the port must be 1–65535 and
+    /// the host an IP address or a domain name.
+    pub fn parse(p: &str) -> Result<Self, DomainError> {
+        let bad = || DomainError::BadPrimary(p.to_string());
+        let (host, port) = if let Some(rest) = p.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+            h.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or_else(bad)?),
+            };
+            (h, port)
+        } else {
+            let (h, port) = match p.rsplit_once(':') {
+                Some((h, port)) => (h, Some(port)),
+                None => (p, None),
+            };
+            if h.parse::<std::net::IpAddr>().is_err() && DomainName::parse(h).is_err() {
+                return Err(bad());
+            }
+            (h, port)
+        };
+        let port = match port {
+            None => None,
+            Some(port) => Some(
+                port.parse::<u16>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(bad)?,
+            ),
+        };
+        Ok(NextHop {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// The port, or `default` when none was given.
+    pub fn port_or(&self, default: u16) -> u16 {
+        self.port.unwrap_or(default)
+    }
+}
+
+/// Checks a next hop (see [`NextHop::parse`]).
 pub fn validate_primary(p: &str) -> Result<(), DomainError> {
-    let bad = || DomainError::BadPrimary(p.to_string());
-    let (host, port) = if let Some(rest) = p.strip_prefix('[') {
-        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
-        h.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
-        (None, after.strip_prefix(':'))
-    } else {
-        match p.rsplit_once(':') {
-            Some((h, port)) => (Some(h), Some(port)),
-            None => (Some(p), None),
-        }
-    };
-    if let Some(port) = port {
-        port.parse::<u16>()
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(bad)?;
-    }
-    if let Some(host) = host {
-        if host.parse::<std::net::IpAddr>().is_err() && DomainName::parse(host).is_err() {
-            return Err(bad());
-        }
-    }
-    Ok(())
+    NextHop::parse(p).map(|_| ())
 }
 
 #[cfg(test)]
@@ -176,9 +209,22 @@ mod tests {
         ] {
             assert!(validate_primary(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "mx:0", "mx:99999", "a b:25", "[::1", "[zz]:25"] {
+        for bad in [
+            "", "mx:0", "mx:99999", "a b:25", "[::1", "[zz]:25", "[::1]x", "mx:port", "::1",
+        ] {
             assert!(validate_primary(bad).is_err(), "{bad}");
         }
+        let hop = |s| NextHop::parse(s).unwrap();
+        assert_eq!(
+            (hop("mx.test").host, hop("mx.test").port_or(25)),
+            ("mx.test".into(), 25)
+        );
+        assert_eq!(hop("mx.test:2525").port, Some(2525));
+        assert_eq!(
+            (hop("[::1]:26").host, hop("[::1]:26").port),
+            ("::1".into(), Some(26))
+        );
+        assert_eq!(hop("[::1]").port_or(25), 25);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use rand::seq::SliceRandom;
 
 use crate::dns::{DnsError, MxRecord, Resolver};
+use crate::domain::NextHop;
 
 /// One host to try, with its addresses in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,23 +53,6 @@ impl SelfIdentity {
     }
 }
 
-/// Splits `host[:port]` / `[v6]:port`, defaulting the port.
-pub fn split_host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
-    if let Some(rest) = s.strip_prefix('[') {
-        let (h, after) = rest.split_once(']')?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().ok()?,
-            None if after.is_empty() => default_port,
-            None => return None,
-        };
-        return Some((h.to_string(), port));
-    }
-    match s.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => Some((h.to_string(), p.parse().ok()?)),
-        _ => Some((s.to_string(), default_port)),
-    }
-}
-
 async fn resolve_host(
     resolver: &dyn Resolver,
     host: &str,
@@ -94,10 +78,12 @@ pub async fn explicit_targets(
     let mut targets = Vec::new();
     let mut last_error = String::from("no next hop configured");
     for hop in hops {
-        let Some((host, port)) = split_host_port(hop, default_port) else {
+        // Validated when it was set; a stored record is read again here.
+        let Ok(NextHop { host, port }) = NextHop::parse(hop) else {
             last_error = format!("invalid next hop {hop:?}");
             continue;
         };
+        let port = port.unwrap_or(default_port);
         match resolve_host(resolver, &host, port).await {
             Ok(addrs) => targets.push(Target { host, addrs }),
             Err(e) => last_error = format!("{host}: {e}"),
@@ -382,17 +368,5 @@ mod tests {
             targets(&d, &me(), &routes, "x.test", &["nowhere.test".into()]).await,
             Err(RouteError::Transient(_))
         ));
-    }
-
-    #[test]
-    fn host_port_splitting() {
-        assert_eq!(split_host_port("mx.test", 25), Some(("mx.test".into(), 25)));
-        assert_eq!(
-            split_host_port("mx.test:2525", 25),
-            Some(("mx.test".into(), 2525))
-        );
-        assert_eq!(split_host_port("[::1]:26", 25), Some(("::1".into(), 26)));
-        assert_eq!(split_host_port("[::1]", 25), Some(("::1".into(), 25)));
-        assert_eq!(split_host_port("mx:port", 25), None);
     }
 }
