@@ -16,7 +16,7 @@
 //!
 //! Data flows `ingest → Spool (body + queue entry) → delivery`.
 
-pub use relay_proto::{address, domain, proxy, smtp, time};
+pub use relay_proto::{address, domain, proxy, smtp, time, verify};
 
 pub mod budget;
 pub mod config;

@@ -26,6 +26,46 @@ pub struct Domain {
     /// Accept mail for this domain; a disabled domain is refused like an unknown one.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// How recipients outside the static list are checked.
+    #[serde(default)]
+    pub recipient_verify: RecipientVerify,
+    /// Answer `451 4.7.1` while the primary is known to be up, so senders
+    /// deliver to it directly (spam aimed at the backup gives up).
+    #[serde(default)]
+    pub defer_while_primary_up: bool,
+}
+
+/// How a domain's recipients are verified at RCPT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientVerify {
+    /// Any local part is accepted (or the static list decides).
+    #[default]
+    Off,
+    /// A recipient outside the static list is checked against the primary
+    /// (a null-sender callout) while it is up, and the verdict is cached
+    /// for when it is down.
+    Callout,
+}
+
+impl std::str::FromStr for RecipientVerify {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(RecipientVerify::Off),
+            "callout" => Ok(RecipientVerify::Callout),
+            _ => Err(format!("{s:?}: expected off or callout")),
+        }
+    }
+}
+
+impl std::fmt::Display for RecipientVerify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecipientVerify::Off => "off",
+            RecipientVerify::Callout => "callout",
+        })
+    }
 }
 
 fn yes() -> bool {
@@ -76,6 +116,8 @@ impl Domain {
             max_message_size: None,
             recipients: None,
             enabled: true,
+            recipient_verify: RecipientVerify::Off,
+            defer_while_primary_up: false,
         }
     }
 
@@ -111,6 +153,14 @@ impl Domain {
             recipients,
             ..Domain::new(name)
         })
+    }
+
+    /// Whether `rcpt` is in the static list (a domain without one lists
+    /// nobody).
+    pub fn lists_recipient(&self, rcpt: &Mailbox) -> bool {
+        self.recipients
+            .as_ref()
+            .is_some_and(|list| list.contains(&rcpt.canonical()))
     }
 
     /// Whether `rcpt` is a known user of this domain.

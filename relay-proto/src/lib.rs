@@ -17,6 +17,7 @@
 //! - [`dsn`]: delivery status notifications (RFC 3464).
 //! - [`proxy`]: PROXY protocol v1/v2 headers.
 //! - [`time`]: RFC 5322 dates and Unix-second helpers.
+//! - [`verify`]: recipient verification (callout replies, cache records).
 
 #![warn(missing_docs)]
 
@@ -28,3 +29,4 @@ pub mod proxy;
 pub mod queue;
 pub mod smtp;
 pub mod time;
+pub mod verify;

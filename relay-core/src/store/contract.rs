@@ -505,6 +505,70 @@ pub(crate) async fn greylist_contract(store: &dyn crate::greylist::GreylistStore
     assert_eq!(store.triplet("k").await.unwrap(), Some(passed));
 }
 
+pub(crate) async fn recipient_cache_contract(store: &dyn RecipientCache) {
+    use crate::verify::{CachedRecipient, LearntFrom, PrimaryState, Verdict};
+    let one = DomainName::parse("one.test").unwrap();
+    let two = DomainName::parse("two.test").unwrap();
+    let entry = |address: &str, verdict, expires| CachedRecipient {
+        address: address.to_string(),
+        verdict,
+        learnt: LearntFrom::Callout,
+        learnt_at: 1000,
+        expires,
+    };
+    assert_eq!(store.recipient("a@one.test", 1000).await.unwrap(), None);
+    let valid = entry("a@one.test", Verdict::Valid, 5000);
+    store.put_recipient(&one, &valid).await.unwrap();
+    store
+        .put_recipient(&one, &entry("b@one.test", Verdict::Invalid, 2000))
+        .await
+        .unwrap();
+    store
+        .put_recipient(&two, &entry("c@two.test", Verdict::Valid, 5000))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.recipient("a@one.test", 1000).await.unwrap(),
+        Some(valid.clone())
+    );
+    // Expired verdicts are gone for readers, whatever the backend's cleanup.
+    assert_eq!(store.recipient("b@one.test", 2000).await.unwrap(), None);
+    let listed: Vec<String> = store
+        .recipients(&one, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.address)
+        .collect();
+    assert_eq!(listed, ["a@one.test", "b@one.test"]);
+    assert_eq!(store.recipients(&one, 3000).await.unwrap(), vec![valid]);
+    // A newer verdict replaces the old one.
+    let learnt = CachedRecipient {
+        learnt: LearntFrom::Delivery,
+        ..entry("a@one.test", Verdict::Invalid, 9000)
+    };
+    store.put_recipient(&one, &learnt).await.unwrap();
+    assert_eq!(
+        store.recipient("a@one.test", 1000).await.unwrap(),
+        Some(learnt)
+    );
+
+    assert_eq!(store.primary_state(&one).await.unwrap(), None);
+    let up = PrimaryState::observe(None, true, 1000);
+    store.put_primary_state(&one, &up).await.unwrap();
+    assert_eq!(store.primary_state(&one).await.unwrap(), Some(up));
+    let down = PrimaryState::observe(Some(up), false, 1100);
+    store.put_primary_state(&one, &down).await.unwrap();
+    assert_eq!(store.primary_state(&one).await.unwrap(), Some(down));
+    assert_eq!(store.primary_state(&two).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn local_recipient_cache_contract() {
+    let (_dir, store) = local();
+    recipient_cache_contract(store.as_ref()).await;
+}
+
 #[tokio::test]
 async fn local_greylist_contract() {
     let (_dir, store) = local();
@@ -596,6 +660,12 @@ mod aws {
             queue: s.clone(),
         };
         body_pieces_contract(&spool, s.as_ref(), s.as_ref()).await;
+    }
+
+    #[tokio::test]
+    async fn aws_recipient_cache_contract() {
+        let Some(s) = store().await else { return };
+        recipient_cache_contract(s.as_ref()).await;
     }
 
     #[tokio::test]

@@ -17,12 +17,14 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use super::{
-    space, DeliveryQueue, DomainRegistry, MessageStore, ScheduledQueue, Spool, StoreError,
+    space, DeliveryQueue, DomainRegistry, MessageStore, RecipientCache, ScheduledQueue, Spool,
+    StoreError,
 };
 use crate::address::DomainName;
 use crate::domain::Domain;
 use crate::greylist::{ClientState, GreylistStore, TripletState};
 use crate::queue::{AcceptedMessage, QueueEntry, QueueId, SpooledBody};
+use crate::verify::{CachedRecipient, PrimaryState};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "backupmx.db";
@@ -70,6 +72,9 @@ DROP INDEX IF EXISTS queue_domain;
 -- `releases`, which wrote '' for that.
 DROP TABLE IF EXISTS releases;
 CREATE TABLE IF NOT EXISTS queue_releases (domain TEXT);
+-- Recipient verification: the callout cache and each primary's state.
+CREATE TABLE IF NOT EXISTS recipient_cache (address TEXT PRIMARY KEY, domain TEXT NOT NULL, record TEXT NOT NULL, expires INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS primary_state (domain TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS greylist (key TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS greylist_clients (network TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
 ";
@@ -114,6 +119,14 @@ enum WriteOp {
         network: String,
         previous: Option<ClientState>,
         state: ClientState,
+    },
+    PutRecipient {
+        domain: DomainName,
+        entry: CachedRecipient,
+    },
+    PutPrimaryState {
+        domain: DomainName,
+        state: PrimaryState,
     },
     SweepGreylist(u64),
     TakeReleases,
@@ -431,6 +444,8 @@ fn frees_or_tracks(op: &WriteOp) -> bool {
             | WriteOp::InsertTriplet { .. }
             | WriteOp::ReplaceTriplet { .. }
             | WriteOp::PutClient { .. }
+            | WriteOp::PutRecipient { .. }
+            | WriteOp::PutPrimaryState { .. }
     )
 }
 
@@ -581,6 +596,22 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
         WriteOp::ReplaceTriplet { key, previous, state } => Ok(exec(conn,
             "UPDATE greylist SET state = ?2, expires = ?3 WHERE key = ?1 AND state = ?4",
             params![key, json(state), state.expires as i64, json(previous)],
+        )? > 0),
+        WriteOp::PutRecipient { domain, entry } => {
+            // Expired verdicts go as new ones are learnt: a cache that only
+            // grows with every address a spammer tried would not do.
+            exec(conn,
+                "DELETE FROM recipient_cache WHERE expires < ?1",
+                [entry.learnt_at as i64],
+            )?;
+            Ok(exec(conn,
+                "INSERT OR REPLACE INTO recipient_cache (address, domain, record, expires) VALUES (?1, ?2, ?3, ?4)",
+                params![entry.address, domain.as_str(), json(entry), entry.expires as i64],
+            )? > 0)
+        }
+        WriteOp::PutPrimaryState { domain, state } => Ok(exec(conn,
+            "INSERT OR REPLACE INTO primary_state (domain, record) VALUES (?1, ?2)",
+            params![domain.as_str(), json(state)],
         )? > 0),
         WriteOp::PutClient { network, previous, state } => Ok(match previous {
             None => exec(conn,
@@ -839,6 +870,87 @@ impl Spool for LocalStore {
         })
         .await?;
         Ok(ids)
+    }
+}
+
+#[async_trait]
+impl RecipientCache for LocalStore {
+    async fn recipient(
+        &self,
+        address: &str,
+        now: u64,
+    ) -> Result<Option<CachedRecipient>, StoreError> {
+        let row: Option<String> = self.read_optional(
+            "SELECT record FROM recipient_cache WHERE address = ?1",
+            [address],
+        )?;
+        let entry: Option<CachedRecipient> = row
+            .map(|r| {
+                serde_json::from_str(&r).map_err(|_| {
+                    StoreError::Invalid(format!("corrupt recipient cache record {address}"))
+                })
+            })
+            .transpose()?;
+        Ok(entry.filter(|e| e.expires > now))
+    }
+
+    async fn put_recipient(
+        &self,
+        domain: &DomainName,
+        entry: &CachedRecipient,
+    ) -> Result<(), StoreError> {
+        self.write(WriteOp::PutRecipient {
+            domain: domain.clone(),
+            entry: entry.clone(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn recipients(
+        &self,
+        domain: &DomainName,
+        now: u64,
+    ) -> Result<Vec<CachedRecipient>, StoreError> {
+        let rows: Vec<String> = self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT record FROM recipient_cache WHERE domain = ?1 AND expires > ?2 ORDER BY address",
+            )?;
+            let rows = st.query_map(params![domain.as_str(), now as i64], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        rows.iter()
+            .map(|r| {
+                serde_json::from_str(r).map_err(|_| {
+                    StoreError::Invalid(format!("corrupt recipient cache record in {domain}"))
+                })
+            })
+            .collect()
+    }
+
+    async fn primary_state(&self, domain: &DomainName) -> Result<Option<PrimaryState>, StoreError> {
+        let row: Option<String> = self.read_optional(
+            "SELECT record FROM primary_state WHERE domain = ?1",
+            [domain.as_str()],
+        )?;
+        row.map(|r| {
+            serde_json::from_str(&r)
+                .map_err(|_| StoreError::Invalid(format!("corrupt primary state of {domain}")))
+        })
+        .transpose()
+    }
+
+    async fn put_primary_state(
+        &self,
+        domain: &DomainName,
+        state: &PrimaryState,
+    ) -> Result<(), StoreError> {
+        self.write(WriteOp::PutPrimaryState {
+            domain: domain.clone(),
+            state: *state,
+        })
+        .await
+        .map(|_| ())
     }
 }
 

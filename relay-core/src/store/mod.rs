@@ -12,6 +12,7 @@ use crate::address::DomainName;
 use crate::domain::Domain;
 use crate::error::BoxError;
 use crate::queue::{AcceptedMessage, QueueEntry, QueueId, RecordError, SpooledBody};
+use crate::verify::{CachedRecipient, PrimaryState};
 
 #[cfg(feature = "aws")]
 pub mod aws;
@@ -77,6 +78,39 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Backend { .. } | StoreError::Closed)
     }
+}
+
+/// What recipient verification remembers, shared by every ingest and
+/// delivery process of one store: the callout cache and each primary's
+/// last observed state. Reads are strongly consistent.
+#[async_trait]
+pub trait RecipientCache: Send + Sync {
+    /// The cached verdict on `address`, if one has not expired at `now`.
+    async fn recipient(
+        &self,
+        address: &str,
+        now: u64,
+    ) -> Result<Option<CachedRecipient>, StoreError>;
+    /// Stores a verdict (replacing any older one).
+    async fn put_recipient(
+        &self,
+        domain: &DomainName,
+        entry: &CachedRecipient,
+    ) -> Result<(), StoreError>;
+    /// The domain's unexpired verdicts (an operator's view; may scan).
+    async fn recipients(
+        &self,
+        domain: &DomainName,
+        now: u64,
+    ) -> Result<Vec<CachedRecipient>, StoreError>;
+    /// The primary's last observed state.
+    async fn primary_state(&self, domain: &DomainName) -> Result<Option<PrimaryState>, StoreError>;
+    /// Stores the primary's state.
+    async fn put_primary_state(
+        &self,
+        domain: &DomainName,
+        state: &PrimaryState,
+    ) -> Result<(), StoreError>;
 }
 
 /// Hosted domains (relay control).

@@ -24,11 +24,12 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::ServerSideEncryption;
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use super::{DomainRegistry, MessageStore, StoreError};
+use super::{DomainRegistry, MessageStore, RecipientCache, StoreError};
 use crate::address::DomainName;
 use crate::domain::Domain;
 use crate::greylist::{ClientState, GreylistStore, TripletState};
 use crate::queue::{QueueId, SpooledBody};
+use crate::verify::{CachedRecipient, PrimaryState};
 
 pub mod queue;
 pub mod requests;
@@ -545,6 +546,12 @@ fn domain_item(d: &Domain) -> HashMap<String, AttributeValue> {
             AttributeValue::L(r.iter().map(|a| s(a.as_str())).collect()),
         );
     }
+    if d.recipient_verify != crate::domain::RecipientVerify::Off {
+        item.insert("recipient_verify".into(), s(d.recipient_verify.to_string()));
+    }
+    if d.defer_while_primary_up {
+        item.insert("defer_while_primary_up".into(), AttributeValue::Bool(true));
+    }
     item
 }
 
@@ -569,6 +576,15 @@ fn domain_from_item(item: &HashMap<String, AttributeValue>) -> Result<Domain, St
         recipients: get_strings(item, "recipients")
             .map(|r| r.into_iter().map(|a| a.to_lowercase()).collect()),
         enabled: flag("enabled")?.unwrap_or(true),
+        recipient_verify: match item.get("recipient_verify") {
+            None => crate::domain::RecipientVerify::Off,
+            Some(v) => v
+                .as_s()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(corrupt)?,
+        },
+        defer_while_primary_up: flag("defer_while_primary_up")?.unwrap_or(false),
     })
 }
 
@@ -699,6 +715,137 @@ impl AwsStore {
                 }
             }
         }
+    }
+}
+
+/// How long a primary's state item outlives its last observation (TTL).
+const PRIMARY_STATE_KEEP_SECS: u64 = 30 * 86_400;
+
+/// Recipient verification lives in the greylist table, the store of
+/// short-lived verdicts with a TTL: `r#ADDRESS` items (one per cached
+/// recipient, with its domain, for `recipients list`) and `p#DOMAIN` items
+/// (a primary's state).
+#[async_trait]
+impl RecipientCache for AwsStore {
+    async fn recipient(
+        &self,
+        address: &str,
+        now: u64,
+    ) -> Result<Option<CachedRecipient>, StoreError> {
+        let Some(item) = self.get_greylist_item(format!("r#{address}")).await? else {
+            return Ok(None);
+        };
+        let entry: CachedRecipient = item
+            .get("record")
+            .and_then(|v| v.as_s().ok())
+            .and_then(|r| serde_json::from_str(r).ok())
+            .ok_or_else(|| {
+                StoreError::Invalid(format!("corrupt recipient cache item {address}"))
+            })?;
+        // TTL deletion is lazy: an expired item may still be read.
+        Ok((entry.expires > now).then_some(entry))
+    }
+
+    async fn put_recipient(
+        &self,
+        domain: &DomainName,
+        entry: &CachedRecipient,
+    ) -> Result<(), StoreError> {
+        let item = HashMap::from([
+            ("pk".to_string(), s(format!("r#{}", entry.address))),
+            ("domain".to_string(), s(domain.as_str().to_string())),
+            (
+                "record".to_string(),
+                s(serde_json::to_string(entry).unwrap_or_default()),
+            ),
+            ("expires".to_string(), n(entry.expires)),
+        ]);
+        self.dynamodb
+            .put_item()
+            .table_name(&self.names.greylist_table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| backend("DynamoDB put recipient", e))?;
+        Ok(())
+    }
+
+    /// A filtered scan of the greylist table: an operator's command, not
+    /// the mail path.
+    async fn recipients(
+        &self,
+        domain: &DomainName,
+        now: u64,
+    ) -> Result<Vec<CachedRecipient>, StoreError> {
+        let mut found = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .dynamodb
+                .scan()
+                .table_name(&self.names.greylist_table)
+                .filter_expression("begins_with(pk, :r) AND #d = :d AND expires > :now")
+                .expression_attribute_names("#d", "domain")
+                .expression_attribute_values(":r", s("r#".to_string()))
+                .expression_attribute_values(":d", s(domain.as_str().to_string()))
+                .expression_attribute_values(":now", n(now))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| backend("DynamoDB scan recipients", e))?;
+            for item in out.items() {
+                if let Some(entry) = item
+                    .get("record")
+                    .and_then(|v| v.as_s().ok())
+                    .and_then(|r| serde_json::from_str::<CachedRecipient>(r).ok())
+                {
+                    found.push(entry);
+                }
+            }
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => break,
+            }
+        }
+        found.sort_by(|a, b| a.address.cmp(&b.address));
+        Ok(found)
+    }
+
+    async fn primary_state(&self, domain: &DomainName) -> Result<Option<PrimaryState>, StoreError> {
+        let item = self.get_greylist_item(format!("p#{domain}")).await?;
+        Ok(item.and_then(|i| {
+            Some(PrimaryState {
+                up: i.get("up")?.as_bool().ok().copied()?,
+                since: get_n(&i, "since")?,
+                observed: get_n(&i, "observed")?,
+            })
+        }))
+    }
+
+    async fn put_primary_state(
+        &self,
+        domain: &DomainName,
+        state: &PrimaryState,
+    ) -> Result<(), StoreError> {
+        let item = HashMap::from([
+            ("pk".to_string(), s(format!("p#{domain}"))),
+            ("up".to_string(), AttributeValue::Bool(state.up)),
+            ("since".to_string(), n(state.since)),
+            ("observed".to_string(), n(state.observed)),
+            (
+                "expires".to_string(),
+                n(state.observed + PRIMARY_STATE_KEEP_SECS),
+            ),
+        ]);
+        self.dynamodb
+            .put_item()
+            .table_name(&self.names.greylist_table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| backend("DynamoDB put primary state", e))?;
+        Ok(())
     }
 }
 
