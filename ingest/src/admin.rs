@@ -43,10 +43,36 @@ pub(crate) enum DomainCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show one domain.
+    /// Change settings of a hosted domain; what is not given stays.
+    Set {
+        /// The domain name.
+        domain: String,
+        /// Explicit next hop, host or host:port; repeat for several (replaces the list).
+        #[arg(long = "primary", value_name = "HOST[:PORT]")]
+        primary: Vec<String>,
+        /// Greylist mail for this domain.
+        #[arg(long, value_name = "BOOL")]
+        greylist: Option<bool>,
+        /// Largest message accepted for this domain.
+        #[arg(long, value_name = "BYTES")]
+        max_size: Option<u64>,
+        /// Check recipients outside the static list against the primary (callout), or not.
+        #[arg(long, value_name = "off|callout")]
+        recipient_verify: Option<relay_core::domain::RecipientVerify>,
+        /// Answer 451 while the primary is known to be up.
+        #[arg(long, value_name = "BOOL")]
+        defer_while_primary_up: Option<bool>,
+        /// Accept mail for the domain (false refuses it like an unknown one).
+        #[arg(long, value_name = "BOOL")]
+        enabled: Option<bool>,
+    },
+    /// Show one domain, with its primary's last observed state.
     Show {
         /// The domain name.
         domain: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop hosting a domain. Its queued mail stays queued and is delivered
     /// by its MX records, unless --purge-queue deletes it.
@@ -56,6 +82,18 @@ pub(crate) enum DomainCommand {
         /// Also delete the domain's queued messages (they will not be delivered).
         #[arg(long)]
         purge_queue: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum RecipientsCommand {
+    /// The callout cache of a domain: address, verdict, learnt from, expires.
+    List {
+        /// The domain name.
+        domain: String,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -129,6 +167,59 @@ async fn open_store(
         .map_err(|e| anyhow!("{e:#} [configuration: {source}]"))
 }
 
+pub(crate) async fn recipients(
+    config: &Config,
+    source: &str,
+    cmd: RecipientsCommand,
+) -> anyhow::Result<()> {
+    let backends = open_store(config, false, source).await?;
+    match cmd {
+        RecipientsCommand::List { domain, json } => {
+            let name = parse_domain(&domain)?;
+            if backends.registry.get(&name).await?.is_none() {
+                bail!("no such domain: {name}");
+            }
+            let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
+            let cached = backends
+                .recipients
+                .recipients(&name, now)
+                .await
+                .context("cannot read the recipient cache")?;
+            if json {
+                let rows: Vec<_> = cached
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "address": c.address,
+                            "verdict": c.verdict,
+                            "learnt_from": c.learnt,
+                            "learnt_at": rfc3339(c.learnt_at),
+                            "expires": rfc3339(c.expires),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for c in &cached {
+                    println!(
+                        "{}\t{}\t{}\texpires={}",
+                        c.address,
+                        serde_json::to_value(c.verdict)?
+                            .as_str()
+                            .unwrap_or_default(),
+                        serde_json::to_value(c.learnt)?.as_str().unwrap_or_default(),
+                        rfc3339(c.expires)
+                    );
+                }
+                if cached.is_empty() {
+                    eprintln!("no cached verdicts for {name}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) async fn domain(
     config: &Config,
     source: &str,
@@ -180,12 +271,78 @@ pub(crate) async fn domain(
                 }
             }
         }
-        DomainCommand::Show { domain } => {
+        DomainCommand::Set {
+            domain,
+            primary,
+            greylist,
+            max_size,
+            recipient_verify,
+            defer_while_primary_up,
+            enabled,
+        } => {
+            let name = parse_domain(&domain)?;
+            let mut d = store
+                .get(&name)
+                .await
+                .context("cannot read the domain")?
+                .ok_or_else(|| {
+                    anyhow!("no such domain: {name} (add it with `backupmx domain add {name}`)")
+                })?;
+            if !primary.is_empty() {
+                for p in &primary {
+                    relay_core::domain::validate_primary(p)?;
+                }
+                d.primary = primary;
+            }
+            if let Some(g) = greylist {
+                d.greylist = g;
+            }
+            if let Some(m) = max_size {
+                d.max_message_size = Some(m);
+            }
+            if let Some(v) = recipient_verify {
+                d.recipient_verify = v;
+            }
+            if let Some(v) = defer_while_primary_up {
+                d.defer_while_primary_up = v;
+            }
+            if let Some(e) = enabled {
+                d.enabled = e;
+            }
+            store.put(&d).await.context("cannot store the domain")?;
+            println!("updated {}", d.name);
+        }
+        DomainCommand::Show { domain, json } => {
             let name = parse_domain(&domain)?;
             let d = store
                 .get(&name)
                 .await?
                 .ok_or_else(|| anyhow!("no such domain: {name}"))?;
+            let state = backends
+                .recipients
+                .primary_state(&name)
+                .await
+                .context("cannot read the primary's state")?;
+            let queued = backends
+                .queue
+                .list(Some(&name))
+                .await
+                .context("cannot list the domain's queued mail")?
+                .len();
+            if json {
+                let mut v = serde_json::to_value(&d)?;
+                v["primary_state"] = match state {
+                    None => json!(null),
+                    Some(s) => json!({
+                        "up": s.up,
+                        "since": rfc3339(s.since),
+                        "observed": rfc3339(s.observed),
+                    }),
+                };
+                v["queued"] = json!(queued);
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             println!("name: {}", d.name);
             println!("enabled: {}", d.enabled);
             println!(
@@ -208,6 +365,21 @@ pub(crate) async fn domain(
                     .as_ref()
                     .map_or("(any)".into(), |r| r.join(", "))
             );
+            println!("recipient_verify: {}", d.recipient_verify);
+            println!("defer_while_primary_up: {}", d.defer_while_primary_up);
+            println!(
+                "primary_state: {}",
+                match state {
+                    None => "unknown (not observed yet)".to_string(),
+                    Some(s) => format!(
+                        "{} since {} (last observed {})",
+                        if s.up { "up" } else { "down" },
+                        rfc3339(s.since),
+                        rfc3339(s.observed)
+                    ),
+                }
+            );
+            println!("queued: {queued}");
         }
         DomainCommand::Remove {
             domain,

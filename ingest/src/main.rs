@@ -46,6 +46,9 @@ enum Command {
     /// Inspect and steer the queue.
     #[command(subcommand)]
     Queue(admin::QueueCommand),
+    /// Recipient verification's cache (callout verdicts).
+    #[command(subcommand)]
+    Recipients(admin::RecipientsCommand),
     /// AWS backend set-up.
     #[command(subcommand)]
     Aws(admin::AwsCommand),
@@ -119,6 +122,7 @@ fn main() -> ExitCode {
             }
             Command::Domain(cmd) => admin::domain(&config, &source, cmd).await,
             Command::Queue(cmd) => admin::queue(&config, &source, cmd).await,
+            Command::Recipients(cmd) => admin::recipients(&config, &source, cmd).await,
             Command::Aws(cmd) => admin::aws(&config, cmd).await,
             Command::Health { .. } => Ok(()),
         }

@@ -110,6 +110,36 @@ const METRICS: &[MetricSpec] = &[
         &[("result", "greylisted")],
     ),
     (
+        "backupmx_callouts_total",
+        "recipient callouts to primaries by result (valid, invalid, inconclusive, primary_down, skipped_primary_down)",
+        false,
+        &[("result", "valid")],
+    ),
+    (
+        "backupmx_recipient_cache_hits_total",
+        "recipient verdicts answered from the callout cache, by verdict",
+        false,
+        &[("verdict", "invalid")],
+    ),
+    (
+        "backupmx_rcpt_verify_rejections_total",
+        "recipients refused as unknown by recipient verification, by source (cache, callout)",
+        false,
+        &[("reason", "callout")],
+    ),
+    (
+        "backupmx_deferrals_total",
+        "recipients deferred by policy, by reason (primary_up: defer_while_primary_up)",
+        false,
+        &[("reason", "primary_up")],
+    ),
+    (
+        "backupmx_unknown_user_bounces_total",
+        "recipients accepted here that the primary refused as unknown (5.1.x): the backscatter still caused",
+        false,
+        &[],
+    ),
+    (
         "backupmx_greylist_errors_total",
         "greylist store errors (mail let through)",
         false,

@@ -42,6 +42,8 @@ pub(crate) struct Backends {
     pub spool: Arc<dyn Spool>,
     pub queue: Arc<dyn DeliveryQueue>,
     pub messages: Arc<dyn MessageStore>,
+    /// The callout cache and the primaries' states.
+    pub recipients: Arc<dyn relay_core::store::RecipientCache>,
     /// Set for the embedded backend (the delivery worker needs it).
     pub local: Option<Arc<LocalStore>>,
 }
@@ -87,6 +89,7 @@ pub(crate) async fn open_backends_as(config: &Config, create: bool) -> anyhow::R
                 spool: store.clone(),
                 queue: store.clone(),
                 messages: store.clone(),
+                recipients: store.clone(),
                 local: Some(store),
             })
         }
@@ -100,6 +103,7 @@ pub(crate) async fn open_backends_as(config: &Config, create: bool) -> anyhow::R
                     queue: store.clone(),
                 }),
                 queue: store.clone(),
+                recipients: store.clone(),
                 messages: store,
                 local: None,
             })
@@ -230,14 +234,36 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     } else {
         None
     };
-    let policy = Arc::new(build_policy(&config, &backends, resolver.clone()));
+    // The delivery engine: routes for delivery, probes, ETRN and callouts.
+    // Every process that can compute a route to a primary has one.
+    let engine: Option<Arc<Engine>> = resolver
+        .clone()
+        .filter(|_| mode == Mode::Embedded || config.storage.backend == Backend::Aws)
+        .map(|r| {
+            Arc::new(
+                Engine::new(EngineConfig::from(&config), r, backends.registry.clone())
+                    .with_learning(
+                        backends.recipients.clone(),
+                        config.recipient_verify.valid_ttl,
+                        config.recipient_verify.invalid_ttl,
+                    ),
+            )
+        });
+    let verifier = engine.clone().map(|e| {
+        Arc::new(relay_core::recipients::RecipientVerifier::new(
+            backends.recipients.clone(),
+            e,
+            relay_core::recipients::VerifySettings::from(&config),
+        ))
+    });
+    let policy = Arc::new(build_policy(&config, &backends, resolver.clone(), verifier));
     spawn_maintenance(&config, &backends, &policy);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut worker_task = None;
     let etrn_networks = config.delivery.etrn_networks.clone();
-    let (delivery, etrn) = match (mode, resolver, backends.local.as_ref()) {
-        (Mode::Embedded, Some(resolver), Some(store)) => {
-            let (delivery, worker) = start_delivery(&config, store, resolver)?;
+    let (delivery, etrn) = match (mode, engine, backends.local.as_ref()) {
+        (Mode::Embedded, Some(engine), Some(store)) => {
+            let (delivery, worker) = start_delivery(&config, store, engine)?;
             worker_task = Some(tokio::spawn(worker.clone().run(shutdown_rx.clone())));
             let etrn = Etrn {
                 engine: delivery.engine.clone(),
@@ -248,12 +274,7 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         }
         // Ingest only, on the shared AWS queue: ETRN makes the domain's
         // records due and gives them tickets; the retry function delivers.
-        (Mode::IngestOnly, Some(resolver), None) if config.storage.backend == Backend::Aws => {
-            let engine = Arc::new(Engine::new(
-                EngineConfig::from(&config),
-                resolver,
-                backends.registry.clone(),
-            ));
+        (Mode::IngestOnly, Some(engine), None) if config.storage.backend == Backend::Aws => {
             let etrn = Etrn {
                 engine,
                 release: Arc::new(relay_core::delivery::etrn::QueueRelease(
@@ -359,13 +380,8 @@ fn prepare_spool_dir(data_dir: &std::path::Path) -> anyhow::Result<std::path::Pa
 fn start_delivery(
     config: &Config,
     store: &Arc<LocalStore>,
-    resolver: Arc<dyn Resolver>,
+    engine: Arc<Engine>,
 ) -> anyhow::Result<(Delivery, Arc<Worker>)> {
-    let engine = Arc::new(Engine::new(
-        EngineConfig::from(config),
-        resolver,
-        store.clone(),
-    ));
     let worker = Worker::new(
         engine.clone(),
         store.clone(),
@@ -659,6 +675,7 @@ fn build_policy(
     config: &Config,
     backends: &Backends,
     resolver: Option<Arc<dyn Resolver>>,
+    verifier: Option<Arc<relay_core::recipients::RecipientVerifier>>,
 ) -> Policy {
     let dnsbl = resolver
         .filter(|_| !config.dnsbl.zones.is_empty() || !config.dnsbl.allow_zones.is_empty())
@@ -684,6 +701,7 @@ fn build_policy(
         registry: backends.registry.clone(),
         greylist,
         dnsbl,
+        verifier,
     }
 }
 

@@ -56,9 +56,41 @@ pub struct Config {
     pub greylist: GreylistConfig,
     pub dnsbl: DnsblConfig,
     pub delivery: DeliveryConfig,
+    /// Callouts and their cache (`recipient_verify = "callout"` domains).
+    pub recipient_verify: RecipientVerifyConfig,
     /// `[[domain]]` entries, upserted into the registry at start.
     #[serde(rename = "domain")]
     pub domains: Vec<DomainConfig>,
+}
+
+/// `[recipient_verify]`: how long callout verdicts count, and how hard a
+/// primary may be asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecipientVerifyConfig {
+    /// How long "the primary accepts this recipient" is remembered.
+    #[serde(with = "humantime_serde")]
+    pub valid_ttl: Duration,
+    /// How long "the primary does not know this recipient" is remembered.
+    #[serde(with = "humantime_serde")]
+    pub invalid_ttl: Duration,
+    /// Longest callout (or defer-mode probe); past it the recipient is
+    /// accepted and the primary counts as down.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Callout connections to one primary at once.
+    pub concurrency: usize,
+}
+
+impl Default for RecipientVerifyConfig {
+    fn default() -> Self {
+        RecipientVerifyConfig {
+            valid_ttl: Duration::from_secs(7 * 86_400),
+            invalid_ttl: Duration::from_secs(3600),
+            timeout: Duration::from_secs(10),
+            concurrency: 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -284,6 +316,10 @@ pub struct DeliveryConfig {
     /// Most bytes of the original message's headers a DSN returns (the
     /// rest is cut at a line end): bounces go to possibly forged senders.
     pub bounce_headers_max: u64,
+    /// How long an observation of a primary (probe, callout, delivery)
+    /// counts: `defer_while_primary_up` defers only on a fresh "up".
+    #[serde(with = "humantime_serde")]
+    pub primary_up_fresh: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,6 +336,10 @@ pub struct DomainConfig {
     pub max_message_size: Option<u64>,
     #[serde(default)]
     pub enabled: Option<bool>,
+    #[serde(default)]
+    pub recipient_verify: Option<crate::domain::RecipientVerify>,
+    #[serde(default)]
+    pub defer_while_primary_up: Option<bool>,
 }
 
 impl Default for Config {
@@ -316,6 +356,7 @@ impl Default for Config {
             greylist: GreylistConfig::default(),
             dnsbl: DnsblConfig::default(),
             delivery: DeliveryConfig::default(),
+            recipient_verify: RecipientVerifyConfig::default(),
             domains: Vec::new(),
         }
     }
@@ -419,6 +460,7 @@ impl Default for DeliveryConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             bounce_headers_max: 50 * 1024,
+            primary_up_fresh: Duration::from_secs(300),
         }
     }
 }
@@ -567,6 +609,15 @@ impl Config {
         if d.probe_interval.is_zero() || d.poll_interval.is_zero() {
             return invalid("delivery.probe_interval and poll_interval must be positive".into());
         }
+        let v = &self.recipient_verify;
+        if v.valid_ttl.is_zero() || v.invalid_ttl.is_zero() || v.timeout.is_zero() {
+            return invalid(
+                "recipient_verify.valid_ttl, invalid_ttl and timeout must be positive".into(),
+            );
+        }
+        if v.concurrency == 0 {
+            return invalid("recipient_verify.concurrency must be at least 1".into());
+        }
         for (dest, hop) in &d.routes {
             crate::domain::validate_primary(hop)
                 .map_err(|e| ConfigError::Invalid(format!("delivery.routes.{dest}: {e}")))?;
@@ -594,6 +645,12 @@ impl DomainConfig {
         d.max_message_size = self.max_message_size;
         if let Some(e) = self.enabled {
             d.enabled = e;
+        }
+        if let Some(v) = self.recipient_verify {
+            d.recipient_verify = v;
+        }
+        if let Some(v) = self.defer_while_primary_up {
+            d.defer_while_primary_up = v;
         }
         Ok(d)
     }
@@ -799,6 +856,19 @@ impl From<&AwsConfig> for crate::store::aws::AwsNames {
             queue_name: aws.queue_name.clone(),
             queue_table: aws.queue_table.clone(),
             dead_letter_queue_url: aws.dead_letter_queue_url.clone(),
+        }
+    }
+}
+
+impl From<&Config> for crate::recipients::VerifySettings {
+    fn from(config: &Config) -> Self {
+        let v = &config.recipient_verify;
+        crate::recipients::VerifySettings {
+            valid_ttl: v.valid_ttl,
+            invalid_ttl: v.invalid_ttl,
+            timeout: v.timeout,
+            concurrency: v.concurrency,
+            primary_up_fresh: config.delivery.primary_up_fresh,
         }
     }
 }

@@ -27,5 +27,6 @@ pub mod error;
 pub mod greylist;
 pub mod policy;
 pub mod queue;
+pub mod recipients;
 pub mod store;
 pub mod sync;

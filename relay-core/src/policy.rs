@@ -12,8 +12,9 @@ use std::time::SystemTime;
 
 use crate::address::{Mailbox, ReversePath};
 use crate::dnsbl::{Dnsbl, Verdict};
-use crate::domain::Domain;
+use crate::domain::{Domain, RecipientVerify};
 use crate::greylist::{Decision, Greylist, GreylistStore, PassReason};
+use crate::recipients::RecipientVerifier;
 use crate::smtp::{RcptVerdict, Reply};
 use crate::store::DomainRegistry;
 use crate::time::unix_seconds;
@@ -44,7 +45,9 @@ pub async fn relay_check(registry: &dyn DomainRegistry, rcpt: &Mailbox) -> Resul
             format!("<{rcpt}>: Sender-specified routing is not accepted"),
         ));
     }
-    if !record.accepts_recipient(rcpt) {
+    // With callouts, a recipient outside the static list is the verifier's
+    // to decide (Policy::check).
+    if record.recipient_verify != RecipientVerify::Callout && !record.accepts_recipient(rcpt) {
         return Err(Reply::new(
             550,
             "5.1.1",
@@ -119,6 +122,9 @@ pub struct Policy {
     /// `None` when greylisting is off globally.
     pub greylist: Option<Greylist<dyn GreylistStore>>,
     pub dnsbl: Option<Arc<Dnsbl>>,
+    /// Callouts and defer-while-primary-up; `None` where no delivery route
+    /// can be computed (then a static list decides as without callouts).
+    pub verifier: Option<Arc<RecipientVerifier>>,
 }
 
 impl Policy {
@@ -152,6 +158,29 @@ impl Policy {
             Ok(d) => d,
             Err(r) => return RcptVerdict::Reject(r),
         };
+        if !role {
+            match &self.verifier {
+                Some(v) => {
+                    if let Some(r) = v.check(&domain, rcpt, now).await {
+                        return RcptVerdict::Reject(r);
+                    }
+                }
+                None if !domain.accepts_recipient(rcpt) => {
+                    return RcptVerdict::Reject(Reply::new(
+                        550,
+                        "5.1.1",
+                        format!("<{rcpt}>: Recipient address rejected: User unknown"),
+                    ));
+                }
+                None => {}
+            }
+        } else if !domain.accepts_recipient(rcpt) && self.verifier.is_none() {
+            return RcptVerdict::Reject(Reply::new(
+                550,
+                "5.1.1",
+                format!("<{rcpt}>: Recipient address rejected: User unknown"),
+            ));
+        }
         if let Some(grey) = &self.greylist {
             if domain.greylist && !allowlisted {
                 let decision = grey.check(client, sender, rcpt, unix_seconds(now)).await;

@@ -23,11 +23,20 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     );
     let resolver = HickoryResolver::new(&config.dns.servers, config.dns.timeout)
         .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
-    let engine = Arc::new(Engine::new(
-        EngineConfig::from(config),
-        Arc::new(resolver),
-        store.clone(),
-    ));
+    // Deliveries teach the callout cache and the primaries' states that the
+    // ingest tasks read (for domains with callouts or defer mode).
+    let engine = Arc::new(
+        Engine::new(
+            EngineConfig::from(config),
+            Arc::new(resolver),
+            store.clone(),
+        )
+        .with_learning(
+            store.clone(),
+            config.recipient_verify.valid_ttl,
+            config.recipient_verify.invalid_ttl,
+        ),
+    );
     Ok(
         RetryProcessor::new(store, engine, RetrySettings::from(config))
             .with_crash_point(crash_point()),

@@ -115,6 +115,15 @@ pub struct Engine {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// Destinations already logged as not hosted.
     unhosted: crate::sync::Mutex<std::collections::HashSet<DomainName>>,
+    /// Where delivery results teach recipient verification.
+    learning: Option<Learning>,
+}
+
+/// What deliveries teach the callout cache and the primary's state.
+struct Learning {
+    cache: Arc<dyn crate::store::RecipientCache>,
+    valid_ttl: Duration,
+    invalid_ttl: Duration,
 }
 
 impl Engine {
@@ -130,6 +139,66 @@ impl Engine {
             registry,
             tls,
             unhosted: Default::default(),
+            learning: None,
+        }
+    }
+
+    /// Deliveries to domains with callouts or defer-while-primary-up
+    /// record what they learn in `cache`: a recipient the primary took is
+    /// valid, one it refused as unknown invalid, and whether the primary
+    /// answered at all.
+    pub fn with_learning(
+        mut self,
+        cache: Arc<dyn crate::store::RecipientCache>,
+        valid_ttl: Duration,
+        invalid_ttl: Duration,
+    ) -> Self {
+        self.learning = Some(Learning {
+            cache,
+            valid_ttl,
+            invalid_ttl,
+        });
+        self
+    }
+
+    /// What one attempt to `domain` taught: per recipient address, its
+    /// result; `answered` whether the primary took part at all.
+    async fn learn(
+        &self,
+        record: &crate::domain::Domain,
+        results: &[(&str, &RcptResult)],
+        answered: bool,
+        now: u64,
+    ) {
+        use crate::verify::{is_unknown_user_text, LearntFrom, Verdict};
+        let Some(l) = &self.learning else { return };
+        let domain = &record.name;
+        let verifies = record.recipient_verify == crate::domain::RecipientVerify::Callout;
+        if !verifies && !record.defer_while_primary_up {
+            return;
+        }
+        crate::recipients::observe_primary(l.cache.as_ref(), domain, answered, now).await;
+        if !verifies {
+            return;
+        }
+        for (address, result) in results {
+            let (verdict, ttl) = match result {
+                RcptResult::Delivered(_) => (Verdict::Valid, l.valid_ttl),
+                RcptResult::Permanent(text) if is_unknown_user_text(text) => {
+                    (Verdict::Invalid, l.invalid_ttl)
+                }
+                _ => continue,
+            };
+            crate::recipients::learn(
+                l.cache.as_ref(),
+                domain,
+                address,
+                verdict,
+                LearntFrom::Delivery,
+                ttl,
+                now,
+            )
+            .await;
         }
     }
 
@@ -154,8 +223,17 @@ impl Engine {
 
     /// Where mail for `domain` goes now.
     pub async fn targets_for(&self, domain: &DomainName) -> Result<Vec<Target>, RouteError> {
-        let primaries = match self.registry.get(domain).await {
-            Ok(Some(d)) => d.primary,
+        self.route_for(domain).await.map(|(_, targets)| targets)
+    }
+
+    /// Where mail for `domain` goes now, and its hosted-domain record (one
+    /// read of the record serves the route and what the attempt learns).
+    async fn route_for(
+        &self,
+        domain: &DomainName,
+    ) -> Result<(Option<crate::domain::Domain>, Vec<Target>), RouteError> {
+        let record = match self.registry.get(domain).await {
+            Ok(Some(d)) => Some(d),
             Ok(None) => {
                 // Queued mail of a domain that was removed (or a DSN's
                 // destination): said once per domain, then by MX.
@@ -170,7 +248,7 @@ impl Engine {
                     tracing::info!(event = "delivering_by_mx", domain = %domain,
                         "not a hosted domain (a DSN's destination, or removed with mail queued): delivered to its MX hosts");
                 }
-                Vec::new()
+                None
             }
             Err(e) => {
                 return Err(RouteError::Transient(format!(
@@ -179,14 +257,16 @@ impl Engine {
                 )))
             }
         };
-        route::targets(
+        let primaries = record.as_ref().map_or(&[][..], |d| d.primary.as_slice());
+        let targets = route::targets(
             self.resolver.as_ref(),
             &self.cfg.me,
             &self.cfg.routes,
             domain.as_str(),
-            &primaries,
+            primaries,
         )
-        .await
+        .await?;
+        Ok((record, targets))
     }
 
     /// One delivery attempt for the pending recipients of `entry`, whose
@@ -274,9 +354,7 @@ impl Engine {
         };
         let domain = work[first].entry.domain.clone();
         let mut destination_down = false;
-        let per_message: Vec<Vec<(RcptResult, &'static str)>> = match self
-            .targets_for(&domain)
-            .await
+        let per_message: Vec<Vec<(RcptResult, &'static str)>> = match self.route_for(&domain).await
         {
             Err(RouteError::Permanent { status, text }) => active
                 .iter()
@@ -288,7 +366,7 @@ impl Engine {
                 .iter()
                 .map(|&i| vec![(RcptResult::Transient(text.clone()), ""); work[i].pending.len()])
                 .collect(),
-            Ok(targets) => {
+            Ok((record, targets)) => {
                 let envelopes: Vec<Envelope> = active
                     .iter()
                     .map(|&i| {
@@ -318,6 +396,17 @@ impl Engine {
                         .iter()
                         .flatten()
                         .all(|r| matches!(r, RcptResult::Transient(_)));
+                if let (Some(record), Some(_)) = (&record, &self.learning) {
+                    let taught: Vec<(&str, &RcptResult)> = envelopes
+                        .iter()
+                        .zip(&report.results)
+                        .flat_map(|(env, results)| {
+                            env.recipients.iter().map(String::as_str).zip(results)
+                        })
+                        .collect();
+                    self.learn(record, &taught, !destination_down, unix_seconds(now))
+                        .await;
+                }
                 report
                     .results
                     .into_iter()
@@ -367,6 +456,11 @@ impl Engine {
                     } else {
                         (route_status.to_string(), false)
                     };
+                    if status.starts_with("5.1.") {
+                        // The backscatter a backup MX still causes: a
+                        // recipient we took that the primary does not know.
+                        metrics::counter!("backupmx_unknown_user_bounces_total").increment(1);
+                    }
                     failed.push(dsn::FailedRecipient {
                         address: rcpt.address.clone(),
                         status,

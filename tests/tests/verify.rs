@@ -1,0 +1,237 @@
+//! Recipient verification: callouts with a cache that decides while the
+//! primary is down, and deferring while the primary is up. A recording
+//! primary behind a proxy that can play an outage; real `backupmx`
+//! processes, embedded and on the AWS emulator.
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use backupmx_tests::sink::Sink;
+use backupmx_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The RCPT reply for `rcpt` in a fresh transaction.
+fn rcpt(s: &Server, rcpt: &str) -> String {
+    let mut c = s.client();
+    c.expect("EHLO client.remote.test", "250");
+    c.expect("MAIL FROM:<alice@remote.test>", "250");
+    let reply = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+    c.cmd("QUIT");
+    reply
+}
+
+/// `recipients list example.test --json` as (address, verdict, learnt from).
+fn cached(s: &Server) -> Vec<(String, String, String)> {
+    let out = s.cli(&["recipients", "list", "example.test", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r["address"].as_str().unwrap().to_string(),
+                r["verdict"].as_str().unwrap().to_string(),
+                r["learnt_from"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn refusing_primary() -> Sink {
+    let sink = Sink::start(0);
+    sink.set(|b| {
+        for user in ["ghost", "newbie"] {
+            b.rcpt_replies.push((
+                format!("{user}@example.test"),
+                format!(
+                    "550 5.1.1 <{user}@example.test>: Recipient address rejected: User unknown"
+                ),
+            ));
+        }
+    });
+    sink
+}
+
+#[test]
+fn callouts_refuse_unknown_users_and_the_cache_decides_while_the_primary_is_down() {
+    let sink = refusing_primary();
+    let primary = TcpProxy::start(sink.addr);
+    let s = Server::start_run(
+        "",
+        "recipient_verify = \"callout\"\n[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1s\"\nprimary_up_fresh = \"2s\"\n[recipient_verify]\ntimeout = \"3s\"\n",
+        &format!("[\"{}\"]", primary.addr),
+    );
+    // (1) Primary up: the unknown user is refused at RCPT, the real one
+    // accepted, and both verdicts are cached.
+    let r = rcpt(&s, "ghost@example.test");
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    let r = rcpt(&s, "alice@example.test");
+    assert!(r.starts_with("250"), "{r}");
+    // The callout's questions never reach the primary as mail.
+    assert!(sink.received().is_empty());
+    let mut listed = cached(&s);
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            (
+                "alice@example.test".into(),
+                "valid".into(),
+                "callout".into()
+            ),
+            (
+                "ghost@example.test".into(),
+                "invalid".into(),
+                "callout".into()
+            ),
+        ]
+    );
+    let shown = s.cli(&["domain", "show", "example.test", "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["recipient_verify"], "callout");
+    assert_eq!(shown["primary_state"]["up"], true, "{shown}");
+
+    // (2) Primary down: the cache decides. The refused user stays refused,
+    // the known one and a never-seen one are accepted; no DSN.
+    primary.set_down(true);
+    let r = rcpt(&s, "ghost@example.test");
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    let mut c = s.client();
+    let reply = c.send_message(
+        "carol@remote.test",
+        &["alice@example.test", "newbie@example.test"],
+        "Subject: while down\r\n\r\nhello\r\n",
+    );
+    assert!(reply.starts_with("250"), "{reply}");
+    eventually(WAIT, "an attempt that finds the primary down", || {
+        s.queue()
+            .first()
+            .filter(|e| e["attempts"].as_u64() > Some(0))
+            .cloned()
+    });
+    assert!(!s.log().contains("bounce_queued"), "{}", s.log());
+
+    // (3) The primary comes back; the drain teaches the cache that newbie
+    // does not exist (one DSN: we took the message while we could not ask).
+    // Down again, newbie is refused at RCPT from what the drain learnt.
+    primary.set_down(false);
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["alice@example.test"]);
+    eventually(WAIT, "the drain's verdict on newbie", || {
+        cached(&s)
+            .into_iter()
+            .find(|(a, v, l)| a == "newbie@example.test" && v == "invalid" && l == "delivery")
+    });
+    primary.set_down(true);
+    let r = rcpt(&s, "newbie@example.test");
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    let r = rcpt(&s, "alice@example.test");
+    assert!(r.starts_with("250"), "{r}");
+}
+
+#[test]
+fn defer_mode_defers_while_the_primary_is_up_and_accepts_once_it_is_down() {
+    let sink = Sink::start(0);
+    let primary = TcpProxy::start(sink.addr);
+    let s = Server::start_run(
+        "",
+        "defer_while_primary_up = true\n[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprimary_up_fresh = \"2s\"\n[recipient_verify]\ntimeout = \"3s\"\n",
+        &format!("[\"{}\"]", primary.addr),
+    );
+    let r = rcpt(&s, "bob@example.test");
+    assert!(r.starts_with("451 4.7.1"), "{r}");
+    assert!(r.contains("primary MX"), "{r}");
+    // Role accounts are never deferred.
+    let r = rcpt(&s, "postmaster@example.test");
+    assert!(r.starts_with("250"), "{r}");
+    primary.set_down(true);
+    // Once the "up" observation is stale, a probe finds the primary down.
+    eventually(WAIT, "acceptance once the primary is down", || {
+        let r = rcpt(&s, "bob@example.test");
+        r.starts_with("250").then_some(())
+    });
+    let shown = s.cli(&["domain", "show", "example.test"]);
+    let shown = String::from_utf8_lossy(&shown.stdout).to_string();
+    assert!(shown.contains("primary_state: down since"), "{shown}");
+    assert!(shown.contains("defer_while_primary_up: true"), "{shown}");
+}
+
+#[test]
+fn a_tarpitting_primary_does_not_hold_rcpt_past_the_callout_timeout() {
+    // Accepts connections and never says a word.
+    let tarpit = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tarpit.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in tarpit.incoming().take(4).flatten() {
+            conns.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let s = Server::start_run(
+        "",
+        "recipient_verify = \"callout\"\n[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\n[recipient_verify]\ntimeout = \"2s\"\n",
+        &format!("[\"{addr}\"]"),
+    );
+    let started = Instant::now();
+    let mut c = s.client();
+    let reply = c.send_message(
+        "alice@remote.test",
+        &["someone@example.test"],
+        "Subject: x\r\n\r\nx\r\n",
+    );
+    assert!(reply.starts_with("250"), "{reply}");
+    // A liveness bound, far above the 2 s timeout: RCPT must not wait for
+    // the primary's silence to end.
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(s.log().contains("callout timed out"), "{}", s.log());
+    drop(held);
+}
+
+#[test]
+fn two_aws_ingest_tasks_share_the_callout_cache() {
+    let sink = refusing_primary();
+    let primary = TcpProxy::start(sink.addr);
+    let Some(a) = Server::start_aws(
+        "",
+        "recipient_verify = \"callout\"\n[recipient_verify]\ntimeout = \"3s\"\n[delivery]\nprimary_up_fresh = \"2s\"\n",
+        &format!("[\"{}\"]", primary.addr),
+        false,
+    ) else {
+        return;
+    };
+    let r = rcpt(&a, "ghost@example.test");
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    let r = rcpt(&a, "alice@example.test");
+    assert!(r.starts_with("250"), "{r}");
+    primary.set_down(true);
+    // Another task, which never asked the primary, knows both answers.
+    let b = a.start_sibling();
+    let r = rcpt(&b, "ghost@example.test");
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    let r = rcpt(&b, "alice@example.test");
+    assert!(r.starts_with("250"), "{r}");
+    let r = rcpt(&b, "stranger@example.test");
+    assert!(r.starts_with("250"), "{r}");
+    let mut listed = cached(&b);
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            (
+                "alice@example.test".into(),
+                "valid".into(),
+                "callout".into()
+            ),
+            (
+                "ghost@example.test".into(),
+                "invalid".into(),
+                "callout".into()
+            ),
+        ]
+    );
+}
