@@ -19,7 +19,14 @@ use std::time::{Duration, Instant};
 /// The `backupmx` binary next to this test executable (`target/<profile>/`).
 pub fn backupmx_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // Test executables live in `target/<profile>/deps/`, the tests crate's
+    // own binaries (soak, backscatter) beside `backupmx`.
+    let beside = exe.parent().expect("target dir");
+    let dir = if beside.join("backupmx").exists() {
+        beside
+    } else {
+        beside.parent().expect("target dir")
+    };
     let bin = dir.join("backupmx");
     assert!(
         bin.exists(),
