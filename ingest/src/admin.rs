@@ -65,6 +65,15 @@ pub(crate) enum DomainCommand {
         /// Accept mail for the domain (false refuses it like an unknown one).
         #[arg(long, value_name = "BOOL")]
         enabled: Option<bool>,
+        /// Keep the domain's queued mail: no attempt, no expiry, no bounce.
+        #[arg(long, conflicts_with = "release")]
+        hold: bool,
+        /// Release a held domain: its queued mail goes out at once.
+        #[arg(long)]
+        release: bool,
+        /// How long this domain's mail may stay queued (at most 60d).
+        #[arg(long, value_name = "DUR", value_parser = relay_core::config::parse_duration)]
+        queue_lifetime: Option<std::time::Duration>,
     },
     /// Show one domain, with its primary's last observed state.
     Show {
@@ -279,8 +288,16 @@ pub(crate) async fn domain(
             recipient_verify,
             defer_while_primary_up,
             enabled,
+            hold,
+            release,
+            queue_lifetime,
         } => {
             let name = parse_domain(&domain)?;
+            if let Some(l) = queue_lifetime {
+                if l.is_zero() || l > relay_core::config::MAX_QUEUE_LIFETIME {
+                    bail!("--queue-lifetime must be positive and at most 60d");
+                }
+            }
             let mut d = store
                 .get(&name)
                 .await
@@ -288,11 +305,30 @@ pub(crate) async fn domain(
                 .ok_or_else(|| {
                     anyhow!("no such domain: {name} (add it with `backupmx domain add {name}`)")
                 })?;
+            // A new next hop, a release or a new lifetime applies to mail
+            // already queued: it is made due now (as `queue flush`).
+            let mut flush = false;
             if !primary.is_empty() {
                 for p in &primary {
                     relay_core::domain::validate_primary(p)?;
                 }
+                flush |= d.primary != primary;
                 d.primary = primary;
+            }
+            let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
+            if hold && d.hold.is_none() {
+                d.hold = Some(relay_core::domain::Hold {
+                    reason: relay_core::domain::HoldReason::Operator,
+                    since: now,
+                });
+            }
+            if release && d.hold.is_some() {
+                d.hold = None;
+                flush = true;
+            }
+            if let Some(l) = queue_lifetime {
+                flush |= d.queue_lifetime != Some(l.as_secs());
+                d.queue_lifetime = Some(l.as_secs());
             }
             if let Some(g) = greylist {
                 d.greylist = g;
@@ -310,7 +346,28 @@ pub(crate) async fn domain(
                 d.enabled = e;
             }
             store.put(&d).await.context("cannot store the domain")?;
-            println!("updated {}", d.name);
+            let released = if flush && d.hold.is_none() {
+                backends
+                    .queue
+                    .release(Some(&name), now)
+                    .await
+                    .context("cannot release the domain's queued mail")?
+            } else {
+                0
+            };
+            match (&d.hold, flush) {
+                (Some(h), _) => println!(
+                    "updated {}; held ({}) since {}: queued mail is kept",
+                    d.name,
+                    h.reason,
+                    rfc3339(h.since)
+                ),
+                (None, true) => println!(
+                    "updated {}; {released} queued message(s) released for delivery",
+                    d.name
+                ),
+                (None, false) => println!("updated {}", d.name),
+            }
         }
         DomainCommand::Show { domain, json } => {
             let name = parse_domain(&domain)?;
@@ -364,6 +421,19 @@ pub(crate) async fn domain(
                 d.recipients
                     .as_ref()
                     .map_or("(any)".into(), |r| r.join(", "))
+            );
+            println!(
+                "hold: {}",
+                match &d.hold {
+                    None => "no".to_string(),
+                    Some(h) => format!("yes ({}) since {}", h.reason, rfc3339(h.since)),
+                }
+            );
+            println!(
+                "queue_lifetime: {}",
+                d.queue_lifetime.map_or("(global)".into(), |l| {
+                    humantime::format_duration(std::time::Duration::from_secs(l)).to_string()
+                })
             );
             println!("recipient_verify: {}", d.recipient_verify);
             println!("defer_while_primary_up: {}", d.defer_while_primary_up);

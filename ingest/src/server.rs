@@ -190,14 +190,22 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let backends = open_backends(&config).await?;
     for d in &config.domains {
         // validate() already checked every entry.
-        let domain = d
+        let mut domain = d
             .to_domain()
             .with_context(|| format!("[[domain]] {}", d.name))?;
+        let stored = backends.registry.get(&domain.name).await.ok().flatten();
+        // A hold is the operator's (or the bounce-storm guard's) until
+        // released: a configuration that does not mention it keeps it, and
+        // one that says `hold = true` keeps its reason and time.
+        if d.hold != Some(false) {
+            if let Some(h) = stored.as_ref().and_then(|s| s.hold) {
+                domain.hold = Some(h);
+            }
+        }
         // Unchanged records are not written again, and a write that fails
         // (a full disk) must not keep the server from serving the domains
         // it already has: mail for them is what the disk is full of.
-        if matches!(backends.registry.get(&domain.name).await, Ok(Some(ref stored)) if *stored == domain)
-        {
+        if stored.as_ref() == Some(&domain) {
             continue;
         }
         if let Err(e) = backends.registry.put(&domain).await {

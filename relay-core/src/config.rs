@@ -340,6 +340,13 @@ pub struct DomainConfig {
     pub recipient_verify: Option<crate::domain::RecipientVerify>,
     #[serde(default)]
     pub defer_while_primary_up: Option<bool>,
+    /// `true` holds the domain's mail, `false` releases it; absent leaves
+    /// what `domain set` decided.
+    #[serde(default)]
+    pub hold: Option<bool>,
+    /// This domain's queue lifetime (at most 60 d).
+    #[serde(default, with = "humantime_serde")]
+    pub queue_lifetime: Option<Duration>,
 }
 
 impl Default for Config {
@@ -631,6 +638,14 @@ impl Config {
         for d in &self.domains {
             d.to_domain()
                 .map_err(|e| ConfigError::Invalid(format!("[[domain]] {}: {e}", d.name)))?;
+            if d.queue_lifetime
+                .is_some_and(|l| l.is_zero() || l > MAX_QUEUE_LIFETIME)
+            {
+                return invalid(format!(
+                    "[[domain]] {}: queue_lifetime must be positive and at most 60d",
+                    d.name
+                ));
+            }
         }
         Ok(())
     }
@@ -652,6 +667,13 @@ impl DomainConfig {
         if let Some(v) = self.defer_while_primary_up {
             d.defer_while_primary_up = v;
         }
+        if self.hold == Some(true) {
+            d.hold = Some(crate::domain::Hold {
+                reason: crate::domain::HoldReason::Operator,
+                since: crate::time::unix_seconds(std::time::SystemTime::now()),
+            });
+        }
+        d.queue_lifetime = self.queue_lifetime.map(|l| l.as_secs());
         Ok(d)
     }
 }

@@ -33,6 +33,54 @@ pub struct Domain {
     /// deliver to it directly (spam aimed at the backup gives up).
     #[serde(default)]
     pub defer_while_primary_up: bool,
+    /// Queued mail is kept and not attempted (and does not expire) while
+    /// this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<Hold>,
+    /// How long mail for this domain may stay queued (seconds), instead of
+    /// the global `[delivery] queue_lifetime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_lifetime: Option<u64>,
+}
+
+/// Why and since when a domain's mail is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hold {
+    /// Who held it.
+    pub reason: HoldReason,
+    /// Unix seconds.
+    pub since: u64,
+}
+
+/// Who held a domain's mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldReason {
+    /// `domain set --hold` or `hold = true` in the configuration.
+    Operator,
+    /// The primary refused nearly all of a drain.
+    BounceStorm,
+}
+
+impl std::fmt::Display for HoldReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HoldReason::Operator => "operator",
+            HoldReason::BounceStorm => "bounce_storm",
+        })
+    }
+}
+
+impl std::str::FromStr for HoldReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "operator" => Ok(HoldReason::Operator),
+            "bounce_storm" => Ok(HoldReason::BounceStorm),
+            _ => Err(format!("{s:?}: expected operator or bounce_storm")),
+        }
+    }
 }
 
 /// How a domain's recipients are verified at RCPT.
@@ -118,6 +166,8 @@ impl Domain {
             enabled: true,
             recipient_verify: RecipientVerify::Off,
             defer_while_primary_up: false,
+            hold: None,
+            queue_lifetime: None,
         }
     }
 

@@ -108,6 +108,10 @@ pub(crate) async fn commit_outcome<W: OutcomeWriter + ?Sized>(
     }
 }
 
+/// A held domain's mail is looked at again after this long (a release
+/// makes it due at once anyway).
+const HOLD_RECHECK_SECS: u64 = 3600;
+
 pub struct Engine {
     cfg: EngineConfig,
     resolver: Arc<dyn Resolver>,
@@ -226,12 +230,23 @@ impl Engine {
         self.route_for(domain).await.map(|(_, targets)| targets)
     }
 
-    /// Where mail for `domain` goes now, and its hosted-domain record (one
-    /// read of the record serves the route and what the attempt learns).
+    /// Where mail for `domain` goes now, and its hosted-domain record.
     async fn route_for(
         &self,
         domain: &DomainName,
     ) -> Result<(Option<crate::domain::Domain>, Vec<Target>), RouteError> {
+        let record = self.hosted(domain).await?;
+        let targets = self.route(domain, record.as_ref()).await?;
+        Ok((record, targets))
+    }
+
+    /// The hosted-domain record of `domain` (`None`: not hosted, delivered
+    /// by MX). One read serves the hold check, the route, the lifetime and
+    /// what the attempt learns.
+    async fn hosted(
+        &self,
+        domain: &DomainName,
+    ) -> Result<Option<crate::domain::Domain>, RouteError> {
         let record = match self.registry.get(domain).await {
             Ok(Some(d)) => Some(d),
             Ok(None) => {
@@ -257,16 +272,31 @@ impl Engine {
                 )))
             }
         };
-        let primaries = record.as_ref().map_or(&[][..], |d| d.primary.as_slice());
-        let targets = route::targets(
+        Ok(record)
+    }
+
+    /// The targets for `domain` with its record's primaries.
+    async fn route(
+        &self,
+        domain: &DomainName,
+        record: Option<&crate::domain::Domain>,
+    ) -> Result<Vec<Target>, RouteError> {
+        let primaries = record.map_or(&[][..], |d| d.primary.as_slice());
+        route::targets(
             self.resolver.as_ref(),
             &self.cfg.me,
             &self.cfg.routes,
             domain.as_str(),
             primaries,
         )
-        .await?;
-        Ok((record, targets))
+        .await
+    }
+
+    /// How long mail for this domain may stay queued.
+    fn lifetime(&self, record: Option<&crate::domain::Domain>) -> Duration {
+        record
+            .and_then(|d| d.queue_lifetime)
+            .map_or(self.cfg.queue_lifetime, Duration::from_secs)
     }
 
     /// One delivery attempt for the pending recipients of `entry`, whose
@@ -306,7 +336,10 @@ impl Engine {
             .filter(|&i| entry.recipients[i].status == RecipientStatus::Pending)
             .collect();
         let results = vec![(RcptResult::Transient(reason.to_string()), ""); pending.len()];
-        let (mut report, failed) = self.finish_entry(entry, &pending, results, false, now);
+        let record = self.hosted(&entry.domain).await.ok().flatten();
+        let lifetime = self.lifetime(record.as_ref());
+        let (mut report, failed) =
+            self.finish_entry(entry, &pending, results, false, lifetime, now);
         report.bounce = self.bounce_for(&report.entry, &failed, bodies, now).await;
         report
     }
@@ -354,8 +387,37 @@ impl Engine {
         };
         let domain = work[first].entry.domain.clone();
         let mut destination_down = false;
-        let per_message: Vec<Vec<(RcptResult, &'static str)>> = match self.route_for(&domain).await
-        {
+        let hosted = self.hosted(&domain).await;
+        if let Ok(Some(record)) = &hosted {
+            if let Some(hold) = record.hold {
+                // Held: no attempt, no attempt counted, no expiry; looked
+                // at again in an hour (a release makes it due at once).
+                tracing::info!(event = "delivery_held", domain = %domain, reason = %hold.reason,
+                    entries = active.len());
+                let later = unix_seconds(now) + HOLD_RECHECK_SECS;
+                for &i in &active {
+                    let mut entry = items[i].clone();
+                    entry.next_attempt = later;
+                    reports[i] = Some(AttemptReport {
+                        entry,
+                        finished: false,
+                        bounce: None,
+                        destination_down: false,
+                        delivered: 0,
+                    });
+                }
+                return reports.into_iter().flatten().collect();
+            }
+        }
+        let lifetime = self.lifetime(hosted.as_ref().ok().and_then(Option::as_ref));
+        let routed = match hosted {
+            Ok(record) => self
+                .route(&domain, record.as_ref())
+                .await
+                .map(|targets| (record, targets)),
+            Err(e) => Err(e),
+        };
+        let per_message: Vec<Vec<(RcptResult, &'static str)>> = match routed {
             Err(RouteError::Permanent { status, text }) => active
                 .iter()
                 .map(|&i| {
@@ -416,8 +478,14 @@ impl Engine {
         };
         for (&i, results) in active.iter().zip(per_message) {
             let w = &work[i];
-            let (mut report, failed) =
-                self.finish_entry(w.entry.clone(), &w.pending, results, destination_down, now);
+            let (mut report, failed) = self.finish_entry(
+                w.entry.clone(),
+                &w.pending,
+                results,
+                destination_down,
+                lifetime,
+                now,
+            );
             report.bounce = self.bounce_for(&report.entry, &failed, bodies, now).await;
             reports[i] = Some(report);
         }
@@ -432,6 +500,7 @@ impl Engine {
         pending: &[usize],
         results: Vec<(RcptResult, &'static str)>,
         destination_down: bool,
+        lifetime: Duration,
         now: SystemTime,
     ) -> (AttemptReport, Vec<dsn::FailedRecipient>) {
         let mut failed = Vec::new();
@@ -478,13 +547,8 @@ impl Engine {
             .recipients
             .iter()
             .any(|r| r.status == RecipientStatus::Pending);
-        if still_pending
-            && now_secs
-                >= entry
-                    .received_at
-                    .saturating_add(self.cfg.queue_lifetime.as_secs())
-        {
-            let days = self.cfg.queue_lifetime.as_secs() / 86_400;
+        if still_pending && now_secs >= entry.received_at.saturating_add(lifetime.as_secs()) {
+            let days = lifetime.as_secs() / 86_400;
             for rcpt in entry
                 .recipients
                 .iter_mut()

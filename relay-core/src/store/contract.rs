@@ -45,6 +45,16 @@ pub(crate) async fn domains_contract(reg: &dyn DomainRegistry) {
     reg.put(&d).await.unwrap();
     assert_eq!(reg.get(&name).await.unwrap(), Some(d.clone()));
     d.greylist = false;
+    d.recipient_verify = crate::domain::RecipientVerify::Callout;
+    d.defer_while_primary_up = true;
+    d.hold = Some(crate::domain::Hold {
+        reason: crate::domain::HoldReason::BounceStorm,
+        since: 1_800_000_000,
+    });
+    d.queue_lifetime = Some(30 * 86_400);
+    reg.put(&d).await.unwrap();
+    assert_eq!(reg.get(&name).await.unwrap(), Some(d.clone()));
+    d.hold = None;
     reg.put(&d).await.unwrap();
     assert_eq!(reg.list().await.unwrap(), vec![d]);
     assert!(reg.remove(&name).await.unwrap());

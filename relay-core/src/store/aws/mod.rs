@@ -552,6 +552,13 @@ fn domain_item(d: &Domain) -> HashMap<String, AttributeValue> {
     if d.defer_while_primary_up {
         item.insert("defer_while_primary_up".into(), AttributeValue::Bool(true));
     }
+    if let Some(h) = &d.hold {
+        item.insert("hold_reason".into(), s(h.reason.to_string()));
+        item.insert("hold_since".into(), n(h.since));
+    }
+    if let Some(l) = d.queue_lifetime {
+        item.insert("queue_lifetime".into(), n(l));
+    }
     item
 }
 
@@ -585,6 +592,18 @@ fn domain_from_item(item: &HashMap<String, AttributeValue>) -> Result<Domain, St
                 .ok_or_else(corrupt)?,
         },
         defer_while_primary_up: flag("defer_while_primary_up")?.unwrap_or(false),
+        hold: match item.get("hold_reason") {
+            None => None,
+            Some(v) => Some(crate::domain::Hold {
+                reason: v
+                    .as_s()
+                    .ok()
+                    .and_then(|r| r.parse().ok())
+                    .ok_or_else(corrupt)?,
+                since: get_n(item, "hold_since").unwrap_or(0),
+            }),
+        },
+        queue_lifetime: get_n(item, "queue_lifetime"),
     })
 }
 

@@ -1,0 +1,193 @@
+//! Operators steer mail already queued: hold and release, a new primary,
+//! a per-domain queue lifetime. Embedded (`backupmx run`) and on the AWS
+//! emulator with `retry-fn poll`.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use backupmx_tests::sink::Sink;
+use backupmx_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn send(s: &Server, n: usize) {
+    let mut c = s.client();
+    let reply = c.send_message(
+        "alice@remote.test",
+        &["bob@example.test"],
+        &format!("Subject: message {n}\r\n\r\nbody {n}\r\n"),
+    );
+    assert!(reply.starts_with("250"), "{reply}");
+}
+
+fn poll(s: &Server) -> String {
+    let out = Command::new(retry_fn_bin())
+        .arg("--config")
+        .arg(&s.config_path)
+        .args(["poll", "--exit-when-idle", "3s"])
+        .output()
+        .expect("run retry-fn poll");
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "poll: {log}");
+    log
+}
+
+#[test]
+fn held_mail_is_not_attempted_does_not_expire_and_goes_out_at_once_on_release() {
+    let sink = Sink::start(0);
+    let s = Server::start_run(
+        "",
+        "queue_lifetime = \"3s\"\n[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+    );
+    let held = ok(&s.cli(&["domain", "set", "example.test", "--hold"]));
+    assert!(held.contains("held (operator)"), "{held}");
+    send(&s, 1);
+    send(&s, 2);
+    // Past the domain's 3 s lifetime, with the primary up all along.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(sink.received().is_empty(), "held mail was sent");
+    let queued = s.queue();
+    assert_eq!(queued.len(), 2);
+    assert!(queued.iter().all(|e| e["attempts"] == 0), "{queued:?}");
+    assert!(!s.log().contains("bounce_queued"), "{}", s.log());
+    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    assert!(shown.contains("hold: yes (operator) since "), "{shown}");
+    assert!(shown.contains("queue_lifetime: 3s"), "{shown}");
+    assert!(shown.contains("queued: 2"), "{shown}");
+
+    let released = ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    assert!(
+        released.contains("2 queued message(s) released"),
+        "{released}"
+    );
+    // Delivered on their first attempt, expired or not: no DSN.
+    sink.wait_for(2, WAIT);
+    eventually(WAIT, "an empty queue", || {
+        s.queue().is_empty().then_some(())
+    });
+    assert!(!s.log().contains("bounce_queued"), "{}", s.log());
+}
+
+#[test]
+fn a_hold_from_the_cli_survives_a_restart_with_a_config_that_does_not_mention_it() {
+    let sink = Sink::start(0);
+    let mut s = Server::start_run("", "", &format!("[\"{}\"]", sink.addr));
+    ok(&s.cli(&["domain", "set", "example.test", "--hold"]));
+    s.restart();
+    send(&s, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(sink.received().is_empty(), "held mail was sent");
+    ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    sink.wait_for(1, WAIT);
+}
+
+#[test]
+fn a_new_primary_applies_to_mail_already_queued() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1h\"\n",
+        &format!("[\"{dead}\"]"),
+    );
+    send(&s, 1);
+    eventually(WAIT, "a failed attempt", || {
+        s.queue()
+            .first()
+            .filter(|e| e["attempts"].as_u64() > Some(0))
+            .cloned()
+    });
+    // The next attempt is an hour away; a new primary does not wait for it.
+    let sink = Sink::start(0);
+    let out = ok(&s.cli(&[
+        "domain",
+        "set",
+        "example.test",
+        "--primary",
+        &sink.addr.to_string(),
+    ]));
+    assert!(out.contains("released for delivery"), "{out}");
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["bob@example.test"]);
+}
+
+#[test]
+fn bad_settings_are_refused_with_one_line() {
+    let s = Server::start("", "");
+    for (args, needle) in [
+        (&["--queue-lifetime", "61d"][..], "at most 60d"),
+        (&["--primary", "mx:0"][..], "mx:0"),
+        (&["--hold", "--release"][..], "cannot be used with"),
+    ] {
+        let mut cmd = vec!["domain", "set", "example.test"];
+        cmd.extend_from_slice(args);
+        let out = s.cli(&cmd);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let out = s.cli(&["domain", "set", "nothosted.test", "--hold"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such domain"));
+}
+
+#[test]
+fn hold_release_and_a_new_primary_on_aws() {
+    let sink = Sink::start(0);
+    let Some(s) = Server::start_aws(
+        "",
+        "queue_lifetime = \"3s\"\n[delivery]\nretry_initial = \"1s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+        false,
+    ) else {
+        return;
+    };
+    ok(&s.cli(&["domain", "set", "example.test", "--hold"]));
+    send(&s, 1);
+    send(&s, 2);
+    std::thread::sleep(Duration::from_secs(4));
+    let log = poll(&s);
+    assert!(log.contains("delivery_held"), "{log}");
+    assert!(sink.received().is_empty(), "held mail was sent");
+    let queued = s.queue();
+    assert_eq!(queued.len(), 2, "{queued:?}");
+    assert!(queued.iter().all(|e| e["attempts"] == 0), "{queued:?}");
+    ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    poll(&s);
+    assert_eq!(sink.received().len(), 2);
+    assert!(s.queue().is_empty());
+
+    // A new primary for mail queued while the old one was dead.
+    let dead = format!("127.0.0.1:{}", free_port());
+    ok(&s.cli(&[
+        "domain",
+        "set",
+        "example.test",
+        "--primary",
+        &dead,
+        "--queue-lifetime",
+        "5d",
+    ]));
+    send(&s, 3);
+    poll(&s);
+    assert_eq!(s.queue().len(), 1, "still queued for the dead primary");
+    let other = Sink::start(0);
+    ok(&s.cli(&[
+        "domain",
+        "set",
+        "example.test",
+        "--primary",
+        &other.addr.to_string(),
+    ]));
+    poll(&s);
+    assert_eq!(other.received().len(), 1);
+    assert!(s.queue().is_empty());
+}
