@@ -345,7 +345,24 @@ pub(crate) async fn domain(
             if let Some(e) = enabled {
                 d.enabled = e;
             }
+            let was_held = store.get(&name).await.ok().flatten().and_then(|x| x.hold);
             store.put(&d).await.context("cannot store the domain")?;
+            if let Some(a) = crate::server::alerter(config)? {
+                match (&was_held, &d.hold) {
+                    (None, Some(h)) => a.send(
+                        "domain_held",
+                        Some(name.as_str()),
+                        json!({ "reason": h.reason.to_string() }),
+                    ),
+                    (Some(h), None) => a.send(
+                        "domain_released",
+                        Some(name.as_str()),
+                        json!({ "held_for": h.reason.to_string() }),
+                    ),
+                    _ => {}
+                }
+                a.flush(std::time::Duration::from_secs(5)).await;
+            }
             let released = if flush && d.hold.is_none() {
                 backends
                     .queue

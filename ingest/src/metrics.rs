@@ -134,6 +134,18 @@ const METRICS: &[MetricSpec] = &[
         &[("reason", "primary_up")],
     ),
     (
+        "backupmx_bounce_storms_total",
+        "drains the bounce-storm guard stopped (domain held, no DSN)",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_alerts_total",
+        "webhook alerts by result (sent, failed, dropped)",
+        false,
+        &[("result", "sent")],
+    ),
+    (
         "backupmx_unknown_user_bounces_total",
         "recipients accepted here that the primary refused as unknown (5.1.x): the backscatter still caused",
         false,

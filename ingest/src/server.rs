@@ -242,6 +242,7 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     } else {
         None
     };
+    let alerter = alerter(&config)?;
     // The delivery engine: routes for delivery, probes, ETRN and callouts.
     // Every process that can compute a route to a primary has one.
     let engine: Option<Arc<Engine>> = resolver
@@ -254,7 +255,8 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                         backends.recipients.clone(),
                         config.recipient_verify.valid_ttl,
                         config.recipient_verify.invalid_ttl,
-                    ),
+                    )
+                    .with_alerts(alerter.clone()),
             )
         });
     let verifier = engine.clone().map(|e| {
@@ -273,6 +275,18 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         (Mode::Embedded, Some(engine), Some(store)) => {
             let (delivery, worker) = start_delivery(&config, store, engine)?;
             worker_task = Some(tokio::spawn(worker.clone().run(shutdown_rx.clone())));
+            if let Some(a) = delivery.engine.alerts().cloned() {
+                let queue = backends.queue.clone();
+                let threshold = config.alerts.queue_age;
+                tokio::spawn(async move {
+                    let watch = relay_core::alerts::QueueAgeWatch::default();
+                    loop {
+                        let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
+                        watch.check(queue.as_ref(), &a, threshold, now).await;
+                        tokio::time::sleep(QUEUE_AGE_CHECK).await;
+                    }
+                });
+            }
             let etrn = Etrn {
                 engine: delivery.engine.clone(),
                 release: worker,
@@ -679,6 +693,19 @@ fn refuse(
 }
 
 /// DNSBL, relay control and greylisting, as configured.
+/// How often the embedded server looks at the age of its oldest message.
+const QUEUE_AGE_CHECK: Duration = Duration::from_secs(60);
+
+/// The webhook alerter, when `[alerts] webhook` is set.
+pub(crate) fn alerter(config: &Config) -> anyhow::Result<Option<Arc<relay_core::alerts::Alerter>>> {
+    if config.alerts.webhook.is_empty() {
+        return Ok(None);
+    }
+    let hook = relay_core::alerts::Webhook::parse(&config.alerts.webhook)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Some(Arc::new(relay_core::alerts::Alerter::start(hook))))
+}
+
 fn build_policy(
     config: &Config,
     backends: &Backends,

@@ -58,6 +58,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// Callouts and their cache (`recipient_verify = "callout"` domains).
     pub recipient_verify: RecipientVerifyConfig,
+    /// Alerts to a webhook.
+    pub alerts: AlertsConfig,
     /// `[[domain]]` entries, upserted into the registry at start.
     #[serde(rename = "domain")]
     pub domains: Vec<DomainConfig>,
@@ -320,6 +322,34 @@ pub struct DeliveryConfig {
     /// counts: `defer_while_primary_up` defers only on a fresh "up".
     #[serde(with = "humantime_serde")]
     pub primary_up_fresh: Duration,
+    /// Bounce-storm guard: distinct recipients answered during a drain
+    /// before it may trip (0: off)…
+    pub bounce_storm_min_recipients: usize,
+    /// …the share of them refused (5xx) that trips it…
+    pub bounce_storm_ratio: f64,
+    /// …and how long a drain lasts after the primary answers again.
+    #[serde(with = "humantime_serde")]
+    pub bounce_storm_window: Duration,
+}
+
+/// `[alerts]`: where alerts go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// `http://HOST:PORT/PATH` receiving JSON POSTs; empty: no alerts.
+    pub webhook: String,
+    /// Alert when the oldest queued message is older than this.
+    #[serde(with = "humantime_serde")]
+    pub queue_age: Duration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            webhook: String::new(),
+            queue_age: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -364,6 +394,7 @@ impl Default for Config {
             dnsbl: DnsblConfig::default(),
             delivery: DeliveryConfig::default(),
             recipient_verify: RecipientVerifyConfig::default(),
+            alerts: AlertsConfig::default(),
             domains: Vec::new(),
         }
     }
@@ -468,6 +499,9 @@ impl Default for DeliveryConfig {
             data_timeout: Duration::from_secs(600),
             bounce_headers_max: 50 * 1024,
             primary_up_fresh: Duration::from_secs(300),
+            bounce_storm_min_recipients: 10,
+            bounce_storm_ratio: 0.9,
+            bounce_storm_window: Duration::from_secs(600),
         }
     }
 }
@@ -624,6 +658,20 @@ impl Config {
         }
         if v.concurrency == 0 {
             return invalid("recipient_verify.concurrency must be at least 1".into());
+        }
+        if !(d.bounce_storm_ratio > 0.0 && d.bounce_storm_ratio <= 1.0)
+            || d.bounce_storm_window.is_zero()
+        {
+            return invalid(
+                "delivery.bounce_storm_ratio must be in (0, 1] and bounce_storm_window positive"
+                    .into(),
+            );
+        }
+        if !self.alerts.webhook.is_empty() {
+            crate::alerts::Webhook::parse(&self.alerts.webhook).map_err(ConfigError::Invalid)?;
+        }
+        if self.alerts.queue_age.is_zero() {
+            return invalid("alerts.queue_age must be positive".into());
         }
         for (dest, hop) in &d.routes {
             crate::domain::validate_primary(hop)
@@ -854,6 +902,11 @@ impl From<&Config> for EngineConfig {
             },
             opportunistic_tls: d.opportunistic_tls,
             bounce_headers_max: usize::try_from(d.bounce_headers_max).unwrap_or(usize::MAX),
+            storm: crate::delivery::storm::StormSettings {
+                min_recipients: d.bounce_storm_min_recipients,
+                ratio: d.bounce_storm_ratio,
+                window: d.bounce_storm_window,
+            },
         }
     }
 }
@@ -915,6 +968,7 @@ impl From<&Config> for crate::delivery::retry::RetrySettings {
             orphan_after: config.aws.orphan_after,
             sweep_interval: config.aws.sweep_interval,
             probe_interval: config.delivery.probe_interval,
+            queue_age: config.alerts.queue_age,
         }
     }
 }

@@ -18,6 +18,7 @@
 
 pub use relay_proto::{address, domain, proxy, smtp, time, verify};
 
+pub mod alerts;
 pub mod budget;
 pub mod config;
 pub mod delivery;

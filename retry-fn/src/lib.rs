@@ -12,6 +12,16 @@ use relay_core::delivery::{Engine, EngineConfig};
 use relay_core::dns::HickoryResolver;
 use relay_core::store::aws::{AwsNames, AwsStore};
 
+/// The webhook alerter, when `[alerts] webhook` is set.
+fn alerter(config: &Config) -> anyhow::Result<Option<Arc<relay_core::alerts::Alerter>>> {
+    if config.alerts.webhook.is_empty() {
+        return Ok(None);
+    }
+    let hook = relay_core::alerts::Webhook::parse(&config.alerts.webhook)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Some(Arc::new(relay_core::alerts::Alerter::start(hook))))
+}
+
 /// Clients, resolver and engine from the configuration.
 pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     let conf = relay_core::store::aws::sdk_config().await;
@@ -35,7 +45,8 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
             store.clone(),
             config.recipient_verify.valid_ttl,
             config.recipient_verify.invalid_ttl,
-        ),
+        )
+        .with_alerts(alerter(config)?),
     );
     Ok(
         RetryProcessor::new(store, engine, RetrySettings::from(config))

@@ -191,3 +191,166 @@ fn hold_release_and_a_new_primary_on_aws() {
     assert_eq!(other.received().len(), 1);
     assert!(s.queue().is_empty());
 }
+
+/// Every user of the drain, refused by a primary that came back broken.
+fn refuse_everyone(sink: &Sink, users: usize) {
+    sink.set(|b| {
+        b.rcpt_replies = (0..users)
+            .map(|i| {
+                (
+                    format!("user{i}@example.test"),
+                    format!("550 5.1.1 <user{i}@example.test>: User unknown"),
+                )
+            })
+            .collect()
+    });
+}
+
+fn send_to(s: &Server, i: usize) {
+    let mut c = s.client();
+    let reply = c.send_message(
+        "alice@remote.test",
+        &[&format!("user{i}@example.test")],
+        &format!("Subject: message {i}\r\n\r\nbody {i}\r\n"),
+    );
+    assert!(reply.starts_with("250"), "{reply}");
+}
+
+#[test]
+fn a_primary_refusing_everyone_after_an_outage_is_held_not_bounced() {
+    let hook = HookReceiver::start();
+    let sink = Sink::start(0);
+    let primary = TcpProxy::start(sink.addr);
+    primary.set_down(true);
+    let s = Server::start_run(
+        "",
+        &format!(
+            "[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\n[alerts]\nwebhook = \"{}\"\n",
+            hook.url()
+        ),
+        &format!("[\"{}\"]", primary.addr),
+    );
+    for i in 0..12 {
+        send_to(&s, i);
+    }
+    eventually(WAIT, "a primary_down alert", || {
+        (hook.count("primary_down") > 0).then_some(())
+    });
+    // The primary comes back misconfigured: 550 to everyone.
+    refuse_everyone(&sink, 12);
+    primary.set_down(false);
+    eventually(WAIT, "the domain held by the guard", || {
+        let shown =
+            String::from_utf8_lossy(&s.cli(&["domain", "show", "example.test"]).stdout).to_string();
+        shown.contains("hold: yes (bounce_storm)").then_some(())
+    });
+    eventually(WAIT, "a domain_held alert", || {
+        (hook.count("domain_held") > 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(s.queue().len(), 12, "every message still queued");
+    assert!(!s.log().contains("bounce_queued"), "{}", s.log());
+    let held: Vec<_> = hook
+        .alerts()
+        .into_iter()
+        .filter(|a| a["event"] == "domain_held")
+        .collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0]["reason"], "bounce_storm");
+    assert_eq!(held[0]["domain"], "example.test");
+    assert_eq!(hook.count("primary_down"), 1, "{:?}", hook.alerts());
+    assert_eq!(hook.count("primary_up"), 1, "{:?}", hook.alerts());
+    let down = hook
+        .alerts()
+        .into_iter()
+        .find(|a| a["event"] == "primary_down")
+        .unwrap();
+    assert!(down["queued"].as_u64() >= Some(1), "{down}");
+
+    // The operator fixes the primary and releases: everything delivered.
+    sink.set(|b| b.rcpt_replies.clear());
+    ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    sink.wait_for(12, WAIT);
+    eventually(WAIT, "an empty queue", || {
+        s.queue().is_empty().then_some(())
+    });
+    eventually(WAIT, "a domain_released alert", || {
+        (hook.count("domain_released") == 1).then_some(())
+    });
+    assert!(!s.log().contains("bounce_queued"), "{}", s.log());
+}
+
+#[test]
+fn a_few_unknown_users_in_a_drain_still_bounce_after_it() {
+    let sink = Sink::start(0);
+    let primary = TcpProxy::start(sink.addr);
+    primary.set_down(true);
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\nbounce_storm_window = \"3s\"\n",
+        &format!("[\"{}\"]", primary.addr),
+    );
+    for i in 0..12 {
+        send_to(&s, i);
+    }
+    eventually(WAIT, "a failed attempt", || {
+        s.queue()
+            .first()
+            .filter(|e| e["attempts"].as_u64() > Some(0))
+            .cloned()
+    });
+    // One unknown user among twelve: no storm; its refusal waits for the
+    // drain's end, then bounces as usual.
+    sink.set(|b| {
+        b.rcpt_replies = vec![(
+            "user3@example.test".into(),
+            "550 5.1.1 <user3@example.test>: User unknown".into(),
+        )]
+    });
+    primary.set_down(false);
+    sink.wait_for(11, WAIT);
+    eventually(WAIT, "the one refusal bounced", || {
+        s.log().contains("bounce_queued").then_some(())
+    });
+    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    assert!(shown.contains("hold: no"), "{shown}");
+}
+
+#[test]
+fn bounce_storm_and_alerts_on_aws() {
+    let hook = HookReceiver::start();
+    let sink = Sink::start(0);
+    let primary = TcpProxy::start(sink.addr);
+    primary.set_down(true);
+    let Some(s) = Server::start_aws(
+        "",
+        &format!(
+            // Backoff grows (1 s, 2 s, 4 s …) so a poller finds itself idle.
+            "[delivery]\nretry_initial = \"1s\"\nprobe_interval = \"1s\"\n[alerts]\nwebhook = \"{}\"\n",
+            hook.url()
+        ),
+        &format!("[\"{}\"]", primary.addr),
+        false,
+    ) else {
+        return;
+    };
+    for i in 0..12 {
+        send_to(&s, i);
+    }
+    poll(&s);
+    assert_eq!(hook.count("primary_down"), 1, "{:?}", hook.alerts());
+    refuse_everyone(&sink, 12);
+    primary.set_down(false);
+    poll(&s);
+    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    assert!(shown.contains("hold: yes (bounce_storm)"), "{shown}");
+    assert_eq!(s.queue().len(), 12, "every message still queued");
+    assert_eq!(hook.count("domain_held"), 1, "{:?}", hook.alerts());
+    assert_eq!(hook.count("primary_up"), 1, "{:?}", hook.alerts());
+    sink.set(|b| b.rcpt_replies.clear());
+    ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    poll(&s);
+    assert_eq!(sink.received().len(), 12);
+    assert!(s.queue().is_empty());
+    assert_eq!(hook.count("domain_released"), 1, "{:?}", hook.alerts());
+}

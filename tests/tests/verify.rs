@@ -62,7 +62,9 @@ fn callouts_refuse_unknown_users_and_the_cache_decides_while_the_primary_is_down
     let primary = TcpProxy::start(sink.addr);
     let s = Server::start_run(
         "",
-        "recipient_verify = \"callout\"\n[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1s\"\nprimary_up_fresh = \"2s\"\n[recipient_verify]\ntimeout = \"3s\"\n",
+        // A short drain: the bounce-storm guard holds refusals back until
+        // its end (tests/tests/steer.rs); here they are final soon after.
+        "recipient_verify = \"callout\"\n[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprobe_interval = \"1s\"\nprimary_up_fresh = \"2s\"\nbounce_storm_window = \"2s\"\n[recipient_verify]\ntimeout = \"3s\"\n",
         &format!("[\"{}\"]", primary.addr),
     );
     // (1) Primary up: the unknown user is refused at RCPT, the real one

@@ -11,6 +11,7 @@ mod probe;
 #[cfg(feature = "aws")]
 pub mod retry;
 pub mod route;
+pub mod storm;
 pub mod transport;
 pub mod worker;
 
@@ -43,6 +44,8 @@ pub struct EngineConfig {
     pub opportunistic_tls: bool,
     /// Most bytes of the original headers a DSN returns.
     pub bounce_headers_max: usize,
+    /// The bounce-storm guard's thresholds.
+    pub storm: storm::StormSettings,
 }
 
 /// The outcome of one attempt.
@@ -121,7 +124,21 @@ pub struct Engine {
     unhosted: crate::sync::Mutex<std::collections::HashSet<DomainName>>,
     /// Where delivery results teach recipient verification.
     learning: Option<Learning>,
+    storm: storm::StormGuard,
+    alerts: Option<Arc<crate::alerts::Alerter>>,
+    /// Shared primary states read for drain detection, per domain, with
+    /// when they were read (kept a few seconds: one read per domain per
+    /// process, not per attempt).
+    shared_states: crate::sync::Mutex<
+        std::collections::HashMap<
+            DomainName,
+            (Option<crate::verify::PrimaryState>, std::time::Instant),
+        >,
+    >,
 }
+
+/// How long a shared primary state read for drain detection is reused.
+const SHARED_STATE_TTL: Duration = Duration::from_secs(5);
 
 /// What deliveries teach the callout cache and the primary's state.
 struct Learning {
@@ -137,6 +154,7 @@ impl Engine {
         registry: Arc<dyn DomainRegistry>,
     ) -> Self {
         let tls = cfg.opportunistic_tls.then(transport::opportunistic_tls);
+        let cfg_storm = cfg.storm;
         Engine {
             cfg,
             resolver,
@@ -144,7 +162,21 @@ impl Engine {
             tls,
             unhosted: Default::default(),
             learning: None,
+            storm: storm::StormGuard::new(cfg_storm),
+            alerts: None,
+            shared_states: Default::default(),
         }
+    }
+
+    /// Alerts for what the engine sees (a bounce storm, expiries).
+    pub fn with_alerts(mut self, alerts: Option<Arc<crate::alerts::Alerter>>) -> Self {
+        self.alerts = alerts;
+        self
+    }
+
+    /// Where alerts go, if anywhere.
+    pub fn alerts(&self) -> Option<&Arc<crate::alerts::Alerter>> {
+        self.alerts.as_ref()
     }
 
     /// Deliveries to domains with callouts or defer-while-primary-up
@@ -387,6 +419,8 @@ impl Engine {
         };
         let domain = work[first].entry.domain.clone();
         let mut destination_down = false;
+        // Refusals held back by the bounce-storm guard wait for the drain's end.
+        let mut held_back_until: Option<u64> = None;
         let hosted = self.hosted(&domain).await;
         if let Ok(Some(record)) = &hosted {
             if let Some(hold) = record.hold {
@@ -451,14 +485,26 @@ impl Engine {
                     store: bodies,
                     ids: &ids,
                 };
-                let report = self.try_targets(&targets, &envelopes, &source).await;
+                let mut report = self.try_targets(&targets, &envelopes, &source).await;
                 destination_down = !report.transaction_started
                     && report
                         .results
                         .iter()
                         .flatten()
                         .all(|r| matches!(r, RcptResult::Transient(_)));
-                if let (Some(record), Some(_)) = (&record, &self.learning) {
+                let mut storm_verdict = storm::StormVerdict::Normal;
+                if destination_down {
+                    self.storm.destination_down(&domain);
+                } else if record.is_some() {
+                    storm_verdict = self
+                        .guard_storm(&domain, &envelopes, &mut report.results, now)
+                        .await;
+                    if let storm::StormVerdict::HoldBack { until } = storm_verdict {
+                        held_back_until = Some(until);
+                    }
+                }
+                let storming = storm_verdict != storm::StormVerdict::Normal;
+                if let (Some(record), Some(_), false) = (&record, &self.learning, storming) {
                     let taught: Vec<(&str, &RcptResult)> = envelopes
                         .iter()
                         .zip(&report.results)
@@ -486,10 +532,120 @@ impl Engine {
                 lifetime,
                 now,
             );
+            if let (Some(until), false) = (held_back_until, report.finished) {
+                // Tried again as the drain ends, when a refusal is final.
+                report.entry.next_attempt = until;
+            }
             report.bounce = self.bounce_for(&report.entry, &failed, bodies, now).await;
             reports[i] = Some(report);
         }
         reports.into_iter().flatten().collect()
+    }
+
+    /// The bounce-storm guard on one attempt's answers: during a drain,
+    /// remote refusals become temporary (no DSN); if nearly all of the
+    /// drain was refused, the domain is held and an alert sent.
+    async fn guard_storm(
+        &self,
+        domain: &DomainName,
+        envelopes: &[Envelope],
+        results: &mut [Vec<RcptResult>],
+        now: SystemTime,
+    ) -> storm::StormVerdict {
+        let mut delivered = Vec::new();
+        let mut refused = Vec::new();
+        for (env, rs) in envelopes.iter().zip(results.iter()) {
+            for (addr, r) in env.recipients.iter().zip(rs) {
+                match r {
+                    RcptResult::Delivered(_) => delivered.push(addr.as_str()),
+                    RcptResult::Permanent(_) => refused.push(addr.as_str()),
+                    RcptResult::Transient(_) => {}
+                }
+            }
+        }
+        let now_secs = unix_seconds(now);
+        if !refused.is_empty() {
+            if let Some(state) = self.shared_state(domain).await {
+                if state.up {
+                    self.storm.drain_started(domain, state.since, now_secs);
+                }
+            }
+        }
+        let verdict = self.storm.answered(domain, &delivered, &refused, now_secs);
+        let note = match verdict {
+            storm::StormVerdict::Normal => return verdict,
+            storm::StormVerdict::HoldBack { .. } => {
+                "held back: the primary answered again after an outage, refusals wait for the drain's end"
+            }
+            storm::StormVerdict::Trip { refused, answered } => {
+                metrics::counter!("backupmx_bounce_storms_total").increment(1);
+                tracing::warn!(event = "bounce_storm", domain = %domain, refused, answered,
+                    "the primary refused nearly all of a drain: domain held, no DSN sent");
+                self.hold_for_storm(domain, refused, answered, now_secs).await;
+                "held by the bounce-storm guard: the primary refused nearly all of a drain"
+            }
+        };
+        for r in results.iter_mut().flatten() {
+            if let RcptResult::Permanent(text) = r {
+                *r = RcptResult::Transient(format!("{text} ({note})"));
+            }
+        }
+        verdict
+    }
+
+    /// The primary's state as every process on the store sees it (read at
+    /// most every few seconds per domain).
+    async fn shared_state(&self, domain: &DomainName) -> Option<crate::verify::PrimaryState> {
+        let learning = self.learning.as_ref()?;
+        if let Some((state, at)) = self.shared_states.lock().get(domain) {
+            if at.elapsed() < SHARED_STATE_TTL {
+                return *state;
+            }
+        }
+        let state = learning.cache.primary_state(domain).await.ok().flatten();
+        self.shared_states
+            .lock()
+            .insert(domain.clone(), (state, std::time::Instant::now()));
+        state
+    }
+
+    /// Records a primary going down or coming back where every process
+    /// sees it (the AWS retry function's transitions; drains start here).
+    pub async fn record_primary(&self, domain: &DomainName, up: bool, now: u64) {
+        if let Some(l) = &self.learning {
+            crate::recipients::observe_primary(l.cache.as_ref(), domain, up, now).await;
+            self.shared_states.lock().remove(domain);
+        }
+    }
+
+    async fn hold_for_storm(&self, domain: &DomainName, refused: usize, answered: usize, now: u64) {
+        match self.registry.get(domain).await {
+            Ok(Some(mut d)) if d.hold.is_none() => {
+                d.hold = Some(crate::domain::Hold {
+                    reason: crate::domain::HoldReason::BounceStorm,
+                    since: now,
+                });
+                if let Err(e) = self.registry.put(&d).await {
+                    tracing::error!(event = "hold_not_stored", domain = %domain, error = %crate::error::Report(&e));
+                    return;
+                }
+                if let Some(a) = &self.alerts {
+                    a.send(
+                        "domain_held",
+                        Some(domain.as_str()),
+                        serde_json::json!({
+                            "reason": "bounce_storm",
+                            "refused": refused,
+                            "answered": answered,
+                        }),
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(event = "hold_not_stored", domain = %domain, error = %crate::error::Report(&e));
+            }
+        }
     }
 
     /// Applies one attempt's per-recipient results to an entry; returns the
@@ -549,6 +705,15 @@ impl Engine {
             .any(|r| r.status == RecipientStatus::Pending);
         if still_pending && now_secs >= entry.received_at.saturating_add(lifetime.as_secs()) {
             let days = lifetime.as_secs() / 86_400;
+            if let Some(a) = &self.alerts {
+                // One per domain and ten minutes, however many expire.
+                a.send_coalesced(
+                    "expired",
+                    entry.domain.as_str(),
+                    Duration::from_secs(600),
+                    serde_json::json!({ "queue_id": entry.id.as_str(), "lifetime_days": days }),
+                );
+            }
             for rcpt in entry
                 .recipients
                 .iter_mut()
@@ -727,6 +892,7 @@ mod tests {
                 timeouts: EngineConfig::from(&crate::config::Config::default()).timeouts,
                 opportunistic_tls: false,
                 bounce_headers_max: 50 * 1024,
+                storm: EngineConfig::from(&crate::config::Config::default()).storm,
             },
             Arc::new(
                 crate::dns::HickoryResolver::new(

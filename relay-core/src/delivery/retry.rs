@@ -138,6 +138,9 @@ pub struct RetrySettings {
     /// How often a destination recorded down is probed
     /// (`[delivery] probe_interval`).
     pub probe_interval: Duration,
+    /// The sweeper alerts when the oldest queued message is older
+    /// (`[alerts] queue_age`; only with a webhook).
+    pub queue_age: Duration,
 }
 
 /// What one sweeper pass did.
@@ -168,6 +171,7 @@ pub struct RetryProcessor {
     /// comes back, the outcome is stored instead of the message being
     /// delivered again.
     unstored: Mutex<HashMap<QueueId, (AttemptReport, u64)>>,
+    queue_age: crate::alerts::QueueAgeWatch,
 }
 
 impl RetryProcessor {
@@ -178,6 +182,7 @@ impl RetryProcessor {
             settings,
             crash: None,
             unstored: Mutex::new(HashMap::new()),
+            queue_age: Default::default(),
         }
     }
 
@@ -344,6 +349,17 @@ impl RetryProcessor {
             Ok(true) => {
                 metrics::counter!("backupmx_destination_down_total").increment(1);
                 tracing::warn!(event = "destination_down", domain = %domain, error);
+                self.engine.record_primary(domain, false, now).await;
+                if let Some(a) = self.engine.alerts() {
+                    let queued = DeliveryQueue::list(self.store.as_ref(), Some(domain))
+                        .await
+                        .map_or(0, |l| l.len());
+                    a.send(
+                        "primary_down",
+                        Some(domain.as_str()),
+                        serde_json::json!({ "queued": queued }),
+                    );
+                }
             }
             Ok(false) => {}
             Err(e) => {
@@ -358,6 +374,11 @@ impl RetryProcessor {
         match self.store.mark_up(domain).await {
             Ok(true) => {
                 metrics::counter!("backupmx_probe_recoveries_total").increment(1);
+                // The drain starts now, for every process (bounce-storm guard).
+                self.engine.record_primary(domain, true, now).await;
+                if let Some(a) = self.engine.alerts() {
+                    a.send("primary_up", Some(domain.as_str()), serde_json::json!({}));
+                }
                 match DeliveryQueue::release(self.store.as_ref(), Some(domain), now).await {
                     Ok(n) => {
                         tracing::info!(event = "destination_back", domain = %domain, released = n)
@@ -472,6 +493,12 @@ impl RetryProcessor {
         let orphan_after = self.settings.orphan_after.as_secs();
         let store = &self.store;
         let down = self.probe_down(now).await?;
+        if let Some(a) = self.engine.alerts() {
+            // Reads the whole queue table's domain index: only with alerts.
+            self.queue_age
+                .check(self.store.as_ref(), a, self.settings.queue_age, now_secs)
+                .await;
+        }
         let mut report = SweepReport {
             down: down.len(),
             ..SweepReport::default()

@@ -394,12 +394,15 @@ impl Worker {
             self.keep_unstored(report, &err);
         }
         if destination_down {
-            self.down.lock().insert(domain.clone());
+            let newly = self.down.lock().insert(domain.clone());
+            if newly {
+                self.alert_down(&domain).await;
+            }
             if let Err(err) = self.queue.defer_domain(&domain, next_attempt).await {
                 tracing::warn!(event = "defer_failed", domain = %domain, error = %crate::error::Report(&err));
             }
-        } else if delivered > 0 {
-            self.down.lock().remove(&domain);
+        } else if delivered > 0 && self.down.lock().remove(&domain) {
+            self.alert_up(&domain);
         }
     }
 
@@ -421,9 +424,29 @@ impl Worker {
         }
     }
 
+    async fn alert_down(&self, domain: &DomainName) {
+        if let Some(a) = self.engine.alerts() {
+            let queued = self.queue.list(Some(domain)).await.map_or(0, |l| l.len());
+            a.send(
+                "primary_down",
+                Some(domain.as_str()),
+                serde_json::json!({ "queued": queued }),
+            );
+        }
+    }
+
+    fn alert_up(&self, domain: &DomainName) {
+        if let Some(a) = self.engine.alerts() {
+            a.send("primary_up", Some(domain.as_str()), serde_json::json!({}));
+        }
+    }
+
     async fn probe_and_release(&self, domain: &DomainName) {
         match self.engine.probe(domain).await {
             Ok(()) => {
+                if self.down.lock().contains(domain) {
+                    self.alert_up(domain);
+                }
                 tracing::info!(event = "destination_back", domain = %domain);
                 metrics::counter!("backupmx_probe_recoveries_total").increment(1);
                 if let Err(e) = self.release(Some(domain)).await {

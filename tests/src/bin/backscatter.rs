@@ -63,7 +63,7 @@ fn run(mode: &str, rcpts: &[String]) -> Figures {
     let s = Server::start_run(
         "",
         &format!(
-            "recipient_verify = \"{mode}\"\n[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\nprimary_up_fresh = \"5s\"\n[recipient_verify]\ntimeout = \"3s\"\n"
+            "recipient_verify = \"{mode}\"\n[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\nprimary_up_fresh = \"5s\"\nbounce_storm_window = \"2s\"\n[recipient_verify]\ntimeout = \"3s\"\n"
         ),
         &format!("[\"{}\"]", primary.addr),
     );
