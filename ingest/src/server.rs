@@ -278,12 +278,16 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             if let Some(a) = delivery.engine.alerts().cloned() {
                 let queue = backends.queue.clone();
                 let threshold = config.alerts.queue_age;
+                // Every minute, or often enough for a short threshold.
+                let every = QUEUE_AGE_CHECK
+                    .min(threshold / 2)
+                    .max(Duration::from_secs(1));
                 tokio::spawn(async move {
                     let watch = relay_core::alerts::QueueAgeWatch::default();
                     loop {
                         let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
                         watch.check(queue.as_ref(), &a, threshold, now).await;
-                        tokio::time::sleep(QUEUE_AGE_CHECK).await;
+                        tokio::time::sleep(every).await;
                     }
                 });
             }

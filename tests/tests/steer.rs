@@ -354,3 +354,44 @@ fn bounce_storm_and_alerts_on_aws() {
     assert!(s.queue().is_empty());
     assert_eq!(hook.count("domain_released"), 1, "{:?}", hook.alerts());
 }
+
+#[test]
+fn queue_age_and_expiry_alerts_fire_once() {
+    let hook = HookReceiver::start();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let s = Server::start_run(
+        "",
+        &format!(
+            "queue_lifetime = \"4s\"\n[delivery]\nretry_initial = \"1s\"\nretry_max = \"1s\"\nprobe_interval = \"1s\"\n[alerts]\nwebhook = \"{}\"\nqueue_age = \"2s\"\n",
+            hook.url()
+        ),
+        &format!("[\"{dead}\"]"),
+    );
+    // Null senders: an expired message leaves no DSN behind to age again.
+    for n in 1..=2 {
+        let mut c = s.client();
+        let reply = c.send_message(
+            "",
+            &["bob@example.test"],
+            &format!("Subject: {n}\r\n\r\nx\r\n"),
+        );
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    eventually(WAIT, "a queue_age alert", || {
+        (hook.count("queue_age") > 0).then_some(())
+    });
+    eventually(WAIT, "an expired alert", || {
+        (hook.count("expired") > 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    // Two messages expired, both aged: one alert of each kind.
+    assert_eq!(hook.count("expired"), 1, "{:?}", hook.alerts());
+    assert_eq!(hook.count("queue_age"), 1, "{:?}", hook.alerts());
+    assert_eq!(hook.count("primary_down"), 1, "{:?}", hook.alerts());
+    let aged = hook
+        .alerts()
+        .into_iter()
+        .find(|a| a["event"] == "queue_age")
+        .unwrap();
+    assert!(aged["age_secs"].as_u64() > Some(2), "{aged}");
+}

@@ -324,6 +324,13 @@ impl Engine {
         .await
     }
 
+    /// How long mail for `domain` may stay queued now (its own lifetime,
+    /// or the global one; the global one if the record cannot be read).
+    pub async fn lifetime_of(&self, domain: &DomainName) -> Duration {
+        let record = self.registry.get(domain).await.ok().flatten();
+        self.lifetime(record.as_ref())
+    }
+
     /// How long mail for this domain may stay queued.
     fn lifetime(&self, record: Option<&crate::domain::Domain>) -> Duration {
         record

@@ -238,14 +238,16 @@ impl RetryProcessor {
         // wait parked until the probe or the sweeper releases the domain.
         let domain = item.entry.domain.clone();
         let mut probing = false;
-        if item.version == ticket.version
-            && item.entry.next_attempt <= now_secs
-            && !self.expired(&item.entry, now_secs)
-        {
+        if item.version == ticket.version && item.entry.next_attempt <= now_secs {
             let down = store
                 .destination_state(&domain)
                 .await
                 .map_err(store_err("reading the destination state"))?;
+            // Past its lifetime it is attempted anyway, so that it bounces.
+            let down = match down {
+                Some(d) if !self.expired(&item.entry, now_secs).await => Some(d),
+                _ => None,
+            };
             if let Some(down) = down {
                 let next_probe = self.next_probe(now_secs);
                 if down.probe_at > now_secs
@@ -333,12 +335,18 @@ impl RetryProcessor {
 
     /// Past its queue lifetime: attempted whatever the destination's
     /// state, so that it bounces instead of waiting forever.
-    fn expired(&self, entry: &crate::queue::QueueEntry, now: u64) -> bool {
-        self.expired_at(entry.received_at, now)
+    /// (The domain's own lifetime: read only for a domain recorded down.)
+    async fn expired(&self, entry: &crate::queue::QueueEntry, now: u64) -> bool {
+        self.expired_at(&entry.domain, entry.received_at, now).await
     }
 
-    fn expired_at(&self, received: u64, now: u64) -> bool {
-        now >= received.saturating_add(self.engine.config().queue_lifetime.as_secs())
+    async fn expired_at(
+        &self,
+        domain: &crate::address::DomainName,
+        received: u64,
+        now: u64,
+    ) -> bool {
+        now >= received.saturating_add(self.engine.lifetime_of(domain).await.as_secs())
     }
 
     /// Records the destination down for every delivery process; its mail
@@ -516,7 +524,11 @@ impl RetryProcessor {
             }
             // Mail for a destination that is down has its ticket parked
             // and is released by the probe; unless it is expiring.
-            if down.contains(&record.domain) && !self.expired_at(record.received, now_secs) {
+            if down.contains(&record.domain)
+                && !self
+                    .expired_at(&record.domain, record.received, now_secs)
+                    .await
+            {
                 continue;
             }
             match store.nudge(&record.ticket(), now_secs).await {

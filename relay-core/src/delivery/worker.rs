@@ -298,13 +298,18 @@ impl Worker {
             }
         }
         let down: HashSet<DomainName> = self.down.lock().clone();
-        let lifetime = self.engine.config().queue_lifetime.as_secs();
+        // Each down domain's own lifetime (one record read per pass).
+        let mut lifetimes = HashMap::new();
+        for d in &down {
+            lifetimes.insert(d.clone(), self.engine.lifetime_of(d).await.as_secs());
+        }
         let mut defer = HashSet::new();
         // Group by destination (oldest first within each), a connection
         // per batch.
         let mut batches: Vec<(DomainName, Vec<QueueEntry>)> = Vec::new();
         for entry in due {
-            if down.contains(&entry.domain) && now < entry.received_at.saturating_add(lifetime) {
+            let lifetime = lifetimes.get(&entry.domain).copied();
+            if lifetime.is_some_and(|l| now < entry.received_at.saturating_add(l)) {
                 defer.insert(entry.domain.clone());
                 continue;
             }
