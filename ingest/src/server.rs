@@ -506,25 +506,13 @@ async fn accept_loop(
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             // Behind a load balancer the real client comes from the PROXY header.
+            let mut stream = stream;
             let (client, early) = match &limits.proxy {
                 None => (peer, Vec::new()),
-                Some(proxy) => {
-                    let mut stream = stream;
-                    match proxy.accept(&mut stream, peer).await {
-                        Some((client, early)) => {
-                            let accepted = Accepted {
-                                stream,
-                                client,
-                                early,
-                                id,
-                                permit,
-                            };
-                            run_session(accepted, shared, limits, shutdown).await;
-                        }
-                        None => drop(permit),
-                    }
-                    return;
-                }
+                Some(proxy) => match proxy.accept(&mut stream, peer).await {
+                    Some(found) => found,
+                    None => return,
+                },
             };
             let accepted = Accepted {
                 stream,
@@ -702,12 +690,7 @@ const QUEUE_AGE_CHECK: Duration = Duration::from_secs(60);
 
 /// The webhook alerter, when `[alerts] webhook` is set.
 pub(crate) fn alerter(config: &Config) -> anyhow::Result<Option<Arc<relay_core::alerts::Alerter>>> {
-    if config.alerts.webhook.is_empty() {
-        return Ok(None);
-    }
-    let hook = relay_core::alerts::Webhook::parse(&config.alerts.webhook)
-        .map_err(|e| anyhow::anyhow!(e))?;
-    Ok(Some(Arc::new(relay_core::alerts::Alerter::start(hook))))
+    relay_core::alerts::Alerter::from_config(config).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn build_policy(

@@ -115,6 +115,18 @@ pub struct Alerter {
 }
 
 impl Alerter {
+    /// The alerter `[alerts] webhook` asks for (started), or `None` when
+    /// it is empty; the error is the webhook's.
+    pub fn from_config(
+        config: &crate::config::Config,
+    ) -> Result<Option<std::sync::Arc<Alerter>>, String> {
+        if config.alerts.webhook.is_empty() {
+            return Ok(None);
+        }
+        let hook = Webhook::parse(&config.alerts.webhook)?;
+        Ok(Some(std::sync::Arc::new(Alerter::start(hook))))
+    }
+
     /// Starts the sender task (call inside a tokio runtime).
     pub fn start(webhook: Webhook) -> Alerter {
         let (tx, mut rx) = mpsc::channel::<Value>(BACKLOG);

@@ -12,16 +12,6 @@ use relay_core::delivery::{Engine, EngineConfig};
 use relay_core::dns::HickoryResolver;
 use relay_core::store::aws::{AwsNames, AwsStore};
 
-/// The webhook alerter, when `[alerts] webhook` is set.
-fn alerter(config: &Config) -> anyhow::Result<Option<Arc<relay_core::alerts::Alerter>>> {
-    if config.alerts.webhook.is_empty() {
-        return Ok(None);
-    }
-    let hook = relay_core::alerts::Webhook::parse(&config.alerts.webhook)
-        .map_err(|e| anyhow::anyhow!(e))?;
-    Ok(Some(Arc::new(relay_core::alerts::Alerter::start(hook))))
-}
-
 /// Clients, resolver and engine from the configuration.
 pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     let conf = relay_core::store::aws::sdk_config().await;
@@ -46,7 +36,7 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
             config.recipient_verify.valid_ttl,
             config.recipient_verify.invalid_ttl,
         )
-        .with_alerts(alerter(config)?),
+        .with_alerts(relay_core::alerts::Alerter::from_config(config).map_err(anyhow::Error::msg)?),
     );
     Ok(
         RetryProcessor::new(store, engine, RetrySettings::from(config))

@@ -707,6 +707,22 @@ impl AwsStore {
         Ok(out.item().cloned())
     }
 
+    /// An unconditional put (the newest verdict or state wins).
+    async fn put_greylist(
+        &self,
+        item: HashMap<String, AttributeValue>,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        self.dynamodb
+            .put_item()
+            .table_name(&self.names.greylist_table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| backend(what, e))?;
+        Ok(())
+    }
+
     /// A conditional put: `Ok(false)` when the condition failed.
     async fn put_greylist_if(
         &self,
@@ -779,14 +795,7 @@ impl RecipientCache for AwsStore {
             ),
             ("expires".to_string(), n(entry.expires)),
         ]);
-        self.dynamodb
-            .put_item()
-            .table_name(&self.names.greylist_table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| backend("DynamoDB put recipient", e))?;
-        Ok(())
+        self.put_greylist(item, "DynamoDB put recipient").await
     }
 
     /// A filtered scan of the greylist table: an operator's command, not
@@ -857,14 +866,7 @@ impl RecipientCache for AwsStore {
                 n(state.observed + PRIMARY_STATE_KEEP_SECS),
             ),
         ]);
-        self.dynamodb
-            .put_item()
-            .table_name(&self.names.greylist_table)
-            .set_item(Some(item))
-            .send()
-            .await
-            .map_err(|e| backend("DynamoDB put primary state", e))?;
-        Ok(())
+        self.put_greylist(item, "DynamoDB put primary state").await
     }
 }
 
