@@ -6,12 +6,11 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use clap::Subcommand;
 use relay_core::address::DomainName;
+use relay_core::admin::{entry_json, rfc3339, Admin, AdminError, DomainChange};
 use relay_core::config::Config;
 use relay_core::domain::Domain;
-use relay_core::queue::{QueueEntry, QueueId, RecipientStatus};
-use relay_core::store::{DeliveryQueue, DomainRegistry, MessageStore};
-use relay_core::time::from_unix_seconds;
-use serde_json::json;
+use relay_core::queue::QueueId;
+use relay_core::store::DomainRegistry;
 
 use crate::server::open_backends_as;
 
@@ -139,11 +138,15 @@ pub(crate) enum QueueCommand {
 }
 
 fn parse_domain(name: &str) -> anyhow::Result<DomainName> {
-    DomainName::parse(name).map_err(|_| anyhow!("invalid domain name {name:?}"))
+    Ok(relay_core::admin::parse_domain(name)?)
 }
 
 fn parse_id(id: &str) -> anyhow::Result<QueueId> {
-    QueueId::parse(id).map_err(|e| anyhow!("{e}"))
+    Ok(relay_core::admin::parse_id(id)?)
+}
+
+fn now() -> u64 {
+    relay_core::time::unix_seconds(std::time::SystemTime::now())
 }
 
 /// Where the configured store is, for messages.
@@ -176,36 +179,32 @@ async fn open_store(
         .map_err(|e| anyhow!("{e:#} [configuration: {source}]"))
 }
 
+/// The shared operations on the configured store (the admin API uses the
+/// same), announcing holds and releases when alerts are configured.
+pub(crate) async fn open_admin(
+    config: &Config,
+    create: bool,
+    source: &str,
+) -> anyhow::Result<(Admin, crate::server::Backends)> {
+    let backends = open_store(config, create, source).await?;
+    let admin = backends.admin(crate::server::alerter(config)?);
+    Ok((admin, backends))
+}
+
 pub(crate) async fn recipients(
     config: &Config,
     source: &str,
     cmd: RecipientsCommand,
 ) -> anyhow::Result<()> {
-    let backends = open_store(config, false, source).await?;
+    let (admin, _) = open_admin(config, false, source).await?;
     match cmd {
         RecipientsCommand::List { domain, json } => {
             let name = parse_domain(&domain)?;
-            if backends.registry.get(&name).await?.is_none() {
-                bail!("no such domain: {name}");
-            }
-            let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
-            let cached = backends
-                .recipients
-                .recipients(&name, now)
-                .await
-                .context("cannot read the recipient cache")?;
+            let cached = admin.recipients(&name, now()).await?;
             if json {
                 let rows: Vec<_> = cached
                     .iter()
-                    .map(|c| {
-                        json!({
-                            "address": c.address,
-                            "verdict": c.verdict,
-                            "learnt_from": c.learnt,
-                            "learnt_at": rfc3339(c.learnt_at),
-                            "expires": rfc3339(c.expires),
-                        })
-                    })
+                    .map(relay_core::admin::recipient_json)
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -236,7 +235,7 @@ pub(crate) async fn domain(
 ) -> anyhow::Result<()> {
     // Only `add` may create a store; the others need the one that exists.
     let create = matches!(cmd, DomainCommand::Add { .. });
-    let backends = open_store(config, create, source).await?;
+    let (admin, backends) = open_admin(config, create, source).await?;
     let store: Arc<dyn DomainRegistry> = backends.registry;
     match cmd {
         DomainCommand::Add {
@@ -268,7 +267,7 @@ pub(crate) async fn domain(
             println!("{verb} {}", d.name);
         }
         DomainCommand::List { json } => {
-            let domains = store.list().await.context("cannot list domains")?;
+            let domains = admin.domains().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&domains)?);
             } else {
@@ -293,86 +292,31 @@ pub(crate) async fn domain(
             queue_lifetime,
         } => {
             let name = parse_domain(&domain)?;
-            if let Some(l) = queue_lifetime {
-                if l.is_zero() || l > relay_core::config::MAX_QUEUE_LIFETIME {
-                    bail!("--queue-lifetime must be positive and at most 60d");
+            let change = DomainChange {
+                primary: Some(primary),
+                greylist,
+                max_message_size: max_size,
+                recipient_verify,
+                defer_while_primary_up,
+                enabled,
+                hold: match (hold, release) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+                queue_lifetime,
+            };
+            let outcome = match admin.set_domain(&name, change, now()).await {
+                Err(AdminError::NoSuchDomain(_)) => {
+                    bail!("no such domain: {name} (add it with `backupmx domain add {name}`)")
                 }
-            }
-            let mut d = store
-                .get(&name)
-                .await
-                .context("cannot read the domain")?
-                .ok_or_else(|| {
-                    anyhow!("no such domain: {name} (add it with `backupmx domain add {name}`)")
-                })?;
-            // A new next hop, a release or a new lifetime applies to mail
-            // already queued: it is made due now (as `queue flush`).
-            let mut flush = false;
-            if !primary.is_empty() {
-                for p in &primary {
-                    relay_core::domain::validate_primary(p)?;
-                }
-                flush |= d.primary != primary;
-                d.primary = primary;
-            }
-            let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
-            if hold && d.hold.is_none() {
-                d.hold = Some(relay_core::domain::Hold {
-                    reason: relay_core::domain::HoldReason::Operator,
-                    since: now,
-                });
-            }
-            if release && d.hold.is_some() {
-                d.hold = None;
-                flush = true;
-            }
-            if let Some(l) = queue_lifetime {
-                flush |= d.queue_lifetime != Some(l.as_secs());
-                d.queue_lifetime = Some(l.as_secs());
-            }
-            if let Some(g) = greylist {
-                d.greylist = g;
-            }
-            if let Some(m) = max_size {
-                d.max_message_size = Some(m);
-            }
-            if let Some(v) = recipient_verify {
-                d.recipient_verify = v;
-            }
-            if let Some(v) = defer_while_primary_up {
-                d.defer_while_primary_up = v;
-            }
-            if let Some(e) = enabled {
-                d.enabled = e;
-            }
-            let was_held = store.get(&name).await.ok().flatten().and_then(|x| x.hold);
-            store.put(&d).await.context("cannot store the domain")?;
-            if let Some(a) = crate::server::alerter(config)? {
-                match (&was_held, &d.hold) {
-                    (None, Some(h)) => a.send(
-                        "domain_held",
-                        Some(name.as_str()),
-                        json!({ "reason": h.reason.to_string() }),
-                    ),
-                    (Some(h), None) => a.send(
-                        "domain_released",
-                        Some(name.as_str()),
-                        json!({ "held_for": h.reason.to_string() }),
-                    ),
-                    _ => {}
-                }
+                other => other?,
+            };
+            if let Some(a) = admin.alerter() {
                 a.flush(std::time::Duration::from_secs(5)).await;
             }
-            let released = if flush && d.hold.is_none() {
-                backends
-                    .queue
-                    .release(Some(&name), now)
-                    .await
-                    .context("cannot release the domain's queued mail")?
-            } else {
-                0
-            };
-            match (&d.hold, flush) {
+            let d = &outcome.domain;
+            match (&d.hold, outcome.flushed) {
                 (Some(h), _) => println!(
                     "updated {}; held ({}) since {}: queued mail is kept",
                     d.name,
@@ -380,43 +324,20 @@ pub(crate) async fn domain(
                     rfc3339(h.since)
                 ),
                 (None, true) => println!(
-                    "updated {}; {released} queued message(s) released for delivery",
-                    d.name
+                    "updated {}; {} queued message(s) released for delivery",
+                    d.name, outcome.released
                 ),
                 (None, false) => println!("updated {}", d.name),
             }
         }
         DomainCommand::Show { domain, json } => {
             let name = parse_domain(&domain)?;
-            let d = store
-                .get(&name)
-                .await?
-                .ok_or_else(|| anyhow!("no such domain: {name}"))?;
-            let state = backends
-                .recipients
-                .primary_state(&name)
-                .await
-                .context("cannot read the primary's state")?;
-            let queued = backends
-                .queue
-                .list(Some(&name))
-                .await
-                .context("cannot list the domain's queued mail")?
-                .len();
+            let view = admin.domain_view(&name).await?;
             if json {
-                let mut v = serde_json::to_value(&d)?;
-                v["primary_state"] = match state {
-                    None => json!(null),
-                    Some(s) => json!({
-                        "up": s.up,
-                        "since": rfc3339(s.since),
-                        "observed": rfc3339(s.observed),
-                    }),
-                };
-                v["queued"] = json!(queued);
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&view.to_json())?);
                 return Ok(());
             }
+            let d = &view.domain;
             println!("name: {}", d.name);
             println!("enabled: {}", d.enabled);
             println!(
@@ -456,7 +377,7 @@ pub(crate) async fn domain(
             println!("defer_while_primary_up: {}", d.defer_while_primary_up);
             println!(
                 "primary_state: {}",
-                match state {
+                match view.primary_state {
                     None => "unknown (not observed yet)".to_string(),
                     Some(s) => format!(
                         "{} since {} (last observed {})",
@@ -466,7 +387,7 @@ pub(crate) async fn domain(
                     ),
                 }
             );
-            println!("queued: {queued}");
+            println!("queued: {}", view.queued);
         }
         DomainCommand::Remove {
             domain,
@@ -476,11 +397,7 @@ pub(crate) async fn domain(
             if !store.remove(&name).await? {
                 bail!("no such domain: {name}");
             }
-            let queued = backends
-                .queue
-                .list(Some(&name))
-                .await
-                .context("cannot list the domain's queued mail")?;
+            let queued = admin.queue_list(Some(&name)).await?;
             if purge_queue {
                 for e in &queued {
                     backends.queue.remove(&e.id).await?;
@@ -520,48 +437,12 @@ fn domain_line(d: &Domain) -> String {
     )
 }
 
-fn rfc3339(secs: u64) -> String {
-    humantime::format_rfc3339_seconds(from_unix_seconds(secs)).to_string()
-}
-
-fn status_name(s: &RecipientStatus) -> &'static str {
-    match s {
-        RecipientStatus::Pending => "pending",
-        RecipientStatus::Delivered => "delivered",
-        RecipientStatus::Failed => "failed",
-    }
-}
-
-fn entry_json(e: &QueueEntry) -> serde_json::Value {
-    json!({
-        "id": e.id,
-        "sender": e.sender,
-        "recipients": e.recipients.iter().map(|r| r.address.clone()).collect::<Vec<_>>(),
-        "recipient_status": e.recipients.iter().map(|r| json!({
-            "address": r.address, "status": status_name(&r.status), "last_reply": r.last_reply,
-        })).collect::<Vec<_>>(),
-        "domain": e.domain,
-        "attempts": e.attempts,
-        "next_attempt": rfc3339(e.next_attempt),
-        "received_at": rfc3339(e.received_at),
-        "size": e.size,
-        "last_error": e.last_error,
-        "client_ip": e.client_ip,
-        "helo": e.helo,
-    })
-}
-
 pub(crate) async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> anyhow::Result<()> {
-    let backends = open_store(config, false, source).await?;
-    let store: Arc<dyn DeliveryQueue> = backends.queue;
-    let messages: Arc<dyn MessageStore> = backends.messages;
+    let (admin, _) = open_admin(config, false, source).await?;
     match cmd {
         QueueCommand::List { domain, json } => {
             let domain = domain.as_deref().map(parse_domain).transpose()?;
-            let entries = store
-                .list(domain.as_ref())
-                .await
-                .context("cannot list the queue")?;
+            let entries = admin.queue_list(domain.as_ref()).await?;
             if json {
                 let list: Vec<_> = entries.iter().map(entry_json).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -592,10 +473,9 @@ pub(crate) async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> a
                 let mut out = std::io::stdout().lock();
                 let mut offset = 0u64;
                 loop {
-                    let piece = messages
-                        .read_chunk(&id, offset, relay_core::store::BODY_CHUNK)
-                        .await?
-                        .ok_or_else(|| anyhow!("no such message: {id}"))?;
+                    let piece = admin
+                        .body_chunk(&id, offset, relay_core::store::BODY_CHUNK)
+                        .await?;
                     if piece.is_empty() {
                         break;
                     }
@@ -605,26 +485,17 @@ pub(crate) async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> a
                 out.flush().context("cannot write to stdout")?;
                 return Ok(());
             }
-            let e = store
-                .get(&id)
-                .await?
-                .ok_or_else(|| anyhow!("no such message: {id}"))?;
+            let e = admin.queue_entry(&id).await?;
             println!("{}", serde_json::to_string_pretty(&entry_json(&e))?);
         }
         QueueCommand::Flush { domain } => {
             let domain = domain.as_deref().map(parse_domain).transpose()?;
-            let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
-            let n = store
-                .release(domain.as_ref(), now)
-                .await
-                .context("cannot flush the queue")?;
+            let n = admin.flush(domain.as_ref(), now()).await?;
             println!("{n} message(s) released for delivery");
         }
         QueueCommand::Delete { id } => {
             let id = parse_id(&id)?;
-            if !store.remove(&id).await? {
-                bail!("no such message: {id}");
-            }
+            admin.delete(&id).await?;
             println!("deleted {id}");
         }
     }

@@ -13,6 +13,7 @@ mod limits;
 mod metrics;
 mod server;
 mod tls;
+mod web;
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +41,8 @@ enum Command {
     Run,
     /// SMTP ingest only, with the configured storage backend.
     Ingest,
+    /// The status page and admin API alone (`[admin] listen`), on the configured store.
+    Admin,
     /// Manage hosted domains.
     #[command(subcommand)]
     Domain(admin::DomainCommand),
@@ -119,6 +122,10 @@ fn main() -> ExitCode {
             Command::Ingest => {
                 init_logging(cli.log_json);
                 server::run(config, server::Mode::IngestOnly).await
+            }
+            Command::Admin => {
+                init_logging(cli.log_json);
+                server::admin_only(config, &source).await
             }
             Command::Domain(cmd) => admin::domain(&config, &source, cmd).await,
             Command::Queue(cmd) => admin::queue(&config, &source, cmd).await,

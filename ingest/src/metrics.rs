@@ -7,16 +7,22 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// Installs the global recorder and serves it.
-pub(crate) async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+/// Installs the global recorder, with every metric described; its handle
+/// renders the exposition (here and on the admin listener).
+pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .context("cannot install the metrics recorder")?;
+    describe();
+    Ok(handle)
+}
+
+/// Serves the exposition at `/metrics` on its own listener.
+pub(crate) async fn serve(listen: SocketAddr, handle: PrometheusHandle) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen for metrics on {listen}"))?;
     tracing::info!(event = "metrics_listening", addr = %listen);
-    describe();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

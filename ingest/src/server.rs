@@ -48,6 +48,22 @@ pub(crate) struct Backends {
     pub local: Option<Arc<LocalStore>>,
 }
 
+impl Backends {
+    /// The operator's operations on these backends (CLI and admin API).
+    pub(crate) fn admin(
+        &self,
+        alerter: Option<Arc<relay_core::alerts::Alerter>>,
+    ) -> relay_core::admin::Admin {
+        relay_core::admin::Admin::new(
+            self.registry.clone(),
+            self.queue.clone(),
+            self.messages.clone(),
+            self.recipients.clone(),
+            alerter,
+        )
+    }
+}
+
 /// Opens the configured backend, creating the local store if needed.
 async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
     open_backends_as(config, true).await
@@ -213,8 +229,15 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 "[[domain]] from the config file not stored; the stored record (if any) stays in use");
         }
     }
-    if let Some(m) = &config.metrics {
-        crate::metrics::serve(m.listen).await?;
+    let metrics_handle = if config.metrics.is_some() || config.admin.is_some() {
+        Some(crate::metrics::install()?)
+    } else {
+        None
+    };
+    if let Some(handle) = &metrics_handle {
+        if let Some(m) = &config.metrics {
+            crate::metrics::serve(m.listen, handle.clone()).await?;
+        }
         let queue = backends.queue.clone();
         // Counting the AWS queue reads the whole table (billed by size):
         // every 5 minutes there, every 10 s on the local store.
@@ -243,6 +266,15 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         None
     };
     let alerter = alerter(&config)?;
+    if let Some(a) = &config.admin {
+        let web = crate::web::Web {
+            admin: backends.admin(alerter.clone()),
+            token: a.token().map(str::to_string),
+            hostname: config.hostname.clone(),
+            metrics: metrics_handle.clone(),
+        };
+        crate::web::serve(a.listen, Arc::new(web)).await?;
+    }
     // The delivery engine: routes for delivery, probes, ETRN and callouts.
     // Every process that can compute a route to a primary has one.
     let engine: Option<Arc<Engine>> = resolver
@@ -422,6 +454,28 @@ fn start_delivery(
         },
         worker,
     ))
+}
+
+/// `backupmx admin`: the status page and API alone, on the configured
+/// store (the AWS shape's view; or beside a local server).
+pub(crate) async fn admin_only(config: Config, source: &str) -> anyhow::Result<()> {
+    let Some(a) = config.admin.clone() else {
+        bail!(
+            "`backupmx admin` needs [admin] listen = \"ADDR:PORT\" in the configuration ({source})"
+        );
+    };
+    let handle = crate::metrics::install()?;
+    let (admin, _backends) = crate::admin::open_admin(&config, false, source).await?;
+    let web = crate::web::Web {
+        admin,
+        token: a.token().map(str::to_string),
+        hostname: config.hostname.clone(),
+        metrics: Some(handle),
+    };
+    crate::web::serve(a.listen, Arc::new(web)).await?;
+    wait_for_shutdown(None).await;
+    tracing::info!(event = "stopped");
+    Ok(())
 }
 
 async fn wait_for_shutdown(tls: Option<Tls>) {

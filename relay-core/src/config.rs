@@ -60,6 +60,8 @@ pub struct Config {
     pub recipient_verify: RecipientVerifyConfig,
     /// Alerts to a webhook.
     pub alerts: AlertsConfig,
+    /// The status page and admin API (`[admin] listen`); absent: none.
+    pub admin: Option<AdminConfig>,
     /// `[[domain]]` entries, upserted into the registry at start.
     #[serde(rename = "domain")]
     pub domains: Vec<DomainConfig>,
@@ -343,6 +345,25 @@ pub struct AlertsConfig {
     pub queue_age: Duration,
 }
 
+/// `[admin]`: the status page and JSON API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where the HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Bearer token every request must present; may be empty only when
+    /// `listen` is a loopback address.
+    #[serde(default)]
+    pub token: String,
+}
+
+impl AdminConfig {
+    /// The token requests must carry, if one is configured.
+    pub fn token(&self) -> Option<&str> {
+        Some(self.token.as_str()).filter(|t| !t.is_empty())
+    }
+}
+
 impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig {
@@ -395,6 +416,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             recipient_verify: RecipientVerifyConfig::default(),
             alerts: AlertsConfig::default(),
+            admin: None,
             domains: Vec::new(),
         }
     }
@@ -577,6 +599,22 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |s: String| Err(ConfigError::Invalid(s));
+        if let Some(a) = &self.admin {
+            if a.token.is_empty() && !a.listen.ip().is_loopback() {
+                return invalid(format!(
+                    "admin.token must be set when admin.listen ({}) is not a loopback address: anyone who reaches it could flush, hold and delete mail",
+                    a.listen
+                ));
+            }
+            if !a.token.is_empty()
+                && (a.token.len() < 16 || a.token.chars().any(|c| !c.is_ascii_graphic()))
+            {
+                return invalid(
+                    "admin.token must be at least 16 printable ASCII characters without spaces"
+                        .into(),
+                );
+            }
+        }
         if !self.postmaster.is_empty() {
             self.postmaster()?;
         }

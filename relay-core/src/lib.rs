@@ -18,6 +18,7 @@
 
 pub use relay_proto::{address, domain, proxy, smtp, time, verify};
 
+pub mod admin;
 pub mod alerts;
 pub mod budget;
 pub mod config;

@@ -61,6 +61,10 @@ pub struct Worker {
     total: Arc<Semaphore>,
     /// Domains whose destination did not answer: probed until it does.
     down: Mutex<HashSet<DomainName>>,
+    /// Destinations this process has recorded up in the store (the status
+    /// page's "primary up since"): written once per transition, not per
+    /// delivery.
+    recorded_up: Mutex<HashSet<DomainName>>,
     /// Outcomes the store refused; while any is here, no attempt starts.
     unstored: Mutex<Unstored>,
 }
@@ -101,6 +105,7 @@ impl Worker {
             in_flight: Mutex::new(HashSet::new()),
             per_destination: Mutex::new(HashMap::new()),
             down: Mutex::new(HashSet::new()),
+            recorded_up: Mutex::new(HashSet::new()),
             unstored: Mutex::new(Unstored::default()),
         })
     }
@@ -401,13 +406,25 @@ impl Worker {
         if destination_down {
             let newly = self.down.lock().insert(domain.clone());
             if newly {
+                self.recorded_up.lock().remove(&domain);
+                self.engine.record_primary(&domain, false, unix_now()).await;
                 self.alert_down(&domain).await;
             }
             if let Err(err) = self.queue.defer_domain(&domain, next_attempt).await {
                 tracing::warn!(event = "defer_failed", domain = %domain, error = %crate::error::Report(&err));
             }
-        } else if delivered > 0 && self.down.lock().remove(&domain) {
-            self.alert_up(&domain);
+        } else if delivered > 0 {
+            if self.down.lock().remove(&domain) {
+                self.alert_up(&domain);
+            }
+            self.primary_answered(&domain).await;
+        }
+    }
+
+    /// Records a destination up in the store once per transition.
+    async fn primary_answered(&self, domain: &DomainName) {
+        if self.recorded_up.lock().insert(domain.clone()) {
+            self.engine.record_primary(domain, true, unix_now()).await;
         }
     }
 
@@ -452,6 +469,7 @@ impl Worker {
                 if self.down.lock().contains(domain) {
                     self.alert_up(domain);
                 }
+                self.primary_answered(domain).await;
                 tracing::info!(event = "destination_back", domain = %domain);
                 metrics::counter!("backupmx_probe_recoveries_total").increment(1);
                 if let Err(e) = self.release(Some(domain)).await {
@@ -477,4 +495,8 @@ impl super::OutcomeWriter for Worker {
     async fn update(&self, entry: &QueueEntry) -> Result<(), StoreError> {
         self.queue.update(entry).await.map(|_| ())
     }
+}
+
+fn unix_now() -> u64 {
+    crate::time::unix_seconds(std::time::SystemTime::now())
 }

@@ -1,0 +1,670 @@
+//! The admin listener (`[admin] listen`): the status page at `/`, the JSON
+//! API under `/api/` and the Prometheus exposition at `/metrics`. Every
+//! answer comes from `relay_core::admin`, the code the CLI runs.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use metrics_exporter_prometheus::PrometheusHandle;
+use relay_core::admin::{page, Admin, AdminError, DomainChange};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+/// Largest request body (a form or a JSON settings object).
+const MAX_BODY: usize = 64 * 1024;
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// The cookie the sign-in form sets.
+const COOKIE: &str = "backupmx_admin";
+
+type Reply = Response<Full<Bytes>>;
+
+/// What every request needs.
+pub(crate) struct Web {
+    pub admin: Admin,
+    /// Requests must carry it (bearer or cookie) when set.
+    pub token: Option<String>,
+    pub hostname: String,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Binds the listener and serves it in the background.
+pub(crate) async fn serve(listen: SocketAddr, web: Arc<Web>) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen for the admin page and API on {listen}"))?;
+    let addr = listener.local_addr().unwrap_or(listen);
+    tracing::info!(event = "admin_listening", addr = %addr, token = web.token.is_some());
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let web = web.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let web = web.clone();
+                    async move { Ok::<_, Infallible>(handle(&web, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                drop(permit);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn now() -> u64 {
+    relay_core::time::unix_seconds(std::time::SystemTime::now())
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    r
+}
+
+fn json_reply(status: StatusCode, v: &Value) -> Reply {
+    let mut body = serde_json::to_vec_pretty(v).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, "application/json", body)
+}
+
+fn json_error(status: StatusCode, message: impl std::fmt::Display) -> Reply {
+    json_reply(status, &json!({ "error": message.to_string() }))
+}
+
+fn html(status: StatusCode, body: String) -> Reply {
+    respond(status, "text/html; charset=utf-8", body)
+}
+
+fn redirect(to: &str) -> Reply {
+    let mut r = respond(StatusCode::SEE_OTHER, "text/plain", "");
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// The status an operation's error is answered with.
+fn error_status(e: &AdminError) -> StatusCode {
+    match e {
+        AdminError::NoSuchDomain(_) | AdminError::NoSuchMessage(_) => StatusCode::NOT_FOUND,
+        AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
+        AdminError::Store { .. } => {
+            tracing::error!(event = "admin_store_error", error = %relay_core::error::Report(e));
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+}
+
+fn api_error(e: AdminError) -> Reply {
+    json_error(error_status(&e), relay_core::error::Report(&e))
+}
+
+/// Decodes `%XX` and `+` of a query string or form value.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match bytes.get(i + 1..i + 3) {
+                Some(h) if h.iter().all(u8::is_ascii_hexdigit) => {
+                    let hex = std::str::from_utf8(h).unwrap_or("00");
+                    out.push(u8::from_str_radix(hex, 16).unwrap_or(0));
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value of `key` in a query string or urlencoded form.
+fn param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k) == key).then(|| percent_decode(v))
+    })
+}
+
+/// Equal in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some(t) = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+        {
+            return Some(t.trim().to_string());
+        }
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == COOKIE).then(|| percent_decode(v))
+        })
+}
+
+/// A name the browser used for a loopback listener: without a token, a
+/// request for any other name is a DNS-rebinding page reaching us through
+/// the operator's browser.
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return true; // HTTP/1.0 clients (curl -0, scripts)
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A state-changing request must come from our own page or a script,
+/// never from another site's page in the operator's browser.
+fn same_origin(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        if site != "same-origin" && site != "none" {
+            return false;
+        }
+    }
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(origin) => {
+            let host = headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            origin == format!("http://{host}") || origin == format!("https://{host}")
+        }
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY} bytes or cut short"),
+        )),
+    }
+}
+
+async fn handle(web: &Web, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let method = req.method().clone();
+    let is_api = path.starts_with("/api/") || path == "/metrics";
+    if web.token.is_none() && !loopback_host(req.headers()) {
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "this listener has no token and answers only requests for a loopback name",
+        );
+    }
+    if method != Method::GET && method != Method::HEAD && !same_origin(req.headers()) {
+        return json_error(StatusCode::FORBIDDEN, "cross-site request refused");
+    }
+    if path == "/login" {
+        return login(web, req).await;
+    }
+    if let Some(token) = &web.token {
+        let ok = presented_token(req.headers())
+            .is_some_and(|t| same_secret(t.as_bytes(), token.as_bytes()));
+        if !ok {
+            if is_api {
+                let mut r = json_error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong token: send Authorization: Bearer TOKEN",
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"backupmx\""),
+                );
+                return r;
+            }
+            return html(
+                StatusCode::UNAUTHORIZED,
+                page::login(&web.hostname, now(), false),
+            );
+        }
+    }
+    let segments: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    if is_api {
+        api(web, req, &method, &segs, &query).await
+    } else {
+        pages(web, &method, &segs, &query).await
+    }
+}
+
+async fn login(web: &Web, req: Request<Incoming>) -> Reply {
+    let Some(token) = web.token.clone() else {
+        return redirect("/");
+    };
+    if req.method() == Method::GET {
+        return html(StatusCode::OK, page::login(&web.hostname, now(), false));
+    }
+    if req.method() != Method::POST {
+        return json_error(StatusCode::METHOD_NOT_ALLOWED, "GET or POST");
+    }
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let given = param(&String::from_utf8_lossy(&body), "token").unwrap_or_default();
+    if !same_secret(given.as_bytes(), token.as_bytes()) {
+        tracing::warn!(event = "admin_login_failed");
+        return html(
+            StatusCode::UNAUTHORIZED,
+            page::login(&web.hostname, now(), true),
+        );
+    }
+    let mut r = redirect("/");
+    // The token is printable ASCII without spaces (config validation);
+    // `;` and `,` are the cookie syntax's, so they are encoded.
+    let value = given
+        .replace('%', "%25")
+        .replace(';', "%3B")
+        .replace(',', "%2C");
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict"
+    )) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn pages(web: &Web, method: &Method, segs: &[&str], query: &str) -> Reply {
+    let now = now();
+    let notice = |status: StatusCode, title: &str, text: &str| {
+        html(status, page::notice(title, text, &web.hostname, now))
+    };
+    let failed = |e: AdminError| {
+        let status = error_status(&e);
+        notice(
+            status,
+            "Not done",
+            &relay_core::error::Report(&e).to_string(),
+        )
+    };
+    match (method, segs) {
+        (&Method::GET, []) => match web.admin.status(now).await {
+            Ok(s) => html(StatusCode::OK, page::overview(&s, &web.hostname)),
+            Err(e) => failed(e),
+        },
+        (&Method::GET, ["domain", d]) => {
+            let name = match relay_core::admin::parse_domain(d) {
+                Ok(n) => n,
+                Err(e) => return failed(e),
+            };
+            match web.admin.domain_status(&name, now).await {
+                Ok((status, entries)) => {
+                    let q = param(query, "q").unwrap_or_default();
+                    let shown: Vec<_> = entries
+                        .iter()
+                        .filter(|e| relay_core::admin::matches_search(e, &q))
+                        .collect();
+                    let flash = match (param(query, "done").as_deref(), param(query, "n")) {
+                        (Some("flush"), Some(n)) | (Some("release"), Some(n)) => Some(format!(
+                            "{} message(s) released for delivery.",
+                            n.parse::<u64>().unwrap_or(0)
+                        )),
+                        (Some("hold"), _) => {
+                            Some("Held: its mail stays queued until released.".to_string())
+                        }
+                        (Some("delete"), _) => Some("Message deleted.".to_string()),
+                        _ => None,
+                    };
+                    html(
+                        StatusCode::OK,
+                        page::domain_page(
+                            &status,
+                            &shown,
+                            &q,
+                            flash.as_deref(),
+                            &web.hostname,
+                            now,
+                        ),
+                    )
+                }
+                Err(e) => failed(e),
+            }
+        }
+        (&Method::POST, ["domain", d, action @ ("flush" | "hold" | "release")]) => {
+            let name = match relay_core::admin::parse_domain(d) {
+                Ok(n) => n,
+                Err(e) => return failed(e),
+            };
+            let done = match *action {
+                "flush" => web.admin.flush(Some(&name), now).await,
+                hold => {
+                    let change = DomainChange {
+                        hold: Some(hold == "hold"),
+                        ..DomainChange::default()
+                    };
+                    web.admin
+                        .set_domain(&name, change, now)
+                        .await
+                        .map(|o| o.released)
+                }
+            };
+            match done {
+                Ok(n) => {
+                    tracing::info!(event = "admin_action", action = *action, domain = %name, released = n);
+                    redirect(&format!("/domain/{name}?done={action}&n={n}"))
+                }
+                Err(e) => failed(e),
+            }
+        }
+        (&Method::POST, ["message", id, "delete"]) => {
+            let id = match relay_core::admin::parse_id(id) {
+                Ok(i) => i,
+                Err(e) => return failed(e),
+            };
+            let domain = match web.admin.queue_entry(&id).await {
+                Ok(e) => e.domain,
+                Err(e) => return failed(e),
+            };
+            match web.admin.delete(&id).await {
+                Ok(()) => {
+                    tracing::info!(event = "admin_action", action = "delete", id = %id);
+                    redirect(&format!("/domain/{domain}?done=delete"))
+                }
+                Err(e) => failed(e),
+            }
+        }
+        (_, [] | ["domain", _] | ["domain", _, _] | ["message", _, "delete"]) => notice(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+            "This address takes another method.",
+        ),
+        _ => notice(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "There is nothing at this address.",
+        ),
+    }
+}
+
+async fn api(
+    web: &Web,
+    req: Request<Incoming>,
+    method: &Method,
+    segs: &[&str],
+    query: &str,
+) -> Reply {
+    let now = now();
+    let admin = &web.admin;
+    macro_rules! try_op {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => v,
+                Err(e) => return api_error(e),
+            }
+        };
+    }
+    let domain_param = || -> Result<Option<relay_core::address::DomainName>, AdminError> {
+        param(query, "domain")
+            .filter(|d| !d.is_empty())
+            .map(|d| relay_core::admin::parse_domain(&d))
+            .transpose()
+    };
+    match (method, segs) {
+        (&Method::GET, ["metrics"]) => match &web.metrics {
+            Some(h) => respond(StatusCode::OK, "text/plain; version=0.0.4", h.render()),
+            None => json_error(StatusCode::NOT_FOUND, "no metrics in this process"),
+        },
+        (&Method::GET, ["api", "status"]) => {
+            json_reply(StatusCode::OK, &try_op!(admin.status(now).await).to_json())
+        }
+        (&Method::GET, ["api", "domains"]) => {
+            let domains = try_op!(admin.domains().await);
+            json_reply(StatusCode::OK, &json!(domains))
+        }
+        (&Method::GET, ["api", "domains", d]) => {
+            let name = try_op!(relay_core::admin::parse_domain(d));
+            json_reply(
+                StatusCode::OK,
+                &try_op!(admin.domain_view(&name).await).to_json(),
+            )
+        }
+        (&Method::POST | &Method::PATCH, ["api", "domains", d]) => {
+            let name = try_op!(relay_core::admin::parse_domain(d));
+            let body = match read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let change: DomainChange = match serde_json::from_slice(&body) {
+                Ok(c) => c,
+                Err(e) => {
+                    return json_error(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid settings object: {e}"),
+                    )
+                }
+            };
+            set_domain(admin, &name, change, now).await
+        }
+        (&Method::POST, ["api", "domains", d, action @ ("hold" | "release")]) => {
+            let name = try_op!(relay_core::admin::parse_domain(d));
+            let change = DomainChange {
+                hold: Some(*action == "hold"),
+                ..DomainChange::default()
+            };
+            set_domain(admin, &name, change, now).await
+        }
+        (&Method::POST, ["api", "domains", d, "flush"]) => {
+            let name = try_op!(relay_core::admin::parse_domain(d));
+            try_op!(admin.domain_view(&name).await);
+            let n = try_op!(admin.flush(Some(&name), now).await);
+            json_reply(StatusCode::OK, &json!({ "released": n }))
+        }
+        (&Method::GET, ["api", "domains", d, "recipients"]) => {
+            let name = try_op!(relay_core::admin::parse_domain(d));
+            let cached = try_op!(admin.recipients(&name, now).await);
+            let rows: Vec<_> = cached
+                .iter()
+                .map(relay_core::admin::recipient_json)
+                .collect();
+            json_reply(StatusCode::OK, &json!(rows))
+        }
+        (&Method::GET, ["api", "queue"]) => {
+            let domain = try_op!(domain_param());
+            let entries = try_op!(admin.queue_list(domain.as_ref()).await);
+            let q = param(query, "q").unwrap_or_default();
+            let list: Vec<_> = entries
+                .iter()
+                .filter(|e| relay_core::admin::matches_search(e, &q))
+                .map(relay_core::admin::entry_json)
+                .collect();
+            json_reply(StatusCode::OK, &json!(list))
+        }
+        (&Method::POST, ["api", "queue", "flush"]) => {
+            let domain = try_op!(domain_param());
+            if let Some(d) = &domain {
+                try_op!(admin.domain_view(d).await);
+            }
+            let n = try_op!(admin.flush(domain.as_ref(), now).await);
+            json_reply(StatusCode::OK, &json!({ "released": n }))
+        }
+        (&Method::GET, ["api", "queue", id]) => {
+            let id = try_op!(relay_core::admin::parse_id(id));
+            let e = try_op!(admin.queue_entry(&id).await);
+            json_reply(StatusCode::OK, &relay_core::admin::entry_json(&e))
+        }
+        (&Method::DELETE, ["api", "queue", id]) => {
+            let id = try_op!(relay_core::admin::parse_id(id));
+            try_op!(admin.delete(&id).await);
+            tracing::info!(event = "admin_action", action = "delete", id = %id);
+            json_reply(StatusCode::OK, &json!({ "deleted": id.to_string() }))
+        }
+        (
+            _,
+            ["metrics"]
+            | ["api", "status" | "domains" | "queue"]
+            | ["api", "domains", _]
+            | ["api", "domains", _, "hold" | "release" | "flush" | "recipients"]
+            | ["api", "queue", _],
+        ) => json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed here"),
+        ),
+        _ => json_error(StatusCode::NOT_FOUND, "no such resource"),
+    }
+}
+
+/// Applies a change and answers with the `domain show --json` object and
+/// how many queued messages were released.
+async fn set_domain(
+    admin: &Admin,
+    name: &relay_core::address::DomainName,
+    change: DomainChange,
+    now: u64,
+) -> Reply {
+    let outcome = match admin.set_domain(name, change, now).await {
+        Ok(o) => o,
+        Err(e) => return api_error(e),
+    };
+    tracing::info!(event = "admin_action", action = "set", domain = %name, released = outcome.released);
+    match admin.domain_view(name).await {
+        Ok(view) => {
+            let mut v = view.to_json();
+            v["released"] = json!(outcome.released);
+            json_reply(StatusCode::OK, &v)
+        }
+        Err(e) => api_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_forms_and_queries() {
+        assert_eq!(percent_decode("a%20b+c%2"), "a b c%2");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+        assert_eq!(param("q=x%40y&done=flush", "q").as_deref(), Some("x@y"));
+        assert_eq!(param("flag&q=", "flag").as_deref(), Some(""));
+        assert_eq!(param("q=1", "n"), None);
+    }
+
+    #[test]
+    fn tokens_from_bearer_or_cookie() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(presented_token(&h).as_deref(), Some("abc"));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("x=1; backupmx_admin=t%3Bk; y=2"),
+        );
+        assert_eq!(presented_token(&h).as_deref(), Some("t;k"));
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn loopback_names_only_without_a_token() {
+        let host = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static(v));
+            loopback_host(&h)
+        };
+        assert!(host("127.0.0.1:9326"));
+        assert!(host("localhost:9326"));
+        assert!(host("[::1]:9326"));
+        assert!(!host("evil.example:9326"));
+        assert!(!host("10.0.0.1"));
+    }
+
+    #[test]
+    fn cross_site_posts_are_refused() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert!(same_origin(&headers(&[("host", "127.0.0.1:9326")])));
+        assert!(same_origin(&headers(&[
+            ("host", "127.0.0.1:9326"),
+            ("origin", "http://127.0.0.1:9326"),
+            ("sec-fetch-site", "same-origin"),
+        ])));
+        assert!(!same_origin(&headers(&[
+            ("host", "127.0.0.1:9326"),
+            ("origin", "http://evil.example"),
+        ])));
+        assert!(!same_origin(&headers(&[
+            ("host", "127.0.0.1:9326"),
+            ("sec-fetch-site", "cross-site"),
+        ])));
+    }
+}

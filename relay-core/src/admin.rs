@@ -1,0 +1,587 @@
+//! The operator's operations on a store, shared by the command line
+//! (`backupmx domain|queue|recipients …`) and the admin API and status page:
+//! one code path, one set of JSON shapes, whichever way they are asked.
+
+pub mod page;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::address::DomainName;
+use crate::alerts::Alerter;
+use crate::domain::{Domain, Hold, HoldReason, RecipientVerify};
+use crate::queue::{QueueEntry, QueueId, RecipientStatus};
+use crate::store::{DeliveryQueue, DomainRegistry, MessageStore, RecipientCache, StoreError};
+use crate::time::from_unix_seconds;
+use crate::verify::{CachedRecipient, PrimaryState, Verdict};
+
+/// Why an operation could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The domain is not hosted here.
+    #[error("no such domain: {0}")]
+    NoSuchDomain(String),
+    /// No queued message has that id.
+    #[error("no such message: {0}")]
+    NoSuchMessage(String),
+    /// The request itself is wrong (a bad name, id or setting).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed; `what` says what was being done.
+    #[error("{what}")]
+    Store {
+        /// What was being done.
+        what: &'static str,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl AdminError {
+    fn store(what: &'static str) -> impl FnOnce(StoreError) -> AdminError {
+        move |source| AdminError::Store { what, source }
+    }
+}
+
+/// Parses a domain name as operators type it (Unicode or A-labels).
+pub fn parse_domain(name: &str) -> Result<DomainName, AdminError> {
+    DomainName::parse(name)
+        .map_err(|_| AdminError::Invalid(format!("invalid domain name {name:?}")))
+}
+
+/// Parses a queue id as `queue list` prints it.
+pub fn parse_id(id: &str) -> Result<QueueId, AdminError> {
+    QueueId::parse(id).map_err(|e| AdminError::Invalid(e.to_string()))
+}
+
+/// Changes to a domain's settings; what is `None` stays as it is. The
+/// admin API takes it as a JSON object with these keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainChange {
+    /// Explicit next hops (replaces the list; an empty list is ignored as on the CLI).
+    pub primary: Option<Vec<String>>,
+    /// Greylist mail for this domain.
+    pub greylist: Option<bool>,
+    /// Largest message accepted for this domain.
+    pub max_message_size: Option<u64>,
+    /// Recipient verification.
+    pub recipient_verify: Option<RecipientVerify>,
+    /// Answer 451 while the primary is known to be up.
+    pub defer_while_primary_up: Option<bool>,
+    /// Accept mail for the domain.
+    pub enabled: Option<bool>,
+    /// `true` holds the domain's queued mail, `false` releases it.
+    pub hold: Option<bool>,
+    /// How long this domain's mail may stay queued.
+    #[serde(default, with = "humantime_serde")]
+    pub queue_lifetime: Option<Duration>,
+}
+
+/// What [`Admin::set_domain`] did.
+#[derive(Debug)]
+pub struct SetOutcome {
+    /// The record as stored now.
+    pub domain: Domain,
+    /// Queued messages made due now (a release, a new next hop or lifetime).
+    pub released: u64,
+    /// Whether the change applied to mail already queued.
+    pub flushed: bool,
+}
+
+/// One domain with its primary's state and its queue depth
+/// (`domain show`).
+#[derive(Debug)]
+pub struct DomainView {
+    /// The stored record.
+    pub domain: Domain,
+    /// The primary's last observed state.
+    pub primary_state: Option<PrimaryState>,
+    /// Messages queued for it.
+    pub queued: usize,
+}
+
+impl DomainView {
+    /// The `domain show --json` object: the record, `primary_state`, `queued`.
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::to_value(&self.domain).unwrap_or_else(|_| json!({}));
+        v["primary_state"] = primary_state_json(self.primary_state.as_ref());
+        v["queued"] = json!(self.queued);
+        v
+    }
+}
+
+fn primary_state_json(state: Option<&PrimaryState>) -> Value {
+    match state {
+        None => json!(null),
+        Some(s) => json!({
+            "up": s.up,
+            "since": rfc3339(s.since),
+            "observed": rfc3339(s.observed),
+        }),
+    }
+}
+
+/// Counts of the callout cache's live verdicts for a domain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCounts {
+    /// Recipients the primary accepted.
+    pub valid: usize,
+    /// Recipients the primary refused as unknown.
+    pub invalid: usize,
+}
+
+/// What the status page shows of a domain, or of the mail queued for
+/// destinations that are not hosted domains (`domain` is `None`: DSNs to
+/// senders, mail of removed domains).
+#[derive(Debug)]
+pub struct DomainStatus {
+    /// The hosted domain, if it is one.
+    pub domain: Option<Domain>,
+    /// The primary's last observed state.
+    pub primary_state: Option<PrimaryState>,
+    /// Messages queued.
+    pub queued: usize,
+    /// When the oldest queued message arrived (Unix seconds).
+    pub oldest_received: Option<u64>,
+    /// The error of the message attempted last (the latest next attempt
+    /// among those with an error).
+    pub last_error: Option<String>,
+    /// The callout cache, when the domain verifies recipients.
+    pub cache: Option<CacheCounts>,
+}
+
+impl DomainStatus {
+    fn summarise(&mut self, entries: &[&QueueEntry]) {
+        self.queued = entries.len();
+        self.oldest_received = entries.iter().map(|e| e.received_at).min();
+        self.last_error = entries
+            .iter()
+            .filter(|e| e.last_error.is_some())
+            .max_by_key(|e| (e.next_attempt, e.attempts))
+            .and_then(|e| e.last_error.clone());
+    }
+
+    /// The `/api/status` object of one domain.
+    pub fn to_json(&self, now: u64) -> Value {
+        json!({
+            "name": self.domain.as_ref().map(|d| d.name.as_str()),
+            "enabled": self.domain.as_ref().map(|d| d.enabled),
+            "hold": self.domain.as_ref().and_then(|d| d.hold).map(|h| json!({
+                "reason": h.reason.to_string(),
+                "since": rfc3339(h.since),
+            })),
+            "primary_state": primary_state_json(self.primary_state.as_ref()),
+            "queued": self.queued,
+            "oldest_received": self.oldest_received.map(rfc3339),
+            "oldest_age_seconds": self.oldest_received.map(|t| now.saturating_sub(t)),
+            "last_error": self.last_error,
+            "recipient_cache": self.cache.map(|c| json!({"valid": c.valid, "invalid": c.invalid})),
+        })
+    }
+}
+
+/// The whole store at a glance: every hosted domain, and what is queued
+/// for other destinations.
+#[derive(Debug)]
+pub struct Status {
+    /// Hosted domains in name order.
+    pub domains: Vec<DomainStatus>,
+    /// Mail queued for destinations that are not hosted domains.
+    pub other: DomainStatus,
+    /// When it was read (Unix seconds).
+    pub at: u64,
+}
+
+impl Status {
+    /// The `/api/status` object.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "at": rfc3339(self.at),
+            "queued": self.domains.iter().map(|d| d.queued).sum::<usize>() + self.other.queued,
+            "domains": self.domains.iter().map(|d| d.to_json(self.at)).collect::<Vec<_>>(),
+            "other": self.other.to_json(self.at),
+        })
+    }
+}
+
+/// The operations, over the store's traits.
+#[derive(Clone)]
+pub struct Admin {
+    registry: Arc<dyn DomainRegistry>,
+    queue: Arc<dyn DeliveryQueue>,
+    messages: Arc<dyn MessageStore>,
+    recipients: Arc<dyn RecipientCache>,
+    alerter: Option<Arc<Alerter>>,
+}
+
+impl Admin {
+    /// Operations on these backends; holds and releases are announced
+    /// through `alerter` when there is one.
+    pub fn new(
+        registry: Arc<dyn DomainRegistry>,
+        queue: Arc<dyn DeliveryQueue>,
+        messages: Arc<dyn MessageStore>,
+        recipients: Arc<dyn RecipientCache>,
+        alerter: Option<Arc<Alerter>>,
+    ) -> Admin {
+        Admin {
+            registry,
+            queue,
+            messages,
+            recipients,
+            alerter,
+        }
+    }
+
+    /// The alerter, for a caller that must wait for its alerts to go out.
+    pub fn alerter(&self) -> Option<&Arc<Alerter>> {
+        self.alerter.as_ref()
+    }
+
+    /// Every hosted domain.
+    pub async fn domains(&self) -> Result<Vec<Domain>, AdminError> {
+        self.registry
+            .list()
+            .await
+            .map_err(AdminError::store("cannot list domains"))
+    }
+
+    async fn domain(&self, name: &DomainName) -> Result<Domain, AdminError> {
+        self.registry
+            .get(name)
+            .await
+            .map_err(AdminError::store("cannot read the domain"))?
+            .ok_or_else(|| AdminError::NoSuchDomain(name.to_string()))
+    }
+
+    /// One domain, its primary's state and its queue depth.
+    pub async fn domain_view(&self, name: &DomainName) -> Result<DomainView, AdminError> {
+        let domain = self.domain(name).await?;
+        let primary_state = self
+            .recipients
+            .primary_state(name)
+            .await
+            .map_err(AdminError::store("cannot read the primary's state"))?;
+        let queued = self
+            .queue
+            .list(Some(name))
+            .await
+            .map_err(AdminError::store("cannot list the domain's queued mail"))?
+            .len();
+        Ok(DomainView {
+            domain,
+            primary_state,
+            queued,
+        })
+    }
+
+    /// Applies `change` to a domain. A release, a new next hop or a new
+    /// lifetime applies to mail already queued: it is made due now (as
+    /// `queue flush`), unless the domain is held.
+    pub async fn set_domain(
+        &self,
+        name: &DomainName,
+        change: DomainChange,
+        now: u64,
+    ) -> Result<SetOutcome, AdminError> {
+        if let Some(l) = change.queue_lifetime {
+            if l.is_zero() || l > crate::config::MAX_QUEUE_LIFETIME {
+                return Err(AdminError::Invalid(
+                    "the queue lifetime must be positive and at most 60d".into(),
+                ));
+            }
+        }
+        let before = self.domain(name).await?;
+        let mut d = before.clone();
+        let mut flush = false;
+        if let Some(primary) = change.primary.filter(|p| !p.is_empty()) {
+            for p in &primary {
+                crate::domain::validate_primary(p)
+                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
+            }
+            flush |= d.primary != primary;
+            d.primary = primary;
+        }
+        match change.hold {
+            Some(true) if d.hold.is_none() => {
+                d.hold = Some(Hold {
+                    reason: HoldReason::Operator,
+                    since: now,
+                })
+            }
+            Some(false) if d.hold.is_some() => {
+                d.hold = None;
+                flush = true;
+            }
+            _ => {}
+        }
+        if let Some(l) = change.queue_lifetime {
+            flush |= d.queue_lifetime != Some(l.as_secs());
+            d.queue_lifetime = Some(l.as_secs());
+        }
+        if let Some(g) = change.greylist {
+            d.greylist = g;
+        }
+        if let Some(m) = change.max_message_size {
+            d.max_message_size = Some(m);
+        }
+        if let Some(v) = change.recipient_verify {
+            d.recipient_verify = v;
+        }
+        if let Some(v) = change.defer_while_primary_up {
+            d.defer_while_primary_up = v;
+        }
+        if let Some(e) = change.enabled {
+            d.enabled = e;
+        }
+        self.registry
+            .put(&d)
+            .await
+            .map_err(AdminError::store("cannot store the domain"))?;
+        if let Some(a) = &self.alerter {
+            match (&before.hold, &d.hold) {
+                (None, Some(h)) => a.send(
+                    "domain_held",
+                    Some(name.as_str()),
+                    json!({ "reason": h.reason.to_string() }),
+                ),
+                (Some(h), None) => a.send(
+                    "domain_released",
+                    Some(name.as_str()),
+                    json!({ "held_for": h.reason.to_string() }),
+                ),
+                _ => {}
+            }
+        }
+        let released = if flush && d.hold.is_none() {
+            self.queue
+                .release(Some(name), now)
+                .await
+                .map_err(AdminError::store("cannot release the domain's queued mail"))?
+        } else {
+            0
+        };
+        Ok(SetOutcome {
+            domain: d,
+            released,
+            flushed: flush,
+        })
+    }
+
+    /// The callout cache of a hosted domain.
+    pub async fn recipients(
+        &self,
+        name: &DomainName,
+        now: u64,
+    ) -> Result<Vec<CachedRecipient>, AdminError> {
+        self.domain(name).await?;
+        self.recipients
+            .recipients(name, now)
+            .await
+            .map_err(AdminError::store("cannot read the recipient cache"))
+    }
+
+    /// Queued messages, oldest first; only `domain`'s when given.
+    pub async fn queue_list(
+        &self,
+        domain: Option<&DomainName>,
+    ) -> Result<Vec<QueueEntry>, AdminError> {
+        self.queue
+            .list(domain)
+            .await
+            .map_err(AdminError::store("cannot list the queue"))
+    }
+
+    /// One queued message.
+    pub async fn queue_entry(&self, id: &QueueId) -> Result<QueueEntry, AdminError> {
+        self.queue
+            .get(id)
+            .await
+            .map_err(AdminError::store("cannot read the queue"))?
+            .ok_or_else(|| AdminError::NoSuchMessage(id.to_string()))
+    }
+
+    /// A piece of a queued message's body (`None`: no such message).
+    pub async fn body_chunk(
+        &self,
+        id: &QueueId,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, AdminError> {
+        self.messages
+            .read_chunk(id, offset, len)
+            .await
+            .map_err(AdminError::store("cannot read the message"))?
+            .ok_or_else(|| AdminError::NoSuchMessage(id.to_string()))
+    }
+
+    /// Makes queued messages due now; returns how many.
+    pub async fn flush(&self, domain: Option<&DomainName>, now: u64) -> Result<u64, AdminError> {
+        self.queue
+            .release(domain, now)
+            .await
+            .map_err(AdminError::store("cannot flush the queue"))
+    }
+
+    /// Deletes a queued message (it will not be delivered).
+    pub async fn delete(&self, id: &QueueId) -> Result<(), AdminError> {
+        if self
+            .queue
+            .remove(id)
+            .await
+            .map_err(AdminError::store("cannot delete the message"))?
+        {
+            Ok(())
+        } else {
+            Err(AdminError::NoSuchMessage(id.to_string()))
+        }
+    }
+
+    async fn status_of(
+        &self,
+        d: Domain,
+        entries: &[&QueueEntry],
+        now: u64,
+    ) -> Result<DomainStatus, AdminError> {
+        let primary_state = self
+            .recipients
+            .primary_state(&d.name)
+            .await
+            .map_err(AdminError::store("cannot read the primary's state"))?;
+        let cache = if d.recipient_verify == RecipientVerify::Callout {
+            let cached = self
+                .recipients
+                .recipients(&d.name, now)
+                .await
+                .map_err(AdminError::store("cannot read the recipient cache"))?;
+            let valid = cached
+                .iter()
+                .filter(|c| c.verdict == Verdict::Valid)
+                .count();
+            Some(CacheCounts {
+                valid,
+                invalid: cached.len() - valid,
+            })
+        } else {
+            None
+        };
+        let mut s = DomainStatus {
+            domain: Some(d),
+            primary_state,
+            queued: 0,
+            oldest_received: None,
+            last_error: None,
+            cache,
+        };
+        s.summarise(entries);
+        Ok(s)
+    }
+
+    /// One hosted domain's state, and its queued messages oldest first.
+    pub async fn domain_status(
+        &self,
+        name: &DomainName,
+        now: u64,
+    ) -> Result<(DomainStatus, Vec<QueueEntry>), AdminError> {
+        let d = self.domain(name).await?;
+        let entries = self.queue_list(Some(name)).await?;
+        let refs: Vec<&QueueEntry> = entries.iter().collect();
+        let status = self.status_of(d, &refs, now).await?;
+        Ok((status, entries))
+    }
+
+    /// Every hosted domain's state and queue, and the rest of the queue.
+    pub async fn status(&self, now: u64) -> Result<Status, AdminError> {
+        let mut domains = self.domains().await?;
+        domains.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        let entries = self.queue_list(None).await?;
+        let mut by_domain: HashMap<&str, Vec<&QueueEntry>> = HashMap::new();
+        for e in &entries {
+            by_domain.entry(e.domain.as_str()).or_default().push(e);
+        }
+        let mut out = Vec::with_capacity(domains.len());
+        for d in domains {
+            let mine = by_domain.remove(d.name.as_str()).unwrap_or_default();
+            out.push(self.status_of(d, &mine, now).await?);
+        }
+        let rest: Vec<&QueueEntry> = by_domain.into_values().flatten().collect();
+        let mut other = DomainStatus {
+            domain: None,
+            primary_state: None,
+            queued: 0,
+            oldest_received: None,
+            last_error: None,
+            cache: None,
+        };
+        other.summarise(&rest);
+        Ok(Status {
+            domains: out,
+            other,
+            at: now,
+        })
+    }
+}
+
+/// A Unix time as RFC 3339 (UTC, seconds), as every JSON shape prints times.
+pub fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(from_unix_seconds(secs)).to_string()
+}
+
+fn status_name(s: &RecipientStatus) -> &'static str {
+    match s {
+        RecipientStatus::Pending => "pending",
+        RecipientStatus::Delivered => "delivered",
+        RecipientStatus::Failed => "failed",
+    }
+}
+
+/// The `queue list --json` / `queue show` object of a queued message.
+pub fn entry_json(e: &QueueEntry) -> Value {
+    json!({
+        "id": e.id,
+        "sender": e.sender,
+        "recipients": e.recipients.iter().map(|r| r.address.clone()).collect::<Vec<_>>(),
+        "recipient_status": e.recipients.iter().map(|r| json!({
+            "address": r.address, "status": status_name(&r.status), "last_reply": r.last_reply,
+        })).collect::<Vec<_>>(),
+        "domain": e.domain,
+        "attempts": e.attempts,
+        "next_attempt": rfc3339(e.next_attempt),
+        "received_at": rfc3339(e.received_at),
+        "size": e.size,
+        "last_error": e.last_error,
+        "client_ip": e.client_ip,
+        "helo": e.helo,
+    })
+}
+
+/// The `recipients list --json` object of a cached verdict.
+pub fn recipient_json(c: &CachedRecipient) -> Value {
+    json!({
+        "address": c.address,
+        "verdict": c.verdict,
+        "learnt_from": c.learnt,
+        "learnt_at": rfc3339(c.learnt_at),
+        "expires": rfc3339(c.expires),
+    })
+}
+
+/// Whether a queued message matches a search: a substring (any case) of its
+/// id, sender, a recipient or its last error.
+pub fn matches_search(e: &QueueEntry, query: &str) -> bool {
+    let q = query.trim().to_ascii_lowercase();
+    if q.is_empty() {
+        return true;
+    }
+    let has = |s: &str| s.to_ascii_lowercase().contains(&q);
+    has(&e.id.to_string())
+        || has(&e.sender)
+        || e.recipients.iter().any(|r| has(&r.address))
+        || e.last_error.as_deref().is_some_and(has)
+}
