@@ -89,9 +89,11 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
+    // Not no-referrer: with it browsers send `Origin: null` on our own
+    // forms, and the origin check could not tell them from another site's.
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
@@ -220,10 +222,10 @@ fn loopback_host(headers: &HeaderMap) -> bool {
 /// A state-changing request must come from our own page or a script,
 /// never from another site's page in the operator's browser.
 fn same_origin(headers: &HeaderMap) -> bool {
+    // Browsers that say where a request comes from are believed; the
+    // Origin header is the check for those that do not.
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        if site != "same-origin" && site != "none" {
-            return false;
-        }
+        return site == "same-origin" || site == "none";
     }
     match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         None => true,

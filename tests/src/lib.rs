@@ -2,8 +2,10 @@
 //! loopback port with its own data directory, and talk SMTP to it over real
 //! sockets (optionally from another 127.0.0.x source address).
 
+pub mod browser;
 pub mod dns;
 pub mod exim;
+pub mod http;
 pub mod mta;
 pub mod opensmtpd;
 pub mod postfix;

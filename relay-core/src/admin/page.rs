@@ -23,7 +23,7 @@ th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid var(--line);v
 th{font-size:.8rem;text-transform:uppercase;letter-spacing:.03em;color:var(--muted);background:#eef0f5}
 td.num{font-variant-numeric:tabular-nums}
 .err{color:var(--bad);font-family:ui-monospace,Menlo,monospace;font-size:.85rem;word-break:break-word}
-.mono{font-family:ui-monospace,Menlo,monospace;font-size:.85rem;word-break:break-all}
+.mono{font-family:ui-monospace,Menlo,monospace;font-size:.85rem;overflow-wrap:anywhere}
 .badge{display:inline-block;padding:.05rem .45rem;border-radius:999px;font-size:.8rem;font-weight:600}
 .up{background:#dcf5ea;color:var(--ok)}.down{background:#fde4e2;color:var(--bad)}
 .unknown{background:#eceef3;color:var(--muted)}.held{background:#fdf0d5;color:var(--warn)}
