@@ -1056,10 +1056,30 @@ mod tests {
         assert_eq!(cfg.greylist.retry_window, Duration::from_secs(2 * 86_400));
         assert_eq!(cfg.dnsbl.zones[0].zone, "zen.spamhaus.org");
         assert_eq!(cfg.delivery.routes["bounce.example"], "127.0.0.1:2626");
+        let admin = cfg.admin.as_ref().unwrap();
+        assert_eq!(admin.listen, "127.0.0.1:9326".parse().unwrap());
+        assert_eq!(admin.token(), None);
         assert_eq!(
             cfg.domains[0].to_domain().unwrap().recipients.unwrap(),
             ["user@example.test"]
         );
+    }
+
+    #[test]
+    fn an_admin_listener_others_can_reach_needs_a_real_token() {
+        let err = Config::from_toml("[admin]\nlisten = \"0.0.0.0:9326\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin.token must be set"), "{err}");
+        let err = Config::from_toml("[admin]\nlisten = \"127.0.0.1:9326\"\ntoken = \"short\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 16"), "{err}");
+        let cfg =
+            Config::from_toml("[admin]\nlisten = \"[::]:9326\"\ntoken = \"0123456789abcdef\"\n")
+                .unwrap();
+        assert_eq!(cfg.admin.unwrap().token(), Some("0123456789abcdef"));
+        assert!(Config::from_toml("").unwrap().admin.is_none());
     }
 
     #[test]
