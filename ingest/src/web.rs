@@ -22,6 +22,10 @@ use tokio::net::TcpListener;
 const MAX_BODY: usize = 64 * 1024;
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 64;
+/// Longest a connection is served (keep-alive included).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// Longest wait for a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The cookie the sign-in form sets.
 const COOKIE: &str = "backupmx_admin";
 
@@ -62,12 +66,14 @@ pub(crate) async fn serve(listen: SocketAddr, web: Arc<Web>) -> anyhow::Result<S
                     let web = web.clone();
                     async move { Ok::<_, Infallible>(handle(&web, req).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let connection = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(10))
                     .max_buf_size(64 * 1024)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                // A kept-alive or trickling connection holds one of the
+                // few slots: none is kept longer than this.
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
                 drop(permit);
             });
         }
@@ -240,11 +246,16 @@ fn same_origin(headers: &HeaderMap) -> bool {
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(_) => Err(json_error(
+    let body = Limited::new(req.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, body).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(_)) => Err(json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body larger than {MAX_BODY} bytes or cut short"),
+        )),
+        Err(_) => Err(json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
         )),
     }
 }

@@ -252,6 +252,24 @@ fn api_serves_every_endpoint_with_the_cli_shapes_and_clear_errors() {
     assert_eq!(set["queue_lifetime"], 20 * 86_400, "{set}");
     assert_eq!(set["greylist"], true);
     assert_eq!(set["released"], 0, "a held domain's mail stays put: {set}");
+    // With recipient verification on, the status counts the callout cache.
+    let set = api.json(
+        "POST",
+        "/api/domains/example.test",
+        "{\"recipient_verify\": \"callout\"}",
+    );
+    assert_eq!(set["recipient_verify"], "callout");
+    let status = api.json("GET", "/api/status", "");
+    assert_eq!(
+        status["domains"][0]["recipient_cache"],
+        serde_json::json!({"valid": 0, "invalid": 0}),
+        "{status}"
+    );
+    api.json(
+        "POST",
+        "/api/domains/example.test",
+        "{\"recipient_verify\": \"off\"}",
+    );
     // The primary answers again; a release sends the queue at once.
     primary.set_down(false);
     let deleted = api.json("DELETE", &format!("/api/queue/{}", ids[2]), "");
