@@ -73,6 +73,11 @@ pub(crate) enum DomainCommand {
         /// How long this domain's mail may stay queued (at most 60d).
         #[arg(long, value_name = "DUR", value_parser = relay_core::config::parse_duration)]
         queue_lifetime: Option<std::time::Duration>,
+        /// How the hop to the primary must be protected: STARTTLS when
+        /// offered, STARTTLS always, or STARTTLS with a certificate valid
+        /// for the primary's name.
+        #[arg(long, value_name = "opportunistic|required|verified")]
+        tls: Option<relay_core::domain::TlsPolicy>,
     },
     /// Show one domain, with its primary's last observed state.
     Show {
@@ -290,6 +295,7 @@ pub(crate) async fn domain(
             hold,
             release,
             queue_lifetime,
+            tls,
         } => {
             let name = parse_domain(&domain)?;
             let change = DomainChange {
@@ -305,6 +311,7 @@ pub(crate) async fn domain(
                     _ => None,
                 },
                 queue_lifetime,
+                tls,
             };
             let outcome = match admin.set_domain(&name, change, now()).await {
                 Err(AdminError::NoSuchDomain(_)) => {
@@ -375,6 +382,7 @@ pub(crate) async fn domain(
             );
             println!("recipient_verify: {}", d.recipient_verify);
             println!("defer_while_primary_up: {}", d.defer_while_primary_up);
+            println!("tls: {}", d.tls);
             println!(
                 "primary_state: {}",
                 match view.primary_state {

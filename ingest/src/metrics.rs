@@ -92,6 +92,30 @@ const METRICS: &[MetricSpec] = &[
         &[],
     ),
     (
+        "backupmx_delivery_sessions_total",
+        "delivery sessions that reached a transaction, by the domain's TLS policy and whether TLS was used",
+        false,
+        &[("policy", "opportunistic"), ("tls", "yes")],
+    ),
+    (
+        "backupmx_tls_policy_failures_total",
+        "connections to a primary given up because its TLS policy could not be met (no STARTTLS, refused, certificate not valid)",
+        false,
+        &[("policy", "verified")],
+    ),
+    (
+        "backupmx_mta_sts_fetches_total",
+        "MTA-STS policy fetches by result (ok, failed)",
+        false,
+        &[("result", "ok")],
+    ),
+    (
+        "backupmx_mta_sts_testing_failures_total",
+        "deliveries an MTA-STS policy in testing mode would have refused (delivered anyway)",
+        false,
+        &[],
+    ),
+    (
         "backupmx_bounces_queued_total",
         "delivery status notifications queued for senders",
         false,

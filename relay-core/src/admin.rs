@@ -81,6 +81,8 @@ pub struct DomainChange {
     /// How long this domain's mail may stay queued.
     #[serde(default, with = "humantime_serde")]
     pub queue_lifetime: Option<Duration>,
+    /// How the hop to the primary must be protected.
+    pub tls: Option<crate::domain::TlsPolicy>,
 }
 
 /// What [`Admin::set_domain`] did.
@@ -339,6 +341,9 @@ impl Admin {
         }
         if let Some(e) = change.enabled {
             d.enabled = e;
+        }
+        if let Some(t) = change.tls {
+            d.tls = t;
         }
         self.registry
             .put(&d)

@@ -332,6 +332,14 @@ pub struct DeliveryConfig {
     /// …and how long a drain lasts after the primary answers again.
     #[serde(with = "humantime_serde")]
     pub bounce_storm_window: Duration,
+    /// PEM certificates trusted besides the Web PKI roots for hops whose
+    /// certificate must be verified (`tls = "verified"`, MTA-STS): a
+    /// private CA.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Honour destination domains' MTA-STS policies (RFC 8461).
+    pub mta_sts: bool,
+    /// The HTTPS port MTA-STS policies are fetched from (443).
+    pub mta_sts_port: u16,
 }
 
 /// `[alerts]`: where alerts go.
@@ -398,6 +406,9 @@ pub struct DomainConfig {
     /// This domain's queue lifetime (at most 60 d).
     #[serde(default, with = "humantime_serde")]
     pub queue_lifetime: Option<Duration>,
+    /// How the hop to the primary must be protected.
+    #[serde(default)]
+    pub tls: Option<crate::domain::TlsPolicy>,
 }
 
 impl Default for Config {
@@ -524,6 +535,9 @@ impl Default for DeliveryConfig {
             bounce_storm_min_recipients: 10,
             bounce_storm_ratio: 0.9,
             bounce_storm_window: Duration::from_secs(600),
+            tls_ca_file: None,
+            mta_sts: true,
+            mta_sts_port: 443,
         }
     }
 }
@@ -599,6 +613,11 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |s: String| Err(ConfigError::Invalid(s));
+        if let Some(ca) = &self.delivery.tls_ca_file {
+            if let Err(e) = crate::delivery::transport::load_ca_file(ca) {
+                return invalid(format!("delivery.tls_ca_file: {e}"));
+            }
+        }
         if let Some(a) = &self.admin {
             if a.token.is_empty() && !a.listen.ip().is_loopback() {
                 return invalid(format!(
@@ -760,6 +779,9 @@ impl DomainConfig {
             });
         }
         d.queue_lifetime = self.queue_lifetime.map(|l| l.as_secs());
+        if let Some(t) = self.tls {
+            d.tls = t;
+        }
         Ok(d)
     }
 }
@@ -939,6 +961,9 @@ impl From<&Config> for EngineConfig {
                 data_final: d.data_timeout,
             },
             opportunistic_tls: d.opportunistic_tls,
+            tls_ca_file: d.tls_ca_file.clone(),
+            mta_sts: d.mta_sts,
+            mta_sts_port: d.mta_sts_port,
             bounce_headers_max: usize::try_from(d.bounce_headers_max).unwrap_or(usize::MAX),
             storm: crate::delivery::storm::StormSettings {
                 min_recipients: d.bounce_storm_min_recipients,

@@ -55,6 +55,11 @@ pub trait Resolver: Send + Sync {
     async fn ips(&self, host: &str) -> Result<Vec<IpAddr>, DnsError>;
     /// A records with their TTL (DNSBL queries).
     async fn a(&self, name: &str) -> Result<AAnswer, DnsError>;
+    /// TXT records, each as the concatenation of its strings (MTA-STS, SPF).
+    async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        let _ = name;
+        Err(DnsError::NoRecords)
+    }
 }
 
 /// hickory-resolver with our nameservers (or the system's).
@@ -148,6 +153,23 @@ impl Resolver for HickoryResolver {
             return Err(DnsError::NoRecords);
         }
         Ok(ips)
+    }
+
+    async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
+        let lookup = self
+            .inner
+            .txt_lookup(absolute(name)?)
+            .await
+            .map_err(|e| classify(&e))?;
+        Ok(lookup
+            .iter()
+            .map(|t| {
+                t.txt_data()
+                    .iter()
+                    .map(|part| String::from_utf8_lossy(part))
+                    .collect::<String>()
+            })
+            .collect())
     }
 
     async fn a(&self, name: &str) -> Result<AAnswer, DnsError> {

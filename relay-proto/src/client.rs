@@ -204,6 +204,11 @@ struct Extensions {
 pub struct ClientSession {
     helo_name: String,
     try_tls: bool,
+    /// A policy forbids plaintext: no STARTTLS, a refusal or a failed
+    /// handshake ends the session with a temporary failure.
+    tls_required: bool,
+    /// The session ended because the TLS requirement could not be met.
+    tls_policy_failed: bool,
     envelope: Envelope,
     /// Index of `envelope` among all messages of the session.
     current: usize,
@@ -251,6 +256,8 @@ impl ClientSession {
         ClientSession {
             helo_name: helo_name.to_string(),
             try_tls,
+            tls_required: false,
+            tls_policy_failed: false,
             envelope,
             current: 0,
             more,
@@ -272,10 +279,25 @@ impl ClientSession {
         }
     }
 
+    /// No message may go in plaintext (a domain's TLS policy, MTA-STS
+    /// enforce, DANE): without STARTTLS, or when it is refused or fails,
+    /// every recipient gets a temporary failure that says so.
+    pub fn require_tls(mut self) -> Self {
+        self.try_tls = true;
+        self.tls_required = true;
+        self
+    }
+
     /// The server answered MAIL: results now come from a real transaction,
     /// so trying another host for these recipients would be wrong.
     pub fn transaction_started(&self) -> bool {
         self.transaction_started
+    }
+
+    /// The session ended because TLS was required and could not be had
+    /// (not offered, refused, or the handshake failed).
+    pub fn tls_policy_failed(&self) -> bool {
+        self.tls_policy_failed
     }
 
     /// The STARTTLS handshake failed (the driver reported it).
@@ -356,6 +378,11 @@ impl ClientSession {
             Expect::StartTls => {
                 if r.code == 220 {
                     self.tls_pending = true;
+                } else if self.tls_required {
+                    self.tls_policy_failed = true;
+                    self.abandon(RcptResult::Transient(format!(
+                        "TLS required by policy, STARTTLS refused: {r}"
+                    )));
                 } else {
                     // Refused: carry on in the clear (opportunistic TLS).
                     self.begin_transaction();
@@ -439,19 +466,33 @@ impl ClientSession {
 
     /// The TLS handshake finished: `true` if it succeeded.
     pub fn tls_done(&mut self, ok: bool) {
-        self.tls_pending = false;
         if ok {
+            self.tls_pending = false;
             self.tls_active = true;
             // RFC 3207 §4.2: forget everything learnt before TLS.
             self.ext = Extensions::default();
             self.send(format!("EHLO {}", self.helo_name), Expect::Ehlo);
         } else {
-            self.tls_failed = true;
-            self.abandoned = Some(RcptResult::Transient("TLS handshake failed".into()));
-            self.fail_all(RcptResult::Transient("TLS handshake failed".into()));
-            self.expect.clear();
-            self.done = true;
+            self.tls_failed_because("");
         }
+    }
+
+    /// The TLS handshake failed, for this reason (a certificate that does
+    /// not verify, no common version…): the connection is unusable.
+    pub fn tls_failed_because(&mut self, why: &str) {
+        self.tls_pending = false;
+        self.tls_failed = true;
+        self.tls_policy_failed = self.tls_required;
+        let text = match (self.tls_required, why.is_empty()) {
+            (true, true) => "TLS required by policy, handshake failed".to_string(),
+            (true, false) => format!("TLS required by policy, handshake failed: {why}"),
+            (false, true) => "TLS handshake failed".to_string(),
+            (false, false) => format!("TLS handshake failed: {why}"),
+        };
+        self.abandoned = Some(RcptResult::Transient(text.clone()));
+        self.fail_all(RcptResult::Transient(text));
+        self.expect.clear();
+        self.done = true;
     }
 
     /// The connection broke or timed out: every open recipient is retried.
@@ -489,6 +530,11 @@ impl ClientSession {
     fn after_hello(&mut self) {
         if self.try_tls && self.ext.starttls && !self.tls_active {
             self.send("STARTTLS".into(), Expect::StartTls);
+        } else if self.tls_required && !self.tls_active {
+            self.tls_policy_failed = true;
+            self.abandon(RcptResult::Transient(
+                "TLS required by policy, but the server does not offer STARTTLS".into(),
+            ));
         } else {
             self.begin_transaction();
         }

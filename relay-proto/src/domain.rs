@@ -41,6 +41,47 @@ pub struct Domain {
     /// the global `[delivery] queue_lifetime`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_lifetime: Option<u64>,
+    /// How the hop to the primary must be protected.
+    #[serde(default)]
+    pub tls: TlsPolicy,
+}
+
+/// The least protection a delivery to the domain's primary may have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicy {
+    /// STARTTLS when offered, with any certificate; plaintext otherwise
+    /// (RFC 7435), unless an MTA-STS policy or DANE asks for more.
+    #[default]
+    Opportunistic,
+    /// STARTTLS must succeed (any certificate); no plaintext ever.
+    Required,
+    /// STARTTLS with a certificate valid for the next hop's name.
+    Verified,
+}
+
+impl std::str::FromStr for TlsPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "opportunistic" => Ok(TlsPolicy::Opportunistic),
+            "required" => Ok(TlsPolicy::Required),
+            "verified" => Ok(TlsPolicy::Verified),
+            _ => Err(format!(
+                "{s:?}: expected opportunistic, required or verified"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for TlsPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsPolicy::Opportunistic => "opportunistic",
+            TlsPolicy::Required => "required",
+            TlsPolicy::Verified => "verified",
+        })
+    }
 }
 
 /// Why and since when a domain's mail is held.
@@ -168,6 +209,7 @@ impl Domain {
             defer_while_primary_up: false,
             hold: None,
             queue_lifetime: None,
+            tls: TlsPolicy::Opportunistic,
         }
     }
 

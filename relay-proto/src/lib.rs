@@ -25,6 +25,7 @@ pub mod address;
 pub mod client;
 pub mod domain;
 pub mod dsn;
+pub mod mta_sts;
 pub mod proxy;
 pub mod queue;
 pub mod smtp;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hickory_server::authority::{Catalog, ZoneType};
 use hickory_server::proto::op::ResponseCode;
-use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
 use hickory_server::proto::rr::{Name, RData, Record};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryAuthority;
@@ -24,6 +24,8 @@ pub enum Rec {
     NullMx,
     A(&'static str),
     Aaaa(&'static str),
+    /// One TXT string.
+    Txt(String),
 }
 
 pub struct DnsServer {
@@ -99,6 +101,7 @@ impl DnsServer {
                 Rec::NullMx => RData::MX(MX::new(0, Name::root())),
                 Rec::A(ip) => RData::A(A(ip.parse().expect("ipv4"))),
                 Rec::Aaaa(ip) => RData::AAAA(AAAA(ip.parse().expect("ipv6"))),
+                Rec::Txt(text) => RData::TXT(TXT::new(vec![text.clone()])),
             };
             authority.upsert_mut(Record::from_rdata(name(owner), 5, rdata), 1);
         }

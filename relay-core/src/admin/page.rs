@@ -259,7 +259,9 @@ pub fn domain_page(
 <dt>Held</dt><dd class=\"hold\">{held}</dd>\
 <dt>Last error</dt><dd>{error}</dd>\
 <dt>Enabled</dt><dd>{enabled}</dd>\
-<dt>Recipient verification</dt><dd>{verify}</dd>",
+<dt>Recipient verification</dt><dd>{verify}</dd>\
+<dt>TLS to the primary</dt><dd class=\"tls\">{tls}</dd>",
+        tls = escape(&d.tls.to_string()),
         badge = primary_badge(s, now),
         hop = escape(&primary),
         queued = s.queued,

@@ -7,6 +7,7 @@
 
 pub use relay_proto::{client, dsn};
 pub mod etrn;
+pub mod mta_sts;
 mod probe;
 #[cfg(feature = "aws")]
 pub mod retry;
@@ -42,6 +43,13 @@ pub struct EngineConfig {
     pub timeouts: Timeouts,
     /// Offer STARTTLS to next hops when they advertise it.
     pub opportunistic_tls: bool,
+    /// Certificates (PEM) trusted besides the Web PKI roots when a hop's
+    /// certificate must be verified (a private CA).
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Honour destination domains' MTA-STS policies (RFC 8461).
+    pub mta_sts: bool,
+    /// The HTTPS port policies are fetched from (443; tests use others).
+    pub mta_sts_port: u16,
     /// Most bytes of the original headers a DSN returns.
     pub bounce_headers_max: usize,
     /// The bounce-storm guard's thresholds.
@@ -120,6 +128,12 @@ pub struct Engine {
     resolver: Arc<dyn Resolver>,
     registry: Arc<dyn DomainRegistry>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// STARTTLS with any certificate, for `tls = "required"` hops.
+    any_certificate: Arc<rustls::ClientConfig>,
+    /// STARTTLS with a certificate valid for the hop's name.
+    verifying: Arc<rustls::ClientConfig>,
+    /// MTA-STS policies of the destinations.
+    sts: Option<mta_sts::StsPolicies>,
     /// Destinations already logged as not hosted.
     unhosted: crate::sync::Mutex<std::collections::HashSet<DomainName>>,
     /// Where delivery results teach recipient verification.
@@ -154,12 +168,33 @@ impl Engine {
         registry: Arc<dyn DomainRegistry>,
     ) -> Self {
         let tls = cfg.opportunistic_tls.then(transport::opportunistic_tls);
+        let extra_roots = match &cfg.tls_ca_file {
+            None => Vec::new(),
+            // The configuration's validation read it already; a file gone
+            // since then leaves the Web PKI roots only.
+            Some(path) => transport::load_ca_file(path).unwrap_or_else(|e| {
+                tracing::error!(event = "tls_ca_file_unreadable", error = %e);
+                Vec::new()
+            }),
+        };
         let cfg_storm = cfg.storm;
+        let verifying = transport::verifying_tls(&extra_roots);
+        let sts = cfg.mta_sts.then(|| {
+            mta_sts::StsPolicies::new(
+                resolver.clone(),
+                verifying.clone(),
+                cfg.mta_sts_port,
+                cfg.timeouts.connect.min(Duration::from_secs(30)),
+            )
+        });
         Engine {
             cfg,
             resolver,
             registry,
             tls,
+            any_certificate: transport::opportunistic_tls(),
+            verifying,
+            sts,
             unhosted: Default::default(),
             learning: None,
             storm: storm::StormGuard::new(cfg_storm),
@@ -492,8 +527,17 @@ impl Engine {
                     store: bodies,
                     ids: &ids,
                 };
-                let mut report = self.try_targets(&targets, &envelopes, &source).await;
+                let plans = self
+                    .hop_plans(&domain, record.as_ref(), targets, unix_seconds(now))
+                    .await;
+                let mut report = match plans {
+                    Ok(plans) => self.try_targets(&domain, &plans, &envelopes, &source).await,
+                    Err(why) => policy_refusal(&envelopes, &why),
+                };
+                // A hop that answers but cannot meet the TLS policy is not
+                // down: its mail backs off per message (no probe storm).
                 destination_down = !report.transaction_started
+                    && !report.tls_policy_failed
                     && report
                         .results
                         .iter()
@@ -755,35 +799,153 @@ impl Engine {
         (report, failed)
     }
 
-    /// Tries the targets in order until one holds a transaction.
+    /// Each target with the TLS it must get: the domain's own policy,
+    /// raised by its MTA-STS policy (RFC 8461 §4–5). An enforced policy
+    /// that no MX host matches is an error (the mail waits).
+    async fn hop_plans(
+        &self,
+        domain: &DomainName,
+        record: Option<&crate::domain::Domain>,
+        targets: Vec<Target>,
+        now: u64,
+    ) -> Result<Vec<(Target, HopPlan)>, String> {
+        use crate::domain::TlsPolicy;
+        use crate::mta_sts::Mode;
+        let own = record.map_or(TlsPolicy::Opportunistic, |r| r.tls);
+        let plain = |t: Target| {
+            (
+                t,
+                HopPlan {
+                    tls: own,
+                    source: "domain",
+                    testing_fallback: None,
+                },
+            )
+        };
+        let policy = match &self.sts {
+            Some(sts) => sts.policy(domain, now).await,
+            None => None,
+        };
+        let Some(policy) = policy.filter(|p| p.mode != Mode::None) else {
+            return Ok(targets.into_iter().map(plain).collect());
+        };
+        // Explicit next hops (the domain's primaries, a static route) are
+        // the operator's choice: the policy raises the TLS of those it
+        // names, and leaves the others as they are.
+        let explicit = record.is_some_and(|r| !r.primary.is_empty())
+            || self.cfg.routes.contains_key(domain.as_str());
+        let mut plans = Vec::new();
+        for t in targets {
+            let listed = policy.allows(&t.host);
+            match (policy.mode, listed) {
+                (Mode::Enforce, true) => plans.push((
+                    t,
+                    HopPlan {
+                        tls: TlsPolicy::Verified,
+                        source: "mta-sts",
+                        testing_fallback: None,
+                    },
+                )),
+                (Mode::Enforce, false) if explicit => plans.push(plain(t)),
+                (Mode::Enforce, false) => {
+                    tracing::info!(event = "mta_sts_mx_skipped", domain = %domain, host = %t.host,
+                        "not in the domain's MTA-STS policy")
+                }
+                (_, true) => plans.push((
+                    t,
+                    HopPlan {
+                        tls: TlsPolicy::Verified,
+                        source: "mta-sts",
+                        testing_fallback: Some(own),
+                    },
+                )),
+                (_, false) => {
+                    if !explicit {
+                        tracing::warn!(event = "mta_sts_testing_failure", domain = %domain, host = %t.host,
+                            error = "MX host not in the policy (testing mode: delivered anyway)");
+                        metrics::counter!("backupmx_mta_sts_testing_failures_total").increment(1);
+                    }
+                    plans.push(plain(t));
+                }
+            }
+        }
+        if plans.is_empty() {
+            metrics::counter!("backupmx_tls_policy_failures_total", "policy" => "mta-sts")
+                .increment(1);
+            let why = format!(
+                "MTA-STS policy of {domain} (enforce) lists none of its MX hosts: mx {}",
+                policy.mx.join(", ")
+            );
+            tracing::warn!(event = "tls_policy_failed", domain = %domain, policy = "mta-sts", error = %why);
+            return Err(why);
+        }
+        Ok(plans)
+    }
+
+    /// Tries the targets in order until one holds a transaction, each
+    /// with the TLS its plan asks for.
     async fn try_targets(
         &self,
-        targets: &[Target],
+        domain: &DomainName,
+        plans: &[(Target, HopPlan)],
         envelopes: &[Envelope],
         bodies: &transport::Bodies<'_>,
     ) -> SessionReport {
         let mut last = None;
-        for target in targets {
+        for (target, plan) in plans {
             for addr in &target.addrs {
                 let host = &self.cfg.me.hostname;
                 let mut report = transport::deliver(
                     *addr,
                     &target.host,
                     host,
-                    self.tls.as_ref(),
+                    self.hop_tls(plan.tls),
                     &self.cfg.timeouts,
                     envelopes.to_vec(),
                     bodies,
                 )
                 .await;
-                if report.tls_failed {
+                let mut tls_policy = plan.tls;
+                if report.tls_policy_failed {
+                    let why = first_transient(&report).to_string();
+                    match plan.testing_fallback {
+                        Some(fallback) => {
+                            // MTA-STS testing: report, and deliver as usual.
+                            tracing::warn!(event = "mta_sts_testing_failure", domain = %domain, host = %target.host, addr = %addr, error = %why);
+                            metrics::counter!("backupmx_mta_sts_testing_failures_total")
+                                .increment(1);
+                            tls_policy = fallback;
+                            report = transport::deliver(
+                                *addr,
+                                &target.host,
+                                host,
+                                self.hop_tls(fallback),
+                                &self.cfg.timeouts,
+                                envelopes.to_vec(),
+                                bodies,
+                            )
+                            .await;
+                        }
+                        None => {
+                            let label = if plan.source == "mta-sts" {
+                                "mta-sts".to_string()
+                            } else {
+                                plan.tls.to_string()
+                            };
+                            tracing::warn!(event = "tls_policy_failed", domain = %domain, host = %target.host, addr = %addr, policy = %label, error = %why);
+                            metrics::counter!("backupmx_tls_policy_failures_total", "policy" => label)
+                                .increment(1);
+                        }
+                    }
+                }
+                if report.tls_failed && !report.tls_policy_failed {
                     // Opportunistic TLS: a broken handshake must not stop delivery.
                     tracing::info!(event = "tls_fallback_plaintext", addr = %addr);
                     report = transport::deliver(
                         *addr,
                         &target.host,
                         host,
-                        None,
+                        transport::HopTls::Off,
                         &self.cfg.timeouts,
                         envelopes.to_vec(),
                         bodies,
@@ -796,7 +958,24 @@ impl Engine {
                         .iter()
                         .flatten()
                         .any(|r| !matches!(r, RcptResult::Transient(_)));
-                tracing::debug!(event = "delivery_session", addr = %addr, host = %target.host, conclusive, tls = report.tls, messages = envelopes.len());
+                let source = if tls_policy == plan.tls {
+                    plan.source
+                } else {
+                    "domain"
+                };
+                tracing::debug!(event = "delivery_session", addr = %addr, host = %target.host, conclusive,
+                    tls = report.tls, policy = %tls_policy, policy_source = source, messages = envelopes.len());
+                if report.transaction_started {
+                    let label = if source == "mta-sts" {
+                        "mta-sts".to_string()
+                    } else {
+                        tls_policy.to_string()
+                    };
+                    metrics::counter!("backupmx_delivery_sessions_total",
+                        "policy" => label,
+                        "tls" => if report.tls { "yes" } else { "no" })
+                    .increment(1);
+                }
                 last = Some(report);
                 if conclusive {
                     break;
@@ -807,6 +986,16 @@ impl Engine {
             }
         }
         last.unwrap_or_else(|| unreachable_report(envelopes))
+    }
+
+    fn hop_tls(&self, policy: crate::domain::TlsPolicy) -> transport::HopTls<'_> {
+        use crate::domain::TlsPolicy;
+        match (policy, self.tls.as_ref()) {
+            (TlsPolicy::Verified, _) => transport::HopTls::Required(&self.verifying),
+            (TlsPolicy::Required, _) => transport::HopTls::Required(&self.any_certificate),
+            (TlsPolicy::Opportunistic, Some(c)) => transport::HopTls::Opportunistic(c),
+            (TlsPolicy::Opportunistic, None) => transport::HopTls::Off,
+        }
     }
 
     async fn bounce_for(
@@ -863,6 +1052,43 @@ impl Engine {
     }
 }
 
+/// The TLS a connection to one target must have, and where that came from.
+#[derive(Debug, Clone, Copy)]
+struct HopPlan {
+    tls: crate::domain::TlsPolicy,
+    /// `domain` (its `tls` setting) or `mta-sts`.
+    source: &'static str,
+    /// MTA-STS testing mode: the policy to deliver with when the verified
+    /// connection fails (after reporting it).
+    testing_fallback: Option<crate::domain::TlsPolicy>,
+}
+
+fn first_transient(report: &SessionReport) -> &str {
+    report
+        .results
+        .iter()
+        .flatten()
+        .find_map(|r| match r {
+            RcptResult::Transient(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Every recipient deferred by a TLS policy that no target can meet.
+fn policy_refusal(envelopes: &[Envelope], why: &str) -> SessionReport {
+    SessionReport {
+        results: envelopes
+            .iter()
+            .map(|e| vec![RcptResult::Transient(why.to_string()); e.recipients.len()])
+            .collect(),
+        transaction_started: false,
+        tls: false,
+        tls_failed: false,
+        tls_policy_failed: true,
+    }
+}
+
 fn unreachable_report(envelopes: &[Envelope]) -> SessionReport {
     SessionReport {
         results: envelopes
@@ -874,6 +1100,7 @@ fn unreachable_report(envelopes: &[Envelope]) -> SessionReport {
         transaction_started: false,
         tls: false,
         tls_failed: false,
+        tls_policy_failed: false,
     }
 }
 
@@ -898,6 +1125,9 @@ mod tests {
                 queue_lifetime: Duration::from_secs(5 * 86_400),
                 timeouts: EngineConfig::from(&crate::config::Config::default()).timeouts,
                 opportunistic_tls: false,
+                tls_ca_file: None,
+                mta_sts: false,
+                mta_sts_port: 443,
                 bounce_headers_max: 50 * 1024,
                 storm: EngineConfig::from(&crate::config::Config::default()).storm,
             },

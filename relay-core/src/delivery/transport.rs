@@ -37,6 +37,9 @@ pub struct SessionReport {
     /// STARTTLS was accepted but the handshake failed: worth retrying in
     /// the clear at once.
     pub tls_failed: bool,
+    /// TLS was required (a policy) and could not be had: the destination
+    /// answers, it is not down.
+    pub tls_policy_failed: bool,
 }
 
 /// Opportunistic TLS (RFC 7435): encrypt with whatever certificate the
@@ -89,6 +92,51 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// How one connection to a next hop uses TLS.
+#[derive(Clone, Copy)]
+pub enum HopTls<'a> {
+    /// Never STARTTLS.
+    Off,
+    /// STARTTLS when offered; plaintext otherwise.
+    Opportunistic(&'a Arc<rustls::ClientConfig>),
+    /// STARTTLS or nothing, with this configuration (which verifies the
+    /// certificate, or not).
+    Required(&'a Arc<rustls::ClientConfig>),
+}
+
+/// The client TLS configuration that verifies the next hop's certificate
+/// for its name: the Web PKI roots, and `extra` (a private CA).
+pub fn verifying_tls(extra: &[CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for cert in extra {
+        if let Err(e) = roots.add(cert.clone()) {
+            tracing::warn!(event = "tls_ca_ignored", error = %e);
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// Reads the certificates of a PEM file (`[delivery] tls_ca_file`).
+pub fn load_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(certs)
 }
 
 /// The client TLS configuration for opportunistic STARTTLS.
@@ -190,12 +238,25 @@ pub async fn deliver(
     addr: SocketAddr,
     server_name: &str,
     helo_name: &str,
-    tls: Option<&Arc<rustls::ClientConfig>>,
+    hop_tls: HopTls<'_>,
     timeouts: &Timeouts,
     envelopes: Vec<Envelope>,
     bodies: &Bodies<'_>,
 ) -> SessionReport {
-    let mut client = ClientSession::with_messages(helo_name, tls.is_some(), envelopes);
+    let (mut client, tls) = match hop_tls {
+        HopTls::Off => (
+            ClientSession::with_messages(helo_name, false, envelopes),
+            None,
+        ),
+        HopTls::Opportunistic(c) => (
+            ClientSession::with_messages(helo_name, true, envelopes),
+            Some(c),
+        ),
+        HopTls::Required(c) => (
+            ClientSession::with_messages(helo_name, true, envelopes).require_tls(),
+            Some(c),
+        ),
+    };
     let mut stream = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => Stream::Plain(s),
         Ok(Err(e)) => {
@@ -263,9 +324,9 @@ pub async fn deliver(
                     }
                     Ok(Err(e)) => {
                         tracing::info!(event = "tls_handshake_failed", addr = %addr, error = %crate::error::Report(&e));
-                        client.tls_done(false);
+                        client.tls_failed_because(&e.to_string());
                     }
-                    Err(_) => client.tls_done(false),
+                    Err(_) => client.tls_failed_because("timed out"),
                 }
             }
             Next::Done => break,
@@ -280,6 +341,7 @@ fn report(client: &ClientSession) -> SessionReport {
         transaction_started: client.transaction_started(),
         tls: client.tls_active(),
         tls_failed: client.tls_failed(),
+        tls_policy_failed: client.tls_policy_failed(),
     }
 }
 

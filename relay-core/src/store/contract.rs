@@ -52,6 +52,7 @@ pub(crate) async fn domains_contract(reg: &dyn DomainRegistry) {
         since: 1_800_000_000,
     });
     d.queue_lifetime = Some(30 * 86_400);
+    d.tls = crate::domain::TlsPolicy::Verified;
     reg.put(&d).await.unwrap();
     assert_eq!(reg.get(&name).await.unwrap(), Some(d.clone()));
     d.hold = None;

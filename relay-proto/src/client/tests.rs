@@ -209,6 +209,61 @@ fn refused_starttls_continues_in_the_clear() {
 }
 
 #[test]
+fn required_tls_never_sends_in_the_clear() {
+    // Not offered: QUIT, every recipient deferred with the reason.
+    let mut c =
+        ClientSession::new("mx2.test", false, envelope(&["x@d.test", "y@d.test"])).require_tls();
+    let sent = run(&mut c, &["220 hi\r\n", EHLO_FULL, "221 bye\r\n"]);
+    assert_eq!(sent, "EHLO mx2.test\r\nQUIT\r\n");
+    for r in c.results() {
+        assert!(
+            matches!(&r, RcptResult::Transient(t) if t.contains("does not offer STARTTLS")),
+            "{r:?}"
+        );
+    }
+    // Refused: the same, with the server's answer.
+    let mut c = ClientSession::new("mx2.test", true, envelope(&["x@d.test"])).require_tls();
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            "250-mx.test\r\n250 STARTTLS\r\n",
+            "454 4.7.0 not now\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert!(!sent.contains("MAIL"), "{sent}");
+    assert!(
+        matches!(&c.results()[0], RcptResult::Transient(t) if t.contains("STARTTLS refused: 454")),
+        "{:?}",
+        c.results()
+    );
+    // A failed handshake (a certificate that does not verify): done, no retry here.
+    let mut c = ClientSession::new("mx2.test", true, envelope(&["x@d.test"])).require_tls();
+    let mut sent = String::new();
+    for r in [
+        "220 hi\r\n",
+        "250-mx.test\r\n250 STARTTLS\r\n",
+        "220 go\r\n",
+    ] {
+        while let Next::Send(b) = c.poll_next() {
+            sent.push_str(&String::from_utf8(b).unwrap());
+        }
+        c.on_reply(reply(r));
+    }
+    assert!(matches!(c.poll_next(), Next::StartTls));
+    c.tls_failed_because("invalid peer certificate: NotValidForName");
+    assert!(matches!(c.poll_next(), Next::Done));
+    assert!(c.tls_failed());
+    assert!(
+        matches!(&c.results()[0], RcptResult::Transient(t)
+            if t == "TLS required by policy, handshake failed: invalid peer certificate: NotValidForName"),
+        "{:?}",
+        c.results()
+    );
+}
+
+#[test]
 fn mail_refused_fails_every_recipient_by_its_class() {
     let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test", "y@d.test"]));
     let sent = run(

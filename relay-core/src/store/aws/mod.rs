@@ -559,6 +559,9 @@ fn domain_item(d: &Domain) -> HashMap<String, AttributeValue> {
     if let Some(l) = d.queue_lifetime {
         item.insert("queue_lifetime".into(), n(l));
     }
+    if d.tls != crate::domain::TlsPolicy::Opportunistic {
+        item.insert("tls".into(), s(d.tls.to_string()));
+    }
     item
 }
 
@@ -604,6 +607,14 @@ fn domain_from_item(item: &HashMap<String, AttributeValue>) -> Result<Domain, St
             }),
         },
         queue_lifetime: get_n(item, "queue_lifetime"),
+        tls: match item.get("tls") {
+            None => crate::domain::TlsPolicy::Opportunistic,
+            Some(v) => v
+                .as_s()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(corrupt)?,
+        },
     })
 }
 

@@ -1,0 +1,309 @@
+//! A domain's TLS policy for the hop to its primary: `required` and
+//! `verified` never fall back to plaintext or to a certificate that does
+//! not verify; the mail waits with a clear last error and goes once the
+//! primary is fixed. The primaries are real `backupmx ingest` processes,
+//! with and without STARTTLS, with certificates from a test CA.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use backupmx_tests::pki::Pki;
+use backupmx_tests::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A primary: `backupmx ingest` hosting example.test, with `tls` (a
+/// `[tls]` section, or empty for no STARTTLS).
+fn primary(tls: &str) -> Server {
+    Server::start("", tls)
+}
+
+/// Gives the primary another `[tls]` section (or none) and restarts it
+/// on the same port.
+fn reconfigure(p: &mut Server, tls: &str) {
+    let text = std::fs::read_to_string(&p.config_path).expect("config");
+    let base = match text.find("[tls]") {
+        Some(i) => {
+            // The section is cert and key lines; everything after them stays.
+            let rest: Vec<&str> = text[i..].lines().skip(3).collect();
+            format!("{}{}", &text[..i], rest.join("\n"))
+        }
+        None => text,
+    };
+    std::fs::write(&p.config_path, format!("{base}\n{tls}")).expect("config");
+    p.restart();
+}
+
+fn backup(primary: &Server, policy: &str, ca: &Path) -> Server {
+    let s = Server::start_run(
+        "",
+        &format!(
+            "tls = \"{policy}\"\n[delivery]\ntls_ca_file = \"{}\"\nretry_initial = \"1h\"\nretry_max = \"2h\"\n",
+            ca.display()
+        ),
+        &format!("[\"{}\"]", primary.addr),
+    );
+    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    assert!(shown.contains(&format!("tls: {policy}")), "{shown}");
+    s
+}
+
+fn send(s: &Server) {
+    let mut c = s.client();
+    let reply = c.send_message(
+        "alice@remote.test",
+        &["bob@example.test"],
+        "Subject: policy\r\n\r\nhello\r\n",
+    );
+    assert!(reply.starts_with("250"), "{reply}");
+}
+
+/// The one queued message's last error, once it has been attempted.
+fn last_error(s: &Server) -> String {
+    eventually(WAIT, "an attempted message", || {
+        let q = s.queue();
+        q.first()
+            .filter(|e| e["attempts"].as_u64() >= Some(1))
+            .and_then(|e| e["last_error"].as_str().map(str::to_string))
+    })
+}
+
+fn delivered(backup: &Server, primary: &Server) {
+    eventually(WAIT, "the message at the primary", || {
+        (primary.queue().len() == 1).then_some(())
+    });
+    eventually(WAIT, "an empty backup queue", || {
+        backup.queue().is_empty().then_some(())
+    });
+}
+
+#[test]
+fn required_never_sends_in_the_clear_and_delivers_once_starttls_works() {
+    let pki = Pki::new();
+    let mut p = primary("");
+    let s = backup(&p, "required", &pki.ca_file());
+    send(&s);
+    let error = last_error(&s);
+    assert!(
+        error.contains("TLS required by policy, but the server does not offer STARTTLS"),
+        "{error}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(p.queue().is_empty(), "mail went in the clear");
+    assert!(s.log().contains("tls_policy_failed"), "{}", s.log());
+    // Not a down primary: no probe storm, the message waits for its retry.
+    assert!(!s.log().contains("destination_down"), "{}", s.log());
+
+    // The primary gets STARTTLS (a self-signed certificate is enough for
+    // `required`); a flush sends the mail.
+    let self_signed = pki.tls_section("self", &["elsewhere.test"], false);
+    reconfigure(&mut p, &self_signed);
+    ok(&s.cli(&["queue", "flush"]));
+    delivered(&s, &p);
+    let metrics = s.log();
+    assert!(!metrics.contains("tls_fallback_plaintext"), "{metrics}");
+}
+
+#[test]
+fn verified_refuses_a_certificate_not_valid_for_the_primary_and_delivers_once_it_is() {
+    let pki = Pki::new();
+    // Signed by the trusted CA, but for another name.
+    let wrong_name = pki.tls_section("wrong", &["other.test"], true);
+    let mut p = primary(&wrong_name);
+    let s = backup(&p, "verified", &pki.ca_file());
+    send(&s);
+    let error = last_error(&s);
+    assert!(
+        error.starts_with("TLS required by policy, handshake failed: invalid peer certificate"),
+        "{error}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(p.queue().is_empty());
+
+    // Valid for its name (the address the domain names), but self-signed.
+    let untrusted = pki.tls_section("untrusted", &["127.0.0.1"], false);
+    reconfigure(&mut p, &untrusted);
+    ok(&s.cli(&["queue", "flush"]));
+    eventually(WAIT, "a second failed attempt", || {
+        let q = s.queue();
+        let e = q.first()?;
+        (e["attempts"].as_u64() >= Some(2)).then(|| e["last_error"].clone())
+    });
+    let error = last_error(&s);
+    assert!(error.contains("invalid peer certificate"), "{error}");
+    assert!(p.queue().is_empty());
+
+    // Fixed: the CA's certificate for the primary's address.
+    let good = pki.tls_section("good", &["127.0.0.1"], true);
+    reconfigure(&mut p, &good);
+    ok(&s.cli(&["queue", "flush"]));
+    delivered(&s, &p);
+}
+
+#[test]
+fn opportunistic_delivers_in_the_clear_and_switching_policy_applies_to_queued_mail() {
+    let pki = Pki::new();
+    let p = primary("");
+    let s = backup(&p, "opportunistic", &pki.ca_file());
+    send(&s);
+    delivered(&s, &p);
+
+    // The same primary, the domain now `verified`: the next message waits.
+    ok(&s.cli(&["domain", "set", "example.test", "--tls", "verified"]));
+    send(&s);
+    let error = last_error(&s);
+    assert!(error.contains("does not offer STARTTLS"), "{error}");
+    // And back: it goes.
+    ok(&s.cli(&["domain", "set", "example.test", "--tls", "opportunistic"]));
+    ok(&s.cli(&["queue", "flush"]));
+    eventually(WAIT, "two messages at the primary", || {
+        (p.queue().len() == 2).then_some(())
+    });
+    let bad = s.cli(&["domain", "set", "example.test", "--tls", "sometimes"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("expected opportunistic, required or verified"),
+        "{err}"
+    );
+}
+
+mod mta_sts {
+    //! MTA-STS (RFC 8461) for MX-routed delivery: the policy is fetched
+    //! over HTTPS from a server with a test-CA certificate, found through
+    //! a real DNS server (MX, A, the `_mta-sts` TXT record).
+
+    use super::*;
+    use backupmx_tests::dns::{DnsServer, Rec};
+    use backupmx_tests::https::PolicyServer;
+
+    struct Setup {
+        pki: Pki,
+        primary: Server,
+        policy: PolicyServer,
+        _dns: DnsServer,
+        backup: Server,
+    }
+
+    fn policy_text(mode: &str, mx: &str, max_age: u64) -> String {
+        format!("version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: {max_age}\n")
+    }
+
+    /// example.test's MX is mx.example.test (the primary); its policy is
+    /// `policy`; the primary has `primary_tls`.
+    fn setup(policy: &str, primary_tls: impl FnOnce(&Pki) -> String) -> Setup {
+        let pki = Pki::new();
+        let primary = Server::start("", &primary_tls(&pki));
+        let (cert, key) = pki.issue(&["mta-sts.example.test"], true);
+        let policy = PolicyServer::start(&cert, &key, policy);
+        let dns = DnsServer::start(&[
+            ("example.test", Rec::Mx(10, "mx.example.test")),
+            ("mx.example.test", Rec::A("127.0.0.1")),
+            ("mta-sts.example.test", Rec::A("127.0.0.1")),
+            (
+                "_mta-sts.example.test",
+                Rec::Txt("v=STSv1; id=2026113001;".into()),
+            ),
+        ]);
+        let backup = Server::start_run(
+            "",
+            &format!(
+                "[delivery]\nmx_port = {}\nmta_sts_port = {}\ntls_ca_file = \"{}\"\nretry_initial = \"1h\"\nretry_max = \"2h\"\n{}",
+                primary.addr.port(),
+                policy.addr.port(),
+                pki.ca_file().display(),
+                dns.toml()
+            ),
+            "",
+        );
+        Setup {
+            pki,
+            primary,
+            policy,
+            _dns: dns,
+            backup,
+        }
+    }
+
+    #[test]
+    fn enforce_sends_only_over_verified_tls_and_delivers_once_the_primary_has_it() {
+        let mut t = setup(&policy_text("enforce", "mx.example.test", 86_400), |_| {
+            String::new()
+        });
+        send(&t.backup);
+        let error = last_error(&t.backup);
+        assert!(
+            error.contains("TLS required by policy, but the server does not offer STARTTLS"),
+            "{error}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(t.primary.queue().is_empty(), "mail went in the clear");
+        let log = t.backup.log();
+        assert!(log.contains("mta_sts_policy"), "{log}");
+        assert!(
+            log.contains("policy=mta-sts") || log.contains("policy=\"mta-sts\""),
+            "{log}"
+        );
+
+        // A self-signed certificate is not enough under enforce…
+        let self_signed = t.pki.tls_section("self", &["mx.example.test"], false);
+        reconfigure(&mut t.primary, &self_signed);
+        ok(&t.backup.cli(&["queue", "flush"]));
+        eventually(WAIT, "a second failed attempt", || {
+            let q = t.backup.queue();
+            (q.first()?["attempts"].as_u64() >= Some(2)).then_some(())
+        });
+        assert!(last_error(&t.backup).contains("invalid peer certificate"));
+        assert!(t.primary.queue().is_empty());
+        // …one from the trusted CA for the MX host's name is.
+        let good = t.pki.tls_section("good", &["mx.example.test"], true);
+        reconfigure(&mut t.primary, &good);
+        ok(&t.backup.cli(&["queue", "flush"]));
+        delivered(&t.backup, &t.primary);
+        // Fetched once: the TXT id did not change, the policy is cached.
+        assert_eq!(t.policy.fetches(), 1);
+    }
+
+    #[test]
+    fn enforce_with_no_listed_mx_waits_and_a_corrected_policy_releases_it() {
+        let t = setup(&policy_text("enforce", "other.example.test", 1), |pki| {
+            pki.tls_section("good", &["mx.example.test"], true)
+        });
+        send(&t.backup);
+        let error = last_error(&t.backup);
+        assert!(
+            error.contains("MTA-STS policy of example.test (enforce) lists none of its MX hosts"),
+            "{error}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(t.primary.queue().is_empty());
+        // The domain fixes its policy (max_age 1 s: the cache lets go).
+        t.policy
+            .set_policy(&policy_text("enforce", "*.example.test", 86_400));
+        std::thread::sleep(Duration::from_secs(2));
+        ok(&t.backup.cli(&["queue", "flush"]));
+        delivered(&t.backup, &t.primary);
+        assert!(t.policy.fetches() >= 2);
+    }
+
+    #[test]
+    fn testing_mode_delivers_in_the_clear_and_reports_it() {
+        let t = setup(&policy_text("testing", "mx.example.test", 86_400), |_| {
+            String::new()
+        });
+        send(&t.backup);
+        delivered(&t.backup, &t.primary);
+        let log = t.backup.log();
+        assert!(log.contains("mta_sts_testing_failure"), "{log}");
+    }
+}
