@@ -510,6 +510,86 @@ pub(crate) async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> a
     Ok(())
 }
 
+/// `backupmx doctor DOMAIN`: every onboarding check, ok/warn/fail with
+/// the fix; an error (exit 1) when one fails.
+pub(crate) async fn doctor(
+    config: &Config,
+    source: &str,
+    domain: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    use relay_core::delivery::transport;
+    use relay_core::doctor::{Doctor, DoctorSettings, Verdict};
+    let name = parse_domain(domain)?;
+    let (_, backends) = open_admin(config, false, source).await?;
+    let record = backends
+        .registry
+        .get(&name)
+        .await
+        .context("cannot read the domain")?;
+    let resolver = relay_core::dns::HickoryResolver::new(&config.dns.servers, config.dns.timeout)
+        .map_err(|e| anyhow!("cannot set up the DNS resolver: {e}"))?;
+    let extra = match &config.delivery.tls_ca_file {
+        Some(p) => transport::load_ca_file(p).map_err(|e| anyhow!("delivery.tls_ca_file: {e}"))?,
+        None => Vec::new(),
+    };
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    for c in &extra {
+        let _ = roots.add(c.clone());
+    }
+    let engine = relay_core::delivery::EngineConfig::from(config);
+    let settings = DoctorSettings {
+        me: engine.me,
+        routes: engine.routes,
+        max_message_size: config.smtp.max_message_size,
+        // Unreadable: an empty chain, which the check reports.
+        certificate: config
+            .tls
+            .as_ref()
+            .map(|t| transport::load_ca_file(&t.cert).unwrap_or_default()),
+        verifying: transport::verifying_tls(&extra),
+        roots: Arc::new(roots),
+        mta_sts_port: config.delivery.mta_sts_port,
+        timeout: config
+            .delivery
+            .connect_timeout
+            .min(std::time::Duration::from_secs(10)),
+    };
+    let checks = Doctor::new(Arc::new(resolver), settings)
+        .examine(&name, record.as_ref())
+        .await;
+    let failed = checks.iter().filter(|c| c.status == Verdict::Fail).count();
+    let warned = checks.iter().filter(|c| c.status == Verdict::Warn).count();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "domain": name,
+                "ok": failed == 0,
+                "checks": checks,
+            }))?
+        );
+    } else {
+        println!("{name}: backup MX {}", config.hostname);
+        for c in &checks {
+            println!("{:<5} {:<16} {}", c.status, c.check, c.detail);
+            if let (Some(fix), true) = (&c.fix, c.status != Verdict::Ok) {
+                println!("{:<22} fix: {fix}", "");
+            }
+        }
+        println!(
+            "{} check(s): {failed} failed, {warned} warning(s)",
+            checks.len()
+        );
+    }
+    if failed > 0 {
+        bail!("{name}: {failed} check(s) failed");
+    }
+    Ok(())
+}
+
 #[derive(Subcommand)]
 pub(crate) enum AwsCommand {
     /// Create the tables, bucket and queues (template settings) at AWS_ENDPOINT_URL.

@@ -52,6 +52,15 @@ enum Command {
     /// Recipient verification's cache (callout verdicts).
     #[command(subcommand)]
     Recipients(admin::RecipientsCommand),
+    /// Check a domain's set-up: MX records, the primary, MTA-STS, DANE,
+    /// SPF, our certificate (exit 0 only when no check fails).
+    Doctor {
+        /// The domain name.
+        domain: String,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// AWS backend set-up.
     #[command(subcommand)]
     Aws(admin::AwsCommand),
@@ -131,6 +140,9 @@ fn main() -> ExitCode {
             Command::Queue(cmd) => admin::queue(&config, &source, cmd).await,
             Command::Recipients(cmd) => admin::recipients(&config, &source, cmd).await,
             Command::Aws(cmd) => admin::aws(&config, cmd).await,
+            Command::Doctor { domain, json } => {
+                admin::doctor(&config, &source, &domain, json).await
+            }
             Command::Health { .. } => Ok(()),
         }
     });

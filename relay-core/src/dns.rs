@@ -21,6 +21,19 @@ pub struct MxRecord {
     pub exchange: String,
 }
 
+/// A TLSA record: how a server's certificate is to be matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsaRecord {
+    /// 0 PKIX-TA, 1 PKIX-EE, 2 DANE-TA, 3 DANE-EE.
+    pub usage: u8,
+    /// 0 the whole certificate, 1 its SubjectPublicKeyInfo.
+    pub selector: u8,
+    /// 0 exact, 1 SHA-256, 2 SHA-512.
+    pub matching: u8,
+    /// What is compared.
+    pub data: Vec<u8>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DnsError {
@@ -55,6 +68,11 @@ pub trait Resolver: Send + Sync {
     async fn ips(&self, host: &str) -> Result<Vec<IpAddr>, DnsError>;
     /// A records with their TTL (DNSBL queries).
     async fn a(&self, name: &str) -> Result<AAnswer, DnsError>;
+    /// TLSA records (RFC 6698) at a name such as `_25._tcp.mx.example.com`.
+    async fn tlsa(&self, name: &str) -> Result<Vec<TlsaRecord>, DnsError> {
+        let _ = name;
+        Err(DnsError::NoRecords)
+    }
     /// TXT records, each as the concatenation of its strings (MTA-STS, SPF).
     async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {
         let _ = name;
@@ -153,6 +171,31 @@ impl Resolver for HickoryResolver {
             return Err(DnsError::NoRecords);
         }
         Ok(ips)
+    }
+
+    async fn tlsa(&self, name: &str) -> Result<Vec<TlsaRecord>, DnsError> {
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        let lookup = self
+            .inner
+            .lookup(absolute(name)?, RecordType::TLSA)
+            .await
+            .map_err(|e| classify(&e))?;
+        let records: Vec<TlsaRecord> = lookup
+            .iter()
+            .filter_map(|r| match r {
+                RData::TLSA(t) => Some(TlsaRecord {
+                    usage: t.cert_usage().into(),
+                    selector: t.selector().into(),
+                    matching: t.matching().into(),
+                    data: t.cert_data().to_vec(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if records.is_empty() {
+            return Err(DnsError::NoRecords);
+        }
+        Ok(records)
     }
 
     async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {

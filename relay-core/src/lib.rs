@@ -25,6 +25,7 @@ pub mod config;
 pub mod delivery;
 pub mod dns;
 pub mod dnsbl;
+pub mod doctor;
 pub mod error;
 pub mod greylist;
 pub mod policy;

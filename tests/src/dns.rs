@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hickory_server::authority::{Catalog, ZoneType};
 use hickory_server::proto::op::ResponseCode;
-use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
+use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA, TLSA, TXT};
 use hickory_server::proto::rr::{Name, RData, Record};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryAuthority;
@@ -26,6 +26,8 @@ pub enum Rec {
     Aaaa(&'static str),
     /// One TXT string.
     Txt(String),
+    /// TLSA usage, selector, matching type and data.
+    Tlsa(u8, u8, u8, Vec<u8>),
 }
 
 pub struct DnsServer {
@@ -102,6 +104,12 @@ impl DnsServer {
                 Rec::A(ip) => RData::A(A(ip.parse().expect("ipv4"))),
                 Rec::Aaaa(ip) => RData::AAAA(AAAA(ip.parse().expect("ipv6"))),
                 Rec::Txt(text) => RData::TXT(TXT::new(vec![text.clone()])),
+                Rec::Tlsa(usage, selector, matching, data) => RData::TLSA(TLSA::new(
+                    (*usage).into(),
+                    (*selector).into(),
+                    (*matching).into(),
+                    data.clone(),
+                )),
             };
             authority.upsert_mut(Record::from_rdata(name(owner), 5, rdata), 1);
         }

@@ -21,6 +21,15 @@ use crate::sync::Mutex;
 /// A failed fetch is not tried again for the same id before this long.
 const FAILED_FETCH_PAUSE: Duration = Duration::from_secs(300);
 
+/// Why a domain's policy could not be had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StsUnavailable {
+    /// The `_mta-sts` TXT record could not be looked up (DNS trouble).
+    Lookup(String),
+    /// A record announces a policy, but it is invalid or cannot be fetched.
+    Fetch(String),
+}
+
 #[derive(Clone)]
 struct Cached {
     id: String,
@@ -119,6 +128,31 @@ impl StsPolicies {
                     .insert(domain.clone(), (record.id, Instant::now()));
                 cached.map(|c| c.policy)
             }
+        }
+    }
+
+    /// The domain's policy as a sender fetching it now would get it (no
+    /// cache), or why it cannot be had: for `backupmx doctor`.
+    pub async fn fetch_now(&self, domain: &DomainName) -> Result<Option<Policy>, StsUnavailable> {
+        let txts = match self.resolver.txt(&format!("_mta-sts.{domain}")).await {
+            Ok(t) => t,
+            Err(crate::dns::DnsError::NoRecords | crate::dns::DnsError::NxDomain) => {
+                return Ok(None)
+            }
+            Err(e) => {
+                return Err(StsUnavailable::Lookup(format!(
+                    "TXT lookup of _mta-sts.{domain}: {e}"
+                )))
+            }
+        };
+        match parse_record(&txts) {
+            Ok(None) => Ok(None),
+            Ok(Some(_)) => self
+                .fetch(domain)
+                .await
+                .map(Some)
+                .map_err(StsUnavailable::Fetch),
+            Err(e) => Err(StsUnavailable::Fetch(format!("_mta-sts.{domain}: {e}"))),
         }
     }
 
