@@ -527,8 +527,12 @@ pub(crate) async fn doctor(
         .get(&name)
         .await
         .context("cannot read the domain")?;
-    let resolver = relay_core::dns::HickoryResolver::new(&config.dns.servers, config.dns.timeout)
-        .map_err(|e| anyhow!("cannot set up the DNS resolver: {e}"))?;
+    let resolver = relay_core::dns::HickoryResolver::with_trust_anchors(
+        &config.dns.servers,
+        config.dns.timeout,
+        &config.dns.dnssec_trust_anchors,
+    )
+    .map_err(|e| anyhow!("cannot set up the DNS resolver: {e}"))?;
     let extra = match &config.delivery.tls_ca_file {
         Some(p) => transport::load_ca_file(p).map_err(|e| anyhow!("delivery.tls_ca_file: {e}"))?,
         None => Vec::new(),

@@ -259,8 +259,12 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         || !config.dnsbl.zones.is_empty()
         || !config.dnsbl.allow_zones.is_empty();
     let resolver: Option<Arc<dyn Resolver>> = if needs_dns {
-        let r = HickoryResolver::new(&config.dns.servers, config.dns.timeout)
-            .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
+        let r = HickoryResolver::with_trust_anchors(
+            &config.dns.servers,
+            config.dns.timeout,
+            &config.dns.dnssec_trust_anchors,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
         Some(Arc::new(r))
     } else {
         None

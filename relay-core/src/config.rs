@@ -221,6 +221,9 @@ pub struct DnsConfig {
     /// Per-query timeout.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// DNSKEY RDATA (`257 3 13 BASE64`) DANE's validating lookups start
+    /// from; empty: the root zone's keys.
+    pub dnssec_trust_anchors: Vec<String>,
 }
 
 impl Default for DnsConfig {
@@ -228,6 +231,7 @@ impl Default for DnsConfig {
         DnsConfig {
             servers: Vec::new(),
             timeout: Duration::from_secs(5),
+            dnssec_trust_anchors: Vec::new(),
         }
     }
 }
@@ -340,6 +344,10 @@ pub struct DeliveryConfig {
     pub mta_sts: bool,
     /// The HTTPS port MTA-STS policies are fetched from (443).
     pub mta_sts_port: u16,
+    /// Honour DNSSEC-validated TLSA records of next hops (DANE, RFC 7672).
+    /// Needs nameservers that return DNSSEC records (a validating or
+    /// DNSSEC-aware resolver).
+    pub dane: bool,
 }
 
 /// `[alerts]`: where alerts go.
@@ -538,6 +546,7 @@ impl Default for DeliveryConfig {
             tls_ca_file: None,
             mta_sts: true,
             mta_sts_port: 443,
+            dane: false,
         }
     }
 }
@@ -613,6 +622,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |s: String| Err(ConfigError::Invalid(s));
+        if let Err(e) = crate::dns::trust_anchors(&self.dns.dnssec_trust_anchors) {
+            return invalid(format!("dns.dnssec_trust_anchors: {e}"));
+        }
         if let Some(ca) = &self.delivery.tls_ca_file {
             if let Err(e) = crate::delivery::transport::load_ca_file(ca) {
                 return invalid(format!("delivery.tls_ca_file: {e}"));
@@ -964,6 +976,7 @@ impl From<&Config> for EngineConfig {
             tls_ca_file: d.tls_ca_file.clone(),
             mta_sts: d.mta_sts,
             mta_sts_port: d.mta_sts_port,
+            dane: d.dane,
             bounce_headers_max: usize::try_from(d.bounce_headers_max).unwrap_or(usize::MAX),
             storm: crate::delivery::storm::StormSettings {
                 min_recipients: d.bounce_storm_min_recipients,

@@ -78,38 +78,201 @@ pub trait Resolver: Send + Sync {
         let _ = name;
         Err(DnsError::NoRecords)
     }
+    /// TLSA records validated with DNSSEC (DANE).
+    async fn tlsa_validated(&self, name: &str) -> TlsaAnswer {
+        let _ = name;
+        TlsaAnswer::NotApplicable
+    }
 }
 
-/// hickory-resolver with our nameservers (or the system's).
+/// What a DNSSEC-validated TLSA lookup found (RFC 7672 §2.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsaAnswer {
+    /// Validated TLSA records: DANE applies to the host.
+    Secure(Vec<TlsaRecord>),
+    /// No TLSA records, or records from an unsigned zone: DANE does not
+    /// apply (the domain's other policies do).
+    NotApplicable,
+    /// Validation failed (bogus) or the lookup failed: the host must not
+    /// be used now.
+    Failed(String),
+}
+
+/// hickory-resolver with our nameservers (or the system's), and a second,
+/// validating one (DNSSEC) for DANE's TLSA lookups.
 pub struct HickoryResolver {
     inner: TokioResolver,
+    validating: TokioResolver,
 }
 
 impl HickoryResolver {
-    /// `servers` empty: the system configuration (/etc/resolv.conf).
+    /// `servers` empty: the system configuration (/etc/resolv.conf). The
+    /// validating resolver trusts the root zone's keys.
     pub fn new(servers: &[SocketAddr], timeout: Duration) -> Result<Self, DnsError> {
+        Self::with_trust_anchors(servers, timeout, &[])
+    }
+
+    /// As [`HickoryResolver::new`], validating from `anchors` (DNSKEY
+    /// RDATA as written in zone files: `257 3 13 BASE64…`) instead of the
+    /// root's keys when given: a private signed zone, or tests.
+    pub fn with_trust_anchors(
+        servers: &[SocketAddr],
+        timeout: Duration,
+        anchors: &[String],
+    ) -> Result<Self, DnsError> {
         let mut opts = ResolverOpts::default();
         opts.timeout = timeout;
         opts.attempts = 2;
         opts.use_hosts_file = ResolveHosts::Never;
         opts.ndots = 0;
-        let inner = if servers.is_empty() {
-            let mut builder = TokioResolver::builder_tokio()
-                .map_err(|e| DnsError::Temporary(format!("system resolver configuration: {e}")))?;
-            *builder.options_mut() = opts;
-            builder.build()
+        let inner = build_resolver(servers, opts.clone(), None)?;
+        let trust = if anchors.is_empty() {
+            hickory_resolver::proto::dnssec::TrustAnchors::default()
         } else {
-            let mut config = ResolverConfig::new();
-            for s in servers {
-                config.add_name_server(NameServerConfig::new(*s, Protocol::Udp));
-                config.add_name_server(NameServerConfig::new(*s, Protocol::Tcp));
-            }
-            TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
-                .with_options(opts)
-                .build()
+            trust_anchors(anchors)?
         };
-        Ok(HickoryResolver { inner })
+        opts.validate = true;
+        opts.edns0 = true;
+        let validating = build_resolver(servers, opts, Some(std::sync::Arc::new(trust)))?;
+        Ok(HickoryResolver { inner, validating })
     }
+
+    async fn validated_tlsa(&self, name: &str) -> TlsaAnswer {
+        use hickory_resolver::proto::dnssec::Proof;
+        use hickory_resolver::proto::rr::{RData, RecordType};
+        let Ok(absolute_name) = absolute(name) else {
+            return TlsaAnswer::NotApplicable;
+        };
+        match self
+            .validating
+            .lookup(absolute_name, RecordType::TLSA)
+            .await
+        {
+            Ok(lookup) => {
+                let records: Vec<_> = lookup
+                    .records()
+                    .iter()
+                    .filter(|r| r.record_type() == RecordType::TLSA)
+                    .collect();
+                if records.is_empty() {
+                    return TlsaAnswer::NotApplicable;
+                }
+                // hickory calls records whose signatures fail "insecure"
+                // when it finds no other chain for them: in a zone that
+                // is itself validated as signed, they are bogus.
+                if records.iter().any(|r| r.proof() == Proof::Insecure)
+                    && records.iter().all(|r| r.proof() != Proof::Bogus)
+                {
+                    if self.zone_is_signed(name).await {
+                        return TlsaAnswer::Failed(format!(
+                            "TLSA records at {name} do not validate in a signed zone (bogus)"
+                        ));
+                    }
+                    return TlsaAnswer::NotApplicable;
+                }
+                if let Some(bad) = records.iter().find(|r| r.proof() != Proof::Secure) {
+                    return TlsaAnswer::Failed(format!(
+                        "TLSA records at {name} do not validate ({})",
+                        bad.proof()
+                    ));
+                }
+                TlsaAnswer::Secure(
+                    records
+                        .iter()
+                        .filter_map(|r| match r.data() {
+                            RData::TLSA(t) => Some(TlsaRecord {
+                                usage: t.cert_usage().into(),
+                                selector: t.selector().into(),
+                                matching: t.matching().into(),
+                                data: t.cert_data().to_vec(),
+                            }),
+                            _ => None,
+                        })
+                        .collect(),
+                )
+            }
+            // A validated (or insecure) denial: no TLSA.
+            Err(e) if e.is_no_records_found() || e.is_nx_domain() => TlsaAnswer::NotApplicable,
+            Err(e) => TlsaAnswer::Failed(format!("TLSA lookup for {name}: {e}")),
+        }
+    }
+}
+
+impl HickoryResolver {
+    /// Whether the zone holding `name` validates as signed: the SOA of
+    /// its apex (the nearest name above it that has one) is proven secure.
+    async fn zone_is_signed(&self, name: &str) -> bool {
+        use hickory_resolver::proto::dnssec::Proof;
+        use hickory_resolver::proto::rr::RecordType;
+        let mut candidate = name.trim_end_matches('.');
+        loop {
+            if let Ok(absolute_name) = absolute(candidate) {
+                if let Ok(lookup) = self.validating.lookup(absolute_name, RecordType::SOA).await {
+                    let soas: Vec<_> = lookup
+                        .records()
+                        .iter()
+                        .filter(|r| r.record_type() == RecordType::SOA)
+                        .collect();
+                    if !soas.is_empty() {
+                        return soas.iter().all(|r| r.proof() == Proof::Secure);
+                    }
+                }
+            }
+            match candidate.split_once('.') {
+                Some((_, parent)) if !parent.is_empty() => candidate = parent,
+                _ => return false,
+            }
+        }
+    }
+}
+
+fn build_resolver(
+    servers: &[SocketAddr],
+    opts: ResolverOpts,
+    trust: Option<std::sync::Arc<hickory_resolver::proto::dnssec::TrustAnchors>>,
+) -> Result<TokioResolver, DnsError> {
+    let mut builder = if servers.is_empty() {
+        TokioResolver::builder_tokio()
+            .map_err(|e| DnsError::Temporary(format!("system resolver configuration: {e}")))?
+    } else {
+        let mut config = ResolverConfig::new();
+        for s in servers {
+            config.add_name_server(NameServerConfig::new(*s, Protocol::Udp));
+            config.add_name_server(NameServerConfig::new(*s, Protocol::Tcp));
+        }
+        TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+    };
+    *builder.options_mut() = opts;
+    if let Some(t) = trust {
+        builder = builder.with_trust_anchor(t);
+    }
+    Ok(builder.build())
+}
+
+/// Trust anchors from DNSKEY RDATA strings (`FLAGS PROTOCOL ALGORITHM KEY`).
+pub fn trust_anchors(
+    anchors: &[String],
+) -> Result<hickory_resolver::proto::dnssec::TrustAnchors, DnsError> {
+    use base64::Engine as _;
+    use hickory_resolver::proto::dnssec::{Algorithm, PublicKeyBuf, TrustAnchors};
+    let mut trust = TrustAnchors::empty();
+    for a in anchors {
+        let bad = || {
+            DnsError::Temporary(format!(
+                "invalid DNSSEC trust anchor {a:?}: expected \"257 3 ALGORITHM BASE64\""
+            ))
+        };
+        let fields: Vec<&str> = a.split_whitespace().collect();
+        let [_, _, algorithm, key @ ..] = fields.as_slice() else {
+            return Err(bad());
+        };
+        let algorithm: u8 = algorithm.parse().map_err(|_| bad())?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key.concat())
+            .map_err(|_| bad())?;
+        trust.insert(&PublicKeyBuf::new(key, Algorithm::from_u8(algorithm)));
+    }
+    Ok(trust)
 }
 
 fn absolute(name: &str) -> Result<Name, DnsError> {
@@ -196,6 +359,10 @@ impl Resolver for HickoryResolver {
             return Err(DnsError::NoRecords);
         }
         Ok(records)
+    }
+
+    async fn tlsa_validated(&self, name: &str) -> TlsaAnswer {
+        self.validated_tlsa(name).await
     }
 
     async fn txt(&self, name: &str) -> Result<Vec<String>, DnsError> {

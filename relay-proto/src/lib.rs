@@ -23,6 +23,7 @@
 
 pub mod address;
 pub mod client;
+pub mod dane;
 pub mod domain;
 pub mod dsn;
 pub mod mta_sts;

@@ -21,8 +21,12 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
             .await
             .context("cannot reach the AWS backend")?,
     );
-    let resolver = HickoryResolver::new(&config.dns.servers, config.dns.timeout)
-        .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
+    let resolver = HickoryResolver::with_trust_anchors(
+        &config.dns.servers,
+        config.dns.timeout,
+        &config.dns.dnssec_trust_anchors,
+    )
+    .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
     // Deliveries teach the callout cache and the primaries' states that the
     // ingest tasks read (for domains with callouts or defer mode).
     let engine = Arc::new(

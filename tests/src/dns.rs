@@ -73,6 +73,22 @@ impl RequestHandler for Handler {
     }
 }
 
+fn rdata_of(rec: &Rec) -> RData {
+    match rec {
+        Rec::Mx(p, host) => RData::MX(MX::new(*p, name(host))),
+        Rec::NullMx => RData::MX(MX::new(0, Name::root())),
+        Rec::A(ip) => RData::A(A(ip.parse().expect("ipv4"))),
+        Rec::Aaaa(ip) => RData::AAAA(AAAA(ip.parse().expect("ipv6"))),
+        Rec::Txt(text) => RData::TXT(TXT::new(vec![text.clone()])),
+        Rec::Tlsa(usage, selector, matching, data) => RData::TLSA(TLSA::new(
+            (*usage).into(),
+            (*selector).into(),
+            (*matching).into(),
+            data.clone(),
+        )),
+    }
+}
+
 fn name(s: &str) -> Name {
     let fqdn = if s.ends_with('.') {
         s.to_string()
@@ -82,11 +98,75 @@ fn name(s: &str) -> Name {
     Name::from_str(&fqdn).expect("valid test name")
 }
 
+/// A DNSSEC key for the `test.` zone (ECDSA P-256, algorithm 13).
+pub struct ZoneKey {
+    pkcs8: Vec<u8>,
+}
+
+impl Default for ZoneKey {
+    fn default() -> Self {
+        ZoneKey::new()
+    }
+}
+
+impl ZoneKey {
+    pub fn new() -> ZoneKey {
+        use hickory_server::proto::dnssec::crypto::EcdsaSigningKey;
+        use hickory_server::proto::dnssec::Algorithm;
+        let pkcs8 = EcdsaSigningKey::generate_pkcs8(Algorithm::ECDSAP256SHA256).expect("key");
+        ZoneKey {
+            pkcs8: pkcs8.secret_pkcs8_der().to_vec(),
+        }
+    }
+
+    fn signing_key(&self) -> hickory_server::proto::dnssec::crypto::EcdsaSigningKey {
+        use hickory_server::proto::dnssec::crypto::EcdsaSigningKey;
+        use hickory_server::proto::dnssec::Algorithm;
+        let der = rustls_pki_types::PrivatePkcs8KeyDer::from(self.pkcs8.clone());
+        EcdsaSigningKey::from_pkcs8(&der, Algorithm::ECDSAP256SHA256).expect("key")
+    }
+
+    /// The DNSKEY RDATA a resolver trusts (`[dns] dnssec_trust_anchors`).
+    pub fn anchor(&self) -> String {
+        use base64::Engine as _;
+        use hickory_server::proto::dnssec::{PublicKey, SigningKey};
+        let public = self.signing_key().to_public_key().expect("public key");
+        format!(
+            "257 3 13 {}",
+            base64::engine::general_purpose::STANDARD.encode(public.public_bytes())
+        )
+    }
+}
+
+/// How a signed zone is served.
+pub struct Signing<'a> {
+    pub key: &'a ZoneKey,
+    /// Records added after signing, without signatures of their own: their
+    /// RRset no longer matches its RRSIG, so a validator calls it bogus.
+    pub tampered: Vec<(&'a str, Rec)>,
+}
+
 impl DnsServer {
     /// Serves `records` (names under `.test`) with a short TTL.
     pub fn start(records: &[(&str, Rec)]) -> DnsServer {
+        DnsServer::start_with(records, None)
+    }
+
+    /// Serves `records` in a zone signed with `signing.key` (NSEC denials).
+    pub fn start_signed(records: &[(&str, Rec)], signing: Signing<'_>) -> DnsServer {
+        DnsServer::start_with(records, Some(signing))
+    }
+
+    fn start_with(records: &[(&str, Rec)], signing: Option<Signing<'_>>) -> DnsServer {
         let origin = name("test.");
-        let mut authority = InMemoryAuthority::empty(origin.clone(), ZoneType::Primary, false);
+        let mut authority = InMemoryAuthority::empty(
+            origin.clone(),
+            ZoneType::Primary,
+            false,
+            signing
+                .as_ref()
+                .map(|_| hickory_server::dnssec::NxProofKind::Nsec),
+        );
         let soa = SOA::new(
             name("ns.test."),
             name("hostmaster.test."),
@@ -98,20 +178,27 @@ impl DnsServer {
         );
         authority.upsert_mut(Record::from_rdata(origin.clone(), 5, RData::SOA(soa)), 1);
         for (owner, rec) in records {
-            let rdata = match rec {
-                Rec::Mx(p, host) => RData::MX(MX::new(*p, name(host))),
-                Rec::NullMx => RData::MX(MX::new(0, Name::root())),
-                Rec::A(ip) => RData::A(A(ip.parse().expect("ipv4"))),
-                Rec::Aaaa(ip) => RData::AAAA(AAAA(ip.parse().expect("ipv6"))),
-                Rec::Txt(text) => RData::TXT(TXT::new(vec![text.clone()])),
-                Rec::Tlsa(usage, selector, matching, data) => RData::TLSA(TLSA::new(
-                    (*usage).into(),
-                    (*selector).into(),
-                    (*matching).into(),
-                    data.clone(),
-                )),
-            };
+            let rdata = rdata_of(rec);
             authority.upsert_mut(Record::from_rdata(name(owner), 5, rdata), 1);
+        }
+        if let Some(signing) = signing {
+            use hickory_server::proto::dnssec::rdata::DNSKEY;
+            use hickory_server::proto::dnssec::{SigSigner, SigningKey};
+            let key = signing.key.signing_key();
+            let dnskey = DNSKEY::from_key(&key.to_public_key().expect("public key"));
+            let signer = SigSigner::dnssec(
+                dnskey,
+                Box::new(key),
+                origin.clone(),
+                Duration::from_secs(86_400),
+            );
+            authority
+                .add_zone_signing_key_mut(signer)
+                .expect("zone signing key");
+            authority.secure_zone_mut().expect("sign the zone");
+            for (owner, rec) in signing.tampered {
+                authority.upsert_mut(Record::from_rdata(name(owner), 5, rdata_of(&rec)), 2);
+            }
         }
         let mut catalog = Catalog::new();
         catalog.upsert(origin.into(), vec![Arc::new(authority)]);

@@ -307,3 +307,199 @@ mod mta_sts {
         assert!(log.contains("mta_sts_testing_failure"), "{log}");
     }
 }
+
+mod dane {
+    //! DANE (RFC 7672): TLSA records in a DNSSEC-signed zone served by a
+    //! real DNS server, validated by backupmx from the zone's key as its
+    //! trust anchor.
+
+    use super::*;
+    use backupmx_tests::dns::{DnsServer, Rec, Signing, ZoneKey};
+    use rustls::pki_types::pem::PemObject;
+
+    /// What the TLSA record at the primary's MX host says.
+    enum Tlsa {
+        /// DANE-EE, SHA-256 of the primary's public key.
+        Matching,
+        /// DANE-EE, a digest of some other key.
+        Mismatching,
+        /// Matching, but the zone is changed after signing (bogus).
+        Bogus,
+        /// No TLSA record (a signed denial).
+        None,
+        /// DANE-TA: SHA-256 of the CA certificate the primary sends in its
+        /// chain, with a leaf for `name`.
+        TrustAnchor(&'static str),
+    }
+
+    struct Setup {
+        _dns: DnsServer,
+        primary: Server,
+        backup: Server,
+    }
+
+    fn setup(tlsa: Tlsa, primary_tls: bool) -> Setup {
+        let pki = Pki::new();
+        // DANE-EE: self-signed, for another name: the key itself is
+        // authenticated, not names or issuers. DANE-TA: the CA's leaf and
+        // the CA certificate in the chain.
+        let (cert_pem, key_pem, chain_pem) = match tlsa {
+            Tlsa::TrustAnchor(name) => {
+                let (leaf, key) = pki.issue(&[name], true);
+                let ca = std::fs::read_to_string(pki.ca_file()).expect("CA");
+                let chain = format!("{leaf}{ca}");
+                (leaf, key, chain)
+            }
+            _ => {
+                let (leaf, key) = pki.issue(&["somewhere-else.test"], false);
+                (leaf.clone(), key, leaf)
+            }
+        };
+        let cert = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .expect("certificate");
+        let spki = relay_core::dane::subject_public_key_info(&cert).expect("SPKI");
+        let digest = ring::digest::digest(&ring::digest::SHA256, spki)
+            .as_ref()
+            .to_vec();
+        let tls = if primary_tls {
+            let dir = tempfile::tempdir().expect("dir").keep();
+            std::fs::write(dir.join("c.pem"), &chain_pem).expect("cert");
+            std::fs::write(dir.join("k.pem"), &key_pem).expect("key");
+            format!(
+                "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+                dir.join("c.pem").display(),
+                dir.join("k.pem").display()
+            )
+        } else {
+            String::new()
+        };
+        let primary = primary(&tls);
+        let key = ZoneKey::new();
+        let mut records = vec![
+            ("example.test", Rec::Mx(10, "mx.example.test")),
+            ("mx.example.test", Rec::A("127.0.0.1")),
+        ];
+        let mut tampered = Vec::new();
+        match tlsa {
+            Tlsa::Matching => {
+                records.push(("_25._tcp.mx.example.test", Rec::Tlsa(3, 1, 1, digest)))
+            }
+            Tlsa::Mismatching => records.push((
+                "_25._tcp.mx.example.test",
+                Rec::Tlsa(3, 1, 1, vec![0x5a; 32]),
+            )),
+            Tlsa::Bogus => {
+                records.push((
+                    "_25._tcp.mx.example.test",
+                    Rec::Tlsa(3, 1, 1, digest.clone()),
+                ));
+                tampered.push((
+                    "_25._tcp.mx.example.test",
+                    Rec::Tlsa(3, 1, 1, vec![0x11; 32]),
+                ));
+            }
+            Tlsa::None => {}
+            Tlsa::TrustAnchor(_) => {
+                let ca_pem = std::fs::read_to_string(pki.ca_file()).expect("CA");
+                let ca = rustls::pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())
+                    .expect("CA certificate");
+                let ca_digest = ring::digest::digest(&ring::digest::SHA256, &ca)
+                    .as_ref()
+                    .to_vec();
+                records.push(("_25._tcp.mx.example.test", Rec::Tlsa(2, 0, 1, ca_digest)));
+            }
+        }
+        let dns = DnsServer::start_signed(
+            &records,
+            Signing {
+                key: &key,
+                tampered,
+            },
+        );
+        let backup = Server::start_run(
+            "",
+            &format!(
+                "[delivery]\ndane = true\nmta_sts = false\nmx_port = {}\nretry_initial = \"1h\"\nretry_max = \"2h\"\n[dns]\nservers = [\"{}\"]\ntimeout = \"2s\"\ndnssec_trust_anchors = [\"{}\"]\n",
+                primary.addr.port(),
+                dns.addr,
+                key.anchor()
+            ),
+            "",
+        );
+        Setup {
+            _dns: dns,
+            primary,
+            backup,
+        }
+    }
+
+    #[test]
+    fn a_matching_tlsa_record_authenticates_the_primary() {
+        let t = setup(Tlsa::Matching, true);
+        send(&t.backup);
+        delivered(&t.backup, &t.primary);
+        let log = t.backup.log();
+        assert!(log.contains("dane_tlsa"), "{log}");
+    }
+
+    #[test]
+    fn a_trust_anchor_record_authenticates_a_chain_for_the_primary_s_name() {
+        let t = setup(Tlsa::TrustAnchor("mx.example.test"), true);
+        send(&t.backup);
+        delivered(&t.backup, &t.primary);
+        // The same anchor, a leaf for another name: refused.
+        let t = setup(Tlsa::TrustAnchor("other.example.test"), true);
+        send(&t.backup);
+        let error = last_error(&t.backup);
+        assert!(
+            error.contains("no TLSA record matches the certificate (DANE)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_mismatching_tlsa_record_keeps_the_mail() {
+        let t = setup(Tlsa::Mismatching, true);
+        send(&t.backup);
+        let error = last_error(&t.backup);
+        assert!(
+            error.contains("no TLSA record matches the certificate (DANE)"),
+            "{error}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(t.primary.queue().is_empty());
+        assert!(
+            t.backup.log().contains("policy=dane") || t.backup.log().contains("policy=\"dane\"")
+        );
+    }
+
+    #[test]
+    fn tlsa_makes_tls_mandatory() {
+        let t = setup(Tlsa::Matching, false);
+        send(&t.backup);
+        let error = last_error(&t.backup);
+        assert!(error.contains("does not offer STARTTLS"), "{error}");
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(t.primary.queue().is_empty());
+    }
+
+    #[test]
+    fn a_bogus_answer_keeps_the_mail() {
+        let t = setup(Tlsa::Bogus, true);
+        send(&t.backup);
+        let error = last_error(&t.backup);
+        assert!(
+            error.starts_with("DANE: TLSA records at _25._tcp.mx.example.test do not validate"),
+            "{error}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(t.primary.queue().is_empty());
+    }
+
+    #[test]
+    fn without_tlsa_records_delivery_is_as_usual() {
+        let t = setup(Tlsa::None, false);
+        send(&t.backup);
+        delivered(&t.backup, &t.primary);
+    }
+}

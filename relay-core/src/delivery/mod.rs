@@ -6,6 +6,7 @@
 //! attempt) and the DSN to send, and never touches storage itself.
 
 pub use relay_proto::{client, dsn};
+pub mod dane;
 pub mod etrn;
 pub mod mta_sts;
 mod probe;
@@ -50,6 +51,8 @@ pub struct EngineConfig {
     pub mta_sts: bool,
     /// The HTTPS port policies are fetched from (443; tests use others).
     pub mta_sts_port: u16,
+    /// Honour DNSSEC-validated TLSA records (DANE, RFC 7672).
+    pub dane: bool,
     /// Most bytes of the original headers a DSN returns.
     pub bounce_headers_max: usize,
     /// The bounce-storm guard's thresholds.
@@ -809,6 +812,62 @@ impl Engine {
         targets: Vec<Target>,
         now: u64,
     ) -> Result<Vec<(Target, HopPlan)>, String> {
+        let plans = self.sts_plans(domain, record, targets, now).await?;
+        if !self.cfg.dane {
+            return Ok(plans);
+        }
+        self.dane_plans(domain, plans).await
+    }
+
+    /// DANE (RFC 7672) over the other plans: a host with validated TLSA
+    /// records gets TLS authenticated by them (DANE takes precedence over
+    /// MTA-STS, RFC 8461 §2); a host whose TLSA lookup fails or does not
+    /// validate is not used now.
+    async fn dane_plans(
+        &self,
+        domain: &DomainName,
+        plans: Vec<(Target, HopPlan)>,
+    ) -> Result<Vec<(Target, HopPlan)>, String> {
+        use crate::dns::TlsaAnswer;
+        let mut out = Vec::with_capacity(plans.len());
+        let mut failure = None;
+        for (target, mut plan) in plans {
+            if target.host.parse::<std::net::IpAddr>().is_ok() {
+                out.push((target, plan));
+                continue;
+            }
+            let name = format!("_25._tcp.{}", target.host);
+            match self.resolver.tlsa_validated(&name).await {
+                TlsaAnswer::NotApplicable => out.push((target, plan)),
+                TlsaAnswer::Secure(records) => {
+                    tracing::info!(event = "dane_tlsa", domain = %domain, host = %target.host, records = records.len(), "TLS authenticated by TLSA records");
+                    plan.tls = crate::domain::TlsPolicy::Verified;
+                    plan.source = "dane";
+                    plan.testing_fallback = None;
+                    plan.dane = Some(dane::DaneVerifier::client_config(records));
+                    out.push((target, plan));
+                }
+                TlsaAnswer::Failed(why) => {
+                    tracing::warn!(event = "tls_policy_failed", domain = %domain, host = %target.host, policy = "dane", error = %why);
+                    metrics::counter!("backupmx_tls_policy_failures_total", "policy" => "dane")
+                        .increment(1);
+                    failure = Some(format!("DANE: {why}"));
+                }
+            }
+        }
+        match (out.is_empty(), failure) {
+            (true, Some(why)) => Err(why),
+            _ => Ok(out),
+        }
+    }
+
+    async fn sts_plans(
+        &self,
+        domain: &DomainName,
+        record: Option<&crate::domain::Domain>,
+        targets: Vec<Target>,
+        now: u64,
+    ) -> Result<Vec<(Target, HopPlan)>, String> {
         use crate::domain::TlsPolicy;
         use crate::mta_sts::Mode;
         let own = record.map_or(TlsPolicy::Opportunistic, |r| r.tls);
@@ -819,6 +878,7 @@ impl Engine {
                     tls: own,
                     source: "domain",
                     testing_fallback: None,
+                    dane: None,
                 },
             )
         };
@@ -844,6 +904,7 @@ impl Engine {
                         tls: TlsPolicy::Verified,
                         source: "mta-sts",
                         testing_fallback: None,
+                        dane: None,
                     },
                 )),
                 (Mode::Enforce, false) if explicit => plans.push(plain(t)),
@@ -857,6 +918,7 @@ impl Engine {
                         tls: TlsPolicy::Verified,
                         source: "mta-sts",
                         testing_fallback: Some(own),
+                        dane: None,
                     },
                 )),
                 (_, false) => {
@@ -899,7 +961,7 @@ impl Engine {
                     *addr,
                     &target.host,
                     host,
-                    self.hop_tls(plan.tls),
+                    self.hop_tls(plan),
                     &self.cfg.timeouts,
                     envelopes.to_vec(),
                     bodies,
@@ -919,7 +981,12 @@ impl Engine {
                                 *addr,
                                 &target.host,
                                 host,
-                                self.hop_tls(fallback),
+                                self.hop_tls(&HopPlan {
+                                    tls: fallback,
+                                    source: "domain",
+                                    testing_fallback: None,
+                                    dane: None,
+                                }),
                                 &self.cfg.timeouts,
                                 envelopes.to_vec(),
                                 bodies,
@@ -927,10 +994,10 @@ impl Engine {
                             .await;
                         }
                         None => {
-                            let label = if plan.source == "mta-sts" {
-                                "mta-sts".to_string()
-                            } else {
+                            let label = if plan.source == "domain" {
                                 plan.tls.to_string()
+                            } else {
+                                plan.source.to_string()
                             };
                             tracing::warn!(event = "tls_policy_failed", domain = %domain, host = %target.host, addr = %addr, policy = %label, error = %why);
                             metrics::counter!("backupmx_tls_policy_failures_total", "policy" => label)
@@ -966,10 +1033,10 @@ impl Engine {
                 tracing::debug!(event = "delivery_session", addr = %addr, host = %target.host, conclusive,
                     tls = report.tls, policy = %tls_policy, policy_source = source, messages = envelopes.len());
                 if report.transaction_started {
-                    let label = if source == "mta-sts" {
-                        "mta-sts".to_string()
-                    } else {
+                    let label = if source == "domain" {
                         tls_policy.to_string()
+                    } else {
+                        source.to_string()
                     };
                     metrics::counter!("backupmx_delivery_sessions_total",
                         "policy" => label,
@@ -988,9 +1055,12 @@ impl Engine {
         last.unwrap_or_else(|| unreachable_report(envelopes))
     }
 
-    fn hop_tls(&self, policy: crate::domain::TlsPolicy) -> transport::HopTls<'_> {
+    fn hop_tls<'a>(&'a self, plan: &'a HopPlan) -> transport::HopTls<'a> {
         use crate::domain::TlsPolicy;
-        match (policy, self.tls.as_ref()) {
+        if let Some(dane) = &plan.dane {
+            return transport::HopTls::Required(dane);
+        }
+        match (plan.tls, self.tls.as_ref()) {
             (TlsPolicy::Verified, _) => transport::HopTls::Required(&self.verifying),
             (TlsPolicy::Required, _) => transport::HopTls::Required(&self.any_certificate),
             (TlsPolicy::Opportunistic, Some(c)) => transport::HopTls::Opportunistic(c),
@@ -1053,14 +1123,16 @@ impl Engine {
 }
 
 /// The TLS a connection to one target must have, and where that came from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct HopPlan {
     tls: crate::domain::TlsPolicy,
-    /// `domain` (its `tls` setting) or `mta-sts`.
+    /// `domain` (its `tls` setting), `mta-sts` or `dane`.
     source: &'static str,
     /// MTA-STS testing mode: the policy to deliver with when the verified
     /// connection fails (after reporting it).
     testing_fallback: Option<crate::domain::TlsPolicy>,
+    /// DANE: TLS authenticated by the host's TLSA records.
+    dane: Option<Arc<rustls::ClientConfig>>,
 }
 
 fn first_transient(report: &SessionReport) -> &str {
@@ -1128,6 +1200,7 @@ mod tests {
                 tls_ca_file: None,
                 mta_sts: false,
                 mta_sts_port: 443,
+                dane: false,
                 bounce_headers_max: 50 * 1024,
                 storm: EngineConfig::from(&crate::config::Config::default()).storm,
             },
