@@ -139,7 +139,7 @@ impl HickoryResolver {
 
     async fn validated_tlsa(&self, name: &str) -> TlsaAnswer {
         use hickory_resolver::proto::dnssec::Proof;
-        use hickory_resolver::proto::rr::{RData, RecordType};
+        use hickory_resolver::proto::rr::RecordType;
         let Ok(absolute_name) = absolute(name) else {
             return TlsaAnswer::NotApplicable;
         };
@@ -179,15 +179,7 @@ impl HickoryResolver {
                 TlsaAnswer::Secure(
                     records
                         .iter()
-                        .filter_map(|r| match r.data() {
-                            RData::TLSA(t) => Some(TlsaRecord {
-                                usage: t.cert_usage().into(),
-                                selector: t.selector().into(),
-                                matching: t.matching().into(),
-                                data: t.cert_data().to_vec(),
-                            }),
-                            _ => None,
-                        })
+                        .filter_map(|r| tlsa_record(r.data()))
                         .collect(),
                 )
             }
@@ -223,6 +215,18 @@ impl HickoryResolver {
                 _ => return false,
             }
         }
+    }
+}
+
+fn tlsa_record(data: &hickory_resolver::proto::rr::RData) -> Option<TlsaRecord> {
+    match data {
+        hickory_resolver::proto::rr::RData::TLSA(t) => Some(TlsaRecord {
+            usage: t.cert_usage().into(),
+            selector: t.selector().into(),
+            matching: t.matching().into(),
+            data: t.cert_data().to_vec(),
+        }),
+        _ => None,
     }
 }
 
@@ -337,24 +341,13 @@ impl Resolver for HickoryResolver {
     }
 
     async fn tlsa(&self, name: &str) -> Result<Vec<TlsaRecord>, DnsError> {
-        use hickory_resolver::proto::rr::{RData, RecordType};
+        use hickory_resolver::proto::rr::RecordType;
         let lookup = self
             .inner
             .lookup(absolute(name)?, RecordType::TLSA)
             .await
             .map_err(|e| classify(&e))?;
-        let records: Vec<TlsaRecord> = lookup
-            .iter()
-            .filter_map(|r| match r {
-                RData::TLSA(t) => Some(TlsaRecord {
-                    usage: t.cert_usage().into(),
-                    selector: t.selector().into(),
-                    matching: t.matching().into(),
-                    data: t.cert_data().to_vec(),
-                }),
-                _ => None,
-            })
-            .collect();
+        let records: Vec<TlsaRecord> = lookup.iter().filter_map(tlsa_record).collect();
         if records.is_empty() {
             return Err(DnsError::NoRecords);
         }

@@ -20,6 +20,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The standard output of a command that must have succeeded; its
+/// standard error as the failure message otherwise.
+pub fn succeeded(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// The `backupmx` binary next to this test executable (`target/<profile>/`).
 pub fn backupmx_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

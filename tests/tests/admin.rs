@@ -3,7 +3,7 @@
 //! answers compared with the CLI's; the status page in headless Chromium.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use backupmx_tests::browser::Browser;
@@ -15,17 +15,8 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "s3cret-admin-token-0123";
 
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 fn cli_json(s: &Server, args: &[&str]) -> Value {
-    serde_json::from_str(&ok(&s.cli(args))).expect("CLI JSON")
+    serde_json::from_str(&succeeded(&s.cli(args))).expect("CLI JSON")
 }
 
 /// An admin section on a free port; the token when given.
@@ -242,7 +233,7 @@ fn api_serves_every_endpoint_with_the_cli_shapes_and_clear_errors() {
     // Hold, settings, release: the CLI sees what the API did.
     let held = api.json("POST", "/api/domains/example.test/hold", "");
     assert_eq!(held["hold"]["reason"], "operator", "{held}");
-    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    let shown = succeeded(&s.cli(&["domain", "show", "example.test"]));
     assert!(shown.contains("hold: yes (operator)"), "{shown}");
     let set = api.json(
         "POST",
@@ -405,7 +396,7 @@ fn backupmx_admin_alone_shows_and_steers_the_aws_store() {
     assert_eq!(listed[0]["id"], id.as_str());
     let held = api.json("POST", "/api/domains/example.test/hold", "");
     assert_eq!(held["hold"]["reason"], "operator");
-    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    let shown = succeeded(&s.cli(&["domain", "show", "example.test"]));
     assert!(shown.contains("hold: yes (operator)"), "{shown}");
     let page = request(
         addr,
@@ -447,7 +438,7 @@ fn status_page_in_a_real_browser_matches_the_queue_and_its_buttons_act() {
         ),
         &format!("[\"{}\"]", primary.addr),
     );
-    ok(&s.cli(&["domain", "set", "second.test", "--hold"]));
+    succeeded(&s.cli(&["domain", "set", "second.test", "--hold"]));
     for n in 0..3 {
         send(&s, "bob@example.test", n);
     }
@@ -554,7 +545,7 @@ fn status_page_in_a_real_browser_matches_the_queue_and_its_buttons_act() {
     eventually(WAIT, "an empty queue", || {
         s.queue().is_empty().then_some(())
     });
-    let shown = ok(&s.cli(&["domain", "show", "second.test"]));
+    let shown = succeeded(&s.cli(&["domain", "show", "second.test"]));
     assert!(shown.contains("hold: no"), "{shown}");
     browser.goto(&format!("{base}/"));
     assert_eq!(number(&browser.text_of("#total-queued")), 0);

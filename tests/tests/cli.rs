@@ -4,15 +4,6 @@ use std::process::Command;
 
 use backupmx_tests::*;
 
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 fn one_line_error(out: &std::process::Output) -> String {
     assert!(
         !out.status.success(),
@@ -28,7 +19,7 @@ fn one_line_error(out: &std::process::Output) -> String {
 #[test]
 fn domain_commands_manage_the_registry_used_by_the_running_server() {
     let s = Server::start("", "");
-    ok(&s.cli(&[
+    succeeded(&s.cli(&[
         "domain",
         "add",
         "Added.Test",
@@ -43,7 +34,7 @@ fn domain_commands_manage_the_registry_used_by_the_running_server() {
         "one@added.test",
     ]));
     let list: serde_json::Value =
-        serde_json::from_str(&ok(&s.cli(&["domain", "list", "--json"]))).unwrap();
+        serde_json::from_str(&succeeded(&s.cli(&["domain", "list", "--json"]))).unwrap();
     let added = list
         .as_array()
         .unwrap()
@@ -57,12 +48,12 @@ fn domain_commands_manage_the_registry_used_by_the_running_server() {
     assert_eq!(added["greylist"], false);
     assert_eq!(added["max_message_size"], 5000);
     assert_eq!(added["recipients"], serde_json::json!(["one@added.test"]));
-    let show = ok(&s.cli(&["domain", "show", "added.test"]));
+    let show = succeeded(&s.cli(&["domain", "show", "added.test"]));
     assert!(
         show.contains("primary: 127.0.0.1:2626, mx.added.test"),
         "{show}"
     );
-    assert!(ok(&s.cli(&["domain", "list"])).contains("added.test"));
+    assert!(succeeded(&s.cli(&["domain", "list"])).contains("added.test"));
 
     // The running server sees the change at once.
     let mut c = s.client();
@@ -70,7 +61,7 @@ fn domain_commands_manage_the_registry_used_by_the_running_server() {
     c.expect("MAIL FROM:<a@remote.test>", "250");
     c.expect("RCPT TO:<one@added.test>", "250");
     c.expect("RCPT TO:<two@added.test>", "550 5.1.1");
-    ok(&s.cli(&["domain", "remove", "added.test"]));
+    succeeded(&s.cli(&["domain", "remove", "added.test"]));
     c.expect("RCPT TO:<one@added.test>", "550 5.7.1");
 
     let err = one_line_error(&s.cli(&["domain", "remove", "added.test"]));
@@ -91,10 +82,10 @@ fn queue_commands_show_and_delete() {
         "Subject: q\r\n\r\nx\r\n",
     ));
     let show: serde_json::Value =
-        serde_json::from_str(&ok(&s.cli(&["queue", "show", &id]))).unwrap();
+        serde_json::from_str(&succeeded(&s.cli(&["queue", "show", &id]))).unwrap();
     assert_eq!(show["id"], id.as_str());
     assert_eq!(show["attempts"], 0);
-    let human = ok(&s.cli(&["queue", "list"]));
+    let human = succeeded(&s.cli(&["queue", "list"]));
     assert!(
         human.contains(&id) && human.contains("1 message(s)"),
         "{human}"
@@ -104,7 +95,7 @@ fn queue_commands_show_and_delete() {
             .stdout,
         b"[]\n"
     );
-    ok(&s.cli(&["queue", "delete", &id]));
+    succeeded(&s.cli(&["queue", "delete", &id]));
     assert!(s.queue().is_empty());
     one_line_error(&s.cli(&["queue", "delete", &id]));
     one_line_error(&s.cli(&["queue", "show", "../../etc/passwd"]));
@@ -229,7 +220,7 @@ fn read_only_commands_in_an_empty_directory_create_nothing_and_say_where_they_lo
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert_eq!(ok(&out).trim(), "added example.test");
+    assert_eq!(succeeded(&out).trim(), "added example.test");
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         said.contains("configuration built-in defaults") && said.contains("data/backupmx.db"),
@@ -254,7 +245,7 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
     assert!(err.contains("already serving the data directory"), "{err}");
     assert!(err.contains("pid"), "{err}");
     // Admin commands still work alongside the running server.
-    ok(&s.cli(&["domain", "list"]));
+    succeeded(&s.cli(&["domain", "list"]));
 }
 
 #[test]
@@ -265,7 +256,7 @@ fn domain_add_does_not_silently_replace_and_refuses_bad_names() {
         err.contains("already hosted") && err.contains("--replace"),
         "{err}"
     );
-    let out = ok(&s.cli(&[
+    let out = succeeded(&s.cli(&[
         "domain",
         "add",
         "example.test",
@@ -278,7 +269,7 @@ fn domain_add_does_not_silently_replace_and_refuses_bad_names() {
         let err = one_line_error(&s.cli(&["domain", "add", bad]));
         assert!(err.contains(bad), "{bad}: {err}");
     }
-    let out = ok(&s.cli(&["domain", "remove", "example.test"]));
+    let out = succeeded(&s.cli(&["domain", "remove", "example.test"]));
     assert_eq!(out.trim(), "removed example.test");
     let out = s.cli(&["domain", "list"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no hosted domains in"));
@@ -316,7 +307,7 @@ fn environment_overrides_the_config_file() {
         .current_dir(dir.path())
         .output()
         .unwrap();
-    ok(&out);
+    succeeded(&out);
     assert!(dir.path().join("envdata").join("backupmx.db").exists());
     let out = Command::new(backupmx_bin())
         .args(["domain", "list", "--json"])
@@ -324,7 +315,7 @@ fn environment_overrides_the_config_file() {
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert!(ok(&out).contains("example.test"));
+    assert!(succeeded(&out).contains("example.test"));
 }
 
 #[test]

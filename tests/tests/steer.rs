@@ -2,22 +2,13 @@
 //! a per-domain queue lifetime. Embedded (`backupmx run`) and on the AWS
 //! emulator with `retry-fn poll`.
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use backupmx_tests::sink::Sink;
 use backupmx_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
 
 fn send(s: &Server, n: usize) {
     let mut c = s.client();
@@ -49,7 +40,7 @@ fn held_mail_is_not_attempted_does_not_expire_and_goes_out_at_once_on_release() 
         "queue_lifetime = \"3s\"\n[delivery]\nretry_initial = \"1s\"\n",
         &format!("[\"{}\"]", sink.addr),
     );
-    let held = ok(&s.cli(&["domain", "set", "example.test", "--hold"]));
+    let held = succeeded(&s.cli(&["domain", "set", "example.test", "--hold"]));
     assert!(held.contains("held (operator)"), "{held}");
     send(&s, 1);
     send(&s, 2);
@@ -60,12 +51,12 @@ fn held_mail_is_not_attempted_does_not_expire_and_goes_out_at_once_on_release() 
     assert_eq!(queued.len(), 2);
     assert!(queued.iter().all(|e| e["attempts"] == 0), "{queued:?}");
     assert!(!s.log().contains("bounce_queued"), "{}", s.log());
-    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    let shown = succeeded(&s.cli(&["domain", "show", "example.test"]));
     assert!(shown.contains("hold: yes (operator) since "), "{shown}");
     assert!(shown.contains("queue_lifetime: 3s"), "{shown}");
     assert!(shown.contains("queued: 2"), "{shown}");
 
-    let released = ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    let released = succeeded(&s.cli(&["domain", "set", "example.test", "--release"]));
     assert!(
         released.contains("2 queued message(s) released"),
         "{released}"
@@ -82,12 +73,12 @@ fn held_mail_is_not_attempted_does_not_expire_and_goes_out_at_once_on_release() 
 fn a_hold_from_the_cli_survives_a_restart_with_a_config_that_does_not_mention_it() {
     let sink = Sink::start(0);
     let mut s = Server::start_run("", "", &format!("[\"{}\"]", sink.addr));
-    ok(&s.cli(&["domain", "set", "example.test", "--hold"]));
+    succeeded(&s.cli(&["domain", "set", "example.test", "--hold"]));
     s.restart();
     send(&s, 1);
     std::thread::sleep(Duration::from_secs(2));
     assert!(sink.received().is_empty(), "held mail was sent");
-    ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    succeeded(&s.cli(&["domain", "set", "example.test", "--release"]));
     sink.wait_for(1, WAIT);
 }
 
@@ -108,7 +99,7 @@ fn a_new_primary_applies_to_mail_already_queued() {
     });
     // The next attempt is an hour away; a new primary does not wait for it.
     let sink = Sink::start(0);
-    let out = ok(&s.cli(&[
+    let out = succeeded(&s.cli(&[
         "domain",
         "set",
         "example.test",
@@ -150,7 +141,7 @@ fn hold_release_and_a_new_primary_on_aws() {
     ) else {
         return;
     };
-    ok(&s.cli(&["domain", "set", "example.test", "--hold"]));
+    succeeded(&s.cli(&["domain", "set", "example.test", "--hold"]));
     send(&s, 1);
     send(&s, 2);
     std::thread::sleep(Duration::from_secs(4));
@@ -160,14 +151,14 @@ fn hold_release_and_a_new_primary_on_aws() {
     let queued = s.queue();
     assert_eq!(queued.len(), 2, "{queued:?}");
     assert!(queued.iter().all(|e| e["attempts"] == 0), "{queued:?}");
-    ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    succeeded(&s.cli(&["domain", "set", "example.test", "--release"]));
     poll(&s);
     assert_eq!(sink.received().len(), 2);
     assert!(s.queue().is_empty());
 
     // A new primary for mail queued while the old one was dead.
     let dead = format!("127.0.0.1:{}", free_port());
-    ok(&s.cli(&[
+    succeeded(&s.cli(&[
         "domain",
         "set",
         "example.test",
@@ -180,7 +171,7 @@ fn hold_release_and_a_new_primary_on_aws() {
     poll(&s);
     assert_eq!(s.queue().len(), 1, "still queued for the dead primary");
     let other = Sink::start(0);
-    ok(&s.cli(&[
+    succeeded(&s.cli(&[
         "domain",
         "set",
         "example.test",
@@ -269,7 +260,7 @@ fn a_primary_refusing_everyone_after_an_outage_is_held_not_bounced() {
 
     // The operator fixes the primary and releases: everything delivered.
     sink.set(|b| b.rcpt_replies.clear());
-    ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    succeeded(&s.cli(&["domain", "set", "example.test", "--release"]));
     sink.wait_for(12, WAIT);
     eventually(WAIT, "an empty queue", || {
         s.queue().is_empty().then_some(())
@@ -312,7 +303,7 @@ fn a_few_unknown_users_in_a_drain_still_bounce_after_it() {
     eventually(WAIT, "the one refusal bounced", || {
         s.log().contains("bounce_queued").then_some(())
     });
-    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    let shown = succeeded(&s.cli(&["domain", "show", "example.test"]));
     assert!(shown.contains("hold: no"), "{shown}");
 }
 
@@ -342,13 +333,13 @@ fn bounce_storm_and_alerts_on_aws() {
     refuse_everyone(&sink, 12);
     primary.set_down(false);
     poll(&s);
-    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    let shown = succeeded(&s.cli(&["domain", "show", "example.test"]));
     assert!(shown.contains("hold: yes (bounce_storm)"), "{shown}");
     assert_eq!(s.queue().len(), 12, "every message still queued");
     assert_eq!(hook.count("domain_held"), 1, "{:?}", hook.alerts());
     assert_eq!(hook.count("primary_up"), 1, "{:?}", hook.alerts());
     sink.set(|b| b.rcpt_replies.clear());
-    ok(&s.cli(&["domain", "set", "example.test", "--release"]));
+    succeeded(&s.cli(&["domain", "set", "example.test", "--release"]));
     poll(&s);
     assert_eq!(sink.received().len(), 12);
     assert!(s.queue().is_empty());

@@ -5,22 +5,12 @@
 //! with and without STARTTLS, with certificates from a test CA.
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use backupmx_tests::pki::Pki;
 use backupmx_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
 
 /// A primary: `backupmx ingest` hosting example.test, with `tls` (a
 /// `[tls]` section, or empty for no STARTTLS).
@@ -53,7 +43,7 @@ fn backup(primary: &Server, policy: &str, ca: &Path) -> Server {
         ),
         &format!("[\"{}\"]", primary.addr),
     );
-    let shown = ok(&s.cli(&["domain", "show", "example.test"]));
+    let shown = succeeded(&s.cli(&["domain", "show", "example.test"]));
     assert!(shown.contains(&format!("tls: {policy}")), "{shown}");
     s
 }
@@ -108,7 +98,7 @@ fn required_never_sends_in_the_clear_and_delivers_once_starttls_works() {
     // `required`); a flush sends the mail.
     let self_signed = pki.tls_section("self", &["elsewhere.test"], false);
     reconfigure(&mut p, &self_signed);
-    ok(&s.cli(&["queue", "flush"]));
+    succeeded(&s.cli(&["queue", "flush"]));
     delivered(&s, &p);
     let metrics = s.log();
     assert!(!metrics.contains("tls_fallback_plaintext"), "{metrics}");
@@ -133,7 +123,7 @@ fn verified_refuses_a_certificate_not_valid_for_the_primary_and_delivers_once_it
     // Valid for its name (the address the domain names), but self-signed.
     let untrusted = pki.tls_section("untrusted", &["127.0.0.1"], false);
     reconfigure(&mut p, &untrusted);
-    ok(&s.cli(&["queue", "flush"]));
+    succeeded(&s.cli(&["queue", "flush"]));
     eventually(WAIT, "a second failed attempt", || {
         let q = s.queue();
         let e = q.first()?;
@@ -146,7 +136,7 @@ fn verified_refuses_a_certificate_not_valid_for_the_primary_and_delivers_once_it
     // Fixed: the CA's certificate for the primary's address.
     let good = pki.tls_section("good", &["127.0.0.1"], true);
     reconfigure(&mut p, &good);
-    ok(&s.cli(&["queue", "flush"]));
+    succeeded(&s.cli(&["queue", "flush"]));
     delivered(&s, &p);
 }
 
@@ -159,13 +149,13 @@ fn opportunistic_delivers_in_the_clear_and_switching_policy_applies_to_queued_ma
     delivered(&s, &p);
 
     // The same primary, the domain now `verified`: the next message waits.
-    ok(&s.cli(&["domain", "set", "example.test", "--tls", "verified"]));
+    succeeded(&s.cli(&["domain", "set", "example.test", "--tls", "verified"]));
     send(&s);
     let error = last_error(&s);
     assert!(error.contains("does not offer STARTTLS"), "{error}");
     // And back: it goes.
-    ok(&s.cli(&["domain", "set", "example.test", "--tls", "opportunistic"]));
-    ok(&s.cli(&["queue", "flush"]));
+    succeeded(&s.cli(&["domain", "set", "example.test", "--tls", "opportunistic"]));
+    succeeded(&s.cli(&["queue", "flush"]));
     eventually(WAIT, "two messages at the primary", || {
         (p.queue().len() == 2).then_some(())
     });
@@ -258,7 +248,7 @@ mod mta_sts {
         // A self-signed certificate is not enough under enforce…
         let self_signed = t.pki.tls_section("self", &["mx.example.test"], false);
         reconfigure(&mut t.primary, &self_signed);
-        ok(&t.backup.cli(&["queue", "flush"]));
+        succeeded(&t.backup.cli(&["queue", "flush"]));
         eventually(WAIT, "a second failed attempt", || {
             let q = t.backup.queue();
             (q.first()?["attempts"].as_u64() >= Some(2)).then_some(())
@@ -268,7 +258,7 @@ mod mta_sts {
         // …one from the trusted CA for the MX host's name is.
         let good = t.pki.tls_section("good", &["mx.example.test"], true);
         reconfigure(&mut t.primary, &good);
-        ok(&t.backup.cli(&["queue", "flush"]));
+        succeeded(&t.backup.cli(&["queue", "flush"]));
         delivered(&t.backup, &t.primary);
         // Fetched once: the TXT id did not change, the policy is cached.
         assert_eq!(t.policy.fetches(), 1);
@@ -291,7 +281,7 @@ mod mta_sts {
         t.policy
             .set_policy(&policy_text("enforce", "*.example.test", 86_400));
         std::thread::sleep(Duration::from_secs(2));
-        ok(&t.backup.cli(&["queue", "flush"]));
+        succeeded(&t.backup.cli(&["queue", "flush"]));
         delivered(&t.backup, &t.primary);
         assert!(t.policy.fetches() >= 2);
     }

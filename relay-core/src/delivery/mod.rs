@@ -803,8 +803,9 @@ impl Engine {
     }
 
     /// Each target with the TLS it must get: the domain's own policy,
-    /// raised by its MTA-STS policy (RFC 8461 §4–5). An enforced policy
-    /// that no MX host matches is an error (the mail waits).
+    /// raised by its MTA-STS policy (RFC 8461 §4–5) and by DANE. An
+    /// enforced policy that no MX host matches, or TLSA lookups that fail
+    /// for every host, are an error (the mail waits).
     async fn hop_plans(
         &self,
         domain: &DomainName,
@@ -861,6 +862,7 @@ impl Engine {
         }
     }
 
+    /// The domain's own policy raised by its MTA-STS policy.
     async fn sts_plans(
         &self,
         domain: &DomainName,
@@ -882,9 +884,14 @@ impl Engine {
                 },
             )
         };
-        let policy = match &self.sts {
-            Some(sts) => sts.policy(domain, now).await,
-            None => None,
+        // A policy's patterns name hosts: next hops given as addresses
+        // (explicit primaries) are never covered, so no lookup is needed.
+        let named = targets
+            .iter()
+            .any(|t| t.host.parse::<std::net::IpAddr>().is_err());
+        let policy = match (&self.sts, named) {
+            (Some(sts), true) => sts.policy(domain, now).await,
+            _ => None,
         };
         let Some(policy) = policy.filter(|p| p.mode != Mode::None) else {
             return Ok(targets.into_iter().map(plain).collect());
