@@ -410,7 +410,10 @@ async fn pages(web: &Web, method: &Method, segs: &[&str], query: &str) -> Reply 
                 Err(e) => return failed(e),
             };
             let done = match *action {
-                "flush" => web.admin.flush(Some(&name), now).await,
+                "flush" => match web.admin.domain_view(&name).await {
+                    Ok(_) => web.admin.flush(Some(&name), now).await,
+                    Err(e) => Err(e),
+                },
                 hold => {
                     let change = DomainChange {
                         hold: Some(hold == "hold"),
