@@ -82,10 +82,17 @@ pub fn age(secs: u64) -> String {
     }
 }
 
+/// Seconds between reloads of the overview (it has no forms to lose).
+const OVERVIEW_REFRESH: u32 = 30;
+
 fn layout(title: &str, hostname: &str, at: u64, body: &str) -> String {
+    page_with(title, hostname, at, body, "")
+}
+
+fn page_with(title: &str, hostname: &str, at: u64, body: &str, head: &str) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">{head}\
 <title>{title} · backupmx</title><style>{STYLE}</style></head><body>\
 <header><a href=\"/\">backupmx</a><span class=\"meta\">{host}</span>\
 <span class=\"meta\">as of {at}</span></header><main>{body}</main></body></html>\n",
@@ -208,7 +215,13 @@ notifications to senders, mail of removed domains); oldest {}.</p>",
             oldest_cell(&status.other, now),
         );
     }
-    layout("Status", hostname, now, &body)
+    page_with(
+        "Status",
+        hostname,
+        now,
+        &body,
+        &format!("<meta http-equiv=\"refresh\" content=\"{OVERVIEW_REFRESH}\">"),
+    )
 }
 
 /// How many queued messages a domain page lists at most.
@@ -481,6 +494,7 @@ mod tests {
         assert!(page.contains("connection refused"));
         assert!(page.contains("Other destinations"));
         assert!(page.contains("name=\"viewport\""));
+        assert!(page.contains("http-equiv=\"refresh\" content=\"30\""));
     }
 
     #[test]
