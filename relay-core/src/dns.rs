@@ -188,9 +188,7 @@ impl HickoryResolver {
             Err(e) => TlsaAnswer::Failed(format!("TLSA lookup for {name}: {e}")),
         }
     }
-}
 
-impl HickoryResolver {
     /// Whether the zone holding `name` validates as signed: the SOA of
     /// its apex (the nearest name above it that has one) is proven secure.
     async fn zone_is_signed(&self, name: &str) -> bool {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::address::DomainName;
@@ -648,21 +648,9 @@ async fn read_reply(
     parser: &mut ReplyParser,
     wait: Duration,
 ) -> Result<Response, String> {
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match parser.next_reply() {
-            Ok(Some(r)) => return Ok(r),
-            Ok(None) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
-            Ok(Ok(0)) => return Err("connection closed".into()),
-            Ok(Ok(n)) => parser.feed(&buf[..n]),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("timed out waiting for a reply".into()),
-        }
-    }
+    tokio::time::timeout(wait, crate::delivery::probe::read_reply(tcp, parser))
+        .await
+        .map_err(|_| "timed out waiting for a reply".to_string())?
 }
 
 /// Whether a report lets `doctor` exit 0.

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
@@ -121,23 +121,7 @@ struct CalloutConn {
 
 impl CalloutConn {
     async fn reply(&mut self) -> Result<Response, String> {
-        let mut buf = [0u8; 2048];
-        loop {
-            match self.parser.next_reply() {
-                Ok(Some(r)) => return Ok(r),
-                Ok(None) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            let n = self
-                .stream
-                .read(&mut buf)
-                .await
-                .map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("connection closed".into());
-            }
-            self.parser.feed(&buf[..n]);
-        }
+        crate::delivery::probe::read_reply(&mut self.stream, &mut self.parser).await
     }
 
     async fn command(&mut self, line: &str) -> Result<Response, String> {

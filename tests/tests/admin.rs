@@ -14,6 +14,10 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "s3cret-admin-token-0123";
+/// Nothing is retried or probed on its own: only the operator's actions
+/// (release, flush) send queued mail.
+const NO_RETRY: &str =
+    "[delivery]\nprobe_interval = \"1h\"\nretry_initial = \"1h\"\nretry_max = \"2h\"\n";
 
 fn cli_json(s: &Server, args: &[&str]) -> Value {
     serde_json::from_str(&succeeded(&s.cli(args))).expect("CLI JSON")
@@ -99,7 +103,7 @@ fn api_serves_every_endpoint_with_the_cli_shapes_and_clear_errors() {
     let (addr, section) = admin_section(Some(TOKEN));
     let s = Server::start_run(
         "",
-        &format!("{section}\n[delivery]\nprobe_interval = \"1h\"\nretry_initial = \"1h\"\nretry_max = \"2h\"\n"),
+        &format!("{section}\n{NO_RETRY}"),
         &format!("[\"{}\"]", primary.addr),
     );
     let api = Api {
@@ -432,7 +436,7 @@ fn status_page_in_a_real_browser_matches_the_queue_and_its_buttons_act() {
     let s = Server::start_run(
         "",
         &format!(
-            "{section}\n[delivery]\nprobe_interval = \"1h\"\nretry_initial = \"1h\"\nretry_max = \"2h\"\n\
+            "{section}\n{NO_RETRY}\
              [[domain]]\nname = \"second.test\"\nprimary = [\"{}\"]\n",
             sink.addr
         ),

@@ -71,14 +71,7 @@ impl DaneVerifier {
     /// A client configuration that authenticates with these records.
     pub fn client_config(records: Vec<TlsaRecord>) -> Arc<rustls::ClientConfig> {
         let verifier = Arc::new(DaneVerifier::new(records));
-        let provider = verifier.provider.clone();
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
-        Arc::new(config)
+        super::transport::with_verifier(verifier.provider.clone(), verifier)
     }
 
     fn trust_anchor_path(

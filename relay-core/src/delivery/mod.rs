@@ -9,7 +9,7 @@ pub use relay_proto::{client, dsn};
 pub mod dane;
 pub mod etrn;
 pub mod mta_sts;
-mod probe;
+pub(crate) mod probe;
 #[cfg(feature = "aws")]
 pub mod retry;
 pub mod route;

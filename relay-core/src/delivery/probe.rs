@@ -28,10 +28,9 @@ impl Engine {
                         .await
                         .map_err(|e| format!("{addr}: {e}"))?;
                     let mut parser = ReplyParser::default();
-                    let mut buf = [0u8; 2048];
-                    let greeting = read_one(&mut stream, &mut parser, &mut buf)
+                    let greeting = read_reply(&mut stream, &mut parser)
                         .await
-                        .ok_or_else(|| format!("{addr}: no greeting"))?;
+                        .map_err(|e| format!("{addr}: no greeting: {e}"))?;
                     if greeting.code != 220 {
                         return Err(format!("{addr}: greeting {greeting}"));
                     }
@@ -39,9 +38,9 @@ impl Engine {
                         .write_all(format!("EHLO {}\r\n", self.config().me.hostname).as_bytes())
                         .await
                         .map_err(|e| format!("{addr}: {e}"))?;
-                    let ehlo = read_one(&mut stream, &mut parser, &mut buf)
+                    let ehlo = read_reply(&mut stream, &mut parser)
                         .await
-                        .ok_or_else(|| format!("{addr}: no EHLO reply"))?;
+                        .map_err(|e| format!("{addr}: no EHLO reply: {e}"))?;
                     let _ = stream.write_all(b"QUIT\r\n").await;
                     if ehlo.code == 250 {
                         Ok(())
@@ -61,18 +60,22 @@ impl Engine {
     }
 }
 
-async fn read_one(
-    stream: &mut TcpStream,
+/// Reads one SMTP reply from a plain connection (the probe, callouts,
+/// `doctor`); the caller bounds the wait.
+pub(crate) async fn read_reply<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
     parser: &mut ReplyParser,
-    buf: &mut [u8],
-) -> Option<super::client::Response> {
+) -> Result<super::client::Response, String> {
+    let mut buf = [0u8; 2048];
     loop {
-        if let Some(r) = parser.next_reply().ok()? {
-            return Some(r);
+        match parser.next_reply() {
+            Ok(Some(r)) => return Ok(r),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
         }
-        let n = stream.read(buf).await.ok()?;
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
         if n == 0 {
-            return None;
+            return Err("connection closed".into());
         }
         parser.feed(&buf[..n]);
     }

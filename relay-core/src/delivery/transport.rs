@@ -118,12 +118,34 @@ pub fn verifying_tls(extra: &[CertificateDer<'static>]) -> Arc<rustls::ClientCon
             tracing::warn!(event = "tls_ca_ignored", error = %e);
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    Arc::new(
+        client_builder(provider)
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// A client configuration with ring and the default TLS versions.
+fn client_builder(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier> {
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
+        // ring implements every default protocol version; this cannot fail.
         .expect("ring supports the default TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Arc::new(config)
+}
+
+/// A client configuration whose certificates `verifier` judges (DANE).
+pub(crate) fn with_verifier(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        client_builder(provider)
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth(),
+    )
 }
 
 /// Reads the certificates of a PEM file (`[delivery] tls_ca_file`).
@@ -142,14 +164,7 @@ pub fn load_ca_file(path: &std::path::Path) -> Result<Vec<CertificateDer<'static
 /// The client TLS configuration for opportunistic STARTTLS.
 pub fn opportunistic_tls() -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        // ring implements every default protocol version; this cannot fail.
-        .expect("ring supports the default TLS versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
-        .with_no_client_auth();
-    Arc::new(config)
+    with_verifier(provider.clone(), Arc::new(AcceptAnyCertificate(provider)))
 }
 
 enum Stream {
