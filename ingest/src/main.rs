@@ -94,8 +94,11 @@ fn init_logging(json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A worker thread about to sleep first commits what its sessions wait
+    // for (the embedded store's group commit; a no-op otherwise).
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(relay_core::store::local::commit_pending)
         .build()
     {
         Ok(rt) => rt,

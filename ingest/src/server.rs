@@ -204,6 +204,11 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let _lock = relay_core::store::space::DataDirLock::take(&config.storage.data_dir)?;
     let max_connections = crate::limits::raise_open_files(&config);
     let backends = open_backends(&config).await?;
+    if let Some(store) = &backends.local {
+        // The runtime's threads commit what their sessions wait for
+        // (main.rs installs the hook).
+        store.commit_on_runtime_threads();
+    }
     for d in &config.domains {
         // validate() already checked every entry.
         let mut domain = d

@@ -1,16 +1,25 @@
 //! The embedded backend: one SQLite database (WAL, `synchronous=FULL`) holding
 //! domains, message bodies and the queue.
 //!
-//! All writes go through one writer thread that commits whatever requests
-//! have piled up in a single transaction (group commit): one fsync serves
-//! every session waiting at end of DATA, which is how a durable store keeps
+//! Writes are committed in groups: one transaction, one fsync, for every
+//! request that piled up (group commit), which is how a durable store keeps
 //! up with many concurrent senders. A request is answered only after its
 //! transaction committed. Reads use their own connection.
+//!
+//! Who commits: a writer thread takes requests from a channel; and in a
+//! server whose async runtime calls [`commit_pending`] before a worker
+//! thread goes to sleep ([`LocalStore::commit_on_runtime_threads`]), the
+//! runtime's own threads queue their requests and commit them the moment
+//! they run out of other work. That saves two thread wake-ups per group
+//! (to the writer and back), and a group is everything the sessions of the
+//! moment had to say: 15 % more mail per second at 50 sessions, 18 % less
+//! CPU per message (docs/BENCHMARKS.md).
 
 use crate::sync::Mutex;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -158,6 +167,7 @@ impl Default for StoreOptions {
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct LocalStore {
     writer: std::sync::Mutex<mpsc::Sender<WriteJob>>,
+    writer_side: Arc<WriterSide>,
     reader: std::sync::Mutex<Connection>,
     path: PathBuf,
     domains: Mutex<DomainCache>,
@@ -242,12 +252,25 @@ impl LocalStore {
             .spawn(move || checkpoint_loop(&checkpointer_conn, &nudged))
             .map_err(|e| StoreError::io("cannot start checkpoint thread", e))?;
         let (tx, rx) = mpsc::channel::<WriteJob>();
+        let writer_side = Arc::new(WriterSide {
+            committer: std::sync::Mutex::new(Committer {
+                conn: writer_conn,
+                reserve,
+                checkpoint: nudge,
+            }),
+            queued: std::sync::Mutex::new(Queued {
+                jobs: Vec::new(),
+                since: None,
+            }),
+        });
+        let for_thread = writer_side.clone();
         thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(writer_conn, &rx, &nudge, &mut reserve))
+            .spawn(move || writer_loop(&for_thread, &rx))
             .map_err(|e| StoreError::io("cannot start writer thread", e))?;
         Ok(LocalStore {
             writer: std::sync::Mutex::new(tx),
+            writer_side,
             reader: std::sync::Mutex::new(reader),
             path,
             domains: Mutex::new(DomainCache::default()),
@@ -280,13 +303,32 @@ impl LocalStore {
         &self.path
     }
 
+    /// Lets the threads of an async runtime that calls [`commit_pending`]
+    /// before parking commit their own requests to this store (see the
+    /// module's documentation). One store per process can be set so; later
+    /// calls change nothing. Other threads keep using the writer thread.
+    pub fn commit_on_runtime_threads(&self) {
+        let _ = ON_RUNTIME_THREADS.set(self.writer_side.clone());
+    }
+
     async fn write(&self, op: WriteOp) -> Result<bool, StoreError> {
         let (done, wait) = oneshot::channel();
-        {
+        let mut job = Some(WriteJob { op, done });
+        if let Some(side) = ON_RUNTIME_THREADS.get() {
+            if Arc::ptr_eq(side, &self.writer_side) && CALLS_HOOK.with(std::cell::Cell::get) {
+                if let Ok(mut q) = side.queued.lock() {
+                    // A full queue goes through the writer thread, which
+                    // takes the queued requests along.
+                    if q.jobs.len() < MAX_BATCH {
+                        q.since.get_or_insert_with(Instant::now);
+                        q.jobs.extend(job.take());
+                    }
+                }
+            }
+        }
+        if let Some(job) = job {
             let sender = self.writer.lock().map_err(|_| StoreError::Closed)?;
-            sender
-                .send(WriteJob { op, done })
-                .map_err(|_| StoreError::Closed)?;
+            sender.send(job).map_err(|_| StoreError::Closed)?;
         }
         wait.await.map_err(|_| StoreError::Closed)?
     }
@@ -310,13 +352,109 @@ impl LocalStore {
     }
 }
 
-fn writer_loop(
-    mut conn: Connection,
-    rx: &mpsc::Receiver<WriteJob>,
-    checkpoint: &mpsc::SyncSender<()>,
-    reserve: &mut space::Reserve,
-) {
-    while let Ok(first) = rx.recv() {
+/// The writer's connection and what each commit maintains.
+struct Committer {
+    conn: Connection,
+    reserve: space::Reserve,
+    checkpoint: mpsc::SyncSender<()>,
+}
+
+impl Committer {
+    /// Commits `batch` in one transaction and answers every job.
+    fn commit(&mut self, batch: Vec<WriteJob>) {
+        let results = commit_batch(&mut self.conn, &batch, &mut self.reserve);
+        self.reserve.maintain();
+        for (job, result) in batch.into_iter().zip(results) {
+            // The waiting session may have gone away; nothing to tell then.
+            let _ = job.done.send(result);
+        }
+        let wal_pages = WAL_PAGES.with(std::cell::Cell::take);
+        if wal_pages >= WAL_LIMIT_PAGES {
+            restart_wal(&self.conn);
+        } else if wal_pages >= CHECKPOINT_PAGES {
+            // Full means a nudge is already pending.
+            let _ = self.checkpoint.try_send(());
+        }
+    }
+}
+
+/// Requests queued by runtime threads, waiting for a commit.
+struct Queued {
+    jobs: Vec<WriteJob>,
+    /// When the oldest of them was queued.
+    since: Option<Instant>,
+}
+
+/// What every committing thread shares: the one connection that writes,
+/// and the requests runtime threads queued for whoever commits next.
+struct WriterSide {
+    committer: std::sync::Mutex<Committer>,
+    queued: std::sync::Mutex<Queued>,
+}
+
+impl WriterSide {
+    fn take_queued(&self) -> Vec<WriteJob> {
+        self.queued.lock().map_or_else(
+            |_| Vec::new(),
+            |mut q| {
+                q.since = None;
+                std::mem::take(&mut q.jobs)
+            },
+        )
+    }
+
+    fn nothing_queued(&self) -> bool {
+        self.queued.lock().map_or(true, |q| q.jobs.is_empty())
+    }
+
+    /// Commits `batch` and then whatever was queued, until nothing is. With
+    /// `wait` false it gives up at once if another thread is committing:
+    /// that thread looks at the queue before it stops (and once more after
+    /// it let go of the connection), so no queued request is left behind.
+    fn commit(&self, mut batch: Vec<WriteJob>, mut wait: bool) {
+        loop {
+            let guard = if wait {
+                self.committer.lock().ok()
+            } else {
+                self.committer.try_lock().ok()
+            };
+            let Some(mut committer) = guard else { return };
+            loop {
+                batch.extend(self.take_queued());
+                if batch.is_empty() {
+                    break;
+                }
+                committer.commit(std::mem::take(&mut batch));
+            }
+            drop(committer);
+            if self.nothing_queued() {
+                return;
+            }
+            wait = false;
+        }
+    }
+}
+
+/// How long a queued request may wait for a runtime thread to run out of
+/// work before the writer thread commits it (a runtime that stays busy).
+const QUEUED_MAX_WAIT: Duration = Duration::from_millis(20);
+
+fn writer_loop(side: &WriterSide, rx: &mpsc::Receiver<WriteJob>) {
+    loop {
+        let first = match rx.recv_timeout(QUEUED_MAX_WAIT) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let overdue = side
+                    .queued
+                    .lock()
+                    .is_ok_and(|q| q.since.is_some_and(|t| t.elapsed() >= QUEUED_MAX_WAIT));
+                if overdue {
+                    side.commit(Vec::new(), true);
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -324,18 +462,29 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let results = commit_batch(&mut conn, &batch, reserve);
-        reserve.maintain();
-        for (job, result) in batch.into_iter().zip(results) {
-            // The waiting session may have gone away; nothing to tell then.
-            let _ = job.done.send(result);
-        }
-        let wal_pages = WAL_PAGES.with(std::cell::Cell::take);
-        if wal_pages >= WAL_LIMIT_PAGES {
-            restart_wal(&conn);
-        } else if wal_pages >= CHECKPOINT_PAGES {
-            // Full means a nudge is already pending.
-            let _ = checkpoint.try_send(());
+        side.commit(batch, true);
+    }
+}
+
+/// The store whose writes the runtime's threads commit (one per process).
+static ON_RUNTIME_THREADS: std::sync::OnceLock<Arc<WriterSide>> = std::sync::OnceLock::new();
+
+thread_local! {
+    /// Set on a thread once it has called [`commit_pending`]: its runtime
+    /// runs the hook, so its requests can wait for it.
+    static CALLS_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Commits the requests the runtime's threads queued, on this thread, in
+/// one transaction. For the runtime's `on_thread_park` hook: a worker
+/// thread that ran out of work commits what its sessions wait for before it
+/// sleeps, and the sessions it wakes run on it at once. Returns at once if
+/// another thread is committing (that one takes these requests too).
+pub fn commit_pending() {
+    CALLS_HOOK.with(|c| c.set(true));
+    if let Some(side) = ON_RUNTIME_THREADS.get() {
+        if !side.nothing_queued() {
+            side.commit(Vec::new(), false);
         }
     }
 }
@@ -1017,5 +1166,106 @@ impl GreylistStore for LocalStore {
 
     async fn sweep(&self, now: u64) -> Result<(), StoreError> {
         self.write(WriteOp::SweepGreylist(now)).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::message;
+
+    /// The runtime-thread commit path (one store per process can use it, so
+    /// one test covers it): concurrent sessions on runtime threads, a thread
+    /// outside the runtime, and a runtime that stays busy so that the
+    /// writer thread has to commit what was queued.
+    #[test]
+    fn runtime_threads_commit_their_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+        store.commit_on_runtime_threads();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_park(commit_pending)
+            .build()
+            .unwrap();
+
+        // 200 sessions at once, each accepting one message.
+        let accepted = runtime.block_on(async {
+            let sessions: Vec<_> = (0..200)
+                .map(|_| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let m = message(&["a@one.test"]);
+                        store.accept(m.clone()).await.unwrap();
+                        m.id
+                    })
+                })
+                .collect();
+            let mut ids = Vec::new();
+            for s in sessions {
+                ids.push(s.await.unwrap());
+            }
+            ids
+        });
+        assert_eq!(accepted.len(), 200);
+        assert!(
+            !CALLS_HOOK.with(std::cell::Cell::get),
+            "the test's own thread is not a runtime worker"
+        );
+        // Every one committed, seen by a connection of its own.
+        let check = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        let count: i64 = check
+            .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 200);
+
+        // A thread that is not the runtime's goes through the writer thread.
+        let m = message(&["b@one.test"]);
+        let outside = runtime.block_on(store.accept(m));
+        assert!(outside.is_ok());
+
+        // A worker that never parks: after one write is queued, the only
+        // worker blocks; the writer thread commits the write by itself.
+        let path = dir.path().join(DB_FILE);
+        let m = message(&["c@one.test"]);
+        let id = m.id.clone();
+        let seen_while_busy = std::thread::scope(|scope| {
+            let h = scope.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .on_thread_park(commit_pending)
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    // Parks once (a timer), so this thread counts as one
+                    // that runs the hook.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let store = store.clone();
+                    let write = tokio::spawn(async move { store.accept(m).await });
+                    // Let the write queue itself, then never park again
+                    // until the database shows it.
+                    tokio::task::yield_now().await;
+                    let check = Connection::open(&path).unwrap();
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let mut seen = false;
+                    while Instant::now() < deadline && !seen {
+                        seen = check
+                            .query_row(
+                                "SELECT count(*) FROM queue WHERE id = ?1",
+                                [id.as_str()],
+                                |r| r.get::<_, i64>(0),
+                            )
+                            .unwrap()
+                            == 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    write.await.unwrap().unwrap();
+                    seen
+                })
+            });
+            h.join().unwrap()
+        });
+        assert!(seen_while_busy, "a queued write waited for a busy runtime");
     }
 }
