@@ -10,6 +10,7 @@
 # bench/postfix_peer.sh install). Loopback only.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/lib.sh"
 A=$(realpath "$1") B=$(realpath "$2") ROUNDS=${3:-5}
 SESSIONS=${SESSIONS:-10} SIZE=${SIZE:-1024} COUNT=${COUNT:-3000}
 work=$(mktemp -d /var/tmp/bmx-ab.XXXX)
@@ -39,23 +40,10 @@ TOML
   rm -rf "$work/data-$1"
   "$2" run --config "$work/$1.toml" > "$work/$1.log" 2>&1 &
   echo $! > "$work/$1.pid"
-  for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/${port[$1]}) 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "ab: $2 did not start" >&2; cat "$work/$1.log" >&2; exit 1
+  wait_for_port "${port[$1]}" "$work/$1.log"
 }
 stop_all() { for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done; }
 trap stop_all EXIT
-settle() {
-  local busy0 all0 busy1 all1
-  for _ in $(seq 1 120); do
-    read -r busy0 all0 < <(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
-    sleep 0.5
-    read -r busy1 all1 < <(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
-    [ $(( (busy1 - busy0) * 100 )) -le $(( (all1 - all0) * 15 )) ] && return 0
-  done
-}
 start a "$A"; start b "$B"
 smtp-sink -u nobody "127.0.0.1:${port[smtp-sink]}" 1024 </dev/null >"$work/sink.log" 2>&1 &
 echo $! > "$work/sink.pid"

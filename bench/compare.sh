@@ -17,6 +17,7 @@
 # environment to run only some cases.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/lib.sh"
 root=$here/..
 scenario=${1:-accept}
 RUNS=${2:-5}
@@ -55,11 +56,7 @@ TOML
   rm -rf "$work/data"
   "$BMX" run --config "$work/backupmx.toml" > "$work/bmx.log" 2>&1 &
   echo $! > "$work/bmx.pid"
-  for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/$BMX_PORT) 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "backupmx did not start" >&2; cat "$work/bmx.log" >&2; exit 1
+  wait_for_port "$BMX_PORT" "$work/bmx.log"
 }
 stop_bmx() { kill "$(cat "$work/bmx.pid")" 2>/dev/null || true; sleep 1; }
 # The ceiling: smtp-sink speaks SMTP and stores nothing.
@@ -68,22 +65,6 @@ start_ref() {
   echo $! > "$work/ref.pid"
 }
 stop_ref() { [ -f "$work/ref.pid" ] && kill "$(cat "$work/ref.pid")" 2>/dev/null || true; }
-# Waits (at most 60 s) until this machine's own CPU use (user, system,
-# interrupts; not steal or iowait) stays under 15 % for half a second, so
-# the work one server does after its run (Postfix's queue manager trying
-# the dead primary for what it just accepted, writeback) is not charged
-# to the next server's run.
-settle() {
-  local cores busy0 all0 busy1 all1
-  cores=$(nproc)
-  for _ in $(seq 1 120); do
-    read -r busy0 all0 < <(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
-    sleep 0.5
-    read -r busy1 all1 < <(awk '/^cpu /{print $2+$3+$4+$7+$8, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
-    [ $(( (busy1 - busy0) * 100 )) -le $(( (all1 - all0) * 15 )) ] && return 0
-  done
-  echo "compare: machine still busy after 60 s, going on" >&2
-}
 trap 'stop_bmx; stop_ref; bash "$here/postfix_peer.sh" stop >/dev/null 2>&1 || true' EXIT
 
 accept() {

@@ -12,6 +12,7 @@
 #   CASES="drain" bench/memory.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/lib.sh"
 root=$here/..
 BMX_PORT=${BMX_PORT:-2727} SINK_PORT=${SINK_PORT:-2626}
 CASES=${CASES:-"senders40 senders200 drain"}
@@ -44,11 +45,7 @@ TOML
   [ "${1:-}" = fresh ] && rm -rf "$work/data"
   "$BMX" run --config "$work/backupmx.toml" >> "$work/bmx.log" 2>&1 &
   bmx_pid=$!
-  for _ in $(seq 1 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/$BMX_PORT) 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "backupmx did not start" >&2; cat "$work/bmx.log" >&2; exit 1
+  wait_for_port "$BMX_PORT" "$work/bmx.log"
 }
 stop_bmx() { [ -n "${bmx_pid:-}" ] && kill "$bmx_pid" 2>/dev/null && wait "$bmx_pid" 2>/dev/null; bmx_pid=; }
 peak_mib() { awk '/VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$bmx_pid/status"; }
