@@ -12,8 +12,8 @@
 //! runtime's own threads queue their requests and commit them the moment
 //! they run out of other work. That saves two thread wake-ups per group
 //! (to the writer and back), and a group is everything the sessions of the
-//! moment had to say: 15 % more mail per second at 50 sessions, 18 % less
-//! CPU per message (docs/BENCHMARKS.md).
+//! moment had to say: at 50 sessions a third more mail per second and a
+//! quarter less CPU per message (docs/BENCHMARKS.md).
 
 use crate::sync::Mutex;
 use std::path::{Path, PathBuf};
