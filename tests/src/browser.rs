@@ -38,6 +38,58 @@ fn chromedriver_binary() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// How many fresh ports chromedriver is tried on before giving up.
+const DRIVER_ATTEMPTS: usize = 5;
+
+/// Starts chromedriver on a free loopback port and waits until it listens.
+///
+/// The port is free when picked but may be taken before chromedriver binds
+/// it (every test in the run opens connections); chromedriver also binds the
+/// port on IPv6 and exits when that is taken. Either way it exits at once, so
+/// an exit means another port, not a 30-second wait.
+fn start_driver(driver: &Path) -> (Child, SocketAddr) {
+    let mut outputs = Vec::new();
+    for _ in 0..DRIVER_ATTEMPTS {
+        let port = crate::free_port();
+        let log = tempfile::NamedTempFile::new().expect("chromedriver log");
+        let mut child = Command::new(driver)
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(log.reopen().expect("chromedriver log"))
+            .stderr(log.reopen().expect("chromedriver log"))
+            .spawn()
+            .expect("start chromedriver");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return (child, addr);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let output = std::fs::read_to_string(log.path()).unwrap_or_default();
+                outputs.push(format!("port {port}: {status}: {}", output.trim()));
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let output = std::fs::read_to_string(log.path()).unwrap_or_default();
+                outputs.push(format!(
+                    "port {port}: not listening after 30 s: {}",
+                    output.trim()
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!(
+        "chromedriver did not listen in {DRIVER_ATTEMPTS} attempts:\n{}",
+        outputs.join("\n")
+    );
+}
+
 impl Browser {
     /// Starts chromedriver on a free loopback port and opens a session
     /// with a window of `width`×`height`.
@@ -45,21 +97,7 @@ impl Browser {
         let (Some(chromium), Some(driver)) = (chromium_binary(), chromedriver_binary()) else {
             panic!("Chromium and chromedriver are needed (Debian packages chromium, chromium-driver: scripts/install-test-deps installs them)");
         };
-        let port = crate::free_port();
-        let child = Command::new(driver)
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "chromedriver did not listen");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let (child, addr) = start_driver(&driver);
         let profile = tempfile::tempdir().expect("profile dir");
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
