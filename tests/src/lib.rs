@@ -56,6 +56,15 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// How a start of the server went.
+#[derive(PartialEq)]
+enum Start {
+    /// It greeted.
+    Ready,
+    /// It exited because its port was taken.
+    PortTaken,
+}
+
 /// A running `backupmx run` with its own config and data directory.
 pub struct Server {
     child: Option<Child>,
@@ -290,7 +299,39 @@ impl Server {
     }
 
     /// Starts the server and waits for its greeting.
+    ///
+    /// The port came from [`free_port`], so another test's socket may take it
+    /// before the server binds it. On the first start (nobody knows the
+    /// address yet) the server then moves to a fresh port and starts again;
+    /// a restart keeps its port, which other servers may have been given.
     pub fn spawn(&mut self) {
+        let first_start = self.child.is_none() && self.log().is_empty();
+        let mut attempts = 0;
+        while self.spawn_once() == Start::PortTaken {
+            attempts += 1;
+            assert!(
+                first_start && attempts < 5,
+                "backupmx could not listen on {}: {}",
+                self.addr,
+                self.log()
+            );
+            self.move_to_a_free_port();
+        }
+    }
+
+    fn move_to_a_free_port(&mut self) {
+        let port = free_port();
+        let text = std::fs::read_to_string(&self.config_path).expect("config");
+        let text = text.replace(
+            &format!("127.0.0.1:{}", self.addr.port()),
+            &format!("127.0.0.1:{port}"),
+        );
+        std::fs::write(&self.config_path, text).expect("write config");
+        std::fs::write(&self.log_path, "").expect("clear log");
+        self.addr.set_port(port);
+    }
+
+    fn spawn_once(&mut self) -> Start {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -316,10 +357,10 @@ impl Server {
             .spawn()
             .expect("spawn backupmx");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Start {
         let proxied = std::fs::read_to_string(&self.config_path)
             .unwrap_or_default()
             .contains("proxy_protocol = true");
@@ -333,11 +374,16 @@ impl Server {
                 let greeting = c.read_reply();
                 assert!(greeting.starts_with("220 "), "greeting: {greeting}");
                 c.send("QUIT\r\n");
-                return;
+                return Start::Ready;
             }
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("backupmx exited with {status}: {}", self.log());
+                    self.child = None;
+                    let log = self.log();
+                    if log.contains("cannot listen on") && log.contains("Address already in use") {
+                        return Start::PortTaken;
+                    }
+                    panic!("backupmx exited with {status}: {log}");
                 }
             }
             assert!(
