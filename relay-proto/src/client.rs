@@ -233,6 +233,14 @@ pub struct ClientSession {
     /// Commands not yet sent because the server does not pipeline.
     queued: VecDeque<(Vec<u8>, Expect)>,
     done: bool,
+    /// Stop once the connection is set up (greeting, EHLO, STARTTLS as
+    /// asked): the driver takes it over for commands of its own.
+    setup_only: bool,
+    /// The connection is set up and handed over (`setup_only`).
+    ready: bool,
+    /// The reply that ended the session before a transaction (a refused
+    /// greeting, EHLO, HELO or STARTTLS).
+    refusal: Option<Response>,
 }
 
 impl ClientSession {
@@ -276,7 +284,47 @@ impl ClientSession {
             tls_failed: false,
             queued: VecDeque::new(),
             done: false,
+            setup_only: false,
+            ready: false,
+            refusal: None,
         }
+    }
+
+    /// A session that only sets the connection up: greeting, EHLO (HELO
+    /// if refused), and STARTTLS as `try_tls` and [`require_tls`] ask,
+    /// then [`Next::Done`] with [`ready`] true. The driver then owns the
+    /// connection for commands of its own (recipient callouts), under the
+    /// same TLS rules as deliveries.
+    ///
+    /// [`require_tls`]: ClientSession::require_tls
+    /// [`ready`]: ClientSession::ready
+    pub fn setup_only(helo_name: &str, try_tls: bool) -> Self {
+        let mut session = Self::with_messages(helo_name, try_tls, Vec::new());
+        session.setup_only = true;
+        session
+    }
+
+    /// A [`setup_only`](ClientSession::setup_only) session reached the
+    /// point where a transaction would begin: the connection is the
+    /// driver's.
+    pub fn ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The server's reply that ended the session before any transaction
+    /// (greeting, EHLO, HELO, or STARTTLS under a TLS requirement).
+    pub fn refusal(&self) -> Option<&Response> {
+        self.refusal.as_ref()
+    }
+
+    /// Why the connection ended before its messages were done (the
+    /// temporary failure every open recipient got), if it did.
+    pub fn why_ended(&self) -> Option<String> {
+        self.abandoned.as_ref().map(|r| match r {
+            RcptResult::Delivered(t) | RcptResult::Transient(t) | RcptResult::Permanent(t) => {
+                t.clone()
+            }
+        })
     }
 
     /// No message may go in plaintext (a domain's TLS policy, MTA-STS
@@ -353,6 +401,7 @@ impl ClientSession {
                 if r.is_success() {
                     self.send(format!("EHLO {}", self.helo_name), Expect::Ehlo);
                 } else {
+                    self.refusal = Some(r.clone());
                     self.abandon(RcptResult::Transient(format!("greeting: {r}")));
                 }
             }
@@ -361,6 +410,7 @@ impl ClientSession {
                     self.ext = parse_extensions(&r);
                     self.after_hello();
                 } else if r.code == 421 || r.is_transient() {
+                    self.refusal = Some(r.clone());
                     self.abandon(RcptResult::Transient(format!("EHLO: {r}")));
                 } else {
                     // RFC 5321 §3.2: fall back to HELO.
@@ -372,6 +422,7 @@ impl ClientSession {
                     self.ext = Extensions::default();
                     self.after_hello();
                 } else {
+                    self.refusal = Some(r.clone());
                     self.abandon(RcptResult::Transient(format!("HELO: {r}")));
                 }
             }
@@ -380,6 +431,7 @@ impl ClientSession {
                     self.tls_pending = true;
                 } else if self.tls_required {
                     self.tls_policy_failed = true;
+                    self.refusal = Some(r.clone());
                     self.abandon(RcptResult::Transient(format!(
                         "TLS required by policy, STARTTLS refused: {r}"
                     )));
@@ -541,6 +593,11 @@ impl ClientSession {
     }
 
     fn begin_transaction(&mut self) {
+        if self.setup_only {
+            self.ready = true;
+            self.done = true;
+            return;
+        }
         let env = &self.envelope;
         if env.smtputf8 && !self.ext.smtputf8 {
             // RFC 6531 §3.2: never downgrade silently.

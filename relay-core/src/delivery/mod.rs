@@ -6,6 +6,7 @@
 //! attempt) and the DSN to send, and never touches storage itself.
 
 pub use relay_proto::{client, dsn};
+pub mod channel;
 pub mod dane;
 pub mod etrn;
 pub mod mta_sts;

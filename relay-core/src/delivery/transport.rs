@@ -193,8 +193,6 @@ impl Stream {
     }
 }
 
-/// Delivers one message over one connection to `addr`.
-/// `tls`: try STARTTLS when offered.
 /// Where the messages of one session are read from, in the order of
 /// their envelopes.
 pub struct Bodies<'a> {
@@ -249,6 +247,8 @@ impl Bodies<'_> {
     }
 }
 
+/// Delivers `envelopes` over one connection to `addr`, one transaction
+/// each, with the TLS `hop_tls` asks for.
 pub async fn deliver(
     addr: SocketAddr,
     server_name: &str,
@@ -258,96 +258,227 @@ pub async fn deliver(
     envelopes: Vec<Envelope>,
     bodies: &Bodies<'_>,
 ) -> SessionReport {
-    let (mut client, tls) = match hop_tls {
-        HopTls::Off => (
-            ClientSession::with_messages(helo_name, false, envelopes),
-            None,
-        ),
-        HopTls::Opportunistic(c) => (
-            ClientSession::with_messages(helo_name, true, envelopes),
-            Some(c),
-        ),
-        HopTls::Required(c) => (
-            ClientSession::with_messages(helo_name, true, envelopes).require_tls(),
-            Some(c),
-        ),
-    };
-    let mut stream = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => Stream::Plain(s),
-        Ok(Err(e)) => {
-            client.connection_lost(&format!("connect to {addr}: {e}"));
-            return report(&client);
-        }
-        Err(_) => {
-            client.connection_lost(&format!("connect to {addr}: timed out"));
+    let (mut client, tls) = session_for(hop_tls, |try_tls| {
+        ClientSession::with_messages(helo_name, try_tls, envelopes)
+    });
+    let mut link = match Link::connect(addr, server_name, tls, timeouts).await {
+        Ok(link) => link,
+        Err(why) => {
+            client.connection_lost(&why);
             return report(&client);
         }
     };
-    if let Stream::Plain(s) = &stream {
-        let _ = s.set_nodelay(true);
-    }
-    let mut parser = ReplyParser::default();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match client.poll_next() {
-            Next::Send(bytes) => {
-                if !matches!(
-                    tokio::time::timeout(timeouts.command, stream.write_all(&bytes)).await,
-                    Ok(Ok(()))
-                ) {
-                    client.connection_lost(&format!(
-                        "{addr}: connection lost while sending a command"
-                    ));
-                }
-            }
-            Next::SendBody(n) => {
-                if let Err(why) = bodies.send(n, &mut stream, timeouts.data_block).await {
-                    client.connection_lost(&format!("{addr}: {why}"));
-                }
-            }
-            Next::ReadReply => {
-                let wait = if client.awaiting_final_reply() {
-                    timeouts.data_final
-                } else {
-                    timeouts.command
-                };
-                match read_reply(&mut stream, &mut parser, &mut buf, wait).await {
-                    Ok(r) => client.on_reply(r),
-                    Err(why) => client.connection_lost(&format!("{addr}: {why}")),
-                }
-            }
-            Next::StartTls => {
-                let Some(config) = tls else {
-                    client.tls_done(false);
-                    continue;
-                };
-                let tcp = match std::mem::replace(&mut stream, Stream::Gone) {
-                    Stream::Plain(tcp) => tcp,
-                    other => {
-                        stream = other;
-                        client.tls_done(false);
-                        continue;
-                    }
-                };
-                let name = ServerName::try_from(server_name.to_string())
-                    .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
-                let connector = tokio_rustls::TlsConnector::from(config.clone());
-                match tokio::time::timeout(timeouts.command, connector.connect(name, tcp)).await {
-                    Ok(Ok(s)) => {
-                        stream = Stream::Tls(Box::new(s));
-                        client.tls_done(true);
-                    }
-                    Ok(Err(e)) => {
-                        tracing::info!(event = "tls_handshake_failed", addr = %addr, error = %crate::error::Report(&e));
-                        client.tls_failed_because(&e.to_string());
-                    }
-                    Err(_) => client.tls_failed_because("timed out"),
-                }
-            }
-            Next::Done => break,
-        }
-    }
+    link.drive(&mut client, Some(bodies)).await;
     report(&client)
+}
+
+/// The session `make` builds for `hop_tls` (`make` gets whether STARTTLS
+/// may be tried), required TLS applied, and the TLS configuration its
+/// handshake uses.
+fn session_for<'a>(
+    hop_tls: HopTls<'a>,
+    make: impl FnOnce(bool) -> ClientSession,
+) -> (ClientSession, Option<&'a Arc<rustls::ClientConfig>>) {
+    match hop_tls {
+        HopTls::Off => (make(false), None),
+        HopTls::Opportunistic(c) => (make(true), Some(c)),
+        HopTls::Required(c) => (make(true).require_tls(), Some(c)),
+    }
+}
+
+/// A connection to a next hop, driven by a [`ClientSession`].
+struct Link<'a> {
+    addr: SocketAddr,
+    server_name: &'a str,
+    tls: Option<&'a Arc<rustls::ClientConfig>>,
+    timeouts: &'a Timeouts,
+    stream: Stream,
+    parser: ReplyParser,
+    buf: Vec<u8>,
+}
+
+impl<'a> Link<'a> {
+    async fn connect(
+        addr: SocketAddr,
+        server_name: &'a str,
+        tls: Option<&'a Arc<rustls::ClientConfig>>,
+        timeouts: &'a Timeouts,
+    ) -> Result<Link<'a>, String> {
+        let tcp = match tokio::time::timeout(timeouts.connect, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(format!("connect to {addr}: {e}")),
+            Err(_) => return Err(format!("connect to {addr}: timed out")),
+        };
+        let _ = tcp.set_nodelay(true);
+        Ok(Link {
+            addr,
+            server_name,
+            tls,
+            timeouts,
+            stream: Stream::Plain(tcp),
+            parser: ReplyParser::default(),
+            buf: vec![0u8; 16 * 1024],
+        })
+    }
+
+    /// Runs `client` until it is done. A session that sends bodies needs
+    /// `bodies`.
+    async fn drive(&mut self, client: &mut ClientSession, bodies: Option<&Bodies<'_>>) {
+        let (addr, timeouts) = (self.addr, self.timeouts);
+        loop {
+            match client.poll_next() {
+                Next::Send(bytes) => {
+                    if !matches!(
+                        tokio::time::timeout(timeouts.command, self.stream.write_all(&bytes)).await,
+                        Ok(Ok(()))
+                    ) {
+                        client.connection_lost(&format!(
+                            "{addr}: connection lost while sending a command"
+                        ));
+                    }
+                }
+                Next::SendBody(n) => {
+                    let sent = match bodies {
+                        Some(bodies) => bodies.send(n, &mut self.stream, timeouts.data_block).await,
+                        None => Err("no message to send in this session".to_string()),
+                    };
+                    if let Err(why) = sent {
+                        client.connection_lost(&format!("{addr}: {why}"));
+                    }
+                }
+                Next::ReadReply => {
+                    let wait = if client.awaiting_final_reply() {
+                        timeouts.data_final
+                    } else {
+                        timeouts.command
+                    };
+                    match read_reply(&mut self.stream, &mut self.parser, &mut self.buf, wait).await
+                    {
+                        Ok(r) => client.on_reply(r),
+                        Err(why) => client.connection_lost(&format!("{addr}: {why}")),
+                    }
+                }
+                Next::StartTls => self.start_tls(client).await,
+                Next::Done => break,
+            }
+        }
+    }
+
+    async fn start_tls(&mut self, client: &mut ClientSession) {
+        let Some(config) = self.tls else {
+            client.tls_done(false);
+            return;
+        };
+        let tcp = match std::mem::replace(&mut self.stream, Stream::Gone) {
+            Stream::Plain(tcp) => tcp,
+            other => {
+                self.stream = other;
+                client.tls_done(false);
+                return;
+            }
+        };
+        let addr = self.addr;
+        let name = ServerName::try_from(self.server_name.to_string())
+            .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
+        match tokio::time::timeout(self.timeouts.command, connector.connect(name, tcp)).await {
+            Ok(Ok(s)) => {
+                self.stream = Stream::Tls(Box::new(s));
+                client.tls_done(true);
+            }
+            Ok(Err(e)) => {
+                tracing::info!(event = "tls_handshake_failed", addr = %addr, error = %crate::error::Report(&e));
+                client.tls_failed_because(&e.to_string());
+            }
+            Err(_) => client.tls_failed_because("timed out"),
+        }
+    }
+}
+
+/// A connection to a next hop that is set up (greeting, EHLO, STARTTLS as
+/// the hop's TLS asks) and left to its owner for commands of its own:
+/// recipient callouts ask the primary under the same TLS rules as the
+/// mail that follows them.
+pub struct Channel {
+    stream: Stream,
+    parser: ReplyParser,
+    buf: Vec<u8>,
+    wait: Duration,
+    tls: bool,
+}
+
+/// Why a [`Channel`] could not be set up.
+#[derive(Debug)]
+pub struct SetupFailure {
+    /// For the log: the last thing that went wrong.
+    pub why: String,
+    /// The server's reply that ended it (a refused greeting or EHLO).
+    pub refusal: Option<super::client::Response>,
+    /// TLS was required and could not be had: the server answers.
+    pub tls_policy_failed: bool,
+    /// An opportunistic STARTTLS handshake failed: a new connection in
+    /// the clear may work.
+    pub tls_failed: bool,
+}
+
+impl Channel {
+    /// Connects to `addr` and sets the connection up as `hop_tls` asks.
+    pub async fn open(
+        addr: SocketAddr,
+        server_name: &str,
+        helo_name: &str,
+        hop_tls: HopTls<'_>,
+        timeouts: &Timeouts,
+    ) -> Result<Channel, SetupFailure> {
+        let (mut client, tls) = session_for(hop_tls, |try_tls| {
+            ClientSession::setup_only(helo_name, try_tls)
+        });
+        let mut link = Link::connect(addr, server_name, tls, timeouts)
+            .await
+            .map_err(|why| SetupFailure {
+                why,
+                refusal: None,
+                tls_policy_failed: false,
+                tls_failed: false,
+            })?;
+        link.drive(&mut client, None).await;
+        if !client.ready() {
+            return Err(SetupFailure {
+                why: client
+                    .why_ended()
+                    .unwrap_or_else(|| format!("{addr}: the session ended")),
+                refusal: client.refusal().cloned(),
+                tls_policy_failed: client.tls_policy_failed(),
+                tls_failed: client.tls_failed(),
+            });
+        }
+        Ok(Channel {
+            stream: link.stream,
+            parser: link.parser,
+            buf: vec![0u8; 2048],
+            wait: timeouts.command,
+            tls: client.tls_active(),
+        })
+    }
+
+    /// Whether the connection runs TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Sends one command line and reads its reply.
+    pub async fn command(&mut self, line: &str) -> Result<super::client::Response, String> {
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        if !matches!(
+            tokio::time::timeout(self.wait, self.stream.write_all(&bytes)).await,
+            Ok(Ok(()))
+        ) {
+            return Err("connection lost while sending a command".into());
+        }
+        read_reply(&mut self.stream, &mut self.parser, &mut self.buf, self.wait).await
+    }
 }
 
 fn report(client: &ClientSession) -> SessionReport {

@@ -605,3 +605,114 @@ fn a_server_with_no_extensions_gets_plain_rfc_5321() {
         ]
     );
 }
+
+#[test]
+fn a_setup_only_session_hands_over_the_connection_after_tls_and_the_second_ehlo() {
+    let mut c = ClientSession::setup_only("mx2.test", true).require_tls();
+    let sent = run(
+        &mut c,
+        &[
+            "220 mx.test\r\n",
+            "250-mx.test\r\n250 STARTTLS\r\n",
+            "220 go ahead\r\n",
+            "250-mx.test\r\n250 PIPELINING\r\n",
+        ],
+    );
+    assert_eq!(
+        sent, "EHLO mx2.test\r\nSTARTTLS\r\n<TLS>\r\nEHLO mx2.test\r\n",
+        "no MAIL, no QUIT: the connection is the driver's"
+    );
+    assert!(c.ready() && c.tls_active());
+    assert_eq!(c.refusal(), None);
+    assert_eq!(c.why_ended(), None);
+}
+
+#[test]
+fn a_setup_only_session_in_the_clear_when_tls_is_only_opportunistic() {
+    let mut c = ClientSession::setup_only("mx2.test", true);
+    let sent = run(&mut c, &["220 mx.test\r\n", "250 mx.test\r\n"]);
+    assert_eq!(sent, "EHLO mx2.test\r\n");
+    assert!(c.ready() && !c.tls_active());
+    // STARTTLS offered but refused: still the driver's, in the clear.
+    let mut c = ClientSession::setup_only("mx2.test", true);
+    run(
+        &mut c,
+        &[
+            "220 mx.test\r\n",
+            "250-mx.test\r\n250 STARTTLS\r\n",
+            "454 4.7.0 TLS not available\r\n",
+        ],
+    );
+    assert!(c.ready() && !c.tls_active());
+}
+
+#[test]
+fn a_setup_only_session_is_not_handed_over_when_tls_is_required_and_missing() {
+    let mut c = ClientSession::setup_only("mx2.test", true).require_tls();
+    let sent = run(
+        &mut c,
+        &["220 mx.test\r\n", "250 mx.test\r\n", "221 bye\r\n"],
+    );
+    assert_eq!(sent, "EHLO mx2.test\r\nQUIT\r\n");
+    assert!(!c.ready() && c.tls_policy_failed());
+    assert!(c
+        .why_ended()
+        .is_some_and(|w| w.contains("does not offer STARTTLS")));
+
+    let mut c = ClientSession::setup_only("mx2.test", true).require_tls();
+    run(
+        &mut c,
+        &[
+            "220 mx.test\r\n",
+            "250-mx.test\r\n250 STARTTLS\r\n",
+            "454 4.7.0 TLS not available\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert!(!c.ready() && c.tls_policy_failed());
+    assert_eq!(c.refusal().map(|r| r.code), Some(454));
+
+    // A handshake that fails (a certificate that does not verify).
+    let mut c = ClientSession::setup_only("mx2.test", true).require_tls();
+    for r in [
+        "220 mx.test\r\n",
+        "250-mx.test\r\n250 STARTTLS\r\n",
+        "220 go\r\n",
+    ] {
+        while let Next::Send(_) = c.poll_next() {}
+        c.on_reply(reply(r));
+    }
+    assert_eq!(c.poll_next(), Next::StartTls);
+    c.tls_failed_because("invalid peer certificate");
+    assert_eq!(c.poll_next(), Next::Done);
+    assert!(!c.ready() && c.tls_policy_failed());
+    assert!(c
+        .why_ended()
+        .is_some_and(|w| w.contains("invalid peer certificate")));
+}
+
+#[test]
+fn a_setup_only_session_keeps_the_refusal_that_ended_it() {
+    let mut c = ClientSession::setup_only("mx2.test", false);
+    run(
+        &mut c,
+        &["554 5.7.1 no callouts from you\r\n", "221 bye\r\n"],
+    );
+    assert!(!c.ready());
+    assert_eq!(c.refusal().map(|r| r.code), Some(554));
+    let mut c = ClientSession::setup_only("mx2.test", false);
+    run(&mut c, &["220 mx.test\r\n", "421 4.3.2 busy\r\n"]);
+    assert_eq!(c.refusal().map(|r| r.code), Some(421));
+    // EHLO refused for good: HELO, and then the driver's.
+    let mut c = ClientSession::setup_only("mx2.test", false);
+    let sent = run(
+        &mut c,
+        &[
+            "220 mx.test\r\n",
+            "502 5.5.1 no EHLO\r\n",
+            "250 mx.test\r\n",
+        ],
+    );
+    assert_eq!(sent, "EHLO mx2.test\r\nHELO mx2.test\r\n");
+    assert!(c.ready());
+}

@@ -1,0 +1,84 @@
+//! A command channel to a domain's next hop, set up under the same TLS
+//! rules as its mail: the domain's `tls` policy raised by MTA-STS and
+//! DANE. Recipient callouts use it, so a domain whose mail may only go
+//! over authenticated TLS never has its recipients asked about in the
+//! clear (nor its answers forged by whoever sits on the path).
+
+use crate::address::DomainName;
+use crate::time::unix_seconds;
+
+use super::client::Response;
+use super::transport::{Channel, HopTls};
+use super::{Engine, HopPlan};
+
+/// Why no channel to a domain's next hop could be opened.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChannelError {
+    /// A next hop answered, but refused to talk (greeting or EHLO).
+    Refused(Response),
+    /// A next hop answered, but the TLS its policy requires could not be
+    /// had (no STARTTLS, a certificate that does not verify, no host the
+    /// MTA-STS policy names).
+    TlsPolicy(String),
+    /// No next hop could be reached (or none is known).
+    Unreachable(String),
+}
+
+impl Engine {
+    /// Opens a channel to `domain`'s next hops in delivery order, each
+    /// with the TLS its plan asks for. As deliveries do, an opportunistic
+    /// handshake that fails is retried in the clear.
+    pub async fn open_channel(&self, domain: &DomainName) -> Result<Channel, ChannelError> {
+        let (record, targets) = self
+            .route_for(domain)
+            .await
+            .map_err(|e| ChannelError::Unreachable(format!("no route: {e}")))?;
+        let now = unix_seconds(std::time::SystemTime::now());
+        let plans = self
+            .hop_plans(domain, record.as_ref(), targets, now)
+            .await
+            .map_err(ChannelError::TlsPolicy)?;
+        let helo = &self.cfg.me.hostname;
+        let mut failure = ChannelError::Unreachable("no address to connect to".into());
+        for (target, plan) in &plans {
+            // MTA-STS testing: the domain's own policy when the verified
+            // connection fails (reported, as for its mail).
+            let fallback = plan.testing_fallback.map(|tls| HopPlan {
+                tls,
+                source: "domain",
+                testing_fallback: None,
+                dane: None,
+            });
+            for addr in &target.addrs {
+                let open = |tls| Channel::open(*addr, &target.host, helo, tls, &self.cfg.timeouts);
+                let mut attempt = open(self.hop_tls(plan)).await;
+                if let (Err(f), Some(fallback)) = (&attempt, &fallback) {
+                    if f.tls_policy_failed {
+                        tracing::warn!(event = "mta_sts_testing_failure", domain = %domain, host = %target.host, addr = %addr, error = %f.why);
+                        attempt = open(self.hop_tls(fallback)).await;
+                    }
+                }
+                if let Err(f) = &attempt {
+                    if f.tls_failed && !f.tls_policy_failed {
+                        attempt = open(HopTls::Off).await;
+                    }
+                }
+                match attempt {
+                    Ok(channel) => return Ok(channel),
+                    Err(f) if f.tls_policy_failed => {
+                        tracing::warn!(event = "tls_policy_failed", domain = %domain, host = %target.host, addr = %addr, purpose = "callout", error = %f.why);
+                        failure = ChannelError::TlsPolicy(f.why);
+                    }
+                    Err(f) => match f.refusal {
+                        Some(r) => return Err(ChannelError::Refused(r)),
+                        // A hop that answered without meeting the policy
+                        // says more than one that did not answer.
+                        None if matches!(failure, ChannelError::TlsPolicy(_)) => {}
+                        None => failure = ChannelError::Unreachable(f.why),
+                    },
+                }
+            }
+        }
+        Err(failure)
+    }
+}
