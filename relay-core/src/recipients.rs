@@ -18,14 +18,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 use crate::address::{DomainName, Mailbox};
-use crate::delivery::client::{ReplyParser, Response};
+use crate::delivery::channel::ChannelError;
+use crate::delivery::transport::Channel;
 use crate::delivery::Engine;
-use crate::domain::{Domain, RecipientVerify};
+use crate::domain::{Domain, RecipientVerify, TlsPolicy};
 use crate::smtp::Reply;
 use crate::store::RecipientCache;
 use crate::sync::Mutex;
@@ -113,25 +112,13 @@ pub async fn learn(
     }
 }
 
-/// One open callout connection, after its EHLO.
-struct CalloutConn {
-    stream: TcpStream,
-    parser: ReplyParser,
-}
+/// One open callout connection, after its EHLO (and STARTTLS, as the
+/// domain's TLS policy asks).
+type CalloutConn = Channel;
 
-impl CalloutConn {
-    async fn reply(&mut self) -> Result<Response, String> {
-        crate::delivery::probe::read_reply(&mut self.stream, &mut self.parser).await
-    }
-
-    async fn command(&mut self, line: &str) -> Result<Response, String> {
-        self.stream
-            .write_all(format!("{line}\r\n").as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        self.reply().await
-    }
-}
+/// A kept callout connection: since when, and the TLS policy it was
+/// opened under.
+type IdleCallout = (CalloutConn, Instant, TlsPolicy);
 
 /// Checks recipients against the primary and the cache; shared by every
 /// session of a process.
@@ -140,7 +127,9 @@ pub struct RecipientVerifier {
     engine: Arc<Engine>,
     settings: VerifySettings,
     slots: Mutex<HashMap<DomainName, Arc<Semaphore>>>,
-    idle: Mutex<HashMap<DomainName, Vec<(CalloutConn, Instant)>>>,
+    /// Kept connections, with the TLS policy they were opened under: a
+    /// policy raised since then must not be met by an old connection.
+    idle: Mutex<HashMap<DomainName, Vec<IdleCallout>>>,
     /// One defer-mode probe per domain at a time; the others wait for its
     /// answer instead of probing too.
     probes: Mutex<HashMap<DomainName, Arc<tokio::sync::Mutex<()>>>>,
@@ -212,7 +201,7 @@ impl RecipientVerifier {
         }
         let outcome = match tokio::time::timeout(
             self.settings.timeout,
-            self.callout(&domain.name, &rcpt.to_string()),
+            self.callout(domain, &rcpt.to_string()),
         )
         .await
         {
@@ -300,7 +289,8 @@ impl RecipientVerifier {
 
     /// One callout: a slot for the domain, a connection (reused when one
     /// is idle), `MAIL FROM:<>`, `RCPT TO:<address>`, `RSET`.
-    async fn callout(&self, domain: &DomainName, address: &str) -> CalloutOutcome {
+    async fn callout(&self, record: &Domain, address: &str) -> CalloutOutcome {
+        let (domain, policy) = (&record.name, record.tls);
         let slot = self
             .slots
             .lock()
@@ -310,10 +300,10 @@ impl RecipientVerifier {
         let Ok(_permit) = slot.acquire_owned().await else {
             return CalloutOutcome::PrimaryDown("no callout slot".into());
         };
-        if let Some(conn) = self.take_idle(domain) {
+        if let Some(conn) = self.take_idle(domain, policy) {
             // A kept connection the primary may have closed meanwhile: on
             // any failure, one more try on a new connection.
-            if let Some(outcome) = self.ask(conn, domain, address).await {
+            if let Some(outcome) = self.ask(conn, domain, policy, address).await {
                 return outcome;
             }
         }
@@ -321,7 +311,7 @@ impl RecipientVerifier {
             Ok(c) => c,
             Err(outcome) => return outcome,
         };
-        self.ask(conn, domain, address)
+        self.ask(conn, domain, policy, address)
             .await
             .unwrap_or_else(|| CalloutOutcome::PrimaryDown("connection lost".into()))
     }
@@ -332,6 +322,7 @@ impl RecipientVerifier {
         &self,
         mut conn: CalloutConn,
         domain: &DomainName,
+        policy: TlsPolicy,
         address: &str,
     ) -> Option<CalloutOutcome> {
         let mail = conn.command("MAIL FROM:<>").await.ok()?;
@@ -342,69 +333,42 @@ impl RecipientVerifier {
         let rcpt = conn.command(&format!("RCPT TO:<{address}>")).await.ok()?;
         let outcome = classify_rcpt(&rcpt);
         match conn.command("RSET").await {
-            Ok(r) if r.is_success() => self.keep_idle(domain, conn),
+            Ok(r) if r.is_success() => self.keep_idle(domain, policy, conn),
             _ => {}
         }
         Some(outcome)
     }
 
+    /// A new connection to the primary, under the domain's TLS policy: a
+    /// primary that cannot meet it is not asked (the recipient is taken,
+    /// as for any callout that cannot conclude).
     async fn connect(&self, domain: &DomainName) -> Result<CalloutConn, CalloutOutcome> {
-        let targets = self
-            .engine
-            .targets_for(domain)
-            .await
-            .map_err(|e| CalloutOutcome::PrimaryDown(format!("no route: {e}")))?;
-        let mut why = String::from("no address to connect to");
-        for addr in targets.into_iter().flat_map(|t| t.addrs) {
-            let stream = match TcpStream::connect(addr).await {
-                Ok(s) => s,
-                Err(e) => {
-                    why = format!("{addr}: {e}");
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let mut conn = CalloutConn {
-                stream,
-                parser: ReplyParser::default(),
-            };
-            let greeting = conn
-                .reply()
-                .await
-                .map_err(|e| CalloutOutcome::PrimaryDown(format!("{addr}: no greeting: {e}")))?;
-            if greeting.code != 220 {
-                return Err(classify_setup(&greeting));
-            }
-            let hostname = &self.engine.config().me.hostname;
-            let ehlo = conn
-                .command(&format!("EHLO {hostname}"))
-                .await
-                .map_err(|e| CalloutOutcome::PrimaryDown(format!("{addr}: {e}")))?;
-            if !ehlo.is_success() {
-                return Err(classify_setup(&ehlo));
-            }
-            return Ok(conn);
-        }
-        Err(CalloutOutcome::PrimaryDown(why))
+        self.engine.open_channel(domain).await.map_err(|e| match e {
+            ChannelError::Refused(reply) => classify_setup(&reply),
+            ChannelError::TlsPolicy(why) => CalloutOutcome::Inconclusive(format!(
+                "not asked: the domain's TLS policy cannot be met: {why}"
+            )),
+            ChannelError::Unreachable(why) => CalloutOutcome::PrimaryDown(why),
+        })
     }
 
-    fn take_idle(&self, domain: &DomainName) -> Option<CalloutConn> {
+    fn take_idle(&self, domain: &DomainName, policy: TlsPolicy) -> Option<CalloutConn> {
         let mut idle = self.idle.lock();
         let list = idle.get_mut(domain)?;
-        while let Some((conn, since)) = list.pop() {
-            if since.elapsed() < IDLE_CALLOUT {
+        while let Some((conn, since, opened_under)) = list.pop() {
+            if since.elapsed() < IDLE_CALLOUT && opened_under == policy {
                 return Some(conn);
             }
         }
         None
     }
 
-    fn keep_idle(&self, domain: &DomainName, conn: CalloutConn) {
+    fn keep_idle(&self, domain: &DomainName, policy: TlsPolicy, conn: CalloutConn) {
         let mut idle = self.idle.lock();
         let list = idle.entry(domain.clone()).or_default();
-        list.retain(|(_, since)| since.elapsed() < IDLE_CALLOUT);
+        list.retain(|(_, since, _)| since.elapsed() < IDLE_CALLOUT);
         if list.len() < self.settings.concurrency.max(1) {
-            list.push((conn, Instant::now()));
+            list.push((conn, Instant::now(), policy));
         }
     }
 }

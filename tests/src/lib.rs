@@ -725,11 +725,13 @@ pub fn retry_fn_bin() -> PathBuf {
 }
 
 /// A TCP forwarder on loopback that can be switched off to play a network
-/// outage between a process and a real server (the AWS emulator).
+/// outage between a process and a real server (the AWS emulator), and
+/// that keeps what clients sent: the wire as an eavesdropper sees it.
 pub struct TcpProxy {
     pub addr: SocketAddr,
     down: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wire: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl TcpProxy {
@@ -741,7 +743,8 @@ impl TcpProxy {
         let addr = listener.local_addr().expect("addr");
         let down = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (d, st) = (down.clone(), stop.clone());
+        let wire = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, st, w) = (down.clone(), stop.clone(), wire.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
                 let Ok((client, _)) = listener.accept() else {
@@ -756,14 +759,18 @@ impl TcpProxy {
                 let Ok(server) = TcpStream::connect(upstream) else {
                     continue;
                 };
-                for (mut from, mut to) in [
+                for (direction, (mut from, mut to)) in [
                     (
                         client.try_clone().expect("clone"),
                         server.try_clone().expect("clone"),
                     ),
                     (server, client),
-                ] {
+                ]
+                .into_iter()
+                .enumerate()
+                {
                     let d = d.clone();
+                    let kept = (direction == 0).then(|| w.clone());
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16 * 1024];
                         let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
@@ -779,6 +786,9 @@ impl TcpProxy {
                                     return;
                                 }
                                 Ok(n) => {
+                                    if let Some(kept) = &kept {
+                                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                                    }
                                     if to.write_all(&buf[..n]).is_err() {
                                         return;
                                     }
@@ -796,7 +806,17 @@ impl TcpProxy {
                 }
             }
         });
-        TcpProxy { addr, down, stop }
+        TcpProxy {
+            addr,
+            down,
+            stop,
+            wire,
+        }
+    }
+
+    /// Every byte clients sent through the proxy so far.
+    pub fn client_bytes(&self) -> Vec<u8> {
+        self.wire.lock().unwrap().clone()
     }
 
     pub fn set_down(&self, down: bool) {
