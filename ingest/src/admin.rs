@@ -452,8 +452,9 @@ pub(crate) async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> a
             let domain = domain.as_deref().map(parse_domain).transpose()?;
             let entries = admin.queue_list(domain.as_ref()).await?;
             if json {
-                let list: Vec<_> = entries.iter().map(entry_json).collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                relay_core::admin::write_entries_json(&entries, &mut out)?;
+                std::io::Write::flush(&mut out)?;
             } else {
                 for e in &entries {
                     println!(

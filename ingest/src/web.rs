@@ -371,13 +371,9 @@ async fn pages(web: &Web, method: &Method, segs: &[&str], query: &str) -> Reply 
                 Ok(n) => n,
                 Err(e) => return failed(e),
             };
-            match web.admin.domain_status(&name, now).await {
-                Ok((status, entries)) => {
-                    let q = param(query, "q").unwrap_or_default();
-                    let shown: Vec<_> = entries
-                        .iter()
-                        .filter(|e| relay_core::admin::matches_search(e, &q))
-                        .collect();
+            let q = param(query, "q").unwrap_or_default();
+            match web.admin.domain_status(&name, &q, now).await {
+                Ok((status, queue)) => {
                     let flash = match (param(query, "done").as_deref(), param(query, "n")) {
                         (Some("flush"), Some(n)) | (Some("release"), Some(n)) => Some(format!(
                             "{} message(s) released for delivery.",
@@ -393,7 +389,7 @@ async fn pages(web: &Web, method: &Method, segs: &[&str], query: &str) -> Reply 
                         StatusCode::OK,
                         page::domain_page(
                             &status,
-                            &shown,
+                            &queue,
                             &q,
                             flash.as_deref(),
                             &web.hostname,
@@ -549,12 +545,17 @@ async fn api(
             let domain = try_op!(domain_param());
             let entries = try_op!(admin.queue_list(domain.as_ref()).await);
             let q = param(query, "q").unwrap_or_default();
-            let list: Vec<_> = entries
-                .iter()
-                .filter(|e| relay_core::admin::matches_search(e, &q))
-                .map(relay_core::admin::entry_json)
-                .collect();
-            json_reply(StatusCode::OK, &json!(list))
+            let mut body = Vec::new();
+            let listed = relay_core::admin::write_entries_json(
+                entries
+                    .iter()
+                    .filter(|e| relay_core::admin::matches_search(e, &q)),
+                &mut body,
+            );
+            match listed {
+                Ok(()) => respond(StatusCode::OK, "application/json", body),
+                Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e),
+            }
         }
         (&Method::POST, ["api", "queue", "flush"]) => {
             let domain = try_op!(domain_param());

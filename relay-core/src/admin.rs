@@ -158,15 +158,90 @@ pub struct DomainStatus {
     pub cache: Option<CacheCounts>,
 }
 
+/// What the status keeps of a queue while scanning it: counts and the
+/// two fields it shows, never the entries.
+#[derive(Debug, Default)]
+struct QueueSummary {
+    queued: usize,
+    oldest_received: Option<u64>,
+    /// The error of the entry with the latest (next attempt, attempts).
+    last_error: Option<((u64, u32), String)>,
+}
+
+impl QueueSummary {
+    fn add(&mut self, e: &QueueEntry) {
+        self.note(1, Some(e.received_at));
+        if let Some(error) = &e.last_error {
+            self.note_error((e.next_attempt, e.attempts), || error.clone());
+        }
+    }
+
+    fn merge(&mut self, other: QueueSummary) {
+        self.note(other.queued, other.oldest_received);
+        if let Some((key, error)) = other.last_error {
+            self.note_error(key, || error);
+        }
+    }
+
+    fn note(&mut self, queued: usize, received: Option<u64>) {
+        self.queued += queued;
+        self.oldest_received = match (self.oldest_received, received) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    fn note_error(&mut self, key: (u64, u32), error: impl FnOnce() -> String) {
+        if self.last_error.as_ref().is_none_or(|(k, _)| key > *k) {
+            self.last_error = Some((key, error()));
+        }
+    }
+}
+
+/// The messages of a domain page: how many match its search, and the
+/// oldest [`page::PAGE_ROWS`] of them, oldest first.
+#[derive(Debug, Default)]
+pub struct QueuePage {
+    /// Queued messages matching the search.
+    pub matching: usize,
+    /// The oldest of them, oldest first.
+    pub shown: Vec<QueueEntry>,
+}
+
+/// A queue entry ordered by age, for keeping the oldest few of a scan.
+struct ByAge(QueueEntry);
+
+impl ByAge {
+    fn key(&self) -> (u64, &QueueId) {
+        (self.0.received_at, &self.0.id)
+    }
+}
+
+impl PartialEq for ByAge {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for ByAge {}
+
+impl PartialOrd for ByAge {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ByAge {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
 impl DomainStatus {
-    fn summarise(&mut self, entries: &[&QueueEntry]) {
-        self.queued = entries.len();
-        self.oldest_received = entries.iter().map(|e| e.received_at).min();
-        self.last_error = entries
-            .iter()
-            .filter(|e| e.last_error.is_some())
-            .max_by_key(|e| (e.next_attempt, e.attempts))
-            .and_then(|e| e.last_error.clone());
+    fn summarise(&mut self, summary: QueueSummary) {
+        self.queued = summary.queued;
+        self.oldest_received = summary.oldest_received;
+        self.last_error = summary.last_error.map(|(_, e)| e);
     }
 
     /// The `/api/status` object of one domain.
@@ -270,12 +345,11 @@ impl Admin {
             .primary_state(name)
             .await
             .map_err(AdminError::store("cannot read the primary's state"))?;
-        let queued = self
-            .queue
-            .list(Some(name))
+        let mut queued = 0;
+        self.queue
+            .scan(Some(name), &mut |_| queued += 1)
             .await
-            .map_err(AdminError::store("cannot list the domain's queued mail"))?
-            .len();
+            .map_err(AdminError::store("cannot list the domain's queued mail"))?;
         Ok(DomainView {
             domain,
             primary_state,
@@ -451,7 +525,7 @@ impl Admin {
     async fn status_of(
         &self,
         d: Domain,
-        entries: &[&QueueEntry],
+        summary: QueueSummary,
         now: u64,
     ) -> Result<DomainStatus, AdminError> {
         let primary_state = self
@@ -484,38 +558,66 @@ impl Admin {
             last_error: None,
             cache,
         };
-        s.summarise(entries);
+        s.summarise(summary);
         Ok(s)
     }
 
-    /// One hosted domain's state, and its queued messages oldest first.
+    /// One hosted domain's state, and its queued messages that match
+    /// `query` ([`matches_search`]): how many, and the oldest
+    /// [`page::PAGE_ROWS`]. One scan, holding no more than those.
     pub async fn domain_status(
         &self,
         name: &DomainName,
+        query: &str,
         now: u64,
-    ) -> Result<(DomainStatus, Vec<QueueEntry>), AdminError> {
+    ) -> Result<(DomainStatus, QueuePage), AdminError> {
         let d = self.domain(name).await?;
-        let entries = self.queue_list(Some(name)).await?;
-        let refs: Vec<&QueueEntry> = entries.iter().collect();
-        let status = self.status_of(d, &refs, now).await?;
-        Ok((status, entries))
+        let mut summary = QueueSummary::default();
+        let mut matching = 0;
+        let mut oldest = std::collections::BinaryHeap::with_capacity(page::PAGE_ROWS + 1);
+        self.queue
+            .scan(Some(name), &mut |e| {
+                summary.add(&e);
+                if !matches_search(&e, query) {
+                    return;
+                }
+                matching += 1;
+                // A max-heap of the oldest seen: the youngest of them is
+                // on top, and goes when an older one comes.
+                oldest.push(ByAge(e));
+                if oldest.len() > page::PAGE_ROWS {
+                    oldest.pop();
+                }
+            })
+            .await
+            .map_err(AdminError::store("cannot list the queue"))?;
+        let status = self.status_of(d, summary, now).await?;
+        let shown = oldest.into_sorted_vec().into_iter().map(|e| e.0).collect();
+        Ok((status, QueuePage { matching, shown }))
     }
 
     /// Every hosted domain's state and queue, and the rest of the queue.
     pub async fn status(&self, now: u64) -> Result<Status, AdminError> {
         let mut domains = self.domains().await?;
         domains.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
-        let entries = self.queue_list(None).await?;
-        let mut by_domain: HashMap<&str, Vec<&QueueEntry>> = HashMap::new();
-        for e in &entries {
-            by_domain.entry(e.domain.as_str()).or_default().push(e);
-        }
+        let mut by_domain: HashMap<DomainName, QueueSummary> = HashMap::new();
+        self.queue
+            .scan(None, &mut |e| match by_domain.get_mut(&e.domain) {
+                Some(summary) => summary.add(&e),
+                None => by_domain.entry(e.domain.clone()).or_default().add(&e),
+            })
+            .await
+            .map_err(AdminError::store("cannot list the queue"))?;
         let mut out = Vec::with_capacity(domains.len());
         for d in domains {
-            let mine = by_domain.remove(d.name.as_str()).unwrap_or_default();
-            out.push(self.status_of(d, &mine, now).await?);
+            let mine = by_domain.remove(&d.name).unwrap_or_default();
+            out.push(self.status_of(d, mine, now).await?);
         }
-        let rest: Vec<&QueueEntry> = by_domain.into_values().flatten().collect();
+        // Everything else (DSNs to senders, mail of removed domains) in one.
+        let mut rest = QueueSummary::default();
+        for s in by_domain.into_values() {
+            rest.merge(s);
+        }
         let mut other = DomainStatus {
             domain: None,
             primary_state: None,
@@ -524,7 +626,7 @@ impl Admin {
             last_error: None,
             cache: None,
         };
-        other.summarise(&rest);
+        other.summarise(rest);
         Ok(Status {
             domains: out,
             other,
@@ -544,6 +646,24 @@ fn status_name(s: &RecipientStatus) -> &'static str {
         RecipientStatus::Delivered => "delivered",
         RecipientStatus::Failed => "failed",
     }
+}
+
+/// Writes `entries` as the JSON array of `queue list --json` and
+/// `GET /api/queue`, one [`entry_json`] object per line: built one entry
+/// at a time, so a long queue is never in memory twice as a JSON tree.
+pub fn write_entries_json<'a>(
+    entries: impl IntoIterator<Item = &'a QueueEntry>,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<()> {
+    out.write_all(b"[")?;
+    let mut any = false;
+    for e in entries {
+        out.write_all(if any { b",\n" } else { b"\n" })?;
+        serde_json::to_writer(&mut *out, &entry_json(e))?;
+        any = true;
+    }
+    // An empty queue is `[]`, as it always was.
+    out.write_all(if any { b"\n]\n" } else { b"]\n" })
 }
 
 /// The `queue list --json` / `queue show` object of a queued message.
@@ -589,4 +709,73 @@ pub fn matches_search(e: &QueueEntry, query: &str) -> bool {
         || has(&e.sender)
         || e.recipients.iter().any(|r| has(&r.address))
         || e.last_error.as_deref().is_some_and(has)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::message;
+    use crate::store::local::LocalStore;
+    use crate::store::Spool;
+
+    /// The status and a domain page come from one scan of the queue: the
+    /// counts, the oldest arrival and the latest error are those of the
+    /// whole queue, and a page keeps the oldest `PAGE_ROWS` matches in
+    /// order, whatever order the store visits them in.
+    #[tokio::test]
+    async fn status_and_domain_pages_summarise_a_queue_longer_than_a_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let one = DomainName::parse("one.test").unwrap();
+        let hosted = Domain::from_parts("one.test", &[], None).unwrap();
+        DomainRegistry::put(store.as_ref(), &hosted).await.unwrap();
+        let admin = Admin::new(
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            None,
+        );
+        let n = page::PAGE_ROWS + 50;
+        for i in 0..n {
+            let ids = store.accept(message(&["a@one.test"])).await.unwrap();
+            let mut e = DeliveryQueue::get(store.as_ref(), &ids[0])
+                .await
+                .unwrap()
+                .unwrap();
+            // Arrival times in an order unlike the ids'.
+            e.received_at = 1_000 + (i as u64 * 97) % n as u64;
+            if i % 25 == 0 {
+                e.attempts = 1;
+                e.next_attempt = 5_000 + i as u64;
+                e.last_error = Some(format!("451 needle {i}"));
+            }
+            assert!(store.update(&e).await.unwrap());
+        }
+        for _ in 0..3 {
+            store.accept(message(&["x@elsewhere.test"])).await.unwrap();
+        }
+
+        let status = admin.status(9_000).await.unwrap();
+        assert_eq!(status.domains.len(), 1);
+        let d = &status.domains[0];
+        assert_eq!((d.queued, d.oldest_received), (n, Some(1_000)));
+        let latest = (0..n).step_by(25).next_back().unwrap();
+        assert_eq!(d.last_error, Some(format!("451 needle {latest}")));
+        assert_eq!(status.other.queued, 3);
+
+        let (s, page) = admin.domain_status(&one, "", 9_000).await.unwrap();
+        assert_eq!((s.queued, page.matching), (n, n));
+        let ages: Vec<u64> = page.shown.iter().map(|e| e.received_at).collect();
+        let oldest: Vec<u64> = (1_000..1_000 + page::PAGE_ROWS as u64).collect();
+        assert_eq!(ages, oldest, "the oldest, oldest first");
+
+        let (_, page) = admin.domain_status(&one, "NEEDLE", 9_000).await.unwrap();
+        assert_eq!(page.matching, n.div_ceil(25));
+        assert_eq!(page.shown.len(), page.matching);
+        assert!(page
+            .shown
+            .windows(2)
+            .all(|w| w[0].received_at < w[1].received_at));
+    }
 }

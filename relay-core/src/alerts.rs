@@ -226,18 +226,33 @@ impl QueueAgeWatch {
         now: u64,
     ) {
         use std::sync::atomic::Ordering;
-        let Ok(entries) = queue.list(None).await else {
+        // A scan keeps the oldest entry and a count, not the queue.
+        let mut queued = 0usize;
+        let mut oldest: Option<crate::queue::QueueEntry> = None;
+        let scanned = queue
+            .scan(None, &mut |e| {
+                queued += 1;
+                if oldest
+                    .as_ref()
+                    .is_none_or(|o| e.received_at < o.received_at)
+                {
+                    oldest = Some(e);
+                }
+            })
+            .await;
+        if scanned.is_err() {
             return;
-        };
-        let oldest = entries.iter().min_by_key(|e| e.received_at);
-        let age = oldest.map_or(0, |e| now.saturating_sub(e.received_at));
+        }
+        let age = oldest
+            .as_ref()
+            .map_or(0, |e| now.saturating_sub(e.received_at));
         if age > threshold.as_secs() {
             if !self.0.swap(true, Ordering::SeqCst) {
                 if let Some(e) = oldest {
                     alerter.send(
                         "queue_age",
                         Some(e.domain.as_str()),
-                        json!({ "oldest_queue_id": e.id.as_str(), "age_secs": age, "queued": entries.len() }),
+                        json!({ "oldest_queue_id": e.id.as_str(), "age_secs": age, "queued": queued }),
                     );
                 }
             }

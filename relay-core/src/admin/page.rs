@@ -5,8 +5,7 @@
 
 use std::fmt::Write as _;
 
-use super::{rfc3339, DomainStatus, Status};
-use crate::queue::QueueEntry;
+use super::{rfc3339, DomainStatus, QueuePage, Status};
 
 const STYLE: &str = r#"
 :root{--fg:#1d2330;--muted:#5b6478;--line:#d9dde6;--bg:#f6f7fa;--ok:#13795b;--bad:#b42318;--warn:#a15c07;--accent:#2952cc}
@@ -243,7 +242,7 @@ fn confirm_form(summary: &str, action: &str, question: &str, button: &str, dange
 /// [`PAGE_ROWS`] of the messages matching `query`).
 pub fn domain_page(
     s: &DomainStatus,
-    entries: &[&QueueEntry],
+    queue: &QueuePage,
     query: &str,
     flash: Option<&str>,
     hostname: &str,
@@ -334,17 +333,17 @@ pub fn domain_page(
 <button type=\"submit\">Search</button></form>",
         q = escape(query),
     );
-    let shown = entries.len().min(PAGE_ROWS);
+    let shown = queue.shown.len();
     let _ = write!(
         body,
         "<p class=\"muted\" id=\"matches\">{} message(s){}{}</p>",
-        entries.len(),
+        queue.matching,
         if query.trim().is_empty() {
             String::new()
         } else {
             format!(" matching “{}”", escape(query.trim()))
         },
-        if shown < entries.len() {
+        if shown < queue.matching {
             format!("; the first {shown} shown")
         } else {
             String::new()
@@ -354,7 +353,7 @@ pub fn domain_page(
         "<table id=\"queue\"><thead><tr><th>Id</th><th>Sender</th><th>Recipients</th><th>Size</th>\
 <th>Attempts</th><th>Next attempt</th><th>Last error</th><th></th></tr></thead><tbody>",
     );
-    for e in entries.iter().take(PAGE_ROWS) {
+    for e in &queue.shown {
         let id = escape(&e.id.to_string());
         let recipients: Vec<String> = e.pending_recipients().map(|r| escape(&r.address)).collect();
         let next = if e.next_attempt <= now {
@@ -389,7 +388,7 @@ pub fn domain_page(
             ),
         );
     }
-    if entries.is_empty() {
+    if queue.shown.is_empty() {
         body.push_str("<tr><td colspan=\"8\" class=\"muted\">Nothing queued.</td></tr>");
     }
     body.push_str("</tbody></table>");
@@ -500,7 +499,14 @@ mod tests {
     #[test]
     fn domain_page_offers_release_for_a_held_domain_and_escapes_the_query() {
         let s = status_of("example.org", 0, None);
-        let page = domain_page(&s, &[], "\"><img", Some("<done>"), "mx2", 4_000);
+        let page = domain_page(
+            &s,
+            &QueuePage::default(),
+            "\"><img",
+            Some("<done>"),
+            "mx2",
+            4_000,
+        );
         assert!(page.contains("action=\"/domain/example.org/release\""));
         assert!(!page.contains("/domain/example.org/flush"));
         assert!(page.contains("value=\"&quot;&gt;&lt;img\""));

@@ -92,6 +92,25 @@ pub(crate) async fn spool_contract(
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, ids[1]);
     assert_eq!(queue.list(None).await.unwrap().len(), 2);
+    // A scan visits what a listing lists, each once.
+    let mut seen = Vec::new();
+    queue.scan(None, &mut |e| seen.push(e.id)).await.unwrap();
+    seen.sort();
+    let mut listed: Vec<QueueId> = queue
+        .list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    listed.sort();
+    assert_eq!(seen, listed);
+    let mut seen = Vec::new();
+    queue
+        .scan(Some(&two), &mut |e| seen.push(e.id))
+        .await
+        .unwrap();
+    assert_eq!(seen, [ids[1].clone()]);
     assert!(queue.remove(&ids[0]).await.unwrap());
     assert!(!queue.remove(&ids[0]).await.unwrap());
     assert_eq!(queue.get(&ids[0]).await.unwrap(), None);

@@ -157,6 +157,23 @@ pub trait DeliveryQueue: Send + Sync {
     async fn get(&self, id: &QueueId) -> Result<Option<QueueEntry>, StoreError>;
     /// Oldest first, optionally for one domain.
     async fn list(&self, domain: Option<&DomainName>) -> Result<Vec<QueueEntry>, StoreError>;
+    /// Calls `visit` with every entry (of one domain, or all), in no set
+    /// order. Both backends read the queue a page at a time, so counts,
+    /// summaries and searches over a queue of a million messages hold a
+    /// page in memory, not the queue (this default, over [`list`], does
+    /// not: it is for test doubles).
+    ///
+    /// [`list`]: DeliveryQueue::list
+    async fn scan(
+        &self,
+        domain: Option<&DomainName>,
+        visit: &mut (dyn FnMut(QueueEntry) + Send),
+    ) -> Result<(), StoreError> {
+        for entry in self.list(domain).await? {
+            visit(entry);
+        }
+        Ok(())
+    }
     /// Returns whether the entry existed.
     async fn remove(&self, id: &QueueId) -> Result<bool, StoreError>;
     async fn depth(&self) -> Result<u64, StoreError>;

@@ -550,6 +550,18 @@ impl AwsStore {
     /// writer's own condition decides), or every record.
     async fn queue_items(&self, domain: Option<&DomainName>) -> Result<Vec<QueueItem>, StoreError> {
         let mut items = Vec::new();
+        self.visit_queue_items(domain, &mut |item| items.push(item))
+            .await?;
+        Ok(items)
+    }
+
+    /// [`AwsStore::queue_items`] a page (one query or scan answer) at a
+    /// time.
+    async fn visit_queue_items(
+        &self,
+        domain: Option<&DomainName>,
+        visit: &mut (dyn FnMut(QueueItem) + Send),
+    ) -> Result<(), StoreError> {
         let mut start = None;
         loop {
             let (page, next) = match domain {
@@ -581,11 +593,11 @@ impl AwsStore {
                 }
             };
             for item in page.iter().filter(|i| i.contains_key("record")) {
-                items.push(queue_item(item)?);
+                visit(queue_item(item)?);
             }
             match next {
                 Some(k) if !k.is_empty() => start = Some(k),
-                _ => return Ok(items),
+                _ => return Ok(()),
             }
         }
     }
@@ -634,6 +646,15 @@ impl DeliveryQueue for AwsStore {
             .collect();
         entries.sort_by(|a, b| (a.received_at, &a.id).cmp(&(b.received_at, &b.id)));
         Ok(entries)
+    }
+
+    async fn scan(
+        &self,
+        domain: Option<&DomainName>,
+        visit: &mut (dyn FnMut(QueueEntry) + Send),
+    ) -> Result<(), StoreError> {
+        self.visit_queue_items(domain, &mut |item| visit(item.entry))
+            .await
     }
 
     /// Deletes the record, then the body; a ticket still in flight finds
