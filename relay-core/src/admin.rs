@@ -17,7 +17,7 @@ use crate::domain::{Domain, Hold, HoldReason, RecipientVerify};
 use crate::queue::{QueueEntry, QueueId, RecipientStatus};
 use crate::store::{DeliveryQueue, DomainRegistry, MessageStore, RecipientCache, StoreError};
 use crate::time::from_unix_seconds;
-use crate::verify::{CachedRecipient, PrimaryState, Verdict};
+use crate::verify::{CachedRecipient, PrimaryState};
 
 /// Why an operation could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -534,19 +534,12 @@ impl Admin {
             .await
             .map_err(AdminError::store("cannot read the primary's state"))?;
         let cache = if d.recipient_verify == RecipientVerify::Callout {
-            let cached = self
+            let (valid, invalid) = self
                 .recipients
-                .recipients(&d.name, now)
+                .verdict_counts(&d.name, now)
                 .await
                 .map_err(AdminError::store("cannot read the recipient cache"))?;
-            let valid = cached
-                .iter()
-                .filter(|c| c.verdict == Verdict::Valid)
-                .count();
-            Some(CacheCounts {
-                valid,
-                invalid: cached.len() - valid,
-            })
+            Some(CacheCounts { valid, invalid })
         } else {
             None
         };

@@ -572,6 +572,10 @@ pub(crate) async fn recipient_cache_contract(store: &dyn RecipientCache) {
         .collect();
     assert_eq!(listed, ["a@one.test", "b@one.test"]);
     assert_eq!(store.recipients(&one, 3000).await.unwrap(), vec![valid]);
+    // Counted as listed: per domain, expired ones left out.
+    assert_eq!(store.verdict_counts(&one, 1000).await.unwrap(), (1, 1));
+    assert_eq!(store.verdict_counts(&one, 3000).await.unwrap(), (1, 0));
+    assert_eq!(store.verdict_counts(&two, 1000).await.unwrap(), (1, 0));
     // A newer verdict replaces the old one.
     let learnt = CachedRecipient {
         learnt: LearntFrom::Delivery,

@@ -1129,6 +1129,36 @@ impl RecipientCache for LocalStore {
             .collect()
     }
 
+    async fn verdict_counts(
+        &self,
+        domain: &DomainName,
+        now: u64,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut counts = (0, 0);
+        let mut corrupt = false;
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT record FROM recipient_cache WHERE domain = ?1 AND expires > ?2",
+            )?;
+            let mut rows = st.query(params![domain.as_str(), now as i64])?;
+            while let Some(row) = rows.next()? {
+                let record: String = row.get(0)?;
+                match serde_json::from_str::<CachedRecipient>(&record).map(|r| r.verdict) {
+                    Ok(crate::verify::Verdict::Valid) => counts.0 += 1,
+                    Ok(crate::verify::Verdict::Invalid) => counts.1 += 1,
+                    Err(_) => corrupt = true,
+                }
+            }
+            Ok(())
+        })?;
+        if corrupt {
+            return Err(StoreError::Invalid(format!(
+                "corrupt recipient cache record in {domain}"
+            )));
+        }
+        Ok(counts)
+    }
+
     async fn primary_state(&self, domain: &DomainName) -> Result<Option<PrimaryState>, StoreError> {
         let row: Option<String> = self.read_optional(
             "SELECT record FROM primary_state WHERE domain = ?1",

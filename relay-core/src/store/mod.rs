@@ -103,6 +103,24 @@ pub trait RecipientCache: Send + Sync {
         domain: &DomainName,
         now: u64,
     ) -> Result<Vec<CachedRecipient>, StoreError>;
+    /// How many of the domain's unexpired verdicts say valid and invalid
+    /// (the status page's figures). Both backends count as they read,
+    /// holding no list; this default, over [`recipients`], is for test
+    /// doubles.
+    ///
+    /// [`recipients`]: RecipientCache::recipients
+    async fn verdict_counts(
+        &self,
+        domain: &DomainName,
+        now: u64,
+    ) -> Result<(usize, usize), StoreError> {
+        let cached = self.recipients(domain, now).await?;
+        let valid = cached
+            .iter()
+            .filter(|c| c.verdict == crate::verify::Verdict::Valid)
+            .count();
+        Ok((valid, cached.len() - valid))
+    }
     /// The primary's last observed state.
     async fn primary_state(&self, domain: &DomainName) -> Result<Option<PrimaryState>, StoreError>;
     /// Stores the primary's state.

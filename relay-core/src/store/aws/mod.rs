@@ -178,6 +178,46 @@ pub const QUEUE_RETENTION_SECS: u64 = 14 * 86_400;
 pub const MAX_RECEIVE_COUNT: u32 = 10;
 
 impl AwsStore {
+    /// A domain's unexpired callout verdicts, one scan answer at a time
+    /// (they share the greylist table: the scan reads all of it).
+    async fn visit_recipients(
+        &self,
+        domain: &DomainName,
+        now: u64,
+        visit: &mut (dyn FnMut(CachedRecipient) + Send),
+    ) -> Result<(), StoreError> {
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .dynamodb
+                .scan()
+                .table_name(&self.names.greylist_table)
+                .filter_expression("begins_with(pk, :r) AND #d = :d AND expires > :now")
+                .expression_attribute_names("#d", "domain")
+                .expression_attribute_values(":r", s("r#".to_string()))
+                .expression_attribute_values(":d", s(domain.as_str().to_string()))
+                .expression_attribute_values(":now", n(now))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| backend("DynamoDB scan recipients", e))?;
+            for item in out.items() {
+                if let Some(entry) = item
+                    .get("record")
+                    .and_then(|v| v.as_s().ok())
+                    .and_then(|r| serde_json::from_str::<CachedRecipient>(r).ok())
+                {
+                    visit(entry);
+                }
+            }
+            match out.last_evaluated_key() {
+                Some(k) if !k.is_empty() => start = Some(k.clone()),
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// Connects to existing resources.
     pub async fn connect(
         conf: &aws_config::SdkConfig,
@@ -817,38 +857,24 @@ impl RecipientCache for AwsStore {
         now: u64,
     ) -> Result<Vec<CachedRecipient>, StoreError> {
         let mut found = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
-            let out = self
-                .dynamodb
-                .scan()
-                .table_name(&self.names.greylist_table)
-                .filter_expression("begins_with(pk, :r) AND #d = :d AND expires > :now")
-                .expression_attribute_names("#d", "domain")
-                .expression_attribute_values(":r", s("r#".to_string()))
-                .expression_attribute_values(":d", s(domain.as_str().to_string()))
-                .expression_attribute_values(":now", n(now))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| backend("DynamoDB scan recipients", e))?;
-            for item in out.items() {
-                if let Some(entry) = item
-                    .get("record")
-                    .and_then(|v| v.as_s().ok())
-                    .and_then(|r| serde_json::from_str::<CachedRecipient>(r).ok())
-                {
-                    found.push(entry);
-                }
-            }
-            match out.last_evaluated_key() {
-                Some(k) if !k.is_empty() => start = Some(k.clone()),
-                _ => break,
-            }
-        }
+        self.visit_recipients(domain, now, &mut |entry| found.push(entry))
+            .await?;
         found.sort_by(|a, b| a.address.cmp(&b.address));
         Ok(found)
+    }
+
+    async fn verdict_counts(
+        &self,
+        domain: &DomainName,
+        now: u64,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut counts = (0, 0);
+        self.visit_recipients(domain, now, &mut |entry| match entry.verdict {
+            crate::verify::Verdict::Valid => counts.0 += 1,
+            crate::verify::Verdict::Invalid => counts.1 += 1,
+        })
+        .await?;
+        Ok(counts)
     }
 
     async fn primary_state(&self, domain: &DomainName) -> Result<Option<PrimaryState>, StoreError> {
