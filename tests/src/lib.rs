@@ -399,6 +399,16 @@ impl Server {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The RCPT reply for `rcpt` in a fresh transaction (recipient checks).
+    pub fn rcpt_reply(&self, rcpt: &str) -> String {
+        let mut c = self.client();
+        c.expect("EHLO client.remote.test", "250");
+        c.expect("MAIL FROM:<alice@remote.test>", "250");
+        let reply = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+        c.cmd("QUIT");
+        reply
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map(|c| c.id() as i32).expect("running")
     }

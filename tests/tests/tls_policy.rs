@@ -168,16 +168,6 @@ fn opportunistic_delivers_in_the_clear_and_switching_policy_applies_to_queued_ma
     );
 }
 
-/// The RCPT reply for `rcpt` in a fresh transaction.
-fn rcpt_reply(s: &Server, rcpt: &str) -> String {
-    let mut c = s.client();
-    c.expect("EHLO client.remote.test", "250");
-    c.expect("MAIL FROM:<carol@remote.test>", "250");
-    let reply = c.cmd(&format!("RCPT TO:<{rcpt}>"));
-    c.cmd("QUIT");
-    reply
-}
-
 /// Recipient callouts follow the domain's TLS policy as its mail does:
 /// under `verified` the primary is asked only over TLS with a certificate
 /// that verifies, and no recipient crosses the wire in the clear. A
@@ -200,13 +190,13 @@ fn callouts_ask_the_primary_only_under_the_domains_tls_policy() {
     let in_the_clear = |what: &str| String::from_utf8_lossy(&wire.client_bytes()).contains(what);
 
     // Opportunistic, and no STARTTLS at the primary: asked in the clear.
-    let r = rcpt_reply(&s, "ghost0@example.test");
+    let r = s.rcpt_reply("ghost0@example.test");
     assert!(r.starts_with("550 5.1.1"), "{r}");
     assert!(in_the_clear("RCPT TO:<ghost0@example.test>"));
     // Raised to `verified`: the connection kept from that callout is not
     // used again, and the primary is not asked.
     succeeded(&s.cli(&["domain", "set", "example.test", "--tls", "verified"]));
-    let r = rcpt_reply(&s, "ghost@example.test");
+    let r = s.rcpt_reply("ghost@example.test");
     assert!(r.starts_with("250"), "{r}");
     let log = s.log();
     assert!(
@@ -218,7 +208,7 @@ fn callouts_ask_the_primary_only_under_the_domains_tls_policy() {
     // A certificate from the trusted CA, for another name: not asked.
     let wrong_name = pki.tls_section("wrong", &["other.test"], true);
     reconfigure(&mut p, &wrong_name);
-    let r = rcpt_reply(&s, "ghost@example.test");
+    let r = s.rcpt_reply("ghost@example.test");
     assert!(r.starts_with("250"), "{r}");
     assert!(s.log().contains("invalid peer certificate"), "{}", s.log());
     assert!(in_the_clear("EHLO mx2.test"), "the proxy saw the callouts");
@@ -227,9 +217,9 @@ fn callouts_ask_the_primary_only_under_the_domains_tls_policy() {
     // A certificate that verifies: the primary is asked, over TLS.
     let good = pki.tls_section("good", &["127.0.0.1"], true);
     reconfigure(&mut p, &good);
-    let r = rcpt_reply(&s, "ghost@example.test");
+    let r = s.rcpt_reply("ghost@example.test");
     assert!(r.starts_with("550 5.1.1"), "{r}");
-    let r = rcpt_reply(&s, "alice@example.test");
+    let r = s.rcpt_reply("alice@example.test");
     assert!(r.starts_with("250"), "{r}");
     assert!(in_the_clear("STARTTLS"));
     assert!(!in_the_clear("ghost@"), "a callout asked in the clear");

@@ -11,16 +11,6 @@ use backupmx_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The RCPT reply for `rcpt` in a fresh transaction.
-fn rcpt(s: &Server, rcpt: &str) -> String {
-    let mut c = s.client();
-    c.expect("EHLO client.remote.test", "250");
-    c.expect("MAIL FROM:<alice@remote.test>", "250");
-    let reply = c.cmd(&format!("RCPT TO:<{rcpt}>"));
-    c.cmd("QUIT");
-    reply
-}
-
 /// `recipients list example.test --json` as (address, verdict, learnt from).
 fn cached(s: &Server) -> Vec<(String, String, String)> {
     let out = s.cli(&["recipients", "list", "example.test", "--json"]);
@@ -69,9 +59,9 @@ fn callouts_refuse_unknown_users_and_the_cache_decides_while_the_primary_is_down
     );
     // (1) Primary up: the unknown user is refused at RCPT, the real one
     // accepted, and both verdicts are cached.
-    let r = rcpt(&s, "ghost@example.test");
+    let r = s.rcpt_reply("ghost@example.test");
     assert!(r.starts_with("550 5.1.1"), "{r}");
-    let r = rcpt(&s, "alice@example.test");
+    let r = s.rcpt_reply("alice@example.test");
     assert!(r.starts_with("250"), "{r}");
     // The callout's questions never reach the primary as mail.
     assert!(sink.received().is_empty());
@@ -100,7 +90,7 @@ fn callouts_refuse_unknown_users_and_the_cache_decides_while_the_primary_is_down
     // (2) Primary down: the cache decides. The refused user stays refused,
     // the known one and a never-seen one are accepted; no DSN.
     primary.set_down(true);
-    let r = rcpt(&s, "ghost@example.test");
+    let r = s.rcpt_reply("ghost@example.test");
     assert!(r.starts_with("550 5.1.1"), "{r}");
     let mut c = s.client();
     let reply = c.send_message(
@@ -129,9 +119,9 @@ fn callouts_refuse_unknown_users_and_the_cache_decides_while_the_primary_is_down
             .find(|(a, v, l)| a == "newbie@example.test" && v == "invalid" && l == "delivery")
     });
     primary.set_down(true);
-    let r = rcpt(&s, "newbie@example.test");
+    let r = s.rcpt_reply("newbie@example.test");
     assert!(r.starts_with("550 5.1.1"), "{r}");
-    let r = rcpt(&s, "alice@example.test");
+    let r = s.rcpt_reply("alice@example.test");
     assert!(r.starts_with("250"), "{r}");
 }
 
@@ -144,16 +134,16 @@ fn defer_mode_defers_while_the_primary_is_up_and_accepts_once_it_is_down() {
         "defer_while_primary_up = true\n[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\nprimary_up_fresh = \"2s\"\n[recipient_verify]\ntimeout = \"3s\"\n",
         &format!("[\"{}\"]", primary.addr),
     );
-    let r = rcpt(&s, "bob@example.test");
+    let r = s.rcpt_reply("bob@example.test");
     assert!(r.starts_with("451 4.7.1"), "{r}");
     assert!(r.contains("primary MX"), "{r}");
     // Role accounts are never deferred.
-    let r = rcpt(&s, "postmaster@example.test");
+    let r = s.rcpt_reply("postmaster@example.test");
     assert!(r.starts_with("250"), "{r}");
     primary.set_down(true);
     // Once the "up" observation is stale, a probe finds the primary down.
     eventually(WAIT, "acceptance once the primary is down", || {
-        let r = rcpt(&s, "bob@example.test");
+        let r = s.rcpt_reply("bob@example.test");
         r.starts_with("250").then_some(())
     });
     let shown = s.cli(&["domain", "show", "example.test"]);
@@ -206,18 +196,18 @@ fn two_aws_ingest_tasks_share_the_callout_cache() {
     ) else {
         return;
     };
-    let r = rcpt(&a, "ghost@example.test");
+    let r = a.rcpt_reply("ghost@example.test");
     assert!(r.starts_with("550 5.1.1"), "{r}");
-    let r = rcpt(&a, "alice@example.test");
+    let r = a.rcpt_reply("alice@example.test");
     assert!(r.starts_with("250"), "{r}");
     primary.set_down(true);
     // Another task, which never asked the primary, knows both answers.
     let b = a.start_sibling();
-    let r = rcpt(&b, "ghost@example.test");
+    let r = b.rcpt_reply("ghost@example.test");
     assert!(r.starts_with("550 5.1.1"), "{r}");
-    let r = rcpt(&b, "alice@example.test");
+    let r = b.rcpt_reply("alice@example.test");
     assert!(r.starts_with("250"), "{r}");
-    let r = rcpt(&b, "stranger@example.test");
+    let r = b.rcpt_reply("stranger@example.test");
     assert!(r.starts_with("250"), "{r}");
     let mut listed = cached(&b);
     listed.sort();
