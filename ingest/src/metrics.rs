@@ -200,6 +200,30 @@ const METRICS: &[MetricSpec] = &[
         &[],
     ),
     (
+        "backupmx_disk_full_outcome_deferred_total",
+        "attempts that delivered nothing whose outcome the store refused: kept in memory, delivery goes on",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_disk_free_bytes",
+        "free bytes on the data directory's filesystem (local store)",
+        true,
+        &[],
+    ),
+    (
+        "backupmx_store_bytes",
+        "size of the local store's database file",
+        true,
+        &[],
+    ),
+    (
+        "backupmx_store_free_bytes",
+        "free pages inside the local store's database, reused for new mail and counted as free space by min_free_space",
+        true,
+        &[],
+    ),
+    (
         "backupmx_storage_reserve_released_total",
         "times the disk reserve was given up on a full disk",
         false,

@@ -365,10 +365,23 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         resources: Resources {
             memory: relay_core::budget::MemoryBudget::new(config.smtp.memory_budget),
             disk: (config.storage.backend == Backend::Local).then(|| {
-                relay_core::store::space::FreeSpace::new(
+                let disk = relay_core::store::space::FreeSpace::new(
                     &config.storage.data_dir,
                     config.storage.min_free_space,
-                )
+                );
+                match backends.local.clone() {
+                    Some(store) => {
+                        disk.with_store_free(Box::new(move || match store.space_inside() {
+                            Ok(space) => {
+                                metrics::gauge!("backupmx_store_bytes")
+                                    .set(space.file_bytes as f64);
+                                space.free_bytes
+                            }
+                            Err(_) => 0,
+                        }))
+                    }
+                    None => disk,
+                }
             }),
         },
         session: Arc::new(SessionConfig {

@@ -55,6 +55,39 @@ impl Drop for Tmpfs {
     }
 }
 
+/// As [`eventually`], and a failure shows the end of the server's log.
+fn eventually_logged<T>(
+    s: &Server,
+    within: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if std::time::Instant::now() > deadline {
+            let log = s.log();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("message_accepted") && !l.contains("queue_update_failed"))
+                .rev()
+                .take(80)
+                .collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let queue = s.cli(&["queue", "list", "--json"]);
+            panic!(
+                "timed out waiting for {what}; queue: {} {}; log ends:\n{}",
+                String::from_utf8_lossy(&queue.stdout),
+                String::from_utf8_lossy(&queue.stderr),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn subject_counts(sink: &Sink) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
     for m in sink.received() {
@@ -72,6 +105,15 @@ fn subject_counts(sink: &Sink) -> std::collections::BTreeMap<String, usize> {
 /// A server whose data directory is a fresh tmpfs, delivering example.test
 /// to `primary_port` (nothing listens there yet), retrying every second.
 fn server_on_tmpfs(reserve: u64, primary_port: u16) -> (Server, Tmpfs) {
+    server_on_tmpfs_with(4 << 20, reserve, "24m", primary_port)
+}
+
+fn server_on_tmpfs_with(
+    min_free: u64,
+    reserve: u64,
+    size: &str,
+    primary_port: u16,
+) -> (Server, Tmpfs) {
     let mut s = Server::prepare_run(
         "",
         "[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\npoll_interval = \"200ms\"\n",
@@ -80,11 +122,11 @@ fn server_on_tmpfs(reserve: u64, primary_port: u16) -> (Server, Tmpfs) {
     let text = std::fs::read_to_string(&s.config_path).expect("config");
     let text = text.replacen(
         "[storage]\n",
-        &format!("[storage]\nmin_free_space = 4194304\nreserve_space = {reserve}\n"),
+        &format!("[storage]\nmin_free_space = {min_free}\nreserve_space = {reserve}\n"),
         1,
     );
     std::fs::write(&s.config_path, text).expect("config");
-    let fs = Tmpfs::mount(&s.data_dir(), "24m");
+    let fs = Tmpfs::mount(&s.data_dir(), size);
     s.spawn();
     (s, fs)
 }
@@ -127,7 +169,7 @@ fn on_a_full_disk_delivered_mail_is_never_sent_again() {
     assert_eq!(counts.len(), 20, "{counts:?}");
     assert!(counts.values().all(|&n| n == 1), "sent twice: {counts:?}");
     std::fs::remove_file(filler).expect("free space");
-    eventually(Duration::from_secs(40), "queue emptied", || {
+    eventually_logged(&s, Duration::from_secs(40), "queue emptied", || {
         s.queue().is_empty().then_some(())
     });
     assert!(s.log().contains("delivery_resumed"), "{}", s.log());
@@ -136,6 +178,104 @@ fn on_a_full_disk_delivered_mail_is_never_sent_again() {
         counts.len() == 20 && counts.values().all(|&n| n == 1),
         "{counts:?}"
     );
+}
+
+/// Issue 29 (1): mail fills the disk while the primary defers; once the
+/// primary takes mail, delivery frees the disk. Before, every deferral's
+/// outcome write failed on the full disk and paused delivery for good;
+/// now those outcomes are kept in memory and delivery goes on. Still
+/// failing, so ignored until fixed: on a disk this full the WAL cannot be
+/// checkpointed (the database file would have to grow for pages the WAL
+/// holds), so every commit, the delivered messages' removals too, needs
+/// new WAL space, and a 1 MiB reserve is used up before the removals come.
+#[test]
+#[ignore = "issue 29 (1): the WAL outgrows a 1 MiB reserve on a full disk"]
+fn mail_that_filled_the_disk_drains_when_the_primary_comes_back() {
+    let port = free_port();
+    let (s, _fs) = server_on_tmpfs_with(1 << 20, 1 << 20, "24m", port);
+    let sink = Sink::start(port);
+    sink.set(|b| b.tempfail_next = usize::MAX);
+    let body = "x".repeat(76) + "\r\n";
+    let body = body.repeat(400 * 1024 / 78);
+    let mut accepted = Vec::new();
+    for i in 0..200 {
+        let mut c = s.client();
+        c.expect("EHLO client.test", "250");
+        if !c.cmd("MAIL FROM:<a@remote.test>").starts_with("250") {
+            break;
+        }
+        if !c.cmd("RCPT TO:<user@example.test>").starts_with("250") {
+            break;
+        }
+        c.expect("DATA", "354");
+        c.send(format!("Subject: m{i}\r\n\r\n{body}"));
+        c.send(".\r\n");
+        let reply = c.read_reply();
+        if !reply.starts_with("250") {
+            break;
+        }
+        accepted.push(format!("m{i}"));
+    }
+    assert!(accepted.len() >= 10, "only {} accepted", accepted.len());
+    // Let the deferrals' outcomes meet the full disk.
+    std::thread::sleep(Duration::from_secs(4));
+    sink.set(|b| b.tempfail_next = 0);
+    eventually_logged(
+        &s,
+        Duration::from_secs(60),
+        "every accepted message delivered",
+        || {
+            let counts = subject_counts(&sink);
+            accepted
+                .iter()
+                .all(|m| counts.contains_key(m))
+                .then_some(())
+        },
+    );
+    eventually_logged(&s, Duration::from_secs(20), "queue emptied", || {
+        s.queue().is_empty().then_some(())
+    });
+    let counts = subject_counts(&sink);
+    assert!(counts.values().all(|&n| n == 1), "sent twice: {counts:?}");
+}
+
+/// Issue 29 (2): a backlog that filled the disk down to the floor is
+/// delivered; its pages stay in the database file as free pages, which
+/// new mail reuses, so they count as free space. Before, every new
+/// message got `452 4.3.1` after the drain, until someone vacuumed.
+#[test]
+fn after_a_backlog_drains_new_mail_is_accepted_again() {
+    let port = free_port();
+    let (s, _fs) = server_on_tmpfs_with(16 << 20, 0, "48m", port);
+    let body = ("y".repeat(76) + "\r\n").repeat((1 << 20) / 78);
+    let send = |i: usize| -> bool {
+        let mut c = s.client();
+        c.expect("EHLO client.test", "250");
+        if !c.cmd("MAIL FROM:<a@remote.test>").starts_with("250") {
+            return false;
+        }
+        c.expect("RCPT TO:<user@example.test>", "250");
+        c.expect("DATA", "354");
+        c.send(format!("Subject: b{i}\r\n\r\n{body}"));
+        c.send(".\r\n");
+        c.read_reply().starts_with("250")
+    };
+    let mut accepted = 0;
+    while accepted < 100 && send(accepted) {
+        accepted += 1;
+    }
+    assert!(
+        (10..100).contains(&accepted),
+        "{accepted} accepted before the floor"
+    );
+    let sink = Sink::start(port);
+    sink.wait_for(accepted, Duration::from_secs(60));
+    eventually_logged(&s, Duration::from_secs(30), "queue emptied", || {
+        s.queue().is_empty().then_some(())
+    });
+    eventually_logged(&s, Duration::from_secs(60), "new mail accepted", || {
+        send(1000).then_some(())
+    });
 }
 
 #[test]
@@ -152,15 +292,19 @@ fn on_a_full_disk_a_deferring_primary_is_not_hammered_and_a_restart_serves() {
     let filler = fs.fill();
     let sink = Sink::start(port);
     sink.set(|b| b.tempfail_next = usize::MAX);
-    // Retries are due every 1–2 s: over 10 s a healthy worker makes a few
-    // connections; one that cannot record outcomes used to make hundreds.
+    // Retries are due every 1–2 s: over 10 s a healthy worker makes a
+    // connection or two per retry (the ten messages share them); one that cannot
+    // record outcomes used to make hundreds. The schedules the full disk
+    // refuses are kept in memory, and delivery is not paused for them.
     std::thread::sleep(Duration::from_secs(10));
     let connections = sink.connections.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
-        connections <= 4,
+        connections <= 20,
         "{connections} connections in 10 s on a full disk"
     );
-    assert!(s.log().contains("delivery_paused"), "{}", s.log());
+    let log = s.log();
+    assert!(log.contains("disk_full_outcome_deferred"), "{log}");
+    assert!(!log.contains("delivery_paused"), "{log}");
     // A restart on the full disk, with a changed [[domain]] that cannot be
     // stored: logged, and the server serves (spawn waits for the greeting).
     let text = std::fs::read_to_string(&s.config_path).expect("config");

@@ -8,6 +8,14 @@
 //! attempts, and writes it again with backoff until the store takes it.
 //! Only then does delivery resume, so a recipient the primary accepted is
 //! not sent a second time while its record still says "pending".
+//!
+//! An attempt that delivered nothing and bounced nothing (a `4xx`, a
+//! refused connection) is different: losing its outcome only repeats a
+//! harmless attempt. Its new schedule is written without the disk's
+//! reserve, and when even that fails it is kept in memory and delivery
+//! goes on, because on a full disk delivery is what frees space (before,
+//! such outcomes paused delivery, and a disk filled by mail for a
+//! deferring primary stayed full for good).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -67,6 +75,9 @@ pub struct Worker {
     recorded_up: Mutex<HashSet<DomainName>>,
     /// Outcomes the store refused; while any is here, no attempt starts.
     unstored: Mutex<Unstored>,
+    /// Entries whose harmless outcome the store refused: their schedule
+    /// (next attempt, attempts, last error) as it should be, kept in memory.
+    deferred: Mutex<HashMap<QueueId, QueueEntry>>,
 }
 
 /// Attempt outcomes waiting to be written, by queue id.
@@ -107,6 +118,7 @@ impl Worker {
             down: Mutex::new(HashSet::new()),
             recorded_up: Mutex::new(HashSet::new()),
             unstored: Mutex::new(Unstored::default()),
+            deferred: Mutex::new(HashMap::new()),
         })
     }
 
@@ -312,7 +324,14 @@ impl Worker {
         // Group by destination (oldest first within each), a connection
         // per batch.
         let mut batches: Vec<(DomainName, Vec<QueueEntry>)> = Vec::new();
-        for entry in due {
+        for mut entry in due {
+            // A schedule the store could not take is the one that counts.
+            if let Some(kept) = self.deferred.lock().get(&entry.id) {
+                if kept.next_attempt > now {
+                    continue;
+                }
+                entry = kept.clone();
+            }
             let lifetime = lifetimes.get(&entry.domain).copied();
             if lifetime.is_some_and(|l| now < entry.received_at.saturating_add(l)) {
                 defer.insert(entry.domain.clone());
@@ -399,9 +418,16 @@ impl Worker {
         let domain = e.domain.clone();
         let next_attempt = e.next_attempt;
         let (destination_down, delivered) = (report.destination_down, report.delivered);
-        if let Err(err) = self.commit_outcome(&mut report).await {
-            tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %crate::error::Report(&err));
-            self.keep_unstored(report, &err);
+        let harmless = delivered == 0 && report.bounce.is_none() && !report.finished;
+        if harmless {
+            self.reschedule(&report.entry).await;
+        } else {
+            let committed = self.commit_outcome(&mut report).await;
+            self.deferred.lock().remove(&report.entry.id);
+            if let Err(err) = committed {
+                tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %crate::error::Report(&err));
+                self.keep_unstored(report, &err);
+            }
         }
         if destination_down {
             let newly = self.down.lock().insert(domain.clone());
@@ -418,6 +444,34 @@ impl Worker {
                 self.alert_up(&domain);
             }
             self.primary_answered(&domain).await;
+        }
+    }
+
+    /// Writes the schedule of an attempt that delivered and bounced nothing;
+    /// one the store refuses is kept in memory instead of pausing delivery.
+    async fn reschedule(&self, entry: &QueueEntry) {
+        match self.queue.reschedule(entry).await {
+            Ok(_) => {
+                self.deferred.lock().remove(&entry.id);
+            }
+            Err(err) => {
+                metrics::counter!("backupmx_disk_full_outcome_deferred_total").increment(1);
+                let first = {
+                    let mut deferred = self.deferred.lock();
+                    let first = deferred.is_empty();
+                    deferred.insert(entry.id.clone(), entry.clone());
+                    first
+                };
+                if first {
+                    tracing::warn!(
+                        event = "disk_full_outcome_deferred", queue_id = %entry.id,
+                        error = %crate::error::Report(&err),
+                        "cannot store the schedule of an attempt that delivered nothing; kept in memory, delivery goes on"
+                    );
+                } else {
+                    tracing::debug!(event = "disk_full_outcome_deferred", queue_id = %entry.id);
+                }
+            }
         }
     }
 

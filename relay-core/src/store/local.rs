@@ -106,6 +106,8 @@ enum WriteOp {
     Enqueue(QueueEntry),
     RemoveEntry(QueueId),
     UpdateEntry(QueueEntry),
+    /// An update that may not use the reserve ([`ScheduledQueue::reschedule`]).
+    Reschedule(QueueEntry),
     Release {
         domain: Option<DomainName>,
         now: u64,
@@ -165,6 +167,13 @@ impl Default for StoreOptions {
 }
 
 /// The embedded store. Cheap to share behind an `Arc`.
+/// The database's size and the part of it that is free pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSpace {
+    pub file_bytes: u64,
+    pub free_bytes: u64,
+}
+
 pub struct LocalStore {
     writer: std::sync::Mutex<mpsc::Sender<WriteJob>>,
     writer_side: Arc<WriterSide>,
@@ -352,6 +361,24 @@ impl LocalStore {
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.reader.lock().map_err(|_| StoreError::Closed)?;
         f(&conn).map_err(backend)
+    }
+
+    /// Bytes on the database's free list: pages a drained backlog left,
+    /// which SQLite reuses before it grows the file (and which the floor
+    /// of `min_free_space` counts as free), and the file's size. Read with
+    /// the store's own connection (a second descriptor on the file would
+    /// drop SQLite's locks when closed).
+    pub fn space_inside(&self) -> Result<StoreSpace, StoreError> {
+        self.read(|c| {
+            let page_size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let free_pages: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let page_size = page_size.max(0) as u64;
+            Ok(StoreSpace {
+                file_bytes: pages.max(0) as u64 * page_size,
+                free_bytes: free_pages.max(0) as u64 * page_size,
+            })
+        })
     }
 
     /// The first column of the row `sql` selects, if there is one.
@@ -604,7 +631,9 @@ fn is_disk_full(e: &rusqlite::Error) -> bool {
 
 /// Requests that keep the queue true to what happened (an outcome, a
 /// deletion, a release) rather than bring new data in: these may use the
-/// reserve, new mail may not.
+/// reserve, new mail may not. Nor may a schedule change that losing only
+/// makes a harmless attempt come early (a reschedule, a deferred domain):
+/// the reserve is kept for delivered recipients' records and deletions.
 fn frees_or_tracks(op: &WriteOp) -> bool {
     !matches!(
         op,
@@ -612,6 +641,8 @@ fn frees_or_tracks(op: &WriteOp) -> bool {
             | WriteOp::PutBody { .. }
             | WriteOp::PutFile { .. }
             | WriteOp::Enqueue(_)
+            | WriteOp::Reschedule(_)
+            | WriteOp::Defer { .. }
             | WriteOp::InsertTriplet { .. }
             | WriteOp::ReplaceTriplet { .. }
             | WriteOp::PutClient { .. }
@@ -722,7 +753,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             exec(conn, "DELETE FROM messages WHERE id = ?1", [id.as_str()])?;
             Ok(n > 0)
         }
-        WriteOp::UpdateEntry(entry) => {
+        WriteOp::UpdateEntry(entry) | WriteOp::Reschedule(entry) => {
             let n = exec(conn,
                 "UPDATE queue SET next_attempt = ?2, record = ?3 WHERE id = ?1",
                 params![entry.id.as_str(), entry.next_attempt as i64, entry.encode()],
@@ -1019,6 +1050,10 @@ impl DeliveryQueue for LocalStore {
 
 #[async_trait]
 impl ScheduledQueue for LocalStore {
+    async fn reschedule(&self, entry: &QueueEntry) -> Result<bool, StoreError> {
+        self.write(WriteOp::Reschedule(entry.clone())).await
+    }
+
     async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError> {
         let rows: Vec<(String, String)> = self.read(|c| {
             let mut st = c.prepare_cached("SELECT id, record FROM queue WHERE next_attempt <= ?1 ORDER BY received_at, id LIMIT ?2")?;
@@ -1255,6 +1290,32 @@ impl GreylistStore for LocalStore {
 mod tests {
     use super::*;
     use crate::store::contract::message;
+
+    /// A delivered backlog's pages stay in the file as free pages, and the
+    /// store reports them (the floor counts them as free space).
+    #[tokio::test]
+    async fn a_drained_backlog_is_reported_as_free_space_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            let mut m = message(&["a@one.test"]);
+            m.body = vec![b'x'; 20_000];
+            ids.push(m.id.clone());
+            store.accept(m).await.unwrap();
+        }
+        let before = store.space_inside().unwrap();
+        for id in &ids {
+            DeliveryQueue::remove(&store, id).await.unwrap();
+        }
+        // A checkpoint writes the freed pages' state into the file.
+        store
+            .read(|c| c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())))
+            .unwrap();
+        let after = store.space_inside().unwrap();
+        assert!(after.free_bytes >= 300_000, "{before:?} -> {after:?}");
+        assert!(after.file_bytes >= after.free_bytes);
+    }
 
     /// A scan crosses page boundaries without losing or repeating an
     /// entry, with and without a domain filter.

@@ -213,6 +213,12 @@ pub trait ScheduledQueue: DeliveryQueue {
     /// Postpones every entry of a domain that is due before `until`, when
     /// its destination is down; returns how many were postponed.
     async fn defer_domain(&self, domain: &DomainName, until: u64) -> Result<u64, StoreError>;
+    /// Stores an entry's new schedule after an attempt that changed nothing
+    /// else (nothing delivered, nothing bounced). Unlike
+    /// [`DeliveryQueue::update`] it never uses the space kept back for
+    /// bookkeeping on a full disk: losing it only repeats a harmless
+    /// attempt, while a delivered recipient's record must find room.
+    async fn reschedule(&self, entry: &QueueEntry) -> Result<bool, StoreError>;
     /// Releases made since the last call (by `queue flush` in another
     /// process too): `None` stands for every domain.
     async fn take_releases(&self) -> Result<Vec<Option<DomainName>>, StoreError>;

@@ -73,15 +73,24 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Reports the bytes free inside the store. It must ask the store's own
+/// connection: opening and closing the database file elsewhere in the
+/// process would drop SQLite's POSIX locks on it.
+pub type StoreFreeBytes = Box<dyn Fn() -> u64 + Send + Sync>;
+
 /// How often [`FreeSpace`] asks the filesystem: a `statvfs` per MAIL would
 /// be cheap, but one every 250 ms is enough to see a disk fill.
 const FREE_SPACE_REFRESH: Duration = Duration::from_millis(250);
 
 /// Free space of the data directory's filesystem, read at most every
-/// 250 ms however many sessions ask.
-#[derive(Debug)]
+/// 250 ms however many sessions ask. Pages a drained backlog left free
+/// inside the store's database count as free: SQLite reuses them for new
+/// mail before it grows the file, and without them a backlog once drained
+/// would hold the floor down for good (its pages stay in the file).
 pub struct FreeSpace {
     dir: PathBuf,
+    /// Free bytes inside the store (its database's free pages), if any.
+    store_free: Option<StoreFreeBytes>,
     /// The floor below which new mail is refused.
     pub min_free: u64,
     started: Instant,
@@ -90,10 +99,20 @@ pub struct FreeSpace {
     bytes: AtomicU64,
 }
 
+impl std::fmt::Debug for FreeSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FreeSpace")
+            .field("dir", &self.dir)
+            .field("min_free", &self.min_free)
+            .finish_non_exhaustive()
+    }
+}
+
 impl FreeSpace {
     pub fn new(dir: &Path, min_free: u64) -> Self {
         FreeSpace {
             dir: dir.to_path_buf(),
+            store_free: None,
             min_free,
             started: Instant::now(),
             read_at: AtomicU64::new(u64::MAX),
@@ -101,14 +120,25 @@ impl FreeSpace {
         }
     }
 
+    /// Counts the bytes `inside` reports (the store's free pages) as free.
+    pub fn with_store_free(mut self, inside: StoreFreeBytes) -> Self {
+        self.store_free = Some(inside);
+        self
+    }
+
     /// Free bytes now (an unreadable filesystem counts as having room:
-    /// the store's own write errors then decide).
+    /// the store's own write errors then decide), including the store's
+    /// free pages.
     pub fn available(&self) -> u64 {
         let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let last = self.read_at.load(Ordering::Relaxed);
         let refresh = FREE_SPACE_REFRESH.as_millis() as u64;
         if last == u64::MAX || now.saturating_sub(last) >= refresh {
-            let bytes = free_bytes(&self.dir).unwrap_or(u64::MAX);
+            let disk = free_bytes(&self.dir).unwrap_or(u64::MAX);
+            let inside = self.store_free.as_ref().map_or(0, |f| f());
+            metrics::gauge!("backupmx_disk_free_bytes").set(disk as f64);
+            metrics::gauge!("backupmx_store_free_bytes").set(inside as f64);
+            let bytes = disk.saturating_add(inside);
             self.bytes.store(bytes, Ordering::Relaxed);
             self.read_at.store(now, Ordering::Relaxed);
         }
