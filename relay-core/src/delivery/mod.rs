@@ -623,6 +623,13 @@ impl Engine {
             if let Some(state) = self.shared_state(domain).await {
                 if state.up {
                     self.storm.drain_started(domain, state.since, now_secs);
+                } else {
+                    // Recorded down, and this attempt got an answer: the
+                    // primary is back, whether or not another process has
+                    // recorded it yet. Recorded here too, so the drain has
+                    // one start for every process and ends with its window.
+                    self.storm.answered_while_recorded_down(domain, now_secs);
+                    self.record_primary(domain, true, now_secs).await;
                 }
             }
         }

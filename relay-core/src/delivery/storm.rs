@@ -113,6 +113,27 @@ impl StormGuard {
         }
     }
 
+    /// An attempt got answers while the shared primary state still says
+    /// the primary is down (no process has recorded it back yet): the
+    /// primary is back, and a drain starts now unless this process already
+    /// has one running. Without this, the first attempts of a process that
+    /// did not see the outage itself (a fresh Lambda instance or poller)
+    /// took refusals as final and bounced them before any process held the
+    /// domain.
+    pub fn answered_while_recorded_down(&self, domain: &DomainName, now: u64) {
+        if self.settings.min_recipients == 0 {
+            return;
+        }
+        let window = self.settings.window.as_secs();
+        let mut domains = self.domains.lock();
+        let w = domains.entry(domain.clone()).or_default();
+        let running = w.drain_start.is_some_and(|start| now < start + window);
+        if !running && !w.tripped {
+            w.was_down = false;
+            w.start_drain(now);
+        }
+    }
+
     /// An attempt got answers: `delivered` and (permanently) `refused`
     /// recipients.
     pub fn answered(
@@ -185,6 +206,35 @@ mod tests {
         (0..n)
             .map(|i| format!("{prefix}{i}@example.test"))
             .collect()
+    }
+
+    #[test]
+    fn a_process_that_finds_the_primary_recorded_down_holds_refusals_back() {
+        let g = guard();
+        let refused = names("r", 5);
+        let refused: Vec<&str> = refused.iter().map(String::as_str).collect();
+        // Concurrent attempts of a fresh process, all before any process
+        // recorded the primary back: one drain, counted together.
+        g.answered_while_recorded_down(&d(), 100);
+        assert_eq!(
+            g.answered(&d(), &[], &refused[..2], 100),
+            StormVerdict::HoldBack { until: 700 }
+        );
+        g.answered_while_recorded_down(&d(), 101);
+        assert_eq!(
+            g.answered(&d(), &[], &refused[2..], 101),
+            StormVerdict::HoldBack { until: 700 }
+        );
+        let more = names("s", 10);
+        let more: Vec<&str> = more.iter().map(String::as_str).collect();
+        g.answered_while_recorded_down(&d(), 102);
+        assert!(matches!(
+            g.answered(&d(), &[], &more, 102),
+            StormVerdict::Trip {
+                refused: 15,
+                answered: 15
+            }
+        ));
     }
 
     #[test]
