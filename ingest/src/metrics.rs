@@ -218,6 +218,12 @@ const METRICS: &[MetricSpec] = &[
         &[],
     ),
     (
+        "backupmx_store_wal_bytes",
+        "size of the local store's write-ahead log (counted as not free: copying it into the database may need that much)",
+        true,
+        &[],
+    ),
+    (
         "backupmx_store_free_bytes",
         "free pages inside the local store's database, reused for new mail and counted as free space by min_free_space",
         true,

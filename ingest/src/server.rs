@@ -368,14 +368,19 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 let disk = relay_core::store::space::FreeSpace::new(
                     &config.storage.data_dir,
                     config.storage.min_free_space,
-                );
+                )
+                .with_reserve(config.storage.reserve_space);
                 match backends.local.clone() {
                     Some(store) => {
                         disk.with_store_free(Box::new(move || match store.space_inside() {
                             Ok(space) => {
                                 metrics::gauge!("backupmx_store_bytes")
                                     .set(space.file_bytes as f64);
-                                space.free_bytes
+                                metrics::gauge!("backupmx_store_free_bytes")
+                                    .set(space.free_bytes as f64);
+                                metrics::gauge!("backupmx_store_wal_bytes")
+                                    .set(space.wal_bytes as f64);
+                                space.free_adjustment()
                             }
                             Err(_) => 0,
                         }))

@@ -182,14 +182,8 @@ fn on_a_full_disk_delivered_mail_is_never_sent_again() {
 
 /// Issue 29 (1): mail fills the disk while the primary defers; once the
 /// primary takes mail, delivery frees the disk. Before, every deferral's
-/// outcome write failed on the full disk and paused delivery for good;
-/// now those outcomes are kept in memory and delivery goes on. Still
-/// failing, so ignored until fixed: on a disk this full the WAL cannot be
-/// checkpointed (the database file would have to grow for pages the WAL
-/// holds), so every commit, the delivered messages' removals too, needs
-/// new WAL space, and a 1 MiB reserve is used up before the removals come.
+/// outcome write failed on the full disk and paused delivery for good.
 #[test]
-#[ignore = "issue 29 (1): the WAL outgrows a 1 MiB reserve on a full disk"]
 fn mail_that_filled_the_disk_drains_when_the_primary_comes_back() {
     let port = free_port();
     let (s, _fs) = server_on_tmpfs_with(1 << 20, 1 << 20, "24m", port);

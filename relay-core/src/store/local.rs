@@ -167,11 +167,23 @@ impl Default for StoreOptions {
 }
 
 /// The embedded store. Cheap to share behind an `Arc`.
-/// The database's size and the part of it that is free pages.
+/// The database's size, the part of it that is free pages, and the WAL's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreSpace {
     pub file_bytes: u64,
     pub free_bytes: u64,
+    pub wal_bytes: u64,
+}
+
+impl StoreSpace {
+    /// What the store adds to the filesystem's free space: its free pages,
+    /// less the WAL, whose pages the database may have to grow by when
+    /// they are copied in (a checkpoint on a disk without that room fails,
+    /// and then so does every commit after it, the delivered messages'
+    /// removals too). Negative when the WAL outweighs the free pages.
+    pub fn free_adjustment(&self) -> i64 {
+        self.free_bytes as i64 - self.wal_bytes as i64
+    }
 }
 
 pub struct LocalStore {
@@ -369,6 +381,10 @@ impl LocalStore {
     /// the store's own connection (a second descriptor on the file would
     /// drop SQLite's locks when closed).
     pub fn space_inside(&self) -> Result<StoreSpace, StoreError> {
+        // The WAL's size from its metadata: no descriptor opened.
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        let wal_bytes = std::fs::metadata(&wal).map_or(0, |m| m.len());
         self.read(|c| {
             let page_size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
             let free_pages: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
@@ -377,6 +393,7 @@ impl LocalStore {
             Ok(StoreSpace {
                 file_bytes: pages.max(0) as u64 * page_size,
                 free_bytes: free_pages.max(0) as u64 * page_size,
+                wal_bytes,
             })
         })
     }
@@ -408,6 +425,29 @@ struct Committer {
 impl Committer {
     /// Commits `batch` in one transaction and answers every job.
     fn commit(&mut self, batch: Vec<WriteJob>) {
+        // Below the floor, schedule-only writes are turned away before they
+        // take the last free space: that space is the checkpoint's and the
+        // delivered messages' removals' (the worker keeps such schedules in
+        // memory). One statvfs, and only when the batch has one.
+        let batch = if batch.iter().any(|j| schedule_only(&j.op)) && self.reserve.below_floor() {
+            let (batch, refused): (Vec<WriteJob>, Vec<WriteJob>) =
+                batch.into_iter().partition(|j| !schedule_only(&j.op));
+            for job in refused {
+                let _ = job.done.send(Err(StoreError::io(
+                    "schedule not stored",
+                    std::io::Error::new(
+                        std::io::ErrorKind::StorageFull,
+                        "free space is below min_free_space",
+                    ),
+                )));
+            }
+            batch
+        } else {
+            batch
+        };
+        if batch.is_empty() {
+            return;
+        }
         let results = commit_batch(&mut self.conn, &batch, &mut self.reserve);
         self.reserve.maintain();
         for (job, result) in batch.into_iter().zip(results) {
@@ -611,15 +651,21 @@ fn commit_one(
     op: &WriteOp,
     reserve: &mut space::Reserve,
 ) -> Result<bool, StoreError> {
-    let mut once = || {
+    let once = |conn: &mut Connection| {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let result = apply(&tx, op)?;
         tx.commit()?;
         Ok::<_, rusqlite::Error>(result)
     };
-    match once() {
+    match once(conn) {
         Err(e) if is_disk_full(&e) && frees_or_tracks(op) && reserve.release() => {
-            once().map_err(backend)
+            // The reserve's room goes first to copying the WAL into the
+            // database and truncating it: that returns the WAL's own space
+            // too, where this write (and the ones after it) can then go.
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::warn!(event = "checkpoint_failed", error = %crate::error::Report(&e));
+            }
+            once(conn).map_err(backend)
         }
         other => other.map_err(backend),
     }
@@ -627,6 +673,12 @@ fn commit_one(
 
 fn is_disk_full(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
+/// Writes that only move a schedule: losing one repeats a harmless attempt
+/// early ([`ScheduledQueue::reschedule`], a deferred domain).
+fn schedule_only(op: &WriteOp) -> bool {
+    matches!(op, WriteOp::Reschedule(_) | WriteOp::Defer { .. })
 }
 
 /// Requests that keep the queue true to what happened (an outcome, a

@@ -73,10 +73,16 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
-/// Reports the bytes free inside the store. It must ask the store's own
-/// connection: opening and closing the database file elsewhere in the
-/// process would drop SQLite's POSIX locks on it.
-pub type StoreFreeBytes = Box<dyn Fn() -> u64 + Send + Sync>;
+/// Reports the bytes the store adds to the filesystem's free space (its
+/// free pages; negative for room it has promised, such as a WAL not yet
+/// copied into the database). It must ask the store's own connection:
+/// opening and closing the database file elsewhere in the process would
+/// drop SQLite's POSIX locks on it.
+pub type StoreFreeBytes = Box<dyn Fn() -> i64 + Send + Sync>;
+
+/// Within this much (plus twice the floor) of the floor, [`FreeSpace`]
+/// reads on every call.
+const NEAR_FLOOR: u64 = 16 << 20;
 
 /// How often [`FreeSpace`] asks the filesystem: a `statvfs` per MAIL would
 /// be cheap, but one every 250 ms is enough to see a disk fill.
@@ -91,6 +97,9 @@ pub struct FreeSpace {
     dir: PathBuf,
     /// Free bytes inside the store (its database's free pages), if any.
     store_free: Option<StoreFreeBytes>,
+    /// The reserve's size: while it is given up, that much of the free
+    /// space is bookkeeping's, not new mail's.
+    reserve: u64,
     /// The floor below which new mail is refused.
     pub min_free: u64,
     started: Instant,
@@ -113,6 +122,7 @@ impl FreeSpace {
         FreeSpace {
             dir: dir.to_path_buf(),
             store_free: None,
+            reserve: 0,
             min_free,
             started: Instant::now(),
             read_at: AtomicU64::new(u64::MAX),
@@ -120,7 +130,13 @@ impl FreeSpace {
         }
     }
 
-    /// Counts the bytes `inside` reports (the store's free pages) as free.
+    /// Keeps a given-up reserve of `size` bytes out of new mail's reach.
+    pub fn with_reserve(mut self, size: u64) -> Self {
+        self.reserve = size;
+        self
+    }
+
+    /// Adds what `inside` reports (the store's free pages, less its WAL).
     pub fn with_store_free(mut self, inside: StoreFreeBytes) -> Self {
         self.store_free = Some(inside);
         self
@@ -133,12 +149,27 @@ impl FreeSpace {
         let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let last = self.read_at.load(Ordering::Relaxed);
         let refresh = FREE_SPACE_REFRESH.as_millis() as u64;
-        if last == u64::MAX || now.saturating_sub(last) >= refresh {
+        // Near the floor every caller reads afresh: a quarter second of
+        // fast mail could otherwise run past a small floor and leave no
+        // room to copy the WAL into the database.
+        let near_floor = self.bytes.load(Ordering::Relaxed)
+            < self.min_free.saturating_mul(2).saturating_add(NEAR_FLOOR);
+        if last == u64::MAX || near_floor || now.saturating_sub(last) >= refresh {
             let disk = free_bytes(&self.dir).unwrap_or(u64::MAX);
             let inside = self.store_free.as_ref().map_or(0, |f| f());
             metrics::gauge!("backupmx_disk_free_bytes").set(disk as f64);
-            metrics::gauge!("backupmx_store_free_bytes").set(inside as f64);
-            let bytes = disk.saturating_add(inside);
+            let given_up =
+                if self.reserve > 0 && !Reserve::new(&self.dir, self.reserve, 0).is_held() {
+                    self.reserve
+                } else {
+                    0
+                };
+            let bytes = if disk == u64::MAX {
+                disk
+            } else {
+                u64::try_from(i128::from(disk) + i128::from(inside) - i128::from(given_up))
+                    .unwrap_or(0)
+            };
             self.bytes.store(bytes, Ordering::Relaxed);
             self.read_at.store(now, Ordering::Relaxed);
         }
@@ -174,6 +205,13 @@ impl Reserve {
             min_free,
             last_check: None,
         }
+    }
+
+    /// Whether the filesystem's free space is below the floor
+    /// (`min_free_space`); an unreadable filesystem is not.
+    pub fn below_floor(&self) -> bool {
+        free_bytes(self.path.parent().unwrap_or(Path::new(".")))
+            .is_ok_and(|free| free < self.min_free)
     }
 
     /// Whether the reserve file exists with its full size.
