@@ -218,9 +218,17 @@ fn sigkill_during_a_drain_loses_nothing() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
+    // A liveness bound, not a speed check. The emulator is shared with the
+    // binary's other tests (the 1 000-message recovery runs beside this
+    // one), and under the whole suite LocalStack 4.9.2 on Python 3.11 was
+    // seen taking more than 120 s here (55 s alone).
+    let deadline = Instant::now() + Duration::from_secs(300);
     while !s.queue().is_empty() {
-        assert!(Instant::now() < deadline, "queue never drained");
+        assert!(
+            Instant::now() < deadline,
+            "queue never drained: {} left",
+            s.queue().len()
+        );
         std::thread::sleep(Duration::from_millis(2100));
         sweep(&s, &SHORT);
         assert!(poll(&s, "3s", &SHORT).status.success());
