@@ -687,20 +687,19 @@ fn schedule_only(op: &WriteOp) -> bool {
 /// makes a harmless attempt come early (a reschedule, a deferred domain):
 /// the reserve is kept for delivered recipients' records and deletions.
 fn frees_or_tracks(op: &WriteOp) -> bool {
-    !matches!(
-        op,
-        WriteOp::Accept { .. }
-            | WriteOp::PutBody { .. }
-            | WriteOp::PutFile { .. }
-            | WriteOp::Enqueue(_)
-            | WriteOp::Reschedule(_)
-            | WriteOp::Defer { .. }
-            | WriteOp::InsertTriplet { .. }
-            | WriteOp::ReplaceTriplet { .. }
-            | WriteOp::PutClient { .. }
-            | WriteOp::PutRecipient { .. }
-            | WriteOp::PutPrimaryState { .. }
-    )
+    !schedule_only(op)
+        && !matches!(
+            op,
+            WriteOp::Accept { .. }
+                | WriteOp::PutBody { .. }
+                | WriteOp::PutFile { .. }
+                | WriteOp::Enqueue(_)
+                | WriteOp::InsertTriplet { .. }
+                | WriteOp::ReplaceTriplet { .. }
+                | WriteOp::PutClient { .. }
+                | WriteOp::PutRecipient { .. }
+                | WriteOp::PutPrimaryState { .. }
+        )
 }
 
 /// Runs one statement through the connection's statement cache: the writer
