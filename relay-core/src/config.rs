@@ -1045,6 +1045,7 @@ impl From<&Config> for crate::delivery::retry::RetrySettings {
             sweep_interval: config.aws.sweep_interval,
             probe_interval: config.delivery.probe_interval,
             queue_age: config.alerts.queue_age,
+            max_per_destination: config.delivery.max_connections_per_destination,
         }
     }
 }

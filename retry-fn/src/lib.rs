@@ -138,8 +138,11 @@ pub async fn handle(
         };
         (id, result)
     });
+    let results = futures_util::future::join_all(work).await;
+    // A returned invocation is frozen: it must not hold slots meanwhile.
+    processor.give_back_idle_slots().await;
     let mut response = SqsBatchResponse::default();
-    for (id, result) in futures_util::future::join_all(work).await {
+    for (id, result) in results {
         match result {
             Ok(outcome) => {
                 tracing::debug!(event = "sqs_record_done", message_id = %id, outcome = ?outcome)
@@ -272,6 +275,7 @@ pub async fn poll(
     // SIGTERM: attempts under way finish and store their outcome (an
     // attempt cut short would hold its record until the lease ends).
     while in_flight.join_next().await.is_some() {}
+    processor.give_back_idle_slots().await;
     log_requests();
     Ok(())
 }

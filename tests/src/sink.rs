@@ -30,6 +30,9 @@ pub struct Behaviour {
     /// The next N DATA phases: the connection is dropped after the first
     /// line of data, with no reply.
     pub drop_next: usize,
+    /// How long to wait before answering each message's data (so that
+    /// deliveries overlap).
+    pub data_reply_delay: Duration,
     /// Reply to MAIL FROM for every message, if set.
     pub mail_reply: Option<String>,
     /// The next N messages: after the whole message is read, hang (no
@@ -43,8 +46,35 @@ pub struct Behaviour {
     pub no_extensions: bool,
 }
 
+/// Connections that have begun a mail transaction (a probe's EHLO/QUIT
+/// does not count): how many now, and the most at once.
+#[derive(Debug, Default)]
+pub struct Concurrency {
+    now: AtomicUsize,
+    pub most: AtomicUsize,
+}
+
+/// Counts one connection in [`Concurrency`] until dropped.
+struct Counted<'a>(&'a Concurrency);
+
+impl<'a> Counted<'a> {
+    fn new(c: &'a Concurrency) -> Self {
+        let n = c.now.fetch_add(1, Ordering::SeqCst) + 1;
+        c.most.fetch_max(n, Ordering::SeqCst);
+        Counted(c)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub struct Sink {
     pub addr: SocketAddr,
+    /// Connections in a mail transaction, now and at most.
+    pub delivering: Arc<Concurrency>,
     pub behaviour: Arc<Mutex<Behaviour>>,
     received: Arc<Mutex<Vec<Received>>>,
     pub connections: Arc<AtomicUsize>,
@@ -66,22 +96,28 @@ impl Sink {
         let received = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicUsize::new(0));
+        let delivering = Arc::new(Concurrency::default());
         let thread = {
-            let (behaviour, received, stop, connections) = (
+            let (behaviour, received, stop, connections, delivering) = (
                 behaviour.clone(),
                 received.clone(),
                 stop.clone(),
                 connections.clone(),
+                delivering.clone(),
             );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((stream, _)) => {
                             connections.fetch_add(1, Ordering::SeqCst);
-                            let (behaviour, received, stop) =
-                                (behaviour.clone(), received.clone(), stop.clone());
+                            let (behaviour, received, stop, delivering) = (
+                                behaviour.clone(),
+                                received.clone(),
+                                stop.clone(),
+                                delivering.clone(),
+                            );
                             std::thread::spawn(move || {
-                                let _ = serve(stream, &behaviour, &received, &stop);
+                                let _ = serve(stream, &behaviour, &received, &stop, &delivering);
                             });
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -91,6 +127,7 @@ impl Sink {
         };
         Sink {
             addr,
+            delivering,
             behaviour,
             received,
             connections,
@@ -139,7 +176,9 @@ fn serve(
     behaviour: &Mutex<Behaviour>,
     received: &Mutex<Vec<Received>>,
     stop: &AtomicBool,
+    delivering: &Concurrency,
 ) -> std::io::Result<()> {
+    let mut counted = None;
     stream.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -181,6 +220,9 @@ fn serve(
         } else if upper.starts_with("HELO") {
             writer.write_all(b"250 primary.test\r\n")?;
         } else if upper.starts_with("MAIL FROM:") {
+            if counted.is_none() {
+                counted = Some(Counted::new(delivering));
+            }
             let reply = behaviour.lock().expect("lock").mail_reply.clone();
             match reply {
                 Some(r) => writer.write_all(format!("{r}\r\n").as_bytes())?,
@@ -259,6 +301,8 @@ fn serve(
                 behaviour.lock().expect("lock").stalled -= 1;
                 return Ok(());
             }
+            let delay = behaviour.lock().expect("lock").data_reply_delay;
+            std::thread::sleep(delay);
             let tempfail = {
                 let mut b = behaviour.lock().expect("lock");
                 let t = b.tempfail_next > 0;

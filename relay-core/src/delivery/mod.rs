@@ -14,6 +14,7 @@ pub(crate) mod probe;
 #[cfg(feature = "aws")]
 pub mod retry;
 pub mod route;
+pub mod slots;
 pub mod storm;
 pub mod transport;
 pub mod worker;

@@ -25,6 +25,17 @@ use crate::time::unix_seconds;
 const PERSIST_TRIES: u32 = 5;
 const PERSIST_PAUSE: Duration = Duration::from_millis(200);
 
+/// How long a ticket that found every connection slot of its destination
+/// taken waits before it asks again (SQS delays are whole seconds).
+const SLOT_WAIT_SECS: u64 = 1;
+
+/// How long a ticket waits in this process for one of the process's own
+/// slots to a destination before it is sent back to wait in SQS. Waiting
+/// here costs no request; the shared slots are asked only by tickets
+/// holding a local one, so a poller's 50 tickets for one destination do
+/// not all ask DynamoDB every second.
+const LOCAL_SLOT_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs a store write, trying again with backoff while it fails.
 async fn persist<T, F, Fut>(what: &'static str, mut write: F) -> Result<T, RetryError>
 where
@@ -141,6 +152,9 @@ pub struct RetrySettings {
     /// The sweeper alerts when the oldest queued message is older
     /// (`[alerts] queue_age`; only with a webhook).
     pub queue_age: Duration,
+    /// Connections at once to one destination, over every process that
+    /// delivers (`[delivery] max_connections_per_destination`).
+    pub max_per_destination: usize,
 }
 
 /// What one sweeper pass did.
@@ -172,6 +186,8 @@ pub struct RetryProcessor {
     /// delivered again.
     unstored: Mutex<HashMap<QueueId, (AttemptReport, u64)>>,
     queue_age: crate::alerts::QueueAgeWatch,
+    /// This process's side of each destination's connection slots.
+    slots: super::slots::SlotTable,
 }
 
 impl RetryProcessor {
@@ -183,6 +199,7 @@ impl RetryProcessor {
             crash: None,
             unstored: Mutex::new(HashMap::new()),
             queue_age: Default::default(),
+            slots: Default::default(),
         }
     }
 
@@ -271,8 +288,229 @@ impl RetryProcessor {
                 probing = true;
             }
         }
+        // A ticket the claim turns away (stale, leased, not due) needs no
+        // slot: it never connects.
+        let attemptable = item.version == ticket.version
+            && item.lease <= now_secs
+            && item.entry.next_attempt <= now_secs;
+        if !attemptable {
+            return self
+                .claim_and_attempt(item, &ticket, now, lease, probing)
+                .await;
+        }
+        // One of the destination's connection slots, shared by every
+        // delivering process: without one the ticket waits, unattempted.
+        let limit = self.settings.max_per_destination.max(1);
+        let local = self.slots.for_domain(&domain, limit);
+        // Waiting here counts against the attempt's own time limit.
+        let wait = LOCAL_SLOT_WAIT.min(self.settings.attempt_lease / 4);
+        let permit = tokio::time::timeout(wait, local.permits.clone().acquire_owned()).await;
+        let taken = match permit {
+            Ok(Ok(permit)) => self
+                .slot_for_attempt(&local, &domain, &ticket)
+                .await?
+                .map(|slot| (permit, slot)),
+            _ => None,
+        };
+        let Some((_permit, slot)) = taken else {
+            metrics::counter!("backupmx_destination_slot_waits_total").increment(1);
+            tracing::debug!(event = "destination_slot_wait", queue_id = %ticket.id, domain = %domain, limit);
+            store
+                .send_ticket(&ticket, SLOT_WAIT_SECS)
+                .await
+                .map_err(store_err("re-delaying the ticket for a slot"))?;
+            return Ok(Processed::Redelayed);
+        };
+        // Cut short (the caller's time limit, a Lambda deadline), the
+        // attempt still gives its slot back.
+        let guard = SlotGuard {
+            store: self.store.clone(),
+            local: local.clone(),
+            domain: domain.clone(),
+            slot: Some(slot.clone()),
+        };
+        // The attempt's lease starts now, not before the slot was found.
+        let now = SystemTime::now();
+        let until = std::sync::atomic::AtomicU64::new(slot.until);
+        let attempt = self.claim_and_attempt(item, &ticket, now, lease, probing);
+        tokio::pin!(attempt);
+        let renewing = self.keep_slot(&domain, &slot, &until);
+        let (result, kept) = tokio::select! {
+            result = &mut attempt => (result, true),
+            () = renewing => (attempt.await, false),
+        };
+        guard.disarm();
+        if kept {
+            let slot = super::slots::HeldSlot {
+                until: until.load(std::sync::atomic::Ordering::Relaxed),
+                ..slot
+            };
+            self.park_slot(local, domain, slot);
+        } else {
+            local.release([slot.index]);
+        }
+        result
+    }
+
+    /// A slot for an attempt to `domain` (the caller holds one of this
+    /// process's permits): an idle one this process holds (no request, or
+    /// one renewal), else a newly taken one; `None` when the few indices
+    /// asked for were all taken by other processes.
+    async fn slot_for_attempt(
+        &self,
+        local: &super::slots::LocalSlots,
+        domain: &crate::address::DomainName,
+        ticket: &Ticket,
+    ) -> Result<Option<super::slots::HeldSlot>, RetryError> {
+        use super::slots::{SLOT_LEASE_SECS, SLOT_RENEWAL};
+        while let Some(slot) = local.take_idle() {
+            let now_secs = unix_seconds(SystemTime::now());
+            if slot.until > now_secs + SLOT_RENEWAL.as_secs() {
+                return Ok(Some(slot));
+            }
+            let until = now_secs + SLOT_LEASE_SECS;
+            let renewed = self
+                .store
+                .renew_slot(domain, slot.index, &slot.holder, until)
+                .await;
+            match renewed {
+                Ok(true) => return Ok(Some(super::slots::HeldSlot { until, ..slot })),
+                Ok(false) => local.release([slot.index]),
+                Err(e) => {
+                    local.release([slot.index]);
+                    return Err(store_err("renewing a destination slot")(e));
+                }
+            }
+        }
+        self.take_shared_slot(local, domain, ticket).await
+    }
+
+    /// Parks a slot after its attempt and gives it back to the store if no
+    /// ticket takes it within [`IDLE_GIVE_BACK`](super::slots::IDLE_GIVE_BACK).
+    fn park_slot(
+        &self,
+        local: Arc<super::slots::LocalSlots>,
+        domain: crate::address::DomainName,
+        slot: super::slots::HeldSlot,
+    ) {
+        let parking = local.park(slot);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(super::slots::IDLE_GIVE_BACK).await;
+            if let Some(slot) = local.reclaim_idle(parking) {
+                give_back(&store, &local, &domain, slot).await;
+            }
+        });
+    }
+
+    /// Gives back every idle slot now. A Lambda invocation calls this
+    /// before it returns (a frozen instance would hold them until their
+    /// lease ends), a poller before it exits.
+    pub async fn give_back_idle_slots(&self) {
+        for (domain, local) in self.slots.all() {
+            for slot in local.drain_idle() {
+                give_back(&self.store, &local, &domain, slot).await;
+            }
+        }
+    }
+
+    /// Takes one of the destination's shared slots for `ticket` (the
+    /// caller holds one of this process's permits): the slot's index, its
+    /// holder name and the time it was taken, or `None` when the few
+    /// indices asked for were all taken.
+    async fn take_shared_slot(
+        &self,
+        local: &super::slots::LocalSlots,
+        domain: &crate::address::DomainName,
+        ticket: &Ticket,
+    ) -> Result<Option<super::slots::HeldSlot>, RetryError> {
+        // The permit's wait may have been long: the time is read again.
+        let now = SystemTime::now();
+        let now_secs = unix_seconds(now);
+        let slot_lease = super::slots::SLOT_LEASE_SECS;
+        let holder = format!(
+            "{}#{}#{}",
+            ticket.id,
+            ticket.version,
+            crate::queue::new_id(now)
+        );
+        let start = rand::random::<u32>() as usize;
+        let mut tried = Vec::with_capacity(super::slots::TAKE_TRIES);
+        while tried.len() < super::slots::TAKE_TRIES {
+            let Some(index) = local.reserve_next(start, &tried) else {
+                break;
+            };
+            let took = self
+                .store
+                .take_slot(domain, index, &holder, now_secs, now_secs + slot_lease)
+                .await;
+            match took {
+                Ok(true) => {
+                    return Ok(Some(super::slots::HeldSlot {
+                        index,
+                        holder,
+                        until: now_secs + slot_lease,
+                    }))
+                }
+                Ok(false) => {
+                    local.release([index]);
+                    tried.push(index);
+                }
+                Err(e) => {
+                    local.release([index]);
+                    return Err(store_err("taking a destination slot")(e));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Renews a held slot's lease while the attempt runs (recording the
+    /// new end in `until`); returns only if the slot is lost (its lease
+    /// ended and another holder took it) or the store fails, after which
+    /// the attempt goes on without it.
+    async fn keep_slot(
+        &self,
+        domain: &crate::address::DomainName,
+        slot: &super::slots::HeldSlot,
+        until: &std::sync::atomic::AtomicU64,
+    ) {
+        loop {
+            tokio::time::sleep(super::slots::SLOT_RENEWAL).await;
+            let next = unix_seconds(SystemTime::now()) + super::slots::SLOT_LEASE_SECS;
+            match self
+                .store
+                .renew_slot(domain, slot.index, &slot.holder, next)
+                .await
+            {
+                Ok(true) => until.store(next, std::sync::atomic::Ordering::Relaxed),
+                Ok(false) => {
+                    tracing::warn!(event = "destination_slot_lost", domain = %domain, index = slot.index);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(event = "destination_slot_not_renewed", domain = %domain, index = slot.index, error = %crate::error::Report(&e));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Claims the record and makes the attempt (the caller holds one of the
+    /// destination's slots).
+    async fn claim_and_attempt(
+        &self,
+        item: crate::store::aws::QueueItem,
+        ticket: &Ticket,
+        now: SystemTime,
+        lease: u64,
+        probing: bool,
+    ) -> Result<Processed, RetryError> {
+        let store = &self.store;
+        let now_secs = unix_seconds(now);
+        let domain = item.entry.domain.clone();
         let item = match store
-            .claim(item, &ticket, now_secs, lease)
+            .claim(item, ticket, now_secs, lease)
             .await
             .map_err(store_err("claiming the record"))?
         {
@@ -281,7 +519,7 @@ impl RetryProcessor {
             Claim::Leased => return Ok(Processed::Dropped("attempt under way")),
             Claim::NotDue { due } => {
                 store
-                    .send_ticket(&ticket, due - now_secs)
+                    .send_ticket(ticket, due - now_secs)
                     .await
                     .map_err(store_err("re-delaying the ticket"))?;
                 return Ok(Processed::Redelayed);
@@ -740,6 +978,50 @@ impl MessageStore for Prefetched<'_> {
     async fn delete(&self, id: &QueueId) -> Result<(), crate::store::StoreError> {
         self.inner.delete(id).await
     }
+}
+
+/// Gives a slot back if the attempt holding it is dropped before it ends.
+struct SlotGuard {
+    store: Arc<AwsStore>,
+    local: Arc<super::slots::LocalSlots>,
+    domain: crate::address::DomainName,
+    slot: Option<super::slots::HeldSlot>,
+}
+
+impl SlotGuard {
+    fn disarm(mut self) {
+        self.slot = None;
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let (store, local, domain) = (self.store.clone(), self.local.clone(), self.domain.clone());
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { give_back(&store, &local, &domain, slot).await });
+            }
+            // No runtime left: the lease frees it in the store.
+            Err(_) => local.release([slot.index]),
+        }
+    }
+}
+
+/// Gives a held slot back to the store and forgets it.
+async fn give_back(
+    store: &AwsStore,
+    local: &super::slots::LocalSlots,
+    domain: &crate::address::DomainName,
+    slot: super::slots::HeldSlot,
+) {
+    if let Err(e) = store.give_slot(domain, slot.index, &slot.holder).await {
+        // Its lease ends it anyway.
+        tracing::warn!(event = "destination_slot_not_given_back", domain = %domain, error = %crate::error::Report(&e));
+    }
+    local.release([slot.index]);
 }
 
 #[cfg(test)]

@@ -19,6 +19,13 @@
 //! next probe), `since`, `last_error`. They have no `record`, so listings
 //! skip them; the `by_due` index lists them under `q = down`.
 //!
+//! Connection slots per destination, also shared: one item per slot, id
+//! `slot#<domain>#<index>` (index below `max_connections_per_destination`),
+//! `holder` (S), `until` (N: lease end). A slot is taken by a put
+//! conditional on it being absent or expired, renewed and given back only
+//! by its holder. No `record`, no `q`: listings and indexes skip it. A
+//! crashed holder's slot is free again when its (short) lease ends.
+//!
 //! Why it cannot lose a message: a ticket is sent only after the write it
 //! stands for, and a ticket whose version is not the record's is stale and
 //! dropped. Whatever dies between a write and its ticket (a failed send, a
@@ -138,6 +145,10 @@ pub struct DownState {
     /// Unix seconds: when the next probe may run.
     pub probe_at: u64,
     pub last_error: String,
+}
+
+fn slot_key(domain: &DomainName, index: usize) -> String {
+    format!("slot#{domain}#{index}")
 }
 
 fn down_key(domain: &DomainName) -> String {
@@ -513,6 +524,92 @@ impl AwsStore {
             Ok(_) => Ok(true),
             Err(e) if is_condition_failed(&e) => Ok(false),
             Err(e) => Err(backend("probe claim", e)),
+        }
+    }
+
+    /// Takes connection slot `index` (of `domain`'s destination) for
+    /// `holder` until `until` (Unix seconds): `false` when another holder
+    /// has it and its lease has not ended. One slot is one item
+    /// (`slot#<domain>#<index>`), taken by a put DynamoDB checks
+    /// atomically, so every delivering process (pollers, Lambda
+    /// invocations) counts against the same slots without contending for
+    /// one item; a crashed holder's slot is free again once its lease ends.
+    pub async fn take_slot(
+        &self,
+        domain: &DomainName,
+        index: usize,
+        holder: &str,
+        now: u64,
+        until: u64,
+    ) -> Result<bool, StoreError> {
+        let taken = self
+            .dynamodb
+            .put_item()
+            .table_name(self.queue_table())
+            .item("id", s(slot_key(domain, index)))
+            .item("holder", s(holder))
+            .item("until", n(until))
+            .condition_expression("attribute_not_exists(id) OR #until <= :now")
+            .expression_attribute_names("#until", "until")
+            .expression_attribute_values(":now", n(now))
+            .send()
+            .await;
+        match taken {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(backend("destination slot take", e)),
+        }
+    }
+
+    /// Extends `holder`'s lease on a slot it took: `false` when it no
+    /// longer holds it (its lease ended and another took it).
+    pub async fn renew_slot(
+        &self,
+        domain: &DomainName,
+        index: usize,
+        holder: &str,
+        until: u64,
+    ) -> Result<bool, StoreError> {
+        let renewed = self
+            .dynamodb
+            .update_item()
+            .table_name(self.queue_table())
+            .key("id", s(slot_key(domain, index)))
+            .update_expression("SET #until = :until")
+            .condition_expression("holder = :holder")
+            .expression_attribute_names("#until", "until")
+            .expression_attribute_values(":until", n(until))
+            .expression_attribute_values(":holder", s(holder))
+            .send()
+            .await;
+        match renewed {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(backend("destination slot renew", e)),
+        }
+    }
+
+    /// Gives back a slot [`take_slot`](Self::take_slot) took (nothing if
+    /// another holder has it by now).
+    pub async fn give_slot(
+        &self,
+        domain: &DomainName,
+        index: usize,
+        holder: &str,
+    ) -> Result<(), StoreError> {
+        let given = self
+            .dynamodb
+            .delete_item()
+            .table_name(self.queue_table())
+            .key("id", s(slot_key(domain, index)))
+            .condition_expression("holder = :holder")
+            .expression_attribute_values(":holder", s(holder))
+            .send()
+            .await;
+        match given {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failed(&e) => Ok(()),
+            Err(e) => Err(backend("destination slot give", e)),
         }
     }
 
