@@ -27,6 +27,7 @@ pub mod dns;
 pub mod dnsbl;
 pub mod doctor;
 pub mod error;
+pub mod filter;
 pub mod greylist;
 pub mod policy;
 pub mod queue;
