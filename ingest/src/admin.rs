@@ -78,6 +78,9 @@ pub(crate) enum DomainCommand {
         /// for the primary's name.
         #[arg(long, value_name = "opportunistic|required|verified")]
         tls: Option<relay_core::domain::TlsPolicy>,
+        /// Scan the domain's mail with the content filter ([filter] rspamd), or not.
+        #[arg(long, value_name = "BOOL")]
+        filter: Option<bool>,
     },
     /// Show one domain, with its primary's last observed state.
     Show {
@@ -296,6 +299,7 @@ pub(crate) async fn domain(
             release,
             queue_lifetime,
             tls,
+            filter,
         } => {
             let name = parse_domain(&domain)?;
             let change = DomainChange {
@@ -312,6 +316,7 @@ pub(crate) async fn domain(
                 },
                 queue_lifetime,
                 tls,
+                filter,
             };
             let outcome = match admin.set_domain(&name, change, now()).await {
                 Err(AdminError::NoSuchDomain(_)) => {
@@ -383,6 +388,15 @@ pub(crate) async fn domain(
             println!("recipient_verify: {}", d.recipient_verify);
             println!("defer_while_primary_up: {}", d.defer_while_primary_up);
             println!("tls: {}", d.tls);
+            println!(
+                "filter: {}{}",
+                d.filter,
+                if config.filter.is_none() {
+                    " (no [filter] configured)"
+                } else {
+                    ""
+                }
+            );
             println!(
                 "primary_state: {}",
                 match view.primary_state {

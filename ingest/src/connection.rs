@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     /// ETRN: in the embedded mode the worker, with the AWS backend the
     /// shared queue (any delivery process picks the released mail up).
     pub etrn: Option<Etrn>,
+    /// The content filter (`[filter] rspamd`).
+    pub filter: Option<relay_core::filter::Rspamd>,
 }
 
 pub(crate) struct Etrn {
@@ -263,6 +265,8 @@ struct Handler {
     reserved: u64,
     /// The message being received, once it is too big to hold in memory.
     spill: Option<Spill>,
+    /// Accepted recipients' domains that want their mail scanned.
+    filtered_domains: Vec<relay_core::address::DomainName>,
 }
 
 /// Whether the connection goes on after a step.
@@ -286,6 +290,7 @@ impl Handler {
             lookups,
             reserved: 0,
             spill: None,
+            filtered_domains: Vec::new(),
         }
     }
 
@@ -440,10 +445,10 @@ impl Handler {
         recipient: relay_core::address::Mailbox,
         sender: relay_core::address::ReversePath,
     ) -> Step {
-        let verdict = self
+        let (verdict, filter) = self
             .shared
             .policy
-            .check(
+            .check_with_filter(
                 self.peer.ip(),
                 &mut self.lookups,
                 &sender,
@@ -451,6 +456,11 @@ impl Handler {
                 SystemTime::now(),
             )
             .await;
+        if let (true, relay_core::smtp::RcptVerdict::Accept { domain, .. }) = (filter, &verdict) {
+            if !self.filtered_domains.contains(domain) {
+                self.filtered_domains.push(domain.clone());
+            }
+        }
         if let relay_core::smtp::RcptVerdict::Reject(r) = &verdict {
             tracing::info!(event = "recipient_rejected", rcpt = %recipient, reply = %r);
         }
@@ -472,18 +482,38 @@ impl Handler {
             message.deferred = d.worker.deferred_until(&domains, SystemTime::now());
         }
         let mut spilled = self.spill.take();
-        let size = message.body.len() as u64 + spilled.as_ref().map_or(0, |s| s.len);
-        let result = match spilled.as_mut() {
-            // The rest of a big message joins its first pieces in the file,
-            // and the store copies it from there.
-            Some(s) => match finish_spill(s, &mut message).await {
-                Ok(()) => shared.spool.accept(*message).await,
-                Err(e) => Err(relay_core::store::StoreError::io(
-                    "cannot write the spool file",
-                    e,
-                )),
-            },
-            None => shared.spool.accept(*message).await,
+        // The rest of a big message joins its first pieces in the file,
+        // and the filter and the store read it from there.
+        let finished = match spilled.as_mut() {
+            Some(s) => finish_spill(s, &mut message)
+                .await
+                .map_err(|e| relay_core::store::StoreError::io("cannot write the spool file", e)),
+            None => Ok(()),
+        };
+        if let (Ok(()), Some(rspamd)) = (&finished, &shared.filter) {
+            let wanted = message
+                .recipients
+                .iter()
+                .any(|r| self.filtered_domains.contains(&r.domain));
+            if wanted {
+                if let Err(reply) = crate::filtering::scan(rspamd, &mut message).await {
+                    if let Some(s) = spilled {
+                        s.remove().await;
+                    }
+                    tracing::info!(event = "message_refused_by_filter", queue_id = %id, from = %sender, nrcpt, reply = %reply);
+                    self.session
+                        .message_refused("filter", reply, SystemTime::now());
+                    return Step::Continue;
+                }
+            }
+        }
+        let size = message
+            .spooled
+            .as_ref()
+            .map_or(message.body.len() as u64, |s| s.len);
+        let result = match finished {
+            Ok(()) => shared.spool.accept(*message).await,
+            Err(e) => Err(e),
         };
         if let Some(s) = spilled {
             s.remove().await;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod admin;
 mod connection;
+mod filtering;
 mod limits;
 mod metrics;
 mod server;

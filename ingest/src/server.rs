@@ -400,6 +400,10 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         tls: tls.clone(),
         delivery,
         etrn,
+        filter: config
+            .filter_settings()
+            .context("[filter]")?
+            .map(relay_core::filter::Rspamd::new),
     });
     let limits = Arc::new(Limits {
         proxy: config.smtp.proxy_protocol.then(|| ProxyPolicy {

@@ -83,6 +83,8 @@ pub struct DomainChange {
     pub queue_lifetime: Option<Duration>,
     /// How the hop to the primary must be protected.
     pub tls: Option<crate::domain::TlsPolicy>,
+    /// Scan the domain's mail with the content filter.
+    pub filter: Option<bool>,
 }
 
 /// What [`Admin::set_domain`] did.
@@ -418,6 +420,9 @@ impl Admin {
         }
         if let Some(t) = change.tls {
             d.tls = t;
+        }
+        if let Some(f) = change.filter {
+            d.filter = f;
         }
         self.registry
             .put(&d)

@@ -62,6 +62,8 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// The status page and admin API (`[admin] listen`); absent: none.
     pub admin: Option<AdminConfig>,
+    /// The content filter (`[filter] rspamd`); absent: none.
+    pub filter: Option<FilterConfig>,
     /// `[[domain]]` entries, upserted into the registry at start.
     #[serde(rename = "domain")]
     pub domains: Vec<DomainConfig>,
@@ -205,6 +207,52 @@ pub struct AwsConfig {
     /// How often `retry-fn poll` runs the sweeper.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+}
+
+/// `[filter]`: rspamd at the edge, for every domain that does not say
+/// `filter = false`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// rspamd's normal worker, `http://host:port`.
+    pub rspamd: String,
+    /// Longest a scan may take (waiting for a free slot included).
+    #[serde(with = "humantime_serde", default = "filter_timeout")]
+    pub timeout: Duration,
+    /// When rspamd cannot answer: `accept` (unscanned, counted and logged)
+    /// or `tempfail` (`451 4.7.1`).
+    #[serde(default)]
+    pub on_error: crate::filter::OnError,
+    /// Messages at once with rspamd.
+    #[serde(default = "filter_max_concurrent")]
+    pub max_concurrent: usize,
+}
+
+fn filter_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn filter_max_concurrent() -> usize {
+    32
+}
+
+impl Config {
+    /// The filter's settings, if `[filter]` is set.
+    pub fn filter_settings(&self) -> Result<Option<crate::filter::FilterSettings>, ConfigError> {
+        let Some(f) = &self.filter else {
+            return Ok(None);
+        };
+        let (authority, base_path) = crate::filter::parse_url(&f.rspamd)
+            .map_err(|e| ConfigError::Invalid(format!("filter.rspamd: {e}")))?;
+        Ok(Some(crate::filter::FilterSettings {
+            authority,
+            base_path,
+            timeout: f.timeout,
+            on_error: f.on_error,
+            max_concurrent: f.max_concurrent,
+            mta_name: self.hostname.clone(),
+        }))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -417,6 +465,9 @@ pub struct DomainConfig {
     /// How the hop to the primary must be protected.
     #[serde(default)]
     pub tls: Option<crate::domain::TlsPolicy>,
+    /// `false`: this domain's mail is not scanned by `[filter]`.
+    #[serde(default)]
+    pub filter: Option<bool>,
 }
 
 impl Default for Config {
@@ -436,6 +487,7 @@ impl Default for Config {
             recipient_verify: RecipientVerifyConfig::default(),
             alerts: AlertsConfig::default(),
             admin: None,
+            filter: None,
             domains: Vec::new(),
         }
     }
@@ -649,6 +701,12 @@ impl Config {
         if !self.postmaster.is_empty() {
             self.postmaster()?;
         }
+        if let Some(f) = &self.filter {
+            self.filter_settings()?;
+            if f.timeout.is_zero() || f.max_concurrent == 0 {
+                return invalid("filter.timeout and filter.max_concurrent must be positive".into());
+            }
+        }
         if self.smtp.listen.is_empty() {
             return invalid("smtp.listen must name at least one address".into());
         }
@@ -793,6 +851,9 @@ impl DomainConfig {
         d.queue_lifetime = self.queue_lifetime.map(|l| l.as_secs());
         if let Some(t) = self.tls {
             d.tls = t;
+        }
+        if let Some(f) = self.filter {
+            d.filter = f;
         }
         Ok(d)
     }

@@ -136,6 +136,37 @@ impl Policy {
         rcpt: &Mailbox,
         now: SystemTime,
     ) -> RcptVerdict {
+        self.check_with_filter(client, lookups, sender, rcpt, now)
+            .await
+            .0
+    }
+
+    /// [`check`](Self::check), and whether the recipient's domain wants
+    /// its mail scanned by the content filter (its `filter` switch).
+    pub async fn check_with_filter(
+        &self,
+        client: IpAddr,
+        lookups: &mut ClientLookups,
+        sender: &ReversePath,
+        rcpt: &Mailbox,
+        now: SystemTime,
+    ) -> (RcptVerdict, bool) {
+        let mut filter = false;
+        let verdict = self
+            .decide(client, lookups, sender, rcpt, now, &mut filter)
+            .await;
+        (verdict, filter)
+    }
+
+    async fn decide(
+        &self,
+        client: IpAddr,
+        lookups: &mut ClientLookups,
+        sender: &ReversePath,
+        rcpt: &Mailbox,
+        now: SystemTime,
+        filter: &mut bool,
+    ) -> RcptVerdict {
         let role = is_role_account(rcpt);
         let mut allowlisted = false;
         if let Some(dnsbl) = &self.dnsbl {
@@ -203,6 +234,7 @@ impl Policy {
                     .increment(1);
             }
         }
+        *filter = domain.filter;
         RcptVerdict::Accept {
             domain: domain.name,
             max_message_size: domain.max_message_size,

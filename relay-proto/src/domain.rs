@@ -44,6 +44,10 @@ pub struct Domain {
     /// How the hop to the primary must be protected.
     #[serde(default)]
     pub tls: TlsPolicy,
+    /// Scan this domain's mail with the content filter (when `[filter]`
+    /// is set).
+    #[serde(default = "yes")]
+    pub filter: bool,
 }
 
 /// The least protection a delivery to the domain's primary may have.
@@ -210,6 +214,7 @@ impl Domain {
             hold: None,
             queue_lifetime: None,
             tls: TlsPolicy::Opportunistic,
+            filter: true,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod mta;
 pub mod opensmtpd;
 pub mod pki;
 pub mod postfix;
+pub mod rspamd;
 pub mod sink;
 pub mod soak;
 

@@ -365,7 +365,10 @@ mod tests {
             match decide(&r, false) {
                 Decision::Refuse(reply) => {
                     assert_eq!(reply.code, 451);
-                    assert_eq!((reply.status, reply.lines[0].as_str()), ("4.7.1", "Try again later"));
+                    assert_eq!(
+                        (reply.status, reply.lines[0].as_str()),
+                        ("4.7.1", "Try again later")
+                    );
                 }
                 other => panic!("{action}: {other:?}"),
             }

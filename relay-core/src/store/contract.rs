@@ -53,6 +53,7 @@ pub(crate) async fn domains_contract(reg: &dyn DomainRegistry) {
     });
     d.queue_lifetime = Some(30 * 86_400);
     d.tls = crate::domain::TlsPolicy::Verified;
+    d.filter = false;
     reg.put(&d).await.unwrap();
     assert_eq!(reg.get(&name).await.unwrap(), Some(d.clone()));
     d.hold = None;

@@ -468,6 +468,22 @@ impl Session {
         self.process(now);
     }
 
+    /// The answer to [`Action::Store`] when the message was refused before
+    /// it was stored (a content filter's verdict): `reason` is counted
+    /// like the session's other refusals.
+    pub fn message_refused(&mut self, reason: &'static str, reply: Reply, now: SystemTime) {
+        if self.waiting != Waiting::Store {
+            return;
+        }
+        self.waiting = Waiting::Nothing;
+        self.rejections.push(Rejection {
+            reason,
+            code: reply.code,
+        });
+        self.reply(&reply);
+        self.process(now);
+    }
+
     /// The answer to [`Action::AdmitMail`]: `Err` carries the refusal.
     pub fn mail_admitted(&mut self, result: Result<(), Reply>, now: SystemTime) {
         if self.waiting != Waiting::Admit {

@@ -599,6 +599,9 @@ fn domain_item(d: &Domain) -> HashMap<String, AttributeValue> {
     if let Some(l) = d.queue_lifetime {
         item.insert("queue_lifetime".into(), n(l));
     }
+    if !d.filter {
+        item.insert("filter".into(), AttributeValue::Bool(false));
+    }
     if d.tls != crate::domain::TlsPolicy::Opportunistic {
         item.insert("tls".into(), s(d.tls.to_string()));
     }
@@ -635,6 +638,7 @@ fn domain_from_item(item: &HashMap<String, AttributeValue>) -> Result<Domain, St
                 .ok_or_else(corrupt)?,
         },
         defer_while_primary_up: flag("defer_while_primary_up")?.unwrap_or(false),
+        filter: flag("filter")?.unwrap_or(true),
         hold: match item.get("hold_reason") {
             None => None,
             Some(v) => Some(crate::domain::Hold {

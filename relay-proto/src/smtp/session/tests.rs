@@ -15,6 +15,7 @@ struct Transcript {
     /// The answer to every MAIL admission request.
     admission: Result<(), Reply>,
     admissions: Vec<Option<u64>>,
+    filter_refuses: bool,
 }
 
 impl Transcript {
@@ -39,6 +40,7 @@ impl Transcript {
             tls_started: 0,
             admission: Ok(()),
             admissions: Vec::new(),
+            filter_refuses: false,
         };
         let greeting = t.drain();
         assert_eq!(greeting, "220 mx2.test ESMTP backupmx\r\n");
@@ -75,6 +77,14 @@ impl Transcript {
                 Action::CheckRecipient { recipient, .. } => {
                     let v = Self::verdict(&recipient);
                     self.session.recipient_checked(v, Self::now());
+                }
+                Action::Store(m) if self.filter_refuses => {
+                    let _ = m;
+                    self.session.message_refused(
+                        "filter",
+                        Reply::new(550, "5.7.1", "Gtube pattern"),
+                        Self::now(),
+                    );
                 }
                 Action::Store(m) => {
                     let result = if self.store_fails {
@@ -371,6 +381,23 @@ fn starttls_without_certificate_is_not_implemented() {
     let out = t.send("EHLO c.test\r\n");
     assert!(!out.contains("STARTTLS"));
     t.cmd("STARTTLS", "502 5.5.1");
+}
+
+#[test]
+fn a_filter_refusal_is_the_reply_to_data_and_the_session_goes_on() {
+    let mut t = Transcript::new();
+    t.filter_refuses = true;
+    t.envelope();
+    t.cmd("DATA", "354");
+    assert_eq!(t.send("x\r\n.\r\n"), "550 5.7.1 Gtube pattern\r\n");
+    assert!(t.stored.is_empty());
+    let refusals: Vec<(&str, u16)> = t
+        .session
+        .take_rejections()
+        .map(|r| (r.reason, r.code))
+        .collect();
+    assert_eq!(refusals, vec![("filter", 550)]);
+    t.cmd("MAIL FROM:<a@b.test>", "250");
 }
 
 #[test]
