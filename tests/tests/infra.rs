@@ -35,6 +35,13 @@ fn assert_config_key(var: &str) {
         reload_interval: None,
     })
     .unwrap();
+    defaults["filter"] = serde_json::to_value(relay_core::config::FilterConfig {
+        rspamd: "http://127.0.0.1:11333".into(),
+        timeout: std::time::Duration::from_secs(10),
+        on_error: Default::default(),
+        max_concurrent: 32,
+    })
+    .unwrap();
     let mut node = &defaults;
     for part in rest.to_lowercase().split("__") {
         node = node
