@@ -261,6 +261,18 @@ fn describe() {
         "DNSBL lookups by zone and result"
     );
     metrics::describe_counter!(
+        "backupmx_filter_results_total",
+        "messages the content filter (rspamd) scanned, by its action"
+    );
+    metrics::describe_counter!(
+        "backupmx_filter_errors_total",
+        "scans that got no answer (connect, timeout, status, bad_reply, ...): on_error decided"
+    );
+    metrics::describe_histogram!(
+        "backupmx_filter_seconds",
+        "time a message spent with the content filter, waiting for a slot included"
+    );
+    metrics::describe_counter!(
         "backupmx_aws_requests_total",
         "requests to AWS by service and operation (what AWS bills; AWS backend only)"
     );

@@ -1159,6 +1159,10 @@ mod tests {
         let admin = cfg.admin.as_ref().unwrap();
         assert_eq!(admin.listen, "127.0.0.1:9326".parse().unwrap());
         assert_eq!(admin.token(), None);
+        let filter = cfg.filter_settings().unwrap().unwrap();
+        assert_eq!(filter.authority, "127.0.0.1:11333");
+        assert_eq!(filter.on_error, crate::filter::OnError::Accept);
+        assert!(cfg.domains[0].to_domain().unwrap().filter);
         assert_eq!(
             cfg.domains[0].to_domain().unwrap().recipients.unwrap(),
             ["user@example.test"]

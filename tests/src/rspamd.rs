@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 pub struct Rspamd {
     pub url: String,
+    /// The watchdog shell (it outlives nothing: it ends with this process).
+    _watchdog: std::process::Child,
     /// Keeps the directories for as long as the test process runs.
     _dir: tempfile::TempDir,
 }
@@ -114,7 +116,7 @@ worker "normal" {{
             rspamd.join(" "),
             std::process::id()
         );
-        Command::new("sh")
+        let watchdog = Command::new("sh")
             .arg("-c")
             .arg(script)
             .arg("sh")
@@ -143,6 +145,10 @@ worker "normal" {{
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        Rspamd { url, _dir: dir }
+        Rspamd {
+            url,
+            _watchdog: watchdog,
+            _dir: dir,
+        }
     }
 }
