@@ -78,7 +78,7 @@ pub(crate) enum DomainCommand {
         /// for the primary's name.
         #[arg(long, value_name = "opportunistic|required|verified")]
         tls: Option<relay_core::domain::TlsPolicy>,
-        /// Scan the domain's mail with the content filter ([filter] rspamd), or not.
+        /// Scan the domain's mail with the content filter (`[filter] rspamd`), or not.
         #[arg(long, value_name = "BOOL")]
         filter: Option<bool>,
     },

@@ -51,7 +51,8 @@ pub(crate) async fn scan(rspamd: &Rspamd, message: &mut AcceptedMessage) -> Resu
             metrics::counter!("backupmx_filter_results_total", "action" => reply.action.label().to_string())
                 .increment(1);
             tracing::info!(event = "filter_result", queue_id = %message.id, action = reply.action.label(),
-                score = reply.score, required = reply.required_score, seconds = took.as_secs_f64());
+                score = reply.score, required = reply.required_score, seconds = took.as_secs_f64(),
+                rspamd_seconds = reply.time_real.unwrap_or_default());
             decide(&reply, never_refuse)
         }
         Err(e) => {

@@ -272,8 +272,14 @@ pub fn domain_page(
 <dt>Last error</dt><dd>{error}</dd>\
 <dt>Enabled</dt><dd>{enabled}</dd>\
 <dt>Recipient verification</dt><dd>{verify}</dd>\
-<dt>TLS to the primary</dt><dd class=\"tls\">{tls}</dd>",
+<dt>TLS to the primary</dt><dd class=\"tls\">{tls}</dd>\
+<dt>Content filter</dt><dd class=\"filter\">{filter}</dd>",
         tls = escape(&d.tls.to_string()),
+        filter = if d.filter {
+            "on (when [filter] is set)"
+        } else {
+            "off"
+        },
         badge = primary_badge(s, now),
         hop = escape(&primary),
         queued = s.queued,
