@@ -170,6 +170,18 @@ const METRICS: &[MetricSpec] = &[
         &[],
     ),
     (
+        "backupmx_filter_results_total",
+        "messages the content filter (rspamd) scanned, by its action",
+        false,
+        &[("action", "reject")],
+    ),
+    (
+        "backupmx_filter_errors_total",
+        "scans that got no answer (connect, timeout, status, bad_reply, ...): on_error decided",
+        false,
+        &[("reason", "timeout")],
+    ),
+    (
         "backupmx_alerts_total",
         "webhook alerts by result (sent, failed, dropped)",
         false,
@@ -259,14 +271,6 @@ fn describe() {
     metrics::describe_counter!(
         "backupmx_dnsbl_lookups_total",
         "DNSBL lookups by zone and result"
-    );
-    metrics::describe_counter!(
-        "backupmx_filter_results_total",
-        "messages the content filter (rspamd) scanned, by its action"
-    );
-    metrics::describe_counter!(
-        "backupmx_filter_errors_total",
-        "scans that got no answer (connect, timeout, status, bad_reply, ...): on_error decided"
     );
     metrics::describe_histogram!(
         "backupmx_filter_seconds",
