@@ -17,10 +17,11 @@ RUNS=${1:-3}
 BMX_PORT=${BMX_PORT:-2727} RSPAMD_PORT=${RSPAMD_PORT:-21333} TARPIT_PORT=${TARPIT_PORT:-21444}
 work=$(mktemp -d /var/tmp/bmx-filter.XXXX)
 cleanup() {
-  stop_bmx
+  stop_bmx || true
   [ -n "${rspamd_pid:-}" ] && kill "$rspamd_pid" 2>/dev/null
   [ -n "${tarpit_pid:-}" ] && kill "$tarpit_pid" 2>/dev/null
   rm -rf "$work"
+  true
 }
 trap cleanup EXIT
 command -v rspamd > /dev/null || { echo "rspamd is not installed (scripts/install-test-deps)" >&2; exit 2; }
@@ -97,17 +98,20 @@ for round in $(seq 1 "$RUNS"); do
       --sessions 10 --count 2000 --size 1024 --runs 1 --warmup 100 --label "filter_$mode" \
       --cpu-pids-cmd "echo $bmx_pid" | grep '^RUN'
     if [ $mode = on ]; then
-      grep filter_result "$work/bmx.log" | grep -o ' seconds=[0-9.]*' | cut -d= -f2 | sort -n | awk '
-        { v[NR] = $1 } END { if (NR) printf "FILTER_TIME messages=%d our_round_trip_ms_median=%.2f p99=%.2f\n", NR, v[int(NR/2)+1]*1000, v[int(NR*0.99)+1]*1000 }'
+      for field in seconds rspamd_seconds; do
+        grep filter_result "$work/bmx.log" | grep -o " $field=[0-9.]*" | cut -d= -f2 | sort -n | awk -v f=$field '
+          { v[NR] = $1 } END { if (NR) printf "FILTER_TIME %s messages=%d median_ms=%.2f p99_ms=%.2f\n", f, NR, v[int(NR/2)+1]*1000, v[int(NR*0.99)+1]*1000 }'
+      done
     fi
     stop_bmx
   done
 done
-# rspamd's own time per message, from its answers (a scan of the same
-# 1 KiB message smtp-source sends).
+# rspamd's own time per message without our load beside it: 200 scans of
+# a 1 KiB message one after another, from a loopback client as above (an
+# outside address adds rspamd's DNS checks, which here go to a dead port).
 printf 'From: sender@remote.test\r\nTo: user@example.test\r\nSubject: bench\r\n\r\n%s\r\n' "$(head -c 1024 /dev/zero | tr '\0' x)" > "$work/one.eml"
 for _ in $(seq 1 200); do
-  curl -s --data-binary @"$work/one.eml" -H 'IP: 192.0.2.1' -H 'From: sender@remote.test' -H 'Rcpt: user@example.test' \
+  curl -s --data-binary @"$work/one.eml" -H 'IP: 127.0.0.1' -H 'From: sender@remote.test' -H 'Rcpt: user@example.test' \
     "http://127.0.0.1:$RSPAMD_PORT/checkv2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["time_real"])'
 done | sort -n | awk '{ v[NR] = $1 } END { printf "RSPAMD_TIME scans=%d time_real_ms_median=%.2f p99=%.2f\n", NR, v[int(NR/2)+1]*1000, v[int(NR*0.99)+1]*1000 }'
 
