@@ -196,3 +196,31 @@ fn the_aws_ingest_refuses_gtube_before_storing() {
     assert!(reply.starts_with("250"), "{reply}");
     assert_eq!(s.queue().len(), 1);
 }
+
+#[test]
+fn domain_set_filter_turns_scanning_off_and_on_for_a_running_server() {
+    let Some(filter) = with_rspamd() else { return };
+    let (s, _sink) = server_with_filter(&filter, "");
+    let out = s.cli(&["domain", "set", "example.test", "--filter", "false"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show = s.cli(&["domain", "show", "example.test"]);
+    let text = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(text.contains("filter: false"), "{text}");
+    let reply = send(&s, "user@example.test", &message("off", GTUBE));
+    assert!(reply.starts_with("250"), "filter off: {reply}");
+    let out = s.cli(&["domain", "set", "example.test", "--filter", "true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show = s.cli(&["domain", "show", "example.test", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&show.stdout).expect("JSON");
+    assert_eq!(json["filter"], true, "{json}");
+    let reply = send(&s, "user@example.test", &message("on", GTUBE));
+    assert!(reply.starts_with("550 5.7.1"), "filter on: {reply}");
+}
