@@ -445,10 +445,10 @@ impl Handler {
         recipient: relay_core::address::Mailbox,
         sender: relay_core::address::ReversePath,
     ) -> Step {
-        let (verdict, filter) = self
+        let relay_core::policy::Checked { verdict, filter } = self
             .shared
             .policy
-            .check_with_filter(
+            .check(
                 self.peer.ip(),
                 &mut self.lookups,
                 &sender,

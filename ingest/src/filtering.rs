@@ -97,8 +97,7 @@ async fn apply(message: &mut AcceptedMessage, edits: &HeaderEdits) -> std::io::R
     match &mut message.spooled {
         None => {
             // Without an empty line the whole message is header.
-            let split =
-                headers::header_end(&message.body).map_or(message.body.len(), |end| end - 2);
+            let split = headers::header_section(&message.body).len();
             let mut edited = headers::apply(&message.body[..split], edits);
             edited.extend_from_slice(&message.body[split..]);
             message.body = edited;
@@ -132,10 +131,12 @@ fn rewrite_file(path: &std::path::Path, edits: HeaderEdits) -> std::io::Result<u
         filled += n;
     }
     start.truncate(filled);
-    let end = relay_core::filter::headers::header_end(&start).ok_or_else(|| {
-        std::io::Error::other("no end of header in the first 256 KiB of the message")
-    })?;
-    let head_len = end - 2;
+    let head_len = relay_core::filter::headers::header_section(&start).len();
+    if head_len == start.len() {
+        return Err(std::io::Error::other(
+            "no end of header in the first 256 KiB of the message",
+        ));
+    }
     let edited = relay_core::filter::headers::apply(&start[..head_len], &edits);
     let part = path.with_extension("filtered");
     let mut out = std::fs::File::create(&part)?;

@@ -127,6 +127,23 @@ pub struct Policy {
     pub verifier: Option<Arc<RecipientVerifier>>,
 }
 
+/// The verdict on a recipient, and whether its domain wants its mail
+/// scanned by the content filter (the domain's `filter` switch).
+#[derive(Debug)]
+pub struct Checked {
+    pub verdict: RcptVerdict,
+    pub filter: bool,
+}
+
+impl Checked {
+    fn refused(reply: Reply) -> Checked {
+        Checked {
+            verdict: RcptVerdict::Reject(reply),
+            filter: false,
+        }
+    }
+}
+
 impl Policy {
     pub async fn check(
         &self,
@@ -135,38 +152,7 @@ impl Policy {
         sender: &ReversePath,
         rcpt: &Mailbox,
         now: SystemTime,
-    ) -> RcptVerdict {
-        self.check_with_filter(client, lookups, sender, rcpt, now)
-            .await
-            .0
-    }
-
-    /// [`check`](Self::check), and whether the recipient's domain wants
-    /// its mail scanned by the content filter (its `filter` switch).
-    pub async fn check_with_filter(
-        &self,
-        client: IpAddr,
-        lookups: &mut ClientLookups,
-        sender: &ReversePath,
-        rcpt: &Mailbox,
-        now: SystemTime,
-    ) -> (RcptVerdict, bool) {
-        let mut filter = false;
-        let verdict = self
-            .decide(client, lookups, sender, rcpt, now, &mut filter)
-            .await;
-        (verdict, filter)
-    }
-
-    async fn decide(
-        &self,
-        client: IpAddr,
-        lookups: &mut ClientLookups,
-        sender: &ReversePath,
-        rcpt: &Mailbox,
-        now: SystemTime,
-        filter: &mut bool,
-    ) -> RcptVerdict {
+    ) -> Checked {
         let role = is_role_account(rcpt);
         let mut allowlisted = false;
         if let Some(dnsbl) = &self.dnsbl {
@@ -175,7 +161,7 @@ impl Policy {
             if !role && verdict.rejects(dnsbl.threshold) {
                 let zones: Vec<&str> = verdict.listed.iter().map(|(z, _)| z.as_str()).collect();
                 tracing::info!(event = "dnsbl_reject", client = %client, zones = ?zones, score = verdict.score);
-                return RcptVerdict::Reject(Reply::new(
+                return Checked::refused(Reply::new(
                     554,
                     "5.7.1",
                     format!(
@@ -187,17 +173,17 @@ impl Policy {
         }
         let domain = match relay_check(self.registry.as_ref(), rcpt).await {
             Ok(d) => d,
-            Err(r) => return RcptVerdict::Reject(r),
+            Err(r) => return Checked::refused(r),
         };
         if !role {
             match &self.verifier {
                 Some(v) => {
                     if let Some(r) = v.check(&domain, rcpt, now).await {
-                        return RcptVerdict::Reject(r);
+                        return Checked::refused(r);
                     }
                 }
                 None if !domain.accepts_recipient(rcpt) => {
-                    return RcptVerdict::Reject(Reply::new(
+                    return Checked::refused(Reply::new(
                         550,
                         "5.1.1",
                         format!("<{rcpt}>: Recipient address rejected: User unknown"),
@@ -206,7 +192,7 @@ impl Policy {
                 None => {}
             }
         } else if !domain.accepts_recipient(rcpt) && self.verifier.is_none() {
-            return RcptVerdict::Reject(Reply::new(
+            return Checked::refused(Reply::new(
                 550,
                 "5.1.1",
                 format!("<{rcpt}>: Recipient address rejected: User unknown"),
@@ -223,7 +209,7 @@ impl Policy {
                 metrics::counter!("backupmx_greylist_total", "result" => label).increment(1);
                 if decision == Decision::Defer {
                     // RFC 6647 §2.2: a 4xx; no hint of the seconds left.
-                    return RcptVerdict::Reject(Reply::new(
+                    return Checked::refused(Reply::new(
                         450,
                         "4.2.0",
                         format!("<{rcpt}>: Recipient address rejected: Greylisted, please try again later"),
@@ -234,10 +220,12 @@ impl Policy {
                     .increment(1);
             }
         }
-        *filter = domain.filter;
-        RcptVerdict::Accept {
-            domain: domain.name,
-            max_message_size: domain.max_message_size,
+        Checked {
+            filter: domain.filter,
+            verdict: RcptVerdict::Accept {
+                domain: domain.name,
+                max_message_size: domain.max_message_size,
+            },
         }
     }
 }

@@ -98,14 +98,9 @@ fn fold_value(value: &str) -> String {
     out
 }
 
-/// Where the header block of `message` ends: the offset of the empty line
-/// (its CRLF included), or `None` if it is not within `message`.
-pub fn header_end(message: &[u8]) -> Option<usize> {
-    if message.starts_with(b"\r\n") {
-        return Some(2);
-    }
-    memchr::memmem::find(message, b"\r\n\r\n").map(|i| i + 4)
-}
+/// The header section of a message (up to its empty line, CRLF-terminated;
+/// the whole text when there is none): what [`apply`] edits.
+pub use relay_proto::dsn::header_section;
 
 /// One field: its bytes (folded lines and final CRLF included).
 fn fields(head: &[u8]) -> Vec<&[u8]> {
@@ -286,12 +281,5 @@ mod tests {
             ]
         );
         assert_eq!(e.remove, vec![("X-Old".into(), -1), ("X-Spam".into(), 0)]);
-    }
-
-    #[test]
-    fn the_header_ends_at_the_first_empty_line() {
-        assert_eq!(header_end(b"A: b\r\n\r\nbody"), Some(8));
-        assert_eq!(header_end(b"\r\nbody"), Some(2));
-        assert_eq!(header_end(b"A: b\r\nno end"), None);
     }
 }
