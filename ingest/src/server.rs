@@ -775,7 +775,7 @@ const QUEUE_AGE_CHECK: Duration = Duration::from_secs(60);
 
 /// The webhook alerter, when `[alerts] webhook` is set.
 pub(crate) fn alerter(config: &Config) -> anyhow::Result<Option<Arc<relay_core::alerts::Alerter>>> {
-    relay_core::alerts::Alerter::from_config(config).map_err(|e| anyhow::anyhow!(e))
+    relay_core::alerts::Alerter::for_webhook(&config.alerts.webhook).map_err(|e| anyhow::anyhow!(e))
 }
 
 fn build_policy(

@@ -369,7 +369,7 @@ impl Admin {
         now: u64,
     ) -> Result<SetOutcome, AdminError> {
         if let Some(l) = change.queue_lifetime {
-            if l.is_zero() || l > crate::config::MAX_QUEUE_LIFETIME {
+            if l.is_zero() || l > crate::queue::MAX_QUEUE_LIFETIME {
                 return Err(AdminError::Invalid(
                     "the queue lifetime must be positive and at most 60d".into(),
                 ));

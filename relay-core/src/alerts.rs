@@ -115,15 +115,13 @@ pub struct Alerter {
 }
 
 impl Alerter {
-    /// The alerter `[alerts] webhook` asks for (started), or `None` when
-    /// it is empty; the error is the webhook's.
-    pub fn from_config(
-        config: &crate::config::Config,
-    ) -> Result<Option<std::sync::Arc<Alerter>>, String> {
-        if config.alerts.webhook.is_empty() {
+    /// The alerter for a webhook URL (`[alerts] webhook`), started, or
+    /// `None` when it is empty; the error is the webhook's.
+    pub fn for_webhook(url: &str) -> Result<Option<std::sync::Arc<Alerter>>, String> {
+        if url.is_empty() {
             return Ok(None);
         }
-        let hook = Webhook::parse(&config.alerts.webhook)?;
+        let hook = Webhook::parse(url)?;
         Ok(Some(std::sync::Arc::new(Alerter::start(hook))))
     }
 

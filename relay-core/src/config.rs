@@ -19,8 +19,7 @@ use crate::domain::{Domain, DomainError};
 use crate::greylist::GreylistSettings;
 use crate::smtp::SessionConfig;
 
-/// The longest queue lifetime an operator may set.
-pub const MAX_QUEUE_LIFETIME: Duration = Duration::from_secs(60 * 86_400);
+pub use crate::queue::MAX_QUEUE_LIFETIME;
 
 /// Days the AWS bucket keeps a message body before its lifecycle rule
 /// deletes it: past [`MAX_QUEUE_LIFETIME`] with a margin, so no body goes
@@ -521,8 +520,8 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: Backend::Local,
             data_dir: PathBuf::from("./data"),
-            min_free_space: 100 * 1024 * 1024,
-            reserve_space: 16 * 1024 * 1024,
+            min_free_space: crate::store::local::StoreOptions::default().min_free_space,
+            reserve_space: crate::store::local::StoreOptions::default().reserve_space,
         }
     }
 }
@@ -534,7 +533,7 @@ impl Default for AwsConfig {
             greylist_table: "backupmx-greylist".into(),
             bucket: "backupmx-messages".into(),
             queue_url: String::new(),
-            queue_name: "backupmx-queue".into(),
+            queue_name: crate::store::DEFAULT_QUEUE_NAME.into(),
             queue_table: "backupmx-queue-records".into(),
             dead_letter_queue_url: String::new(),
             orphan_after: Duration::from_secs(300),

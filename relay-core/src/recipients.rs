@@ -25,13 +25,13 @@ use crate::delivery::channel::ChannelError;
 use crate::delivery::transport::Channel;
 use crate::delivery::Engine;
 use crate::domain::{Domain, RecipientVerify, TlsPolicy};
+use crate::observations::{learn, observe_primary};
 use crate::smtp::Reply;
 use crate::store::RecipientCache;
 use crate::sync::Mutex;
 use crate::time::unix_seconds;
 use crate::verify::{
-    classify_rcpt, classify_setup, CachedRecipient, CalloutOutcome, LearntFrom, PrimaryState,
-    Verdict,
+    classify_rcpt, classify_setup, CalloutOutcome, LearntFrom, PrimaryState, Verdict,
 };
 
 /// Recipient verification settings (`[recipient_verify]`, and
@@ -52,65 +52,8 @@ pub struct VerifySettings {
     pub primary_up_fresh: Duration,
 }
 
-/// A primary's state is written again only when it changed or when the
-/// stored observation is this old: an observation per callout or per
-/// delivery would cost a write each.
-const OBSERVATION_REFRESH_SECS: u64 = 10;
-
 /// Callout connections are kept this long between uses.
 const IDLE_CALLOUT: Duration = Duration::from_secs(30);
-
-/// Records what was seen of `domain`'s primary at `now`, unless the stored
-/// state already says so and is recent.
-pub async fn observe_primary(
-    cache: &dyn RecipientCache,
-    domain: &DomainName,
-    up: bool,
-    now: u64,
-) -> Option<PrimaryState> {
-    let previous = match cache.primary_state(domain).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(event = "primary_state_unreadable", domain = %domain, error = %crate::error::Report(&e));
-            return None;
-        }
-    };
-    if let Some(p) = previous {
-        if p.up == up && now.saturating_sub(p.observed) < OBSERVATION_REFRESH_SECS {
-            return Some(p);
-        }
-    }
-    let state = PrimaryState::observe(previous, up, now);
-    if previous.is_none_or(|p| p.up != up) {
-        tracing::info!(event = "primary_state", domain = %domain, up);
-    }
-    if let Err(e) = cache.put_primary_state(domain, &state).await {
-        tracing::warn!(event = "primary_state_not_stored", domain = %domain, error = %crate::error::Report(&e));
-    }
-    Some(state)
-}
-
-/// Learns a verdict (from a callout or a delivery).
-pub async fn learn(
-    cache: &dyn RecipientCache,
-    domain: &DomainName,
-    address: &str,
-    verdict: Verdict,
-    learnt: LearntFrom,
-    ttl: Duration,
-    now: u64,
-) {
-    let entry = CachedRecipient {
-        address: address.to_lowercase(),
-        verdict,
-        learnt,
-        learnt_at: now,
-        expires: now + ttl.as_secs(),
-    };
-    if let Err(e) = cache.put_recipient(domain, &entry).await {
-        tracing::warn!(event = "recipient_cache_not_stored", rcpt = %address, error = %crate::error::Report(&e));
-    }
-}
 
 /// One open callout connection, after its EHLO (and STARTTLS, as the
 /// domain's TLS policy asks).

@@ -40,7 +40,10 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
             config.recipient_verify.valid_ttl,
             config.recipient_verify.invalid_ttl,
         )
-        .with_alerts(relay_core::alerts::Alerter::from_config(config).map_err(anyhow::Error::msg)?),
+        .with_alerts(
+            relay_core::alerts::Alerter::for_webhook(&config.alerts.webhook)
+                .map_err(anyhow::Error::msg)?,
+        ),
     );
     Ok(
         RetryProcessor::new(store, engine, RetrySettings::from(config))

@@ -142,7 +142,7 @@ pub struct Engine {
     /// Destinations already logged as not hosted.
     unhosted: crate::sync::Mutex<std::collections::HashSet<DomainName>>,
     /// Where delivery results teach recipient verification.
-    learning: Option<Learning>,
+    learning: Option<crate::observations::Learning>,
     storm: storm::StormGuard,
     alerts: Option<Arc<crate::alerts::Alerter>>,
     /// Shared primary states read for drain detection, per domain, with
@@ -158,13 +158,6 @@ pub struct Engine {
 
 /// How long a shared primary state read for drain detection is reused.
 const SHARED_STATE_TTL: Duration = Duration::from_secs(5);
-
-/// What deliveries teach the callout cache and the primary's state.
-struct Learning {
-    cache: Arc<dyn crate::store::RecipientCache>,
-    valid_ttl: Duration,
-    invalid_ttl: Duration,
-}
 
 impl Engine {
     pub fn new(
@@ -229,53 +222,12 @@ impl Engine {
         valid_ttl: Duration,
         invalid_ttl: Duration,
     ) -> Self {
-        self.learning = Some(Learning {
+        self.learning = Some(crate::observations::Learning {
             cache,
             valid_ttl,
             invalid_ttl,
         });
         self
-    }
-
-    /// What one attempt to `domain` taught: per recipient address, its
-    /// result; `answered` whether the primary took part at all.
-    async fn learn(
-        &self,
-        record: &crate::domain::Domain,
-        results: &[(&str, &RcptResult)],
-        answered: bool,
-        now: u64,
-    ) {
-        use crate::verify::{is_unknown_user_text, LearntFrom, Verdict};
-        let Some(l) = &self.learning else { return };
-        let domain = &record.name;
-        let verifies = record.recipient_verify == crate::domain::RecipientVerify::Callout;
-        if !verifies && !record.defer_while_primary_up {
-            return;
-        }
-        crate::recipients::observe_primary(l.cache.as_ref(), domain, answered, now).await;
-        if !verifies {
-            return;
-        }
-        for (address, result) in results {
-            let (verdict, ttl) = match result {
-                RcptResult::Delivered(_) => (Verdict::Valid, l.valid_ttl),
-                RcptResult::Permanent(text) if is_unknown_user_text(text) => {
-                    (Verdict::Invalid, l.invalid_ttl)
-                }
-                _ => continue,
-            };
-            crate::recipients::learn(
-                l.cache.as_ref(),
-                domain,
-                address,
-                verdict,
-                LearntFrom::Delivery,
-                ttl,
-                now,
-            )
-            .await;
-        }
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -560,7 +512,7 @@ impl Engine {
                     }
                 }
                 let storming = storm_verdict != storm::StormVerdict::Normal;
-                if let (Some(record), Some(_), false) = (&record, &self.learning, storming) {
+                if let (Some(record), Some(learning), false) = (&record, &self.learning, storming) {
                     let taught: Vec<(&str, &RcptResult)> = envelopes
                         .iter()
                         .zip(&report.results)
@@ -568,7 +520,8 @@ impl Engine {
                             env.recipients.iter().map(String::as_str).zip(results)
                         })
                         .collect();
-                    self.learn(record, &taught, !destination_down, unix_seconds(now))
+                    learning
+                        .teach(record, &taught, !destination_down, unix_seconds(now))
                         .await;
                 }
                 report
@@ -676,7 +629,7 @@ impl Engine {
     /// sees it (the AWS retry function's transitions; drains start here).
     pub async fn record_primary(&self, domain: &DomainName, up: bool, now: u64) {
         if let Some(l) = &self.learning {
-            crate::recipients::observe_primary(l.cache.as_ref(), domain, up, now).await;
+            crate::observations::observe_primary(l.cache.as_ref(), domain, up, now).await;
             self.shared_states.lock().remove(domain);
         }
     }

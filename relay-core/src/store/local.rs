@@ -160,9 +160,13 @@ pub struct StoreOptions {
 }
 
 impl Default for StoreOptions {
-    /// The configuration's defaults.
+    /// The defaults of `[storage]`: refuse below 100 MiB free, keep 16 MiB
+    /// in reserve.
     fn default() -> Self {
-        (&crate::config::StorageConfig::default()).into()
+        StoreOptions {
+            reserve_space: 16 * 1024 * 1024,
+            min_free_space: 100 * 1024 * 1024,
+        }
     }
 }
 

@@ -164,6 +164,10 @@ pub trait MessageStore: Send + Sync {
     async fn delete(&self, id: &QueueId) -> Result<(), StoreError>;
 }
 
+/// The AWS queue's name when `[aws] queue_name` is not set (the SAM
+/// template's too).
+pub const DEFAULT_QUEUE_NAME: &str = "backupmx-queue";
+
 /// Pieces in which bodies are read for relaying and copied from spool
 /// files: what one delivery connection holds of a message at a time.
 pub const BODY_CHUNK: usize = 256 * 1024;

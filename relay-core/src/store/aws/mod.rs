@@ -153,8 +153,7 @@ fn queue_name_to_create(names: &AwsNames) -> Result<String, StoreError> {
             names.queue_url
         )));
     }
-    let default_name = crate::config::AwsConfig::default().queue_name;
-    if names.queue_name != default_name && names.queue_name != from_url {
+    if names.queue_name != crate::store::DEFAULT_QUEUE_NAME && names.queue_name != from_url {
         return Err(StoreError::Invalid(format!(
             "aws.queue_url names the queue {from_url:?} but aws.queue_name is {:?}: set one of them",
             names.queue_name
