@@ -1096,20 +1096,6 @@ impl From<&Config> for WorkerConfig {
     }
 }
 
-#[cfg(feature = "aws")]
-impl From<&Config> for crate::delivery::retry::RetrySettings {
-    fn from(config: &Config) -> Self {
-        crate::delivery::retry::RetrySettings {
-            attempt_lease: config.aws.attempt_lease,
-            orphan_after: config.aws.orphan_after,
-            sweep_interval: config.aws.sweep_interval,
-            probe_interval: config.delivery.probe_interval,
-            queue_age: config.alerts.queue_age,
-            max_per_destination: config.delivery.max_connections_per_destination,
-        }
-    }
-}
-
 /// The session's limits and identity. What depends on the running process
 /// (`tls_available`, `etrn_available`, `admit_mail`) is off here; the
 /// server turns it on for what it has.

@@ -7,10 +7,17 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use relay_core::config::Config;
-use relay_core::delivery::retry::{CrashPoint, RetryProcessor, RetrySettings};
+pub mod poll;
+pub mod processor;
+pub mod slots;
+pub mod sweep;
+
+pub use poll::poll;
+pub use processor::{CrashPoint, Processed, RetryError, RetryProcessor, RetrySettings};
 use relay_core::delivery::{Engine, EngineConfig};
 use relay_core::dns::HickoryResolver;
 use relay_core::store::aws::{AwsNames, AwsStore};
+pub use sweep::SweepReport;
 
 /// Clients, resolver and engine from the configuration.
 pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
@@ -159,148 +166,22 @@ pub async fn handle(
     response
 }
 
-pub async fn poll(
-    processor: Arc<RetryProcessor>,
-    exit_when_idle: Option<Duration>,
-) -> anyhow::Result<()> {
-    let sqs = processor.store.sqs().clone();
-    let url = processor.store.queue_url().to_string();
-    let mut idle_since = std::time::Instant::now();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // The sweeper runs beside the consumer, so one process is a whole
-    // delivery tier (containers, LocalStack).
-    let sweeper = {
-        let p = processor.clone();
-        let every = p.settings().sweep_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Err(e) = sweep(&p).await {
-                    tracing::warn!(event = "sweep_failed", error = %format!("{e:#}"));
-                }
-            }
-        })
-    };
-    let _stop_sweeper = AbortOnDrop(sweeper);
-    // Destinations recorded down are probed more often than the sweep.
-    let prober = {
-        let p = processor.clone();
-        let every = p.settings().probe_interval.max(Duration::from_secs(1));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                if let Err(e) = p.probe_down(SystemTime::now()).await {
-                    tracing::warn!(event = "probe_failed", error = %relay_core::error::Report(&e));
-                }
-            }
-        })
-    };
-    let _stop_prober = AbortOnDrop(prober);
-    // An attempt must end (and its outcome be stored) inside its lease, or
-    // another may take the record over.
-    let attempt_limit = processor.settings().attempt_lease.mul_f32(0.9);
-    // Tickets in work at once: a receive takes at most 10, and a batch
-    // does not wait for its slowest record before the next is received.
-    let slots = Arc::new(tokio::sync::Semaphore::new(POLL_CONCURRENCY));
-    let mut in_flight = tokio::task::JoinSet::new();
-    loop {
-        while in_flight.try_join_next().is_some() {}
-        let free = slots.available_permits().min(10);
-        if free == 0 {
-            // Wait for one to finish before receiving more.
-            tokio::select! {
-                _ = in_flight.join_next() => {}
-                _ = term.recv() => break,
-            }
-            continue;
-        }
-        let receive = sqs
-            .receive_message()
-            .queue_url(&url)
-            .max_number_of_messages(free as i32)
-            .wait_time_seconds(if exit_when_idle.is_some() { 1 } else { 20 })
-            .send();
-        let out = tokio::select! {
-            r = receive => r.context("SQS receive failed")?,
-            _ = term.recv() => break,
-        };
-        let messages = out.messages().to_vec();
-        if messages.is_empty() {
-            if in_flight.is_empty() && exit_when_idle.is_some_and(|d| idle_since.elapsed() >= d) {
-                break;
-            }
-            continue;
-        }
-        idle_since = std::time::Instant::now();
-        for m in messages {
-            let p = processor.clone();
-            let sqs = sqs.clone();
-            let url = url.clone();
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                break;
-            };
-            in_flight.spawn(async move {
-                let _permit = permit;
-                let processing = p.process(m.body().unwrap_or_default(), SystemTime::now());
-                let result = match tokio::time::timeout(attempt_limit, processing).await {
-                    Ok(r) => r,
-                    Err(_) => Err(relay_core::delivery::retry::RetryError::LeaseExceeded),
-                };
-                match result {
-                    Ok(outcome) => {
-                        tracing::debug!(event = "sqs_record_done", outcome = ?outcome);
-                        p.crash_if(CrashPoint::BeforeSqsDelete);
-                        if let Some(handle) = m.receipt_handle() {
-                            if let Err(e) = sqs
-                                .delete_message()
-                                .queue_url(&url)
-                                .receipt_handle(handle)
-                                .send()
-                                .await
-                            {
-                                tracing::warn!(event = "sqs_delete_failed", error = %aws_sdk_error(&e));
-                            }
-                        }
-                    }
-                    // Left in the queue: SQS shows it again after the visibility timeout.
-                    // Not ours: no retry makes it readable; the operator
-                    // finds it in the dead-letter queue.
-                    Err(e) if !e.is_retryable() => {
-                        tracing::error!(event = "sqs_record_failed", retryable = false, error = %relay_core::error::Report(&e))
-                    }
-                    Err(e) => tracing::warn!(event = "sqs_record_failed", error = %relay_core::error::Report(&e)),
-                }
-            });
-        }
-    }
-    // SIGTERM: attempts under way finish and store their outcome (an
-    // attempt cut short would hold its record until the lease ends).
-    while in_flight.join_next().await.is_some() {}
-    processor.give_back_idle_slots().await;
-    log_requests();
-    Ok(())
-}
-
 /// The AWS requests this process made (what AWS bills), in one line.
 pub fn log_requests() {
     let (total, by_operation) = relay_core::store::aws::requests::summary();
     tracing::info!(event = "aws_requests", total, by_operation = %by_operation);
 }
 
-/// Tickets one poller works on at once (a Lambda deployment's equivalent
-/// is its batch size times its maximum concurrency).
-const POLL_CONCURRENCY: usize = 50;
-
-fn aws_sdk_error(e: &dyn std::error::Error) -> String {
-    e.to_string()
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// `[aws]` and `[delivery]` timings for the AWS queue.
+impl From<&Config> for RetrySettings {
+    fn from(config: &Config) -> Self {
+        RetrySettings {
+            attempt_lease: config.aws.attempt_lease,
+            orphan_after: config.aws.orphan_after,
+            sweep_interval: config.aws.sweep_interval,
+            probe_interval: config.delivery.probe_interval,
+            queue_age: config.alerts.queue_age,
+            max_per_destination: config.delivery.max_connections_per_destination,
+        }
     }
 }

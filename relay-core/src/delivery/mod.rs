@@ -8,13 +8,11 @@
 pub use relay_proto::{client, dsn};
 pub mod channel;
 pub mod dane;
+pub mod destinations;
 pub mod etrn;
 pub mod mta_sts;
 pub(crate) mod probe;
-#[cfg(feature = "aws")]
-pub mod retry;
 pub mod route;
-pub mod slots;
 pub mod storm;
 pub mod transport;
 pub mod worker;
@@ -80,7 +78,7 @@ pub struct AttemptReport {
 /// Where an attempt's outcome is written. The embedded store and the AWS
 /// queue differ only here; [`commit_outcome`] keeps the order both must.
 #[async_trait::async_trait]
-pub(crate) trait OutcomeWriter: Sync {
+pub trait OutcomeWriter: Sync {
     type Error: std::error::Error + Send;
     /// Queues a DSN (a new message to the sender).
     async fn queue_bounce(&self, bounce: &AcceptedMessage) -> Result<(), Self::Error>;
@@ -92,7 +90,7 @@ pub(crate) trait OutcomeWriter: Sync {
 
 /// Logs and counts one attempt: the same event and counters whichever
 /// process made it (the embedded worker or retry-fn).
-pub(crate) fn record_attempt(report: &AttemptReport) {
+pub fn record_attempt(report: &AttemptReport) {
     let e = &report.entry;
     tracing::info!(
         event = "delivery_attempt", queue_id = %e.id, domain = %e.domain, attempt = e.attempts,
@@ -106,7 +104,7 @@ pub(crate) fn record_attempt(report: &AttemptReport) {
 /// then the entry removed or updated. A DSN once stored is taken out of
 /// the report, so a retry after a failed entry write does not queue it
 /// twice.
-pub(crate) async fn commit_outcome<W: OutcomeWriter + ?Sized>(
+pub async fn commit_outcome<W: OutcomeWriter + ?Sized>(
     report: &mut AttemptReport,
     writer: &W,
 ) -> Result<(), W::Error> {

@@ -59,6 +59,7 @@ pub struct WorkerConfig {
 
 pub struct Worker {
     engine: Arc<Engine>,
+    destinations: super::destinations::DestinationWatch,
     queue: Arc<dyn ScheduledQueue>,
     messages: Arc<dyn MessageStore>,
     spool: Arc<dyn Spool>,
@@ -107,6 +108,7 @@ impl Worker {
     ) -> Arc<Self> {
         Arc::new(Worker {
             total: Arc::new(Semaphore::new(cfg.max_total)),
+            destinations: super::destinations::DestinationWatch::new(engine.clone(), queue.clone()),
             engine,
             queue,
             messages,
@@ -418,6 +420,7 @@ impl Worker {
         let domain = e.domain.clone();
         let next_attempt = e.next_attempt;
         let (destination_down, delivered) = (report.destination_down, report.delivered);
+        let error = destination_down.then(|| report.entry.last_error.clone().unwrap_or_default());
         let harmless = delivered == 0 && report.bounce.is_none() && !report.finished;
         if harmless {
             self.reschedule(&report.entry).await;
@@ -433,17 +436,20 @@ impl Worker {
             let newly = self.down.lock().insert(domain.clone());
             if newly {
                 self.recorded_up.lock().remove(&domain);
-                self.engine.record_primary(&domain, false, unix_now()).await;
-                self.alert_down(&domain).await;
+                self.destinations
+                    .went_down(&domain, unix_now(), error.as_deref().unwrap_or_default())
+                    .await;
             }
             if let Err(err) = self.queue.defer_domain(&domain, next_attempt).await {
                 tracing::warn!(event = "defer_failed", domain = %domain, error = %crate::error::Report(&err));
             }
         } else if delivered > 0 {
             if self.down.lock().remove(&domain) {
-                self.alert_up(&domain);
+                self.recorded_up.lock().insert(domain.clone());
+                self.destinations.came_back(&domain, unix_now()).await;
+            } else {
+                self.primary_answered(&domain).await;
             }
-            self.primary_answered(&domain).await;
         }
     }
 
@@ -500,32 +506,12 @@ impl Worker {
         }
     }
 
-    async fn alert_down(&self, domain: &DomainName) {
-        if let Some(a) = self.engine.alerts() {
-            let queued = self.queue.list(Some(domain)).await.map_or(0, |l| l.len());
-            a.send(
-                "primary_down",
-                Some(domain.as_str()),
-                serde_json::json!({ "queued": queued }),
-            );
-        }
-    }
-
-    fn alert_up(&self, domain: &DomainName) {
-        if let Some(a) = self.engine.alerts() {
-            a.send("primary_up", Some(domain.as_str()), serde_json::json!({}));
-        }
-    }
-
     async fn probe_and_release(&self, domain: &DomainName) {
         match self.engine.probe(domain).await {
             Ok(()) => {
-                if self.down.lock().contains(domain) {
-                    self.alert_up(domain);
-                }
-                self.primary_answered(domain).await;
-                tracing::info!(event = "destination_back", domain = %domain);
                 metrics::counter!("backupmx_probe_recoveries_total").increment(1);
+                self.recorded_up.lock().insert(domain.clone());
+                self.destinations.came_back(domain, unix_now()).await;
                 if let Err(e) = self.release(Some(domain)).await {
                     tracing::warn!(event = "release_failed", domain = %domain, error = %crate::error::Report(&e));
                 }

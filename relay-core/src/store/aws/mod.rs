@@ -33,7 +33,7 @@ use crate::verify::{CachedRecipient, PrimaryState};
 
 pub mod queue;
 pub mod requests;
-pub use queue::{Claim, DownState, DueRecord, QueueItem, Ticket};
+pub use queue::{Claim, DownState, DueRecord, QueueItem, Received, Ticket};
 
 /// Names of the AWS resources.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,6 +52,14 @@ pub const BY_DUE: &str = "by_due";
 /// Records a release updates at once.
 const RELEASE_CONCURRENCY: usize = 32;
 
+/// One SQS message received: its body (a ticket, if it is ours) and the
+/// receipt that deletes it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub body: String,
+    pub receipt: Option<String>,
+}
+
 /// An SQS message: attempt this record if it still has this version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
@@ -263,6 +271,78 @@ impl AwsStore {
             .send()
             .await
             .map_err(|e| backend("SQS send", e))?;
+        Ok(())
+    }
+
+    /// Up to `max` (at most 10) tickets from the queue, waiting up to
+    /// `wait_secs` for the first (SQS long polling).
+    pub async fn receive_tickets(
+        &self,
+        max: usize,
+        wait_secs: u32,
+    ) -> Result<Vec<Received>, StoreError> {
+        self.receive(&self.queue_url, max, wait_secs, "SQS receive")
+            .await
+    }
+
+    /// Deletes a ticket that was worked on (its receipt from
+    /// [`receive_tickets`](Self::receive_tickets)).
+    pub async fn delete_ticket(&self, receipt: &str) -> Result<(), StoreError> {
+        self.delete_received(&self.queue_url, receipt, "SQS delete")
+            .await
+    }
+
+    /// Up to 10 messages of the dead-letter queue at `dlq`, without
+    /// waiting; each stays invisible for a while unless deleted.
+    pub async fn receive_dead_letters(&self, dlq: &str) -> Result<Vec<Received>, StoreError> {
+        self.receive(dlq, 10, 0, "SQS dead-letter receive").await
+    }
+
+    /// Deletes a dead letter that was re-driven or has no record.
+    pub async fn delete_dead_letter(&self, dlq: &str, receipt: &str) -> Result<(), StoreError> {
+        self.delete_received(dlq, receipt, "SQS dead-letter delete")
+            .await
+    }
+
+    async fn receive(
+        &self,
+        url: &str,
+        max: usize,
+        wait_secs: u32,
+        what: &'static str,
+    ) -> Result<Vec<Received>, StoreError> {
+        let out = self
+            .sqs
+            .receive_message()
+            .queue_url(url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(wait_secs.min(20) as i32)
+            .send()
+            .await
+            .map_err(|e| backend(what, e))?;
+        Ok(out
+            .messages()
+            .iter()
+            .map(|m| Received {
+                body: m.body().unwrap_or_default().to_string(),
+                receipt: m.receipt_handle().map(str::to_string),
+            })
+            .collect())
+    }
+
+    async fn delete_received(
+        &self,
+        url: &str,
+        receipt: &str,
+        what: &'static str,
+    ) -> Result<(), StoreError> {
+        self.sqs
+            .delete_message()
+            .queue_url(url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(|e| backend(what, e))?;
         Ok(())
     }
 

@@ -4,21 +4,22 @@
 //! which gives a new ticket to every record that lost its own.
 //!
 //! The queue record is authoritative and every write is conditional on the
-//! version the writer claimed (see [`crate::store::aws::queue`]): a
+//! version the writer claimed (see [`relay_core::store::aws::queue`]): a
 //! redelivered or duplicated ticket never repeats an attempt, and an
 //! attempt never overwrites a record someone else changed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::sync::Mutex;
+use relay_core::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::{AttemptReport, Engine};
-use crate::queue::{AcceptedMessage, QueueEntry, QueueId};
-use crate::store::aws::{AwsStore, Claim, Ticket};
-use crate::store::{DeliveryQueue, MessageStore, SplitSpool, Spool, StoreError};
-use crate::time::unix_seconds;
+use relay_core::delivery::destinations::DestinationWatch;
+use relay_core::delivery::{AttemptReport, Engine};
+use relay_core::queue::{AcceptedMessage, QueueEntry, QueueId};
+use relay_core::store::aws::{AwsStore, Claim, Ticket};
+use relay_core::store::{DeliveryQueue, MessageStore, SplitSpool, Spool, StoreError};
+use relay_core::time::unix_seconds;
 
 /// Tries of each write after a delivery attempt, and the first pause
 /// between them (doubling: 0.2 + 0.4 + … ≈ 6 s in all).
@@ -52,7 +53,7 @@ where
             }
             Err(e) => {
                 metrics::counter!("backupmx_outcome_store_failures_total").increment(1);
-                tracing::warn!(event = "outcome_store_retry", what, tries, error = %crate::error::Report(&e));
+                tracing::warn!(event = "outcome_store_retry", what, tries, error = %relay_core::error::Report(&e));
                 tokio::time::sleep(pause).await;
                 pause *= 2;
                 tries += 1;
@@ -94,7 +95,7 @@ pub enum RetryError {
     DeadLetterQueue {
         what: &'static str,
         #[source]
-        source: crate::error::BoxError,
+        source: relay_core::error::BoxError,
     },
     /// The attempt ran longer than its lease (another may take it over).
     #[error("attempt did not finish within its lease")]
@@ -112,8 +113,16 @@ impl RetryError {
     }
 }
 
+/// Wraps an SQS error on the dead-letter queue.
+pub(crate) fn dead_letter_err(what: &'static str) -> impl FnOnce(StoreError) -> RetryError {
+    move |e| RetryError::DeadLetterQueue {
+        what,
+        source: Box::new(e),
+    }
+}
+
 /// Wraps a store error with what was being done.
-fn store_err(what: &'static str) -> impl FnOnce(StoreError) -> RetryError {
+pub(crate) fn store_err(what: &'static str) -> impl FnOnce(StoreError) -> RetryError {
     move |source| RetryError::Store { what, source }
 }
 
@@ -157,42 +166,26 @@ pub struct RetrySettings {
     pub max_per_destination: usize,
 }
 
-/// What one sweeper pass did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SweepReport {
-    /// Overdue records, not being attempted, given a new ticket.
-    pub orphans: usize,
-    /// Dead-letter messages taken off the dead-letter queue.
-    pub dead_letters: usize,
-    /// Dead letters whose record got a new ticket.
-    pub redriven: usize,
-    /// Dead letters that are no ticket of ours, left in place.
-    pub malformed: usize,
-    /// Destinations still down after this pass's probes.
-    pub down: usize,
-    /// Seconds since the oldest overdue record was accepted (0: none):
-    /// the queue-age alarm's metric.
-    pub oldest_overdue: u64,
-}
-
 pub struct RetryProcessor {
     pub store: Arc<AwsStore>,
     pub engine: Arc<Engine>,
-    settings: RetrySettings,
+    destinations: DestinationWatch,
+    pub(crate) settings: RetrySettings,
     crash: Option<CrashPoint>,
     /// Outcomes this process could not store, by queue id, with the
     /// version they were claimed at: when their ticket (or the sweeper's)
     /// comes back, the outcome is stored instead of the message being
     /// delivered again.
     unstored: Mutex<HashMap<QueueId, (AttemptReport, u64)>>,
-    queue_age: crate::alerts::QueueAgeWatch,
+    pub(crate) queue_age: relay_core::alerts::QueueAgeWatch,
     /// This process's side of each destination's connection slots.
-    slots: super::slots::SlotTable,
+    slots: crate::slots::SlotTable,
 }
 
 impl RetryProcessor {
     pub fn new(store: Arc<AwsStore>, engine: Arc<Engine>, settings: RetrySettings) -> Self {
         RetryProcessor {
+            destinations: DestinationWatch::new(engine.clone(), store.clone()),
             store,
             engine,
             settings,
@@ -341,7 +334,7 @@ impl RetryProcessor {
         };
         guard.disarm();
         if kept {
-            let slot = super::slots::HeldSlot {
+            let slot = crate::slots::HeldSlot {
                 until: until.load(std::sync::atomic::Ordering::Relaxed),
                 ..slot
             };
@@ -358,11 +351,11 @@ impl RetryProcessor {
     /// asked for were all taken by other processes.
     async fn slot_for_attempt(
         &self,
-        local: &super::slots::LocalSlots,
-        domain: &crate::address::DomainName,
+        local: &crate::slots::LocalSlots,
+        domain: &relay_core::address::DomainName,
         ticket: &Ticket,
-    ) -> Result<Option<super::slots::HeldSlot>, RetryError> {
-        use super::slots::{SLOT_LEASE_SECS, SLOT_RENEWAL};
+    ) -> Result<Option<crate::slots::HeldSlot>, RetryError> {
+        use crate::slots::{SLOT_LEASE_SECS, SLOT_RENEWAL};
         while let Some(slot) = local.take_idle() {
             let now_secs = unix_seconds(SystemTime::now());
             if slot.until > now_secs + SLOT_RENEWAL.as_secs() {
@@ -374,7 +367,7 @@ impl RetryProcessor {
                 .renew_slot(domain, slot.index, &slot.holder, until)
                 .await;
             match renewed {
-                Ok(true) => return Ok(Some(super::slots::HeldSlot { until, ..slot })),
+                Ok(true) => return Ok(Some(crate::slots::HeldSlot { until, ..slot })),
                 Ok(false) => local.release([slot.index]),
                 Err(e) => {
                     local.release([slot.index]);
@@ -386,17 +379,17 @@ impl RetryProcessor {
     }
 
     /// Parks a slot after its attempt and gives it back to the store if no
-    /// ticket takes it within [`IDLE_GIVE_BACK`](super::slots::IDLE_GIVE_BACK).
+    /// ticket takes it within [`IDLE_GIVE_BACK`](crate::slots::IDLE_GIVE_BACK).
     fn park_slot(
         &self,
-        local: Arc<super::slots::LocalSlots>,
-        domain: crate::address::DomainName,
-        slot: super::slots::HeldSlot,
+        local: Arc<crate::slots::LocalSlots>,
+        domain: relay_core::address::DomainName,
+        slot: crate::slots::HeldSlot,
     ) {
         let parking = local.park(slot);
         let store = self.store.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(super::slots::IDLE_GIVE_BACK).await;
+            tokio::time::sleep(crate::slots::IDLE_GIVE_BACK).await;
             if let Some(slot) = local.reclaim_idle(parking) {
                 give_back(&store, &local, &domain, slot).await;
             }
@@ -420,23 +413,23 @@ impl RetryProcessor {
     /// indices asked for were all taken.
     async fn take_shared_slot(
         &self,
-        local: &super::slots::LocalSlots,
-        domain: &crate::address::DomainName,
+        local: &crate::slots::LocalSlots,
+        domain: &relay_core::address::DomainName,
         ticket: &Ticket,
-    ) -> Result<Option<super::slots::HeldSlot>, RetryError> {
+    ) -> Result<Option<crate::slots::HeldSlot>, RetryError> {
         // The permit's wait may have been long: the time is read again.
         let now = SystemTime::now();
         let now_secs = unix_seconds(now);
-        let slot_lease = super::slots::SLOT_LEASE_SECS;
+        let slot_lease = crate::slots::SLOT_LEASE_SECS;
         let holder = format!(
             "{}#{}#{}",
             ticket.id,
             ticket.version,
-            crate::queue::new_id(now)
+            relay_core::queue::new_id(now)
         );
         let start = rand::random::<u32>() as usize;
-        let mut tried = Vec::with_capacity(super::slots::TAKE_TRIES);
-        while tried.len() < super::slots::TAKE_TRIES {
+        let mut tried = Vec::with_capacity(crate::slots::TAKE_TRIES);
+        while tried.len() < crate::slots::TAKE_TRIES {
             let Some(index) = local.reserve_next(start, &tried) else {
                 break;
             };
@@ -446,7 +439,7 @@ impl RetryProcessor {
                 .await;
             match took {
                 Ok(true) => {
-                    return Ok(Some(super::slots::HeldSlot {
+                    return Ok(Some(crate::slots::HeldSlot {
                         index,
                         holder,
                         until: now_secs + slot_lease,
@@ -471,13 +464,13 @@ impl RetryProcessor {
     /// the attempt goes on without it.
     async fn keep_slot(
         &self,
-        domain: &crate::address::DomainName,
-        slot: &super::slots::HeldSlot,
+        domain: &relay_core::address::DomainName,
+        slot: &crate::slots::HeldSlot,
         until: &std::sync::atomic::AtomicU64,
     ) {
         loop {
-            tokio::time::sleep(super::slots::SLOT_RENEWAL).await;
-            let next = unix_seconds(SystemTime::now()) + super::slots::SLOT_LEASE_SECS;
+            tokio::time::sleep(crate::slots::SLOT_RENEWAL).await;
+            let next = unix_seconds(SystemTime::now()) + crate::slots::SLOT_LEASE_SECS;
             match self
                 .store
                 .renew_slot(domain, slot.index, &slot.holder, next)
@@ -489,7 +482,7 @@ impl RetryProcessor {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(event = "destination_slot_not_renewed", domain = %domain, index = slot.index, error = %crate::error::Report(&e));
+                    tracing::warn!(event = "destination_slot_not_renewed", domain = %domain, index = slot.index, error = %relay_core::error::Report(&e));
                     return;
                 }
             }
@@ -500,7 +493,7 @@ impl RetryProcessor {
     /// destination's slots).
     async fn claim_and_attempt(
         &self,
-        item: crate::store::aws::QueueItem,
+        item: relay_core::store::aws::QueueItem,
         ticket: &Ticket,
         now: SystemTime,
         lease: u64,
@@ -531,7 +524,7 @@ impl RetryProcessor {
         // read to find out, is the one the attempt sends first (one S3
         // request per delivery less).
         let first =
-            MessageStore::read_chunk(store.as_ref(), &record.id, 0, crate::store::BODY_CHUNK)
+            MessageStore::read_chunk(store.as_ref(), &record.id, 0, relay_core::store::BODY_CHUNK)
                 .await
                 .map_err(store_err("reading the body"))?;
         let report = if let Some(first) = first {
@@ -552,7 +545,7 @@ impl RetryProcessor {
                 )
                 .await
         };
-        super::record_attempt(&report);
+        relay_core::delivery::record_attempt(&report);
         self.crash_if(CrashPoint::AfterDelivery);
         let down = report
             .destination_down
@@ -567,20 +560,20 @@ impl RetryProcessor {
     }
 
     /// When the next probe of a destination found down at `now` may run.
-    fn next_probe(&self, now: u64) -> u64 {
+    pub(crate) fn next_probe(&self, now: u64) -> u64 {
         now + self.settings.probe_interval.as_secs().max(1)
     }
 
     /// Past its queue lifetime: attempted whatever the destination's
     /// state, so that it bounces instead of waiting forever.
     /// (The domain's own lifetime: read only for a domain recorded down.)
-    async fn expired(&self, entry: &crate::queue::QueueEntry, now: u64) -> bool {
+    async fn expired(&self, entry: &relay_core::queue::QueueEntry, now: u64) -> bool {
         self.expired_at(&entry.domain, entry.received_at, now).await
     }
 
-    async fn expired_at(
+    pub(crate) async fn expired_at(
         &self,
-        domain: &crate::address::DomainName,
+        domain: &relay_core::address::DomainName,
         received: u64,
         now: u64,
     ) -> bool {
@@ -589,103 +582,47 @@ impl RetryProcessor {
 
     /// Records the destination down for every delivery process; its mail
     /// waits for the probe from now on.
-    async fn destination_down(&self, domain: &crate::address::DomainName, now: u64, error: &str) {
+    pub(crate) async fn destination_down(
+        &self,
+        domain: &relay_core::address::DomainName,
+        now: u64,
+        error: &str,
+    ) {
         let probe_at = self.next_probe(now);
         match self.store.mark_down(domain, now, probe_at, error).await {
-            Ok(true) => {
-                metrics::counter!("backupmx_destination_down_total").increment(1);
-                tracing::warn!(event = "destination_down", domain = %domain, error);
-                self.engine.record_primary(domain, false, now).await;
-                if let Some(a) = self.engine.alerts() {
-                    let queued = DeliveryQueue::list(self.store.as_ref(), Some(domain))
-                        .await
-                        .map_or(0, |l| l.len());
-                    a.send(
-                        "primary_down",
-                        Some(domain.as_str()),
-                        serde_json::json!({ "queued": queued }),
-                    );
-                }
-            }
+            Ok(true) => self.destinations.went_down(domain, now, error).await,
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %crate::error::Report(&e))
+                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %relay_core::error::Report(&e))
             }
         }
     }
 
     /// The destination answers again: forget it was down and release its
     /// whole queue at once.
-    async fn destination_back(&self, domain: &crate::address::DomainName, now: u64) {
+    pub(crate) async fn destination_back(
+        &self,
+        domain: &relay_core::address::DomainName,
+        now: u64,
+    ) {
         match self.store.mark_up(domain).await {
             Ok(true) => {
                 metrics::counter!("backupmx_probe_recoveries_total").increment(1);
-                // The drain starts now, for every process (bounce-storm guard).
-                self.engine.record_primary(domain, true, now).await;
-                if let Some(a) = self.engine.alerts() {
-                    a.send("primary_up", Some(domain.as_str()), serde_json::json!({}));
-                }
+                self.destinations.came_back(domain, now).await;
                 match DeliveryQueue::release(self.store.as_ref(), Some(domain), now).await {
                     Ok(n) => {
-                        tracing::info!(event = "destination_back", domain = %domain, released = n)
+                        tracing::info!(event = "destination_released", domain = %domain, released = n)
                     }
                     Err(e) => {
-                        tracing::warn!(event = "release_failed", domain = %domain, error = %crate::error::Report(&e))
+                        tracing::warn!(event = "release_failed", domain = %domain, error = %relay_core::error::Report(&e))
                     }
                 }
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %crate::error::Report(&e))
+                tracing::warn!(event = "destination_state_failed", domain = %domain, error = %relay_core::error::Report(&e))
             }
         }
-    }
-
-    /// Probes every destination recorded down whose probe is due (one
-    /// process per destination and interval), releasing those that answer;
-    /// returns those still down.
-    pub async fn probe_down(
-        &self,
-        now: SystemTime,
-    ) -> Result<Vec<crate::address::DomainName>, RetryError> {
-        let now_secs = unix_seconds(now);
-        let down = self
-            .store
-            .down_destinations()
-            .await
-            .map_err(store_err("listing down destinations"))?;
-        let next = self.next_probe(now_secs);
-        let probes = down.iter().map(|d| async move {
-            if d.probe_at > now_secs {
-                return true;
-            }
-            match self.store.claim_probe(&d.domain, now_secs, next).await {
-                Ok(true) => {}
-                Ok(false) => return true,
-                Err(e) => {
-                    tracing::warn!(event = "probe_claim_failed", domain = %d.domain, error = %crate::error::Report(&e));
-                    return true;
-                }
-            }
-            match self.engine.probe(&d.domain).await {
-                Ok(()) => {
-                    self.destination_back(&d.domain, now_secs).await;
-                    false
-                }
-                Err(why) => {
-                    tracing::info!(event = "probe_failed", domain = %d.domain, error = %why);
-                    true
-                }
-            }
-        });
-        // At once: a blackholed primary must not delay the others.
-        let still = futures_util::future::join_all(probes).await;
-        Ok(down
-            .into_iter()
-            .zip(still)
-            .filter(|(_, down)| *down)
-            .map(|(d, _)| d.domain)
-            .collect())
     }
 
     /// Stores an attempt's outcome. From here on the primary may have taken
@@ -705,7 +642,7 @@ impl RetryProcessor {
                 delivered: report.delivered,
             }),
             Err(e) => {
-                tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %crate::error::Report(&e));
+                tracing::error!(event = "queue_update_failed", queue_id = %report.entry.id, error = %relay_core::error::Report(&e));
                 self.lock_unstored()
                     .insert(report.entry.id.clone(), (report, claimed));
                 Err(e)
@@ -724,136 +661,7 @@ impl RetryProcessor {
             claimed,
             now_secs,
         };
-        super::commit_outcome(report, &writer).await
-    }
-
-    /// One sweeper pass: probes of the destinations recorded down; every
-    /// record overdue by `orphan_after` with no
-    /// attempt under way and no ticket sent in that time gets a new ticket
-    /// (its own was lost to a crash, a timeout or a failed send); every
-    /// dead letter is taken off the dead-letter queue and its record, if
-    /// any, given a ticket. Expiry needs nothing more: a record that is
-    /// attempted past its lifetime bounces. Deletes no record.
-    pub async fn sweep(&self, now: SystemTime) -> Result<SweepReport, RetryError> {
-        let now_secs = unix_seconds(now);
-        let orphan_after = self.settings.orphan_after.as_secs();
-        let store = &self.store;
-        let down = self.probe_down(now).await?;
-        if let Some(a) = self.engine.alerts() {
-            // Reads the whole queue table's domain index: only with alerts.
-            self.queue_age
-                .check(self.store.as_ref(), a, self.settings.queue_age, now_secs)
-                .await;
-        }
-        let mut report = SweepReport {
-            down: down.len(),
-            ..SweepReport::default()
-        };
-        let overdue = store
-            .overdue(now_secs.saturating_sub(orphan_after))
-            .await
-            .map_err(store_err("listing overdue records"))?;
-        for record in overdue {
-            report.oldest_overdue = report
-                .oldest_overdue
-                .max(now_secs.saturating_sub(record.received));
-            if record.lease > now_secs || record.nudged.saturating_add(orphan_after) > now_secs {
-                continue;
-            }
-            // Mail for a destination that is down has its ticket parked
-            // and is released by the probe; unless it is expiring.
-            if down.contains(&record.domain)
-                && !self
-                    .expired_at(&record.domain, record.received, now_secs)
-                    .await
-            {
-                continue;
-            }
-            match store.nudge(&record.ticket(), now_secs).await {
-                Ok(true) => {
-                    report.orphans += 1;
-                    metrics::counter!("backupmx_sweeper_orphans_total").increment(1);
-                    tracing::warn!(event = "orphan_requeued", queue_id = %record.id, due = record.due);
-                }
-                Ok(false) => {}
-                Err(e) => return Err(store_err("nudging an orphan")(e)),
-            }
-        }
-        let Some(dlq) = store
-            .dead_letter_queue_url()
-            .await
-            .map_err(store_err("finding the dead-letter queue"))?
-        else {
-            return Ok(report);
-        };
-        loop {
-            let received = store
-                .sqs()
-                .receive_message()
-                .queue_url(&dlq)
-                .max_number_of_messages(10)
-                .wait_time_seconds(0)
-                .send()
-                .await
-                .map_err(|e| RetryError::DeadLetterQueue {
-                    what: "receive",
-                    source: aws_sdk_sqs::error::DisplayErrorContext(e)
-                        .to_string()
-                        .into(),
-                })?;
-            let messages = received.messages();
-            // Messages left in place stay invisible for a while: an empty
-            // receive means every dead letter was seen once.
-            if messages.is_empty() {
-                return Ok(report);
-            }
-            for m in messages {
-                report.dead_letters += 1;
-                let body = m.body().unwrap_or_default();
-                match Ticket::decode(body) {
-                    Ok(ticket) => {
-                        let item = store
-                            .queue_item(&ticket.id)
-                            .await
-                            .map_err(store_err("reading a dead letter's record"))?;
-                        if let Some(item) = item {
-                            if item.lease <= now_secs
-                                && store
-                                    .nudge(&item.ticket(), now_secs)
-                                    .await
-                                    .map_err(store_err("re-driving a dead letter"))?
-                            {
-                                report.redriven += 1;
-                                metrics::counter!("backupmx_sweeper_redriven_total").increment(1);
-                                tracing::warn!(event = "dead_letter_redriven", queue_id = %ticket.id);
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // Kept in the dead-letter queue (its alarm tells
-                        // the operator); no record stands behind it.
-                        report.malformed += 1;
-                        tracing::error!(event = "malformed_dead_letter", error = %crate::error::Report(&e));
-                        continue;
-                    }
-                }
-                if let Some(handle) = m.receipt_handle() {
-                    store
-                        .sqs()
-                        .delete_message()
-                        .queue_url(&dlq)
-                        .receipt_handle(handle)
-                        .send()
-                        .await
-                        .map_err(|e| RetryError::DeadLetterQueue {
-                            what: "delete",
-                            source: aws_sdk_sqs::error::DisplayErrorContext(e)
-                                .to_string()
-                                .into(),
-                        })?;
-                }
-            }
-        }
+        relay_core::delivery::commit_outcome(report, &writer).await
     }
 }
 
@@ -866,7 +674,7 @@ struct AwsOutcome<'a> {
 }
 
 #[async_trait::async_trait]
-impl super::OutcomeWriter for AwsOutcome<'_> {
+impl relay_core::delivery::OutcomeWriter for AwsOutcome<'_> {
     type Error = RetryError;
 
     async fn queue_bounce(&self, bounce: &AcceptedMessage) -> Result<(), RetryError> {
@@ -888,7 +696,7 @@ impl super::OutcomeWriter for AwsOutcome<'_> {
         if ours {
             if let Err(err) = MessageStore::delete(store.as_ref(), &e.id).await {
                 // The bucket's lifecycle removes it in the end.
-                tracing::warn!(event = "body_delete_failed", queue_id = %e.id, error = %crate::error::Report(&err));
+                tracing::warn!(event = "body_delete_failed", queue_id = %e.id, error = %relay_core::error::Report(&err));
             }
         } else {
             lost_race(e);
@@ -919,13 +727,13 @@ impl super::OutcomeWriter for AwsOutcome<'_> {
         {
             // The record is stored and due at its time: the sweeper gives
             // it a ticket then. Nothing to redo here.
-            tracing::warn!(event = "ticket_send_failed", queue_id = %e.id, error = %crate::error::Report(&err));
+            tracing::warn!(event = "ticket_send_failed", queue_id = %e.id, error = %relay_core::error::Report(&err));
         }
         Ok(())
     }
 }
 
-fn lost_race(e: &crate::queue::QueueEntry) {
+fn lost_race(e: &relay_core::queue::QueueEntry) {
     // Deleted by an operator, or the lease ran out and another attempt
     // took the record: its writer's state stands.
     metrics::counter!("backupmx_queue_lost_races_total").increment(1);
@@ -943,19 +751,19 @@ struct Prefetched<'a> {
 
 #[async_trait::async_trait]
 impl MessageStore for Prefetched<'_> {
-    async fn put(&self, id: &QueueId, body: &[u8]) -> Result<(), crate::store::StoreError> {
+    async fn put(&self, id: &QueueId, body: &[u8]) -> Result<(), relay_core::store::StoreError> {
         self.inner.put(id, body).await
     }
 
     async fn put_file(
         &self,
         id: &QueueId,
-        body: &crate::queue::SpooledBody,
-    ) -> Result<(), crate::store::StoreError> {
+        body: &relay_core::queue::SpooledBody,
+    ) -> Result<(), relay_core::store::StoreError> {
         self.inner.put_file(id, body).await
     }
 
-    async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+    async fn get(&self, id: &QueueId) -> Result<Option<Vec<u8>>, relay_core::store::StoreError> {
         self.inner.get(id).await
     }
 
@@ -964,9 +772,9 @@ impl MessageStore for Prefetched<'_> {
         id: &QueueId,
         offset: u64,
         max: usize,
-    ) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+    ) -> Result<Option<Vec<u8>>, relay_core::store::StoreError> {
         let held = self.first.len() as u64;
-        let whole = self.first.len() < crate::store::BODY_CHUNK;
+        let whole = self.first.len() < relay_core::store::BODY_CHUNK;
         if id == self.id && (whole || offset.saturating_add(max as u64) <= held) {
             let start = offset.min(held) as usize;
             let end = offset.saturating_add(max as u64).min(held) as usize;
@@ -975,7 +783,7 @@ impl MessageStore for Prefetched<'_> {
         self.inner.read_chunk(id, offset, max).await
     }
 
-    async fn delete(&self, id: &QueueId) -> Result<(), crate::store::StoreError> {
+    async fn delete(&self, id: &QueueId) -> Result<(), relay_core::store::StoreError> {
         self.inner.delete(id).await
     }
 }
@@ -983,9 +791,9 @@ impl MessageStore for Prefetched<'_> {
 /// Gives a slot back if the attempt holding it is dropped before it ends.
 struct SlotGuard {
     store: Arc<AwsStore>,
-    local: Arc<super::slots::LocalSlots>,
-    domain: crate::address::DomainName,
-    slot: Option<super::slots::HeldSlot>,
+    local: Arc<crate::slots::LocalSlots>,
+    domain: relay_core::address::DomainName,
+    slot: Option<crate::slots::HeldSlot>,
 }
 
 impl SlotGuard {
@@ -1013,13 +821,13 @@ impl Drop for SlotGuard {
 /// Gives a held slot back to the store and forgets it.
 async fn give_back(
     store: &AwsStore,
-    local: &super::slots::LocalSlots,
-    domain: &crate::address::DomainName,
-    slot: super::slots::HeldSlot,
+    local: &crate::slots::LocalSlots,
+    domain: &relay_core::address::DomainName,
+    slot: crate::slots::HeldSlot,
 ) {
     if let Err(e) = store.give_slot(domain, slot.index, &slot.holder).await {
         // Its lease ends it anyway.
-        tracing::warn!(event = "destination_slot_not_given_back", domain = %domain, error = %crate::error::Report(&e));
+        tracing::warn!(event = "destination_slot_not_given_back", domain = %domain, error = %relay_core::error::Report(&e));
     }
     local.release([slot.index]);
 }
@@ -1027,23 +835,23 @@ async fn give_back(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::local::LocalStore;
+    use relay_core::store::local::LocalStore;
 
     #[tokio::test]
     async fn prefetched_reads_match_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).unwrap();
-        let id = crate::queue::new_id(SystemTime::now());
+        let id = relay_core::queue::new_id(SystemTime::now());
         for size in [
             0,
             10,
-            crate::store::BODY_CHUNK,
-            crate::store::BODY_CHUNK * 2 + 7,
+            relay_core::store::BODY_CHUNK,
+            relay_core::store::BODY_CHUNK * 2 + 7,
         ] {
             let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
             store.put(&id, &body).await.unwrap();
             let first = store
-                .read_chunk(&id, 0, crate::store::BODY_CHUNK)
+                .read_chunk(&id, 0, relay_core::store::BODY_CHUNK)
                 .await
                 .unwrap()
                 .unwrap();
@@ -1054,9 +862,12 @@ mod tests {
             };
             for (offset, max) in [
                 (0, 1),
-                (0, crate::store::BODY_CHUNK),
+                (0, relay_core::store::BODY_CHUNK),
                 (5, 3),
-                (crate::store::BODY_CHUNK as u64, crate::store::BODY_CHUNK),
+                (
+                    relay_core::store::BODY_CHUNK as u64,
+                    relay_core::store::BODY_CHUNK,
+                ),
                 (size as u64, 10),
                 (size as u64 + 5, 10),
             ] {

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use crate::address::DomainName;
-use crate::sync::Mutex;
+use relay_core::address::DomainName;
+use relay_core::sync::Mutex;
 
 /// Slot indices one ticket asks for before it goes back to wait.
 pub const TAKE_TRIES: usize = 3;
