@@ -8,8 +8,9 @@ use crate::address::DomainName;
 use crate::time::unix_seconds;
 
 use super::client::Response;
+use super::hops::Hops;
 use super::transport::{Channel, HopTls};
-use super::{Engine, HopPlan};
+use super::Engine;
 
 /// Why no channel to a domain's next hop could be opened.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,12 +31,15 @@ impl Engine {
     /// handshake that fails is retried in the clear.
     pub async fn open_channel(&self, domain: &DomainName) -> Result<Channel, ChannelError> {
         let (record, targets) = self
+            .router
             .route_for(domain)
             .await
             .map_err(|e| ChannelError::Unreachable(format!("no route: {e}")))?;
         let now = unix_seconds(std::time::SystemTime::now());
+        let explicit = self.router.explicit(domain, record.as_ref());
         let plans = self
-            .hop_plans(domain, record.as_ref(), targets, now)
+            .hops
+            .plans(domain, record.as_ref(), explicit, targets, now)
             .await
             .map_err(ChannelError::TlsPolicy)?;
         let helo = &self.cfg.me.hostname;
@@ -43,19 +47,14 @@ impl Engine {
         for (target, plan) in &plans {
             // MTA-STS testing: the domain's own policy when the verified
             // connection fails (reported, as for its mail).
-            let fallback = plan.testing_fallback.map(|tls| HopPlan {
-                tls,
-                source: "domain",
-                testing_fallback: None,
-                dane: None,
-            });
+            let fallback = Hops::fallback_of(plan);
             for addr in &target.addrs {
-                let open = |tls| Channel::open(*addr, &target.host, helo, tls, &self.cfg.timeouts);
-                let mut attempt = open(self.hop_tls(plan)).await;
+                let open = |tls| Channel::open(*addr, &target.host, helo, tls, &self.hops.timeouts);
+                let mut attempt = open(self.hops.hop_tls(plan)).await;
                 if let (Err(f), Some(fallback)) = (&attempt, &fallback) {
                     if f.tls_policy_failed {
                         tracing::warn!(event = "mta_sts_testing_failure", domain = %domain, host = %target.host, addr = %addr, error = %f.why);
-                        attempt = open(self.hop_tls(fallback)).await;
+                        attempt = open(self.hops.hop_tls(fallback)).await;
                     }
                 }
                 if let Err(f) = &attempt {

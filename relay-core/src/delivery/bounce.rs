@@ -1,0 +1,163 @@
+//! The DSN (RFC 3464) for recipients that failed for good: a new message
+//! from the null sender to the original sender, with the original headers.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::SystemTime;
+
+use crate::queue::{AcceptedMessage, AcceptedRecipient, QueueEntry};
+use crate::store::MessageStore;
+
+use super::dsn;
+
+/// Builds DSNs as `hostname`, returning at most `headers_max` bytes of the
+/// original headers.
+#[derive(Debug, Clone)]
+pub(crate) struct Bouncer {
+    pub hostname: String,
+    pub headers_max: usize,
+}
+
+impl Bouncer {
+    /// The DSN for `failed` recipients of `entry`, if one is due: never for
+    /// a bounce (RFC 5321 §6.1, RFC 3464), nor with nothing failed. The
+    /// original headers are read from `bodies`; a DSN is not lost to a
+    /// read error, it then goes without them.
+    pub(crate) async fn bounce_for(
+        &self,
+        entry: &QueueEntry,
+        failed: &[dsn::FailedRecipient],
+        bodies: &dyn MessageStore,
+        now: SystemTime,
+    ) -> Option<AcceptedMessage> {
+        if failed.is_empty() || entry.sender.is_empty() {
+            return None;
+        }
+        // The start of the message is enough: only its headers go back.
+        let head = match bodies.read_chunk(&entry.id, 0, self.headers_max + 4).await {
+            Ok(head) => head.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(event = "dsn_headers_unreadable", queue_id = %entry.id, error = %crate::error::Report(&e));
+                Vec::new()
+            }
+        };
+        self.dsn(entry, failed, &head, now)
+    }
+
+    /// The DSN message itself, from the original's first bytes `head`
+    /// (pure apart from the new id).
+    fn dsn(
+        &self,
+        entry: &QueueEntry,
+        failed: &[dsn::FailedRecipient],
+        head: &[u8],
+        now: SystemTime,
+    ) -> Option<AcceptedMessage> {
+        let sender = crate::address::parse_mailbox(&entry.sender).ok()?;
+        let domain = sender.domain()?.clone();
+        let id = crate::queue::new_id(now);
+        let message = dsn::build(
+            &self.hostname,
+            self.headers_max,
+            entry,
+            failed,
+            head,
+            now,
+            &id,
+        );
+        Some(AcceptedMessage {
+            id,
+            sender: String::new(),
+            recipients: vec![AcceptedRecipient {
+                address: entry.sender.clone(),
+                domain,
+            }],
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            helo: self.hostname.clone(),
+            received_at: now,
+            smtputf8: !entry.sender.is_ascii(),
+            eight_bit: false,
+            body: message,
+            deferred: Vec::new(),
+            spooled: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{QueueId, RecipientState, RecipientStatus, QUEUE_RECORD_VERSION};
+    use std::time::Duration;
+
+    fn entry(sender: &str) -> QueueEntry {
+        QueueEntry {
+            version: QUEUE_RECORD_VERSION,
+            id: QueueId::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1000), 7),
+            domain: crate::address::DomainName::parse("example.test").unwrap(),
+            sender: sender.into(),
+            recipients: vec![RecipientState {
+                address: "a@example.test".into(),
+                status: RecipientStatus::Failed,
+                last_reply: Some("550 5.1.1 unknown".into()),
+            }],
+            client_ip: "192.0.2.1".parse().unwrap(),
+            helo: "client.test".into(),
+            received_at: 1000,
+            attempts: 2,
+            next_attempt: 0,
+            last_error: None,
+            size: 10,
+            smtputf8: false,
+            eight_bit: false,
+        }
+    }
+
+    fn failed() -> Vec<dsn::FailedRecipient> {
+        vec![dsn::FailedRecipient {
+            address: "a@example.test".into(),
+            status: "5.1.1".into(),
+            diagnostic: "550 5.1.1 unknown".into(),
+            remote: true,
+        }]
+    }
+
+    const BOUNCER: fn() -> Bouncer = || Bouncer {
+        hostname: "mx2.test".into(),
+        headers_max: 1024,
+    };
+
+    #[test]
+    fn a_dsn_goes_from_the_null_sender_to_the_sender_with_the_original_headers() {
+        let head = b"Subject: hello\r\nMessage-ID: <m1@sender.test>\r\n\r\nbody";
+        let dsn = BOUNCER()
+            .dsn(&entry("s@sender.test"), &failed(), head, SystemTime::now())
+            .unwrap();
+        assert_eq!(dsn.sender, "");
+        assert_eq!(dsn.recipients[0].address, "s@sender.test");
+        assert_eq!(dsn.recipients[0].domain.as_str(), "sender.test");
+        let text = String::from_utf8_lossy(&dsn.body);
+        assert!(text.contains("a@example.test"), "{text}");
+        assert!(text.contains("Message-ID: <m1@sender.test>"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_bounce_is_never_bounced_and_nothing_failed_sends_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::local::LocalStore::open(dir.path()).unwrap();
+        let b = BOUNCER();
+        let now = SystemTime::now();
+        assert!(b
+            .bounce_for(&entry(""), &failed(), &store, now)
+            .await
+            .is_none());
+        assert!(b
+            .bounce_for(&entry("s@sender.test"), &[], &store, now)
+            .await
+            .is_none());
+        // The body is gone: the DSN still goes, without the headers.
+        let dsn = b
+            .bounce_for(&entry("s@sender.test"), &failed(), &store, now)
+            .await;
+        assert!(dsn.is_some());
+    }
+}
