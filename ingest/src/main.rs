@@ -7,12 +7,17 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod admin;
+mod backends;
+mod cli;
 mod connection;
 mod filtering;
+mod http;
 mod limits;
+mod listener;
 mod metrics;
 mod server;
+mod services;
+mod shutdown;
 mod tls;
 mod web;
 
@@ -46,13 +51,13 @@ enum Command {
     Admin,
     /// Manage hosted domains.
     #[command(subcommand)]
-    Domain(admin::DomainCommand),
+    Domain(cli::DomainCommand),
     /// Inspect and steer the queue.
     #[command(subcommand)]
-    Queue(admin::QueueCommand),
+    Queue(cli::QueueCommand),
     /// Recipient verification's cache (callout verdicts).
     #[command(subcommand)]
-    Recipients(admin::RecipientsCommand),
+    Recipients(cli::RecipientsCommand),
     /// Check a domain's set-up: MX records, the primary, MTA-STS, DANE,
     /// SPF, our certificate (exit 0 only when no check fails).
     Doctor {
@@ -64,7 +69,7 @@ enum Command {
     },
     /// AWS backend set-up.
     #[command(subcommand)]
-    Aws(admin::AwsCommand),
+    Aws(cli::AwsCommand),
     /// Health check: connect, expect the 220 greeting, QUIT (exit 0 if healthy).
     Health {
         /// The SMTP listener to check (ADDR:PORT).
@@ -124,7 +129,7 @@ fn main() -> ExitCode {
         if cli.verbose {
             eprintln!(
                 "backupmx: configuration {source}; store {}",
-                admin::store_description(&config)
+                cli::store_description(&config)
             );
         }
         match cli.command {
@@ -140,13 +145,11 @@ fn main() -> ExitCode {
                 init_logging(cli.log_json);
                 server::admin_only(config, &source).await
             }
-            Command::Domain(cmd) => admin::domain(&config, &source, cmd).await,
-            Command::Queue(cmd) => admin::queue(&config, &source, cmd).await,
-            Command::Recipients(cmd) => admin::recipients(&config, &source, cmd).await,
-            Command::Aws(cmd) => admin::aws(&config, cmd).await,
-            Command::Doctor { domain, json } => {
-                admin::doctor(&config, &source, &domain, json).await
-            }
+            Command::Domain(cmd) => cli::domain(&config, &source, cmd).await,
+            Command::Queue(cmd) => cli::queue(&config, &source, cmd).await,
+            Command::Recipients(cmd) => cli::recipients(&config, &source, cmd).await,
+            Command::Aws(cmd) => cli::aws(&config, cmd).await,
+            Command::Doctor { domain, json } => cli::doctor(&config, &source, &domain, json).await,
             Command::Health { .. } => Ok(()),
         }
     });

@@ -4,8 +4,6 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// Installs the global recorder, with every metric described; its handle
 /// renders the exposition (here and on the admin listener).
@@ -17,22 +15,28 @@ pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Serves the exposition at `/metrics` on its own listener.
+/// Serves the exposition at `/metrics` on its own listener (the admin
+/// listener's HTTP stack; nothing else is served here).
 pub(crate) async fn serve(listen: SocketAddr, handle: PrometheusHandle) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {listen}"))?;
-    tracing::info!(event = "metrics_listening", addr = %listen);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            };
-            let handle = handle.clone();
-            tokio::spawn(respond(stream, handle));
+    let addr = crate::http::serve(listen, "metrics", move |req| {
+        let found = req.method() == hyper::Method::GET && req.uri().path() == "/metrics";
+        let (status, body) = if found {
+            (hyper::StatusCode::OK, handle.render())
+        } else {
+            (hyper::StatusCode::NOT_FOUND, "not found\n".to_string())
+        };
+        async move {
+            let mut reply = crate::http::Reply::new(http_body_util::Full::new(body.into()));
+            *reply.status_mut() = status;
+            reply.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            reply
         }
-    });
+    })
+    .await?;
+    tracing::info!(event = "metrics_listening", addr = %addr);
     Ok(())
 }
 
@@ -293,42 +297,4 @@ fn describe() {
             metrics::counter!(name, labels).absolute(0);
         }
     }
-}
-
-/// A minimal HTTP/1.0 responder: the exposition is the only resource.
-async fn respond(mut stream: tokio::net::TcpStream, handle: PrometheusHandle) {
-    let mut buf = vec![0u8; 4096];
-    let mut used = 0;
-    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        while used < buf.len() {
-            match stream.read(&mut buf[used..]).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => used += n,
-            }
-            if buf[..used].windows(4).any(|w| w == b"\r\n\r\n") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    if !matches!(read, Ok(true)) {
-        return;
-    }
-    let request_line = String::from_utf8_lossy(&buf[..used])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let (status, body) = if request_line.starts_with("GET /metrics ") {
-        ("200 OK", handle.render())
-    } else {
-        ("404 Not Found", "not found\n".to_string())
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
 }

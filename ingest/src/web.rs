@@ -2,12 +2,10 @@
 //! API under `/api/` and the Prometheus exposition at `/metrics`. Every
 //! answer comes from `relay_core::admin`, the code the CLI runs.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -16,20 +14,15 @@ use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use relay_core::admin::{page, Admin, AdminError, DomainChange};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
 /// Largest request body (a form or a JSON settings object).
 const MAX_BODY: usize = 64 * 1024;
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 64;
-/// Longest a connection is served (keep-alive included).
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 /// Longest wait for a request body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The cookie the sign-in form sets.
 const COOKIE: &str = "backupmx_admin";
 
-type Reply = Response<Full<Bytes>>;
+use crate::http::Reply;
 
 /// What every request needs.
 pub(crate) struct Web {
@@ -42,42 +35,13 @@ pub(crate) struct Web {
 
 /// Binds the listener and serves it in the background.
 pub(crate) async fn serve(listen: SocketAddr, web: Arc<Web>) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen for the admin page and API on {listen}"))?;
-    let addr = listener.local_addr().unwrap_or(listen);
-    tracing::info!(event = "admin_listening", addr = %addr, token = web.token.is_some());
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let web = web.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let web = web.clone();
-                    async move { Ok::<_, Infallible>(handle(&web, req).await) }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .max_buf_size(64 * 1024)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                // A kept-alive or trickling connection holds one of the
-                // few slots: none is kept longer than this.
-                let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
-                drop(permit);
-            });
-        }
-    });
+    let token = web.token.is_some();
+    let addr = crate::http::serve(listen, "the admin page and API", move |req| {
+        let web = web.clone();
+        async move { handle(&web, req).await }
+    })
+    .await?;
+    tracing::info!(event = "admin_listening", addr = %addr, token);
     Ok(addr)
 }
 

@@ -33,5 +33,6 @@ pub mod observations;
 pub mod policy;
 pub mod queue;
 pub mod recipients;
+pub mod setup;
 pub mod store;
 pub mod sync;

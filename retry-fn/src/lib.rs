@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use relay_core::config::Config;
 pub mod poll;
@@ -14,44 +13,22 @@ pub mod sweep;
 
 pub use poll::poll;
 pub use processor::{CrashPoint, Processed, RetryError, RetryProcessor, RetrySettings};
-use relay_core::delivery::{Engine, EngineConfig};
-use relay_core::dns::HickoryResolver;
-use relay_core::store::aws::{AwsNames, AwsStore};
 pub use sweep::SweepReport;
 
-/// Clients, resolver and engine from the configuration.
+/// Clients, resolver and engine from the configuration (the composition
+/// root builds them as for the ingest server).
 pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
-    let conf = relay_core::store::aws::sdk_config().await;
-    let names = AwsNames::from(&config.aws);
-    let store = Arc::new(
-        AwsStore::connect(&conf, names)
-            .await
-            .context("cannot reach the AWS backend")?,
-    );
-    let resolver = HickoryResolver::with_trust_anchors(
-        &config.dns.servers,
-        config.dns.timeout,
-        &config.dns.dnssec_trust_anchors,
-    )
-    .map_err(|e| anyhow::anyhow!("cannot set up the DNS resolver: {e}"))?;
+    let store = Arc::new(relay_core::setup::aws_store(config).await?);
+    let resolver = relay_core::setup::resolver(config)?;
     // Deliveries teach the callout cache and the primaries' states that the
     // ingest tasks read (for domains with callouts or defer mode).
-    let engine = Arc::new(
-        Engine::new(
-            EngineConfig::from(config),
-            Arc::new(resolver),
-            store.clone(),
-        )
-        .with_learning(
-            store.clone(),
-            config.recipient_verify.valid_ttl,
-            config.recipient_verify.invalid_ttl,
-        )
-        .with_alerts(
-            relay_core::alerts::Alerter::for_webhook(&config.alerts.webhook)
-                .map_err(anyhow::Error::msg)?,
-        ),
-    );
+    let engine = Arc::new(relay_core::setup::engine(
+        config,
+        resolver,
+        store.clone(),
+        store.clone(),
+        relay_core::setup::alerter(config)?,
+    ));
     Ok(
         RetryProcessor::new(store, engine, RetrySettings::from(config))
             .with_crash_point(crash_point()),

@@ -12,7 +12,7 @@ use relay_core::domain::Domain;
 use relay_core::queue::QueueId;
 use relay_core::store::DomainRegistry;
 
-use crate::server::open_backends_as;
+use crate::backends::open_backends_as;
 
 #[derive(Subcommand)]
 pub(crate) enum DomainCommand {
@@ -181,7 +181,7 @@ async fn open_store(
     config: &Config,
     create: bool,
     source: &str,
-) -> anyhow::Result<crate::server::Backends> {
+) -> anyhow::Result<crate::backends::Backends> {
     open_backends_as(config, create)
         .await
         .map_err(|e| anyhow!("{e:#} [configuration: {source}]"))
@@ -193,9 +193,9 @@ pub(crate) async fn open_admin(
     config: &Config,
     create: bool,
     source: &str,
-) -> anyhow::Result<(Admin, crate::server::Backends)> {
+) -> anyhow::Result<(Admin, crate::backends::Backends)> {
     let backends = open_store(config, create, source).await?;
-    let admin = backends.admin(crate::server::alerter(config)?);
+    let admin = backends.admin(crate::backends::alerter(config)?);
     Ok((admin, backends))
 }
 

@@ -1,0 +1,80 @@
+//! The composition root: the one place that reads [`Config`] and builds
+//! the parts both binaries run (the resolver, the AWS store, the delivery
+//! engine, the recipient verifier, the alerter). Subsystems own their
+//! small settings types and never read the configuration themselves;
+//! `config` converts it into them.
+
+use std::sync::Arc;
+
+use crate::alerts::Alerter;
+use crate::config::Config;
+use crate::delivery::{Engine, EngineConfig};
+use crate::dns::{HickoryResolver, Resolver};
+use crate::recipients::{RecipientVerifier, VerifySettings};
+use crate::store::{DomainRegistry, RecipientCache};
+
+/// Why a part could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    #[error("cannot set up the DNS resolver: {0}")]
+    Resolver(#[source] crate::dns::DnsError),
+    #[error("[alerts] webhook: {0}")]
+    Webhook(String),
+    #[cfg(feature = "aws")]
+    #[error("cannot reach the AWS backend (is AWS_ENDPOINT_URL or the AWS configuration right?)")]
+    Aws(#[source] crate::store::StoreError),
+}
+
+/// The resolver `[dns]` asks for (its servers, timeout and trust anchors).
+pub fn resolver(config: &Config) -> Result<Arc<dyn Resolver>, SetupError> {
+    let r = HickoryResolver::with_trust_anchors(
+        &config.dns.servers,
+        config.dns.timeout,
+        &config.dns.dnssec_trust_anchors,
+    )
+    .map_err(SetupError::Resolver)?;
+    Ok(Arc::new(r))
+}
+
+/// The webhook alerter (started), or `None` without `[alerts] webhook`.
+pub fn alerter(config: &Config) -> Result<Option<Arc<Alerter>>, SetupError> {
+    Alerter::for_webhook(&config.alerts.webhook).map_err(SetupError::Webhook)
+}
+
+/// The delivery engine: routes for delivery, probes, ETRN and callouts.
+/// Deliveries teach `cache` what callouts and defer mode read (the
+/// recipients the primary took or refused, whether it answers).
+pub fn engine(
+    config: &Config,
+    resolver: Arc<dyn Resolver>,
+    registry: Arc<dyn DomainRegistry>,
+    cache: Arc<dyn RecipientCache>,
+    alerts: Option<Arc<Alerter>>,
+) -> Engine {
+    Engine::new(EngineConfig::from(config), resolver, registry)
+        .with_learning(
+            cache,
+            config.recipient_verify.valid_ttl,
+            config.recipient_verify.invalid_ttl,
+        )
+        .with_alerts(alerts)
+}
+
+/// Recipient verification at RCPT time over `engine`'s routes.
+pub fn verifier(
+    config: &Config,
+    cache: Arc<dyn RecipientCache>,
+    engine: Arc<Engine>,
+) -> RecipientVerifier {
+    RecipientVerifier::new(cache, engine, VerifySettings::from(config))
+}
+
+/// The AWS store `[aws]` names, connected.
+#[cfg(feature = "aws")]
+pub async fn aws_store(config: &Config) -> Result<crate::store::aws::AwsStore, SetupError> {
+    let conf = crate::store::aws::sdk_config().await;
+    crate::store::aws::AwsStore::connect(&conf, crate::store::aws::AwsNames::from(&config.aws))
+        .await
+        .map_err(SetupError::Aws)
+}
