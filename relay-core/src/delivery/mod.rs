@@ -7,9 +7,9 @@
 //!
 //! The engine is an orchestrator over typed parts, each in its own file
 //! with its pure core unit-tested: [`router`] (record, next hops,
-//! lifetime), [`hops`] (the TLS plan of each hop and the loop over them),
+//! lifetime), `hops` (the TLS plan of each hop and the loop over them),
 //! [`outcome`] (what the answers make of an entry, and how it is stored),
-//! [`bounce`] (the DSN), [`storm_watch`] (the bounce-storm guard) and
+//! `bounce` (the DSN), `storm_watch` (the bounce-storm guard) and
 //! [`crate::observations`] (what deliveries teach recipient verification).
 
 pub use relay_proto::{client, dsn};

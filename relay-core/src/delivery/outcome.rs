@@ -1,5 +1,5 @@
 //! An attempt's outcome: what the primary's answers make of a queue entry
-//! ([`apply`], pure), how it is logged, and how it is stored in the same
+//! (`apply`, pure), how it is logged, and how it is stored in the same
 //! order by both schedulers ([`commit_outcome`]).
 
 use std::time::{Duration, SystemTime};
