@@ -149,7 +149,7 @@ pub(crate) struct Shared {
 
 pub(crate) struct Etrn {
     /// Resolves the domain's primaries (who may ask).
-    pub engine: Arc<relay_core::delivery::Engine>,
+    pub router: Arc<relay_core::delivery::Router>,
     pub release: Arc<dyn relay_core::delivery::etrn::Release>,
     pub networks: Vec<ipnet::IpNet>,
 }
@@ -583,7 +583,7 @@ impl Handler {
                     self.peer.ip(),
                     &e.networks,
                     shared.policy.registry.as_ref(),
-                    &e.engine,
+                    &e.router,
                     e.release.as_ref(),
                 )
                 .await

@@ -182,25 +182,16 @@ fn config_source(path: Option<&std::path::Path>) -> String {
 }
 
 async fn health(addr: std::net::SocketAddr, proxy: bool) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let check = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        if proxy {
-            stream
-                .write_all(b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00")
-                .await?;
-        }
-        let mut buf = [0u8; 512];
-        let n = stream.read(&mut buf).await?;
-        let greeting = String::from_utf8_lossy(&buf[..n]).to_string();
-        let _ = stream.write_all(b"QUIT\r\n").await;
-        anyhow::ensure!(
-            greeting.starts_with("220"),
-            "unexpected greeting {greeting:?}"
-        );
-        Ok(())
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(5), check)
-        .await
-        .map_err(|_| anyhow::anyhow!("no greeting from {addr} within 5 s"))?
+    // Behind the load balancer's PROXY listener: a LOCAL v2 header (no
+    // forwarded address), which the server takes from this host.
+    const LOCAL_V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    let preface = if proxy { LOCAL_V2 } else { b"" };
+    let hop = relay_core::delivery::handshake::Greeted::connect(
+        addr,
+        preface,
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
+    hop.quit().await;
+    Ok(())
 }

@@ -262,7 +262,7 @@ fn start_delivery_tier(
                 });
             }
             let etrn = Etrn {
-                engine: delivery.engine.clone(),
+                router: delivery.engine.router().clone(),
                 release: worker.clone(),
                 networks,
             };
@@ -270,7 +270,7 @@ fn start_delivery_tier(
         }
         (Mode::IngestOnly, Some(engine), None) if config.storage.backend == Backend::Aws => {
             let etrn = Etrn {
-                engine,
+                router: engine.router().clone(),
                 release: Arc::new(relay_core::delivery::etrn::QueueRelease(
                     backends.queue.clone(),
                 )),

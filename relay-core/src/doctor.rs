@@ -10,10 +10,9 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::address::DomainName;
-use crate::delivery::client::{ReplyParser, Response};
+use crate::delivery::handshake::{Greeted, HopError, Step};
 use crate::delivery::mta_sts::{StsPolicies, StsUnavailable};
 use crate::delivery::route::{self, RouteError, SelfIdentity, Target};
 use crate::dns::{DnsError, MxRecord, Resolver};
@@ -415,22 +414,8 @@ impl Doctor {
     /// Greeting, EHLO, and (when offered) STARTTLS with a verifying client.
     async fn probe(&self, addr: SocketAddr, host: &str) -> Result<PrimaryProbe, String> {
         let t = self.settings.timeout;
-        let mut tcp = tokio::time::timeout(t, TcpStream::connect(addr))
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
-        let mut parser = ReplyParser::default();
-        let greeting = read_reply(&mut tcp, &mut parser, t).await?;
-        if greeting.code != 220 {
-            return Err(format!("greeting {}", greeting.code));
-        }
-        tcp.write_all(format!("EHLO {}\r\n", self.host()).as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let ehlo = read_reply(&mut tcp, &mut parser, t).await?;
-        if ehlo.code != 250 {
-            return Err(format!("EHLO answered {}", ehlo.code));
-        }
+        let mut hop = Greeted::connect(addr, b"", t).await.map_err(brief)?;
+        let ehlo = hop.ehlo(self.host()).await.map_err(brief)?;
         let mut probe = PrimaryProbe::default();
         for line in ehlo.lines.iter().skip(1) {
             let upper = line.to_ascii_uppercase();
@@ -442,21 +427,18 @@ impl Doctor {
             }
         }
         if !probe.starttls {
-            let _ = tcp.write_all(b"QUIT\r\n").await;
+            hop.quit().await;
             return Ok(probe);
         }
-        tcp.write_all(b"STARTTLS\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        let go = read_reply(&mut tcp, &mut parser, t).await?;
+        let go = hop.command("STARTTLS", Step::Reply).await.map_err(brief)?;
         if go.code != 220 {
             probe.verified = Some(Err(format!("STARTTLS answered {}", go.code)));
             return Ok(probe);
         }
         let name = ServerName::try_from(host.to_string())
             .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
-        let handshake =
-            tokio_rustls::TlsConnector::from(self.settings.verifying.clone()).connect(name, tcp);
+        let handshake = tokio_rustls::TlsConnector::from(self.settings.verifying.clone())
+            .connect(name, hop.into_stream());
         probe.verified = Some(match tokio::time::timeout(t, handshake).await {
             Ok(Ok(mut tls)) => {
                 let _ = tls.write_all(b"QUIT\r\n").await;
@@ -643,14 +625,15 @@ impl Doctor {
     }
 }
 
-async fn read_reply(
-    tcp: &mut TcpStream,
-    parser: &mut ReplyParser,
-    wait: Duration,
-) -> Result<Response, String> {
-    tokio::time::timeout(wait, crate::delivery::probe::read_reply(tcp, parser))
-        .await
-        .map_err(|_| "timed out waiting for a reply".to_string())?
+/// A hop error as doctor words it: the step and the answer, without the
+/// address (the check names it).
+fn brief(e: HopError) -> String {
+    match e {
+        HopError::Connect { source, .. } => format!("connect: {source}"),
+        HopError::Timeout { step, .. } => format!("timed out waiting for the {step}"),
+        HopError::Lost { step, why, .. } => format!("no {step}: {why}"),
+        HopError::Refused { step, reply, .. } => format!("{step} answered {}", reply.code),
+    }
 }
 
 /// Whether a report lets `doctor` exit 0.

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 
 use super::worker::Worker;
-use super::Engine;
+use super::Router;
 use crate::address::DomainName;
 use crate::smtp::Reply;
 use crate::store::{DeliveryQueue, DomainRegistry, StoreError};
@@ -67,7 +67,7 @@ pub async fn handle(
     client: IpAddr,
     networks: &[IpNet],
     registry: &dyn DomainRegistry,
-    engine: &Engine,
+    router: &Router,
     release: &dyn Release,
 ) -> Reply {
     if node.starts_with('#') {
@@ -100,7 +100,7 @@ pub async fn handle(
             )
         }
     }
-    if !authorized(client, networks, engine, &domain).await {
+    if !authorized(client, networks, router, &domain).await {
         metrics::counter!("backupmx_etrn_total", "result" => "denied").increment(1);
         return Reply::new(
             459,
@@ -142,13 +142,13 @@ pub async fn handle(
 async fn authorized(
     client: IpAddr,
     networks: &[IpNet],
-    engine: &Engine,
+    router: &Router,
     domain: &DomainName,
 ) -> bool {
     if networks.iter().any(|n| n.contains(&client)) {
         return true;
     }
-    match engine.targets_for(domain).await {
+    match router.targets_for(domain).await {
         Ok(targets) => targets
             .iter()
             .flat_map(|t| t.addrs.iter())

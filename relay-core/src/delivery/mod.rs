@@ -18,6 +18,7 @@ pub mod channel;
 pub mod dane;
 pub mod destinations;
 pub mod etrn;
+pub mod handshake;
 mod hops;
 pub mod mta_sts;
 pub mod outcome;
@@ -34,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use client::{Envelope, RcptResult};
-use route::{RouteError, SelfIdentity, Target};
+use route::{RouteError, SelfIdentity};
 use transport::Timeouts;
 
 use crate::address::DomainName;
@@ -162,11 +163,6 @@ impl Engine {
             initial: self.cfg.retry_initial,
             max: self.cfg.retry_max,
         }
-    }
-
-    /// Where mail for `domain` goes now.
-    pub async fn targets_for(&self, domain: &DomainName) -> Result<Vec<Target>, RouteError> {
-        self.router.targets_for(domain).await
     }
 
     /// How long mail for `domain` may stay queued now.
