@@ -11,6 +11,7 @@
 #   bench/compare.sh etrn [N]          the same released by ETRN alone (probe 1 h)
 #                                      (SINK_OPTS=-p: a primary without PIPELINING; PROBE=1s: probe interval)
 #
+# BMX=PATH uses that backupmx binary instead of building one.
 # Needs root (installs Debian's postfix for smtp-source/smtp-sink and the
 # peer). Results go to bench/results-<scenario>.txt as well.
 # accept takes SIZES="1024 102400" and SESSIONS="1 10 50" from the
@@ -28,8 +29,11 @@ out=$here/results-$scenario.txt
 : > "$out"
 
 bash "$here/postfix_peer.sh" install >&2
-(cd "$root" && cargo build --release --bin backupmx >&2)
-BMX=$root/target/release/backupmx
+# BMX=PATH benchmarks that build instead (an A/B of two commits).
+if [ -z "${BMX:-}" ]; then
+  (cd "$root" && cargo build --release --bin backupmx >&2)
+  BMX=$root/target/release/backupmx
+fi
 
 start_bmx() {  # $1 = primary port state note; config in $work
   cat > "$work/backupmx.toml" <<TOML
