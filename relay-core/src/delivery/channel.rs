@@ -8,8 +8,8 @@ use crate::address::DomainName;
 use crate::time::unix_seconds;
 
 use super::client::Response;
-use super::hops::Hops;
-use super::transport::{Channel, HopTls};
+use super::hops::{Hops, Purpose};
+use super::transport::Channel;
 use super::Engine;
 
 /// Why no channel to a domain's next hop could be opened.
@@ -50,24 +50,20 @@ impl Engine {
             let fallback = Hops::fallback_of(plan);
             for addr in &target.addrs {
                 let open = |tls| Channel::open(*addr, &target.host, helo, tls, &self.hops.timeouts);
-                let mut attempt = open(self.hops.hop_tls(plan)).await;
-                if let (Err(f), Some(fallback)) = (&attempt, &fallback) {
-                    if f.tls_policy_failed {
-                        tracing::warn!(event = "mta_sts_testing_failure", domain = %domain, host = %target.host, addr = %addr, error = %f.why);
-                        attempt = open(self.hops.hop_tls(fallback)).await;
-                    }
-                }
-                if let Err(f) = &attempt {
-                    if f.tls_failed && !f.tls_policy_failed {
-                        attempt = open(HopTls::Off).await;
-                    }
-                }
+                let (attempt, _) = self
+                    .hops
+                    .try_address(
+                        domain,
+                        target,
+                        *addr,
+                        (plan, fallback.as_ref()),
+                        Purpose::Callout,
+                        open,
+                    )
+                    .await;
                 match attempt {
                     Ok(channel) => return Ok(channel),
-                    Err(f) if f.tls_policy_failed => {
-                        tracing::warn!(event = "tls_policy_failed", domain = %domain, host = %target.host, addr = %addr, purpose = "callout", error = %f.why);
-                        failure = ChannelError::TlsPolicy(f.why);
-                    }
+                    Err(f) if f.tls_policy_failed => failure = ChannelError::TlsPolicy(f.why),
                     Err(f) => match f.refusal {
                         Some(r) => return Err(ChannelError::Refused(r)),
                         // A hop that answered without meeting the policy

@@ -271,10 +271,63 @@ impl Hops {
         }
     }
 
+    /// One address of a planned hop, with the fallbacks deliveries and
+    /// callout channels share: a verified connection that an MTA-STS
+    /// policy in testing mode asked for and that failed is reported, and
+    /// made again under the domain's own policy; a broken opportunistic
+    /// handshake is made again in the clear. Returns what the last try
+    /// gave and the TLS policy it ran under.
+    pub(crate) async fn try_address<'a, T, F, Fut>(
+        &'a self,
+        domain: &DomainName,
+        target: &Target,
+        addr: std::net::SocketAddr,
+        plans: (&'a HopPlan, Option<&'a HopPlan>),
+        purpose: Purpose,
+        attempt: F,
+    ) -> (T, TlsPolicy)
+    where
+        T: HopAttempt,
+        F: Fn(HopTls<'a>) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let (plan, fallback) = plans;
+        let mut outcome = attempt(self.hop_tls(plan)).await;
+        let mut tls_policy = plan.tls;
+        if outcome.tls_policy_failed() {
+            let why = outcome.why();
+            let purpose_name = purpose.as_str();
+            match fallback {
+                Some(fallback) => {
+                    // MTA-STS testing: report, and go on as usual.
+                    tracing::warn!(event = "mta_sts_testing_failure", domain = %domain, host = %target.host, addr = %addr, purpose = purpose_name, error = %why);
+                    if purpose == Purpose::Delivery {
+                        metrics::counter!("backupmx_mta_sts_testing_failures_total").increment(1);
+                    }
+                    tls_policy = fallback.tls;
+                    outcome = attempt(self.hop_tls(fallback)).await;
+                }
+                None => {
+                    let label = plan.label(plan.tls);
+                    tracing::warn!(event = "tls_policy_failed", domain = %domain, host = %target.host, addr = %addr, policy = %label, purpose = purpose_name, error = %why);
+                    if purpose == Purpose::Delivery {
+                        metrics::counter!("backupmx_tls_policy_failures_total", "policy" => label)
+                            .increment(1);
+                    }
+                }
+            }
+        }
+        if outcome.tls_failed() && !outcome.tls_policy_failed() {
+            // Opportunistic TLS: a broken handshake must not stop the mail.
+            tracing::info!(event = "tls_fallback_plaintext", addr = %addr);
+            outcome = attempt(HopTls::Off).await;
+        }
+        (outcome, tls_policy)
+    }
+
     /// Tries the planned hops in order until one holds a transaction, each
-    /// with the TLS its plan asks for: an MTA-STS testing failure falls
-    /// back to the domain's own policy, a broken opportunistic handshake
-    /// to plain text.
+    /// with the TLS its plan asks for (and the fallbacks of
+    /// [`Hops::try_address`]).
     pub(crate) async fn deliver(
         &self,
         domain: &DomainName,
@@ -297,32 +350,16 @@ impl Hops {
                         bodies,
                     )
                 };
-                let mut report = session(self.hop_tls(plan)).await;
-                let mut tls_policy = plan.tls;
-                if report.tls_policy_failed {
-                    let why = first_transient(&report).to_string();
-                    match &fallback {
-                        Some(fallback) => {
-                            // MTA-STS testing: report, and deliver as usual.
-                            tracing::warn!(event = "mta_sts_testing_failure", domain = %domain, host = %target.host, addr = %addr, error = %why);
-                            metrics::counter!("backupmx_mta_sts_testing_failures_total")
-                                .increment(1);
-                            tls_policy = fallback.tls;
-                            report = session(self.hop_tls(fallback)).await;
-                        }
-                        None => {
-                            let label = plan.label(plan.tls);
-                            tracing::warn!(event = "tls_policy_failed", domain = %domain, host = %target.host, addr = %addr, policy = %label, error = %why);
-                            metrics::counter!("backupmx_tls_policy_failures_total", "policy" => label)
-                                .increment(1);
-                        }
-                    }
-                }
-                if report.tls_failed && !report.tls_policy_failed {
-                    // Opportunistic TLS: a broken handshake must not stop delivery.
-                    tracing::info!(event = "tls_fallback_plaintext", addr = %addr);
-                    report = session(HopTls::Off).await;
-                }
+                let (report, tls_policy) = self
+                    .try_address(
+                        domain,
+                        target,
+                        *addr,
+                        (plan, fallback.as_ref()),
+                        Purpose::Delivery,
+                        session,
+                    )
+                    .await;
                 let conclusive = report.transaction_started
                     || report
                         .results
@@ -367,6 +404,60 @@ impl Hops {
     /// domain's own.
     pub(crate) fn fallback_of(plan: &HopPlan) -> Option<HopPlan> {
         plan.testing_fallback.map(HopPlan::own)
+    }
+}
+
+/// What a connection to a hop is for: deliveries count their TLS policy
+/// failures in the metrics; callouts only log theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    Delivery,
+    Callout,
+}
+
+impl Purpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Delivery => "delivery",
+            Purpose::Callout => "callout",
+        }
+    }
+}
+
+/// What one try at a hop says about TLS, for the fallbacks.
+pub(crate) trait HopAttempt {
+    /// TLS was required and could not be had: the hop answers.
+    fn tls_policy_failed(&self) -> bool;
+    /// An opportunistic handshake broke: the clear may work.
+    fn tls_failed(&self) -> bool;
+    /// For the log.
+    fn why(&self) -> String;
+}
+
+impl HopAttempt for SessionReport {
+    fn tls_policy_failed(&self) -> bool {
+        self.tls_policy_failed
+    }
+    fn tls_failed(&self) -> bool {
+        self.tls_failed
+    }
+    fn why(&self) -> String {
+        first_transient(self).to_string()
+    }
+}
+
+impl HopAttempt for Result<transport::Channel, transport::SetupFailure> {
+    fn tls_policy_failed(&self) -> bool {
+        self.as_ref().err().is_some_and(|f| f.tls_policy_failed)
+    }
+    fn tls_failed(&self) -> bool {
+        self.as_ref().err().is_some_and(|f| f.tls_failed)
+    }
+    fn why(&self) -> String {
+        self.as_ref()
+            .err()
+            .map(|f| f.why.clone())
+            .unwrap_or_default()
     }
 }
 
