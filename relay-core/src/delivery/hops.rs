@@ -24,8 +24,8 @@ use super::{dane, mta_sts, EngineConfig};
 #[derive(Debug, Clone)]
 pub(crate) struct HopPlan {
     pub tls: TlsPolicy,
-    /// `domain` (its `tls` setting), `mta-sts` or `dane`.
-    pub source: &'static str,
+    /// Where the TLS requirement came from.
+    pub source: PlanSource,
     /// MTA-STS testing mode: the policy to deliver with when the verified
     /// connection fails (after reporting it).
     pub testing_fallback: Option<TlsPolicy>,
@@ -33,12 +33,34 @@ pub(crate) struct HopPlan {
     pub dane: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// Where a hop's TLS requirement came from (the label of its logs and
+/// metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PlanSource {
+    /// The domain's own `tls` setting.
+    Domain,
+    /// Raised by the destination's MTA-STS policy.
+    MtaSts,
+    /// Raised by DNSSEC-validated TLSA records.
+    Dane,
+}
+
+impl PlanSource {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            PlanSource::Domain => "domain",
+            PlanSource::MtaSts => "mta-sts",
+            PlanSource::Dane => "dane",
+        }
+    }
+}
+
 impl HopPlan {
     /// The domain's own policy, nothing raised.
     fn own(tls: TlsPolicy) -> Self {
         HopPlan {
             tls,
-            source: "domain",
+            source: PlanSource::Domain,
             testing_fallback: None,
             dane: None,
         }
@@ -48,7 +70,7 @@ impl HopPlan {
     fn mta_sts(testing_fallback: Option<TlsPolicy>) -> Self {
         HopPlan {
             tls: TlsPolicy::Verified,
-            source: "mta-sts",
+            source: PlanSource::MtaSts,
             testing_fallback,
             dane: None,
         }
@@ -57,10 +79,10 @@ impl HopPlan {
     /// The label of this plan's policy in logs and metrics: the domain's
     /// `tls` value, or where a raised policy came from.
     fn label(&self, tls: TlsPolicy) -> String {
-        if tls != self.tls || self.source == "domain" {
+        if tls != self.tls || self.source == PlanSource::Domain {
             tls.to_string()
         } else {
-            self.source.to_string()
+            self.source.as_str().to_string()
         }
     }
 }
@@ -252,7 +274,7 @@ impl Hops {
                 TlsaAnswer::Secure(records) => {
                     tracing::info!(event = "dane_tlsa", domain = %domain, host = %target.host, records = records.len(), "TLS authenticated by TLSA records");
                     plan.tls = TlsPolicy::Verified;
-                    plan.source = "dane";
+                    plan.source = PlanSource::Dane;
                     plan.testing_fallback = None;
                     plan.dane = Some(dane::DaneVerifier::client_config(records));
                     out.push((target, plan));
@@ -524,7 +546,7 @@ mod tests {
     fn summary(plan: &StsPlan) -> Vec<(String, TlsPolicy, &'static str, Option<TlsPolicy>)> {
         plan.plans
             .iter()
-            .map(|(t, p)| (t.host.clone(), p.tls, p.source, p.testing_fallback))
+            .map(|(t, p)| (t.host.clone(), p.tls, p.source.as_str(), p.testing_fallback))
             .collect()
     }
 
@@ -542,7 +564,7 @@ mod tests {
             false,
             vec![target("mx.a.test")],
         );
-        assert_eq!(plan.plans[0].1.source, "domain");
+        assert_eq!(plan.plans[0].1.source, PlanSource::Domain);
     }
 
     #[test]
@@ -557,7 +579,7 @@ mod tests {
         assert_eq!(plan.skipped, ["mx.other.test"]);
         let plan = plan_sts(TlsPolicy::Opportunistic, Some(&p), true, targets());
         assert_eq!(plan.plans.len(), 2);
-        assert_eq!(plan.plans[1].1.source, "domain");
+        assert_eq!(plan.plans[1].1.source, PlanSource::Domain);
         assert!(plan.skipped.is_empty());
     }
 
