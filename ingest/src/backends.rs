@@ -30,6 +30,7 @@ impl Backends {
     pub(crate) fn admin(
         &self,
         alerter: Option<Arc<relay_core::alerts::Alerter>>,
+        message_limit: u64,
     ) -> relay_core::admin::Admin {
         relay_core::admin::Admin::new(
             self.registry.clone(),
@@ -38,6 +39,7 @@ impl Backends {
             self.recipients.clone(),
             alerter,
         )
+        .with_message_limit(message_limit)
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 use clap::Subcommand;
 use relay_core::address::DomainName;
-use relay_core::admin::{entry_json, rfc3339, Admin, AdminError, DomainChange};
+use relay_core::admin::{entry_json, message_size_error, rfc3339, Admin, AdminError, DomainChange};
 use relay_core::config::Config;
 use relay_core::domain::Domain;
 use relay_core::queue::QueueId;
@@ -195,7 +195,10 @@ pub(crate) async fn open_admin(
     source: &str,
 ) -> anyhow::Result<(Admin, crate::backends::Backends)> {
     let backends = open_store(config, create, source).await?;
-    let admin = backends.admin(crate::backends::alerter(config)?);
+    let admin = backends.admin(
+        crate::backends::alerter(config)?,
+        config.smtp.max_message_size,
+    );
     Ok((admin, backends))
 }
 
@@ -257,6 +260,11 @@ pub(crate) async fn domain(
             let recipients = (!recipient.is_empty()).then_some(recipient.as_slice());
             let mut d = Domain::from_parts(&domain, &primary, recipients)?;
             d.greylist = !no_greylist;
+            if let Some(why) =
+                max_size.and_then(|m| message_size_error(m, config.smtp.max_message_size))
+            {
+                bail!("{why}");
+            }
             d.max_message_size = max_size;
             let existing = store.get(&d.name).await.context("cannot read the domain")?;
             if existing.is_some() && !replace {

@@ -25,14 +25,15 @@ const MAX_CONNECTIONS: usize = 64;
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
 /// Binds `listen` and serves `handler` on it in the background; returns
-/// the bound address. `what` names the listener in the bind error.
+/// the bound address. The handler gets each request with its client's
+/// address. `what` names the listener in the bind error.
 pub(crate) async fn serve<H, F>(
     listen: SocketAddr,
     what: &'static str,
     handler: H,
 ) -> anyhow::Result<SocketAddr>
 where
-    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Send + Sync + 'static,
     F: Future<Output = Reply> + Send + 'static,
 {
     let listener = TcpListener::bind(listen)
@@ -46,8 +47,8 @@ where
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
                 Err(_) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -56,7 +57,7 @@ where
             let handler = handler.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let reply = handler(req);
+                    let reply = handler(req, peer);
                     async move { Ok::<_, Infallible>(reply.await) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()

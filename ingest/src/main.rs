@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod auth;
 mod backends;
 mod cli;
 mod connection;

@@ -18,7 +18,7 @@ pub(crate) fn install() -> anyhow::Result<PrometheusHandle> {
 /// Serves the exposition at `/metrics` on its own listener (the admin
 /// listener's HTTP stack; nothing else is served here).
 pub(crate) async fn serve(listen: SocketAddr, handle: PrometheusHandle) -> anyhow::Result<()> {
-    let addr = crate::http::serve(listen, "metrics", move |req| {
+    let addr = crate::http::serve(listen, "metrics", move |req, _| {
         let found = req.method() == hyper::Method::GET && req.uri().path() == "/metrics";
         let (status, body) = if found {
             (hyper::StatusCode::OK, handle.render())
@@ -187,9 +187,15 @@ const METRICS: &[MetricSpec] = &[
     ),
     (
         "backupmx_alerts_total",
-        "webhook alerts by result (sent, failed, dropped)",
+        "webhook alerts by result (sent, failed, coalesced, dropped)",
         false,
         &[("result", "sent")],
+    ),
+    (
+        "backupmx_admin_auth_failures_total",
+        "wrong tokens sent to the admin listener (bearer or sign-in form)",
+        false,
+        &[],
     ),
     (
         "backupmx_unknown_user_bounces_total",

@@ -64,10 +64,12 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     let alerter = relay_core::setup::alerter(&config)?;
     if let Some(a) = &config.admin {
         let web = crate::web::Web {
-            admin: backends.admin(alerter.clone()),
+            admin: backends.admin(alerter.clone(), config.smtp.max_message_size),
             token: a.token().map(str::to_string),
             hostname: config.hostname.clone(),
             metrics: metrics_handle.clone(),
+            sessions: Default::default(),
+            brake: Default::default(),
         };
         crate::web::serve(a.listen, Arc::new(web)).await?;
     }
@@ -363,6 +365,8 @@ pub(crate) async fn admin_only(config: Config, source: &str) -> anyhow::Result<(
         token: a.token().map(str::to_string),
         hostname: config.hostname.clone(),
         metrics: Some(handle),
+        sessions: Default::default(),
+        brake: Default::default(),
     };
     crate::web::serve(a.listen, Arc::new(web)).await?;
     wait_for_shutdown(None).await;

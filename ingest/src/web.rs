@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -22,6 +22,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The cookie the sign-in form sets.
 const COOKIE: &str = "backupmx_admin";
 
+use crate::auth::Failure;
 use crate::http::Reply;
 
 /// What every request needs.
@@ -31,14 +32,18 @@ pub(crate) struct Web {
     pub token: Option<String>,
     pub hostname: String,
     pub metrics: Option<PrometheusHandle>,
+    /// Signed-in browsers.
+    pub sessions: crate::auth::Sessions,
+    /// Wrong tokens per client address.
+    pub brake: crate::auth::FailureBrake,
 }
 
 /// Binds the listener and serves it in the background.
 pub(crate) async fn serve(listen: SocketAddr, web: Arc<Web>) -> anyhow::Result<SocketAddr> {
     let token = web.token.is_some();
-    let addr = crate::http::serve(listen, "the admin page and API", move |req| {
+    let addr = crate::http::serve(listen, "the admin page and API", move |req, peer| {
         let web = web.clone();
-        async move { handle(&web, req).await }
+        async move { handle(&web, req, peer).await }
     })
     .await?;
     tracing::info!(event = "admin_listening", addr = %addr, token);
@@ -149,7 +154,16 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn presented_token(headers: &HeaderMap) -> Option<String> {
+/// What a request presents to be let in.
+#[derive(Debug, PartialEq, Eq)]
+enum Presented {
+    /// `Authorization: Bearer TOKEN` (scripts, the API).
+    Token(String),
+    /// The sign-in cookie: a session id.
+    Session(String),
+}
+
+fn presented(headers: &HeaderMap) -> Option<Presented> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -158,9 +172,13 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
             .strip_prefix("Bearer ")
             .or_else(|| v.strip_prefix("bearer "))
         {
-            return Some(t.trim().to_string());
+            return Some(Presented::Token(t.trim().to_string()));
         }
     }
+    session_cookie(headers).map(Presented::Session)
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -224,7 +242,35 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
     }
 }
 
-async fn handle(web: &Web, req: Request<Incoming>) -> Reply {
+/// `429` for a client address that sent too many wrong tokens.
+fn too_many(retry_after: Duration) -> Reply {
+    let mut r = json_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many wrong tokens from your address: try again later",
+    );
+    let secs = retry_after.as_secs().max(1).to_string();
+    if let Ok(v) = HeaderValue::from_str(&secs) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+/// Counts a wrong token from `peer`; logs the first of each window and
+/// answers `429` past the limit.
+fn wrong_token(web: &Web, peer: SocketAddr, what: &'static str) -> Option<Reply> {
+    metrics::counter!("backupmx_admin_auth_failures_total").increment(1);
+    match web.brake.failed(peer.ip(), Instant::now()) {
+        Failure::First => {
+            tracing::warn!(event = "admin_auth_failed", client = %peer.ip(), what,
+                "wrong token (further ones from this address this minute are counted, not logged)");
+            None
+        }
+        Failure::Again => None,
+        Failure::Blocked { retry_after } => Some(too_many(retry_after)),
+    }
+}
+
+async fn handle(web: &Web, req: Request<Incoming>, peer: SocketAddr) -> Reply {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();
     let method = req.method().clone();
@@ -238,12 +284,31 @@ async fn handle(web: &Web, req: Request<Incoming>) -> Reply {
     if method != Method::GET && method != Method::HEAD && !same_origin(req.headers()) {
         return json_error(StatusCode::FORBIDDEN, "cross-site request refused");
     }
+    if let Some(wait) = web.brake.blocked(peer.ip(), Instant::now()) {
+        return too_many(wait);
+    }
     if path == "/login" {
-        return login(web, req).await;
+        return login(web, req, peer).await;
+    }
+    if path == "/logout" {
+        return logout(web, &req);
     }
     if let Some(token) = &web.token {
-        let ok = presented_token(req.headers())
-            .is_some_and(|t| same_secret(t.as_bytes(), token.as_bytes()));
+        let ok = match presented(req.headers()) {
+            Some(Presented::Token(t)) => {
+                let ok = same_secret(t.as_bytes(), token.as_bytes());
+                if !ok {
+                    if let Some(refused) = wrong_token(web, peer, "bearer") {
+                        return refused;
+                    }
+                }
+                ok
+            }
+            // Session ids are random: an unknown one is an expired or
+            // closed session, not a guess.
+            Some(Presented::Session(id)) => web.sessions.valid(&id, Instant::now()),
+            None => false,
+        };
         if !ok {
             if is_api {
                 let mut r = json_error(
@@ -275,41 +340,76 @@ async fn handle(web: &Web, req: Request<Incoming>) -> Reply {
     }
 }
 
-async fn login(web: &Web, req: Request<Incoming>) -> Reply {
-    let Some(token) = web.token.clone() else {
+async fn login(web: &Web, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+    if web.token.is_none() {
         return redirect("/");
-    };
+    }
     if req.method() == Method::GET {
         return html(StatusCode::OK, page::login(&web.hostname, now(), false));
     }
     if req.method() != Method::POST {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "GET or POST");
     }
+    let secure = behind_https(req.headers());
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(r) => return r,
     };
     let given = param(&String::from_utf8_lossy(&body), "token").unwrap_or_default();
+    let token = web.token.as_deref().unwrap_or_default();
     if !same_secret(given.as_bytes(), token.as_bytes()) {
-        tracing::warn!(event = "admin_login_failed");
+        if let Some(refused) = wrong_token(web, peer, "sign-in form") {
+            return refused;
+        }
         return html(
             StatusCode::UNAUTHORIZED,
             page::login(&web.hostname, now(), true),
         );
     }
+    // The browser keeps a random session id, never the token.
+    let id = web.sessions.open(Instant::now());
+    let lifetime = crate::auth::SESSION_LIFETIME.as_secs();
     let mut r = redirect("/");
-    // The token is printable ASCII without spaces (config validation);
-    // `;` and `,` are the cookie syntax's, so they are encoded.
-    let value = given
-        .replace('%', "%25")
-        .replace(';', "%3B")
-        .replace(',', "%2C");
+    set_cookie(&mut r, &format!("{id}; Max-Age={lifetime}"), secure);
+    r
+}
+
+/// `POST /logout`: ends the session and forgets the cookie.
+fn logout(web: &Web, req: &Request<Incoming>) -> Reply {
+    if req.method() != Method::POST {
+        return json_error(StatusCode::METHOD_NOT_ALLOWED, "POST");
+    }
+    if let Some(id) = session_cookie(req.headers()) {
+        web.sessions.close(&id);
+    }
+    let mut r = redirect(if web.token.is_some() { "/login" } else { "/" });
+    set_cookie(&mut r, "; Max-Age=0", behind_https(req.headers()));
+    r
+}
+
+/// Sets the sign-in cookie to `value` (with its attributes); `Secure`
+/// when the browser reached us over HTTPS (a TLS front says so).
+fn set_cookie(r: &mut Reply, value: &str, secure: bool) {
+    let secure = if secure { "; Secure" } else { "" };
     if let Ok(v) = HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict"
+        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict{secure}"
     )) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
-    r
+}
+
+/// Whether the request came through an HTTPS front (which says so in
+/// `X-Forwarded-Proto`) or from a page served over HTTPS.
+fn behind_https(headers: &HeaderMap) -> bool {
+    let forwarded = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"));
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("https://"));
+    forwarded || origin
 }
 
 async fn pages(web: &Web, method: &Method, segs: &[&str], query: &str) -> Reply {
@@ -592,19 +692,20 @@ mod tests {
     }
 
     #[test]
-    fn tokens_from_bearer_or_cookie() {
+    fn a_token_from_bearer_or_a_session_from_the_cookie() {
         let mut h = HeaderMap::new();
         h.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer abc"),
         );
-        assert_eq!(presented_token(&h).as_deref(), Some("abc"));
+        assert_eq!(presented(&h), Some(Presented::Token("abc".into())));
         let mut h = HeaderMap::new();
         h.insert(
             header::COOKIE,
             HeaderValue::from_static("x=1; backupmx_admin=t%3Bk; y=2"),
         );
-        assert_eq!(presented_token(&h).as_deref(), Some("t;k"));
+        assert_eq!(presented(&h), Some(Presented::Session("t;k".into())));
+        assert_eq!(presented(&HeaderMap::new()), None);
         assert!(same_secret(b"abc", b"abc"));
         assert!(!same_secret(b"abc", b"abd"));
         assert!(!same_secret(b"abc", b"ab"));

@@ -297,6 +297,16 @@ pub struct Admin {
     messages: Arc<dyn MessageStore>,
     recipients: Arc<dyn RecipientCache>,
     alerter: Option<Arc<Alerter>>,
+    /// The server's `smtp.max_message_size`: no domain may take more.
+    message_limit: u64,
+}
+
+/// Why a domain's `max_message_size` cannot be `size` under the server's
+/// `limit` (0 would refuse every message of the domain without a word).
+pub fn message_size_error(size: u64, limit: u64) -> Option<String> {
+    (size == 0 || size > limit).then(|| {
+        format!("max_message_size must be between 1 and the server's smtp.max_message_size ({limit}); {size} is not")
+    })
 }
 
 impl Admin {
@@ -315,7 +325,14 @@ impl Admin {
             messages,
             recipients,
             alerter,
+            message_limit: u64::MAX,
         }
+    }
+
+    /// The server's `smtp.max_message_size`, which no domain may exceed.
+    pub fn with_message_limit(mut self, limit: u64) -> Self {
+        self.message_limit = limit;
+        self
     }
 
     /// The alerter, for a caller that must wait for its alerts to go out.
@@ -368,6 +385,12 @@ impl Admin {
         change: DomainChange,
         now: u64,
     ) -> Result<SetOutcome, AdminError> {
+        if let Some(why) = change
+            .max_message_size
+            .and_then(|m| message_size_error(m, self.message_limit))
+        {
+            return Err(AdminError::Invalid(why));
+        }
         if let Some(l) = change.queue_lifetime {
             if l.is_zero() || l > crate::queue::MAX_QUEUE_LIFETIME {
                 return Err(AdminError::Invalid(

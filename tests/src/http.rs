@@ -41,7 +41,39 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> HttpResponse {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    exchange(stream, addr, method, path, headers, body)
+}
+
+/// As [`request`], from the loopback address `source` (127.0.0.2, …): a
+/// different client as far as the server can tell.
+pub fn request_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+    socket
+        .connect(&addr.into())
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    exchange(socket.into(), addr, method, path, headers, body)
+}
+
+fn exchange(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");

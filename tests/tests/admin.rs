@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use backupmx_tests::browser::Browser;
-use backupmx_tests::http::{request, HttpResponse};
+use backupmx_tests::http::{request, request_from, HttpResponse};
 use backupmx_tests::sink::Sink;
 use backupmx_tests::*;
 use serde_json::Value;
@@ -314,12 +314,98 @@ fn api_serves_every_endpoint_with_the_cli_shapes_and_clear_errors() {
         "{cookie}"
     );
     let pair = cookie.split(';').next().unwrap_or_default();
+    assert!(
+        !pair.contains(TOKEN),
+        "the browser keeps a session id, not the token: {cookie}"
+    );
+    assert!(cookie.contains("Max-Age="), "the session expires: {cookie}");
     let page = request(addr, "GET", "/", &[("Cookie", pair)], b"");
     assert_eq!(page.status, 200);
     assert!(page.text().contains("example.test"));
+    assert!(page.text().contains("Sign out"));
     assert!(page
         .header("content-security-policy")
         .is_some_and(|c| c.contains("default-src 'none'")));
+    // A cookie holding the token itself (the old form) is no way in.
+    let forged = format!("backupmx_admin={TOKEN}");
+    assert_eq!(
+        request(addr, "GET", "/", &[("Cookie", &forged)], b"").status,
+        401
+    );
+    // Sign-out ends the session: the same cookie is refused after it.
+    let out = request(addr, "POST", "/logout", &[("Cookie", pair)], b"");
+    assert_eq!(out.status, 303, "{}", out.text());
+    assert!(out
+        .header("set-cookie")
+        .is_some_and(|c| c.contains("Max-Age=0")));
+    assert_eq!(
+        request(addr, "GET", "/", &[("Cookie", pair)], b"").status,
+        401
+    );
+}
+
+#[test]
+fn wrong_tokens_are_braked_per_client_and_domain_sizes_are_checked() {
+    let (addr, section) = admin_section(Some(TOKEN));
+    let s = Server::start_run("", &section, "");
+    let guesser: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let wrong = "Bearer not-the-token";
+    let statuses: Vec<u16> = (0..7)
+        .map(|_| {
+            request_from(
+                guesser,
+                addr,
+                "GET",
+                "/api/status",
+                &[("Authorization", wrong)],
+                b"",
+            )
+            .status
+        })
+        .collect();
+    assert_eq!(statuses[..5], [401; 5], "{statuses:?}");
+    assert_eq!(statuses[5..], [429; 2], "{statuses:?}");
+    // Braked now even with the right token, and told when to come back.
+    let right = format!("Bearer {TOKEN}");
+    let r = request_from(
+        guesser,
+        addr,
+        "GET",
+        "/api/status",
+        &[("Authorization", &right)],
+        b"",
+    );
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    // Another client is not affected.
+    let api = Api {
+        addr,
+        token: Some(TOKEN.into()),
+    };
+    assert_eq!(api.json("GET", "/api/status", "")["queued"], 0);
+    // Logged once for the address, not once per guess.
+    let log = s.log();
+    assert_eq!(log.matches("admin_auth_failed").count(), 1, "{log}");
+
+    // A domain cannot be set to refuse all of its mail, nor above the
+    // server's own limit.
+    for size in ["0", "999999999999"] {
+        let r = api.call(
+            "POST",
+            "/api/domains/example.test",
+            &format!("{{\"max_message_size\": {size}}}"),
+        );
+        assert_eq!(r.status, 400, "{size}: {}", r.text());
+        assert!(
+            r.text().contains("max_message_size must be between 1"),
+            "{}",
+            r.text()
+        );
+    }
+    let out = s.cli(&["domain", "add", "sized.test", "--max-size", "0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_message_size must be between 1"), "{err}");
 }
 
 #[test]

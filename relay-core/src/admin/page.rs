@@ -14,6 +14,7 @@ body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu S
 header{background:#1d2330;color:#fff;padding:.7rem 1rem;display:flex;flex-wrap:wrap;gap:.3rem 1rem;align-items:baseline}
 header a{color:#fff;text-decoration:none;font-weight:600}
 header .meta{color:#c7cddb;font-size:.85rem}
+header .signout{margin-left:auto}header .signout button{font-size:.8rem}
 main{padding:1rem;max-width:72rem;margin:0 auto}
 h1{font-size:1.25rem;margin:.2rem 0 1rem}
 h2{font-size:1.05rem;margin:1.4rem 0 .6rem}
@@ -89,12 +90,27 @@ fn layout(title: &str, hostname: &str, at: u64, body: &str) -> String {
 }
 
 fn page_with(title: &str, hostname: &str, at: u64, body: &str, head: &str) -> String {
+    page_frame(title, hostname, at, body, head, SIGN_OUT)
+}
+
+/// The sign-out button of every page but the sign-in form.
+const SIGN_OUT: &str =
+    "<form class=\"signout\" method=\"post\" action=\"/logout\"><button>Sign out</button></form>";
+
+fn page_frame(
+    title: &str,
+    hostname: &str,
+    at: u64,
+    body: &str,
+    head: &str,
+    signout: &str,
+) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">{head}\
 <title>{title} · backupmx</title><style>{STYLE}</style></head><body>\
 <header><a href=\"/\">backupmx</a><span class=\"meta\">{host}</span>\
-<span class=\"meta\">as of {at}</span></header><main>{body}</main></body></html>\n",
+<span class=\"meta\">as of {at}</span>{signout}</header><main>{body}</main></body></html>\n",
         title = escape(title),
         host = escape(hostname),
         at = rfc3339(at),
@@ -414,7 +430,7 @@ pub fn login(hostname: &str, now: u64, failed: bool) -> String {
 <button type=\"submit\">Sign in</button></form>\
 <p class=\"muted\">The token is <code>[admin] token</code> in the server's configuration.</p>"
     );
-    layout("Sign in", hostname, now, &body)
+    page_frame("Sign in", hostname, now, &body, "", "")
 }
 
 /// A page that only says something (not found, bad request, an error).

@@ -776,6 +776,14 @@ mod tests {
             ("[[domain]]\nname = \"bad domain\"", "bad domain"),
             ("[[domain]]\nname = \"ok.test\"\nprimary = [\"x:0\"]", "x:0"),
             ("hostname = \"not a host\"", "hostname"),
+            (
+                "[[domain]]\nname = \"ok.test\"\nmax_message_size = 0",
+                "max_message_size must be between 1",
+            ),
+            (
+                "[[domain]]\nname = \"ok.test\"\nmax_message_size = 999999999999",
+                "max_message_size must be between 1",
+            ),
         ];
         for (text, needle) in cases {
             let err = Config::from_toml(text).unwrap_err().to_string();

@@ -154,6 +154,12 @@ impl Config {
                     d.name
                 ));
             }
+            if let Some(why) = d
+                .max_message_size
+                .and_then(|m| crate::admin::message_size_error(m, self.smtp.max_message_size))
+            {
+                return invalid(format!("[[domain]] {}: {why}", d.name));
+            }
         }
         Ok(())
     }
