@@ -249,6 +249,9 @@ fn a_primary_refusing_everyone_after_an_outage_is_held_not_bounced() {
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!(held[0]["reason"], "bounce_storm");
     assert_eq!(held[0]["domain"], "example.test");
+    // One storm, one event (concurrent batches used to log one each).
+    let log = s.log();
+    assert_eq!(log.matches("event=\"bounce_storm\"").count(), 1, "{log}");
     assert_eq!(hook.count("primary_down"), 1, "{:?}", hook.alerts());
     assert_eq!(hook.count("primary_up"), 1, "{:?}", hook.alerts());
     let down = hook

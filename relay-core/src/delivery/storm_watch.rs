@@ -98,10 +98,13 @@ impl StormWatch {
                 "held back: the primary answered again after an outage, refusals wait for the drain's end"
             }
             StormVerdict::Trip { refused, answered } => {
-                metrics::counter!("backupmx_bounce_storms_total").increment(1);
-                tracing::warn!(event = "bounce_storm", domain = %domain, refused, answered,
-                    "the primary refused nearly all of a drain: domain held, no DSN sent");
-                self.hold(domain, refused, answered, now_secs).await;
+                // One storm is one event: attempts already under way when
+                // the domain was held trip again, and say nothing more.
+                if self.hold(domain, refused, answered, now_secs).await {
+                    metrics::counter!("backupmx_bounce_storms_total").increment(1);
+                    tracing::warn!(event = "bounce_storm", domain = %domain, refused, answered,
+                        "the primary refused nearly all of a drain: domain held, no DSN sent");
+                }
                 "held by the bounce-storm guard: the primary refused nearly all of a drain"
             }
         };
@@ -138,7 +141,9 @@ impl StormWatch {
         }
     }
 
-    async fn hold(&self, domain: &DomainName, refused: usize, answered: usize, now: u64) {
+    /// Holds `domain` for a storm and alerts; `true` if this call held it
+    /// (not held already, and the hold stored).
+    async fn hold(&self, domain: &DomainName, refused: usize, answered: usize, now: u64) -> bool {
         match self.registry.get(domain).await {
             Ok(Some(mut d)) if d.hold.is_none() => {
                 d.hold = Some(Hold {
@@ -147,7 +152,7 @@ impl StormWatch {
                 });
                 if let Err(e) = self.registry.put(&d).await {
                     tracing::error!(event = "hold_not_stored", domain = %domain, error = %crate::error::Report(&e));
-                    return;
+                    return false;
                 }
                 if let Some(a) = &self.alerts {
                     a.send(
@@ -160,10 +165,12 @@ impl StormWatch {
                         }),
                     );
                 }
+                true
             }
-            Ok(_) => {}
+            Ok(_) => false,
             Err(e) => {
                 tracing::error!(event = "hold_not_stored", domain = %domain, error = %crate::error::Report(&e));
+                false
             }
         }
     }
@@ -227,6 +234,23 @@ mod tests {
         let hold = store.get(&name).await.unwrap().unwrap().hold.unwrap();
         assert_eq!(hold.reason, HoldReason::BounceStorm);
         assert_eq!(hold.since, 10_000);
+        // A batch that was under way trips again: its refusals wait too,
+        // and the hold (and its alert) is not made a second time.
+        assert!(!watch.hold(&name, 3, 3, 10_001).await);
+        let env = [envelope(&[
+            "d@example.test",
+            "e@example.test",
+            "f@example.test",
+        ])];
+        let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into()); 3]];
+        let later = now + Duration::from_secs(1);
+        let verdict = watch.judge(&name, &env, &mut results, later).await;
+        assert!(matches!(verdict, StormVerdict::Trip { .. }), "{verdict:?}");
+        assert!(results[0]
+            .iter()
+            .all(|r| matches!(r, RcptResult::Transient(_))));
+        let still = store.get(&name).await.unwrap().unwrap().hold.unwrap();
+        assert_eq!(still.since, 10_000, "the first hold stands");
     }
 
     #[tokio::test]
