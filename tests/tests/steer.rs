@@ -311,6 +311,45 @@ fn a_few_unknown_users_in_a_drain_still_bounce_after_it() {
 }
 
 #[test]
+fn a_refusal_of_mail_accepted_after_the_outage_bounces_at_once() {
+    let sink = Sink::start(0);
+    let primary = TcpProxy::start(sink.addr);
+    primary.set_down(true);
+    // The default drain window (10 minutes): the fresh message's refusal
+    // must not wait for it.
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\n",
+        &format!("[\"{}\"]", primary.addr),
+    );
+    for i in 0..12 {
+        send_to(&s, i);
+    }
+    eventually(WAIT, "a failed attempt", || {
+        s.queue()
+            .first()
+            .filter(|e| e["attempts"].as_u64() > Some(0))
+            .cloned()
+    });
+    primary.set_down(false);
+    sink.wait_for(12, WAIT);
+    // Accepted after the primary answered again (a second later, so its
+    // arrival is after the drain's start even at one-second resolution).
+    std::thread::sleep(Duration::from_millis(1100));
+    sink.set(|b| {
+        b.rcpt_replies = vec![(
+            "user50@example.test".into(),
+            "550 5.1.1 <user50@example.test>: User unknown".into(),
+        )]
+    });
+    send_to(&s, 50);
+    eventually(WAIT, "the fresh refusal bounced during the drain", || {
+        s.log().contains("bounce_queued").then_some(())
+    });
+    assert!(!s.log().contains("held back"), "{}", s.log());
+}
+
+#[test]
 fn bounce_storm_and_alerts_on_aws() {
     let hook = HookReceiver::start();
     let sink = Sink::start(0);

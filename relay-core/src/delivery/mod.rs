@@ -323,9 +323,10 @@ impl Engine {
                 if destination_down {
                     self.storm.destination_down(&domain);
                 } else if record.is_some() {
+                    let received: Vec<u64> = work.iter().map(|(_, e, _)| e.received_at).collect();
                     verdict = self
                         .storm
-                        .judge(&domain, &envelopes, &mut report.results, now)
+                        .judge(&domain, &envelopes, &received, &mut report.results, now)
                         .await;
                     if let storm::StormVerdict::HoldBack { until } = verdict {
                         held_back_until = Some(until);

@@ -134,6 +134,21 @@ impl StormGuard {
         }
     }
 
+    /// When the drain an answer to `domain` at `now` belongs to began:
+    /// the running drain's start, or `now` if the answer starts one (or
+    /// there is none). Mail received after it came in while the primary
+    /// answered again: it is not the outage's, and its refusals are final.
+    pub fn drain_start(&self, domain: &DomainName, now: u64) -> u64 {
+        let window = self.settings.window.as_secs();
+        match self.domains.lock().get(domain) {
+            Some(w) if !w.was_down && !w.tripped => w
+                .drain_start
+                .filter(|start| now < start + window)
+                .unwrap_or(now),
+            _ => now,
+        }
+    }
+
     /// An attempt got answers: `delivered` and (permanently) `refused`
     /// recipients.
     pub fn answered(
@@ -189,6 +204,18 @@ impl StormGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_starts_with_the_first_answer_and_ends_with_its_window() {
+        let g = guard();
+        let d = d();
+        assert_eq!(g.drain_start(&d, 500), 500, "no drain: now");
+        g.destination_down(&d);
+        assert_eq!(g.drain_start(&d, 1000), 1000, "the next answer starts one");
+        g.answered(&d, &[], &["a@example.test"], 1000);
+        assert_eq!(g.drain_start(&d, 1300), 1000, "mail after 1000 is fresh");
+        assert_eq!(g.drain_start(&d, 1600), 1600, "the window is over");
+    }
 
     fn guard() -> StormGuard {
         StormGuard::new(StormSettings {

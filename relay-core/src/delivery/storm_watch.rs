@@ -56,28 +56,25 @@ impl StormWatch {
     }
 
     /// The guard on one attempt's answers: during a drain, remote refusals
-    /// become temporary (no DSN); if nearly all of the drain was refused,
-    /// the domain is held and an alert sent.
+    /// of the outage's mail become temporary (no DSN); if nearly all of
+    /// the drain was refused, the domain is held and an alert sent.
+    /// `received` is when each message was accepted: mail that came in
+    /// after the primary answered again is not part of the drain, and its
+    /// refusals stay final (a DSN at once, not after the window).
     pub(crate) async fn judge(
         &self,
         domain: &DomainName,
         envelopes: &[Envelope],
+        received: &[u64],
         results: &mut [Vec<RcptResult>],
         now: SystemTime,
     ) -> StormVerdict {
-        let mut delivered = Vec::new();
-        let mut refused = Vec::new();
-        for (env, rs) in envelopes.iter().zip(results.iter()) {
-            for (addr, r) in env.recipients.iter().zip(rs) {
-                match r {
-                    RcptResult::Delivered(_) => delivered.push(addr.as_str()),
-                    RcptResult::Permanent(_) => refused.push(addr.as_str()),
-                    RcptResult::Transient(_) => {}
-                }
-            }
-        }
         let now_secs = unix_seconds(now);
-        if !refused.is_empty() {
+        let any_refused = results
+            .iter()
+            .flatten()
+            .any(|r| matches!(r, RcptResult::Permanent(_)));
+        if any_refused {
             if let Some(state) = self.shared_state(domain).await {
                 if state.up {
                     self.guard.drain_started(domain, state.since, now_secs);
@@ -88,6 +85,26 @@ impl StormWatch {
                     // one start for every process and ends with its window.
                     self.guard.answered_while_recorded_down(domain, now_secs);
                     self.record_primary(domain, true, now_secs).await;
+                }
+            }
+        }
+        let start = self.guard.drain_start(domain, now_secs);
+        let outage_mail: Vec<bool> = (0..envelopes.len())
+            .map(|i| received.get(i).is_none_or(|&at| at <= start))
+            .collect();
+        let mut delivered = Vec::new();
+        let mut refused = Vec::new();
+        for ((env, rs), _) in envelopes
+            .iter()
+            .zip(results.iter())
+            .zip(&outage_mail)
+            .filter(|(_, outage)| **outage)
+        {
+            for (addr, r) in env.recipients.iter().zip(rs) {
+                match r {
+                    RcptResult::Delivered(_) => delivered.push(addr.as_str()),
+                    RcptResult::Permanent(_) => refused.push(addr.as_str()),
+                    RcptResult::Transient(_) => {}
                 }
             }
         }
@@ -108,9 +125,15 @@ impl StormWatch {
                 "held by the bounce-storm guard: the primary refused nearly all of a drain"
             }
         };
-        for r in results.iter_mut().flatten() {
-            if let RcptResult::Permanent(text) = r {
-                *r = RcptResult::Transient(format!("{text} ({note})"));
+        for (rs, _) in results
+            .iter_mut()
+            .zip(&outage_mail)
+            .filter(|(_, outage)| **outage)
+        {
+            for r in rs.iter_mut() {
+                if let RcptResult::Permanent(text) = r {
+                    *r = RcptResult::Transient(format!("{text} ({note})"));
+                }
             }
         }
         verdict
@@ -213,14 +236,14 @@ mod tests {
         // Back: the first refusal of the drain is held back, not final.
         let env = [envelope(&["a@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
-        let verdict = watch.judge(&name, &env, &mut results, now).await;
+        let verdict = watch.judge(&name, &env, &[1], &mut results, now).await;
         assert_eq!(verdict, StormVerdict::HoldBack { until: 10_600 });
         assert!(matches!(&results[0][0], RcptResult::Transient(t) if t.contains("held back")));
         assert!(store.get(&name).await.unwrap().unwrap().hold.is_none());
         // Two more refusals: the guard trips and the domain is held.
         let env = [envelope(&["b@example.test", "c@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into()); 2]];
-        let verdict = watch.judge(&name, &env, &mut results, now).await;
+        let verdict = watch.judge(&name, &env, &[1], &mut results, now).await;
         assert_eq!(
             verdict,
             StormVerdict::Trip {
@@ -244,13 +267,58 @@ mod tests {
         ])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into()); 3]];
         let later = now + Duration::from_secs(1);
-        let verdict = watch.judge(&name, &env, &mut results, later).await;
+        let verdict = watch.judge(&name, &env, &[1], &mut results, later).await;
         assert!(matches!(verdict, StormVerdict::Trip { .. }), "{verdict:?}");
         assert!(results[0]
             .iter()
             .all(|r| matches!(r, RcptResult::Transient(_))));
         let still = store.get(&name).await.unwrap().unwrap().hold.unwrap();
         assert_eq!(still.since, 10_000, "the first hold stands");
+    }
+
+    #[tokio::test]
+    async fn mail_accepted_after_the_primary_answered_again_is_not_held_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let name = DomainName::parse("example.test").unwrap();
+        let watch = StormWatch::new(
+            StormSettings {
+                min_recipients: 10,
+                ratio: 0.9,
+                window: Duration::from_secs(600),
+            },
+            store,
+        );
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        watch.destination_down(&name);
+        // The drain starts at 10 000 with the outage's mail (received 9 000).
+        let env = [envelope(&["old@example.test"])];
+        let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
+        let verdict = watch
+            .judge(&name, &env, &[9_000], &mut results, at(10_000))
+            .await;
+        assert!(matches!(verdict, StormVerdict::HoldBack { .. }));
+        assert!(matches!(results[0][0], RcptResult::Transient(_)));
+        // A message accepted at 10 005, refused at 10 010: final now.
+        let env = [
+            envelope(&["new@example.test"]),
+            envelope(&["old2@example.test"]),
+        ];
+        let mut results = vec![
+            vec![RcptResult::Permanent("550 5.1.1 unknown".into())],
+            vec![RcptResult::Permanent("550 5.1.1 unknown".into())],
+        ];
+        watch
+            .judge(&name, &env, &[10_005, 9_500], &mut results, at(10_010))
+            .await;
+        assert!(
+            matches!(results[0][0], RcptResult::Permanent(_)),
+            "fresh mail bounces"
+        );
+        assert!(
+            matches!(results[1][0], RcptResult::Transient(_)),
+            "outage mail waits"
+        );
     }
 
     #[tokio::test]
@@ -269,7 +337,7 @@ mod tests {
         let env = [envelope(&["a@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
         let verdict = watch
-            .judge(&name, &env, &mut results, SystemTime::now())
+            .judge(&name, &env, &[1], &mut results, SystemTime::now())
             .await;
         assert_eq!(verdict, StormVerdict::Normal);
         assert!(matches!(results[0][0], RcptResult::Permanent(_)));
