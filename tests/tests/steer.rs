@@ -274,14 +274,17 @@ fn a_primary_refusing_everyone_after_an_outage_is_held_not_bounced() {
     assert!(!s.log().contains("bounce_queued"), "{}", s.log());
 }
 
-#[test]
-fn a_few_unknown_users_in_a_drain_still_bounce_after_it() {
+/// A server whose primary is down (a proxy in front of a sink) with twelve
+/// messages queued and attempted once; `delivery` adds `[delivery]` keys.
+fn twelve_queued_while_down(delivery: &str) -> (Server, Sink, TcpProxy) {
     let sink = Sink::start(0);
     let primary = TcpProxy::start(sink.addr);
     primary.set_down(true);
     let s = Server::start_run(
         "",
-        "[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\nbounce_storm_window = \"3s\"\n",
+        &format!(
+            "[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\n{delivery}"
+        ),
         &format!("[\"{}\"]", primary.addr),
     );
     for i in 0..12 {
@@ -293,6 +296,12 @@ fn a_few_unknown_users_in_a_drain_still_bounce_after_it() {
             .filter(|e| e["attempts"].as_u64() > Some(0))
             .cloned()
     });
+    (s, sink, primary)
+}
+
+#[test]
+fn a_few_unknown_users_in_a_drain_still_bounce_after_it() {
+    let (s, sink, primary) = twelve_queued_while_down("bounce_storm_window = \"3s\"\n");
     // One unknown user among twelve: no storm; its refusal waits for the
     // drain's end, then bounces as usual.
     sink.set(|b| {
@@ -312,25 +321,9 @@ fn a_few_unknown_users_in_a_drain_still_bounce_after_it() {
 
 #[test]
 fn a_refusal_of_mail_accepted_after_the_outage_bounces_at_once() {
-    let sink = Sink::start(0);
-    let primary = TcpProxy::start(sink.addr);
-    primary.set_down(true);
     // The default drain window (10 minutes): the fresh message's refusal
     // must not wait for it.
-    let s = Server::start_run(
-        "",
-        "[delivery]\nretry_initial = \"1s\"\nretry_max = \"2s\"\nprobe_interval = \"1s\"\n",
-        &format!("[\"{}\"]", primary.addr),
-    );
-    for i in 0..12 {
-        send_to(&s, i);
-    }
-    eventually(WAIT, "a failed attempt", || {
-        s.queue()
-            .first()
-            .filter(|e| e["attempts"].as_u64() > Some(0))
-            .cloned()
-    });
+    let (s, sink, primary) = twelve_queued_while_down("");
     primary.set_down(false);
     sink.wait_for(12, WAIT);
     // Accepted after the primary answered again (a second later, so its
