@@ -172,6 +172,20 @@ async fn run_session(
         );
         return;
     };
+    if shared
+        .policy
+        .harvest
+        .penalised(client.ip(), std::time::Instant::now())
+    {
+        refuse(
+            stream,
+            client,
+            &limits.hostname,
+            "too many unknown recipients from your address",
+            "unknown_recipients",
+        );
+        return;
+    }
     metrics::counter!("backupmx_sessions_total").increment(1);
     metrics::gauge!("backupmx_sessions_active").increment(1.0);
     connection::serve(stream, client, early, id, shared, shutdown).await;

@@ -145,7 +145,7 @@ const METRICS: &[MetricSpec] = &[
     ),
     (
         "backupmx_callouts_total",
-        "recipient callouts to primaries by result (valid, invalid, inconclusive, primary_down, skipped_primary_down)",
+        "recipient callouts to primaries by result (valid, invalid, inconclusive, primary_down, skipped_primary_down, throttled_client, throttled_domain)",
         false,
         &[("result", "valid")],
     ),
@@ -154,6 +154,18 @@ const METRICS: &[MetricSpec] = &[
         "recipient verdicts answered from the callout cache, by verdict",
         false,
         &[("verdict", "invalid")],
+    ),
+    (
+        "backupmx_harvest_penalties_total",
+        "clients that collected smtp.unknown_recipient_limit unknown-user refusals within the window and were penalised",
+        false,
+        &[],
+    ),
+    (
+        "backupmx_harvest_refusals_total",
+        "recipients refused 451 4.7.1 because their client is serving an unknown-recipient penalty",
+        false,
+        &[],
     ),
     (
         "backupmx_rcpt_verify_rejections_total",

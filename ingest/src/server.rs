@@ -295,14 +295,14 @@ fn shared_state(
     delivery: Option<Delivery>,
     etrn: Option<Etrn>,
 ) -> anyhow::Result<Shared> {
+    let harvest = Arc::new(relay_core::harvest::HarvestGuard::new(config.into()));
     let verifier = engine.map(|e| {
-        Arc::new(relay_core::setup::verifier(
-            config,
-            backends.recipients.clone(),
-            e,
-        ))
+        Arc::new(
+            relay_core::setup::verifier(config, backends.recipients.clone(), e)
+                .with_harvest(harvest.clone()),
+        )
     });
-    let policy = Arc::new(build_policy(config, backends, resolver, verifier));
+    let policy = Arc::new(build_policy(config, backends, resolver, verifier, harvest));
     spawn_maintenance(config, backends, &policy);
     Ok(Shared {
         spool_dir: prepare_spool_dir(&config.storage.data_dir)?,

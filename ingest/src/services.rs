@@ -26,6 +26,7 @@ pub(crate) fn build_policy(
     backends: &Backends,
     resolver: Option<Arc<dyn Resolver>>,
     verifier: Option<Arc<relay_core::recipients::RecipientVerifier>>,
+    harvest: Arc<relay_core::harvest::HarvestGuard>,
 ) -> Policy {
     let dnsbl = resolver
         .filter(|_| !config.dnsbl.zones.is_empty() || !config.dnsbl.allow_zones.is_empty())
@@ -52,6 +53,7 @@ pub(crate) fn build_policy(
         greylist,
         dnsbl,
         verifier,
+        harvest,
     }
 }
 

@@ -29,6 +29,7 @@ pub mod doctor;
 pub mod error;
 pub mod filter;
 pub mod greylist;
+pub mod harvest;
 pub mod observations;
 pub mod policy;
 pub mod queue;

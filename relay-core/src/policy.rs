@@ -8,12 +8,13 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use crate::address::{Mailbox, ReversePath};
 use crate::dnsbl::{Dnsbl, Verdict};
 use crate::domain::{Domain, RecipientVerify};
 use crate::greylist::{Decision, Greylist, GreylistStore, PassReason};
+use crate::harvest::{Counted, HarvestGuard};
 use crate::recipients::RecipientVerifier;
 use crate::smtp::{RcptVerdict, Reply};
 use crate::store::DomainRegistry;
@@ -125,6 +126,9 @@ pub struct Policy {
     /// Callouts and defer-while-primary-up; `None` where no delivery route
     /// can be computed (then a static list decides as without callouts).
     pub verifier: Option<Arc<RecipientVerifier>>,
+    /// Unknown-recipient penalties per client (shared with the verifier,
+    /// which also takes its callout rates from it).
+    pub harvest: Arc<HarvestGuard>,
 }
 
 /// The verdict on a recipient, and whether its domain wants its mail
@@ -144,7 +148,39 @@ impl Checked {
     }
 }
 
+fn unknown_user(rcpt: &Mailbox) -> Reply {
+    Reply::new(
+        550,
+        "5.1.1",
+        format!("<{rcpt}>: Recipient address rejected: User unknown"),
+    )
+}
+
+fn harvest_refusal(rcpt: &Mailbox) -> Reply {
+    Reply::new(
+        451,
+        "4.7.1",
+        format!("<{rcpt}>: too many unknown recipients from your address, try again later"),
+    )
+}
+
 impl Policy {
+    /// Passes `reply` through, counting it against `client` when it says
+    /// "no such user" (`5.1.1`): the unknown-recipient penalty.
+    fn counted(&self, client: IpAddr, reply: Reply) -> Reply {
+        if reply.status != "5.1.1" {
+            return reply;
+        }
+        let s = self.harvest.settings();
+        if self.harvest.unknown_recipient(client, Instant::now()) == Counted::PenaltyStarts {
+            metrics::counter!("backupmx_harvest_penalties_total").increment(1);
+            tracing::warn!(event = "harvest_penalty", client = %client,
+                unknown = s.unknown_recipient_limit, window = ?s.unknown_recipient_window, penalty = ?s.penalty,
+                "too many unknown recipients from one client: its new sessions get 421, its recipients 451");
+        }
+        reply
+    }
+
     pub async fn check(
         &self,
         client: IpAddr,
@@ -171,32 +207,28 @@ impl Policy {
                 ));
             }
         }
+        if !role && self.harvest.penalised(client, Instant::now()) {
+            metrics::counter!("backupmx_harvest_refusals_total").increment(1);
+            return Checked::refused(harvest_refusal(rcpt));
+        }
         let domain = match relay_check(self.registry.as_ref(), rcpt).await {
             Ok(d) => d,
-            Err(r) => return Checked::refused(r),
+            Err(r) => return Checked::refused(self.counted(client, r)),
         };
         if !role {
             match &self.verifier {
                 Some(v) => {
-                    if let Some(r) = v.check(&domain, rcpt, now).await {
-                        return Checked::refused(r);
+                    if let Some(r) = v.check(&domain, rcpt, client, now).await {
+                        return Checked::refused(self.counted(client, r));
                     }
                 }
                 None if !domain.accepts_recipient(rcpt) => {
-                    return Checked::refused(Reply::new(
-                        550,
-                        "5.1.1",
-                        format!("<{rcpt}>: Recipient address rejected: User unknown"),
-                    ));
+                    return Checked::refused(self.counted(client, unknown_user(rcpt)));
                 }
                 None => {}
             }
         } else if !domain.accepts_recipient(rcpt) && self.verifier.is_none() {
-            return Checked::refused(Reply::new(
-                550,
-                "5.1.1",
-                format!("<{rcpt}>: Recipient address rejected: User unknown"),
-            ));
+            return Checked::refused(unknown_user(rcpt));
         }
         if let Some(grey) = &self.greylist {
             if domain.greylist && !allowlisted {

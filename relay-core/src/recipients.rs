@@ -15,6 +15,7 @@
 //! clear "no such user" from the primary does, now or from the cache.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,6 +26,7 @@ use crate::delivery::channel::ChannelError;
 use crate::delivery::transport::Channel;
 use crate::delivery::Engine;
 use crate::domain::{Domain, RecipientVerify, TlsPolicy};
+use crate::harvest::HarvestGuard;
 use crate::observations::{learn, observe_primary};
 use crate::smtp::Reply;
 use crate::store::RecipientCache;
@@ -55,6 +57,11 @@ pub struct VerifySettings {
 /// Callout connections are kept this long between uses.
 const IDLE_CALLOUT: Duration = Duration::from_secs(30);
 
+/// The longest a callout keeps its connection slot, whether or not the
+/// recipient still waits for it: a primary that stalls holds at most
+/// `concurrency` of our connections, for at most this long.
+const CALLOUT_LIMIT: Duration = Duration::from_secs(60);
+
 /// One open callout connection, after its EHLO (and STARTTLS, as the
 /// domain's TLS policy asks).
 type CalloutConn = Channel;
@@ -76,6 +83,8 @@ pub struct RecipientVerifier {
     /// One defer-mode probe per domain at a time; the others wait for its
     /// answer instead of probing too.
     probes: Mutex<HashMap<DomainName, Arc<tokio::sync::Mutex<()>>>>,
+    /// Callout rates per client and per domain.
+    harvest: Option<Arc<HarvestGuard>>,
 }
 
 impl RecipientVerifier {
@@ -93,13 +102,26 @@ impl RecipientVerifier {
             slots: Mutex::new(HashMap::new()),
             idle: Mutex::new(HashMap::new()),
             probes: Mutex::new(HashMap::new()),
+            harvest: None,
         }
+    }
+
+    /// Limits callouts to `harvest`'s rates.
+    pub fn with_harvest(mut self, harvest: Arc<HarvestGuard>) -> Self {
+        self.harvest = Some(harvest);
+        self
     }
 
     /// The refusal or deferral for `rcpt` of hosted `domain`, or `None` to
     /// accept it (the caller still greylists). Role accounts are the
     /// caller's to exempt.
-    pub async fn check(&self, domain: &Domain, rcpt: &Mailbox, now: SystemTime) -> Option<Reply> {
+    pub async fn check(
+        self: &Arc<Self>,
+        domain: &Domain,
+        rcpt: &Mailbox,
+        client: IpAddr,
+        now: SystemTime,
+    ) -> Option<Reply> {
         let now = unix_seconds(now);
         if domain.defer_while_primary_up && self.primary_is_up(&domain.name, now).await {
             metrics::counter!("backupmx_deferrals_total", "reason" => "primary_up").increment(1);
@@ -140,6 +162,20 @@ impl RecipientVerifier {
                 metrics::counter!("backupmx_callouts_total", "result" => "skipped_primary_down")
                     .increment(1);
                 return None;
+            }
+        }
+        if let Some(harvest) = &self.harvest {
+            if let Err((why, log)) = harvest.take_callout(client, &domain.name, Instant::now()) {
+                metrics::counter!("backupmx_callouts_total", "result" => why.label()).increment(1);
+                if log {
+                    tracing::warn!(event = "callouts_throttled", domain = %domain.name, client = %client, scope = why.label(),
+                        "callouts over their rate: recipients get 451 4.7.1 until it recovers");
+                }
+                return Some(Reply::new(
+                    451,
+                    "4.7.1",
+                    format!("<{rcpt}>: too many recipient checks, try again later"),
+                ));
             }
         }
         let outcome = match tokio::time::timeout(
@@ -232,17 +268,43 @@ impl RecipientVerifier {
 
     /// One callout: a slot for the domain, a connection (reused when one
     /// is idle), `MAIL FROM:<>`, `RCPT TO:<address>`, `RSET`.
-    async fn callout(&self, record: &Domain, address: &str) -> CalloutOutcome {
-        let (domain, policy) = (&record.name, record.tls);
+    ///
+    /// The connection work runs in its own task that keeps the slot until
+    /// it ends: a caller that stops waiting (its timeout) does not free the
+    /// slot while a connection may still be open, so a burst of callouts
+    /// that time out never opens more than `concurrency` connections.
+    async fn callout(self: &Arc<Self>, record: &Domain, address: &str) -> CalloutOutcome {
         let slot = self
             .slots
             .lock()
-            .entry(domain.clone())
+            .entry(record.name.clone())
             .or_insert_with(|| Arc::new(Semaphore::new(self.settings.concurrency.max(1))))
             .clone();
-        let Ok(_permit) = slot.acquire_owned().await else {
+        let Ok(permit) = slot.acquire_owned().await else {
             return CalloutOutcome::PrimaryDown("no callout slot".into());
         };
+        let (me, domain, policy, address) = (
+            self.clone(),
+            record.name.clone(),
+            record.tls,
+            address.to_string(),
+        );
+        let work = tokio::spawn(async move {
+            let _slot = permit;
+            tokio::time::timeout(CALLOUT_LIMIT, me.callout_on_slot(&domain, policy, &address))
+                .await
+                .unwrap_or_else(|_| CalloutOutcome::PrimaryDown("callout timed out".into()))
+        });
+        work.await
+            .unwrap_or_else(|_| CalloutOutcome::PrimaryDown("callout task failed".into()))
+    }
+
+    async fn callout_on_slot(
+        &self,
+        domain: &DomainName,
+        policy: TlsPolicy,
+        address: &str,
+    ) -> CalloutOutcome {
         if let Some(conn) = self.take_idle(domain, policy) {
             // A kept connection the primary may have closed meanwhile: on
             // any failure, one more try on a new connection.

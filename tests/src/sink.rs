@@ -44,6 +44,11 @@ pub struct Behaviour {
     /// Offer no extension at all after EHLO (a plain RFC 5321 server, or
     /// what a firewall's SMTP inspection leaves of one).
     pub no_extensions: bool,
+    /// If set, only these recipients exist: RCPT TO for any other gets
+    /// `550 5.1.1` (after `rcpt_replies`).
+    pub only_users: Option<Vec<String>>,
+    /// RCPT TO commands seen, callouts included.
+    pub rcpts_seen: usize,
 }
 
 /// Connections that have begun a mail transaction (a probe's EHLO/QUIT
@@ -234,13 +239,24 @@ fn serve(
             }
         } else if upper.starts_with("RCPT TO:") {
             let rcpt = path(&text);
-            let reply = behaviour
-                .lock()
-                .expect("lock")
-                .rcpt_replies
-                .iter()
-                .find(|(a, _)| *a == rcpt)
-                .map(|(_, r)| r.clone());
+            let reply = {
+                let mut b = behaviour.lock().expect("lock");
+                b.rcpts_seen += 1;
+                b.rcpt_replies
+                    .iter()
+                    .find(|(a, _)| *a == rcpt)
+                    .map(|(_, r)| r.clone())
+                    .or_else(|| {
+                        b.only_users
+                            .as_ref()
+                            .filter(|users| !users.iter().any(|u| u.eq_ignore_ascii_case(&rcpt)))
+                            .map(|_| {
+                                format!(
+                                    "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown"
+                                )
+                            })
+                    })
+            };
             match reply {
                 Some(r) => writer.write_all(format!("{r}\r\n").as_bytes())?,
                 None => {

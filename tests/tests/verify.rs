@@ -227,3 +227,148 @@ fn two_aws_ingest_tasks_share_the_callout_cache() {
         ]
     );
 }
+
+/// RCPT for each address from `source`, reconnecting when the session is
+/// closed (the error limit); stops at a `421` greeting, recorded as the
+/// last reply.
+fn harvest(s: &Server, source: &str, addresses: &[String]) -> Vec<String> {
+    let mut replies = Vec::new();
+    let mut session: Option<Client> = None;
+    for a in addresses {
+        if session.is_none() {
+            let mut c = Client::connect_from_raw(source.parse().unwrap(), s.addr);
+            let greeting = c.read_reply();
+            if !greeting.starts_with("220") {
+                replies.push(greeting);
+                return replies;
+            }
+            c.expect("EHLO harvester.remote.test", "250");
+            c.expect("MAIL FROM:<>", "250");
+            session = Some(c);
+        }
+        let c = session.as_mut().unwrap();
+        let r = c.cmd(&format!("RCPT TO:<{a}>"));
+        if r.contains("unknown recipients from your address") {
+            replies.push(r);
+            return replies;
+        }
+        // A harvester's pace, not a flood: a few hundred a second.
+        std::thread::sleep(Duration::from_millis(3));
+        if r.starts_with("421") || r.is_empty() {
+            // Closed: the error limit (its 421 is not a recipient's reply).
+            session = None;
+            continue;
+        }
+        replies.push(r);
+    }
+    replies
+}
+
+#[test]
+fn a_directory_harvest_is_throttled_and_penalised_while_real_senders_pass() {
+    let sink = Sink::start(0);
+    sink.set(|b| b.only_users = Some(vec!["alice@example.test".into(), "bob@example.test".into()]));
+    let s = Server::start_run(
+        "",
+        "recipient_verify = \"callout\"\n[recipient_verify]\ntimeout = \"3s\"\ncallouts_per_second_per_domain = 10\n",
+        &format!("[\"{}\"]", sink.addr),
+    );
+    // Until the penalty: 20 unknown users at 10 callouts a second take
+    // about a second, far fewer guesses than these.
+    let guesses: Vec<String> = (0..3000)
+        .map(|i| format!("guess{i}@example.test"))
+        .collect();
+    let started = Instant::now();
+    let replies = harvest(&s, "127.0.0.2", &guesses);
+    let took = started.elapsed();
+    let count = |f: &dyn Fn(&String) -> bool| replies.iter().filter(|r| f(r)).count();
+    let unknown = count(&|r| r.starts_with("550 5.1.1"));
+    let throttled = count(&|r| r.starts_with("451 4.7.1") && r.contains("recipient checks"));
+    let penalised = count(&|r| r.starts_with("451 4.7.1") && r.contains("unknown recipients"));
+    // 20 verdicts, then the penalty: nothing more is learnt.
+    assert_eq!(unknown, 20, "{replies:#?}");
+    assert!(
+        throttled > 0,
+        "the domain's rate held callouts back: {replies:#?}"
+    );
+    assert_eq!(penalised, 1, "{replies:#?}");
+    assert!(
+        replies.iter().all(|r| r.starts_with("550 5.1.1")
+            || r.starts_with("451 4.7.1")
+            || r.starts_with("421 4.7.0")),
+        "{replies:#?}"
+    );
+    // Every callout reached the primary as one RCPT, and no more than the
+    // rate allows (10 at once, then 10 a second).
+    let asked = sink.behaviour.lock().unwrap().rcpts_seen;
+    assert_eq!(asked, 20);
+    assert!(
+        asked as f64 <= 10.0 + 10.0 * took.as_secs_f64() + 1.0,
+        "{asked} callouts in {took:?}"
+    );
+    // A new session from the harvester is refused at once.
+    let mut again = Client::connect_from_raw("127.0.0.2".parse().unwrap(), s.addr);
+    let greeting = again.read_reply();
+    assert!(greeting.starts_with("421 4.7.0"), "{greeting}");
+    // A real sender elsewhere is not affected (once the domain's rate has
+    // refilled: a second).
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut real = s.client_from("127.0.0.3");
+    let reply = real.send_message(
+        "carol@remote.test",
+        &["alice@example.test", "bob@example.test"],
+        "Subject: real\r\n\r\nhello\r\n",
+    );
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["alice@example.test", "bob@example.test"]);
+    let log = s.log();
+    assert_eq!(log.matches("\"harvest_penalty\"").count(), 1, "{log}");
+    assert!(log.contains("callouts_throttled"), "{log}");
+}
+
+#[test]
+fn callouts_that_time_out_stay_under_the_connection_cap() {
+    // Accepts connections, never says a word, counts them.
+    let tarpit = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tarpit.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            for c in tarpit.incoming().flatten() {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                conns.push(c);
+            }
+        });
+    }
+    let s = Server::start_run(
+        "",
+        "recipient_verify = \"callout\"\n[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\n[recipient_verify]\ntimeout = \"1s\"\nconcurrency = 2\n",
+        &format!("[\"{addr}\"]"),
+    );
+    // Staggered: each callout that gives up would free its slot for the
+    // next while its connection is still open at the primary.
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut c = s.client();
+            std::thread::spawn(move || {
+                c.expect("EHLO client.remote.test", "250");
+                c.expect("MAIL FROM:<alice@remote.test>", "250");
+                c.cmd(&format!("RCPT TO:<user{i}@example.test>"))
+            })
+        })
+        .collect();
+    for t in threads {
+        let r = t.join().unwrap();
+        assert!(r.starts_with("250"), "fails open: {r}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) <= 2,
+        "{} connections",
+        accepted.load(std::sync::atomic::Ordering::SeqCst)
+    );
+}

@@ -100,6 +100,20 @@ impl From<&Config> for crate::recipients::VerifySettings {
     }
 }
 
+impl From<&Config> for crate::harvest::HarvestSettings {
+    fn from(config: &Config) -> Self {
+        let (s, v) = (&config.smtp, &config.recipient_verify);
+        crate::harvest::HarvestSettings {
+            unknown_recipient_limit: s.unknown_recipient_limit,
+            unknown_recipient_window: s.unknown_recipient_window,
+            penalty: s.unknown_recipient_penalty,
+            client_callout_rate: v.callouts_per_second_per_client,
+            client_callout_burst: f64::from(v.callout_burst_per_client),
+            domain_callout_rate: v.callouts_per_second_per_domain,
+        }
+    }
+}
+
 impl From<&Config> for WorkerConfig {
     fn from(config: &Config) -> Self {
         let d = &config.delivery;

@@ -90,6 +90,13 @@ pub struct RecipientVerifyConfig {
     pub timeout: Duration,
     /// Callout connections to one primary at once.
     pub concurrency: usize,
+    /// Callouts to one domain's primary per second, all clients together;
+    /// past it the recipient gets `451 4.7.1`, not a verdict. 0: no limit.
+    pub callouts_per_second_per_domain: f64,
+    /// Callouts one client may cause per second (0: no limit), and how
+    /// many at once after a quiet spell.
+    pub callouts_per_second_per_client: f64,
+    pub callout_burst_per_client: u32,
 }
 
 impl Default for RecipientVerifyConfig {
@@ -99,6 +106,9 @@ impl Default for RecipientVerifyConfig {
             invalid_ttl: Duration::from_secs(3600),
             timeout: Duration::from_secs(10),
             concurrency: 4,
+            callouts_per_second_per_domain: 20.0,
+            callouts_per_second_per_client: 5.0,
+            callout_burst_per_client: 20,
         }
     }
 }
@@ -133,6 +143,15 @@ pub struct SmtpConfig {
     /// while receiving; past it, `452 4.3.1` at MAIL (for a declared
     /// `SIZE=`) or at the end of DATA, rather than growth.
     pub memory_budget: u64,
+    /// Unknown-user refusals one client (an IPv4 address, an IPv6 /64)
+    /// may collect within `unknown_recipient_window`, across sessions,
+    /// before it is refused for `unknown_recipient_penalty`: `421 4.7.0`
+    /// to new sessions, `451 4.7.1` to further recipients. 0: no limit.
+    pub unknown_recipient_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub unknown_recipient_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub unknown_recipient_penalty: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -516,6 +535,9 @@ impl Default for SmtpConfig {
             trusted_proxies: Vec::new(),
             proxy_header_timeout: Duration::from_secs(5),
             memory_budget: 256 * 1024 * 1024,
+            unknown_recipient_limit: 20,
+            unknown_recipient_window: Duration::from_secs(600),
+            unknown_recipient_penalty: Duration::from_secs(600),
         }
     }
 }

@@ -119,6 +119,22 @@ impl Config {
         if v.concurrency == 0 {
             return invalid("recipient_verify.concurrency must be at least 1".into());
         }
+        let rate_ok = |r: f64| r.is_finite() && r >= 0.0;
+        if !rate_ok(v.callouts_per_second_per_domain) || !rate_ok(v.callouts_per_second_per_client)
+        {
+            return invalid(
+                "recipient_verify.callouts_per_second_per_domain and _per_client must be 0 (no limit) or positive".into(),
+            );
+        }
+        if self.smtp.unknown_recipient_limit > 0
+            && (self.smtp.unknown_recipient_window.is_zero()
+                || self.smtp.unknown_recipient_penalty.is_zero())
+        {
+            return invalid(
+                "smtp.unknown_recipient_window and unknown_recipient_penalty must be positive"
+                    .into(),
+            );
+        }
         if !(d.bounce_storm_ratio > 0.0 && d.bounce_storm_ratio <= 1.0)
             || d.bounce_storm_window.is_zero()
         {
