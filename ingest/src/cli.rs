@@ -81,6 +81,9 @@ pub(crate) enum DomainCommand {
         /// Scan the domain's mail with the content filter (`[filter] rspamd`), or not.
         #[arg(long, value_name = "BOOL")]
         filter: Option<bool>,
+        /// Let the bounce-storm guard watch the domain's drains, or not.
+        #[arg(long, value_name = "BOOL")]
+        bounce_storm_guard: Option<bool>,
     },
     /// Show one domain, with its primary's last observed state.
     Show {
@@ -308,6 +311,7 @@ pub(crate) async fn domain(
             queue_lifetime,
             tls,
             filter,
+            bounce_storm_guard,
         } => {
             let name = parse_domain(&domain)?;
             let change = DomainChange {
@@ -325,6 +329,7 @@ pub(crate) async fn domain(
                 queue_lifetime,
                 tls,
                 filter,
+                bounce_storm_guard,
             };
             let outcome = match admin.set_domain(&name, change, now()).await {
                 Err(AdminError::NoSuchDomain(_)) => {
@@ -405,6 +410,7 @@ pub(crate) async fn domain(
                     ""
                 }
             );
+            println!("bounce_storm_guard: {}", d.bounce_storm_guard);
             println!(
                 "primary_state: {}",
                 match view.primary_state {

@@ -85,6 +85,9 @@ pub struct DomainChange {
     pub tls: Option<crate::domain::TlsPolicy>,
     /// Scan the domain's mail with the content filter.
     pub filter: Option<bool>,
+    /// The bounce-storm guard watches the domain's drains.
+    #[serde(default)]
+    pub bounce_storm_guard: Option<bool>,
 }
 
 /// What [`Admin::set_domain`] did.
@@ -446,6 +449,9 @@ impl Admin {
         }
         if let Some(f) = change.filter {
             d.filter = f;
+        }
+        if let Some(g) = change.bounce_storm_guard {
+            d.bounce_storm_guard = g;
         }
         self.registry
             .put(&d)

@@ -48,6 +48,10 @@ pub struct Domain {
     /// is set).
     #[serde(default = "yes")]
     pub filter: bool,
+    /// The bounce-storm guard watches this domain's drains (when
+    /// `[delivery] bounce_storm_min_recipients` is not 0).
+    #[serde(default = "yes")]
+    pub bounce_storm_guard: bool,
 }
 
 /// The least protection a delivery to the domain's primary may have.
@@ -215,6 +219,7 @@ impl Domain {
             queue_lifetime: None,
             tls: TlsPolicy::Opportunistic,
             filter: true,
+            bounce_storm_guard: true,
         }
     }
 

@@ -289,7 +289,9 @@ pub fn domain_page(
 <dt>Enabled</dt><dd>{enabled}</dd>\
 <dt>Recipient verification</dt><dd>{verify}</dd>\
 <dt>TLS to the primary</dt><dd class=\"tls\">{tls}</dd>\
-<dt>Content filter</dt><dd class=\"filter\">{filter}</dd>",
+<dt>Content filter</dt><dd class=\"filter\">{filter}</dd>\
+<dt>Bounce-storm guard</dt><dd class=\"storm-guard\">{storm_guard}</dd>",
+        storm_guard = if d.bounce_storm_guard { "on" } else { "off" },
         tls = escape(&d.tls.to_string()),
         filter = if d.filter {
             "on (when [filter] is set)"

@@ -491,6 +491,9 @@ pub struct DomainConfig {
     /// `false`: this domain's mail is not scanned by `[filter]`.
     #[serde(default)]
     pub filter: Option<bool>,
+    /// `false`: the bounce-storm guard does not watch this domain.
+    #[serde(default)]
+    pub bounce_storm_guard: Option<bool>,
 }
 
 impl Default for Config {
@@ -727,6 +730,9 @@ impl DomainConfig {
         }
         if let Some(f) = self.filter {
             d.filter = f;
+        }
+        if let Some(g) = self.bounce_storm_guard {
+            d.bounce_storm_guard = g;
         }
         Ok(d)
     }

@@ -9,6 +9,7 @@ use crate::time::unix_seconds;
 
 use super::client::Response;
 use super::hops::{Hops, Purpose};
+use super::storm::Asked;
 use super::transport::Channel;
 use super::Engine;
 
@@ -26,6 +27,47 @@ pub enum ChannelError {
 }
 
 impl Engine {
+    /// Asks `domain`'s next hop whether it takes mail for `addresses`
+    /// (`MAIL FROM:<>`, one `RCPT TO` each, `QUIT`) without sending any:
+    /// the bounce-storm guard's question about known-good recipients.
+    pub(crate) async fn ask_recipients(
+        &self,
+        domain: &DomainName,
+        addresses: Vec<String>,
+    ) -> Vec<(String, Asked)> {
+        let inconclusive = |addresses: Vec<String>| {
+            addresses
+                .into_iter()
+                .map(|a| (a, Asked::Inconclusive))
+                .collect()
+        };
+        let Ok(mut channel) = self.open_channel(domain).await else {
+            return inconclusive(addresses);
+        };
+        match channel.command("MAIL FROM:<>").await {
+            Ok(r) if r.is_success() => {}
+            _ => {
+                let _ = channel.command("QUIT").await;
+                return inconclusive(addresses);
+            }
+        }
+        let mut answers = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            let asked = match channel.command(&format!("RCPT TO:<{address}>")).await {
+                Ok(r) if r.is_success() => Asked::Accepted,
+                Ok(r) if r.is_permanent() => Asked::Refused,
+                Ok(_) => Asked::Inconclusive,
+                Err(_) => {
+                    answers.push((address, Asked::Inconclusive));
+                    break;
+                }
+            };
+            answers.push((address, asked));
+        }
+        let _ = channel.command("QUIT").await;
+        answers
+    }
+
     /// Opens a channel to `domain`'s next hops in delivery order, each
     /// with the TLS its plan asks for. As deliveries do, an opportunistic
     /// handshake that fails is retried in the clear.

@@ -270,7 +270,8 @@ impl Engine {
             Err(e) => Err(e),
         };
         let mut destination_down = false;
-        // Refusals held back by the bounce-storm guard wait for the drain's end.
+        // Refusals held back by the bounce-storm guard are looked at again
+        // soon (final once the primary is known healthy).
         let mut held_back_until: Option<u64> = None;
         let per_message: Vec<Vec<outcome::RecipientResult>> = match routed {
             Err(RouteError::Permanent { status, text }) => work
@@ -322,14 +323,15 @@ impl Engine {
                 let mut verdict = storm::StormVerdict::Normal;
                 if destination_down {
                     self.storm.destination_down(&domain);
-                } else if record.is_some() {
+                } else if let Some(hosted) = &record {
                     let received: Vec<u64> = work.iter().map(|(_, e, _)| e.received_at).collect();
+                    let ask = |addresses| self.ask_recipients(&domain, addresses);
                     verdict = self
                         .storm
-                        .judge(&domain, &envelopes, &received, &mut report.results, now)
+                        .judge(hosted, &envelopes, &received, &mut report.results, now, ask)
                         .await;
-                    if let storm::StormVerdict::HoldBack { until } = verdict {
-                        held_back_until = Some(until);
+                    if let storm::StormVerdict::HoldBack { recheck } = verdict {
+                        held_back_until = Some(recheck);
                     }
                 }
                 let storming = verdict != storm::StormVerdict::Normal;
@@ -365,7 +367,8 @@ impl Engine {
                 )
                 .await;
             if let (Some(until), false) = (held_back_until, report.finished) {
-                // Tried again as the drain ends, when a refusal is final.
+                // Tried again soon: final once the primary is known healthy,
+                // or as the drain ends.
                 report.entry.next_attempt = until;
             }
             reports[i] = Some(report);

@@ -11,13 +11,18 @@ use relay_proto::client::{Envelope, RcptResult};
 
 use crate::address::DomainName;
 use crate::alerts::Alerter;
-use crate::domain::{Hold, HoldReason};
+use crate::domain::{Domain, Hold, HoldReason};
 use crate::store::{DomainRegistry, RecipientCache};
 use crate::sync::Mutex;
 use crate::time::unix_seconds;
-use crate::verify::PrimaryState;
+use crate::verify::{PrimaryState, Verdict};
 
-use super::storm::{StormGuard, StormSettings, StormVerdict};
+use super::storm::{Answer, Asked, StormGuard, StormSettings, StormVerdict};
+
+/// Known-good addresses asked about besides `postmaster@`: from the
+/// static list, and from the callout cache.
+const ASK_LISTED: usize = 2;
+const ASK_CACHED: usize = 2;
 
 /// How long a shared primary state read for drain detection is reused.
 const SHARED_STATE_TTL: Duration = Duration::from_secs(5);
@@ -32,6 +37,9 @@ pub(crate) struct StormWatch {
     /// when they were read (kept a few seconds: one read per domain per
     /// process, not per attempt).
     shared_states: Mutex<HashMap<DomainName, (Option<PrimaryState>, Instant)>>,
+    /// One question to a primary per drain: attempts that need its answer
+    /// wait for the one asking.
+    asking: Mutex<HashMap<DomainName, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl StormWatch {
@@ -42,6 +50,7 @@ impl StormWatch {
             cache: None,
             alerts: None,
             shared_states: Default::default(),
+            asking: Default::default(),
         }
     }
 
@@ -56,19 +65,31 @@ impl StormWatch {
     }
 
     /// The guard on one attempt's answers: during a drain, remote refusals
-    /// of the outage's mail become temporary (no DSN); if nearly all of
-    /// the drain was refused, the domain is held and an alert sent.
+    /// of the outage's mail become temporary (no DSN) until the primary is
+    /// known to be healthy; if it refuses known-good recipients, the
+    /// domain is held and an alert sent. `ask` asks the primary about
+    /// known-good addresses when the drain cannot be decided otherwise.
     /// `received` is when each message was accepted: mail that came in
     /// after the primary answered again is not part of the drain, and its
     /// refusals stay final (a DSN at once, not after the window).
-    pub(crate) async fn judge(
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn judge<F, Fut>(
         &self,
-        domain: &DomainName,
+        record: &Domain,
         envelopes: &[Envelope],
         received: &[u64],
         results: &mut [Vec<RcptResult>],
         now: SystemTime,
-    ) -> StormVerdict {
+        ask: F,
+    ) -> StormVerdict
+    where
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Vec<(String, Asked)>>,
+    {
+        let domain = &record.name;
+        if !record.bounce_storm_guard {
+            return StormVerdict::Normal;
+        }
         let now_secs = unix_seconds(now);
         let any_refused = results
             .iter()
@@ -92,8 +113,7 @@ impl StormWatch {
         let outage_mail: Vec<bool> = (0..envelopes.len())
             .map(|i| received.get(i).is_none_or(|&at| at <= start))
             .collect();
-        let mut delivered = Vec::new();
-        let mut refused = Vec::new();
+        let mut answers: Vec<(&str, bool)> = Vec::new();
         for ((env, rs), _) in envelopes
             .iter()
             .zip(results.iter())
@@ -102,17 +122,29 @@ impl StormWatch {
         {
             for (addr, r) in env.recipients.iter().zip(rs) {
                 match r {
-                    RcptResult::Delivered(_) => delivered.push(addr.as_str()),
-                    RcptResult::Permanent(_) => refused.push(addr.as_str()),
+                    RcptResult::Delivered(_) => answers.push((addr.as_str(), false)),
+                    RcptResult::Permanent(_) => answers.push((addr.as_str(), true)),
                     RcptResult::Transient(_) => {}
                 }
             }
         }
-        let verdict = self.guard.answered(domain, &delivered, &refused, now_secs);
+        let mut tagged = Vec::with_capacity(answers.len());
+        for (address, refused) in answers {
+            let known_good = refused && self.known_good(record, address, now_secs).await;
+            tagged.push(Answer {
+                address,
+                known_good,
+                refused,
+            });
+        }
+        let mut verdict = self.guard.answered(domain, &tagged, now_secs);
+        if matches!(verdict, StormVerdict::HoldBack { .. }) {
+            verdict = self.ask_once(record, now_secs, ask).await;
+        }
         let note = match verdict {
             StormVerdict::Normal => return verdict,
             StormVerdict::HoldBack { .. } => {
-                "held back: the primary answered again after an outage, refusals wait for the drain's end"
+                "held back: the primary answered again after an outage and is not yet known to be healthy"
             }
             StormVerdict::Trip { refused, answered } => {
                 // One storm is one event: attempts already under way when
@@ -120,9 +152,12 @@ impl StormWatch {
                 if self.hold(domain, refused, answered, now_secs).await {
                     metrics::counter!("backupmx_bounce_storms_total").increment(1);
                     tracing::warn!(event = "bounce_storm", domain = %domain, refused, answered,
-                        "the primary refused nearly all of a drain: domain held, no DSN sent");
+                        "the primary refused known-good recipients after an outage: domain held, no DSN sent");
                 }
-                "held by the bounce-storm guard: the primary refused nearly all of a drain"
+                "held by the bounce-storm guard: the primary refused known-good recipients"
+            }
+            StormVerdict::Held => {
+                "held by the bounce-storm guard: the primary refused known-good recipients"
             }
         };
         for (rs, _) in results
@@ -137,6 +172,78 @@ impl StormWatch {
             }
         }
         verdict
+    }
+
+    /// Asks the primary about known-good addresses, once per drain and
+    /// domain (attempts that need the answer meanwhile wait for it), and
+    /// returns the verdict with what it said.
+    async fn ask_once<F, Fut>(&self, record: &Domain, now: u64, ask: F) -> StormVerdict
+    where
+        F: FnOnce(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = Vec<(String, Asked)>>,
+    {
+        let domain = &record.name;
+        let gate = self
+            .asking
+            .lock()
+            .entry(domain.clone())
+            .or_default()
+            .clone();
+        let _asking = gate.lock().await;
+        if !self.guard.wants_asking(domain, now) {
+            return self.guard.verdict_now(domain, now);
+        }
+        let addresses = self.known_good_sample(record, now).await;
+        let answers = ask(addresses).await;
+        let said: Vec<String> = answers.iter().map(|(a, r)| format!("{a}: {r:?}")).collect();
+        let verdict = self.guard.asked(domain, &answers, now);
+        tracing::info!(event = "storm_guard_asked", domain = %domain, answers = ?said, verdict = ?verdict,
+            "asked the primary about known-good recipients to tell a healthy primary from a broken one");
+        verdict
+    }
+
+    /// Whether `address` is known to exist at `record`'s primary:
+    /// `postmaster@`, the static list, or a valid callout-cache entry
+    /// (which deliveries teach too).
+    async fn known_good(&self, record: &Domain, address: &str, now: u64) -> bool {
+        let Ok(mailbox) = crate::address::parse_forward_path(address) else {
+            return false;
+        };
+        let canonical = mailbox.canonical();
+        let postmaster = canonical
+            .rsplit_once('@')
+            .is_some_and(|(local, _)| local.eq_ignore_ascii_case("postmaster"));
+        if postmaster || record.lists_recipient(&mailbox) {
+            return true;
+        }
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        matches!(
+            cache.recipient(&canonical, now).await,
+            Ok(Some(hit)) if hit.verdict == Verdict::Valid
+        )
+    }
+
+    /// Known-good addresses to ask about: `postmaster@` first, then a few
+    /// from the static list and the callout cache's valid entries.
+    async fn known_good_sample(&self, record: &Domain, now: u64) -> Vec<String> {
+        let mut sample = vec![format!("postmaster@{}", record.name)];
+        let listed = record.recipients.iter().flatten().take(ASK_LISTED);
+        sample.extend(listed.cloned());
+        if let Some(cache) = &self.cache {
+            if let Ok(known) = cache.recipients(&record.name, now).await {
+                sample.extend(
+                    known
+                        .into_iter()
+                        .filter(|r| r.verdict == Verdict::Valid)
+                        .map(|r| r.address)
+                        .take(ASK_CACHED),
+                );
+            }
+        }
+        sample.dedup();
+        sample
     }
 
     /// The primary's state as every process on the store sees it (read at
@@ -205,6 +312,15 @@ mod tests {
     use crate::domain::Domain;
     use crate::store::local::LocalStore;
 
+    /// What the primary says when asked about known-good addresses.
+    fn says(answer: Asked) -> impl FnOnce(Vec<String>) -> std::future::Ready<Vec<(String, Asked)>> {
+        move |addresses| std::future::ready(addresses.into_iter().map(|a| (a, answer)).collect())
+    }
+
+    fn hosted(name: &DomainName) -> Domain {
+        Domain::new(name.clone())
+    }
+
     fn envelope(recipients: &[&str]) -> Envelope {
         Envelope {
             sender: "s@sender.test".into(),
@@ -216,7 +332,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_drain_refused_nearly_whole_holds_the_domain_and_sends_no_dsn() {
+    async fn a_drain_refused_nearly_whole_holds_the_domain_and_sends_no_dsn_when_the_primary_cannot_be_asked(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(LocalStore::open(dir.path()).unwrap());
         let name = DomainName::parse("example.test").unwrap();
@@ -236,14 +353,33 @@ mod tests {
         // Back: the first refusal of the drain is held back, not final.
         let env = [envelope(&["a@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
-        let verdict = watch.judge(&name, &env, &[1], &mut results, now).await;
-        assert_eq!(verdict, StormVerdict::HoldBack { until: 10_600 });
+        let verdict = watch
+            .judge(
+                &hosted(&name),
+                &env,
+                &[1],
+                &mut results,
+                now,
+                says(Asked::Inconclusive),
+            )
+            .await;
+        assert_eq!(verdict, StormVerdict::HoldBack { recheck: 10_060 });
         assert!(matches!(&results[0][0], RcptResult::Transient(t) if t.contains("held back")));
         assert!(store.get(&name).await.unwrap().unwrap().hold.is_none());
-        // Two more refusals: the guard trips and the domain is held.
+        // The primary could not be asked (postmaster got a 4xx): two more
+        // refusals, and the count trips the guard; the domain is held.
         let env = [envelope(&["b@example.test", "c@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into()); 2]];
-        let verdict = watch.judge(&name, &env, &[1], &mut results, now).await;
+        let verdict = watch
+            .judge(
+                &hosted(&name),
+                &env,
+                &[1],
+                &mut results,
+                now,
+                says(Asked::Inconclusive),
+            )
+            .await;
         assert_eq!(
             verdict,
             StormVerdict::Trip {
@@ -267,7 +403,16 @@ mod tests {
         ])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into()); 3]];
         let later = now + Duration::from_secs(1);
-        let verdict = watch.judge(&name, &env, &[1], &mut results, later).await;
+        let verdict = watch
+            .judge(
+                &hosted(&name),
+                &env,
+                &[1],
+                &mut results,
+                later,
+                says(Asked::Inconclusive),
+            )
+            .await;
         assert!(matches!(verdict, StormVerdict::Trip { .. }), "{verdict:?}");
         assert!(results[0]
             .iter()
@@ -295,7 +440,14 @@ mod tests {
         let env = [envelope(&["old@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
         let verdict = watch
-            .judge(&name, &env, &[9_000], &mut results, at(10_000))
+            .judge(
+                &hosted(&name),
+                &env,
+                &[9_000],
+                &mut results,
+                at(10_000),
+                says(Asked::Inconclusive),
+            )
             .await;
         assert!(matches!(verdict, StormVerdict::HoldBack { .. }));
         assert!(matches!(results[0][0], RcptResult::Transient(_)));
@@ -309,7 +461,14 @@ mod tests {
             vec![RcptResult::Permanent("550 5.1.1 unknown".into())],
         ];
         watch
-            .judge(&name, &env, &[10_005, 9_500], &mut results, at(10_010))
+            .judge(
+                &hosted(&name),
+                &env,
+                &[10_005, 9_500],
+                &mut results,
+                at(10_010),
+                says(Asked::Inconclusive),
+            )
             .await;
         assert!(
             matches!(results[0][0], RcptResult::Permanent(_)),
@@ -337,7 +496,119 @@ mod tests {
         let env = [envelope(&["a@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
         let verdict = watch
-            .judge(&name, &env, &[1], &mut results, SystemTime::now())
+            .judge(
+                &hosted(&name),
+                &env,
+                &[1],
+                &mut results,
+                SystemTime::now(),
+                says(Asked::Inconclusive),
+            )
+            .await;
+        assert_eq!(verdict, StormVerdict::Normal);
+        assert!(matches!(results[0][0], RcptResult::Permanent(_)));
+    }
+
+    #[tokio::test]
+    async fn a_primary_that_knows_postmaster_gets_its_refusals_final_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let name = DomainName::parse("example.test").unwrap();
+        DomainRegistry::put(store.as_ref(), &hosted(&name))
+            .await
+            .unwrap();
+        let watch = StormWatch::new(
+            StormSettings {
+                min_recipients: 3,
+                ratio: 0.9,
+                window: Duration::from_secs(600),
+            },
+            store.clone(),
+        );
+        watch.destination_down(&name);
+        let spam: Vec<String> = (0..20).map(|i| format!("spam{i}@example.test")).collect();
+        let spam: Vec<&str> = spam.iter().map(String::as_str).collect();
+        let env = [envelope(&spam)];
+        let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into()); 20]];
+        let verdict = watch
+            .judge(
+                &hosted(&name),
+                &env,
+                &[1],
+                &mut results,
+                SystemTime::now(),
+                says(Asked::Accepted),
+            )
+            .await;
+        assert_eq!(verdict, StormVerdict::Normal);
+        assert!(results[0]
+            .iter()
+            .all(|r| matches!(r, RcptResult::Permanent(_))));
+        assert!(store.get(&name).await.unwrap().unwrap().hold.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_primary_that_refuses_postmaster_is_held_at_its_first_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let name = DomainName::parse("example.test").unwrap();
+        DomainRegistry::put(store.as_ref(), &hosted(&name))
+            .await
+            .unwrap();
+        let watch = StormWatch::new(
+            StormSettings {
+                min_recipients: 10,
+                ratio: 0.9,
+                window: Duration::from_secs(600),
+            },
+            store.clone(),
+        );
+        watch.destination_down(&name);
+        let env = [envelope(&["a@example.test"])];
+        let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
+        let verdict = watch
+            .judge(
+                &hosted(&name),
+                &env,
+                &[1],
+                &mut results,
+                SystemTime::now(),
+                says(Asked::Refused),
+            )
+            .await;
+        assert!(matches!(verdict, StormVerdict::Trip { .. }), "{verdict:?}");
+        assert!(matches!(results[0][0], RcptResult::Transient(_)));
+        let hold = store.get(&name).await.unwrap().unwrap().hold.unwrap();
+        assert_eq!(hold.reason, HoldReason::BounceStorm);
+    }
+
+    #[tokio::test]
+    async fn a_domain_with_the_guard_off_gets_its_refusals_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let name = DomainName::parse("example.test").unwrap();
+        let mut record = hosted(&name);
+        record.bounce_storm_guard = false;
+        let watch = StormWatch::new(
+            StormSettings {
+                min_recipients: 1,
+                ratio: 0.9,
+                window: Duration::from_secs(600),
+            },
+            store,
+        );
+        watch.destination_down(&name);
+        let env = [envelope(&["a@example.test"])];
+        let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
+        let verdict = watch
+            .judge(
+                &record,
+                &env,
+                &[1],
+                &mut results,
+                SystemTime::now(),
+                says(Asked::Refused),
+            )
             .await;
         assert_eq!(verdict, StormVerdict::Normal);
         assert!(matches!(results[0][0], RcptResult::Permanent(_)));

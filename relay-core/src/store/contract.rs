@@ -54,6 +54,7 @@ pub(crate) async fn domains_contract(reg: &dyn DomainRegistry) {
     d.queue_lifetime = Some(30 * 86_400);
     d.tls = crate::domain::TlsPolicy::Verified;
     d.filter = false;
+    d.bounce_storm_guard = false;
     reg.put(&d).await.unwrap();
     assert_eq!(reg.get(&name).await.unwrap(), Some(d.clone()));
     d.hold = None;

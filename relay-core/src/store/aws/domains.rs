@@ -37,6 +37,9 @@ pub(super) fn domain_item(d: &Domain) -> HashMap<String, AttributeValue> {
     if !d.filter {
         item.insert("filter".into(), AttributeValue::Bool(false));
     }
+    if !d.bounce_storm_guard {
+        item.insert("bounce_storm_guard".into(), AttributeValue::Bool(false));
+    }
     if d.tls != crate::domain::TlsPolicy::Opportunistic {
         item.insert("tls".into(), s(d.tls.to_string()));
     }
@@ -76,6 +79,7 @@ pub(super) fn domain_from_item(
         },
         defer_while_primary_up: flag("defer_while_primary_up")?.unwrap_or(false),
         filter: flag("filter")?.unwrap_or(true),
+        bounce_storm_guard: flag("bounce_storm_guard")?.unwrap_or(true),
         hold: match item.get("hold_reason") {
             None => None,
             Some(v) => Some(crate::domain::Hold {
