@@ -67,9 +67,15 @@ pub(crate) enum DomainCommand {
         /// Keep the domain's queued mail: no attempt, no expiry, no bounce.
         #[arg(long, conflicts_with = "release")]
         hold: bool,
-        /// Release a held domain: its queued mail goes out at once.
+        /// Release a held domain: its queued mail goes out at once, and a
+        /// refusal of what the bounce-storm guard held back is final (one
+        /// DSN per message) instead of held back again.
         #[arg(long)]
         release: bool,
+        /// With --release: drop the held-back refusals (logged and
+        /// counted) instead of bouncing them.
+        #[arg(long, requires = "release")]
+        discard_refused: bool,
         /// How long this domain's mail may stay queued (at most 60d).
         #[arg(long, value_name = "DUR", value_parser = relay_core::config::parse_duration)]
         queue_lifetime: Option<std::time::Duration>,
@@ -141,10 +147,18 @@ pub(crate) enum QueueCommand {
         #[arg(long, value_name = "D")]
         domain: Option<String>,
     },
-    /// Delete a queued message (it will not be delivered).
+    /// Delete a queued message, or a domain's (it will not be delivered).
     Delete {
         /// The queue id (from `queue list`).
-        id: String,
+        #[arg(required_unless_present = "domain", conflicts_with = "domain")]
+        id: Option<String>,
+        /// Every queued message of this hosted domain.
+        #[arg(long, value_name = "D")]
+        domain: Option<String>,
+        /// With --domain: only the recipients whose refusal the
+        /// bounce-storm guard held back.
+        #[arg(long, requires = "domain")]
+        refused_only: bool,
     },
 }
 
@@ -308,6 +322,7 @@ pub(crate) async fn domain(
             enabled,
             hold,
             release,
+            discard_refused,
             queue_lifetime,
             tls,
             filter,
@@ -330,6 +345,7 @@ pub(crate) async fn domain(
                 tls,
                 filter,
                 bounce_storm_guard,
+                discard_refused,
             };
             let outcome = match admin.set_domain(&name, change, now()).await {
                 Err(AdminError::NoSuchDomain(_)) => {
@@ -353,6 +369,19 @@ pub(crate) async fn domain(
                     d.name, outcome.released
                 ),
                 (None, false) => println!("updated {}", d.name),
+            }
+            let r = outcome.refusals;
+            if r.bounced > 0 {
+                println!(
+                    "{} held-back refusal(s) released: tried again at once, a refusal now bounces",
+                    r.bounced
+                );
+            }
+            if r.discarded > 0 {
+                println!(
+                    "{} held-back refusal(s) discarded without a DSN ({} message(s) deleted)",
+                    r.discarded, r.messages_deleted
+                );
             }
         }
         DomainCommand::Show { domain, json } => {
@@ -530,11 +559,27 @@ pub(crate) async fn queue(config: &Config, source: &str, cmd: QueueCommand) -> a
             let n = admin.flush(domain.as_ref(), now()).await?;
             println!("{n} message(s) released for delivery");
         }
-        QueueCommand::Delete { id } => {
-            let id = parse_id(&id)?;
-            admin.delete(&id).await?;
-            println!("deleted {id}");
-        }
+        QueueCommand::Delete {
+            id,
+            domain,
+            refused_only,
+        } => match (id, domain) {
+            (Some(id), _) => {
+                let id = parse_id(&id)?;
+                admin.delete(&id).await?;
+                println!("deleted {id}");
+            }
+            (None, Some(domain)) => {
+                let name = parse_domain(&domain)?;
+                admin.domain_view(&name).await?;
+                let d = admin.delete_domain_mail(&name, refused_only).await?;
+                println!(
+                    "deleted {} message(s) and {} recipient(s) of {name}",
+                    d.messages, d.recipients
+                );
+            }
+            (None, None) => bail!("queue delete needs a queue id or --domain D"),
+        },
     }
     Ok(())
 }

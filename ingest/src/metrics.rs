@@ -156,6 +156,18 @@ const METRICS: &[MetricSpec] = &[
         &[("verdict", "invalid")],
     ),
     (
+        "backupmx_held_refusals_finalised_total",
+        "refusals held back by the bounce-storm guard that a release made final, by action (bounced: tried once more, a refusal bounces; discarded)",
+        false,
+        &[("action", "bounced")],
+    ),
+    (
+        "backupmx_operator_deletions_total",
+        "queued mail deleted by an operator with queue delete --domain, by what (messages, recipients)",
+        false,
+        &[("what", "messages")],
+    ),
+    (
         "backupmx_harvest_penalties_total",
         "clients that collected smtp.unknown_recipient_limit unknown-user refusals within the window and were penalised",
         false,

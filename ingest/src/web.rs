@@ -142,6 +142,11 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// The value of `key` in a query string or urlencoded form.
+/// A yes/no query parameter: present and `1`, `true`, `yes` or empty.
+fn flag(query: &str, key: &str) -> bool {
+    param(query, key).is_some_and(|v| matches!(v.as_str(), "" | "1" | "true" | "yes"))
+}
+
 fn param(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -586,6 +591,7 @@ async fn api(
             let name = try_op!(relay_core::admin::parse_domain(d));
             let change = DomainChange {
                 hold: Some(*action == "hold"),
+                discard_refused: *action == "release" && flag(query, "discard_refused"),
                 ..DomainChange::default()
             };
             set_domain(admin, &name, change, now).await
@@ -634,6 +640,23 @@ async fn api(
             let e = try_op!(admin.queue_entry(&id).await);
             json_reply(StatusCode::OK, &relay_core::admin::entry_json(&e))
         }
+        (&Method::DELETE, ["api", "queue"]) => {
+            let Some(domain) = try_op!(domain_param()) else {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "DELETE /api/queue needs ?domain=D (and optionally refused_only=1)",
+                );
+            };
+            try_op!(admin.domain_view(&domain).await);
+            let refused_only = flag(query, "refused_only");
+            let d = try_op!(admin.delete_domain_mail(&domain, refused_only).await);
+            tracing::info!(event = "admin_action", action = "delete", domain = %domain, refused_only,
+                messages = d.messages, recipients = d.recipients);
+            json_reply(
+                StatusCode::OK,
+                &json!({ "messages": d.messages, "recipients": d.recipients }),
+            )
+        }
         (&Method::DELETE, ["api", "queue", id]) => {
             let id = try_op!(relay_core::admin::parse_id(id));
             try_op!(admin.delete(&id).await);
@@ -672,6 +695,12 @@ async fn set_domain(
         Ok(view) => {
             let mut v = view.to_json();
             v["released"] = json!(outcome.released);
+            let r = outcome.refusals;
+            v["refusals"] = json!({
+                "bounced": r.bounced,
+                "discarded": r.discarded,
+                "messages_deleted": r.messages_deleted,
+            });
             json_reply(StatusCode::OK, &v)
         }
         Err(e) => api_error(e),

@@ -88,6 +88,10 @@ pub struct DomainChange {
     /// The bounce-storm guard watches the domain's drains.
     #[serde(default)]
     pub bounce_storm_guard: Option<bool>,
+    /// With a release: drop the refusals the bounce-storm guard held back
+    /// (logged and counted) instead of bouncing them.
+    #[serde(default)]
+    pub discard_refused: bool,
 }
 
 /// What [`Admin::set_domain`] did.
@@ -99,6 +103,30 @@ pub struct SetOutcome {
     pub released: u64,
     /// Whether the change applied to mail already queued.
     pub flushed: bool,
+    /// What a release did with the refusals the bounce-storm guard held
+    /// back.
+    pub refusals: RefusalsFinalised,
+}
+
+/// Held-back refusals made final by an operator.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RefusalsFinalised {
+    /// Recipients tried once more at once, where a refusal is final (one
+    /// DSN per message) instead of held back again.
+    pub bounced: u64,
+    /// Recipients dropped without a DSN.
+    pub discarded: u64,
+    /// Messages deleted because nothing was left to deliver.
+    pub messages_deleted: u64,
+}
+
+/// What [`Admin::delete_domain_mail`] deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// Whole messages.
+    pub messages: u64,
+    /// Recipients dropped from messages that still have others pending.
+    pub recipients: u64,
 }
 
 /// One domain with its primary's state and its queue depth
@@ -472,6 +500,13 @@ impl Admin {
                 _ => {}
             }
         }
+        // A release makes the held-back refusals final (a DSN each, or
+        // dropped) instead of re-running the drain that found them.
+        let refusals = if before.hold.is_some() && d.hold.is_none() {
+            self.finalise_refusals(name, change.discard_refused).await?
+        } else {
+            RefusalsFinalised::default()
+        };
         let released = if flush && d.hold.is_none() {
             self.queue
                 .release(Some(name), now)
@@ -484,7 +519,120 @@ impl Admin {
             domain: d,
             released,
             flushed: flush,
+            refusals,
         })
+    }
+
+    /// Makes `domain`'s held-back refusals final: tried once more at
+    /// once, where a refusal bounces and is never held back again (the
+    /// operator may have fixed the primary: its real mail then goes out),
+    /// or (`discard`) dropped now.
+    async fn finalise_refusals(
+        &self,
+        domain: &DomainName,
+        discard: bool,
+    ) -> Result<RefusalsFinalised, AdminError> {
+        let mut done = RefusalsFinalised::default();
+        let entries = self
+            .queue
+            .list(Some(domain))
+            .await
+            .map_err(AdminError::store("cannot read the queue"))?;
+        for mut e in entries {
+            let held = held_refusals(&e);
+            if held.is_empty() {
+                continue;
+            }
+            if discard {
+                let dropped =
+                    drop_recipients(&mut e, &held, "discarded by the operator on release");
+                done.discarded += dropped;
+                if self.store_or_remove(e).await? {
+                    done.messages_deleted += 1;
+                }
+            } else {
+                for &r in &held {
+                    e.recipients[r].held_refusal = Some(crate::queue::HeldRefusal::Final);
+                }
+                done.bounced += held.len() as u64;
+                self.queue
+                    .update(&e)
+                    .await
+                    .map_err(AdminError::store("cannot update a queued message"))?;
+            }
+        }
+        if done != RefusalsFinalised::default() {
+            metrics::counter!("backupmx_held_refusals_finalised_total", "action" => "bounced")
+                .increment(done.bounced);
+            metrics::counter!("backupmx_held_refusals_finalised_total", "action" => "discarded")
+                .increment(done.discarded);
+            tracing::warn!(event = "held_refusals_finalised", domain = %domain,
+                bounced = done.bounced, discarded = done.discarded, messages_deleted = done.messages_deleted,
+                "released: the refusals the bounce-storm guard held back are final");
+        }
+        Ok(done)
+    }
+
+    /// Stores `e`, or removes it (with its body) when nothing is left to
+    /// deliver; `true` if removed.
+    async fn store_or_remove(&self, e: QueueEntry) -> Result<bool, AdminError> {
+        if e.pending_recipients().next().is_none() {
+            self.queue
+                .remove(&e.id)
+                .await
+                .map_err(AdminError::store("cannot delete a queued message"))?;
+            Ok(true)
+        } else {
+            self.queue
+                .update(&e)
+                .await
+                .map_err(AdminError::store("cannot update a queued message"))?;
+            Ok(false)
+        }
+    }
+
+    /// Deletes a hosted domain's queued mail (it will not be delivered):
+    /// all of it, or (`refused_only`) only the recipients whose refusal
+    /// the bounce-storm guard held back. Logged and counted.
+    pub async fn delete_domain_mail(
+        &self,
+        domain: &DomainName,
+        refused_only: bool,
+    ) -> Result<Deleted, AdminError> {
+        let mut deleted = Deleted::default();
+        let entries = self
+            .queue
+            .list(Some(domain))
+            .await
+            .map_err(AdminError::store("cannot read the queue"))?;
+        for mut e in entries {
+            if !refused_only {
+                self.queue
+                    .remove(&e.id)
+                    .await
+                    .map_err(AdminError::store("cannot delete a queued message"))?;
+                deleted.messages += 1;
+                continue;
+            }
+            let held = held_refusals(&e);
+            if held.is_empty() {
+                continue;
+            }
+            let dropped = drop_recipients(&mut e, &held, "deleted by the operator");
+            if self.store_or_remove(e).await? {
+                deleted.messages += 1;
+            } else {
+                deleted.recipients += dropped;
+            }
+        }
+        metrics::counter!("backupmx_operator_deletions_total", "what" => "messages")
+            .increment(deleted.messages);
+        metrics::counter!("backupmx_operator_deletions_total", "what" => "recipients")
+            .increment(deleted.recipients);
+        tracing::warn!(event = "queue_deleted", domain = %domain, refused_only,
+            messages = deleted.messages, recipients = deleted.recipients,
+            "queued mail deleted by the operator: it will not be delivered");
+        Ok(deleted)
     }
 
     /// The callout cache of a hosted domain.
@@ -701,6 +849,7 @@ pub fn entry_json(e: &QueueEntry) -> Value {
         "recipients": e.recipients.iter().map(|r| r.address.clone()).collect::<Vec<_>>(),
         "recipient_status": e.recipients.iter().map(|r| json!({
             "address": r.address, "status": status_name(&r.status), "last_reply": r.last_reply,
+            "held_refusal": r.held_refusal,
         })).collect::<Vec<_>>(),
         "domain": e.domain,
         "attempts": e.attempts,
@@ -711,6 +860,29 @@ pub fn entry_json(e: &QueueEntry) -> Value {
         "client_ip": e.client_ip,
         "helo": e.helo,
     })
+}
+
+/// The indices of `e`'s pending recipients whose refusal the bounce-storm
+/// guard held back.
+fn held_refusals(e: &QueueEntry) -> Vec<usize> {
+    (0..e.recipients.len())
+        .filter(|&r| {
+            let s = &e.recipients[r];
+            s.status == crate::queue::RecipientStatus::Pending && s.held_refusal.is_some()
+        })
+        .collect()
+}
+
+/// Marks `recipients` of `e` failed without a DSN, with `why`; how many.
+fn drop_recipients(e: &mut QueueEntry, recipients: &[usize], why: &str) -> u64 {
+    for &r in recipients {
+        let s = &mut e.recipients[r];
+        s.status = crate::queue::RecipientStatus::Failed;
+        s.held_refusal = None;
+        let last = s.last_reply.take().unwrap_or_default();
+        s.last_reply = Some(format!("{last} ({why})"));
+    }
+    recipients.len() as u64
 }
 
 /// The `recipients list --json` object of a cached verdict.

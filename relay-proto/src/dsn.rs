@@ -158,6 +158,7 @@ mod tests {
                 address: "bob@example.test".into(),
                 status: RecipientStatus::Failed,
                 last_reply: None,
+                held_refusal: None,
             }],
             client_ip: "192.0.2.1".parse().unwrap(),
             helo: "c.test".into(),

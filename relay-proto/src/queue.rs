@@ -172,6 +172,21 @@ pub struct RecipientState {
     /// The last reply about this recipient (the DSN's diagnostic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reply: Option<String>,
+    /// A refusal the bounce-storm guard held back (the recipient stays
+    /// pending), and whether an operator has since made it final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_refusal: Option<HeldRefusal>,
+}
+
+/// A refusal kept from being final by the bounce-storm guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeldRefusal {
+    /// Held back: the recipient is tried again.
+    Held,
+    /// Released by an operator: tried again, and a refusal then is final
+    /// (a DSN), never held back again.
+    Final,
 }
 
 /// Current version of [`QueueEntry`]'s serialised form.
@@ -280,6 +295,7 @@ impl AcceptedMessage {
                         address: r.address.clone(),
                         status: RecipientStatus::Pending,
                         last_reply: None,
+                        held_refusal: None,
                     })
                     .collect(),
                 client_ip: self.client_ip,

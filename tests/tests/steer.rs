@@ -460,3 +460,80 @@ fn queue_age_and_expiry_alerts_fire_once() {
         .unwrap();
     assert!(aged["age_secs"].as_u64() > Some(2), "{aged}");
 }
+
+/// Twelve messages queued while the primary was down; it comes back
+/// refusing everyone and the guard holds the domain; three more arrive
+/// while it is held. Returns how many recipients' refusals were held back
+/// (those attempted before the hold).
+fn held_by_the_guard() -> (Server, Sink, TcpProxy, usize) {
+    let (s, sink, primary) = twelve_queued_while_down("");
+    refuse_everyone(&sink);
+    primary.set_down(false);
+    eventually(WAIT, "the domain held by the guard", || {
+        let shown = succeeded(&s.cli(&["domain", "show", "example.test"]));
+        shown.contains("hold: yes (bounce_storm)").then_some(())
+    });
+    let marked = s
+        .queue()
+        .iter()
+        .filter(|e| e["recipient_status"][0]["held_refusal"] == "held")
+        .count();
+    assert!(marked >= 1, "{:#?}", s.queue());
+    // Mail that arrives while held is never attempted: nothing held back.
+    for i in 20..23 {
+        send_to(&s, i);
+    }
+    (s, sink, primary, marked)
+}
+
+#[test]
+fn a_release_with_discard_refused_drops_the_held_back_refusals_and_delivers_the_rest() {
+    let (s, sink, _primary, marked) = held_by_the_guard();
+    accept_everyone(&sink);
+    let out = succeeded(&s.cli(&[
+        "domain",
+        "set",
+        "example.test",
+        "--release",
+        "--discard-refused",
+    ]));
+    assert!(
+        out.contains(&format!("{marked} held-back refusal(s) discarded")),
+        "{out}"
+    );
+    sink.wait_for(15 - marked, WAIT);
+    eventually(WAIT, "an empty queue", || {
+        s.queue().is_empty().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sink.received().len(), 15 - marked);
+    let log = s.log();
+    assert!(!log.contains("bounce_queued"), "{log}");
+}
+
+#[test]
+fn queue_delete_refused_only_removes_just_the_held_back_refusals() {
+    let (s, sink, _primary, marked) = held_by_the_guard();
+    let out = succeeded(&s.cli(&[
+        "queue",
+        "delete",
+        "--domain",
+        "example.test",
+        "--refused-only",
+    ]));
+    assert!(
+        out.contains(&format!("deleted {marked} message(s)")),
+        "{out}"
+    );
+    assert_eq!(s.queue().len(), 15 - marked);
+    // A release (no refusal left to make final) gets the rest out.
+    accept_everyone(&sink);
+    succeeded(&s.cli(&["domain", "set", "example.test", "--release"]));
+    sink.wait_for(15 - marked, WAIT);
+    eventually(WAIT, "an empty queue", || {
+        s.queue().is_empty().then_some(())
+    });
+    // Without --domain or an id: one line, non-zero exit.
+    let out = s.cli(&["queue", "delete"]);
+    assert!(!out.status.success());
+}

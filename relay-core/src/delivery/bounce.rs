@@ -99,6 +99,7 @@ mod tests {
                 address: "a@example.test".into(),
                 status: RecipientStatus::Failed,
                 last_reply: Some("550 5.1.1 unknown".into()),
+                held_refusal: None,
             }],
             client_ip: "192.0.2.1".parse().unwrap(),
             helo: "client.test".into(),

@@ -41,7 +41,7 @@ use transport::Timeouts;
 use crate::address::DomainName;
 use crate::alerts::Alerter;
 use crate::dns::Resolver;
-use crate::queue::{QueueEntry, QueueId, RecipientStatus};
+use crate::queue::{HeldRefusal, QueueEntry, QueueId, RecipientStatus};
 use crate::store::{DomainRegistry, MessageStore, RecipientCache};
 use crate::time::unix_seconds;
 
@@ -270,6 +270,9 @@ impl Engine {
             Err(e) => Err(e),
         };
         let mut destination_down = false;
+        // Which recipients' refusals the bounce-storm guard held back, per
+        // message.
+        let mut held_back: Vec<Vec<bool>> = Vec::new();
         // Refusals held back by the bounce-storm guard are looked at again
         // soon (final once the primary is known healthy).
         let mut held_back_until: Option<u64> = None;
@@ -325,14 +328,52 @@ impl Engine {
                     self.storm.destination_down(&domain);
                 } else if let Some(hosted) = &record {
                     let received: Vec<u64> = work.iter().map(|(_, e, _)| e.received_at).collect();
+                    // Refusals an operator released are final: the guard
+                    // does not hold them back again.
+                    let released: Vec<Vec<bool>> = work
+                        .iter()
+                        .map(|(_, e, pending)| {
+                            pending
+                                .iter()
+                                .map(|&r| e.recipients[r].held_refusal == Some(HeldRefusal::Final))
+                                .collect()
+                        })
+                        .collect();
+                    let refused_before: Vec<Vec<bool>> = report
+                        .results
+                        .iter()
+                        .map(|rs| {
+                            rs.iter()
+                                .map(|r| matches!(r, RcptResult::Permanent(_)))
+                                .collect()
+                        })
+                        .collect();
                     let ask = |addresses| self.ask_recipients(&domain, addresses);
                     verdict = self
                         .storm
-                        .judge(hosted, &envelopes, &received, &mut report.results, now, ask)
+                        .judge(
+                            hosted,
+                            &envelopes,
+                            (&received, &released),
+                            &mut report.results,
+                            now,
+                            ask,
+                        )
                         .await;
                     if let storm::StormVerdict::HoldBack { recheck } = verdict {
                         held_back_until = Some(recheck);
                     }
+                    held_back = refused_before
+                        .iter()
+                        .zip(&report.results)
+                        .map(|(before, now)| {
+                            before
+                                .iter()
+                                .zip(now)
+                                .map(|(was, r)| *was && matches!(r, RcptResult::Transient(_)))
+                                .collect()
+                        })
+                        .collect();
                 }
                 let storming = verdict != storm::StormVerdict::Normal;
                 if let (Some(record), Some(learning), false) = (&record, &self.learning, storming) {
@@ -354,7 +395,7 @@ impl Engine {
                     .collect()
             }
         };
-        for ((i, entry, pending), results) in work.into_iter().zip(per_message) {
+        for (m, ((i, entry, pending), results)) in work.into_iter().zip(per_message).enumerate() {
             let mut report = self
                 .finish(
                     entry,
@@ -366,6 +407,16 @@ impl Engine {
                     now,
                 )
                 .await;
+            let held = held_back.get(m);
+            for (k, &r) in pending.iter().enumerate() {
+                let state = &mut report.entry.recipients[r];
+                let was_held = held.and_then(|h| h.get(k)).copied().unwrap_or(false);
+                if state.status == RecipientStatus::Pending
+                    && state.held_refusal != Some(HeldRefusal::Final)
+                {
+                    state.held_refusal = was_held.then_some(HeldRefusal::Held);
+                }
+            }
             if let (Some(until), false) = (held_back_until, report.finished) {
                 // Tried again soon: final once the primary is known healthy,
                 // or as the drain ends.
@@ -469,6 +520,7 @@ mod tests {
                     address: format!("r{i}@{domain}"),
                     status: status.clone(),
                     last_reply: None,
+                    held_refusal: None,
                 })
                 .collect(),
             client_ip: "192.0.2.1".parse().unwrap(),

@@ -242,6 +242,7 @@ mod tests {
                     address: a.to_string(),
                     status: RecipientStatus::Pending,
                     last_reply: None,
+                    held_refusal: None,
                 })
                 .collect(),
             client_ip: "192.0.2.1".parse().unwrap(),

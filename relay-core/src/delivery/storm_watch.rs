@@ -72,12 +72,14 @@ impl StormWatch {
     /// `received` is when each message was accepted: mail that came in
     /// after the primary answered again is not part of the drain, and its
     /// refusals stay final (a DSN at once, not after the window).
+    /// `released` marks recipients whose held-back refusal an operator
+    /// released: final too, and not counted.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn judge<F, Fut>(
         &self,
         record: &Domain,
         envelopes: &[Envelope],
-        received: &[u64],
+        (received, released): (&[u64], &[Vec<bool>]),
         results: &mut [Vec<RcptResult>],
         now: SystemTime,
         ask: F,
@@ -113,14 +115,25 @@ impl StormWatch {
         let outage_mail: Vec<bool> = (0..envelopes.len())
             .map(|i| received.get(i).is_none_or(|&at| at <= start))
             .collect();
+        let is_released = |m: usize, k: usize| {
+            released
+                .get(m)
+                .and_then(|r| r.get(k))
+                .copied()
+                .unwrap_or(false)
+        };
         let mut answers: Vec<(&str, bool)> = Vec::new();
-        for ((env, rs), _) in envelopes
+        for (m, ((env, rs), _)) in envelopes
             .iter()
             .zip(results.iter())
             .zip(&outage_mail)
-            .filter(|(_, outage)| **outage)
+            .enumerate()
+            .filter(|(_, (_, outage))| **outage)
         {
-            for (addr, r) in env.recipients.iter().zip(rs) {
+            for (k, (addr, r)) in env.recipients.iter().zip(rs).enumerate() {
+                if is_released(m, k) {
+                    continue;
+                }
                 match r {
                     RcptResult::Delivered(_) => answers.push((addr.as_str(), false)),
                     RcptResult::Permanent(_) => answers.push((addr.as_str(), true)),
@@ -160,12 +173,16 @@ impl StormWatch {
                 "held by the bounce-storm guard: the primary refused known-good recipients"
             }
         };
-        for (rs, _) in results
+        for (m, (rs, _)) in results
             .iter_mut()
             .zip(&outage_mail)
-            .filter(|(_, outage)| **outage)
+            .enumerate()
+            .filter(|(_, (_, outage))| **outage)
         {
-            for r in rs.iter_mut() {
+            for (k, r) in rs.iter_mut().enumerate() {
+                if is_released(m, k) {
+                    continue;
+                }
                 if let RcptResult::Permanent(text) = r {
                     *r = RcptResult::Transient(format!("{text} ({note})"));
                 }
@@ -357,7 +374,7 @@ mod tests {
             .judge(
                 &hosted(&name),
                 &env,
-                &[1],
+                (&[1], &[]),
                 &mut results,
                 now,
                 says(Asked::Inconclusive),
@@ -374,7 +391,7 @@ mod tests {
             .judge(
                 &hosted(&name),
                 &env,
-                &[1],
+                (&[1], &[]),
                 &mut results,
                 now,
                 says(Asked::Inconclusive),
@@ -407,7 +424,7 @@ mod tests {
             .judge(
                 &hosted(&name),
                 &env,
-                &[1],
+                (&[1], &[]),
                 &mut results,
                 later,
                 says(Asked::Inconclusive),
@@ -443,7 +460,7 @@ mod tests {
             .judge(
                 &hosted(&name),
                 &env,
-                &[9_000],
+                (&[9_000], &[]),
                 &mut results,
                 at(10_000),
                 says(Asked::Inconclusive),
@@ -464,7 +481,7 @@ mod tests {
             .judge(
                 &hosted(&name),
                 &env,
-                &[10_005, 9_500],
+                (&[10_005, 9_500], &[]),
                 &mut results,
                 at(10_010),
                 says(Asked::Inconclusive),
@@ -499,7 +516,7 @@ mod tests {
             .judge(
                 &hosted(&name),
                 &env,
-                &[1],
+                (&[1], &[]),
                 &mut results,
                 SystemTime::now(),
                 says(Asked::Inconclusive),
@@ -534,7 +551,7 @@ mod tests {
             .judge(
                 &hosted(&name),
                 &env,
-                &[1],
+                (&[1], &[]),
                 &mut results,
                 SystemTime::now(),
                 says(Asked::Accepted),
@@ -570,7 +587,7 @@ mod tests {
             .judge(
                 &hosted(&name),
                 &env,
-                &[1],
+                (&[1], &[]),
                 &mut results,
                 SystemTime::now(),
                 says(Asked::Refused),
@@ -604,7 +621,7 @@ mod tests {
             .judge(
                 &record,
                 &env,
-                &[1],
+                (&[1], &[]),
                 &mut results,
                 SystemTime::now(),
                 says(Asked::Refused),
@@ -612,5 +629,35 @@ mod tests {
             .await;
         assert_eq!(verdict, StormVerdict::Normal);
         assert!(matches!(results[0][0], RcptResult::Permanent(_)));
+    }
+
+    #[tokio::test]
+    async fn a_released_refusal_is_final_and_not_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let name = DomainName::parse("example.test").unwrap();
+        let watch = StormWatch::new(
+            StormSettings {
+                min_recipients: 1,
+                ratio: 0.9,
+                window: Duration::from_secs(600),
+            },
+            store,
+        );
+        watch.destination_down(&name);
+        let env = [envelope(&["released@example.test", "held@example.test"])];
+        let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into()); 2]];
+        watch
+            .judge(
+                &hosted(&name),
+                &env,
+                (&[1], &[vec![true, false]]),
+                &mut results,
+                SystemTime::now(),
+                says(Asked::Inconclusive),
+            )
+            .await;
+        assert!(matches!(results[0][0], RcptResult::Permanent(_)));
+        assert!(matches!(results[0][1], RcptResult::Transient(_)));
     }
 }
