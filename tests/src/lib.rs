@@ -52,7 +52,26 @@ pub fn backupmx_bin() -> PathBuf {
     bin
 }
 
+/// A port nobody listens on now, for a server a test starts later.
+///
+/// Taken below Linux's ephemeral range (32768–60999): a port from
+/// `bind(:0)` comes from that range, which every outgoing connection of
+/// every test draws from too, and one of them could take it before the
+/// server binds it (seen as "Address already in use" under the load of
+/// the whole suite). Ports are handed out once per test process.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (start.wrapping_add(n)) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
 }
