@@ -168,6 +168,12 @@ const METRICS: &[MetricSpec] = &[
         &[("what", "messages")],
     ),
     (
+        "backupmx_dsn_not_requested_total",
+        "failed recipients that got no DSN because the sender asked for none (RFC 3461 NOTIFY=NEVER or without FAILURE)",
+        false,
+        &[],
+    ),
+    (
         "backupmx_harvest_penalties_total",
         "clients that collected smtp.unknown_recipient_limit unknown-user refusals within the window and were penalised",
         false,

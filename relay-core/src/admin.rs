@@ -850,6 +850,7 @@ pub fn entry_json(e: &QueueEntry) -> Value {
         "recipient_status": e.recipients.iter().map(|r| json!({
             "address": r.address, "status": status_name(&r.status), "last_reply": r.last_reply,
             "held_refusal": r.held_refusal,
+            "notify": r.dsn.notify.map(|n| n.to_string()), "orcpt": r.dsn.orcpt,
         })).collect::<Vec<_>>(),
         "domain": e.domain,
         "attempts": e.attempts,
@@ -859,6 +860,8 @@ pub fn entry_json(e: &QueueEntry) -> Value {
         "last_error": e.last_error,
         "client_ip": e.client_ip,
         "helo": e.helo,
+        "dsn_ret": e.dsn.ret.map(|r| r.keyword()),
+        "dsn_envid": e.dsn.envid,
     })
 }
 

@@ -16,7 +16,7 @@
 //!
 //! Data flows `ingest → Spool (body + queue entry) → delivery`.
 
-pub use relay_proto::{address, dane, domain, mta_sts, proxy, smtp, time, verify};
+pub use relay_proto::{address, dane, domain, dsn_params, mta_sts, proxy, smtp, time, verify};
 
 pub mod admin;
 pub mod alerts;

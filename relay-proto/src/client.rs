@@ -9,6 +9,8 @@
 use std::collections::VecDeque;
 use std::fmt;
 
+use crate::queue::{MessageDsn, RcptDsn};
+
 /// A reply received from a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
@@ -131,6 +133,10 @@ pub struct Envelope {
     pub smtputf8: bool,
     /// The body has 8-bit octets (BODY=8BITMIME, RFC 6152).
     pub eight_bit: bool,
+    /// RFC 3461 `RET=`/`ENVID=`, passed on to a server that offers DSN.
+    pub dsn: MessageDsn,
+    /// RFC 3461 `NOTIFY=`/`ORCPT=` per recipient (empty: none asked).
+    pub recipient_dsn: Vec<RcptDsn>,
 }
 
 /// The result for one recipient of one attempt.
@@ -193,6 +199,7 @@ enum Expect {
 #[derive(Debug, Default, Clone)]
 struct Extensions {
     pipelining: bool,
+    dsn: bool,
     starttls: bool,
     size: Option<u64>,
     eight_bit: bool,
@@ -254,6 +261,8 @@ impl ClientSession {
     pub fn with_messages(helo_name: &str, try_tls: bool, envelopes: Vec<Envelope>) -> Self {
         let mut more: VecDeque<Envelope> = envelopes.into();
         let envelope = more.pop_front().unwrap_or(Envelope {
+            dsn: Default::default(),
+            recipient_dsn: Vec::new(),
             sender: String::new(),
             recipients: Vec::new(),
             size: 0,
@@ -351,6 +360,12 @@ impl ClientSession {
     /// The STARTTLS handshake failed (the driver reported it).
     pub fn tls_failed(&self) -> bool {
         self.tls_failed
+    }
+
+    /// The server's EHLO offered DSN (RFC 3461): the sender's requests
+    /// were passed on, and notifications are its to send.
+    pub fn offers_dsn(&self) -> bool {
+        self.ext.dsn
     }
 
     /// The connection runs TLS now.
@@ -625,6 +640,14 @@ impl ClientSession {
         if env.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
+        if self.ext.dsn {
+            if let Some(ret) = env.dsn.ret {
+                mail.push_str(&format!(" RET={}", ret.keyword()));
+            }
+            if let Some(envid) = &env.dsn.envid {
+                mail.push_str(&format!(" ENVID={envid}"));
+            }
+        }
         let mut commands = Vec::new();
         if self.current > 0 {
             // A clean slate after whatever the previous transaction left.
@@ -633,7 +656,16 @@ impl ClientSession {
         commands.push((mail, Expect::Mail));
         for (i, rcpt) in env.recipients.iter().enumerate() {
             if self.results[i].is_none() {
-                commands.push((format!("RCPT TO:<{rcpt}>"), Expect::Rcpt(i)));
+                let mut line = format!("RCPT TO:<{rcpt}>");
+                if let (true, Some(asked)) = (self.ext.dsn, env.recipient_dsn.get(i)) {
+                    if let Some(notify) = asked.notify {
+                        line.push_str(&format!(" NOTIFY={notify}"));
+                    }
+                    if let Some(orcpt) = &asked.orcpt {
+                        line.push_str(&format!(" ORCPT={orcpt}"));
+                    }
+                }
+                commands.push((line, Expect::Rcpt(i)));
             }
         }
         commands.push(("DATA".into(), Expect::Data));
@@ -720,6 +752,7 @@ fn parse_extensions(r: &Response) -> Extensions {
         let keyword = words.next().unwrap_or("").to_ascii_uppercase();
         match keyword.as_str() {
             "PIPELINING" => ext.pipelining = true,
+            "DSN" => ext.dsn = true,
             "STARTTLS" => ext.starttls = true,
             "8BITMIME" => ext.eight_bit = true,
             "SMTPUTF8" => ext.smtputf8 = true,

@@ -3,7 +3,13 @@
 
 use std::time::SystemTime;
 
+use crate::dsn_params::{decode_xtext, Ret};
 use crate::queue::{QueueEntry, QueueId};
+
+/// A decoded value put in a header field: no line breaks.
+fn one_line(s: &str) -> String {
+    s.replace(['\r', '\n'], " ")
+}
 use crate::time::{from_unix_seconds, rfc5322_date};
 
 /// One failed recipient for the report.
@@ -106,12 +112,31 @@ pub fn build(
     m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"));
     m.push_str(&format!("Reporting-MTA: dns; {hostname}\r\n"));
     m.push_str(&format!("X-Backupmx-Queue-ID: {}\r\n", entry.id));
+    if let Some(envid) = &entry.dsn.envid {
+        // RFC 3464 §2.2.1: the sender's ENVID, decoded from xtext.
+        m.push_str(&format!(
+            "Original-Envelope-Id: {}\r\n",
+            one_line(&decode_xtext(envid))
+        ));
+    }
     m.push_str(&format!(
         "Arrival-Date: {}\r\n",
         rfc5322_date(from_unix_seconds(entry.received_at))
     ));
     for f in failed {
         m.push_str("\r\n");
+        let orcpt = entry
+            .recipients
+            .iter()
+            .find(|r| r.address == f.address)
+            .and_then(|r| r.dsn.orcpt.as_deref())
+            .and_then(|o| o.split_once(';'));
+        if let Some((kind, address)) = orcpt {
+            m.push_str(&format!(
+                "Original-Recipient: {kind}; {}\r\n",
+                one_line(&decode_xtext(address))
+            ));
+        }
         m.push_str(&format!("Final-Recipient: rfc822; {}\r\n", f.address));
         m.push_str("Action: failed\r\n");
         m.push_str(&format!("Status: {}\r\n", f.status));
@@ -122,9 +147,24 @@ pub fn build(
         ));
         m.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
     }
-    m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n\r\n"));
-    let mut out = m.into_bytes();
-    out.extend_from_slice(returned_headers(original, headers_max));
+    // RET=FULL: the whole message when we have it and it is small (the
+    // same limit as the headers); else, and by default, its headers.
+    let whole = entry.dsn.ret == Some(Ret::Full)
+        && entry.size <= headers_max as u64
+        && original.len() as u64 >= entry.size;
+    let mut out;
+    if whole {
+        m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Undelivered Message\r\nContent-Type: message/rfc822\r\n\r\n"));
+        out = m.into_bytes();
+        out.extend_from_slice(&original[..entry.size as usize]);
+        if !out.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+    } else {
+        m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n\r\n"));
+        out = m.into_bytes();
+        out.extend_from_slice(returned_headers(original, headers_max));
+    }
     out.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     out
 }
@@ -150,6 +190,7 @@ mod tests {
     #[test]
     fn report_has_the_rfc3464_parts() {
         let entry = QueueEntry {
+            dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: QueueId::new(SystemTime::now(), 1),
             domain: crate::address::DomainName::parse("example.test").unwrap(),
@@ -159,6 +200,7 @@ mod tests {
                 status: RecipientStatus::Failed,
                 last_reply: None,
                 held_refusal: None,
+                dsn: Default::default(),
             }],
             client_ip: "192.0.2.1".parse().unwrap(),
             helo: "c.test".into(),
@@ -200,6 +242,45 @@ mod tests {
             assert!(dsn.contains(needle), "missing {needle:?} in\n{dsn}");
         }
         assert!(!dsn.contains("secret body"), "only headers are returned");
+        assert!(!dsn.contains("Original-Envelope-Id"), "{dsn}");
+
+        // ENVID and ORCPT are echoed decoded; RET=FULL returns a small
+        // message whole.
+        let mut asked = entry.clone();
+        asked.dsn.envid = Some("QQ+2B314".into());
+        asked.dsn.ret = Some(Ret::Full);
+        asked.size = original.len() as u64;
+        asked.recipients[0].dsn.orcpt = Some("rfc822;Bob+2Bx@example.test".into());
+        let dsn = String::from_utf8(build(
+            "mx2.test",
+            50 * 1024,
+            &asked,
+            &failed,
+            original,
+            SystemTime::now(),
+            &QueueId::new(SystemTime::now(), 2),
+        ))
+        .unwrap();
+        for needle in [
+            "Original-Envelope-Id: QQ+314\r\n",
+            "Original-Recipient: rfc822; Bob+x@example.test\r\nFinal-Recipient: rfc822; bob@example.test\r\n",
+            "Content-Type: message/rfc822\r\n\r\nReceived: x\r\nSubject: hello\r\n\r\nsecret body\r\n",
+        ] {
+            assert!(dsn.contains(needle), "missing {needle:?} in\n{dsn}");
+        }
+        // RET=HDRS: headers only.
+        asked.dsn.ret = Some(Ret::Hdrs);
+        let dsn = String::from_utf8(build(
+            "mx2.test",
+            50 * 1024,
+            &asked,
+            &failed,
+            original,
+            SystemTime::now(),
+            &QueueId::new(SystemTime::now(), 3),
+        ))
+        .unwrap();
+        assert!(!dsn.contains("secret body"), "{dsn}");
         let mut huge = b"Subject: big\r\n".to_vec();
         let max = 50 * 1024;
         while huge.len() < 5 * max {

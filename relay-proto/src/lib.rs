@@ -15,6 +15,7 @@
 //! - [`domain`]: hosted-domain records.
 //! - [`queue`]: queue ids, accepted messages and the versioned queue record.
 //! - [`dsn`]: delivery status notifications (RFC 3464).
+//! - [`dsn_params`]: what a sender asks of them (RFC 3461).
 //! - [`proxy`]: PROXY protocol v1/v2 headers.
 //! - [`time`]: RFC 5322 dates and Unix-second helpers.
 //! - [`verify`]: recipient verification (callout replies, cache records).
@@ -26,6 +27,7 @@ pub mod client;
 pub mod dane;
 pub mod domain;
 pub mod dsn;
+pub mod dsn_params;
 pub mod mta_sts;
 pub mod proxy;
 pub mod queue;

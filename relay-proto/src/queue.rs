@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::address::DomainName;
+use crate::dsn_params::{Notify, Ret};
 use crate::time::unix_seconds;
 
 /// A queue id: 12 hex digits of milliseconds since the epoch and 10 random hex
@@ -96,6 +97,47 @@ pub struct AcceptedRecipient {
     pub address: String,
     /// The hosted domain the recipient belongs to.
     pub domain: DomainName,
+    /// What the sender asked of notifications about it (RFC 3461).
+    pub dsn: RcptDsn,
+}
+
+/// RFC 3461 parameters of a message (`RET=`, `ENVID=` as received).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageDsn {
+    /// What a failure notification returns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<Ret>,
+    /// The sender's envelope id, as xtext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envid: Option<String>,
+}
+
+impl MessageDsn {
+    /// Nothing was asked.
+    pub fn is_empty(&self) -> bool {
+        self.ret.is_none() && self.envid.is_none()
+    }
+}
+
+/// RFC 3461 parameters of a recipient (`NOTIFY=`, `ORCPT=` as received).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RcptDsn {
+    /// Which notifications the sender wants; `None`: failures only (and
+    /// delays, at our discretion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Notify>,
+    /// The original recipient, `addr-type;xtext`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orcpt: Option<String>,
+}
+
+impl RcptDsn {
+    /// Nothing was asked.
+    pub fn is_empty(&self) -> bool {
+        self.notify.is_none() && self.orcpt.is_none()
+    }
 }
 
 /// Everything the session learned about a message it is about to accept.
@@ -124,6 +166,8 @@ pub struct AcceptedMessage {
     /// A big message, moved out of memory while it arrived: the whole body
     /// is in this file, and backends copy it from there in pieces.
     pub spooled: Option<SpooledBody>,
+    /// RFC 3461 `RET=` and `ENVID=`.
+    pub dsn: MessageDsn,
     /// Hosted domains whose destination is known to be down, with the time
     /// their entry is first due. As with Postfix's dead-destination cache,
     /// such mail is queued deferred instead of due now, so a backlog does
@@ -176,6 +220,9 @@ pub struct RecipientState {
     /// pending), and whether an operator has since made it final.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_refusal: Option<HeldRefusal>,
+    /// RFC 3461 `NOTIFY=` and `ORCPT=`.
+    #[serde(default, skip_serializing_if = "RcptDsn::is_empty")]
+    pub dsn: RcptDsn,
 }
 
 /// A refusal kept from being final by the bounce-storm guard.
@@ -226,6 +273,9 @@ pub struct QueueEntry {
     pub smtputf8: bool,
     /// The body has 8-bit octets.
     pub eight_bit: bool,
+    /// RFC 3461 `RET=` and `ENVID=`.
+    #[serde(default, skip_serializing_if = "MessageDsn::is_empty")]
+    pub dsn: MessageDsn,
 }
 
 /// Why stored bytes are not a queue record this build reads.
@@ -296,6 +346,7 @@ impl AcceptedMessage {
                         status: RecipientStatus::Pending,
                         last_reply: None,
                         held_refusal: None,
+                        dsn: r.dsn.clone(),
                     })
                     .collect(),
                 client_ip: self.client_ip,
@@ -311,6 +362,7 @@ impl AcceptedMessage {
                 size: self.size(),
                 smtputf8: self.smtputf8,
                 eight_bit: self.eight_bit,
+                dsn: self.dsn.clone(),
             })
             .collect()
     }
@@ -322,11 +374,13 @@ mod tests {
 
     fn message(rcpts: &[(&str, &str)]) -> AcceptedMessage {
         AcceptedMessage {
+            dsn: Default::default(),
             id: QueueId::new(SystemTime::now(), 7),
             sender: "a@b.test".into(),
             recipients: rcpts
                 .iter()
                 .map(|(a, d)| AcceptedRecipient {
+                    dsn: Default::default(),
                     address: (*a).into(),
                     domain: DomainName::parse(d).unwrap(),
                 })

@@ -249,9 +249,11 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
         queue: store.clone(),
     };
     let message = relay_core::queue::AcceptedMessage {
+        dsn: Default::default(),
         id: relay_core::queue::new_id(std::time::SystemTime::now()),
         sender: "alice@remote.test".into(),
         recipients: vec![relay_core::queue::AcceptedRecipient {
+            dsn: Default::default(),
             address: "bob@example.test".into(),
             domain: relay_core::address::DomainName::parse("example.test").unwrap(),
         }],
@@ -461,9 +463,11 @@ async fn a_slow_primary_does_not_fail_the_whole_lambda_batch() {
         let domain = rcpt.split('@').nth(1).unwrap();
         let ids = spool
             .accept(relay_core::queue::AcceptedMessage {
+                dsn: Default::default(),
                 id: relay_core::queue::new_id(std::time::SystemTime::now()),
                 sender: "alice@remote.test".into(),
                 recipients: vec![relay_core::queue::AcceptedRecipient {
+                    dsn: Default::default(),
                     address: rcpt.into(),
                     domain: relay_core::address::DomainName::parse(domain).unwrap(),
                 }],

@@ -138,10 +138,13 @@ impl From<&Config> for SessionConfig {
             max_recipients: s.max_recipients,
             max_command_line: s.max_command_line,
             max_errors: s.max_errors,
-            postmaster: config
-                .postmaster()
-                .ok()
-                .map(|(address, domain)| crate::queue::AcceptedRecipient { address, domain }),
+            postmaster: config.postmaster().ok().map(|(address, domain)| {
+                crate::queue::AcceptedRecipient {
+                    dsn: Default::default(),
+                    address,
+                    domain,
+                }
+            }),
             idle_timeout: s.idle_timeout,
             data_timeout: s.data_timeout,
             ..SessionConfig::DEFAULT

@@ -29,6 +29,23 @@ impl Bouncer {
         bodies: &dyn MessageStore,
         now: SystemTime,
     ) -> Option<AcceptedMessage> {
+        // RFC 3461 §4.1: recipients that asked for NEVER, or for
+        // notifications that do not include FAILURE, get none.
+        let asked = |f: &&dsn::FailedRecipient| {
+            entry
+                .recipients
+                .iter()
+                .find(|r| r.address == f.address)
+                .is_none_or(|r| crate::dsn_params::reports_failure(r.dsn.notify))
+        };
+        let reported: Vec<dsn::FailedRecipient> = failed.iter().filter(asked).cloned().collect();
+        if reported.len() < failed.len() {
+            let unreported = failed.len() - reported.len();
+            metrics::counter!("backupmx_dsn_not_requested_total").increment(unreported as u64);
+            tracing::info!(event = "dsn_not_requested", queue_id = %entry.id, recipients = unreported,
+                "no failure DSN: the sender asked for none (NOTIFY)");
+        }
+        let failed = reported.as_slice();
         if failed.is_empty() || entry.sender.is_empty() {
             return None;
         }
@@ -65,9 +82,11 @@ impl Bouncer {
             &id,
         );
         Some(AcceptedMessage {
+            dsn: Default::default(),
             id,
             sender: String::new(),
             recipients: vec![AcceptedRecipient {
+                dsn: Default::default(),
                 address: entry.sender.clone(),
                 domain,
             }],
@@ -91,6 +110,7 @@ mod tests {
 
     fn entry(sender: &str) -> QueueEntry {
         QueueEntry {
+            dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: QueueId::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1000), 7),
             domain: crate::address::DomainName::parse("example.test").unwrap(),
@@ -100,6 +120,7 @@ mod tests {
                 status: RecipientStatus::Failed,
                 last_reply: Some("550 5.1.1 unknown".into()),
                 held_refusal: None,
+                dsn: Default::default(),
             }],
             client_ip: "192.0.2.1".parse().unwrap(),
             helo: "client.test".into(),
@@ -160,5 +181,25 @@ mod tests {
             .bounce_for(&entry("s@sender.test"), &failed(), &store, now)
             .await;
         assert!(dsn.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_recipient_that_asked_for_no_failure_notice_gets_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::local::LocalStore::open(dir.path()).unwrap();
+        let now = SystemTime::now();
+        for (notify, dsn_due) in [
+            (None, true),
+            (Some("NEVER"), false),
+            (Some("SUCCESS"), false),
+            (Some("SUCCESS,DELAY"), false),
+            (Some("FAILURE"), true),
+        ] {
+            let mut e = entry("s@sender.test");
+            e.recipients[0].dsn.notify =
+                notify.map(|n| crate::dsn_params::Notify::parse(n).unwrap());
+            let dsn = BOUNCER().bounce_for(&e, &failed(), &store, now).await;
+            assert_eq!(dsn.is_some(), dsn_due, "{notify:?}");
+        }
     }
 }

@@ -477,6 +477,11 @@ fn pending_of(entry: &QueueEntry) -> Vec<usize> {
 /// The envelope of one entry's pending recipients.
 fn envelope_of(entry: &QueueEntry, pending: &[usize]) -> Envelope {
     Envelope {
+        dsn: entry.dsn.clone(),
+        recipient_dsn: pending
+            .iter()
+            .map(|&r| entry.recipients[r].dsn.clone())
+            .collect(),
         sender: entry.sender.clone(),
         recipients: pending
             .iter()
@@ -509,6 +514,7 @@ mod tests {
 
     fn entry(domain: &DomainName, statuses: &[RecipientStatus]) -> QueueEntry {
         QueueEntry {
+            dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: crate::queue::new_id(SystemTime::now()),
             domain: domain.clone(),
@@ -521,6 +527,7 @@ mod tests {
                     status: status.clone(),
                     last_reply: None,
                     held_refusal: None,
+                    dsn: Default::default(),
                 })
                 .collect(),
             client_ip: "192.0.2.1".parse().unwrap(),

@@ -232,6 +232,7 @@ mod tests {
 
     fn entry(received_at: u64, recipients: &[&str]) -> QueueEntry {
         QueueEntry {
+            dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: QueueId::new(SystemTime::UNIX_EPOCH + Duration::from_secs(received_at), 1),
             domain: DomainName::parse("example.test").unwrap(),
@@ -243,6 +244,7 @@ mod tests {
                     status: RecipientStatus::Pending,
                     last_reply: None,
                     held_refusal: None,
+                    dsn: Default::default(),
                 })
                 .collect(),
             client_ip: "192.0.2.1".parse().unwrap(),

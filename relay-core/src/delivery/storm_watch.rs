@@ -340,6 +340,8 @@ mod tests {
 
     fn envelope(recipients: &[&str]) -> Envelope {
         Envelope {
+            dsn: Default::default(),
+            recipient_dsn: Vec::new(),
             sender: "s@sender.test".into(),
             recipients: recipients.iter().map(|r| r.to_string()).collect(),
             size: 10,

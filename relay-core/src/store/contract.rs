@@ -13,11 +13,13 @@ use crate::queue::{AcceptedRecipient, RecipientStatus};
 
 pub(crate) fn message(rcpts: &[&str]) -> AcceptedMessage {
     AcceptedMessage {
+        dsn: Default::default(),
         id: crate::queue::new_id(SystemTime::now()),
         sender: "sender@remote.test".into(),
         recipients: rcpts
             .iter()
             .map(|a| AcceptedRecipient {
+                dsn: Default::default(),
                 address: (*a).to_string(),
                 domain: DomainName::parse(a.split('@').nth(1).unwrap()).unwrap(),
             })
@@ -70,7 +72,12 @@ pub(crate) async fn spool_contract(
     messages: &dyn MessageStore,
     queue: &dyn DeliveryQueue,
 ) {
-    let m = message(&["a@one.test", "b@two.test", "c@one.test"]);
+    let mut m = message(&["a@one.test", "b@two.test", "c@one.test"]);
+    // What the sender asked of notifications (RFC 3461) is kept.
+    m.dsn.ret = Some(crate::dsn_params::Ret::Hdrs);
+    m.dsn.envid = Some("QQ+2B1".into());
+    m.recipients[2].dsn.notify = crate::dsn_params::Notify::parse("NEVER");
+    m.recipients[2].dsn.orcpt = Some("rfc822;c+40one.test".into());
     let body = m.body.clone();
     let ids = spool.accept(m.clone()).await.unwrap();
     assert_eq!(ids, vec![m.id.clone(), m.id.with_suffix(2)]);
@@ -84,6 +91,9 @@ pub(crate) async fn spool_contract(
     let entry = queue.get(&ids[0]).await.unwrap().unwrap();
     assert_eq!(entry.domain.as_str(), "one.test");
     assert_eq!(entry.recipients.len(), 2);
+    assert_eq!(entry.dsn, m.dsn);
+    assert_eq!(entry.recipients[1].dsn, m.recipients[2].dsn);
+    assert!(entry.recipients[0].dsn.is_empty());
     assert!(entry
         .recipients
         .iter()

@@ -10,6 +10,8 @@ fn reply(text: &str) -> Response {
 
 fn envelope(rcpts: &[&str]) -> Envelope {
     Envelope {
+        dsn: Default::default(),
+        recipient_dsn: Vec::new(),
         sender: "a@remote.test".into(),
         recipients: rcpts.iter().map(|s| (*s).to_string()).collect(),
         size: 100,
@@ -715,4 +717,47 @@ fn a_setup_only_session_keeps_the_refusal_that_ended_it() {
     );
     assert_eq!(sent, "EHLO mx2.test\r\nHELO mx2.test\r\n");
     assert!(c.ready());
+}
+
+#[test]
+fn dsn_requests_are_passed_on_only_to_a_server_that_offers_dsn() {
+    let asked = || {
+        let mut env = envelope(&["x@d.test", "y@d.test"]);
+        env.dsn.ret = Some(crate::dsn_params::Ret::Hdrs);
+        env.dsn.envid = Some("QQ+2B1".into());
+        env.recipient_dsn = vec![
+            RcptDsn {
+                notify: crate::dsn_params::Notify::parse("SUCCESS,FAILURE"),
+                orcpt: Some("rfc822;x@d.test".into()),
+            },
+            RcptDsn::default(),
+        ];
+        env
+    };
+    let replies = |ehlo: &'static str| {
+        [
+            "220 hi\r\n",
+            ehlo,
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 queued\r\n",
+            "221 bye\r\n",
+        ]
+    };
+    let mut c = ClientSession::new("mx2.test", false, asked());
+    let sent = run(
+        &mut c,
+        &replies("250-mx.test\r\n250-PIPELINING\r\n250 DSN\r\n"),
+    );
+    assert!(c.offers_dsn());
+    assert!(
+        sent.contains("MAIL FROM:<a@remote.test> RET=HDRS ENVID=QQ+2B1\r\nRCPT TO:<x@d.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x@d.test\r\nRCPT TO:<y@d.test>\r\n"),
+        "{sent}"
+    );
+    let mut c = ClientSession::new("mx2.test", false, asked());
+    let sent = run(&mut c, &replies("250-mx.test\r\n250 PIPELINING\r\n"));
+    assert!(!c.offers_dsn());
+    assert!(!sent.contains("NOTIFY") && !sent.contains("RET="), "{sent}");
 }

@@ -6,6 +6,8 @@
 
 use super::reply::Reply;
 use crate::address::{self, AddressError, Mailbox, ReversePath};
+use crate::dsn_params::{self, Notify, Ret};
+use crate::queue::{MessageDsn, RcptDsn};
 
 /// BODY= values (RFC 6152).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,15 @@ pub struct MailParams {
     pub body: Option<Body>,
     /// RFC 6531.
     pub smtputf8: bool,
+    /// RFC 3461 `RET=` and `ENVID=` (kept as the xtext received).
+    pub dsn: MessageDsn,
+}
+
+/// RCPT TO parameters: RFC 3461's `NOTIFY=` and `ORCPT=`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RcptParams {
+    /// What the sender asked of this recipient.
+    pub dsn: RcptDsn,
 }
 
 /// One parsed SMTP command.
@@ -37,10 +48,10 @@ pub enum Command {
     /// MAIL FROM with its parameters.
     Mail(ReversePath, MailParams),
     /// RCPT TO with a mailbox.
-    Rcpt(Mailbox),
+    Rcpt(Mailbox, RcptParams),
     /// `RCPT TO:<postmaster>` without a domain, which a server must accept
     /// (RFC 5321 §4.5.1).
-    RcptPostmaster,
+    RcptPostmaster(RcptParams),
     /// DATA.
     Data,
     /// RSET.
@@ -189,7 +200,18 @@ fn parse_mail(args: &str) -> Result<Command, SyntaxError> {
                 });
             }
             ("SMTPUTF8", None) if !out.smtputf8 => out.smtputf8 = true,
-            ("SIZE" | "BODY" | "SMTPUTF8", _) => {
+            ("RET", Some(v)) if out.dsn.ret.is_none() => {
+                out.dsn.ret = Some(
+                    Ret::parse(v).ok_or_else(|| err(501, "5.5.4", "RET must be FULL or HDRS"))?,
+                );
+            }
+            ("ENVID", Some(v)) if out.dsn.envid.is_none() => {
+                if v.len() > dsn_params::MAX_ENVID || !dsn_params::is_xtext(v) {
+                    return Err(err(501, "5.5.4", "Syntax error in ENVID parameter"));
+                }
+                out.dsn.envid = Some(v.to_string());
+            }
+            ("SIZE" | "BODY" | "SMTPUTF8" | "RET" | "ENVID", _) => {
                 return Err(err(501, "5.5.4", "Invalid or repeated parameter"));
             }
             _ => return Err(err(555, "5.5.4", "Unsupported MAIL parameter")),
@@ -202,15 +224,36 @@ fn parse_rcpt(args: &str) -> Result<Command, SyntaxError> {
     let syntax = || err(501, "5.5.4", "Syntax: RCPT TO:<address>");
     let rest = strip_keyword(args, "TO:").ok_or_else(syntax)?;
     let (path, params) = address::split_path(rest).map_err(|_| syntax())?;
-    if !esmtp_params(params)?.is_empty() {
-        return Err(err(555, "5.5.4", "Unsupported RCPT parameter"));
+    let mut out = RcptParams::default();
+    for (key, value) in esmtp_params(params)? {
+        match (key.to_ascii_uppercase().as_str(), value) {
+            ("NOTIFY", Some(v)) if out.dsn.notify.is_none() => {
+                out.dsn.notify = Some(Notify::parse(v).ok_or_else(|| {
+                    err(
+                        501,
+                        "5.5.4",
+                        "NOTIFY must be NEVER or SUCCESS, FAILURE, DELAY",
+                    )
+                })?);
+            }
+            ("ORCPT", Some(v)) if out.dsn.orcpt.is_none() => {
+                if !dsn_params::is_orcpt(v) {
+                    return Err(err(501, "5.5.4", "Syntax error in ORCPT parameter"));
+                }
+                out.dsn.orcpt = Some(v.to_string());
+            }
+            ("NOTIFY" | "ORCPT", _) => {
+                return Err(err(501, "5.5.4", "Invalid or repeated parameter"));
+            }
+            _ => return Err(err(555, "5.5.4", "Unsupported RCPT parameter")),
+        }
     }
     if path.eq_ignore_ascii_case("postmaster") {
-        return Ok(Command::RcptPostmaster);
+        return Ok(Command::RcptPostmaster(out));
     }
     let mailbox =
         address::parse_forward_path(path).map_err(|e| address_error(e, "5.1.3", "recipient"))?;
-    Ok(Command::Rcpt(mailbox))
+    Ok(Command::Rcpt(mailbox, out))
 }
 
 fn address_error(e: AddressError, status: &'static str, what: &str) -> SyntaxError {
@@ -284,6 +327,28 @@ mod tests {
     }
 
     #[test]
+    fn dsn_parameters_are_kept_as_received() {
+        let Command::Mail(_, p) = parse(b"MAIL FROM:<a@b.test> ret=hdrs ENVID=QQ+2B1").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(p.dsn.ret, Some(Ret::Hdrs));
+        assert_eq!(p.dsn.envid.as_deref(), Some("QQ+2B1"));
+        let Command::Rcpt(_, p) =
+            parse(b"RCPT TO:<u@example.test> notify=failure,delay ORCPT=rfc822;U+40x").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(p.dsn.notify, Notify::parse("FAILURE,DELAY"));
+        assert_eq!(p.dsn.orcpt.as_deref(), Some("rfc822;U+40x"));
+        let Command::RcptPostmaster(p) = parse(b"RCPT TO:<Postmaster> NOTIFY=NEVER").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(p.dsn.notify, Some(Notify::NEVER));
+    }
+
+    #[test]
     fn command_table() {
         let cases: &[(&str, u16)] = &[
             ("EHLO", 501),
@@ -304,7 +369,21 @@ mod tests {
             ("MAIL FROM:<a@b.test>SIZE=1", 501),
             ("MAIL FROM:<a@@b.test>", 501),
             ("RCPT TO:<u@example.test>", 0),
-            ("RCPT TO:<u@example.test> NOTIFY=NEVER", 555),
+            ("RCPT TO:<u@example.test> NOTIFY=NEVER", 0),
+            (
+                "RCPT TO:<u@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u@example.test",
+                0,
+            ),
+            ("RCPT TO:<u@example.test> NOTIFY=NEVER,FAILURE", 501),
+            ("RCPT TO:<u@example.test> NOTIFY=SOMETIMES", 501),
+            ("RCPT TO:<u@example.test> NOTIFY=NEVER NOTIFY=NEVER", 501),
+            ("RCPT TO:<u@example.test> ORCPT=u@example.test", 501),
+            ("RCPT TO:<u@example.test> ORCPT=rfc822;a+2", 501),
+            ("RCPT TO:<u@example.test> XFOO=1", 555),
+            ("MAIL FROM:<a@b.test> RET=HDRS ENVID=abc+2Bdef", 0),
+            ("MAIL FROM:<a@b.test> RET=PARTIAL", 501),
+            ("MAIL FROM:<a@b.test> RET=FULL RET=HDRS", 501),
+            ("MAIL FROM:<a@b.test> ENVID=a=b", 501),
             ("RCPT TO:<>", 501),
             ("RCPT TO:u@example.test", 501),
             ("DATA", 0),
@@ -334,6 +413,7 @@ mod tests {
         assert_eq!(
             p,
             MailParams {
+                dsn: Default::default(),
                 size: Some(42),
                 body: Some(Body::EightBitMime),
                 smtputf8: true
@@ -343,7 +423,8 @@ mod tests {
 
     #[test]
     fn rcpt_keeps_local_part_and_routes_by_domain() {
-        let Command::Rcpt(m) = parse(b"RCPT TO:<@evil.test:\"x y\"@Example.TEST.>").unwrap() else {
+        let Command::Rcpt(m, _) = parse(b"RCPT TO:<@evil.test:\"x y\"@Example.TEST.>").unwrap()
+        else {
             panic!("not RCPT")
         };
         assert_eq!(m.local, "\"x y\"");

@@ -11,11 +11,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::command::{self, Body, Command, MailParams, SyntaxError};
+use super::command::{self, Body, Command, MailParams, RcptParams, SyntaxError};
 use super::data::{count_received_headers, DataReceiver, Progress};
 use super::reply::Reply;
 use crate::address::{DomainName, Mailbox, ReversePath};
-use crate::queue::{AcceptedMessage, AcceptedRecipient, QueueId};
+use crate::queue::{AcceptedMessage, AcceptedRecipient, QueueId, RcptDsn};
 use crate::time::rfc5322_date;
 
 /// Limits and identity for every session of a listener.
@@ -160,7 +160,7 @@ struct Transaction {
     recipients: Vec<AcceptedRecipient>,
     /// The smallest size limit among the global and accepted domains'.
     size_limit: u64,
-    pending_recipient: Option<Mailbox>,
+    pending_recipient: Option<(Mailbox, RcptDsn)>,
     /// Given at DATA, when our Received header is written.
     id: Option<QueueId>,
 }
@@ -404,7 +404,7 @@ impl Session {
         }
         self.waiting = Waiting::Nothing;
         let Some(tx) = self.tx.as_mut() else { return };
-        let Some(mailbox) = tx.pending_recipient.take() else {
+        let Some((mailbox, dsn)) = tx.pending_recipient.take() else {
             return;
         };
         match verdict {
@@ -436,7 +436,11 @@ impl Session {
                 if tx.recipients.iter().any(|r| r.address == address) {
                     self.reply(&Reply::new(250, "2.1.5", "Ok (duplicate recipient)"));
                 } else {
-                    tx.recipients.push(AcceptedRecipient { address, domain });
+                    tx.recipients.push(AcceptedRecipient {
+                        address,
+                        domain,
+                        dsn,
+                    });
                     self.reply(&Reply::new(250, "2.1.5", "Ok"));
                 }
             }
@@ -627,8 +631,8 @@ impl Session {
                 self.reply(&r);
             }
             Command::Mail(sender, params) => self.mail(sender, params),
-            Command::Rcpt(mailbox) => self.rcpt(mailbox),
-            Command::RcptPostmaster => self.rcpt_postmaster(),
+            Command::Rcpt(mailbox, params) => self.rcpt(mailbox, params),
+            Command::RcptPostmaster(params) => self.rcpt_postmaster(params),
             Command::Data => self.data(now),
             Command::Rset => {
                 self.tx = None;
@@ -715,7 +719,7 @@ impl Session {
         self.reply(&Reply::new(250, "2.1.0", "Ok"));
     }
 
-    fn rcpt(&mut self, mailbox: Mailbox) {
+    fn rcpt(&mut self, mailbox: Mailbox, params: RcptParams) {
         let max = self.cfg.max_recipients;
         let Some(tx) = self.tx.as_mut() else {
             return self.reject(
@@ -741,7 +745,7 @@ impl Session {
                 ),
             );
         }
-        tx.pending_recipient = Some(mailbox.clone());
+        tx.pending_recipient = Some((mailbox.clone(), params.dsn));
         self.waiting = Waiting::Recipient;
         self.action = Some(Action::CheckRecipient {
             recipient: mailbox,
@@ -752,9 +756,9 @@ impl Session {
     /// RFC 5321 §4.5.1: the bare `postmaster` is always accepted, and goes
     /// to the configured postmaster address without relay control, DNSBL
     /// or greylisting (a listed sender must still reach a human).
-    fn rcpt_postmaster(&mut self) {
+    fn rcpt_postmaster(&mut self, params: RcptParams) {
         let max = self.cfg.max_recipients;
-        let Some(target) = self.cfg.postmaster.clone() else {
+        let Some(mut target) = self.cfg.postmaster.clone() else {
             return self.reject(
                 "recipient",
                 Reply::new(
@@ -774,6 +778,7 @@ impl Session {
             if tx.recipients.len() >= max {
                 return self.reply(&Reply::new(452, "4.5.3", "Error: too many recipients"));
             }
+            target.dsn = params.dsn;
             tx.recipients.push(target);
         }
         self.reply(&Reply::new(250, "2.1.5", "Ok"));
@@ -909,6 +914,7 @@ impl Session {
             body,
             deferred: Vec::new(),
             spooled: None,
+            dsn: tx.params.dsn,
         };
         self.waiting = Waiting::Store;
         self.action = Some(Action::Store(Box::new(message)));

@@ -649,6 +649,7 @@ fn bare_postmaster_is_accepted_and_goes_to_the_configured_address() {
     let ops = crate::address::DomainName::parse("ops.test").unwrap();
     let mut t = Transcript::with(SessionConfig {
         postmaster: Some(AcceptedRecipient {
+            dsn: Default::default(),
             address: "admin@ops.test".into(),
             domain: ops.clone(),
         }),
