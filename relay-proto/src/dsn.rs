@@ -12,9 +12,23 @@ fn one_line(s: &str) -> String {
 }
 use crate::time::{from_unix_seconds, rfc5322_date};
 
-/// One failed recipient for the report.
+/// What happened to a recipient a notification reports on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Action {
+    /// Refused for good, or expired.
+    #[default]
+    Failed,
+    /// Delivered to a next hop that does not offer DSN, for a sender who
+    /// asked to hear of success (RFC 3461 §5.2.2): no further notice will
+    /// come.
+    Relayed,
+}
+
+/// One recipient for the report (named for the common case: a failure).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedRecipient {
+    /// What happened to it.
+    pub action: Action,
     /// The recipient's address.
     pub address: String,
     /// RFC 3463 status, e.g. `5.1.1`.
@@ -92,7 +106,12 @@ pub fn build(
         "From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
     ));
     m.push_str(&format!("To: <{}>\r\n", entry.sender));
-    m.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
+    let any_failed = failed.iter().any(|f| f.action == Action::Failed);
+    m.push_str(if any_failed {
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+    } else {
+        "Subject: Successful Mail Relay\r\n"
+    });
     m.push_str(&format!("Date: {date}\r\n"));
     m.push_str(&format!("Message-ID: <{dsn_id}@{hostname}>\r\n"));
     m.push_str("Auto-Submitted: auto-replied\r\n");
@@ -103,11 +122,20 @@ pub fn build(
     m.push_str("This is a MIME-encapsulated message.\r\n\r\n");
     m.push_str(&format!("--{boundary}\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"));
     m.push_str(&format!(
-        "This is the mail system at host {hostname}.\r\n\r\nYour message could not be delivered to one or more recipients.\r\nIt was received on {} and is attached below (headers only).\r\n\r\n",
+        "This is the mail system at host {hostname}.\r\n\r\n{}\r\nIt was received on {} and its headers are attached below.\r\n\r\n",
+        if any_failed {
+            "Your message could not be delivered to one or more recipients."
+        } else {
+            "Your message was relayed to a server that does not report delivery status;\r\nno further notice will come about the recipients below."
+        },
         rfc5322_date(from_unix_seconds(entry.received_at))
     ));
     for f in failed {
-        m.push_str(&format!("<{}>: {}\r\n", f.address, f.diagnostic));
+        let what = match f.action {
+            Action::Failed => "failed",
+            Action::Relayed => "relayed",
+        };
+        m.push_str(&format!("<{}>: {what}: {}\r\n", f.address, f.diagnostic));
     }
     m.push_str(&format!("\r\n--{boundary}\r\nContent-Description: Delivery report\r\nContent-Type: message/delivery-status\r\n\r\n"));
     m.push_str(&format!("Reporting-MTA: dns; {hostname}\r\n"));
@@ -138,7 +166,10 @@ pub fn build(
             ));
         }
         m.push_str(&format!("Final-Recipient: rfc822; {}\r\n", f.address));
-        m.push_str("Action: failed\r\n");
+        m.push_str(match f.action {
+            Action::Failed => "Action: failed\r\n",
+            Action::Relayed => "Action: relayed\r\n",
+        });
         m.push_str(&format!("Status: {}\r\n", f.status));
         let kind = if f.remote { "smtp" } else { "x-backupmx" };
         m.push_str(&format!(
@@ -149,7 +180,8 @@ pub fn build(
     }
     // RET=FULL: the whole message when we have it and it is small (the
     // same limit as the headers); else, and by default, its headers.
-    let whole = entry.dsn.ret == Some(Ret::Full)
+    let whole = any_failed
+        && entry.dsn.ret == Some(Ret::Full)
         && entry.size <= headers_max as u64
         && original.len() as u64 >= entry.size;
     let mut out;
@@ -213,6 +245,7 @@ mod tests {
             eight_bit: false,
         };
         let failed = [FailedRecipient {
+            action: Action::Failed,
             address: "bob@example.test".into(),
             status: "5.1.1".into(),
             diagnostic: "550 5.1.1 unknown user".into(),

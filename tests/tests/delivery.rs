@@ -586,3 +586,63 @@ fn a_dsn_returns_at_most_the_configured_size_of_headers() {
     );
     wait_empty(&s);
 }
+
+/// RFC 3461 end to end, with a primary that does not offer DSN: a
+/// recipient that asked for NEVER gets no notice, one that asked for
+/// FAILURE (with ORCPT) is reported failed, one that asked for SUCCESS is
+/// reported relayed; the notice echoes ENVID and, with RET=HDRS, returns
+/// headers only.
+#[test]
+fn dsn_requests_are_honoured_for_a_primary_without_dsn() {
+    let sink = Sink::start(0);
+    sink.set(|b| {
+        for user in ["ghost", "never"] {
+            b.rcpt_replies.push((
+                format!("{user}@example.test"),
+                format!("550 5.1.1 <{user}@example.test>: User unknown"),
+            ));
+        }
+    });
+    let s = Server::start_run("", "", &format!("[\"{}\"]", sink.addr));
+    let mut c = s.client();
+    let ehlo = c.cmd("EHLO client.remote.test");
+    assert!(
+        ehlo.contains("250-DSN") || ehlo.contains("250 DSN"),
+        "{ehlo}"
+    );
+    c.expect(
+        "MAIL FROM:<alice@remote.test> RET=HDRS ENVID=QQ+2B123",
+        "250",
+    );
+    c.expect(
+        "RCPT TO:<ghost@example.test> NOTIFY=FAILURE ORCPT=rfc822;Ghost+40example.test",
+        "250",
+    );
+    c.expect("RCPT TO:<never@example.test> NOTIFY=NEVER", "250");
+    c.expect("RCPT TO:<ok@example.test> NOTIFY=SUCCESS", "250");
+    let bad = c.cmd("RCPT TO:<x@example.test> NOTIFY=NEVER,SUCCESS");
+    assert!(bad.starts_with("501 5.5.4"), "{bad}");
+    c.expect("DATA", "354");
+    c.send("Subject: asked\r\n\r\nsecret body\r\n.\r\n");
+    let r = c.read_reply();
+    assert!(r.starts_with("250"), "{r}");
+    let got = sink.wait_for(1, WAIT);
+    assert_eq!(got[0].rcpts, ["ok@example.test"]);
+    // One notice, to the sender, about ghost (failed) and ok (relayed).
+    let notice = eventually(WAIT, "the notice queued", || {
+        s.queue().into_iter().find(|e| e["sender"] == "")
+    });
+    assert_eq!(notice["recipients"][0], "alice@remote.test");
+    let text = String::from_utf8_lossy(&s.raw(notice["id"].as_str().unwrap())).to_string();
+    for needle in [
+        "Original-Envelope-Id: QQ+123\r\n",
+        "Original-Recipient: rfc822; Ghost@example.test\r\nFinal-Recipient: rfc822; ghost@example.test\r\nAction: failed\r\n",
+        "Final-Recipient: rfc822; ok@example.test\r\nAction: relayed\r\nStatus: 2.0.0\r\n",
+        "Content-Type: text/rfc822-headers",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    assert!(!text.contains("never@example.test"), "{text}");
+    assert!(!text.contains("secret body"), "{text}");
+    assert_eq!(s.log().matches("bounce_queued").count(), 1, "{}", s.log());
+}

@@ -32,11 +32,12 @@ impl Bouncer {
         // RFC 3461 §4.1: recipients that asked for NEVER, or for
         // notifications that do not include FAILURE, get none.
         let asked = |f: &&dsn::FailedRecipient| {
-            entry
-                .recipients
-                .iter()
-                .find(|r| r.address == f.address)
-                .is_none_or(|r| crate::dsn_params::reports_failure(r.dsn.notify))
+            f.action == dsn::Action::Relayed
+                || entry
+                    .recipients
+                    .iter()
+                    .find(|r| r.address == f.address)
+                    .is_none_or(|r| crate::dsn_params::reports_failure(r.dsn.notify))
         };
         let reported: Vec<dsn::FailedRecipient> = failed.iter().filter(asked).cloned().collect();
         if reported.len() < failed.len() {
@@ -136,6 +137,7 @@ mod tests {
 
     fn failed() -> Vec<dsn::FailedRecipient> {
         vec![dsn::FailedRecipient {
+            action: dsn::Action::Failed,
             address: "a@example.test".into(),
             status: "5.1.1".into(),
             diagnostic: "550 5.1.1 unknown".into(),

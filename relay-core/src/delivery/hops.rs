@@ -506,6 +506,7 @@ pub(crate) fn policy_refusal(envelopes: &[Envelope], why: &str) -> SessionReport
         tls: false,
         tls_failed: false,
         tls_policy_failed: true,
+        dsn_offered: false,
     }
 }
 
@@ -521,6 +522,7 @@ fn unreachable_report(envelopes: &[Envelope]) -> SessionReport {
         tls: false,
         tls_failed: false,
         tls_policy_failed: false,
+        dsn_offered: false,
     }
 }
 

@@ -209,8 +209,17 @@ impl Engine {
         let results = vec![(RcptResult::Transient(reason.to_string()), ""); pending.len()];
         let record = self.router.hosted(&entry.domain).await.ok().flatten();
         let lifetime = self.router.lifetime(record.as_ref());
-        self.finish(entry, &pending, results, false, lifetime, bodies, now)
-            .await
+        self.finish(
+            entry,
+            &pending,
+            results,
+            Vec::new(),
+            false,
+            lifetime,
+            bodies,
+            now,
+        )
+        .await
     }
 
     /// One attempt for several entries of the same destination domain,
@@ -273,6 +282,8 @@ impl Engine {
         // Which recipients' refusals the bounce-storm guard held back, per
         // message.
         let mut held_back: Vec<Vec<bool>> = Vec::new();
+        // The primary offered DSN: success notices are its to send.
+        let mut dsn_offered = false;
         // Refusals held back by the bounce-storm guard are looked at again
         // soon (final once the primary is known healthy).
         let mut held_back_until: Option<u64> = None;
@@ -316,6 +327,7 @@ impl Engine {
                 };
                 // A hop that answers but cannot meet the TLS policy is not
                 // down: its mail backs off per message (no probe storm).
+                dsn_offered = report.dsn_offered;
                 destination_down = !report.transaction_started
                     && !report.tls_policy_failed
                     && report
@@ -396,11 +408,17 @@ impl Engine {
             }
         };
         for (m, ((i, entry, pending), results)) in work.into_iter().zip(per_message).enumerate() {
+            let relayed = if dsn_offered {
+                Vec::new()
+            } else {
+                relayed_notices(&entry, &pending, &results)
+            };
             let mut report = self
                 .finish(
                     entry,
                     &pending,
                     results,
+                    relayed,
                     destination_down,
                     lifetime,
                     bodies,
@@ -435,6 +453,7 @@ impl Engine {
         entry: QueueEntry,
         pending: &[usize],
         results: Vec<outcome::RecipientResult>,
+        relayed: Vec<dsn::FailedRecipient>,
         destination_down: bool,
         lifetime: Duration,
         bodies: &dyn MessageStore,
@@ -459,12 +478,42 @@ impl Engine {
                 serde_json::json!({ "queue_id": report.entry.id.as_str(), "lifetime_days": days }),
             );
         }
+        let mut notices = applied.failed;
+        notices.extend(relayed);
         report.bounce = self
             .bouncer
-            .bounce_for(&report.entry, &applied.failed, bodies, now)
+            .bounce_for(&report.entry, &notices, bodies, now)
             .await;
         report
     }
+}
+
+/// The recipients of `entry` (at `pending`) just delivered to a primary
+/// that does not offer DSN whose sender asked to hear of success: RFC 3461
+/// §5.2.2 makes us send a `relayed` notice for them.
+fn relayed_notices(
+    entry: &QueueEntry,
+    pending: &[usize],
+    results: &[outcome::RecipientResult],
+) -> Vec<dsn::FailedRecipient> {
+    pending
+        .iter()
+        .zip(results)
+        .filter_map(|(&r, (result, _))| {
+            let RcptResult::Delivered(reply) = result else {
+                return None;
+            };
+            let state = &entry.recipients[r];
+            state.dsn.notify.filter(|n| n.success)?;
+            Some(dsn::FailedRecipient {
+                action: dsn::Action::Relayed,
+                address: state.address.clone(),
+                status: "2.0.0".into(),
+                diagnostic: reply.clone(),
+                remote: true,
+            })
+        })
+        .collect()
 }
 
 /// The indices of an entry's recipients still pending.

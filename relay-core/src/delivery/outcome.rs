@@ -162,6 +162,7 @@ pub(crate) fn apply(
                     metrics::counter!("backupmx_unknown_user_bounces_total").increment(1);
                 }
                 failed.push(dsn::FailedRecipient {
+                    action: dsn::Action::Failed,
                     address: rcpt.address.clone(),
                     status,
                     diagnostic: text.clone(),
@@ -190,6 +191,7 @@ pub(crate) fn apply(
             rcpt.status = RecipientStatus::Failed;
             let last = rcpt.last_reply.clone().unwrap_or_default();
             failed.push(dsn::FailedRecipient {
+                action: dsn::Action::Failed,
                 address: rcpt.address.clone(),
                 status: "4.4.7".into(),
                 diagnostic: format!(

@@ -40,6 +40,9 @@ pub struct SessionReport {
     /// TLS was required (a policy) and could not be had: the destination
     /// answers, it is not down.
     pub tls_policy_failed: bool,
+    /// The server offered DSN (RFC 3461): the sender's requests went on
+    /// with the mail, and success notices are its to send.
+    pub dsn_offered: bool,
 }
 
 /// Opportunistic TLS (RFC 7435): encrypt with whatever certificate the
@@ -488,6 +491,7 @@ fn report(client: &ClientSession) -> SessionReport {
         tls: client.tls_active(),
         tls_failed: client.tls_failed(),
         tls_policy_failed: client.tls_policy_failed(),
+        dsn_offered: client.offers_dsn(),
     }
 }
 

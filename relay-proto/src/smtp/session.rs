@@ -614,6 +614,7 @@ impl Session {
                     "8BITMIME".into(),
                     "SMTPUTF8".into(),
                     "ENHANCEDSTATUSCODES".into(),
+                    "DSN".into(),
                 ];
                 if self.cfg.tls_available && self.tls.is_none() {
                     lines.push("STARTTLS".into());
