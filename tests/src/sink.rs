@@ -18,6 +18,8 @@ pub struct Received {
     pub data: Vec<u8>,
     /// The DATA bytes exactly as they came over the wire.
     pub wire: Vec<u8>,
+    /// The MAIL and accepted RCPT command lines, parameters included.
+    pub envelope_lines: Vec<String>,
 }
 
 /// How the sink behaves; can be changed while it runs.
@@ -49,6 +51,8 @@ pub struct Behaviour {
     pub only_users: Option<Vec<String>>,
     /// RCPT TO commands seen, callouts included.
     pub rcpts_seen: usize,
+    /// Offer DSN (RFC 3461) after EHLO.
+    pub offer_dsn: bool,
 }
 
 /// Connections that have begun a mail transaction (a probe's EHLO/QUIT
@@ -190,6 +194,7 @@ fn serve(
     writer.write_all(b"220 primary.test ESMTP sink\r\n")?;
     let mut mail_from = String::new();
     let mut rcpts: Vec<String> = Vec::new();
+    let mut envelope_lines: Vec<String> = Vec::new();
     let mut line = Vec::new();
     let read_line =
         |reader: &mut BufReader<TcpStream>, line: &mut Vec<u8>| -> std::io::Result<bool> {
@@ -217,8 +222,14 @@ fn serve(
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = text.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
-            if behaviour.lock().expect("lock").no_extensions {
+            let (plain, dsn) = {
+                let b = behaviour.lock().expect("lock");
+                (b.no_extensions, b.offer_dsn)
+            };
+            if plain {
                 writer.write_all(b"250 primary.test\r\n")?;
+            } else if dsn {
+                writer.write_all(b"250-primary.test\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-DSN\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")?;
             } else {
                 writer.write_all(b"250-primary.test\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")?;
             }
@@ -234,6 +245,7 @@ fn serve(
                 None => {
                     mail_from = path(&text);
                     rcpts.clear();
+                    envelope_lines = vec![text.clone()];
                     writer.write_all(b"250 2.1.0 Ok\r\n")?;
                 }
             }
@@ -261,6 +273,7 @@ fn serve(
                 Some(r) => writer.write_all(format!("{r}\r\n").as_bytes())?,
                 None => {
                     rcpts.push(rcpt);
+                    envelope_lines.push(text.clone());
                     writer.write_all(b"250 2.1.5 Ok\r\n")?;
                 }
             }
@@ -335,6 +348,7 @@ fn serve(
                     rcpts: std::mem::take(&mut rcpts),
                     data,
                     wire,
+                    envelope_lines: std::mem::take(&mut envelope_lines),
                 });
                 writer.write_all(b"250 2.0.0 Ok: queued\r\n")?;
             }

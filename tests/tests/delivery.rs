@@ -646,3 +646,38 @@ fn dsn_requests_are_honoured_for_a_primary_without_dsn() {
     assert!(!text.contains("secret body"), "{text}");
     assert_eq!(s.log().matches("bounce_queued").count(), 1, "{}", s.log());
 }
+
+/// To a primary that offers DSN the sender's requests go on with the mail,
+/// and the success notice is the primary's to send, not ours.
+#[test]
+fn dsn_requests_go_on_to_a_primary_that_offers_dsn() {
+    let sink = Sink::start(0);
+    sink.set(|b| b.offer_dsn = true);
+    let s = Server::start_run("", "", &format!("[\"{}\"]", sink.addr));
+    let mut c = s.client();
+    c.expect("EHLO client.remote.test", "250");
+    c.expect(
+        "MAIL FROM:<alice@remote.test> RET=FULL ENVID=QQ+2B123",
+        "250",
+    );
+    c.expect(
+        "RCPT TO:<ok@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;ok+40example.test",
+        "250",
+    );
+    c.expect("RCPT TO:<plain@example.test>", "250");
+    c.expect("DATA", "354");
+    c.send("Subject: asked\r\n\r\nbody\r\n.\r\n");
+    assert!(c.read_reply().starts_with("250"));
+    let got = sink.wait_for(1, WAIT);
+    let lines = &got[0].envelope_lines;
+    assert!(lines[0].ends_with("RET=FULL ENVID=QQ+2B123"), "{lines:?}");
+    assert_eq!(
+        lines[1..],
+        [
+            "RCPT TO:<ok@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;ok+40example.test",
+            "RCPT TO:<plain@example.test>",
+        ]
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!s.log().contains("bounce_queued"), "{}", s.log());
+}
