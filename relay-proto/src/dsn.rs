@@ -22,6 +22,8 @@ pub enum Action {
     /// asked to hear of success (RFC 3461 §5.2.2): no further notice will
     /// come.
     Relayed,
+    /// Still queued after `[delivery] delay_warning`; retried on.
+    Delayed,
 }
 
 /// One recipient for the report (named for the common case: a failure).
@@ -107,8 +109,11 @@ pub fn build(
     ));
     m.push_str(&format!("To: <{}>\r\n", entry.sender));
     let any_failed = failed.iter().any(|f| f.action == Action::Failed);
+    let any_delayed = failed.iter().any(|f| f.action == Action::Delayed);
     m.push_str(if any_failed {
         "Subject: Undelivered Mail Returned to Sender\r\n"
+    } else if any_delayed {
+        "Subject: Delayed Mail (still being retried)\r\n"
     } else {
         "Subject: Successful Mail Relay\r\n"
     });
@@ -125,6 +130,8 @@ pub fn build(
         "This is the mail system at host {hostname}.\r\n\r\n{}\r\nIt was received on {} and its headers are attached below.\r\n\r\n",
         if any_failed {
             "Your message could not be delivered to one or more recipients."
+        } else if any_delayed {
+            "Your message could not be delivered yet; we keep trying.\r\nThis is a warning only: you need not send it again."
         } else {
             "Your message was relayed to a server that does not report delivery status;\r\nno further notice will come about the recipients below."
         },
@@ -134,6 +141,7 @@ pub fn build(
         let what = match f.action {
             Action::Failed => "failed",
             Action::Relayed => "relayed",
+            Action::Delayed => "delayed",
         };
         m.push_str(&format!("<{}>: {what}: {}\r\n", f.address, f.diagnostic));
     }
@@ -169,6 +177,7 @@ pub fn build(
         m.push_str(match f.action {
             Action::Failed => "Action: failed\r\n",
             Action::Relayed => "Action: relayed\r\n",
+            Action::Delayed => "Action: delayed\r\n",
         });
         m.push_str(&format!("Status: {}\r\n", f.status));
         let kind = if f.remote { "smtp" } else { "x-backupmx" };
@@ -222,6 +231,7 @@ mod tests {
     #[test]
     fn report_has_the_rfc3464_parts() {
         let entry = QueueEntry {
+            delay_warned: false,
             dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: QueueId::new(SystemTime::now(), 1),

@@ -276,6 +276,9 @@ pub struct QueueEntry {
     /// RFC 3461 `RET=` and `ENVID=`.
     #[serde(default, skip_serializing_if = "MessageDsn::is_empty")]
     pub dsn: MessageDsn,
+    /// The one "delayed" notice for this message was sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub delay_warned: bool,
 }
 
 /// Why stored bytes are not a queue record this build reads.
@@ -363,6 +366,7 @@ impl AcceptedMessage {
                 smtputf8: self.smtputf8,
                 eight_bit: self.eight_bit,
                 dsn: self.dsn.clone(),
+                delay_warned: false,
             })
             .collect()
     }

@@ -681,3 +681,49 @@ fn dsn_requests_go_on_to_a_primary_that_offers_dsn() {
     std::thread::sleep(Duration::from_secs(1));
     assert!(!s.log().contains("bounce_queued"), "{}", s.log());
 }
+
+/// `[delivery] delay_warning`: a message still queued after it gets one
+/// "delayed" notice at its next attempt, and only one, to recipients that
+/// want it.
+#[test]
+fn a_delayed_message_gets_one_delay_notice() {
+    // A primary that answers, but not yet for these recipients.
+    let sink = Sink::start(0);
+    sink.set(|b| {
+        for user in ["bob", "quiet"] {
+            b.rcpt_replies.push((
+                format!("{user}@example.test"),
+                "451 4.2.0 mailbox busy, try later".into(),
+            ));
+        }
+    });
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\nretry_max = \"1s\"\ndelay_warning = \"2s\"\n",
+        &format!("[\"{}\"]", sink.addr),
+    );
+    let mut c = s.client();
+    c.expect("EHLO client.remote.test", "250");
+    c.expect("MAIL FROM:<alice@remote.test>", "250");
+    c.expect("RCPT TO:<bob@example.test>", "250");
+    c.expect("RCPT TO:<quiet@example.test> NOTIFY=FAILURE", "250");
+    c.expect("DATA", "354");
+    c.send("Subject: slow\r\n\r\nbody\r\n.\r\n");
+    assert!(c.read_reply().starts_with("250"));
+    let notice = eventually(WAIT, "the delay notice", || {
+        s.queue().into_iter().find(|e| e["sender"] == "")
+    });
+    let text = String::from_utf8_lossy(&s.raw(notice["id"].as_str().unwrap())).to_string();
+    assert!(
+        text.contains("Subject: Delayed Mail (still being retried)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; bob@example.test\r\nAction: delayed\r\nStatus: 4."),
+        "{text}"
+    );
+    assert!(!text.contains("quiet@example.test"), "{text}");
+    // More attempts, no more notices.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(s.log().matches("bounce_queued").count(), 1, "{}", s.log());
+}

@@ -54,6 +54,7 @@ impl From<&Config> for EngineConfig {
             mta_sts_port: d.mta_sts_port,
             dane: d.dane,
             bounce_headers_max: usize::try_from(d.bounce_headers_max).unwrap_or(usize::MAX),
+            delay_warning: d.delay_warning,
             storm: crate::delivery::storm::StormSettings {
                 min_recipients: d.bounce_storm_min_recipients,
                 ratio: d.bounce_storm_ratio,

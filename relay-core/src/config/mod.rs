@@ -395,6 +395,11 @@ pub struct DeliveryConfig {
     /// Most bytes of the original message's headers a DSN returns (the
     /// rest is cut at a line end): bounces go to possibly forged senders.
     pub bounce_headers_max: u64,
+    /// Send one "delayed" notice (RFC 3464 `Action: delayed`) for a message
+    /// still queued this long after it arrived, to recipients that asked
+    /// for DELAY or did not say; absent: never (the default).
+    #[serde(default, with = "humantime_serde")]
+    pub delay_warning: Option<Duration>,
     /// How long an observation of a primary (probe, callout, delivery)
     /// counts: `defer_while_primary_up` defers only on a fresh "up".
     #[serde(with = "humantime_serde")]
@@ -620,6 +625,7 @@ impl Default for DeliveryConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             bounce_headers_max: 50 * 1024,
+            delay_warning: None,
             primary_up_fresh: Duration::from_secs(300),
             bounce_storm_min_recipients: 10,
             bounce_storm_ratio: 0.9,

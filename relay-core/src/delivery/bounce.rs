@@ -2,12 +2,15 @@
 //! from the null sender to the original sender, with the original headers.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use relay_proto::client::RcptResult;
 
 use crate::queue::{AcceptedMessage, AcceptedRecipient, QueueEntry};
 use crate::store::MessageStore;
 
-use super::dsn;
+use super::{dsn, outcome};
+use crate::time::unix_seconds;
 
 /// Builds DSNs as `hostname`, returning at most `headers_max` bytes of the
 /// original headers.
@@ -32,7 +35,7 @@ impl Bouncer {
         // RFC 3461 §4.1: recipients that asked for NEVER, or for
         // notifications that do not include FAILURE, get none.
         let asked = |f: &&dsn::FailedRecipient| {
-            f.action == dsn::Action::Relayed
+            f.action != dsn::Action::Failed
                 || entry
                     .recipients
                     .iter()
@@ -103,6 +106,68 @@ impl Bouncer {
     }
 }
 
+/// The one "delayed" notice of a message still queued `after` its
+/// arrival: its pending recipients that asked for DELAY or did not say
+/// (RFC 3461 §4.1). Marks the entry so that it is sent once.
+pub(crate) fn delay_notices(
+    entry: &mut QueueEntry,
+    after: Duration,
+    now: SystemTime,
+) -> Vec<dsn::FailedRecipient> {
+    let due = entry.received_at.saturating_add(after.as_secs()) <= unix_seconds(now);
+    if entry.delay_warned || !due || entry.pending_recipients().next().is_none() {
+        return Vec::new();
+    }
+    entry.delay_warned = true;
+    entry
+        .pending_recipients()
+        .filter(|r| r.dsn.notify.is_none_or(|n| n.delay))
+        .map(|r| {
+            let reply = r.last_reply.clone().or_else(|| entry.last_error.clone());
+            let status = reply
+                .as_deref()
+                .map(|t| dsn::status_from_reply(t, "4.0.0"))
+                .filter(|s| s.starts_with('4'))
+                .unwrap_or_else(|| "4.0.0".into());
+            dsn::FailedRecipient {
+                action: dsn::Action::Delayed,
+                address: r.address.clone(),
+                status,
+                remote: reply.as_deref().is_some_and(|t| t.starts_with('4')),
+                diagnostic: reply.unwrap_or_else(|| "still queued".into()),
+            }
+        })
+        .collect()
+}
+
+/// The recipients of `entry` (at `pending`) just delivered to a primary
+/// that does not offer DSN whose sender asked to hear of success: RFC 3461
+/// §5.2.2 makes us send a `relayed` notice for them.
+pub(crate) fn relayed_notices(
+    entry: &QueueEntry,
+    pending: &[usize],
+    results: &[outcome::RecipientResult],
+) -> Vec<dsn::FailedRecipient> {
+    pending
+        .iter()
+        .zip(results)
+        .filter_map(|(&r, (result, _))| {
+            let RcptResult::Delivered(reply) = result else {
+                return None;
+            };
+            let state = &entry.recipients[r];
+            state.dsn.notify.filter(|n| n.success)?;
+            Some(dsn::FailedRecipient {
+                action: dsn::Action::Relayed,
+                address: state.address.clone(),
+                status: "2.0.0".into(),
+                diagnostic: reply.clone(),
+                remote: true,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +176,7 @@ mod tests {
 
     fn entry(sender: &str) -> QueueEntry {
         QueueEntry {
+            delay_warned: false,
             dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: QueueId::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1000), 7),

@@ -71,6 +71,8 @@ pub struct EngineConfig {
     pub dane: bool,
     /// Most bytes of the original headers a DSN returns.
     pub bounce_headers_max: usize,
+    /// A message still queued this long gets one "delayed" notice.
+    pub delay_warning: Option<Duration>,
     /// The bounce-storm guard's thresholds.
     pub storm: storm::StormSettings,
 }
@@ -344,22 +346,9 @@ impl Engine {
                     // does not hold them back again.
                     let released: Vec<Vec<bool>> = work
                         .iter()
-                        .map(|(_, e, pending)| {
-                            pending
-                                .iter()
-                                .map(|&r| e.recipients[r].held_refusal == Some(HeldRefusal::Final))
-                                .collect()
-                        })
+                        .map(|(_, e, pending)| storm_watch::released(e, pending))
                         .collect();
-                    let refused_before: Vec<Vec<bool>> = report
-                        .results
-                        .iter()
-                        .map(|rs| {
-                            rs.iter()
-                                .map(|r| matches!(r, RcptResult::Permanent(_)))
-                                .collect()
-                        })
-                        .collect();
+                    let refused_before = storm_watch::refused(&report.results);
                     let ask = |addresses| self.ask_recipients(&domain, addresses);
                     verdict = self
                         .storm
@@ -375,17 +364,7 @@ impl Engine {
                     if let storm::StormVerdict::HoldBack { recheck } = verdict {
                         held_back_until = Some(recheck);
                     }
-                    held_back = refused_before
-                        .iter()
-                        .zip(&report.results)
-                        .map(|(before, now)| {
-                            before
-                                .iter()
-                                .zip(now)
-                                .map(|(was, r)| *was && matches!(r, RcptResult::Transient(_)))
-                                .collect()
-                        })
-                        .collect();
+                    held_back = storm_watch::held_back(&refused_before, &report.results);
                 }
                 let storming = verdict != storm::StormVerdict::Normal;
                 if let (Some(record), Some(learning), false) = (&record, &self.learning, storming) {
@@ -411,7 +390,7 @@ impl Engine {
             let relayed = if dsn_offered {
                 Vec::new()
             } else {
-                relayed_notices(&entry, &pending, &results)
+                bounce::relayed_notices(&entry, &pending, &results)
             };
             let mut report = self
                 .finish(
@@ -480,40 +459,15 @@ impl Engine {
         }
         let mut notices = applied.failed;
         notices.extend(relayed);
+        if let Some(after) = self.cfg.delay_warning {
+            notices.extend(bounce::delay_notices(&mut report.entry, after, now));
+        }
         report.bounce = self
             .bouncer
             .bounce_for(&report.entry, &notices, bodies, now)
             .await;
         report
     }
-}
-
-/// The recipients of `entry` (at `pending`) just delivered to a primary
-/// that does not offer DSN whose sender asked to hear of success: RFC 3461
-/// §5.2.2 makes us send a `relayed` notice for them.
-fn relayed_notices(
-    entry: &QueueEntry,
-    pending: &[usize],
-    results: &[outcome::RecipientResult],
-) -> Vec<dsn::FailedRecipient> {
-    pending
-        .iter()
-        .zip(results)
-        .filter_map(|(&r, (result, _))| {
-            let RcptResult::Delivered(reply) = result else {
-                return None;
-            };
-            let state = &entry.recipients[r];
-            state.dsn.notify.filter(|n| n.success)?;
-            Some(dsn::FailedRecipient {
-                action: dsn::Action::Relayed,
-                address: state.address.clone(),
-                status: "2.0.0".into(),
-                diagnostic: reply.clone(),
-                remote: true,
-            })
-        })
-        .collect()
 }
 
 /// The indices of an entry's recipients still pending.
@@ -563,6 +517,7 @@ mod tests {
 
     fn entry(domain: &DomainName, statuses: &[RecipientStatus]) -> QueueEntry {
         QueueEntry {
+            delay_warned: false,
             dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: crate::queue::new_id(SystemTime::now()),
@@ -589,6 +544,36 @@ mod tests {
             smtputf8: false,
             eight_bit: false,
         }
+    }
+
+    #[test]
+    fn one_delay_notice_per_message_to_the_recipients_that_want_it() {
+        let d = DomainName::parse("example.test").unwrap();
+        let mut e = entry(
+            &d,
+            &[
+                RecipientStatus::Pending,
+                RecipientStatus::Pending,
+                RecipientStatus::Pending,
+                RecipientStatus::Delivered,
+            ],
+        );
+        e.received_at = 1_000;
+        e.recipients[0].last_reply = Some("451 4.3.0 try later".into());
+        e.recipients[1].dsn.notify = crate::dsn_params::Notify::parse("NEVER");
+        e.recipients[2].dsn.notify = crate::dsn_params::Notify::parse("FAILURE,DELAY");
+        let four_hours = Duration::from_secs(4 * 3600);
+        let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        assert!(bounce::delay_notices(&mut e, four_hours, at(1_000 + 3 * 3600)).is_empty());
+        assert!(!e.delay_warned, "not yet");
+        let notices = bounce::delay_notices(&mut e, four_hours, at(1_000 + 4 * 3600));
+        let to: Vec<&str> = notices.iter().map(|n| n.address.as_str()).collect();
+        assert_eq!(to, ["r0@example.test", "r2@example.test"]);
+        assert!(notices.iter().all(|n| n.action == dsn::Action::Delayed));
+        assert_eq!(notices[0].status, "4.3.0");
+        assert_eq!(notices[1].status, "4.0.0");
+        assert!(e.delay_warned);
+        assert!(bounce::delay_notices(&mut e, four_hours, at(1_000 + 9 * 3600)).is_empty());
     }
 
     /// A hosted domain whose primary is a closed port on loopback.

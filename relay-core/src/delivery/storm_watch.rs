@@ -12,6 +12,7 @@ use relay_proto::client::{Envelope, RcptResult};
 use crate::address::DomainName;
 use crate::alerts::Alerter;
 use crate::domain::{Domain, Hold, HoldReason};
+use crate::queue::{HeldRefusal, QueueEntry};
 use crate::store::{DomainRegistry, RecipientCache};
 use crate::sync::Mutex;
 use crate::time::unix_seconds;
@@ -321,6 +322,42 @@ impl StormWatch {
             }
         }
     }
+}
+
+/// Which of `entry`'s `pending` recipients have a refusal an operator
+/// released (final: not held back again).
+pub(crate) fn released(entry: &QueueEntry, pending: &[usize]) -> Vec<bool> {
+    pending
+        .iter()
+        .map(|&r| entry.recipients[r].held_refusal == Some(HeldRefusal::Final))
+        .collect()
+}
+
+/// Which results are refusals for good, per message and recipient.
+pub(crate) fn refused(results: &[Vec<RcptResult>]) -> Vec<Vec<bool>> {
+    results
+        .iter()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| matches!(r, RcptResult::Permanent(_)))
+                .collect()
+        })
+        .collect()
+}
+
+/// Which refusals (`refused_before` the guard judged) it held back.
+pub(crate) fn held_back(refused_before: &[Vec<bool>], after: &[Vec<RcptResult>]) -> Vec<Vec<bool>> {
+    refused_before
+        .iter()
+        .zip(after)
+        .map(|(before, now)| {
+            before
+                .iter()
+                .zip(now)
+                .map(|(was, r)| *was && matches!(r, RcptResult::Transient(_)))
+                .collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]
