@@ -176,15 +176,17 @@ fn on_a_full_disk_delivered_mail_is_never_sent_again() {
     );
     let filler = fs.fill();
     let sink = Sink::start(port);
-    sink.wait_for(20, Duration::from_secs(30));
+    sink.wait_for(1, Duration::from_secs(30));
     // The outcomes cannot be written: delivery pauses instead of sending
-    // the same messages again and again.
-    eventually(Duration::from_secs(10), "delivery paused", || {
+    // the same messages again and again. (How many went out before the
+    // pause depends on how the worker batched them: all 20 in one
+    // connection usually, 19 and 1 once under the whole suite's load.)
+    eventually(Duration::from_secs(30), "delivery paused", || {
         s.log().contains("delivery_paused").then_some(())
     });
     std::thread::sleep(Duration::from_secs(4));
     let counts = subject_counts(&sink);
-    assert_eq!(counts.len(), 20, "{counts:?}");
+    assert!(!counts.is_empty() && counts.len() <= 20, "{counts:?}");
     assert!(counts.values().all(|&n| n == 1), "sent twice: {counts:?}");
     std::fs::remove_file(filler).expect("free space");
     eventually_logged(&s, Duration::from_secs(40), "queue emptied", || {
