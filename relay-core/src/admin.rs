@@ -533,11 +533,7 @@ impl Admin {
         discard: bool,
     ) -> Result<RefusalsFinalised, AdminError> {
         let mut done = RefusalsFinalised::default();
-        let entries = self
-            .queue
-            .list(Some(domain))
-            .await
-            .map_err(AdminError::store("cannot read the queue"))?;
+        let entries = self.queue_list(Some(domain)).await?;
         for mut e in entries {
             let held = held_refusals(&e);
             if held.is_empty() {
@@ -600,11 +596,7 @@ impl Admin {
         refused_only: bool,
     ) -> Result<Deleted, AdminError> {
         let mut deleted = Deleted::default();
-        let entries = self
-            .queue
-            .list(Some(domain))
-            .await
-            .map_err(AdminError::store("cannot read the queue"))?;
+        let entries = self.queue_list(Some(domain)).await?;
         for mut e in entries {
             if !refused_only {
                 self.queue

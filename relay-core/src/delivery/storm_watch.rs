@@ -371,6 +371,28 @@ mod tests {
         move |addresses| std::future::ready(addresses.into_iter().map(|a| (a, answer)).collect())
     }
 
+    /// A store holding the hosted domain, and a guard over it with
+    /// `min_recipients` (ratio 0.9, a 10-minute drain).
+    async fn setup(
+        min_recipients: usize,
+    ) -> (tempfile::TempDir, Arc<LocalStore>, DomainName, StormWatch) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let name = DomainName::parse("example.test").unwrap();
+        DomainRegistry::put(store.as_ref(), &hosted(&name))
+            .await
+            .unwrap();
+        let watch = StormWatch::new(
+            StormSettings {
+                min_recipients,
+                ratio: 0.9,
+                window: Duration::from_secs(600),
+            },
+            store.clone(),
+        );
+        (dir, store, name, watch)
+    }
+
     fn hosted(name: &DomainName) -> Domain {
         Domain::new(name.clone())
     }
@@ -390,20 +412,7 @@ mod tests {
     #[tokio::test]
     async fn a_drain_refused_nearly_whole_holds_the_domain_and_sends_no_dsn_when_the_primary_cannot_be_asked(
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let name = DomainName::parse("example.test").unwrap();
-        DomainRegistry::put(store.as_ref(), &Domain::new(name.clone()))
-            .await
-            .unwrap();
-        let watch = StormWatch::new(
-            StormSettings {
-                min_recipients: 3,
-                ratio: 0.9,
-                window: Duration::from_secs(600),
-            },
-            store.clone(),
-        );
+        let (_dir, store, name, watch) = setup(3).await;
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
         watch.destination_down(&name);
         // Back: the first refusal of the drain is held back, not final.
@@ -479,17 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn mail_accepted_after_the_primary_answered_again_is_not_held_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let name = DomainName::parse("example.test").unwrap();
-        let watch = StormWatch::new(
-            StormSettings {
-                min_recipients: 10,
-                ratio: 0.9,
-                window: Duration::from_secs(600),
-            },
-            store,
-        );
+        let (_dir, _store, name, watch) = setup(10).await;
         let at = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
         watch.destination_down(&name);
         // The drain starts at 10 000 with the outage's mail (received 9 000).
@@ -538,17 +537,7 @@ mod tests {
 
     #[tokio::test]
     async fn outside_a_drain_refusals_are_final() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let name = DomainName::parse("example.test").unwrap();
-        let watch = StormWatch::new(
-            StormSettings {
-                min_recipients: 3,
-                ratio: 0.9,
-                window: Duration::from_secs(600),
-            },
-            store,
-        );
+        let (_dir, _store, name, watch) = setup(3).await;
         let env = [envelope(&["a@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
         let verdict = watch
@@ -567,20 +556,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_primary_that_knows_postmaster_gets_its_refusals_final_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let name = DomainName::parse("example.test").unwrap();
-        DomainRegistry::put(store.as_ref(), &hosted(&name))
-            .await
-            .unwrap();
-        let watch = StormWatch::new(
-            StormSettings {
-                min_recipients: 3,
-                ratio: 0.9,
-                window: Duration::from_secs(600),
-            },
-            store.clone(),
-        );
+        let (_dir, store, name, watch) = setup(3).await;
         watch.destination_down(&name);
         let spam: Vec<String> = (0..20).map(|i| format!("spam{i}@example.test")).collect();
         let spam: Vec<&str> = spam.iter().map(String::as_str).collect();
@@ -605,20 +581,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_primary_that_refuses_postmaster_is_held_at_its_first_refusal() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let name = DomainName::parse("example.test").unwrap();
-        DomainRegistry::put(store.as_ref(), &hosted(&name))
-            .await
-            .unwrap();
-        let watch = StormWatch::new(
-            StormSettings {
-                min_recipients: 10,
-                ratio: 0.9,
-                window: Duration::from_secs(600),
-            },
-            store.clone(),
-        );
+        let (_dir, store, name, watch) = setup(10).await;
         watch.destination_down(&name);
         let env = [envelope(&["a@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into())]];
@@ -672,17 +635,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_released_refusal_is_final_and_not_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
-        let name = DomainName::parse("example.test").unwrap();
-        let watch = StormWatch::new(
-            StormSettings {
-                min_recipients: 1,
-                ratio: 0.9,
-                window: Duration::from_secs(600),
-            },
-            store,
-        );
+        let (_dir, _store, name, watch) = setup(1).await;
         watch.destination_down(&name);
         let env = [envelope(&["released@example.test", "held@example.test"])];
         let mut results = vec![vec![RcptResult::Permanent("550 5.1.1 unknown".into()); 2]];
