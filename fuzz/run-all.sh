@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-600}
-for target in command_parser server_session client_replies proxy_header queue_record dnsbl_answer mta_sts_policy dane_certificate; do
+for target in command_parser server_session bdat_framing client_replies proxy_header queue_record dnsbl_answer mta_sts_policy dane_certificate; do
   mkdir -p "corpus/$target" "corpus-work/$target"
   echo "== $target ($secs s)"
   RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "corpus-work/$target" "corpus/$target" -- \

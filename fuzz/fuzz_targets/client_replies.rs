@@ -11,6 +11,8 @@ fuzz_target!(|data: &[u8]| {
         size: 100,
         smtputf8: data.first().is_some_and(|b| b & 1 == 1),
         eight_bit: true,
+        dsn: Default::default(),
+        recipient_dsn: Vec::new(),
     };
     // Two messages over one connection: the batch path too.
     let second = Envelope { recipients: vec!["z@d.test".into()], ..env.clone() };
@@ -20,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     for _ in 0..10_000 {
         match client.poll_next() {
             Next::Send(_) | Next::SendBody(_) => {}
+            Next::SendChunks(_) => client.chunks_sent(usize::from(data.len() % 3 == 0) + 1),
             Next::StartTls => client.tls_done(data.len() % 2 == 0),
             Next::ReadReply => match parser.next_reply() {
                 Ok(Some(r)) => client.on_reply(r),

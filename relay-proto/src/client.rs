@@ -176,6 +176,9 @@ pub enum Next {
     /// Write the dot-stuffed message number `n` (in the order given to
     /// [`ClientSession::with_messages`]) and its `.` terminator.
     SendBody(usize),
+    /// Write message number `n` as it is stored, in BDAT chunks (RFC 3030),
+    /// the last one with `LAST`; then call [`ClientSession::chunks_sent`].
+    SendChunks(usize),
     /// The session is over; results are in [`ClientSession::results`].
     Done,
 }
@@ -189,6 +192,8 @@ enum Expect {
     Mail,
     Rcpt(usize),
     Data,
+    /// The reply to a BDAT chunk before the last.
+    Chunk,
     Body,
     /// The reply to the `.` that ends an aborted, empty message.
     Aborted,
@@ -204,6 +209,7 @@ struct Extensions {
     size: Option<u64>,
     eight_bit: bool,
     smtputf8: bool,
+    chunking: bool,
 }
 
 /// One SMTP client session delivering one message.
@@ -233,6 +239,12 @@ pub struct ClientSession {
     /// The transaction failed as a whole (MAIL or DATA refused).
     transaction_failed: Option<RcptResult>,
     body_pending: bool,
+    /// The current transaction sends its message by BDAT (the server
+    /// offers CHUNKING and PIPELINING).
+    chunked: bool,
+    /// RCPT replies still to come in a chunked transaction: the body goes
+    /// once all are in and one was accepted.
+    rcpt_replies_due: usize,
     tls_pending: bool,
     quit_sent: bool,
     transaction_started: bool,
@@ -287,6 +299,8 @@ impl ClientSession {
             results: vec![None; n],
             transaction_failed: None,
             body_pending: false,
+            chunked: false,
+            rcpt_replies_due: 0,
             tls_pending: false,
             quit_sent: false,
             transaction_started: false,
@@ -385,6 +399,9 @@ impl ClientSession {
         }
         if self.body_pending {
             self.body_pending = false;
+            if self.chunked {
+                return Next::SendChunks(self.current);
+            }
             return Next::SendBody(self.current);
         }
         if self.done {
@@ -472,7 +489,12 @@ impl ClientSession {
                 if self.transaction_failed.is_none() && !r.is_success() {
                     self.results[i] = Some(RcptResult::from_response(&r));
                 }
-                if self.transaction_failed.is_none() {
+                if self.chunked {
+                    self.rcpt_replies_due = self.rcpt_replies_due.saturating_sub(1);
+                    if self.rcpt_replies_due == 0 {
+                        self.recipients_answered();
+                    }
+                } else if self.transaction_failed.is_none() {
                     let only_data_left = self.queued.len() == 1;
                     let none_accepted = self.results.iter().all(Option::is_some);
                     if !self.ext.pipelining && only_data_left && none_accepted {
@@ -507,6 +529,18 @@ impl ClientSession {
                     self.end_transaction();
                 }
             }
+            Expect::Chunk => {
+                // RFC 3030 §2: a refused chunk fails the transaction; the
+                // replies to the chunks already sent behind it say no more.
+                if !r.is_success() && self.transaction_failed.is_none() {
+                    let result = RcptResult::from_response(&r);
+                    self.fill_pending(&result);
+                    self.transaction_failed = Some(result);
+                }
+            }
+            Expect::Body if self.transaction_failed.is_some() => {
+                self.finish_failed_transaction();
+            }
             Expect::Body => {
                 let result = RcptResult::from_response(&r);
                 self.fill_pending(&result);
@@ -529,6 +563,15 @@ impl ClientSession {
             }
             Expect::Aborted | Expect::Quit => {}
         }
+    }
+
+    /// [`Next::SendChunks`] was written as `chunks` BDAT commands: one
+    /// reply is due for each, the last one the message's.
+    pub fn chunks_sent(&mut self, chunks: usize) {
+        for _ in 1..chunks {
+            self.expect.push_back(Expect::Chunk);
+        }
+        self.expect.push_back(Expect::Body);
     }
 
     /// The TLS handshake finished: `true` if it succeeded.
@@ -649,6 +692,10 @@ impl ClientSession {
             }
         }
         let mut commands = Vec::new();
+        // BDAT needs the replies to RCPT first: pipelined behind them, a
+        // whole message would go to a server that took no recipient.
+        self.chunked = self.ext.chunking && self.ext.pipelining && !env.recipients.is_empty();
+        self.rcpt_replies_due = 0;
         if self.current > 0 {
             // A clean slate after whatever the previous transaction left.
             commands.push(("RSET".to_string(), Expect::Rset));
@@ -666,9 +713,12 @@ impl ClientSession {
                     }
                 }
                 commands.push((line, Expect::Rcpt(i)));
+                self.rcpt_replies_due += 1;
             }
         }
-        commands.push(("DATA".into(), Expect::Data));
+        if !self.chunked {
+            commands.push(("DATA".into(), Expect::Data));
+        }
         if self.ext.pipelining {
             for (line, expect) in commands {
                 self.send(line, expect);
@@ -683,6 +733,18 @@ impl ClientSession {
                 bytes.extend_from_slice(b"\r\n");
                 self.queued.push_back((bytes, expect));
             }
+        }
+    }
+
+    /// Every RCPT of a chunked transaction is answered: send the message
+    /// if a recipient was accepted.
+    fn recipients_answered(&mut self) {
+        if self.transaction_failed.is_some() {
+            self.finish_failed_transaction();
+        } else if self.results.iter().any(Option::is_none) {
+            self.body_pending = true;
+        } else {
+            self.end_transaction();
         }
     }
 
@@ -756,6 +818,7 @@ fn parse_extensions(r: &Response) -> Extensions {
             "STARTTLS" => ext.starttls = true,
             "8BITMIME" => ext.eight_bit = true,
             "SMTPUTF8" => ext.smtputf8 = true,
+            "CHUNKING" => ext.chunking = true,
             "SIZE" => ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
             _ => {}
         }

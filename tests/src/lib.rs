@@ -619,6 +619,24 @@ impl Client {
         r
     }
 
+    /// EHLO, MAIL, RCPT, then `chunks` as BDAT chunks (RFC 3030), all
+    /// pipelined, the last with LAST: returns every reply after RCPT's.
+    pub fn send_chunked(&mut self, from: &str, to: &[&str], chunks: &[&[u8]]) -> Vec<String> {
+        self.expect("EHLO client.test", "250");
+        self.expect(&format!("MAIL FROM:<{from}>"), "250");
+        for rcpt in to {
+            self.expect(&format!("RCPT TO:<{rcpt}>"), "250");
+        }
+        let mut wire = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = if i + 1 == chunks.len() { " LAST" } else { "" };
+            wire.extend_from_slice(format!("BDAT {}{last}\r\n", chunk.len()).as_bytes());
+            wire.extend_from_slice(chunk);
+        }
+        self.send(wire);
+        chunks.iter().map(|_| self.read_reply()).collect()
+    }
+
     /// EHLO, MAIL, RCPT, DATA, body, end: returns the final reply.
     pub fn send_message(&mut self, from: &str, to: &[&str], body: &str) -> String {
         self.expect("EHLO client.test", "250");

@@ -20,6 +20,8 @@ pub struct Received {
     pub wire: Vec<u8>,
     /// The MAIL and accepted RCPT command lines, parameters included.
     pub envelope_lines: Vec<String>,
+    /// It came in BDAT chunks (RFC 3030), not by DATA.
+    pub by_bdat: bool,
 }
 
 /// How the sink behaves; can be changed while it runs.
@@ -53,6 +55,8 @@ pub struct Behaviour {
     pub rcpts_seen: usize,
     /// Offer DSN (RFC 3461) after EHLO.
     pub offer_dsn: bool,
+    /// Offer CHUNKING (RFC 3030) after EHLO and take BDAT.
+    pub offer_chunking: bool,
 }
 
 /// Connections that have begun a mail transaction (a probe's EHLO/QUIT
@@ -195,6 +199,7 @@ fn serve(
     let mut mail_from = String::new();
     let mut rcpts: Vec<String> = Vec::new();
     let mut envelope_lines: Vec<String> = Vec::new();
+    let (mut bdat_data, mut bdat_wire) = (Vec::new(), Vec::new());
     let mut line = Vec::new();
     let read_line =
         |reader: &mut BufReader<TcpStream>, line: &mut Vec<u8>| -> std::io::Result<bool> {
@@ -222,16 +227,26 @@ fn serve(
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         let upper = text.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
-            let (plain, dsn) = {
+            let (plain, dsn, chunking) = {
                 let b = behaviour.lock().expect("lock");
-                (b.no_extensions, b.offer_dsn)
+                (b.no_extensions, b.offer_dsn, b.offer_chunking)
             };
             if plain {
                 writer.write_all(b"250 primary.test\r\n")?;
-            } else if dsn {
-                writer.write_all(b"250-primary.test\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-DSN\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")?;
             } else {
-                writer.write_all(b"250-primary.test\r\n250-PIPELINING\r\n250-SIZE 100000000\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")?;
+                let mut lines = vec!["primary.test", "PIPELINING", "SIZE 100000000"];
+                if dsn {
+                    lines.push("DSN");
+                }
+                if chunking {
+                    lines.push("CHUNKING");
+                }
+                lines.extend(["8BITMIME", "SMTPUTF8"]);
+                let last = lines.len() - 1;
+                for (i, l) in lines.iter().enumerate() {
+                    let sep = if i == last { ' ' } else { '-' };
+                    writer.write_all(format!("250{sep}{l}\r\n").as_bytes())?;
+                }
             }
         } else if upper.starts_with("HELO") {
             writer.write_all(b"250 primary.test\r\n")?;
@@ -245,6 +260,8 @@ fn serve(
                 None => {
                     mail_from = path(&text);
                     rcpts.clear();
+                    bdat_data.clear();
+                    bdat_wire.clear();
                     envelope_lines = vec![text.clone()];
                     writer.write_all(b"250 2.1.0 Ok\r\n")?;
                 }
@@ -349,11 +366,41 @@ fn serve(
                     data,
                     wire,
                     envelope_lines: std::mem::take(&mut envelope_lines),
+                    by_bdat: false,
                 });
                 writer.write_all(b"250 2.0.0 Ok: queued\r\n")?;
             }
             rcpts.clear();
+        } else if upper.starts_with("BDAT ") {
+            // RFC 3030: the chunk's octets follow whatever the answer.
+            let mut words = upper.split_whitespace().skip(1);
+            let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let last = words.next() == Some("LAST");
+            let mut chunk = vec![0u8; size];
+            if !read_exact_patiently(&mut reader, &mut chunk, stop)? {
+                return Ok(());
+            }
+            bdat_wire.extend_from_slice(&line);
+            bdat_wire.extend_from_slice(&chunk);
+            bdat_data.extend_from_slice(&chunk);
+            if rcpts.is_empty() {
+                writer.write_all(b"554 5.5.1 no valid recipients\r\n")?;
+            } else if !last {
+                writer.write_all(format!("250 2.0.0 {size} octets\r\n").as_bytes())?;
+            } else {
+                received.lock().expect("lock").push(Received {
+                    mail_from: mail_from.clone(),
+                    rcpts: std::mem::take(&mut rcpts),
+                    data: std::mem::take(&mut bdat_data),
+                    wire: std::mem::take(&mut bdat_wire),
+                    envelope_lines: std::mem::take(&mut envelope_lines),
+                    by_bdat: true,
+                });
+                writer.write_all(b"250 2.0.0 Ok: queued\r\n")?;
+            }
         } else if upper == "RSET" {
+            bdat_data.clear();
+            bdat_wire.clear();
             rcpts.clear();
             writer.write_all(b"250 2.0.0 Ok\r\n")?;
         } else if upper == "QUIT" {
@@ -366,6 +413,35 @@ fn serve(
         }
     }
     Ok(())
+}
+
+/// Fills `buf` from `reader` across read timeouts; `false` at end of
+/// stream or when the sink stops.
+fn read_exact_patiently(
+    reader: &mut BufReader<TcpStream>,
+    buf: &mut [u8],
+    stop: &AtomicBool,
+) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => filled += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 fn path(line: &str) -> String {

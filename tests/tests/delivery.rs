@@ -727,3 +727,104 @@ fn a_delayed_message_gets_one_delay_notice() {
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(s.log().matches("bounce_queued").count(), 1, "{}", s.log());
 }
+
+/// Lines that start with a dot, a lone dot line, bare CR and bare LF: what
+/// DATA would rewrite, BDAT carries as it is.
+const CHUNKED_TRICKY: &[u8] =
+    b"Subject: chunked\r\n\r\n.leading dot\r\n.\r\nbare\nlf and bare\rcr\r\n..two\r\nend";
+
+/// RFC 3030 end to end: a message sent in BDAT chunks is stored as sent;
+/// a primary that offers CHUNKING gets it byte-exact by BDAT; one that
+/// does not gets it by DATA, dot-stuffed and with every line end CRLF, so
+/// no bare LF can end its data early.
+#[test]
+fn a_chunked_message_is_relayed_byte_exact_by_bdat_and_safely_by_data() {
+    let sink = Sink::start(0);
+    sink.set(|b| b.offer_chunking = true);
+    let s = Server::start_run("", "", &format!("[\"{}\"]", sink.addr));
+    let mut c = s.client();
+    let ehlo = c.cmd("EHLO client.remote.test");
+    assert!(ehlo.contains("250-CHUNKING\r\n"), "{ehlo}");
+    let (a, b) = CHUNKED_TRICKY.split_at(25);
+    let replies = c.send_chunked("alice@remote.test", &["bob@example.test"], &[a, b]);
+    assert!(replies[0].starts_with("250 2.0.0"), "{replies:?}");
+    let id = queue_id(&replies[1]);
+    let got = sink.wait_for(1, WAIT);
+    assert!(got[0].by_bdat);
+    assert_eq!(after_received(&got[0].data), CHUNKED_TRICKY);
+
+    sink.set(|b| b.offer_chunking = false);
+    let replies = c.send_chunked(
+        "alice@remote.test",
+        &["bob@example.test"],
+        &[CHUNKED_TRICKY],
+    );
+    assert!(replies[0].contains("queued as"), "{replies:?}");
+    let got = sink.wait_for(2, WAIT);
+    assert!(!got[1].by_bdat);
+    assert_eq!(
+        after_received(&got[1].data),
+        b"Subject: chunked\r\n\r\n.leading dot\r\n.\r\nbare\r\nlf and bare\r\ncr\r\n..two\r\nend\r\n"
+    );
+    let wire = &got[1].wire;
+    assert_no_bare_cr_lf(wire);
+    let text = String::from_utf8_lossy(wire);
+    assert!(text.contains("\r\n..leading dot\r\n..\r\n"), "{text}");
+    assert!(text.ends_with("\r\nend\r\n.\r\n"), "{text}");
+    wait_empty(&s);
+}
+
+/// A big message in BDAT chunks leaves memory while it arrives, is stored
+/// byte-exact, and goes on in several BDAT chunks; past the size limit a
+/// chunk gets 552 and nothing is left behind.
+#[test]
+fn a_big_chunked_message_is_spooled_relayed_in_chunks_and_bounded_by_size() {
+    let sink = Sink::start(0);
+    sink.set(|b| b.offer_chunking = true);
+    let s = Server::start_run(
+        "max_message_size = 4194304",
+        "",
+        &format!("[\"{}\"]", sink.addr),
+    );
+    let (wire, _) = big_message(3 * 1024 * 1024);
+    let wire = wire.into_bytes();
+    let chunks: Vec<&[u8]> = wire.chunks(1024 * 1024).collect();
+    let mut c = s.client();
+    let replies = c.send_chunked("alice@remote.test", &["bob@example.test"], &chunks);
+    assert!(replies.last().unwrap().contains("queued as"), "{replies:?}");
+    let got = sink.wait_for(1, WAIT);
+    assert!(got[0].by_bdat);
+    assert!(
+        after_received(&got[0].data) == wire.as_slice(),
+        "relayed byte-exact"
+    );
+    let bdat_lines = String::from_utf8_lossy(&got[0].wire)
+        .matches("BDAT ")
+        .count();
+    assert!(bdat_lines >= 3, "sent in {bdat_lines} chunks");
+    wait_empty(&s);
+
+    let (wire, _) = big_message(5 * 1024 * 1024);
+    let wire = wire.into_bytes();
+    let chunks: Vec<&[u8]> = wire.chunks(1024 * 1024).collect();
+    let mut c = s.client();
+    let replies = c.send_chunked("alice@remote.test", &["bob@example.test"], &chunks);
+    assert!(replies[0].starts_with("250 2.0.0"), "{replies:?}");
+    assert!(
+        replies.iter().any(|r| r.starts_with("552 5.3.4")),
+        "{replies:?}"
+    );
+    assert!(
+        !replies.iter().any(|r| r.contains("queued as")),
+        "{replies:?}"
+    );
+    let incoming = s.data_dir().join("incoming");
+    assert_eq!(std::fs::read_dir(&incoming).unwrap().count(), 0);
+    assert!(s.queue().is_empty());
+    let reply = c.send_message(
+        "alice@remote.test",
+        &["bob@example.test"],
+        "Subject: small\r\n\r\nx\r\n",
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+}

@@ -22,12 +22,21 @@ fn envelope(rcpts: &[&str]) -> Envelope {
 
 /// Drives the client against a list of server replies; returns what it sent.
 fn run(client: &mut ClientSession, replies: &[&str]) -> String {
+    run_chunked(client, replies, 1)
+}
+
+/// [`run`], with each message sent by BDAT in `chunks` chunks.
+fn run_chunked(client: &mut ClientSession, replies: &[&str], chunks: usize) -> String {
     let mut sent = String::new();
     let mut replies = replies.iter();
     loop {
         match client.poll_next() {
             Next::Send(b) => sent.push_str(&String::from_utf8(b).unwrap()),
             Next::SendBody(n) => sent.push_str(&format!("<BODY{n}>\r\n")),
+            Next::SendChunks(n) => {
+                sent.push_str(&format!("<BDAT{n}x{chunks}>\r\n"));
+                client.chunks_sent(chunks);
+            }
             Next::StartTls => {
                 sent.push_str("<TLS>\r\n");
                 client.tls_done(true);
@@ -123,6 +132,7 @@ fn without_pipelining_commands_go_one_at_a_time() {
         match c.poll_next() {
             Next::Send(b) => sent.push(String::from_utf8(b).unwrap()),
             Next::SendBody(_) => sent.push("<BODY>".into()),
+            Next::SendChunks(_) => unreachable!("no CHUNKING offered"),
             Next::ReadReply => c.on_reply(reply(it.next().unwrap())),
             Next::StartTls => unreachable!(),
             Next::Done => break,
@@ -760,4 +770,111 @@ fn dsn_requests_are_passed_on_only_to_a_server_that_offers_dsn() {
     let sent = run(&mut c, &replies("250-mx.test\r\n250 PIPELINING\r\n"));
     assert!(!c.offers_dsn());
     assert!(!sent.contains("NOTIFY") && !sent.contains("RET="), "{sent}");
+}
+
+const EHLO_CHUNKING: &str = "250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n";
+
+#[test]
+fn a_server_with_chunking_gets_bdat_after_the_recipients_are_answered() {
+    let mut c = ClientSession::with_messages(
+        "mx2.test",
+        false,
+        vec![envelope(&["x@d.test", "y@d.test"]), envelope(&["z@d.test"])],
+    );
+    let sent = run_chunked(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_CHUNKING,
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "550 5.1.1 unknown\r\n",
+            "250 2.0.0 chunk\r\n",
+            "250 2.0.0 queued\r\n",
+            "250 reset\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "250 2.0.0 chunk\r\n",
+            "452 4.3.1 full\r\n",
+            "250 2.0.0 queued after all?\r\n",
+            "221 bye\r\n",
+        ],
+        2,
+    );
+    assert_eq!(
+        sent,
+        "EHLO mx2.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<x@d.test>\r\nRCPT TO:<y@d.test>\r\n<BDAT0x2>\r\n\
+         RSET\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<z@d.test>\r\n<BDAT1x2>\r\nQUIT\r\n"
+    );
+    assert_eq!(
+        c.all_results(),
+        [
+            vec![
+                RcptResult::Delivered("250 2.0.0 queued".into()),
+                RcptResult::Permanent("550 5.1.1 unknown".into())
+            ],
+            // A refused chunk decides: the reply to the last is not believed.
+            vec![RcptResult::Transient("452 4.3.1 full".into())],
+        ]
+    );
+}
+
+#[test]
+fn no_chunk_is_sent_when_no_recipient_was_accepted() {
+    let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
+    let sent = run_chunked(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_CHUNKING,
+            "250 ok\r\n",
+            "550 5.1.1 unknown\r\n",
+            "221 bye\r\n",
+        ],
+        1,
+    );
+    assert_eq!(
+        sent,
+        "EHLO mx2.test\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<x@d.test>\r\nQUIT\r\n"
+    );
+    assert_eq!(
+        c.results(),
+        [RcptResult::Permanent("550 5.1.1 unknown".into())]
+    );
+    // A refused MAIL: the RCPT replies are read, nothing is sent.
+    let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
+    let sent = run_chunked(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_CHUNKING,
+            "451 4.3.0 later\r\n",
+            "503 5.5.1 need MAIL\r\n",
+            "221 bye\r\n",
+        ],
+        1,
+    );
+    assert!(sent.ends_with("RCPT TO:<x@d.test>\r\nQUIT\r\n"), "{sent}");
+    assert_eq!(
+        c.results(),
+        [RcptResult::Transient("451 4.3.0 later".into())]
+    );
+}
+
+#[test]
+fn chunking_without_pipelining_uses_data() {
+    let mut c = ClientSession::new("mx2.test", false, envelope(&["x@d.test"]));
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            "250-mx.test\r\n250 CHUNKING\r\n",
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 queued\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert!(sent.contains("DATA\r\n<BODY0>"), "{sent}");
 }

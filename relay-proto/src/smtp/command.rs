@@ -68,7 +68,14 @@ pub enum Command {
     StartTls,
     /// ETRN (RFC 1985) with its node argument.
     Etrn(String),
-    /// Recognised but not offered (EXPN, TURN, AUTH, BDAT, ETRN …): 502.
+    /// BDAT (RFC 3030): `size` octets of message data follow the line.
+    Bdat {
+        /// The chunk's size in octets.
+        size: u64,
+        /// `LAST`: the chunk ends the message.
+        last: bool,
+    },
+    /// Recognised but not offered (EXPN, TURN, AUTH, ATRN …): 502.
     NotImplemented(&'static str),
 }
 
@@ -140,10 +147,38 @@ pub fn parse(line: &[u8]) -> Result<Command, SyntaxError> {
             }
         }
         "AUTH" => Ok(Command::NotImplemented("AUTH")),
-        "BDAT" => Ok(Command::NotImplemented("BDAT")),
+        "BDAT" => parse_bdat(args),
         "SEND" | "SOML" | "SAML" => Ok(Command::NotImplemented("SEND")),
         _ => Err(err(500, "5.5.2", "Syntax error, command unrecognized")),
     }
+}
+
+/// The line is a BDAT command, valid or not: after a BDAT whose chunk
+/// size cannot be read the session can no longer tell data from commands.
+pub fn is_bdat(line: &[u8]) -> bool {
+    line.len() >= 4
+        && line[..4].eq_ignore_ascii_case(b"BDAT")
+        && line.get(4).is_none_or(|b| *b == b' ')
+}
+
+/// `BDAT chunk-size [LAST]` (RFC 3030 §2): the size is 1*DIGIT.
+fn parse_bdat(args: &str) -> Result<Command, SyntaxError> {
+    let syntax = || err(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]");
+    let mut words = args.split(' ').filter(|w| !w.is_empty());
+    let size = words
+        .next()
+        .filter(|n| n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(syntax)?;
+    let last = match words.next() {
+        None => false,
+        Some(w) if w.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return Err(syntax()),
+    };
+    if words.next().is_some() {
+        return Err(syntax());
+    }
+    Ok(Command::Bdat { size, last })
 }
 
 fn parse_helo_name(args: &str) -> Result<String, SyntaxError> {
@@ -440,9 +475,47 @@ mod tests {
             parse(b"EXPN list").unwrap(),
             Command::NotImplemented("EXPN")
         );
+    }
+
+    #[test]
+    fn bdat_takes_a_size_and_an_optional_last() {
         assert_eq!(
             parse(b"BDAT 10 LAST").unwrap(),
-            Command::NotImplemented("BDAT")
+            Command::Bdat {
+                size: 10,
+                last: true
+            }
         );
+        assert_eq!(
+            parse(b"bdat 0 last").unwrap(),
+            Command::Bdat {
+                size: 0,
+                last: true
+            }
+        );
+        assert_eq!(
+            parse(b"BDAT 4096").unwrap(),
+            Command::Bdat {
+                size: 4096,
+                last: false
+            }
+        );
+        for bad in [
+            &b"BDAT"[..],
+            b"BDAT -1",
+            b"BDAT 1x",
+            b"BDAT 10 FIRST",
+            b"BDAT 10 LAST x",
+            b"BDAT 123456789012345678901",
+            b"BDAT +5",
+        ] {
+            let Err(SyntaxError(r)) = parse(bad) else {
+                panic!("{bad:?} parsed")
+            };
+            assert_eq!(r.code, 501, "{bad:?}");
+            assert!(is_bdat(bad), "{bad:?}");
+        }
+        assert!(!is_bdat(b"BDATX 1"));
+        assert!(!is_bdat(b"DATA"));
     }
 }

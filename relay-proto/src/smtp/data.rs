@@ -125,6 +125,12 @@ impl DataReceiver {
         }
     }
 
+    /// Takes a BDAT chunk's octets as they are (RFC 3030 §2: no dot
+    /// handling, no line-end repair); the size limit still applies.
+    pub fn feed_raw(&mut self, chunk: &[u8]) {
+        self.emit(chunk);
+    }
+
     /// Consumes as much of `input` as belongs to the message.
     pub fn feed(&mut self, input: &[u8]) -> Progress {
         let mut i = 0;

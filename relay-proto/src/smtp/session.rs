@@ -140,6 +140,14 @@ pub enum RcptVerdict {
 enum Mode {
     Command,
     Data(DataReceiver),
+    /// Reading a BDAT chunk (RFC 3030): `remaining` octets are data,
+    /// whatever they look like. With `refusal`, the chunk is read and
+    /// dropped, and the refusal is its reply.
+    Chunk {
+        remaining: u64,
+        last: bool,
+        refusal: Option<(&'static str, Reply)>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +171,8 @@ struct Transaction {
     pending_recipient: Option<(Mailbox, RcptDsn)>,
     /// Given at DATA, when our Received header is written.
     id: Option<QueueId>,
+    /// The message so far, from the BDAT chunks received (RFC 3030).
+    chunks: Option<DataReceiver>,
 }
 
 /// One SMTP server session.
@@ -298,11 +308,25 @@ impl Session {
         matches!(self.mode, Mode::Command)
             && self.waiting == Waiting::Nothing
             && self.inbuf.is_empty()
+            && !self.in_chunked_message()
     }
 
-    /// Receiving message data (after 354).
+    /// Receiving message data: after 354, or from the first BDAT chunk
+    /// until the last.
     pub fn in_data(&self) -> bool {
-        matches!(self.mode, Mode::Data(_))
+        !matches!(self.mode, Mode::Command) || self.in_chunked_message()
+    }
+
+    fn in_chunked_message(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.chunks.is_some())
+    }
+
+    /// The receiver of the message under way (DATA or BDAT), if any.
+    fn receiver(&mut self) -> Option<&mut DataReceiver> {
+        match &mut self.mode {
+            Mode::Data(recv) => Some(recv),
+            _ => self.tx.as_mut().and_then(|tx| tx.chunks.as_mut()),
+        }
     }
 
     /// A message waits for [`Action::Store`] to be answered.
@@ -314,7 +338,11 @@ impl Session {
     pub fn data_held(&self) -> usize {
         match &self.mode {
             Mode::Data(recv) => recv.held(),
-            Mode::Command => 0,
+            _ => self
+                .tx
+                .as_ref()
+                .and_then(|tx| tx.chunks.as_ref())
+                .map_or(0, DataReceiver::held),
         }
     }
 
@@ -324,23 +352,26 @@ impl Session {
     /// comes out of [`Action::Store`] with only what arrived after the last
     /// piece, which the driver appends to its file.
     pub fn take_data_over(&mut self, threshold: usize) -> Option<Vec<u8>> {
-        let Mode::Data(recv) = &mut self.mode else {
-            return None;
-        };
-        if recv.kept() < threshold || self.data_refusal.is_some() {
+        if self.data_refusal.is_some() {
             return None;
         }
-        if recv.taken() == 0 {
-            self.received_in_first_piece = Some(count_received_headers(recv.data()));
+        let recv = self.receiver()?;
+        if recv.kept() < threshold {
+            return None;
         }
+        let first = (recv.taken() == 0).then(|| count_received_headers(recv.data()));
         // Room for one more read (twice over: bare LFs become CRLF).
-        Some(recv.take_kept(threshold + 64 * 1024))
+        let piece = recv.take_kept(threshold + 64 * 1024);
+        if first.is_some() {
+            self.received_in_first_piece = first;
+        }
+        Some(piece)
     }
 
     /// Stops keeping the message being received (its memory is freed at
     /// once); the rest of the data is read and `reply` answers its end.
     pub fn refuse_data(&mut self, reply: Reply) {
-        if let Mode::Data(recv) = &mut self.mode {
+        if let Some(recv) = self.receiver() {
             recv.discard();
             self.data_refusal = Some(reply);
         }
@@ -358,6 +389,12 @@ impl Session {
         }
         // DATA fast path: hand the bytes straight to the receiver.
         if self.inbuf.is_empty() && self.waiting == Waiting::Nothing {
+            if matches!(self.mode, Mode::Chunk { .. }) {
+                let n = self.feed_chunk(bytes);
+                self.inbuf.extend_from_slice(&bytes[n..]);
+                self.process(now);
+                return;
+            }
             if let Mode::Data(recv) = &mut self.mode {
                 match recv.feed(bytes) {
                     Progress::NeedMore => return,
@@ -562,6 +599,20 @@ impl Session {
 
     fn process(&mut self, now: SystemTime) {
         while self.waiting == Waiting::Nothing {
+            if let Mode::Chunk { remaining, .. } = self.mode {
+                if remaining > 0 {
+                    if self.inbuf.is_empty() {
+                        return;
+                    }
+                    let input = std::mem::take(&mut self.inbuf);
+                    let n = self.feed_chunk(&input);
+                    self.inbuf = input;
+                    self.inbuf.drain(..n);
+                    continue;
+                }
+                self.chunk_done(now);
+                continue;
+            }
             if let Mode::Data(recv) = &mut self.mode {
                 match recv.feed(&self.inbuf) {
                     Progress::NeedMore => {
@@ -602,6 +653,15 @@ impl Session {
     fn handle_command(&mut self, line: &[u8], now: SystemTime) {
         let cmd = match command::parse(line) {
             Ok(c) => c,
+            Err(SyntaxError(r)) if command::is_bdat(line) => {
+                // Where the chunk ends is unknown: its data would be read
+                // as commands. Postfix ends the session too.
+                self.rejections.push(Rejection {
+                    reason: "syntax",
+                    code: r.code,
+                });
+                return self.close_with(&r);
+            }
             Err(SyntaxError(r)) => return self.reject("syntax", r),
         };
         match cmd {
@@ -615,6 +675,7 @@ impl Session {
                     "SMTPUTF8".into(),
                     "ENHANCEDSTATUSCODES".into(),
                     "DSN".into(),
+                    "CHUNKING".into(),
                 ];
                 if self.cfg.tls_available && self.tls.is_none() {
                     lines.push("STARTTLS".into());
@@ -635,6 +696,7 @@ impl Session {
             Command::Rcpt(mailbox, params) => self.rcpt(mailbox, params),
             Command::RcptPostmaster(params) => self.rcpt_postmaster(params),
             Command::Data => self.data(now),
+            Command::Bdat { size, last } => self.bdat(size, last, now),
             Command::Rset => {
                 self.tx = None;
                 self.reply(&Reply::new(250, "2.0.0", "Ok"));
@@ -652,7 +714,7 @@ impl Session {
             Command::Help => self.reply(&Reply::new(
                 214,
                 "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS ETRN",
+                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS ETRN",
             )),
             Command::StartTls => self.starttls(),
             Command::Etrn(node) => self.etrn(node),
@@ -716,6 +778,7 @@ impl Session {
             size_limit: self.cfg.max_message_size,
             pending_recipient: None,
             id: None,
+            chunks: None,
         });
         self.reply(&Reply::new(250, "2.1.0", "Ok"));
     }
@@ -798,11 +861,105 @@ impl Session {
                 Reply::new(554, "5.5.1", "Error: no valid recipients"),
             );
         }
-        let limit = usize::try_from(tx.size_limit).unwrap_or(usize::MAX);
-        // The trace header is written now, as Postfix does at DATA, so the
-        // client's data lands right behind it and is never copied again.
+        if tx.chunks.is_some() {
+            // RFC 3030 §2: DATA and BDAT are not mixed in one transaction.
+            return self.reject(
+                "sequence",
+                Reply::new(503, "5.5.1", "Error: DATA after BDAT in one transaction"),
+            );
+        }
+        let Some(recv) = self.start_message(now) else {
+            return;
+        };
+        self.mode = Mode::Data(recv);
+        self.reply(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+    }
+
+    /// `BDAT size [LAST]`: the next `size` octets are read whatever the
+    /// transaction's state, so a refused chunk never turns into commands.
+    fn bdat(&mut self, size: u64, last: bool, now: SystemTime) {
+        let refusal = match &self.tx {
+            None => Some((
+                "sequence",
+                Reply::new(503, "5.5.1", "Error: need MAIL command"),
+            )),
+            Some(tx) if tx.recipients.is_empty() => Some((
+                "sequence",
+                Reply::new(554, "5.5.1", "Error: no valid recipients"),
+            )),
+            Some(tx) if tx.chunks.is_none() => match self.start_message(now) {
+                Some(recv) => {
+                    if let Some(tx) = self.tx.as_mut() {
+                        tx.chunks = Some(recv);
+                    }
+                    None
+                }
+                None => return,
+            },
+            Some(_) => None,
+        };
+        self.mode = Mode::Chunk {
+            remaining: size,
+            last,
+            refusal,
+        };
+    }
+
+    /// Takes up to the rest of the current chunk from `input`; returns
+    /// the octets taken.
+    fn feed_chunk(&mut self, input: &[u8]) -> usize {
+        let Mode::Chunk {
+            remaining, refusal, ..
+        } = &mut self.mode
+        else {
+            return 0;
+        };
+        let n = usize::try_from(*remaining).map_or(input.len(), |r| r.min(input.len()));
+        *remaining -= n as u64;
+        if refusal.is_none() {
+            if let Some(recv) = self.tx.as_mut().and_then(|tx| tx.chunks.as_mut()) {
+                recv.feed_raw(&input[..n]);
+            }
+        }
+        n
+    }
+
+    /// A chunk has been read: answer it, and store the message after the
+    /// last one. A refused chunk ends the transaction (RFC 3030 §2: the
+    /// client must not go on with it).
+    fn chunk_done(&mut self, now: SystemTime) {
+        let Mode::Chunk { last, refusal, .. } = std::mem::replace(&mut self.mode, Mode::Command)
+        else {
+            return;
+        };
+        if let Some((reason, reply)) = refusal {
+            return self.reject(reason, reply);
+        }
+        let Some(mut tx) = self.tx.take() else { return };
+        let Some(recv) = tx.chunks.take() else { return };
+        if last {
+            return self.finish_message(tx, recv, now);
+        }
+        if let Some((reason, reply)) = self.message_fault(&recv) {
+            return self.reject(reason, reply);
+        }
+        let received = recv.size();
+        tx.chunks = Some(recv);
+        self.tx = Some(tx);
+        self.reply(&Reply::new(
+            250,
+            "2.0.0",
+            format!("Ok: {received} octets received"),
+        ));
+    }
+
+    /// A receiver for a new message, our trace header written first. The
+    /// header is written now, as Postfix does at DATA, so the client's
+    /// data lands right behind it and is never copied again.
+    fn start_message(&mut self, now: SystemTime) -> Option<DataReceiver> {
         let id = self.next_queue_id(now);
-        let Some(tx) = self.tx.as_mut() else { return };
+        let tx = self.tx.as_mut()?;
+        let limit = usize::try_from(tx.size_limit).unwrap_or(usize::MAX);
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
         let header = received_header(&ReceivedFields {
             helo: &helo,
@@ -816,8 +973,8 @@ impl Session {
         });
         tx.id = Some(id);
         self.received_in_first_piece = None;
-        self.mode = Mode::Data(DataReceiver::with_prefix(limit, header.as_bytes()));
-        self.reply(&Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+        self.data_refusal = None;
+        Some(DataReceiver::with_prefix(limit, header.as_bytes()))
     }
 
     fn etrn(&mut self, node: String) {
@@ -873,18 +1030,31 @@ impl Session {
             return;
         };
         let Some(tx) = self.tx.take() else { return };
+        self.finish_message(tx, recv, now);
+    }
+
+    /// Why the message under way cannot be kept, if it cannot: the
+    /// driver refused it (memory, spool), or it grew past the size limit.
+    fn message_fault(&mut self, recv: &DataReceiver) -> Option<(&'static str, Reply)> {
         if let Some(reply) = self.data_refusal.take() {
-            return self.reject("resources", reply);
+            return Some(("resources", reply));
         }
-        if recv.exceeded() {
-            return self.reject(
+        recv.exceeded().then(|| {
+            (
                 "size",
                 Reply::new(
                     552,
                     "5.3.4",
                     "Message size exceeds fixed maximum message size",
                 ),
-            );
+            )
+        })
+    }
+
+    /// The whole message is in: checks it and asks for it to be stored.
+    fn finish_message(&mut self, tx: Transaction, recv: DataReceiver, now: SystemTime) {
+        if let Some((reason, reply)) = self.message_fault(&recv) {
+            return self.reject(reason, reply);
         }
         let received = self
             .received_in_first_piece

@@ -764,3 +764,158 @@ fn queue_ids_differ_within_a_session_and_across_seeds() {
         }
     }
 }
+
+/// The body a test message was stored with, after our Received header.
+fn client_data(m: &AcceptedMessage) -> &[u8] {
+    let end = m.body.windows(4).position(|w| w == b";\r\n\t").unwrap() + 4;
+    let line_end = m.body[end..].windows(2).position(|w| w == b"\r\n").unwrap();
+    &m.body[end + line_end + 2..]
+}
+
+#[test]
+fn chunking_is_advertised() {
+    let mut t = Transcript::new();
+    let out = t.send("EHLO client.test\r\n");
+    assert!(out.contains("250-CHUNKING\r\n"), "{out}");
+    assert!(!out.contains("BINARYMIME"), "{out}");
+}
+
+#[test]
+fn bdat_chunks_are_taken_byte_exact_and_pipelined() {
+    let tricky: &[u8] =
+        b"Subject: dots\r\n\r\n.leading dot\r\n.\r\nbare\nlf and bare\rcr\r\n..two\r\n";
+    let (a, b) = tricky.split_at(20);
+    let mut t = Transcript::new();
+    t.ehlo();
+    let mut wire = b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<user@example.test>\r\n".to_vec();
+    wire.extend_from_slice(format!("BDAT {}\r\n", a.len()).as_bytes());
+    wire.extend_from_slice(a);
+    wire.extend_from_slice(format!("BDAT {} LAST\r\n", b.len()).as_bytes());
+    wire.extend_from_slice(b);
+    wire.extend_from_slice(b"NOOP\r\n");
+    let out = t.send(&wire);
+    assert_eq!(codes(&out), ["250", "250", "250", "250", "250"], "{out}");
+    assert!(
+        out.contains("250 2.0.0 Ok: 20 octets received\r\n"),
+        "{out}"
+    );
+    assert!(out.contains("Ok: queued as"), "{out}");
+    assert_eq!(t.stored.len(), 1);
+    assert_eq!(client_data(&t.stored[0]), tricky);
+}
+
+#[test]
+fn bdat_split_across_reads_and_empty_last_chunk() {
+    let mut t = Transcript::new();
+    t.envelope();
+    let body = b"Subject: x\r\n\r\nBDAT 5 LAST\r\nQUIT\r\n";
+    let mut wire = format!("BDAT {}\r\n", body.len()).into_bytes();
+    wire.extend_from_slice(body);
+    wire.extend_from_slice(b"BDAT 0 LAST\r\n");
+    let mut out = String::new();
+    for byte in &wire {
+        out.push_str(&t.send([*byte]));
+    }
+    assert_eq!(codes(&out), ["250", "250"], "{out}");
+    assert!(!t.closed, "commands inside a chunk are data");
+    assert_eq!(client_data(&t.stored[0]), body);
+}
+
+#[test]
+fn bdat_over_the_size_limit_is_refused_and_nothing_is_stored() {
+    let mut t = Transcript::with(SessionConfig {
+        max_message_size: 100,
+        ..SessionConfig::default()
+    });
+    t.envelope();
+    let mut wire = b"BDAT 60\r\n".to_vec();
+    wire.extend_from_slice(&[b'a'; 60]);
+    wire.extend_from_slice(b"BDAT 60\r\n");
+    wire.extend_from_slice(&[b'b'; 60]);
+    wire.extend_from_slice(b"BDAT 10 LAST\r\n");
+    wire.extend_from_slice(&[b'c'; 10]);
+    let out = t.send(&wire);
+    assert_eq!(codes(&out), ["250", "552", "503"], "{out}");
+    assert!(out.contains("552 5.3.4"), "{out}");
+    assert!(t.stored.is_empty());
+    // The session is in step: the next transaction goes through.
+    t.cmd("MAIL FROM:<a@remote.test>", "250 2.1.0");
+    t.cmd("RCPT TO:<user@example.test>", "250 2.1.5");
+    t.cmd("BDAT 5 LAST\r\nhello", "250 2.0.0 Ok: queued");
+    assert_eq!(client_data(&t.stored[0]), b"hello");
+}
+
+#[test]
+fn a_refused_bdat_chunk_is_still_read_and_never_runs_as_commands() {
+    let mut t = Transcript::new();
+    t.ehlo();
+    let out = t.send("BDAT 18\r\nRSET\r\nQUIT\r\nNOOP\r\nNOOP\r\n");
+    assert!(out.starts_with("503 5.5.1"), "{out}");
+    assert_eq!(codes(&out), ["503", "250"], "{out}");
+    assert!(!t.closed);
+    t.cmd("MAIL FROM:<a@remote.test>", "250");
+    t.cmd("RCPT TO:<x@nowhere.test>", "550");
+    let out = t.send("BDAT 6 LAST\r\nQUIT\r\n");
+    assert!(out.starts_with("554 5.5.1"), "{out}");
+    assert!(!t.closed);
+}
+
+#[test]
+fn data_and_bdat_do_not_mix() {
+    let mut t = Transcript::new();
+    t.envelope();
+    t.cmd("BDAT 3\r\nabc", "250 2.0.0");
+    t.cmd("DATA", "503 5.5.1");
+    t.cmd("BDAT 3 LAST\r\ndef", "250 2.0.0 Ok: queued");
+    assert_eq!(client_data(&t.stored[0]), b"abcdef");
+    // RSET drops a half-sent message.
+    t.cmd("MAIL FROM:<a@remote.test>", "250");
+    t.cmd("RCPT TO:<user@example.test>", "250");
+    t.cmd("BDAT 3\r\nabc", "250 2.0.0");
+    assert!(t.session.in_data() && !t.session.is_idle());
+    t.cmd("RSET", "250");
+    assert!(!t.session.in_data());
+    t.cmd("BDAT 1 LAST\r\nx", "503");
+    assert_eq!(t.stored.len(), 1);
+}
+
+#[test]
+fn a_bdat_line_without_a_size_ends_the_session() {
+    let mut t = Transcript::new();
+    t.envelope();
+    let out = t.send("BDAT ten\r\nMAIL FROM:<x@y.test>\r\n");
+    assert!(out.starts_with("501 5.5.4"), "{out}");
+    assert_eq!(codes(&out), ["501"], "{out}");
+    assert!(t.closed);
+}
+
+#[test]
+fn a_chunked_message_can_leave_memory_while_it_arrives() {
+    let mut t = Transcript::new();
+    t.envelope();
+    let mut sent = Vec::new();
+    let mut pieces = Vec::new();
+    for i in 0..30 {
+        let chunk = format!("line {i}\r\n{}\n", "y".repeat(10_000)).into_bytes();
+        let mut wire = format!("BDAT {}\r\n", chunk.len()).into_bytes();
+        wire.extend_from_slice(&chunk);
+        sent.extend_from_slice(&chunk);
+        assert!(t.send(&wire).starts_with("250 2.0.0"));
+        assert!(t.session.in_data());
+        if let Some(piece) = t.session.take_data_over(50_000) {
+            pieces.push(piece);
+        }
+    }
+    assert!(t.send("BDAT 0 LAST\r\n").contains("queued as"));
+    assert!(pieces.len() >= 4);
+    let mut joined = pieces.concat();
+    joined.extend_from_slice(&t.stored[0].body);
+    let start = joined.windows(4).position(|w| w == b";\r\n\t").unwrap() + 4;
+    let start = start
+        + joined[start..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .unwrap()
+        + 2;
+    assert_eq!(&joined[start..], &sent[..]);
+}
