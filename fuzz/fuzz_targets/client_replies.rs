@@ -13,6 +13,7 @@ fuzz_target!(|data: &[u8]| {
         eight_bit: true,
         dsn: Default::default(),
         recipient_dsn: Vec::new(),
+        tls_request: None,
     };
     // Two messages over one connection: the batch path too.
     let second = Envelope { recipients: vec!["z@d.test".into()], ..env.clone() };

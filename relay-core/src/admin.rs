@@ -854,6 +854,7 @@ pub fn entry_json(e: &QueueEntry) -> Value {
         "helo": e.helo,
         "dsn_ret": e.dsn.ret.map(|r| r.keyword()),
         "dsn_envid": e.dsn.envid,
+        "tls_request": e.tls_request.map(|r| r.as_str()),
     })
 }
 

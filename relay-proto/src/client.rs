@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use crate::queue::{MessageDsn, RcptDsn};
+use crate::queue::{MessageDsn, RcptDsn, TlsRequest};
 
 /// A reply received from a server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,7 +121,7 @@ impl ReplyParser {
 }
 
 /// What the message needs from the server.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Envelope {
     /// Empty for the null sender.
     pub sender: String,
@@ -137,6 +137,9 @@ pub struct Envelope {
     pub dsn: MessageDsn,
     /// RFC 3461 `NOTIFY=`/`ORCPT=` per recipient (empty: none asked).
     pub recipient_dsn: Vec<RcptDsn>,
+    /// RFC 8689: REQUIRETLS (sent only over verified TLS, passed on), or
+    /// `TLS-Required: No` (for the driver's planning).
+    pub tls_request: Option<TlsRequest>,
 }
 
 /// The result for one recipient of one attempt.
@@ -210,6 +213,7 @@ struct Extensions {
     eight_bit: bool,
     smtputf8: bool,
     chunking: bool,
+    requiretls: bool,
 }
 
 /// One SMTP client session delivering one message.
@@ -222,6 +226,9 @@ pub struct ClientSession {
     tls_required: bool,
     /// The session ended because the TLS requirement could not be met.
     tls_policy_failed: bool,
+    /// The TLS this session requires verifies the server (MTA-STS, DANE,
+    /// `tls = "verified"`): REQUIRETLS messages may go.
+    tls_verified: bool,
     envelope: Envelope,
     /// Index of `envelope` among all messages of the session.
     current: usize,
@@ -272,21 +279,14 @@ impl ClientSession {
     /// (`RSET` between them).
     pub fn with_messages(helo_name: &str, try_tls: bool, envelopes: Vec<Envelope>) -> Self {
         let mut more: VecDeque<Envelope> = envelopes.into();
-        let envelope = more.pop_front().unwrap_or(Envelope {
-            dsn: Default::default(),
-            recipient_dsn: Vec::new(),
-            sender: String::new(),
-            recipients: Vec::new(),
-            size: 0,
-            smtputf8: false,
-            eight_bit: false,
-        });
+        let envelope = more.pop_front().unwrap_or_default();
         let n = envelope.recipients.len();
         ClientSession {
             helo_name: helo_name.to_string(),
             try_tls,
             tls_required: false,
             tls_policy_failed: false,
+            tls_verified: false,
             envelope,
             current: 0,
             more,
@@ -356,6 +356,15 @@ impl ClientSession {
     pub fn require_tls(mut self) -> Self {
         self.try_tls = true;
         self.tls_required = true;
+        self
+    }
+
+    /// [`require_tls`](ClientSession::require_tls) with a certificate
+    /// that is verified (by the driver's TLS configuration): messages sent
+    /// with REQUIRETLS (RFC 8689) may go on this session.
+    pub fn require_verified_tls(mut self) -> Self {
+        self = self.require_tls();
+        self.tls_verified = true;
         self
     }
 
@@ -664,6 +673,23 @@ impl ClientSession {
             ));
             return self.end_transaction();
         }
+        if env.tls_request == Some(TlsRequest::Requiretls) {
+            if !(self.tls_active && self.tls_verified) {
+                // RFC 8689 §5: never in the clear or unverified; it waits
+                // for a verified path (MTA-STS, DANE, tls = "verified").
+                self.fail_all(RcptResult::Transient(
+                    "REQUIRETLS: no TLS verified by MTA-STS, DANE or tls = \"verified\" to this host"
+                        .into(),
+                ));
+                return self.end_transaction();
+            }
+            if !self.ext.requiretls {
+                self.fail_all(RcptResult::Permanent(
+                    "550 5.7.10 REQUIRETLS: the next hop does not offer REQUIRETLS".into(),
+                ));
+                return self.end_transaction();
+            }
+        }
         if let Some(limit) = self.ext.size.filter(|&l| l > 0) {
             if env.size > limit {
                 self.fail_all(RcptResult::Permanent(format!(
@@ -682,6 +708,9 @@ impl ClientSession {
         }
         if env.smtputf8 {
             mail.push_str(" SMTPUTF8");
+        }
+        if env.tls_request == Some(TlsRequest::Requiretls) {
+            mail.push_str(" REQUIRETLS");
         }
         if self.ext.dsn {
             if let Some(ret) = env.dsn.ret {
@@ -819,6 +848,7 @@ fn parse_extensions(r: &Response) -> Extensions {
             "8BITMIME" => ext.eight_bit = true,
             "SMTPUTF8" => ext.smtputf8 = true,
             "CHUNKING" => ext.chunking = true,
+            "REQUIRETLS" => ext.requiretls = true,
             "SIZE" => ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
             _ => {}
         }

@@ -188,9 +188,12 @@ pub fn build(
         m.push_str(&format!("Last-Attempt-Date: {date}\r\n"));
     }
     // RET=FULL: the whole message when we have it and it is small (the
-    // same limit as the headers); else, and by default, its headers.
+    // same limit as the headers); else, and by default, its headers. A
+    // REQUIRETLS message's body never goes back (RFC 8689 §5): the notice
+    // may travel where the message could not.
     let whole = any_failed
         && entry.dsn.ret == Some(Ret::Full)
+        && entry.tls_request != Some(crate::queue::TlsRequest::Requiretls)
         && entry.size <= headers_max as u64
         && original.len() as u64 >= entry.size;
     let mut out;
@@ -232,6 +235,7 @@ mod tests {
     fn report_has_the_rfc3464_parts() {
         let entry = QueueEntry {
             delay_warned: false,
+            tls_request: None,
             dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: QueueId::new(SystemTime::now(), 1),

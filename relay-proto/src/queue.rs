@@ -168,11 +168,35 @@ pub struct AcceptedMessage {
     pub spooled: Option<SpooledBody>,
     /// RFC 3461 `RET=` and `ENVID=`.
     pub dsn: MessageDsn,
+    /// RFC 8689: REQUIRETLS, or `TLS-Required: No`.
+    pub tls_request: Option<TlsRequest>,
     /// Hosted domains whose destination is known to be down, with the time
     /// their entry is first due. As with Postfix's dead-destination cache,
     /// such mail is queued deferred instead of due now, so a backlog does
     /// not cost a write per message to push it back.
     pub deferred: Vec<(DomainName, u64)>,
+}
+
+/// What the sender asked of the TLS of the hops after us (RFC 8689).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsRequest {
+    /// `MAIL FROM:<…> REQUIRETLS`: only over TLS verified by MTA-STS, DANE
+    /// or `tls = "verified"`, to a next hop that offers REQUIRETLS.
+    Requiretls,
+    /// `TLS-Required: No` (§4.2.1): the domain's TLS policy, MTA-STS and
+    /// DANE are ignored; TLS is still used when offered.
+    NotRequired,
+}
+
+impl TlsRequest {
+    /// The name in records, logs and the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsRequest::Requiretls => "requiretls",
+            TlsRequest::NotRequired => "not_required",
+        }
+    }
 }
 
 /// A message body in a file of the ingest's spool directory.
@@ -279,6 +303,9 @@ pub struct QueueEntry {
     /// The one "delayed" notice for this message was sent.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub delay_warned: bool,
+    /// RFC 8689: REQUIRETLS, or `TLS-Required: No`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_request: Option<TlsRequest>,
 }
 
 /// Why stored bytes are not a queue record this build reads.
@@ -367,6 +394,7 @@ impl AcceptedMessage {
                 eight_bit: self.eight_bit,
                 dsn: self.dsn.clone(),
                 delay_warned: false,
+                tls_request: self.tls_request,
             })
             .collect()
     }
@@ -397,6 +425,7 @@ mod tests {
             body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
             deferred: Vec::new(),
             spooled: None,
+            tls_request: None,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod pki;
 pub mod postfix;
 pub mod rspamd;
 pub mod sink;
+pub mod smtp_tls;
 pub mod soak;
 
 use std::io::{BufRead, BufReader, Read, Write};

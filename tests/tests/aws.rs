@@ -265,6 +265,7 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
         body: BODY.as_bytes().to_vec(),
         deferred: Vec::new(),
         spooled: None,
+        tls_request: None,
     };
     spool.accept(message).await.unwrap();
     let received = store
@@ -479,6 +480,7 @@ async fn a_slow_primary_does_not_fail_the_whole_lambda_batch() {
                 body: BODY.as_bytes().to_vec(),
                 deferred: Vec::new(),
                 spooled: None,
+                tls_request: None,
             })
             .await
             .unwrap();

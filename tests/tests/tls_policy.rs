@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use backupmx_tests::pki::Pki;
+use backupmx_tests::smtp_tls::TlsClient;
 use backupmx_tests::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -551,4 +552,146 @@ mod dane {
         send(&t.backup);
         delivered(&t.backup, &t.primary);
     }
+}
+
+/// The backup for REQUIRETLS tests: `policy` towards `primary`, and a
+/// certificate of its own so that senders can protect their sessions.
+fn requiretls_backup(primary: std::net::SocketAddr, policy: &str, pki: &Pki) -> Server {
+    Server::start_run(
+        "",
+        &format!(
+            "tls = \"{policy}\"\n[delivery]\ntls_ca_file = \"{}\"\nretry_initial = \"1h\"\nretry_max = \"2h\"\n{}",
+            pki.ca_file().display(),
+            pki.tls_section("backup", &["127.0.0.1"], true)
+        ),
+        &format!("[\"{primary}\"]"),
+    )
+}
+
+/// Sends a REQUIRETLS message over a protected session.
+fn send_requiretls(s: &Server, pki: &Pki) {
+    let mut t = TlsClient::connect(s.addr, &pki.ca_file());
+    assert!(t.ehlo.contains("REQUIRETLS"), "{}", t.ehlo);
+    let r = t.send_message(
+        "alice@remote.test",
+        " REQUIRETLS",
+        &["bob@example.test"],
+        "Subject: secret\r\n\r\nfor TLS only\r\n",
+    );
+    assert!(r.starts_with("250"), "{r}");
+}
+
+/// RFC 8689: REQUIRETLS is offered only under TLS; such a message never
+/// goes over a hop whose TLS is not verified (it waits, with the reason,
+/// and the primary is not taken for down), and goes with the parameter
+/// once the domain's TLS is `verified`.
+#[test]
+fn requiretls_mail_waits_for_verified_tls_and_goes_with_the_parameter() {
+    let pki = Pki::new();
+    let p = primary(&pki.tls_section("good", &["127.0.0.1"], true));
+    let s = requiretls_backup(p.addr, "opportunistic", &pki);
+    let mut c = s.client();
+    let ehlo = c.cmd("EHLO client.test");
+    assert!(
+        ehlo.contains("STARTTLS") && !ehlo.contains("REQUIRETLS"),
+        "{ehlo}"
+    );
+    c.expect("MAIL FROM:<alice@remote.test> REQUIRETLS", "530 5.7.10");
+
+    send_requiretls(&s, &pki);
+    let error = last_error(&s);
+    assert!(error.starts_with("REQUIRETLS: no TLS verified"), "{error}");
+    assert_eq!(s.queue()[0]["tls_request"], "requiretls");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(p.queue().is_empty(), "sent without verified TLS");
+    assert!(!s.log().contains("destination_down"), "{}", s.log());
+
+    succeeded(&s.cli(&["domain", "set", "example.test", "--tls", "verified"]));
+    succeeded(&s.cli(&["queue", "flush"]));
+    delivered(&s, &p);
+    // The primary (a backupmx too) got MAIL FROM with REQUIRETLS.
+    assert_eq!(p.queue()[0]["tls_request"], "requiretls");
+}
+
+/// RFC 8689 §5: to a primary with a verified certificate that does not
+/// offer REQUIRETLS (Debian's Postfix 3.7), the message is not sent: it
+/// comes back with 5.7.10, the notice without the body.
+#[test]
+fn requiretls_mail_to_a_primary_without_requiretls_comes_back_with_5_7_10() {
+    use backupmx_tests::postfix::{Postfix, PostfixOptions};
+    let pki = Pki::new();
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = pki.issue(&["127.0.0.1"], true);
+    std::fs::write(keys.path().join("cert.pem"), cert).expect("cert");
+    std::fs::write(keys.path().join("key.pem"), key).expect("key");
+    for (path, mode) in [
+        (keys.path().to_path_buf(), "755"),
+        (keys.path().join("cert.pem"), "644"),
+        (keys.path().join("key.pem"), "644"),
+    ] {
+        let _ = std::process::Command::new("chmod")
+            .arg(mode)
+            .arg(path)
+            .status();
+    }
+    let port = free_port();
+    let mut postfix = Postfix::new(
+        port,
+        &PostfixOptions {
+            domains: vec!["example.test".into()],
+            tls: Some((keys.path().join("cert.pem"), keys.path().join("key.pem"))),
+            ..PostfixOptions::default()
+        },
+    );
+    postfix.start();
+    let s = requiretls_backup(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        "verified",
+        &pki,
+    );
+    send_requiretls(&s, &pki);
+    let notice = eventually(WAIT, "the notice queued", || {
+        s.queue().into_iter().find(|e| e["sender"] == "")
+    });
+    assert_eq!(notice["tls_request"], "requiretls", "{notice}");
+    let text = String::from_utf8_lossy(&s.raw(notice["id"].as_str().unwrap())).to_string();
+    assert!(text.contains("Status: 5.7.10"), "{text}");
+    assert!(text.contains("Subject: secret"), "{text}");
+    assert!(!text.contains("for TLS only"), "{text}");
+    assert!(postfix.maildir().is_empty());
+    // It got as far as a TLS session and Postfix's EHLO, and no MAIL.
+    let log = postfix.log();
+    let sessions: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("disconnect from") && l.contains(" ehlo="))
+        .collect();
+    assert!(
+        !sessions.is_empty()
+            && sessions
+                .iter()
+                .all(|l| l.contains(" starttls=1") && !l.contains(" mail=")),
+        "{log}"
+    );
+}
+
+/// RFC 8689 §4.2.1: a message whose header says `TLS-Required: No` waives
+/// the domain's TLS policy (and MTA-STS and DANE): it goes to a primary
+/// without STARTTLS that the policy would refuse, while other mail waits.
+#[test]
+fn tls_required_no_waives_the_domains_tls_policy() {
+    let pki = Pki::new();
+    let p = primary("");
+    let s = backup(&p, "verified", &pki.ca_file());
+    let mut c = s.client();
+    let reply = c.send_message(
+        "alice@remote.test",
+        &["bob@example.test"],
+        "Subject: newsletter\r\nTLS-Required: No\r\n\r\nnot secret\r\n",
+    );
+    assert!(reply.starts_with("250"), "{reply}");
+    delivered(&s, &p);
+    send(&s);
+    let error = last_error(&s);
+    assert!(error.contains("does not offer STARTTLS"), "{error}");
+    assert_eq!(p.queue().len(), 1);
 }

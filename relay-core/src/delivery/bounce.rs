@@ -102,6 +102,11 @@ impl Bouncer {
             body: message,
             deferred: Vec::new(),
             spooled: None,
+            // RFC 8689 §5: the notice of a REQUIRETLS message is sent the
+            // same way.
+            tls_request: entry
+                .tls_request
+                .filter(|r| *r == crate::queue::TlsRequest::Requiretls),
         })
     }
 }
@@ -177,6 +182,7 @@ mod tests {
     fn entry(sender: &str) -> QueueEntry {
         QueueEntry {
             delay_warned: false,
+            tls_request: None,
             dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: QueueId::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1000), 7),

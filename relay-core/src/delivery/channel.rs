@@ -81,7 +81,7 @@ impl Engine {
         let explicit = self.router.explicit(domain, record.as_ref());
         let plans = self
             .hops
-            .plans(domain, record.as_ref(), explicit, targets, now)
+            .plans(domain, record.as_ref(), explicit, targets, now, &[])
             .await
             .map_err(ChannelError::TlsPolicy)?;
         let helo = &self.cfg.me.hostname;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_proto::client::{Envelope, RcptResult};
+use relay_proto::queue::TlsRequest;
 
 use crate::address::DomainName;
 use crate::dns::Resolver;
@@ -197,7 +198,18 @@ impl Hops {
         explicit: bool,
         targets: Vec<Target>,
         now: u64,
+        envelopes: &[Envelope],
     ) -> Result<Vec<(Target, HopPlan)>, String> {
+        let not_required = Some(TlsRequest::NotRequired);
+        if !envelopes.is_empty() && envelopes.iter().all(|e| e.tls_request == not_required) {
+            // RFC 8689 §4.2.1 `TLS-Required: No`: the sender waives the
+            // domain's TLS policy, MTA-STS and DANE; TLS stays
+            // opportunistic.
+            return Ok(targets
+                .into_iter()
+                .map(|t| (t, HopPlan::own(TlsPolicy::Opportunistic)))
+                .collect());
+        }
         let plans = self
             .sts_plans(domain, record, explicit, targets, now)
             .await?;
@@ -359,6 +371,20 @@ impl Hops {
     ) -> SessionReport {
         let mut last = None;
         for (target, plan) in plans {
+            if plan.dane.is_none()
+                && plan.tls != TlsPolicy::Verified
+                && envelopes
+                    .iter()
+                    .all(|e| e.tls_request == Some(TlsRequest::Requiretls))
+            {
+                // RFC 8689: no verified TLS on this hop, so nothing here to
+                // send; the host is not down for that.
+                last = Some(policy_refusal(
+                    envelopes,
+                    "REQUIRETLS: no TLS verified by MTA-STS, DANE or tls = \"verified\" to this host",
+                ));
+                continue;
+            }
             let fallback = Self::fallback_of(plan);
             for addr in &target.addrs {
                 let session = |tls| {
@@ -412,10 +438,10 @@ impl Hops {
     /// The client TLS a plan asks for.
     pub(crate) fn hop_tls<'a>(&'a self, plan: &'a HopPlan) -> HopTls<'a> {
         if let Some(dane) = &plan.dane {
-            return HopTls::Required(dane);
+            return HopTls::Verified(dane);
         }
         match (plan.tls, self.tls.as_ref()) {
-            (TlsPolicy::Verified, _) => HopTls::Required(&self.verifying),
+            (TlsPolicy::Verified, _) => HopTls::Verified(&self.verifying),
             (TlsPolicy::Required, _) => HopTls::Required(&self.any_certificate),
             (TlsPolicy::Opportunistic, Some(c)) => HopTls::Opportunistic(c),
             (TlsPolicy::Opportunistic, None) => HopTls::Off,

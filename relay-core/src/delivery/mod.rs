@@ -317,6 +317,7 @@ impl Engine {
                         explicit,
                         targets,
                         unix_seconds(now),
+                        &envelopes,
                     )
                     .await;
                 let mut report = match plans {
@@ -493,6 +494,7 @@ fn envelope_of(entry: &QueueEntry, pending: &[usize]) -> Envelope {
         size: entry.size,
         smtputf8: entry.smtputf8,
         eight_bit: entry.eight_bit,
+        tls_request: entry.tls_request,
     }
 }
 
@@ -518,6 +520,7 @@ mod tests {
     fn entry(domain: &DomainName, statuses: &[RecipientStatus]) -> QueueEntry {
         QueueEntry {
             delay_warned: false,
+            tls_request: None,
             dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: crate::queue::new_id(SystemTime::now()),

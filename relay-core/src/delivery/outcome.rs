@@ -235,6 +235,7 @@ mod tests {
     fn entry(received_at: u64, recipients: &[&str]) -> QueueEntry {
         QueueEntry {
             delay_warned: false,
+            tls_request: None,
             dsn: Default::default(),
             version: QUEUE_RECORD_VERSION,
             id: QueueId::new(SystemTime::UNIX_EPOCH + Duration::from_secs(received_at), 1),

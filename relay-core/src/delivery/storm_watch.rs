@@ -406,6 +406,7 @@ mod tests {
             size: 10,
             smtputf8: false,
             eight_bit: false,
+            tls_request: None,
         }
     }
 

@@ -104,9 +104,12 @@ pub enum HopTls<'a> {
     Off,
     /// STARTTLS when offered; plaintext otherwise.
     Opportunistic(&'a Arc<rustls::ClientConfig>),
-    /// STARTTLS or nothing, with this configuration (which verifies the
-    /// certificate, or not).
+    /// STARTTLS or nothing, with this configuration, which accepts any
+    /// certificate (`tls = "required"`).
     Required(&'a Arc<rustls::ClientConfig>),
+    /// STARTTLS or nothing, with this configuration, which verifies the
+    /// certificate (Web PKI, a private CA or DANE): REQUIRETLS mail may go.
+    Verified(&'a Arc<rustls::ClientConfig>),
 }
 
 /// The client TLS configuration that verifies the next hop's certificate
@@ -346,6 +349,7 @@ fn session_for<'a>(
         HopTls::Off => (make(false), None),
         HopTls::Opportunistic(c) => (make(true), Some(c)),
         HopTls::Required(c) => (make(true).require_tls(), Some(c)),
+        HopTls::Verified(c) => (make(true).require_verified_tls(), Some(c)),
     }
 }
 

@@ -32,6 +32,7 @@ pub(crate) fn message(rcpts: &[&str]) -> AcceptedMessage {
         body: b"Received: x\r\nSubject: s\r\n\r\nbody\x00\xff\r\n".to_vec(),
         deferred: Vec::new(),
         spooled: None,
+        tls_request: None,
     }
 }
 
@@ -78,6 +79,8 @@ pub(crate) async fn spool_contract(
     m.dsn.envid = Some("QQ+2B1".into());
     m.recipients[2].dsn.notify = crate::dsn_params::Notify::parse("NEVER");
     m.recipients[2].dsn.orcpt = Some("rfc822;c+40one.test".into());
+    // And what it asked of TLS (RFC 8689).
+    m.tls_request = Some(crate::queue::TlsRequest::Requiretls);
     let body = m.body.clone();
     let ids = spool.accept(m.clone()).await.unwrap();
     assert_eq!(ids, vec![m.id.clone(), m.id.with_suffix(2)]);
@@ -92,6 +95,7 @@ pub(crate) async fn spool_contract(
     assert_eq!(entry.domain.as_str(), "one.test");
     assert_eq!(entry.recipients.len(), 2);
     assert_eq!(entry.dsn, m.dsn);
+    assert_eq!(entry.tls_request, m.tls_request);
     assert_eq!(entry.recipients[1].dsn, m.recipients[2].dsn);
     assert!(entry.recipients[0].dsn.is_empty());
     assert!(entry

@@ -1,6 +1,7 @@
 //! Client transcripts: scripted server replies, no sockets.
 
 use super::*;
+use crate::queue::TlsRequest;
 
 fn reply(text: &str) -> Response {
     let mut p = ReplyParser::default();
@@ -17,6 +18,7 @@ fn envelope(rcpts: &[&str]) -> Envelope {
         size: 100,
         smtputf8: false,
         eight_bit: false,
+        tls_request: None,
     }
 }
 
@@ -877,4 +879,81 @@ fn chunking_without_pipelining_uses_data() {
         ],
     );
     assert!(sent.contains("DATA\r\n<BODY0>"), "{sent}");
+}
+
+fn requiretls_envelope() -> Envelope {
+    Envelope {
+        tls_request: Some(TlsRequest::Requiretls),
+        ..envelope(&["x@d.test"])
+    }
+}
+
+const EHLO_TLS_REQUIRETLS: &str =
+    "250-mx.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 REQUIRETLS\r\n";
+
+#[test]
+fn requiretls_mail_goes_only_over_verified_tls_to_a_server_that_offers_it() {
+    // Opportunistic TLS: never, whatever the server offers.
+    let mut c = ClientSession::new("mx2.test", true, requiretls_envelope());
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_TLS_REQUIRETLS,
+            "220 go\r\n",
+            EHLO_TLS_REQUIRETLS,
+            "221 bye\r\n",
+        ],
+    );
+    assert!(!sent.contains("MAIL"), "{sent}");
+    assert!(matches!(&c.results()[0], RcptResult::Transient(t) if t.starts_with("REQUIRETLS")));
+    // Required but unverified TLS: the same.
+    let mut c = ClientSession::new("mx2.test", true, requiretls_envelope()).require_tls();
+    run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_TLS_REQUIRETLS,
+            "220 go\r\n",
+            EHLO_TLS_REQUIRETLS,
+            "221 bye\r\n",
+        ],
+    );
+    assert!(matches!(&c.results()[0], RcptResult::Transient(_)));
+    // Verified, and offered: the parameter goes on.
+    let mut c = ClientSession::new("mx2.test", true, requiretls_envelope()).require_verified_tls();
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            EHLO_TLS_REQUIRETLS,
+            "220 go\r\n",
+            EHLO_TLS_REQUIRETLS,
+            "250 ok\r\n",
+            "250 ok\r\n",
+            "354 go\r\n",
+            "250 queued\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert!(
+        sent.contains("MAIL FROM:<a@remote.test> REQUIRETLS\r\n"),
+        "{sent}"
+    );
+    assert_eq!(c.results(), [RcptResult::Delivered("250 queued".into())]);
+    // Verified, not offered: returned with 5.7.10, nothing sent.
+    let mut c = ClientSession::new("mx2.test", true, requiretls_envelope()).require_verified_tls();
+    let plain = "250-mx.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n";
+    let sent = run(
+        &mut c,
+        &[
+            "220 hi\r\n",
+            plain,
+            "220 go\r\n",
+            "250-mx.test\r\n250 PIPELINING\r\n",
+            "221 bye\r\n",
+        ],
+    );
+    assert!(!sent.contains("MAIL"), "{sent}");
+    assert!(matches!(&c.results()[0], RcptResult::Permanent(t) if t.contains("5.7.10")));
 }

@@ -29,6 +29,8 @@ pub struct MailParams {
     pub smtputf8: bool,
     /// RFC 3461 `RET=` and `ENVID=` (kept as the xtext received).
     pub dsn: MessageDsn,
+    /// RFC 8689 `REQUIRETLS`.
+    pub requiretls: bool,
 }
 
 /// RCPT TO parameters: RFC 3461's `NOTIFY=` and `ORCPT=`.
@@ -235,6 +237,7 @@ fn parse_mail(args: &str) -> Result<Command, SyntaxError> {
                 });
             }
             ("SMTPUTF8", None) if !out.smtputf8 => out.smtputf8 = true,
+            ("REQUIRETLS", None) if !out.requiretls => out.requiretls = true,
             ("RET", Some(v)) if out.dsn.ret.is_none() => {
                 out.dsn.ret = Some(
                     Ret::parse(v).ok_or_else(|| err(501, "5.5.4", "RET must be FULL or HDRS"))?,
@@ -246,7 +249,7 @@ fn parse_mail(args: &str) -> Result<Command, SyntaxError> {
                 }
                 out.dsn.envid = Some(v.to_string());
             }
-            ("SIZE" | "BODY" | "SMTPUTF8" | "RET" | "ENVID", _) => {
+            ("SIZE" | "BODY" | "SMTPUTF8" | "RET" | "ENVID" | "REQUIRETLS", _) => {
                 return Err(err(501, "5.5.4", "Invalid or repeated parameter"));
             }
             _ => return Err(err(555, "5.5.4", "Unsupported MAIL parameter")),
@@ -451,7 +454,8 @@ mod tests {
                 dsn: Default::default(),
                 size: Some(42),
                 body: Some(Body::EightBitMime),
-                smtputf8: true
+                smtputf8: true,
+                requiretls: false,
             }
         );
     }

@@ -292,9 +292,23 @@ impl DataEncoder {
     }
 }
 
+/// What the session needs to know of a message's header section.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeaderFacts {
+    /// `Received:` fields (a mail loop shows as too many).
+    pub received: usize,
+    /// A `TLS-Required: No` field (RFC 8689 §4.2.1).
+    pub tls_not_required: bool,
+}
+
 /// Counts `Received:` header fields in the header section of `message`.
 pub fn count_received_headers(message: &[u8]) -> usize {
-    let mut count = 0;
+    scan_headers(message).received
+}
+
+/// Reads the header section of `message` (up to the first empty line).
+pub fn scan_headers(message: &[u8]) -> HeaderFacts {
+    let mut facts = HeaderFacts::default();
     let mut start = 0;
     // memchr: a message without a blank line is all header, scanned whole.
     let ends = memchr::memchr_iter(b'\n', message).chain(std::iter::once(message.len()));
@@ -306,10 +320,14 @@ pub fn count_received_headers(message: &[u8]) -> usize {
             break;
         }
         if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
-            count += 1;
+            facts.received += 1;
+        }
+        if line.len() >= 13 && line[..13].eq_ignore_ascii_case(b"tls-required:") {
+            let value = line[13..].trim_ascii();
+            facts.tls_not_required = value.eq_ignore_ascii_case(b"no");
         }
     }
-    count
+    facts
 }
 
 #[cfg(test)]

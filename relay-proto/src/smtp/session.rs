@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::command::{self, Body, Command, MailParams, RcptParams, SyntaxError};
-use super::data::{count_received_headers, DataReceiver, Progress};
+use super::data::{scan_headers, DataReceiver, HeaderFacts, Progress};
 use super::reply::Reply;
 use crate::address::{DomainName, Mailbox, ReversePath};
-use crate::queue::{AcceptedMessage, AcceptedRecipient, QueueId, RcptDsn};
+use crate::queue::{AcceptedMessage, AcceptedRecipient, QueueId, RcptDsn, TlsRequest};
 use crate::time::rfc5322_date;
 
 /// Limits and identity for every session of a listener.
@@ -195,9 +195,9 @@ pub struct Session {
     /// The reply for the end of the current DATA, when the driver stopped
     /// it being kept ([`Session::refuse_data`]).
     data_refusal: Option<Reply>,
-    /// `Received:` headers counted in the first piece of data handed out
-    /// by [`Session::take_data_over`] (the header section is gone then).
-    received_in_first_piece: Option<usize>,
+    /// The header section as read from the first piece of data handed
+    /// out by [`Session::take_data_over`] (gone from memory then).
+    headers_of_first_piece: Option<HeaderFacts>,
     /// Error replies not yet handed to the driver.
     rejections: Vec<Rejection>,
     /// State of the generator of queue ids' random part (SplitMix64),
@@ -227,7 +227,7 @@ impl Session {
             discarding_long_line: false,
             pending_mail: None,
             data_refusal: None,
-            received_in_first_piece: None,
+            headers_of_first_piece: None,
             rejections: Vec::new(),
             id_state: id_seed,
             deadline: None,
@@ -359,11 +359,11 @@ impl Session {
         if recv.kept() < threshold {
             return None;
         }
-        let first = (recv.taken() == 0).then(|| count_received_headers(recv.data()));
+        let first = (recv.taken() == 0).then(|| scan_headers(recv.data()));
         // Room for one more read (twice over: bare LFs become CRLF).
         let piece = recv.take_kept(threshold + 64 * 1024);
         if first.is_some() {
-            self.received_in_first_piece = first;
+            self.headers_of_first_piece = first;
         }
         Some(piece)
     }
@@ -680,6 +680,11 @@ impl Session {
                 if self.cfg.tls_available && self.tls.is_none() {
                     lines.push("STARTTLS".into());
                 }
+                if self.tls.is_some() {
+                    // RFC 8689 §4: only where the sender's session is
+                    // protected.
+                    lines.push("REQUIRETLS".into());
+                }
                 if self.cfg.etrn_available {
                     lines.push("ETRN".into());
                 }
@@ -751,6 +756,16 @@ impl Session {
                     ),
                 );
             }
+        }
+        if params.requiretls && self.tls.is_none() {
+            return self.reject(
+                "sequence",
+                Reply::new(
+                    530,
+                    "5.7.10",
+                    "REQUIRETLS needs a TLS session: STARTTLS first",
+                ),
+            );
         }
         if let ReversePath::Mailbox(m) = &sender {
             if !m.is_ascii() && !params.smtputf8 {
@@ -972,7 +987,7 @@ impl Session {
             date: now,
         });
         tx.id = Some(id);
-        self.received_in_first_piece = None;
+        self.headers_of_first_piece = None;
         self.data_refusal = None;
         Some(DataReceiver::with_prefix(limit, header.as_bytes()))
     }
@@ -1056,11 +1071,11 @@ impl Session {
         if let Some((reason, reply)) = self.message_fault(&recv) {
             return self.reject(reason, reply);
         }
-        let received = self
-            .received_in_first_piece
+        let headers = self
+            .headers_of_first_piece
             .take()
-            .unwrap_or_else(|| count_received_headers(recv.data()));
-        if received > self.cfg.max_received_headers {
+            .unwrap_or_else(|| scan_headers(recv.data()));
+        if headers.received > self.cfg.max_received_headers {
             return self.reject(
                 "loop",
                 Reply::new(554, "5.4.6", "Too many hops (Received headers), mail loop?"),
@@ -1086,6 +1101,14 @@ impl Session {
             deferred: Vec::new(),
             spooled: None,
             dsn: tx.params.dsn,
+            // RFC 8689 §4.2.1: with REQUIRETLS the header field is ignored.
+            tls_request: if tx.params.requiretls {
+                Some(TlsRequest::Requiretls)
+            } else if headers.tls_not_required {
+                Some(TlsRequest::NotRequired)
+            } else {
+                None
+            },
         };
         self.waiting = Waiting::Store;
         self.action = Some(Action::Store(Box::new(message)));

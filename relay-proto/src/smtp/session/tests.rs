@@ -919,3 +919,36 @@ fn a_chunked_message_can_leave_memory_while_it_arrives() {
         + 2;
     assert_eq!(&joined[start..], &sent[..]);
 }
+
+#[test]
+fn requiretls_is_offered_and_taken_only_under_tls() {
+    let mut t = Transcript::new();
+    let out = t.send("EHLO client.test\r\n");
+    assert!(!out.contains("REQUIRETLS"), "{out}");
+    t.cmd("MAIL FROM:<a@remote.test> REQUIRETLS", "530 5.7.10");
+    t.cmd("STARTTLS", "220");
+    let out = t.send("EHLO client.test\r\n");
+    assert!(out.contains("250 REQUIRETLS\r\n"), "{out}");
+    t.cmd("MAIL FROM:<a@remote.test> REQUIRETLS", "250");
+    t.cmd("RCPT TO:<user@example.test>", "250");
+    t.cmd("DATA", "354");
+    // With REQUIRETLS the header field is ignored (RFC 8689 §4.2.1).
+    t.cmd("TLS-Required: No\r\n\r\nsecret\r\n.", "250");
+    assert_eq!(t.stored[0].tls_request, Some(TlsRequest::Requiretls));
+    t.cmd("MAIL FROM:<a@remote.test> REQUIRETLS REQUIRETLS", "501");
+}
+
+#[test]
+fn tls_required_no_in_the_header_is_kept_with_the_message() {
+    let mut t = Transcript::new();
+    t.envelope();
+    t.cmd("DATA", "354");
+    t.cmd("Subject: x\r\ntls-required:  NO \r\n\r\nbody\r\n.", "250");
+    t.cmd("MAIL FROM:<a@remote.test>", "250");
+    t.cmd("RCPT TO:<user@example.test>", "250");
+    t.cmd("DATA", "354");
+    // Only in the header section.
+    t.cmd("Subject: x\r\n\r\nTLS-Required: No\r\n.", "250");
+    assert_eq!(t.stored[0].tls_request, Some(TlsRequest::NotRequired));
+    assert_eq!(t.stored[1].tls_request, None);
+}
