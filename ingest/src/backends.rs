@@ -21,6 +21,8 @@ pub(crate) struct Backends {
     pub messages: Arc<dyn MessageStore>,
     /// The callout cache and the primaries' states.
     pub recipients: Arc<dyn relay_core::store::RecipientCache>,
+    /// TLS report counters (RFC 8460).
+    pub tls_reports: Arc<dyn relay_core::store::TlsReportStore>,
     /// Set for the embedded backend (the delivery worker needs it).
     pub local: Option<Arc<LocalStore>>,
 }
@@ -85,6 +87,7 @@ pub(crate) async fn open_backends_as(config: &Config, create: bool) -> anyhow::R
                 queue: store.clone(),
                 messages: store.clone(),
                 recipients: store.clone(),
+                tls_reports: store.clone(),
                 local: Some(store),
             })
         }
@@ -99,6 +102,7 @@ pub(crate) async fn open_backends_as(config: &Config, create: bool) -> anyhow::R
                 }),
                 queue: store.clone(),
                 recipients: store.clone(),
+                tls_reports: store.clone(),
                 messages: store,
                 local: None,
             })

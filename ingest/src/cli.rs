@@ -111,6 +111,17 @@ pub(crate) enum DomainCommand {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum TlsrptCommand {
+    /// Send the reports that are due (whole UTC days not sent yet) to the
+    /// domains that publish `_smtp._tls`.
+    Send {
+        /// Also today's so far (the day's report is then closed).
+        #[arg(long)]
+        now: bool,
+    },
+}
+
+#[derive(Subcommand)]
 pub(crate) enum RecipientsCommand {
     /// The callout cache of a domain: address, verdict, learnt from, expires.
     List {
@@ -217,6 +228,37 @@ pub(crate) async fn open_admin(
         config.smtp.max_message_size,
     );
     Ok((admin, backends))
+}
+
+pub(crate) async fn tlsrpt(
+    config: &Config,
+    source: &str,
+    cmd: TlsrptCommand,
+) -> anyhow::Result<()> {
+    let TlsrptCommand::Send { now: today } = cmd;
+    if !config.tlsrpt.enabled {
+        bail!("TLS reports are off: set [tlsrpt] enabled = true [configuration: {source}]");
+    }
+    let backends = open_store(config, false, source).await?;
+    let resolver = relay_core::setup::resolver(config)?;
+    let reporter = relay_core::setup::tls_reporter(
+        config,
+        resolver,
+        backends.tls_reports.clone(),
+        backends.spool.clone(),
+    )
+    .ok_or_else(|| anyhow!("TLS reports are off"))?;
+    let sent = reporter
+        .send_due(std::time::SystemTime::now(), today)
+        .await?;
+    println!(
+        "reports: {}, posted: {}, mailed: {}, failed: {}, domains without a TLSRPT record: {}",
+        sent.reports, sent.posted, sent.mailed, sent.failed, sent.unpublished
+    );
+    if sent.failed > 0 {
+        bail!("{} report deliveries failed (see the log)", sent.failed);
+    }
+    Ok(())
 }
 
 pub(crate) async fn recipients(

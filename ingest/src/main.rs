@@ -71,6 +71,9 @@ enum Command {
     /// AWS backend set-up.
     #[command(subcommand)]
     Aws(cli::AwsCommand),
+    /// TLS reports (RFC 8460) on our deliveries to the primaries.
+    #[command(subcommand)]
+    Tlsrpt(cli::TlsrptCommand),
     /// Health check: connect, expect the 220 greeting, QUIT (exit 0 if healthy).
     Health {
         /// The SMTP listener to check (ADDR:PORT).
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
             Command::Queue(cmd) => cli::queue(&config, &source, cmd).await,
             Command::Recipients(cmd) => cli::recipients(&config, &source, cmd).await,
             Command::Aws(cmd) => cli::aws(&config, cmd).await,
+            Command::Tlsrpt(cmd) => cli::tlsrpt(&config, &source, cmd).await,
             Command::Doctor { domain, json } => cli::doctor(&config, &source, &domain, json).await,
             Command::Health { .. } => Ok(()),
         }

@@ -102,6 +102,12 @@ const METRICS: &[MetricSpec] = &[
         &[("policy", "opportunistic"), ("tls", "yes")],
     ),
     (
+        "backupmx_tlsrpt_reports_total",
+        "TLS reports (RFC 8460) delivered to a domain's rua, or failed",
+        false,
+        &[("result", "sent")],
+    ),
+    (
         "backupmx_tls_policy_failures_total",
         "connections to a primary given up because its TLS policy could not be met (no STARTTLS, refused, certificate not valid)",
         false,

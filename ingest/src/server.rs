@@ -84,11 +84,23 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
                 backends.registry.clone(),
                 backends.recipients.clone(),
                 alerter.clone(),
+                backends.tls_reports.clone(),
             ))
         });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (delivery, etrn, worker) = start_delivery_tier(&config, mode, &backends, engine.clone())?;
     let worker_task = worker.map(|w| tokio::spawn(w.run(shutdown_rx.clone())));
+    if let (Mode::Embedded, Some(resolver)) = (mode, resolver.clone()) {
+        // The AWS shape sends them from the sweeper.
+        if let Some(reporter) = relay_core::setup::tls_reporter(
+            &config,
+            resolver,
+            backends.tls_reports.clone(),
+            backends.spool.clone(),
+        ) {
+            tokio::spawn(send_tls_reports(reporter, config.tlsrpt.interval));
+        }
+    }
     let shared = Arc::new(shared_state(
         &config,
         &backends,
@@ -372,4 +384,25 @@ pub(crate) async fn admin_only(config: Config, source: &str) -> anyhow::Result<(
     wait_for_shutdown(None).await;
     tracing::info!(event = "stopped");
     Ok(())
+}
+
+/// Every `interval`, the TLS reports of the whole days not sent yet.
+async fn send_tls_reports(reporter: relay_core::tlsrpt::send::TlsReporter, interval: Duration) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_secs(60)));
+    loop {
+        tick.tick().await;
+        match reporter.send_due(std::time::SystemTime::now(), false).await {
+            Ok(sent) if sent.reports > 0 => tracing::info!(
+                event = "tlsrpt_pass",
+                reports = sent.reports,
+                posted = sent.posted,
+                mailed = sent.mailed,
+                failed = sent.failed
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(event = "tlsrpt_pass_failed", error = %relay_core::error::Report(&e))
+            }
+        }
+    }
 }

@@ -37,3 +37,4 @@ pub mod recipients;
 pub mod setup;
 pub mod store;
 pub mod sync;
+pub mod tlsrpt;

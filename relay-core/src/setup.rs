@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::delivery::{Engine, EngineConfig};
 use crate::dns::{HickoryResolver, Resolver};
 use crate::recipients::{RecipientVerifier, VerifySettings};
-use crate::store::{DomainRegistry, RecipientCache};
+use crate::store::{DomainRegistry, RecipientCache, Spool, TlsReportStore};
 
 /// Why a part could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -51,14 +51,55 @@ pub fn engine(
     registry: Arc<dyn DomainRegistry>,
     cache: Arc<dyn RecipientCache>,
     alerts: Option<Arc<Alerter>>,
+    tls_reports: Arc<dyn TlsReportStore>,
 ) -> Engine {
     Engine::new(EngineConfig::from(config), resolver, registry)
+        .with_tls_reports(config.tlsrpt.enabled.then_some(tls_reports))
         .with_learning(
             cache,
             config.recipient_verify.valid_ttl,
             config.recipient_verify.invalid_ttl,
         )
         .with_alerts(alerts)
+}
+
+/// The TLS report sender `[tlsrpt]` asks for (`None` when off): counts
+/// from `store`, `mailto:` reports queued in `spool`.
+pub fn tls_reporter(
+    config: &Config,
+    resolver: Arc<dyn Resolver>,
+    store: Arc<dyn TlsReportStore>,
+    spool: Arc<dyn Spool>,
+) -> Option<crate::tlsrpt::send::TlsReporter> {
+    if !config.tlsrpt.enabled {
+        return None;
+    }
+    let extra_roots = config
+        .delivery
+        .tls_ca_file
+        .as_deref()
+        .and_then(|p| crate::delivery::transport::load_ca_file(p).ok())
+        .unwrap_or_default();
+    let hostname = config.hostname.clone();
+    let or = |value: &str, default: String| {
+        if value.is_empty() {
+            default
+        } else {
+            value.to_string()
+        }
+    };
+    Some(crate::tlsrpt::send::TlsReporter {
+        store,
+        resolver,
+        spool,
+        tls: crate::delivery::transport::verifying_tls(&extra_roots),
+        submitter: crate::tlsrpt::Submitter {
+            organization: or(&config.tlsrpt.organization, hostname.clone()),
+            contact: or(&config.tlsrpt.contact, format!("postmaster@{hostname}")),
+            hostname,
+        },
+        timeout: std::time::Duration::from_secs(30),
+    })
 }
 
 /// Recipient verification at RCPT time over `engine`'s routes.

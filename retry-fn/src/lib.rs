@@ -20,6 +20,12 @@ pub use sweep::SweepReport;
 pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     let store = Arc::new(relay_core::setup::aws_store(config).await?);
     let resolver = relay_core::setup::resolver(config)?;
+    let spool = Arc::new(relay_core::store::SplitSpool {
+        messages: store.clone(),
+        queue: store.clone(),
+    });
+    let tls_reporter =
+        relay_core::setup::tls_reporter(config, resolver.clone(), store.clone(), spool);
     // Deliveries teach the callout cache and the primaries' states that the
     // ingest tasks read (for domains with callouts or defer mode).
     let engine = Arc::new(relay_core::setup::engine(
@@ -28,11 +34,12 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
         store.clone(),
         store.clone(),
         relay_core::setup::alerter(config)?,
+        store.clone(),
     ));
-    Ok(
-        RetryProcessor::new(store, engine, RetrySettings::from(config))
-            .with_crash_point(crash_point()),
-    )
+    let mut processor = RetryProcessor::new(store, engine, RetrySettings::from(config))
+        .with_crash_point(crash_point());
+    processor.tls_reporter = tls_reporter;
+    Ok(processor)
 }
 
 /// Debug builds only: `FAULT_INJECTION=retry:POINT` makes the process die
@@ -64,6 +71,22 @@ pub async fn sweep(processor: &RetryProcessor) -> anyhow::Result<usize> {
         destinations_down = report.down,
         oldest_overdue_secs = report.oldest_overdue
     );
+    if let Some(reporter) = &processor.tls_reporter {
+        // The day's reports, from the first pass after midnight (UTC).
+        match reporter.send_daily(SystemTime::now()).await {
+            Ok(Some(sent)) => tracing::info!(
+                event = "tlsrpt_pass",
+                reports = sent.reports,
+                posted = sent.posted,
+                mailed = sent.mailed,
+                failed = sent.failed
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(event = "tlsrpt_pass_failed", error = %relay_core::error::Report(&e))
+            }
+        }
+    }
     Ok(report.down)
 }
 

@@ -180,6 +180,8 @@ pub struct RetryProcessor {
     pub(crate) queue_age: relay_core::alerts::QueueAgeWatch,
     /// This process's side of each destination's connection slots.
     slots: crate::slots::SlotTable,
+    /// Sends the TLS reports (RFC 8460) from the sweeper, once a day.
+    pub tls_reporter: Option<relay_core::tlsrpt::send::TlsReporter>,
 }
 
 impl RetryProcessor {
@@ -193,6 +195,7 @@ impl RetryProcessor {
             unstored: Mutex::new(HashMap::new()),
             queue_age: Default::default(),
             slots: Default::default(),
+            tls_reporter: None,
         }
     }
 

@@ -103,3 +103,119 @@ impl Drop for PolicyServer {
         self.stop.store(true, Ordering::SeqCst);
     }
 }
+
+/// One POST a [`PostReceiver`] took.
+#[derive(Debug, Clone)]
+pub struct Posted {
+    pub path: String,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+/// An HTTPS server that records every POST (TLS reports) and answers 200.
+pub struct PostReceiver {
+    pub addr: SocketAddr,
+    posts: Arc<Mutex<Vec<Posted>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl PostReceiver {
+    /// Listens on a free loopback port with this certificate and key (PEM).
+    pub fn start(cert_pem: &str, key_pem: &str) -> PostReceiver {
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("certificate PEM");
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key PEM");
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server certificate"),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let posts = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, st) = (posts.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((tcp, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = tcp.set_nonblocking(false);
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                    continue;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut head_end = None;
+                let mut length = 0usize;
+                loop {
+                    if let Some(end) = head_end {
+                        if request.len() >= end + length {
+                            break;
+                        }
+                    } else if let Some(i) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head_end = Some(i + 4);
+                        let head = String::from_utf8_lossy(&request[..i]).to_ascii_lowercase();
+                        length = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        continue;
+                    }
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let Some(end) = head_end else { continue };
+                let head = String::from_utf8_lossy(&request[..end]).to_string();
+                let mut words = head.split_whitespace();
+                let response = if words.next() == Some("POST") {
+                    let content_type = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-type:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .unwrap_or_default();
+                    p.lock().expect("posts").push(Posted {
+                        path: words.next().unwrap_or_default().to_string(),
+                        content_type,
+                        body: request[end..].to_vec(),
+                    });
+                    "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                } else {
+                    "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                };
+                let _ = tls.write_all(response.as_bytes());
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        PostReceiver { addr, posts, stop }
+    }
+
+    /// What was posted so far.
+    pub fn posts(&self) -> Vec<Posted> {
+        self.posts.lock().expect("posts").clone()
+    }
+}
+
+impl Drop for PostReceiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}

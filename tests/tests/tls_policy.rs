@@ -695,3 +695,128 @@ fn tls_required_no_waives_the_domains_tls_policy() {
     assert!(error.contains("does not offer STARTTLS"), "{error}");
     assert_eq!(p.queue().len(), 1);
 }
+
+/// RFC 8460: with `[tlsrpt] enabled`, our sessions to a primary are
+/// counted per day (one with STARTTLS, one where the primary no longer
+/// offers it), and `tlsrpt send --now` sends the domain's report to both
+/// the `https:` and the `mailto:` rua its `_smtp._tls` record names, once.
+#[test]
+fn tls_reports_go_to_the_https_and_mailto_rua_of_the_primary_domain() {
+    use backupmx_tests::dns::{DnsServer, Rec};
+    use backupmx_tests::https::PostReceiver;
+    use backupmx_tests::sink::Sink;
+    use std::io::Read;
+
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(&["127.0.0.1"], true);
+    let receiver = PostReceiver::start(&cert, &key);
+    let reports_mx = Sink::start(0);
+    let record = format!(
+        "v=TLSRPTv1; rua=https://127.0.0.1:{}/v1/tlsrpt,mailto:tls@reports.test",
+        receiver.addr.port()
+    );
+    let dns = DnsServer::start(&[("_smtp._tls.example.test", Rec::Txt(record))]);
+    let mut p = primary(&pki.tls_section("good", &["127.0.0.1"], true));
+    let s = Server::start_run(
+        "",
+        &format!(
+            "tls = \"opportunistic\"\n[delivery]\ntls_ca_file = \"{}\"\nroutes = {{ \"reports.test\" = \"{}\" }}\n[dns]\nservers = [\"{}\"]\ntimeout = \"2s\"\n[tlsrpt]\nenabled = true\norganization = \"Backup Test\"\n",
+            pki.ca_file().display(),
+            reports_mx.addr,
+            dns.addr
+        ),
+        &format!("[\"{}\"]", p.addr),
+    );
+    send(&s);
+    delivered(&s, &p);
+    // The primary loses its certificate: in the clear, and counted so.
+    reconfigure(&mut p, "");
+    send(&s);
+    eventually(WAIT, "the second message at the primary", || {
+        (p.queue().len() == 2).then_some(())
+    });
+
+    let out = succeeded(&s.cli(&["tlsrpt", "send", "--now"]));
+    assert!(
+        out.contains("reports: 1, posted: 1, mailed: 1, failed: 0"),
+        "{out}"
+    );
+    let posts = receiver.posts();
+    assert_eq!(posts.len(), 1);
+    assert_eq!(posts[0].path, "/v1/tlsrpt");
+    assert_eq!(posts[0].content_type, "application/tlsrpt+gzip");
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(&posts[0].body[..])
+        .read_to_string(&mut json)
+        .expect("gzip");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    // RFC 8460 §4.4's fields.
+    assert_eq!(report["organization-name"], "Backup Test");
+    assert!(report["contact-info"]
+        .as_str()
+        .unwrap()
+        .starts_with("postmaster@"));
+    assert!(report["report-id"]
+        .as_str()
+        .unwrap()
+        .contains(".example.test@"));
+    for key in ["start-datetime", "end-datetime"] {
+        let t = report["date-range"][key].as_str().unwrap();
+        assert!(t.ends_with('Z') && t.len() == 20, "{t}");
+    }
+    let policies = report["policies"].as_array().unwrap();
+    assert_eq!(policies.len(), 1, "{report}");
+    let policy = &policies[0];
+    assert_eq!(policy["policy"]["policy-type"], "no-policy-found");
+    assert_eq!(policy["policy"]["policy-domain"], "example.test");
+    assert_eq!(
+        policy["summary"]["total-successful-session-count"], 1,
+        "{report}"
+    );
+    assert_eq!(
+        policy["summary"]["total-failure-session-count"], 1,
+        "{report}"
+    );
+    let failure = &policy["failure-details"][0];
+    assert_eq!(failure["result-type"], "starttls-not-supported");
+    assert_eq!(failure["receiving-ip"], "127.0.0.1");
+    assert_eq!(failure["failed-session-count"], 1);
+
+    // The same report by mail, through our own queue, to the rua's MX.
+    let mail = reports_mx.wait_for(1, WAIT);
+    assert_eq!(mail[0].rcpts, ["tls@reports.test"]);
+    assert_eq!(mail[0].mail_from, "");
+    let text = String::from_utf8_lossy(&mail[0].data).to_string();
+    for needle in [
+        "TLS-Report-Domain: example.test\r\n",
+        "Content-Type: multipart/report; report-type=\"tlsrpt\"",
+        "Content-Type: application/tlsrpt+gzip\r\n",
+    ] {
+        assert!(text.contains(needle), "{needle} in {text}");
+    }
+    let attachment: String = text
+        .split("Content-Transfer-Encoding: base64\r\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\r\n\r\n").nth(1))
+        .and_then(|b64| b64.split("--").next())
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    use base64::Engine as _;
+    let gz = base64::engine::general_purpose::STANDARD
+        .decode(attachment)
+        .unwrap();
+    let mut mailed = String::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_string(&mut mailed)
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&mailed).unwrap(),
+        report
+    );
+
+    // Sent once: the day's report is taken.
+    let again = succeeded(&s.cli(&["tlsrpt", "send", "--now"]));
+    assert!(again.contains("reports: 0"), "{again}");
+    assert_eq!(receiver.posts().len(), 1);
+}

@@ -68,6 +68,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// The content filter (`[filter] rspamd`); absent: none.
     pub filter: Option<FilterConfig>,
+    /// TLS reports (RFC 8460) on our deliveries to primaries.
+    pub tlsrpt: TlsRptConfig,
     /// `[[domain]]` entries, upserted into the registry at start.
     #[serde(rename = "domain")]
     pub domains: Vec<DomainConfig>,
@@ -437,6 +439,33 @@ pub struct AlertsConfig {
     pub queue_age: Duration,
 }
 
+/// `[tlsrpt]`: daily TLS reports (RFC 8460) to the primaries' domains
+/// that publish `_smtp._tls` with `rua=`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsRptConfig {
+    /// Count delivery sessions and send the reports.
+    pub enabled: bool,
+    /// How often due reports (whole UTC days) are looked for and sent.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// `organization-name` in reports; empty: the hostname.
+    pub organization: String,
+    /// `contact-info` in reports; empty: `postmaster@HOSTNAME`.
+    pub contact: String,
+}
+
+impl Default for TlsRptConfig {
+    fn default() -> Self {
+        TlsRptConfig {
+            enabled: false,
+            interval: Duration::from_secs(86_400),
+            organization: String::new(),
+            contact: String::new(),
+        }
+    }
+}
+
 /// `[admin]`: the status page and JSON API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -519,6 +548,7 @@ impl Default for Config {
             alerts: AlertsConfig::default(),
             admin: None,
             filter: None,
+            tlsrpt: TlsRptConfig::default(),
             domains: Vec::new(),
         }
     }

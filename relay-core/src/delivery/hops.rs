@@ -153,6 +153,8 @@ pub(crate) struct Hops {
     any_certificate: Arc<rustls::ClientConfig>,
     /// STARTTLS with a certificate valid for the hop's name.
     verifying: Arc<rustls::ClientConfig>,
+    /// Where sessions are counted for TLS reports (RFC 8460), if anywhere.
+    pub(crate) tls_reports: Option<Arc<dyn crate::store::TlsReportStore>>,
 }
 
 impl Hops {
@@ -184,6 +186,7 @@ impl Hops {
             tls: cfg.opportunistic_tls.then(transport::opportunistic_tls),
             any_certificate: transport::opportunistic_tls(),
             verifying,
+            tls_reports: None,
         }
     }
 
@@ -414,6 +417,7 @@ impl Hops {
                         .iter()
                         .flatten()
                         .any(|r| !matches!(r, RcptResult::Transient(_)));
+                self.count_for_tls_report(domain, target, *addr, plan, &report);
                 let label = plan.label(tls_policy);
                 tracing::debug!(event = "delivery_session", addr = %addr, host = %target.host, conclusive,
                     tls = report.tls, policy = %label, messages = envelopes.len());
@@ -433,6 +437,64 @@ impl Hops {
             }
         }
         last.unwrap_or_else(|| unreachable_report(envelopes))
+    }
+
+    /// Counts a session that reached the server and tried TLS, for the
+    /// domain's TLS report (in the background: the delivery does not wait
+    /// for the store).
+    fn count_for_tls_report(
+        &self,
+        domain: &DomainName,
+        target: &Target,
+        addr: std::net::SocketAddr,
+        plan: &HopPlan,
+        report: &SessionReport,
+    ) {
+        let Some(store) = &self.tls_reports else {
+            return;
+        };
+        let reached = report.transaction_started
+            || report.tls
+            || report.tls_failed
+            || report.tls_policy_failed;
+        if !reached || matches!(self.hop_tls(plan), HopTls::Off) {
+            return;
+        }
+        let policy = if plan.dane.is_some() {
+            crate::tlsrpt::PolicyType::Tlsa
+        } else if plan.source == PlanSource::MtaSts {
+            crate::tlsrpt::PolicyType::Sts
+        } else {
+            crate::tlsrpt::PolicyType::NoPolicyFound
+        };
+        let why = report
+            .results
+            .iter()
+            .flatten()
+            .find_map(|r| match r {
+                RcptResult::Transient(t) => Some(t.as_str()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let outcome = crate::tlsrpt::SessionOutcome {
+            policy,
+            mx_host: target.host.clone(),
+            receiving_ip: addr.ip().to_string(),
+            // Opportunistic TLS that did not happen, with no handshake
+            // and no policy failure: the server did not offer STARTTLS.
+            failure: if report.tls || report.tls_failed || report.tls_policy_failed {
+                crate::tlsrpt::classify(report.tls, why)
+            } else {
+                Some(crate::tlsrpt::FailureType::StarttlsNotSupported)
+            },
+        };
+        let day = crate::time::unix_seconds(std::time::SystemTime::now()) / crate::tlsrpt::DAY;
+        let (store, domain) = (store.clone(), domain.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.count_session(day, &domain, &outcome).await {
+                tracing::warn!(event = "tlsrpt_count_failed", domain = %domain, error = %crate::error::Report(&e));
+            }
+        });
     }
 
     /// The client TLS a plan asks for.

@@ -126,6 +126,15 @@ impl Engine {
         self
     }
 
+    /// Delivery sessions are counted in `store` for TLS reports.
+    pub fn with_tls_reports(
+        mut self,
+        store: Option<Arc<dyn crate::store::TlsReportStore>>,
+    ) -> Self {
+        self.hops.tls_reports = store;
+        self
+    }
+
     /// Where alerts go, if anywhere.
     pub fn alerts(&self) -> Option<&Arc<Alerter>> {
         self.alerts.as_ref()

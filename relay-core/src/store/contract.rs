@@ -257,6 +257,55 @@ async fn local_domains_contract() {
     domains_contract(store.as_ref()).await;
 }
 
+/// TLS report counters: sessions add up per day, domain and outcome;
+/// other days are apart; a report is claimed once.
+pub(crate) async fn tls_reports_contract(store: &dyn TlsReportStore) {
+    use crate::tlsrpt::{FailureType, PolicyType, SessionOutcome};
+    let a = DomainName::parse("a.test").unwrap();
+    let b = DomainName::parse("b.test").unwrap();
+    let ok = SessionOutcome {
+        policy: PolicyType::Sts,
+        mx_host: "mx1.a.test".into(),
+        receiving_ip: "192.0.2.1".into(),
+        failure: None,
+    };
+    let expired = SessionOutcome {
+        failure: Some(FailureType::CertificateExpired),
+        ..ok.clone()
+    };
+    for _ in 0..3 {
+        store.count_session(20_000, &a, &ok).await.unwrap();
+    }
+    store.count_session(20_000, &a, &expired).await.unwrap();
+    store.count_session(20_000, &b, &ok).await.unwrap();
+    store.count_session(20_001, &a, &ok).await.unwrap();
+    let mut day = store.sessions_of_day(20_000).await.unwrap();
+    day.sort();
+    assert_eq!(
+        day,
+        vec![
+            (a.clone(), ok.clone(), 3),
+            (a.clone(), expired, 1),
+            (b.clone(), ok.clone(), 1)
+        ]
+    );
+    assert_eq!(
+        store.sessions_of_day(20_001).await.unwrap(),
+        vec![(a.clone(), ok, 1)]
+    );
+    assert!(store.sessions_of_day(19_999).await.unwrap().is_empty());
+    assert!(store.claim_report(20_000, &a).await.unwrap());
+    assert!(!store.claim_report(20_000, &a).await.unwrap());
+    assert!(store.claim_report(20_000, &b).await.unwrap());
+    assert!(store.claim_report(20_001, &a).await.unwrap());
+}
+
+#[tokio::test]
+async fn local_tls_reports_contract() {
+    let (_dir, store) = local();
+    tls_reports_contract(store.as_ref()).await;
+}
+
 #[tokio::test]
 async fn local_spool_contract() {
     let (_dir, store) = local();
@@ -684,6 +733,12 @@ mod aws {
                 .await
                 .expect("bootstrap on the emulator"),
         ))
+    }
+
+    #[tokio::test]
+    async fn aws_tls_reports_contract() {
+        let Some(s) = store().await else { return };
+        tls_reports_contract(s.as_ref()).await;
     }
 
     #[tokio::test]

@@ -131,6 +131,28 @@ pub trait RecipientCache: Send + Sync {
     ) -> Result<(), StoreError>;
 }
 
+/// How delivery sessions went, per UTC day and policy domain, for TLS
+/// reports (RFC 8460): every delivering process adds to the same counters,
+/// and one process sends each domain's report of a day.
+#[async_trait]
+pub trait TlsReportStore: Send + Sync {
+    /// Counts one session of `day` (days since the epoch) to `domain`.
+    async fn count_session(
+        &self,
+        day: u64,
+        domain: &DomainName,
+        outcome: &crate::tlsrpt::SessionOutcome,
+    ) -> Result<(), StoreError>;
+    /// Every counter of `day`.
+    async fn sessions_of_day(
+        &self,
+        day: u64,
+    ) -> Result<Vec<(DomainName, crate::tlsrpt::SessionOutcome, u64)>, StoreError>;
+    /// Takes the sending of `domain`'s report for `day`: true for the one
+    /// caller that may send it.
+    async fn claim_report(&self, day: u64, domain: &DomainName) -> Result<bool, StoreError>;
+}
+
 /// Hosted domains (relay control).
 #[async_trait]
 pub trait DomainRegistry: Send + Sync {

@@ -56,7 +56,7 @@ impl AwsStore {
     }
 
     /// A conditional put: `Ok(false)` when the condition failed.
-    async fn put_greylist_if(
+    pub(super) async fn put_greylist_if(
         &self,
         item: HashMap<String, AttributeValue>,
         condition: &str,

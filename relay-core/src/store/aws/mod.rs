@@ -37,6 +37,7 @@ mod domains;
 mod greylist;
 pub mod queue;
 pub mod requests;
+mod tlsrpt;
 pub use queue::{Claim, DownState, DueRecord, QueueItem, Received, Ticket};
 
 /// Names of the AWS resources.

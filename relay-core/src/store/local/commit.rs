@@ -55,6 +55,15 @@ pub(super) enum WriteOp {
         state: PrimaryState,
     },
     SweepGreylist(u64),
+    CountTlsSession {
+        day: u64,
+        domain: DomainName,
+        outcome: crate::tlsrpt::SessionOutcome,
+    },
+    ClaimTlsReport {
+        day: u64,
+        domain: DomainName,
+    },
     TakeReleases,
     RemoveDomain(DomainName),
 }
@@ -349,5 +358,6 @@ pub(super) fn frees_or_tracks(op: &WriteOp) -> bool {
                 | WriteOp::PutClient { .. }
                 | WriteOp::PutRecipient { .. }
                 | WriteOp::PutPrimaryState { .. }
+                | WriteOp::CountTlsSession { .. }
         )
 }

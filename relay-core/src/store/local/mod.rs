@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 
 use super::{
     space, DeliveryQueue, DomainRegistry, MessageStore, RecipientCache, ScheduledQueue, Spool,
-    StoreError,
+    StoreError, TlsReportStore,
 };
 use crate::address::DomainName;
 use crate::domain::Domain;
@@ -42,6 +42,7 @@ mod domains;
 mod greylist;
 mod queue;
 mod sql;
+mod tlsrpt;
 
 pub use commit::commit_pending;
 use commit::*;

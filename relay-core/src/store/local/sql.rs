@@ -27,7 +27,17 @@ CREATE TABLE IF NOT EXISTS recipient_cache (address TEXT PRIMARY KEY, domain TEX
 CREATE TABLE IF NOT EXISTS primary_state (domain TEXT PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS greylist (key TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS greylist_clients (network TEXT PRIMARY KEY, state TEXT NOT NULL, expires INTEGER NOT NULL);
+-- TLS reports (RFC 8460): session counts per UTC day, and the reports sent.
+CREATE TABLE IF NOT EXISTS tlsrpt_sessions (
+    day INTEGER NOT NULL, domain TEXT NOT NULL, policy TEXT NOT NULL, mx TEXT NOT NULL,
+    ip TEXT NOT NULL, result TEXT NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (day, domain, policy, mx, ip, result)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tlsrpt_sent (day INTEGER NOT NULL, domain TEXT NOT NULL, PRIMARY KEY (day, domain)) WITHOUT ROWID;
 ";
+
+/// Days of TLS report counters kept (reports go out the next day).
+const TLSRPT_KEEP_DAYS: u64 = 8;
 
 /// Runs one statement through the connection's statement cache: the writer
 /// runs the same few statements thousands of times a second.
@@ -191,6 +201,21 @@ pub(super) fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
             Ok(exec(conn,
                 "INSERT OR REPLACE INTO recipient_cache (address, domain, record, expires) VALUES (?1, ?2, ?3, ?4)",
                 params![entry.address, domain.as_str(), json(entry), entry.expires as i64],
+            )? > 0)
+        }
+        WriteOp::CountTlsSession { day, domain, outcome } => Ok(exec(conn,
+            "INSERT INTO tlsrpt_sessions (day, domain, policy, mx, ip, result, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)
+             ON CONFLICT DO UPDATE SET count = count + 1",
+            params![*day as i64, domain.as_str(), outcome.policy.as_str(), outcome.mx_host,
+                outcome.receiving_ip, outcome.result_name()],
+        )? > 0),
+        WriteOp::ClaimTlsReport { day, domain } => {
+            let old = day.saturating_sub(TLSRPT_KEEP_DAYS) as i64;
+            exec(conn, "DELETE FROM tlsrpt_sessions WHERE day < ?1", [old])?;
+            exec(conn, "DELETE FROM tlsrpt_sent WHERE day < ?1", [old])?;
+            Ok(exec(conn,
+                "INSERT OR IGNORE INTO tlsrpt_sent (day, domain) VALUES (?1, ?2)",
+                params![*day as i64, domain.as_str()],
             )? > 0)
         }
         WriteOp::PutPrimaryState { domain, state } => Ok(exec(conn,
