@@ -529,3 +529,124 @@ async fn a_slow_primary_does_not_fail_the_whole_lambda_batch() {
     assert_eq!(failed, ["slow"], "only the unfinished record is reported");
     assert_eq!(sink.received().len(), 1, "the other was delivered");
 }
+
+/// The SMTP promises of issue 34 on the AWS shape: a message sent by BDAT
+/// with DSN requests is stored in S3/SQS and goes to a primary that offers
+/// CHUNKING and DSN by BDAT, byte-exact, with the requests passed on; a
+/// REQUIRETLS message taken over STARTTLS waits (no verified TLS to that
+/// primary) with its reason; and the day's TLS report, counted by
+/// retry-fn in DynamoDB, is posted by `tlsrpt send --now`.
+#[test]
+fn chunking_dsn_requiretls_and_tls_reports_on_aws() {
+    use backupmx_tests::dns::{DnsServer, Rec};
+    use backupmx_tests::https::PostReceiver;
+    use backupmx_tests::pki::Pki;
+    use backupmx_tests::smtp_tls::TlsClient;
+    use std::io::Read;
+
+    let pki = Pki::new();
+    let (cert, key) = pki.issue(&["127.0.0.1"], true);
+    let receiver = PostReceiver::start(&cert, &key);
+    let record = format!(
+        "v=TLSRPTv1; rua=https://127.0.0.1:{}/tlsrpt",
+        receiver.addr.port()
+    );
+    let dns = DnsServer::start(&[("_smtp._tls.example.test", Rec::Txt(record))]);
+    let primary = Sink::start(0);
+    primary.set(|b| {
+        b.offer_chunking = true;
+        b.offer_dsn = true;
+    });
+    let Some(s) = Server::start_aws(
+        "",
+        &format!(
+            "[delivery]\nretry_initial = \"1h\"\nretry_max = \"2h\"\ntls_ca_file = \"{}\"\n[dns]\nservers = [\"{}\"]\ntimeout = \"2s\"\n[tlsrpt]\nenabled = true\n{}",
+            pki.ca_file().display(),
+            dns.addr,
+            pki.tls_section("ingest", &["127.0.0.1"], true)
+        ),
+        &format!("[\"{}\"]", primary.addr),
+        false,
+    ) else {
+        return;
+    };
+    let mut c = s.client();
+    let ehlo = c.cmd("EHLO client.test");
+    assert!(ehlo.contains("CHUNKING") && ehlo.contains("DSN"), "{ehlo}");
+    c.expect(
+        "MAIL FROM:<alice@remote.test> RET=HDRS ENVID=aws+2B1",
+        "250",
+    );
+    c.expect(
+        "RCPT TO:<bob@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40example.test",
+        "250",
+    );
+    let body: &[u8] = b"Subject: chunked on aws\r\n\r\n.dot\r\nbare\nlf\r\n";
+    let mut wire = format!("BDAT {} LAST\r\n", body.len()).into_bytes();
+    wire.extend_from_slice(body);
+    c.send(wire);
+    let reply = c.read_reply();
+    assert!(reply.contains("queued as"), "{reply}");
+
+    let mut t = TlsClient::connect(s.addr, &pki.ca_file());
+    let r = t.send_message(
+        "alice@remote.test",
+        " REQUIRETLS",
+        &["carol@example.test"],
+        "Subject: for TLS only\r\n\r\nsecret\r\n",
+    );
+    assert!(r.starts_with("250"), "{r}");
+
+    let out = run_retry_fn(&s, "3s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = primary.wait_for(1, Duration::from_secs(10));
+    assert_eq!(got.len(), 1, "only the chunked message goes: {got:?}");
+    assert!(got[0].by_bdat);
+    assert!(got[0].data.ends_with(body), "byte-exact");
+    let lines = &got[0].envelope_lines;
+    assert!(
+        lines[0].starts_with("MAIL FROM:<alice@remote.test>")
+            && lines[0].ends_with(" RET=HDRS ENVID=aws+2B1"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines[1],
+        "RCPT TO:<bob@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40example.test"
+    );
+    let queue = s.queue();
+    assert_eq!(queue.len(), 1, "{queue:?}");
+    assert_eq!(queue[0]["tls_request"], "requiretls");
+    assert!(
+        queue[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("REQUIRETLS")),
+        "{queue:?}"
+    );
+
+    let sent = s.cli(&["tlsrpt", "send", "--now"]);
+    let text = String::from_utf8_lossy(&sent.stdout);
+    assert!(
+        sent.status.success() && text.contains("posted: 1"),
+        "{text}{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let posts = receiver.posts();
+    let mut json = String::new();
+    flate2::read::GzDecoder::new(&posts[0].body[..])
+        .read_to_string(&mut json)
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let policy = &report["policies"][0];
+    assert_eq!(
+        policy["policy"]["policy-domain"], "example.test",
+        "{report}"
+    );
+    assert_eq!(
+        policy["failure-details"][0]["result-type"], "starttls-not-supported",
+        "{report}"
+    );
+}
