@@ -26,9 +26,77 @@ pub struct SweepReport {
     /// Seconds since the oldest overdue record was accepted (0: none):
     /// the queue-age alarm's metric.
     pub oldest_overdue: u64,
+    /// "Delayed" notices queued for mail waiting on a down destination.
+    pub delay_notices: usize,
 }
 
 impl RetryProcessor {
+    /// While a destination is down its mail waits for the probe with no
+    /// attempt: the "delayed" notices (`[delivery] delay_warning`) that
+    /// attempts would send go from the sweeper, one pass per domain every
+    /// few minutes across all processes. Each notice is queued before its
+    /// mark is stored: a failure in between repeats a notice, never loses
+    /// one.
+    async fn warn_delayed(
+        &self,
+        domain: &relay_core::address::DomainName,
+        now: SystemTime,
+    ) -> Result<usize, RetryError> {
+        let Some(after) = self.engine.config().delay_warning else {
+            return Ok(0);
+        };
+        let now_secs = unix_seconds(now);
+        let every = (after.as_secs() / 4).clamp(1, 300);
+        let turn = format!("delay#{domain}#{}", now_secs / every);
+        let store = &self.store;
+        if !store
+            .take_turn(&turn, now_secs + every)
+            .await
+            .map_err(store_err("taking the delay-notice turn"))?
+        {
+            return Ok(0);
+        }
+        let items = store
+            .domain_items(domain)
+            .await
+            .map_err(store_err("listing a down destination's records"))?;
+        let spool = relay_core::store::SplitSpool {
+            messages: store.clone(),
+            queue: store.clone(),
+        };
+        let mut queued = 0;
+        for item in items {
+            if item.entry.delay_warned || item.lease > now_secs {
+                continue;
+            }
+            let mut entry = item.entry.clone();
+            let Some(notice) = self
+                .engine
+                .delay_notice(&mut entry, store.as_ref(), now)
+                .await
+            else {
+                continue;
+            };
+            if let Some(n) = &notice {
+                relay_core::store::Spool::accept(&spool, n.clone())
+                    .await
+                    .map_err(store_err("queueing a delay notice"))?;
+            }
+            if store
+                .mark_delay_warned(&item, &entry, now_secs)
+                .await
+                .map_err(store_err("marking a delay notice sent"))?
+            {
+                if let Some(n) = notice {
+                    queued += 1;
+                    metrics::counter!("backupmx_bounces_queued_total").increment(1);
+                    tracing::info!(event = "delay_notice_queued", queue_id = %entry.id, dsn_id = %n.id, to = %entry.sender);
+                }
+            }
+        }
+        Ok(queued)
+    }
+
     /// Probes every destination recorded down whose probe is due (one
     /// process per destination and interval), releasing those that answer;
     /// returns those still down.
@@ -98,6 +166,9 @@ impl RetryProcessor {
             down: down.len(),
             ..SweepReport::default()
         };
+        for domain in &down {
+            report.delay_notices += self.warn_delayed(domain, now).await?;
+        }
         let overdue = store
             .overdue(now_secs.saturating_sub(orphan_after))
             .await

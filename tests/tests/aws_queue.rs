@@ -661,3 +661,42 @@ fn mail_for_a_primary_that_stays_down_expires_with_a_dsn() {
     }
     assert!(s.queue().is_empty(), "expired and bounced, then removed");
 }
+
+/// `[delivery] delay_warning` on AWS while the primary stays down: the
+/// sweeper queues one "delayed" notice per waiting message (once, however
+/// many passes), the notices go to the senders, and the messages wait on.
+#[test]
+fn mail_for_a_primary_that_stays_down_gets_one_delay_notice_from_the_sweeper() {
+    let sender_mx = Sink::start(0);
+    let Some((s, _)) = start_with_dead_primary(&format!(
+        "retry_initial = \"1s\"\ndelay_warning = \"2s\"\nroutes = {{ \"remote.test\" = \"{}\" }}\n",
+        sender_mx.addr
+    )) else {
+        return;
+    };
+    send_numbered(&s, 2);
+    let out = poll(&s, "2s", &[]);
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(log.contains("destination_down"), "{log}");
+    std::thread::sleep(Duration::from_secs(3));
+    let log = sweep(&s, &[]);
+    assert_eq!(log.matches("delay_notice_queued").count(), 2, "{log}");
+    std::thread::sleep(Duration::from_secs(2));
+    let log = sweep(&s, &[]);
+    assert!(!log.contains("delay_notice_queued"), "{log}");
+    assert!(poll(&s, "3s", &[]).status.success());
+    let notices = sender_mx.wait_for(2, Duration::from_secs(20));
+    assert_eq!(notices.len(), 2);
+    for n in &notices {
+        assert_eq!(n.mail_from, "");
+        let text = String::from_utf8_lossy(&n.data).to_string();
+        assert!(text.contains("Action: delayed"), "{text}");
+    }
+    // The messages themselves still wait for their primary.
+    let waiting: Vec<_> = s
+        .queue()
+        .into_iter()
+        .filter(|e| e["domain"] == "example.test")
+        .collect();
+    assert_eq!(waiting.len(), 2);
+}

@@ -828,3 +828,51 @@ fn a_big_chunked_message_is_spooled_relayed_in_chunks_and_bounded_by_size() {
     );
     assert!(reply.starts_with("250 "), "{reply}");
 }
+
+/// `[delivery] delay_warning` while the primary is down: its mail waits
+/// for the probe with no attempt, and the sender still gets one "delayed"
+/// notice per message once the message is that old; when the primary is
+/// back the message goes, and no further notice follows.
+#[test]
+fn a_delay_notice_goes_while_the_primary_is_down() {
+    let port = free_port();
+    let s = Server::start_run(
+        "",
+        "[delivery]\nretry_initial = \"1s\"\nretry_max = \"1s\"\nprobe_interval = \"1s\"\ndelay_warning = \"3s\"\n",
+        &format!("[\"127.0.0.1:{port}\"]"),
+    );
+    let mut c = s.client();
+    let id = queue_id(&c.send_message(
+        "alice@remote.test",
+        &["bob@example.test"],
+        "Subject: waiting\r\n\r\nbody\r\n",
+    ));
+    eventually(WAIT, "the primary taken for down", || {
+        s.log().contains("probe_failed").then_some(())
+    });
+    let notice = eventually(WAIT, "the delay notice", || {
+        s.queue().into_iter().find(|e| e["sender"] == "")
+    });
+    let text = String::from_utf8_lossy(&s.raw(notice["id"].as_str().unwrap())).to_string();
+    assert!(
+        text.contains("Final-Recipient: rfc822; bob@example.test\r\nAction: delayed\r\nStatus: 4."),
+        "{text}"
+    );
+    assert!(s.log().contains("delay_notice_queued"), "{}", s.log());
+    let original = s.queue().into_iter().find(|e| e["id"] == id.as_str());
+    assert!(original.is_some(), "the message still waits");
+    // Still down a while: no second notice.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        s.log().matches("delay_notice_queued").count(),
+        1,
+        "{}",
+        s.log()
+    );
+    // Back: delivered, and no more notices.
+    let sink = Sink::start(port);
+    let got = sink.wait_for(1, WAIT);
+    assert!(got.iter().any(|m| m.rcpts == ["bob@example.test"]));
+    assert_eq!(s.log().matches("delay_notice_queued").count(), 1);
+    assert_eq!(s.log().matches("bounce_queued").count(), 0, "{}", s.log());
+}

@@ -277,3 +277,25 @@ mod tests {
         }
     }
 }
+
+impl super::Engine {
+    /// The "delayed" notice of a message that waits without attempts (its
+    /// destination is down and the probe holds its mail), once it is
+    /// `[delivery] delay_warning` old. `None`: not due, or already sent.
+    /// `Some(notice)`: `entry` is now marked warned, and `notice` (if any
+    /// recipient wants one) is to be queued before the mark is stored.
+    pub async fn delay_notice(
+        &self,
+        entry: &mut QueueEntry,
+        bodies: &dyn MessageStore,
+        now: SystemTime,
+    ) -> Option<Option<AcceptedMessage>> {
+        let after = self.cfg.delay_warning?;
+        let was_warned = entry.delay_warned;
+        let notices = delay_notices(entry, after, now);
+        if was_warned || !entry.delay_warned {
+            return None;
+        }
+        Some(self.bouncer.bounce_for(entry, &notices, bodies, now).await)
+    }
+}

@@ -310,7 +310,7 @@ impl Engine {
             Ok((record, targets)) => {
                 let envelopes: Vec<Envelope> = work
                     .iter()
-                    .map(|(_, e, pending)| envelope_of(e, pending))
+                    .map(|(_, e, pending)| transport::envelope_of(e, pending))
                     .collect();
                 let ids: Vec<QueueId> = work.iter().map(|(_, e, _)| e.id.clone()).collect();
                 let source = transport::Bodies {
@@ -485,26 +485,6 @@ fn pending_of(entry: &QueueEntry) -> Vec<usize> {
     (0..entry.recipients.len())
         .filter(|&i| entry.recipients[i].status == RecipientStatus::Pending)
         .collect()
-}
-
-/// The envelope of one entry's pending recipients.
-fn envelope_of(entry: &QueueEntry, pending: &[usize]) -> Envelope {
-    Envelope {
-        dsn: entry.dsn.clone(),
-        recipient_dsn: pending
-            .iter()
-            .map(|&r| entry.recipients[r].dsn.clone())
-            .collect(),
-        sender: entry.sender.clone(),
-        recipients: pending
-            .iter()
-            .map(|&r| entry.recipients[r].address.clone())
-            .collect(),
-        size: entry.size,
-        smtputf8: entry.smtputf8,
-        eight_bit: entry.eight_bit,
-        tls_request: entry.tls_request,
-    }
 }
 
 #[cfg(test)]

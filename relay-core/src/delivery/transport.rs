@@ -313,6 +313,26 @@ async fn write_message_part(
     }
 }
 
+/// The envelope of one entry's pending recipients.
+pub(super) fn envelope_of(entry: &crate::queue::QueueEntry, pending: &[usize]) -> Envelope {
+    Envelope {
+        dsn: entry.dsn.clone(),
+        recipient_dsn: pending
+            .iter()
+            .map(|&r| entry.recipients[r].dsn.clone())
+            .collect(),
+        sender: entry.sender.clone(),
+        recipients: pending
+            .iter()
+            .map(|&r| entry.recipients[r].address.clone())
+            .collect(),
+        size: entry.size,
+        smtputf8: entry.smtputf8,
+        eight_bit: entry.eight_bit,
+        tls_request: entry.tls_request,
+    }
+}
+
 /// Delivers `envelopes` over one connection to `addr`, one transaction
 /// each, with the TLS `hop_tls` asks for.
 pub async fn deliver(

@@ -79,6 +79,9 @@ pub struct Worker {
     /// Entries whose harmless outcome the store refused: their schedule
     /// (next attempt, attempts, last error) as it should be, kept in memory.
     deferred: Mutex<HashMap<QueueId, QueueEntry>>,
+    /// When each down destination's waiting mail was last looked at for
+    /// "delayed" notices.
+    delay_passes: Mutex<HashMap<DomainName, Instant>>,
 }
 
 /// Attempt outcomes waiting to be written, by queue id.
@@ -121,6 +124,7 @@ impl Worker {
             recorded_up: Mutex::new(HashSet::new()),
             unstored: Mutex::new(Unstored::default()),
             deferred: Mutex::new(HashMap::new()),
+            delay_passes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -481,6 +485,62 @@ impl Worker {
         }
     }
 
+    /// While a destination is down its mail waits for the probe with no
+    /// attempt: the "delayed" notices (`[delivery] delay_warning`) that
+    /// attempts would send go from here, at most every few minutes per
+    /// domain. The notice is queued before the mark is stored: a crash in
+    /// between repeats a notice, never loses one.
+    async fn warn_delayed(&self, domain: &DomainName) {
+        let Some(after) = self.engine.config().delay_warning else {
+            return;
+        };
+        let every = (after / 4).min(Duration::from_secs(300));
+        {
+            let mut passes = self.delay_passes.lock();
+            if passes.get(domain).is_some_and(|t| t.elapsed() < every) {
+                return;
+            }
+            passes.insert(domain.clone(), Instant::now());
+        }
+        let entries = match self.queue.list(Some(domain)).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(event = "delay_notice_failed", domain = %domain, error = %crate::error::Report(&e));
+                return;
+            }
+        };
+        let now = std::time::SystemTime::now();
+        for mut entry in entries {
+            if entry.delay_warned || self.in_flight.lock().contains(&entry.id) {
+                continue;
+            }
+            let Some(notice) = self
+                .engine
+                .delay_notice(&mut entry, self.messages.as_ref(), now)
+                .await
+            else {
+                continue;
+            };
+            let stored = match &notice {
+                Some(n) => self.spool.accept(n.clone()).await.map(|_| ()),
+                None => Ok(()),
+            };
+            let marked = match stored {
+                Ok(()) => self.queue.mark_delay_warned(&entry.id).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = marked {
+                tracing::warn!(event = "delay_notice_failed", queue_id = %entry.id, error = %crate::error::Report(&e));
+                return;
+            }
+            if let Some(n) = notice {
+                tracing::info!(event = "delay_notice_queued", queue_id = %entry.id, dsn_id = %n.id,
+                    to = %entry.sender, "the destination is down; the sender is told the mail waits");
+                metrics::counter!("backupmx_bounces_queued_total").increment(1);
+            }
+        }
+    }
+
     /// Records a destination up in the store once per transition.
     async fn primary_answered(&self, domain: &DomainName) {
         if self.recorded_up.lock().insert(domain.clone()) {
@@ -518,6 +578,7 @@ impl Worker {
             }
             Err(why) => {
                 tracing::info!(event = "probe_failed", domain = %domain, error = %why);
+                self.warn_delayed(domain).await;
             }
         }
     }

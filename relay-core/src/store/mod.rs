@@ -248,6 +248,10 @@ pub trait ScheduledQueue: DeliveryQueue {
     /// Releases made since the last call (by `queue flush` in another
     /// process too): `None` stands for every domain.
     async fn take_releases(&self) -> Result<Vec<Option<DomainName>>, StoreError>;
+    /// Marks an entry's "delayed" notice sent, changing nothing else in
+    /// its record (an attempt may be writing the rest); false if it is
+    /// gone.
+    async fn mark_delay_warned(&self, id: &QueueId) -> Result<bool, StoreError>;
 }
 
 /// Where the ingest puts an accepted message: body and queue entries, all

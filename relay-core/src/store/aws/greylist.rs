@@ -55,6 +55,22 @@ impl AwsStore {
         Ok(())
     }
 
+    /// Takes a turn named `key` until `expires` (Unix seconds): true for
+    /// one caller among every process (a periodic pass that must not run
+    /// twice at once).
+    pub async fn take_turn(&self, key: &str, expires: u64) -> Result<bool, StoreError> {
+        let item = HashMap::from([
+            ("pk".to_string(), s(format!("turn#{key}"))),
+            ("expires".to_string(), n(expires)),
+        ]);
+        let values = HashMap::from([(
+            ":now".to_string(),
+            n(crate::time::unix_seconds(std::time::SystemTime::now())),
+        )]);
+        self.put_greylist_if(item, "attribute_not_exists(pk) OR expires <= :now", values)
+            .await
+    }
+
     /// A conditional put: `Ok(false)` when the condition failed.
     pub(super) async fn put_greylist_if(
         &self,

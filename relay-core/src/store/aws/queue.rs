@@ -725,6 +725,43 @@ impl AwsStore {
 
     /// A domain's records (index reads: eventually consistent, so each
     /// writer's own condition decides), or every record.
+    /// A domain's records with their bookkeeping (the sweeper's "delayed"
+    /// notices for a destination that is down).
+    pub async fn domain_items(&self, domain: &DomainName) -> Result<Vec<QueueItem>, StoreError> {
+        self.queue_items(Some(domain)).await
+    }
+
+    /// Stores `entry` (the record of `item`, its "delayed" notice marked
+    /// sent) if nobody wrote the record since `item` was read and no
+    /// attempt holds it. The version is not raised, so its ticket stays
+    /// valid; a writer that read it before overwrites the mark, which at
+    /// worst repeats a notice. `false`: left as it is.
+    pub async fn mark_delay_warned(
+        &self,
+        item: &QueueItem,
+        entry: &QueueEntry,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .dynamodb
+            .update_item()
+            .table_name(self.queue_table())
+            .key("id", s(entry.id.as_str()))
+            .update_expression("SET #r = :record")
+            .condition_expression("version = :v AND lease <= :now")
+            .expression_attribute_names("#r", "record")
+            .expression_attribute_values(":record", s(entry.encode()))
+            .expression_attribute_values(":v", n(item.version))
+            .expression_attribute_values(":now", n(now))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(backend("queue record delay mark", e)),
+        }
+    }
+
     async fn queue_items(&self, domain: Option<&DomainName>) -> Result<Vec<QueueItem>, StoreError> {
         let mut items = Vec::new();
         self.visit_queue_items(domain, &mut |item| items.push(item))

@@ -55,6 +55,7 @@ pub(super) enum WriteOp {
         state: PrimaryState,
     },
     SweepGreylist(u64),
+    MarkDelayWarned(QueueId),
     CountTlsSession {
         day: u64,
         domain: DomainName,

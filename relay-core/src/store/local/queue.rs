@@ -121,6 +121,10 @@ impl ScheduledQueue for LocalStore {
             .collect())
     }
 
+    async fn mark_delay_warned(&self, id: &QueueId) -> Result<bool, StoreError> {
+        self.write(WriteOp::MarkDelayWarned(id.clone())).await
+    }
+
     async fn defer_domain(&self, domain: &DomainName, until: u64) -> Result<u64, StoreError> {
         self.write(WriteOp::Defer {
             domain: domain.clone(),

@@ -203,6 +203,10 @@ pub(super) fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
                 params![entry.address, domain.as_str(), json(entry), entry.expires as i64],
             )? > 0)
         }
+        WriteOp::MarkDelayWarned(id) => Ok(exec(conn,
+            "UPDATE queue SET record = json_set(record, '$.delay_warned', json('true')) WHERE id = ?1",
+            [id.as_str()],
+        )? > 0),
         WriteOp::CountTlsSession { day, domain, outcome } => Ok(exec(conn,
             "INSERT INTO tlsrpt_sessions (day, domain, policy, mx, ip, result, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)
              ON CONFLICT DO UPDATE SET count = count + 1",
