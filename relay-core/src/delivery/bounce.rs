@@ -173,6 +173,28 @@ pub(crate) fn relayed_notices(
         .collect()
 }
 
+impl super::Engine {
+    /// The "delayed" notice of a message that waits without attempts (its
+    /// destination is down and the probe holds its mail), once it is
+    /// `[delivery] delay_warning` old. `None`: not due, or already sent.
+    /// `Some(notice)`: `entry` is now marked warned, and `notice` (if any
+    /// recipient wants one) is to be queued before the mark is stored.
+    pub async fn delay_notice(
+        &self,
+        entry: &mut QueueEntry,
+        bodies: &dyn MessageStore,
+        now: SystemTime,
+    ) -> Option<Option<AcceptedMessage>> {
+        let after = self.cfg.delay_warning?;
+        let was_warned = entry.delay_warned;
+        let notices = delay_notices(entry, after, now);
+        if was_warned || !entry.delay_warned {
+            return None;
+        }
+        Some(self.bouncer.bounce_for(entry, &notices, bodies, now).await)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,27 +297,5 @@ mod tests {
             let dsn = BOUNCER().bounce_for(&e, &failed(), &store, now).await;
             assert_eq!(dsn.is_some(), dsn_due, "{notify:?}");
         }
-    }
-}
-
-impl super::Engine {
-    /// The "delayed" notice of a message that waits without attempts (its
-    /// destination is down and the probe holds its mail), once it is
-    /// `[delivery] delay_warning` old. `None`: not due, or already sent.
-    /// `Some(notice)`: `entry` is now marked warned, and `notice` (if any
-    /// recipient wants one) is to be queued before the mark is stored.
-    pub async fn delay_notice(
-        &self,
-        entry: &mut QueueEntry,
-        bodies: &dyn MessageStore,
-        now: SystemTime,
-    ) -> Option<Option<AcceptedMessage>> {
-        let after = self.cfg.delay_warning?;
-        let was_warned = entry.delay_warned;
-        let notices = delay_notices(entry, after, now);
-        if was_warned || !entry.delay_warned {
-            return None;
-        }
-        Some(self.bouncer.bounce_for(entry, &notices, bodies, now).await)
     }
 }
