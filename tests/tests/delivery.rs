@@ -748,7 +748,7 @@ fn a_chunked_message_is_relayed_byte_exact_by_bdat_and_safely_by_data() {
     let (a, b) = CHUNKED_TRICKY.split_at(25);
     let replies = c.send_chunked("alice@remote.test", &["bob@example.test"], &[a, b]);
     assert!(replies[0].starts_with("250 2.0.0"), "{replies:?}");
-    let id = queue_id(&replies[1]);
+    queue_id(&replies[1]);
     let got = sink.wait_for(1, WAIT);
     assert!(got[0].by_bdat);
     assert_eq!(after_received(&got[0].data), CHUNKED_TRICKY);
