@@ -395,6 +395,9 @@ impl Worker {
         for entry in entries {
             match self.messages.read_chunk(&entry.id, 0, 0).await {
                 Ok(Some(_)) => items.push(entry),
+                // Finished by another batch since the due list was read:
+                // its entry went with its body.
+                Ok(None) if matches!(self.queue.get(&entry.id).await, Ok(None)) => {}
                 Ok(None) => {
                     tracing::error!(event = "message_body_missing", queue_id = %entry.id);
                     let mut e = entry.clone();
