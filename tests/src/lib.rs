@@ -736,6 +736,21 @@ pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option
     }
 }
 
+/// Opens `dir` and its `cert.pem` and `key.pem` to every user: real MTAs
+/// started by the tests read them as their own users.
+pub fn make_keys_readable(dir: &std::path::Path) {
+    for (path, mode) in [
+        (dir.to_path_buf(), "755"),
+        (dir.join("cert.pem"), "644"),
+        (dir.join("key.pem"), "644"),
+    ] {
+        let _ = std::process::Command::new("chmod")
+            .arg(mode)
+            .arg(path)
+            .status();
+    }
+}
+
 /// Writes a self-signed certificate for `mx2.test` and its key into `dir`
 /// and returns the `[tls]` config section using them.
 pub fn self_signed_tls(dir: &Path) -> String {

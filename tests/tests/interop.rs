@@ -147,16 +147,7 @@ fn exim_primary(port: u16, setup: &PrimarySetup, keys: &std::path::Path) -> Exim
 fn readable_keys() -> tempfile::TempDir {
     let keys = tempfile::tempdir().expect("tempdir");
     self_signed_tls(keys.path());
-    for (path, mode) in [
-        (keys.path().to_path_buf(), "755"),
-        (keys.path().join("cert.pem"), "644"),
-        (keys.path().join("key.pem"), "644"),
-    ] {
-        let _ = std::process::Command::new("chmod")
-            .arg(mode)
-            .arg(path)
-            .status();
-    }
+    make_keys_readable(keys.path());
     keys
 }
 

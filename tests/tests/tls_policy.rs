@@ -624,16 +624,7 @@ fn requiretls_mail_to_a_primary_without_requiretls_comes_back_with_5_7_10() {
     let (cert, key) = pki.issue(&["127.0.0.1"], true);
     std::fs::write(keys.path().join("cert.pem"), cert).expect("cert");
     std::fs::write(keys.path().join("key.pem"), key).expect("key");
-    for (path, mode) in [
-        (keys.path().to_path_buf(), "755"),
-        (keys.path().join("cert.pem"), "644"),
-        (keys.path().join("key.pem"), "644"),
-    ] {
-        let _ = std::process::Command::new("chmod")
-            .arg(mode)
-            .arg(path)
-            .status();
-    }
+    make_keys_readable(keys.path());
     let port = free_port();
     let mut postfix = Postfix::new(
         port,
