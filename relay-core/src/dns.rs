@@ -7,11 +7,14 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
-use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::Name;
-use hickory_resolver::proto::xfer::Protocol;
-use hickory_resolver::{ResolveError, TokioResolver};
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::TokioResolver;
 
 /// One MX record. `exchange` is lower-case without the trailing dot; empty
 /// for the null MX (RFC 7505).
@@ -150,7 +153,7 @@ impl HickoryResolver {
         {
             Ok(lookup) => {
                 let records: Vec<_> = lookup
-                    .records()
+                    .answers()
                     .iter()
                     .filter(|r| r.record_type() == RecordType::TLSA)
                     .collect();
@@ -160,8 +163,8 @@ impl HickoryResolver {
                 // hickory calls records whose signatures fail "insecure"
                 // when it finds no other chain for them: in a zone that
                 // is itself validated as signed, they are bogus.
-                if records.iter().any(|r| r.proof() == Proof::Insecure)
-                    && records.iter().all(|r| r.proof() != Proof::Bogus)
+                if records.iter().any(|r| r.proof == Proof::Insecure)
+                    && records.iter().all(|r| r.proof != Proof::Bogus)
                 {
                     if self.zone_is_signed(name).await {
                         return TlsaAnswer::Failed(format!(
@@ -170,21 +173,24 @@ impl HickoryResolver {
                     }
                     return TlsaAnswer::NotApplicable;
                 }
-                if let Some(bad) = records.iter().find(|r| r.proof() != Proof::Secure) {
+                if let Some(bad) = records.iter().find(|r| r.proof != Proof::Secure) {
                     return TlsaAnswer::Failed(format!(
                         "TLSA records at {name} do not validate ({})",
-                        bad.proof()
+                        bad.proof
                     ));
                 }
                 TlsaAnswer::Secure(
                     records
                         .iter()
-                        .filter_map(|r| tlsa_record(r.data()))
+                        .filter_map(|r| tlsa_record(&r.data))
                         .collect(),
                 )
             }
             // A validated (or insecure) denial: no TLSA.
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => TlsaAnswer::NotApplicable,
+            Err(NetError::Dns(hickory_resolver::net::DnsError::DnssecBogus)) => {
+                TlsaAnswer::Failed(format!("TLSA records at {name} do not validate (bogus)"))
+            }
             Err(e) => TlsaAnswer::Failed(format!("TLSA lookup for {name}: {e}")),
         }
     }
@@ -199,12 +205,12 @@ impl HickoryResolver {
             if let Ok(absolute_name) = absolute(candidate) {
                 if let Ok(lookup) = self.validating.lookup(absolute_name, RecordType::SOA).await {
                     let soas: Vec<_> = lookup
-                        .records()
+                        .answers()
                         .iter()
                         .filter(|r| r.record_type() == RecordType::SOA)
                         .collect();
                     if !soas.is_empty() {
-                        return soas.iter().all(|r| r.proof() == Proof::Secure);
+                        return soas.iter().all(|r| r.proof == Proof::Secure);
                     }
                 }
             }
@@ -219,10 +225,10 @@ impl HickoryResolver {
 fn tlsa_record(data: &hickory_resolver::proto::rr::RData) -> Option<TlsaRecord> {
     match data {
         hickory_resolver::proto::rr::RData::TLSA(t) => Some(TlsaRecord {
-            usage: t.cert_usage().into(),
-            selector: t.selector().into(),
-            matching: t.matching().into(),
-            data: t.cert_data().to_vec(),
+            usage: t.cert_usage.into(),
+            selector: t.selector.into(),
+            matching: t.matching.into(),
+            data: t.cert_data.clone(),
         }),
         _ => None,
     }
@@ -237,34 +243,58 @@ fn build_resolver(
         TokioResolver::builder_tokio()
             .map_err(|e| DnsError::Temporary(format!("system resolver configuration: {e}")))?
     } else {
-        let mut config = ResolverConfig::new();
-        for s in servers {
-            config.add_name_server(NameServerConfig::new(*s, Protocol::Udp));
-            config.add_name_server(NameServerConfig::new(*s, Protocol::Tcp));
-        }
-        TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
+        let name_servers = servers
+            .iter()
+            .map(|s| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = s.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = s.port();
+                NameServerConfig::new(s.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(name_servers),
+            TokioRuntimeProvider::default(),
+        )
     };
     *builder.options_mut() = opts;
     if let Some(t) = trust {
         builder = builder.with_trust_anchor(t);
     }
-    Ok(builder.build())
+    builder
+        .build()
+        .map_err(|e| DnsError::Temporary(format!("DNS resolver: {e}")))
 }
 
-/// Trust anchors from DNSKEY RDATA strings (`FLAGS PROTOCOL ALGORITHM KEY`).
+/// Trust anchors from DNSKEY records as written in zone files: the zone's
+/// name, then the RDATA (`example.org. [IN DNSKEY] 257 3 13 BASE64…`). A
+/// bare RDATA (no name) is a key of the root zone: a private root.
 pub fn trust_anchors(
     anchors: &[String],
 ) -> Result<hickory_resolver::proto::dnssec::TrustAnchors, DnsError> {
     use base64::Engine as _;
     use hickory_resolver::proto::dnssec::{Algorithm, PublicKeyBuf, TrustAnchors};
+    use hickory_resolver::proto::rr::LowerName;
     let mut trust = TrustAnchors::empty();
     for a in anchors {
         let bad = || {
             DnsError::Temporary(format!(
-                "invalid DNSSEC trust anchor {a:?}: expected \"257 3 ALGORITHM BASE64\""
+                "invalid DNSSEC trust anchor {a:?}: expected \"ZONE. 257 3 ALGORITHM BASE64\""
             ))
         };
-        let fields: Vec<&str> = a.split_whitespace().collect();
+        let mut fields: Vec<&str> = a.split_whitespace().collect();
+        // Hickory matches an anchor only at its own zone (0.26).
+        let zone = match fields.first() {
+            Some(first) if first.parse::<u16>().is_err() => {
+                let zone = absolute(first).map_err(|_| bad())?;
+                fields.remove(0);
+                fields
+                    .retain(|f| !f.eq_ignore_ascii_case("IN") && !f.eq_ignore_ascii_case("DNSKEY"));
+                zone
+            }
+            _ => Name::root(),
+        };
         let [_, _, algorithm, key @ ..] = fields.as_slice() else {
             return Err(bad());
         };
@@ -272,7 +302,13 @@ pub fn trust_anchors(
         let key = base64::engine::general_purpose::STANDARD
             .decode(key.concat())
             .map_err(|_| bad())?;
-        trust.insert(&PublicKeyBuf::new(key, Algorithm::from_u8(algorithm)));
+        if key.is_empty() {
+            return Err(bad());
+        }
+        trust.insert_with_name(
+            &PublicKeyBuf::new(key, Algorithm::from_u8(algorithm)),
+            LowerName::new(&zone),
+        );
     }
     Ok(trust)
 }
@@ -286,7 +322,7 @@ fn absolute(name: &str) -> Result<Name, DnsError> {
     Name::from_utf8(&fqdn).map_err(|e| DnsError::Temporary(format!("invalid name {name:?}: {e}")))
 }
 
-fn classify(e: &ResolveError) -> DnsError {
+fn classify(e: &NetError) -> DnsError {
     if e.is_nx_domain() {
         DnsError::NxDomain
     } else if e.is_no_records_found() {
@@ -310,10 +346,14 @@ impl Resolver for HickoryResolver {
             .await
             .map_err(|e| classify(&e))?;
         let records: Vec<MxRecord> = lookup
+            .answers()
             .iter()
-            .map(|mx| MxRecord {
-                preference: mx.preference(),
-                exchange: host_string(mx.exchange()),
+            .filter_map(|r| match &r.data {
+                RData::MX(mx) => Some(MxRecord {
+                    preference: mx.preference,
+                    exchange: host_string(&mx.exchange),
+                }),
+                _ => None,
             })
             .collect();
         if records.is_empty() {
@@ -345,7 +385,11 @@ impl Resolver for HickoryResolver {
             .lookup(absolute(name)?, RecordType::TLSA)
             .await
             .map_err(|e| classify(&e))?;
-        let records: Vec<TlsaRecord> = lookup.iter().filter_map(tlsa_record).collect();
+        let records: Vec<TlsaRecord> = lookup
+            .answers()
+            .iter()
+            .filter_map(|r| tlsa_record(&r.data))
+            .collect();
         if records.is_empty() {
             return Err(DnsError::NoRecords);
         }
@@ -363,9 +407,14 @@ impl Resolver for HickoryResolver {
             .await
             .map_err(|e| classify(&e))?;
         Ok(lookup
+            .answers()
             .iter()
+            .filter_map(|r| match &r.data {
+                RData::TXT(t) => Some(t),
+                _ => None,
+            })
             .map(|t| {
-                t.txt_data()
+                t.txt_data
                     .iter()
                     .map(|part| String::from_utf8_lossy(part))
                     .collect::<String>()
@@ -379,16 +428,63 @@ impl Resolver for HickoryResolver {
             .ipv4_lookup(absolute(name)?)
             .await
             .map_err(|e| classify(&e))?;
-        let ttl = lookup
-            .as_lookup()
-            .records()
-            .iter()
-            .map(|r| r.ttl())
-            .min()
-            .unwrap_or(0);
+        let ttl = lookup.answers().iter().map(|r| r.ttl).min().unwrap_or(0);
         Ok(AAnswer {
-            addrs: lookup.iter().map(|a| a.0).collect(),
+            addrs: lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect(),
             ttl: Duration::from_secs(u64::from(ttl)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str =
+        "mdsswUyr3DPW132mOi8V9xESWE8jTo0dxCjjnopKl+GqJxpVXckHAeF+KkxLbxILfDLUT0rAK9iUzy1L53eKGQ==";
+
+    #[test]
+    fn trust_anchors_name_their_zone_or_are_root_keys() {
+        use base64::Engine as _;
+        use hickory_resolver::proto::dnssec::{Algorithm, PublicKeyBuf};
+        use hickory_resolver::proto::rr::LowerName;
+        let key = PublicKeyBuf::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(KEY)
+                .expect("base64"),
+            Algorithm::ECDSAP256SHA256,
+        );
+        let zone = |n: &str| LowerName::new(&absolute(n).expect("name"));
+        for written in [
+            format!("corp.example. IN DNSKEY 257 3 13 {KEY}"),
+            format!("corp.example 257 3 13 {KEY}"),
+        ] {
+            let named = trust_anchors(&[written]).expect("named anchor");
+            assert!(named.contains_with_name(&key, &zone("corp.example")));
+            assert!(!named.contains_with_name(&key, &zone("other.example")));
+            assert!(!named.contains(&key), "a named anchor is not a root key");
+        }
+        let root = trust_anchors(&[format!("257 3 13 {KEY}")]).expect("root anchor");
+        assert!(root.contains(&key));
+    }
+
+    #[test]
+    fn a_malformed_trust_anchor_is_refused() {
+        for bad in [
+            "",
+            "corp.example.",
+            "257 3 x AAAA",
+            "corp.example. 257 3 13",
+            "257 3 13 !!",
+        ] {
+            assert!(trust_anchors(&[bad.to_string()]).is_err(), "{bad:?}");
+        }
     }
 }

@@ -8,13 +8,14 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_server::authority::{Catalog, ZoneType};
-use hickory_server::proto::op::ResponseCode;
+use hickory_server::net::runtime::Time;
+use hickory_server::proto::op::{Header, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA, TLSA, TXT};
 use hickory_server::proto::rr::{Name, RData, Record};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::store::in_memory::InMemoryAuthority;
-use hickory_server::ServerFuture;
+use hickory_server::store::in_memory::InMemoryZoneHandler;
+use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
+use hickory_server::Server;
 
 /// A record to serve.
 #[derive(Debug, Clone)]
@@ -42,12 +43,13 @@ struct Handler {
 
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler>(
+    async fn handle_request<R: ResponseHandler, T: Time>(
         &self,
         request: &Request,
         mut response: R,
     ) -> ResponseInfo {
         let name = request
+            .queries
             .queries()
             .first()
             .map(|q| q.name().to_string())
@@ -58,18 +60,24 @@ impl RequestHandler for Handler {
         }
         if name.ends_with("servfail.test.") {
             let builder =
-                hickory_server::authority::MessageResponseBuilder::from_message_request(request);
-            let msg = builder.error_msg(request.header(), ResponseCode::ServFail);
+                hickory_server::zone_handler::MessageResponseBuilder::from_message_request(request);
+            let msg = builder.error_msg(&request.metadata, ResponseCode::ServFail);
             return match response.send_response(msg).await {
                 Ok(info) => info,
                 Err(_) => {
-                    let mut h = hickory_server::proto::op::Header::new();
-                    h.set_response_code(ResponseCode::ServFail);
-                    h.into()
+                    let mut metadata = hickory_server::proto::op::Metadata::response_from_request(
+                        &request.metadata,
+                    );
+                    metadata.response_code = ResponseCode::ServFail;
+                    Header {
+                        metadata,
+                        counts: Default::default(),
+                    }
+                    .into()
                 }
             };
         }
-        self.catalog.handle_request(request, response).await
+        self.catalog.handle_request::<R, T>(request, response).await
     }
 }
 
@@ -126,13 +134,13 @@ impl ZoneKey {
         EcdsaSigningKey::from_pkcs8(&der, Algorithm::ECDSAP256SHA256).expect("key")
     }
 
-    /// The DNSKEY RDATA a resolver trusts (`[dns] dnssec_trust_anchors`).
+    /// The `test.` zone's DNSKEY a resolver trusts (`[dns] dnssec_trust_anchors`).
     pub fn anchor(&self) -> String {
         use base64::Engine as _;
         use hickory_server::proto::dnssec::{PublicKey, SigningKey};
         let public = self.signing_key().to_public_key().expect("public key");
         format!(
-            "257 3 13 {}",
+            "test. 257 3 13 {}",
             base64::engine::general_purpose::STANDARD.encode(public.public_bytes())
         )
     }
@@ -159,14 +167,15 @@ impl DnsServer {
 
     fn start_with(records: &[(&str, Rec)], signing: Option<Signing<'_>>) -> DnsServer {
         let origin = name("test.");
-        let mut authority = InMemoryAuthority::empty(
-            origin.clone(),
-            ZoneType::Primary,
-            false,
-            signing
-                .as_ref()
-                .map(|_| hickory_server::dnssec::NxProofKind::Nsec),
-        );
+        let mut authority =
+            InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::empty(
+                origin.clone(),
+                ZoneType::Primary,
+                AxfrPolicy::Deny,
+                signing
+                    .as_ref()
+                    .map(|_| hickory_server::dnssec::NxProofKind::Nsec),
+            );
         let soa = SOA::new(
             name("ns.test."),
             name("hostmaster.test."),
@@ -183,10 +192,10 @@ impl DnsServer {
         }
         if let Some(signing) = signing {
             use hickory_server::proto::dnssec::rdata::DNSKEY;
-            use hickory_server::proto::dnssec::{SigSigner, SigningKey};
+            use hickory_server::proto::dnssec::{DnssecSigner, SigningKey};
             let key = signing.key.signing_key();
             let dnskey = DNSKEY::from_key(&key.to_public_key().expect("public key"));
-            let signer = SigSigner::dnssec(
+            let signer = DnssecSigner::new(
                 dnskey,
                 Box::new(key),
                 origin.clone(),
@@ -221,9 +230,9 @@ impl DnsServer {
                     }
                 };
                 let addr = udp.local_addr().expect("addr");
-                let mut server = ServerFuture::new(handler);
+                let mut server = Server::new(handler);
                 server.register_socket(udp);
-                server.register_listener(tcp, Duration::from_secs(5));
+                server.register_listener(tcp, Duration::from_secs(5), 65_535);
                 addr_tx.send(addr).expect("send addr");
                 tokio::select! {
                     _ = server.block_until_done() => {}

@@ -428,6 +428,14 @@ mod dane {
         let mut records = vec![
             ("example.test", Rec::Mx(10, "mx.example.test")),
             ("mx.example.test", Rec::A("127.0.0.1")),
+            // hickory-server proves a name absent with the NSEC of its
+            // parent as the wildcard proof, so the parent of the TLSA name
+            // must exist for "no TLSA" to validate (a real signer sends
+            // the closest encloser's).
+            (
+                "_tcp.mx.example.test",
+                Rec::Txt("parent of the TLSA name".into()),
+            ),
         ];
         let mut tampered = Vec::new();
         match tlsa {

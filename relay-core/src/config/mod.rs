@@ -294,8 +294,9 @@ pub struct DnsConfig {
     /// Per-query timeout.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// DNSKEY RDATA (`257 3 13 BASE64`) DANE's validating lookups start
-    /// from; empty: the root zone's keys.
+    /// DNSKEYs (`corp.example. 257 3 13 BASE64`; without a name, a root
+    /// key) DANE's validating lookups start from; empty: the root zone's
+    /// keys.
     pub dnssec_trust_anchors: Vec<String>,
 }
 
