@@ -90,6 +90,11 @@ pub(crate) enum DomainCommand {
         /// Let the bounce-storm guard watch the domain's drains, or not.
         #[arg(long, value_name = "BOOL")]
         bounce_storm_guard: Option<bool>,
+        /// Sender authentication (SPF, DKIM, DMARC, iprev): none, an
+        /// Authentication-Results header for the primary, or that header
+        /// and refusing DMARC failures under p=reject.
+        #[arg(long, value_name = "off|annotate|enforce")]
+        auth: Option<relay_core::domain::AuthPolicy>,
     },
     /// Show one domain, with its primary's last observed state.
     Show {
@@ -369,6 +374,7 @@ pub(crate) async fn domain(
             tls,
             filter,
             bounce_storm_guard,
+            auth,
         } => {
             let name = parse_domain(&domain)?;
             let change = DomainChange {
@@ -387,6 +393,7 @@ pub(crate) async fn domain(
                 tls,
                 filter,
                 bounce_storm_guard,
+                auth,
                 discard_refused,
             };
             let outcome = match admin.set_domain(&name, change, now()).await {
@@ -482,6 +489,7 @@ pub(crate) async fn domain(
                 }
             );
             println!("bounce_storm_guard: {}", d.bounce_storm_guard);
+            println!("auth: {}", d.auth);
             println!(
                 "primary_state: {}",
                 match view.primary_state {

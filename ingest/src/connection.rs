@@ -145,6 +145,8 @@ pub(crate) struct Shared {
     pub etrn: Option<Etrn>,
     /// The content filter (`[filter] rspamd`).
     pub filter: Option<relay_core::filter::Rspamd>,
+    /// Sender authentication (domains with `auth` other than `off`).
+    pub auth: Option<Arc<relay_core::auth::Authenticator>>,
 }
 
 pub(crate) struct Etrn {
@@ -267,6 +269,8 @@ struct Handler {
     spill: Option<Spill>,
     /// Accepted recipients' domains that want their mail scanned.
     filtered_domains: Vec<relay_core::address::DomainName>,
+    /// The transaction's sender authentication.
+    auth: crate::sender_auth::Transaction,
 }
 
 /// Whether the connection goes on after a step.
@@ -291,6 +295,7 @@ impl Handler {
             reserved: 0,
             spill: None,
             filtered_domains: Vec::new(),
+            auth: Default::default(),
         }
     }
 
@@ -432,6 +437,8 @@ impl Handler {
     }
 
     fn admit_mail(&mut self, size: Option<u64>) -> Step {
+        // A new transaction: the last one's checks are over.
+        self.auth = Default::default();
         let verdict = self.shared.resources.admit(size);
         if let Err(r) = &verdict {
             tracing::warn!(event = "mail_refused_resources", size, reply = %r);
@@ -445,7 +452,11 @@ impl Handler {
         recipient: relay_core::address::Mailbox,
         sender: relay_core::address::ReversePath,
     ) -> Step {
-        let relay_core::policy::Checked { verdict, filter } = self
+        let relay_core::policy::Checked {
+            verdict,
+            filter,
+            auth,
+        } = self
             .shared
             .policy
             .check(
@@ -460,6 +471,17 @@ impl Handler {
             if !self.filtered_domains.contains(domain) {
                 self.filtered_domains.push(domain.clone());
             }
+        }
+        if let (Some(checker), relay_core::smtp::RcptVerdict::Accept { domain, .. }) =
+            (&self.shared.auth, &verdict)
+        {
+            let identity = relay_core::auth::Identity {
+                client_ip: self.peer.ip(),
+                helo: self.session.helo().to_string(),
+                sender: sender.to_string(),
+            };
+            self.auth
+                .recipient_accepted(checker, domain, auth, identity);
         }
         if let relay_core::smtp::RcptVerdict::Reject(r) = &verdict {
             tracing::info!(event = "recipient_rejected", rcpt = %recipient, reply = %r);
@@ -490,6 +512,26 @@ impl Handler {
                 .map_err(|e| relay_core::store::StoreError::io("cannot write the spool file", e)),
             None => Ok(()),
         };
+        // Sender authentication first (its refusal spares the filter), its
+        // header last: first in the message, above our Received and the
+        // filter's fields below it.
+        let mut auth_header = None;
+        if let (Ok(()), Some(checker)) = (&finished, &shared.auth) {
+            let transaction = std::mem::take(&mut self.auth);
+            let memory = &shared.resources.memory;
+            match crate::sender_auth::check(checker, transaction, &message, memory).await {
+                Ok(header) => auth_header = header,
+                Err(reply) => {
+                    if let Some(s) = spilled {
+                        s.remove().await;
+                    }
+                    tracing::info!(event = "message_refused_by_dmarc", queue_id = %id, from = %sender, nrcpt, reply = %reply);
+                    self.session
+                        .message_refused("dmarc", reply, SystemTime::now());
+                    return Step::Continue;
+                }
+            }
+        }
         if let (Ok(()), Some(rspamd)) = (&finished, &shared.filter) {
             let wanted = message
                 .recipients
@@ -506,6 +548,9 @@ impl Handler {
                     return Step::Continue;
                 }
             }
+        }
+        if let (Some(header), Some(checker)) = (auth_header, &shared.auth) {
+            crate::sender_auth::annotate(checker, &mut message, header).await;
         }
         let size = message
             .spooled

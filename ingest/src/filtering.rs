@@ -90,23 +90,35 @@ fn log_error_now() -> bool {
             .is_ok()
 }
 
-/// Applies header changes to the message in memory, or to its spool file
-/// (rewritten beside it and renamed over it).
+/// Applies header changes to the message in memory, or to its spool file.
 async fn apply(message: &mut AcceptedMessage, edits: &HeaderEdits) -> std::io::Result<()> {
+    let edits = edits.clone();
+    edit_header_section(message, move |head| {
+        relay_core::filter::headers::apply(head, &edits)
+    })
+    .await
+}
+
+/// Replaces the message's header section (its empty line included) with
+/// what `edit` makes of it, in memory or in its spool file (rewritten
+/// beside it and renamed over it). The body is never touched.
+pub(crate) async fn edit_header_section(
+    message: &mut AcceptedMessage,
+    edit: impl FnOnce(&[u8]) -> Vec<u8> + Send + 'static,
+) -> std::io::Result<()> {
     use relay_core::filter::headers;
     match &mut message.spooled {
         None => {
             // Without an empty line the whole message is header.
             let split = headers::header_section(&message.body).len();
-            let mut edited = headers::apply(&message.body[..split], edits);
+            let mut edited = edit(&message.body[..split]);
             edited.extend_from_slice(&message.body[split..]);
             message.body = edited;
             Ok(())
         }
         Some(spooled) => {
             let path = spooled.path.clone();
-            let edits = edits.clone();
-            let len = tokio::task::spawn_blocking(move || rewrite_file(&path, edits))
+            let len = tokio::task::spawn_blocking(move || rewrite_file(&path, edit))
                 .await
                 .map_err(std::io::Error::other)??;
             spooled.len = len;
@@ -118,7 +130,10 @@ async fn apply(message: &mut AcceptedMessage, edits: &HeaderEdits) -> std::io::R
 /// The header of a big message is in its first 256 KiB or not edited.
 const HEAD_LIMIT: usize = 256 * 1024;
 
-fn rewrite_file(path: &std::path::Path, edits: HeaderEdits) -> std::io::Result<u64> {
+fn rewrite_file(
+    path: &std::path::Path,
+    edit: impl FnOnce(&[u8]) -> Vec<u8>,
+) -> std::io::Result<u64> {
     use std::io::{Read, Seek, Write};
     let mut file = std::fs::File::open(path)?;
     let mut start = vec![0u8; HEAD_LIMIT];
@@ -137,7 +152,7 @@ fn rewrite_file(path: &std::path::Path, edits: HeaderEdits) -> std::io::Result<u
             "no end of header in the first 256 KiB of the message",
         ));
     }
-    let edited = relay_core::filter::headers::apply(&start[..head_len], &edits);
+    let edited = edit(&start[..head_len]);
     let part = path.with_extension("filtered");
     let mut out = std::fs::File::create(&part)?;
     out.write_all(&edited)?;

@@ -16,6 +16,7 @@ mod http;
 mod limits;
 mod listener;
 mod metrics;
+mod sender_auth;
 mod server;
 mod services;
 mod shutdown;

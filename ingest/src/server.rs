@@ -57,10 +57,9 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         || config.storage.backend == Backend::Aws
         || !config.dnsbl.zones.is_empty()
         || !config.dnsbl.allow_zones.is_empty();
-    let resolver = match needs_dns {
-        true => Some(relay_core::setup::resolver(&config)?),
-        false => None,
-    };
+    // Sender authentication needs DNS in every shape (per domain, `auth`).
+    let (dns, authenticator) = relay_core::setup::resolver_and_authenticator(&config)?;
+    let resolver = needs_dns.then_some(dns);
     let alerter = relay_core::setup::alerter(&config)?;
     if let Some(a) = &config.admin {
         let web = crate::web::Web {
@@ -101,15 +100,18 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
             tokio::spawn(send_tls_reports(reporter, config.tlsrpt.interval));
         }
     }
-    let shared = Arc::new(shared_state(
-        &config,
-        &backends,
-        resolver,
-        engine,
-        tls.clone(),
-        delivery,
-        etrn,
-    )?);
+    let shared = Arc::new(Shared {
+        auth: Some(authenticator),
+        ..shared_state(
+            &config,
+            &backends,
+            resolver,
+            engine,
+            tls.clone(),
+            delivery,
+            etrn,
+        )?
+    });
     // Serve.
     let limits = Arc::new(Limits {
         proxy: config.smtp.proxy_protocol.then(|| ProxyPolicy {
@@ -337,6 +339,7 @@ fn shared_state(
             .filter_settings()
             .context("[filter]")?
             .map(relay_core::filter::Rspamd::new),
+        auth: None,
     })
 }
 

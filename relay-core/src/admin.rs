@@ -88,6 +88,9 @@ pub struct DomainChange {
     /// The bounce-storm guard watches the domain's drains.
     #[serde(default)]
     pub bounce_storm_guard: Option<bool>,
+    /// Sender authentication of the domain's mail.
+    #[serde(default)]
+    pub auth: Option<crate::domain::AuthPolicy>,
     /// With a release: drop the refusals the bounce-storm guard held back
     /// (logged and counted) instead of bouncing them.
     #[serde(default)]
@@ -480,6 +483,9 @@ impl Admin {
         }
         if let Some(g) = change.bounce_storm_guard {
             d.bounce_storm_guard = g;
+        }
+        if let Some(a) = change.auth {
+            d.auth = a;
         }
         self.registry
             .put(&d)

@@ -140,6 +140,12 @@ impl HickoryResolver {
         Ok(HickoryResolver { inner, validating })
     }
 
+    /// Sender authentication's checker on this resolver: its lookups
+    /// share the cache of every other lookup.
+    pub fn authenticator(&self) -> mail_auth::MessageAuthenticator {
+        mail_auth::MessageAuthenticator(self.inner.clone())
+    }
+
     async fn validated_tlsa(&self, name: &str) -> TlsaAnswer {
         use hickory_resolver::proto::dnssec::Proof;
         use hickory_resolver::proto::rr::RecordType;

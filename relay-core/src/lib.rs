@@ -20,6 +20,7 @@ pub use relay_proto::{address, dane, domain, dsn_params, mta_sts, proxy, smtp, t
 
 pub mod admin;
 pub mod alerts;
+pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod delivery;

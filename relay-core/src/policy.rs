@@ -131,12 +131,14 @@ pub struct Policy {
     pub harvest: Arc<HarvestGuard>,
 }
 
-/// The verdict on a recipient, and whether its domain wants its mail
-/// scanned by the content filter (the domain's `filter` switch).
+/// The verdict on a recipient, and what its domain wants done with its
+/// mail: scanned by the content filter (the domain's `filter` switch), and
+/// its sender authenticated (`auth`).
 #[derive(Debug)]
 pub struct Checked {
     pub verdict: RcptVerdict,
     pub filter: bool,
+    pub auth: crate::domain::AuthPolicy,
 }
 
 impl Checked {
@@ -144,6 +146,7 @@ impl Checked {
         Checked {
             verdict: RcptVerdict::Reject(reply),
             filter: false,
+            auth: crate::domain::AuthPolicy::Off,
         }
     }
 }
@@ -254,6 +257,7 @@ impl Policy {
         }
         Checked {
             filter: domain.filter,
+            auth: domain.auth,
             verdict: RcptVerdict::Accept {
                 domain: domain.name,
                 max_message_size: domain.max_message_size,

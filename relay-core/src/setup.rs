@@ -37,6 +37,21 @@ pub fn resolver(config: &Config) -> Result<Arc<dyn Resolver>, SetupError> {
     Ok(Arc::new(r))
 }
 
+/// The resolver `[dns]` asks for, and sender authentication's checker on
+/// the same resolver (one cache), naming us `[hostname]`.
+pub fn resolver_and_authenticator(
+    config: &Config,
+) -> Result<(Arc<dyn Resolver>, Arc<crate::auth::Authenticator>), SetupError> {
+    let r = HickoryResolver::with_trust_anchors(
+        &config.dns.servers,
+        config.dns.timeout,
+        &config.dns.dnssec_trust_anchors,
+    )
+    .map_err(SetupError::Resolver)?;
+    let auth = crate::auth::Authenticator::new(r.authenticator(), config.hostname.clone());
+    Ok((Arc::new(r), Arc::new(auth)))
+}
+
 /// The webhook alerter (started), or `None` without `[alerts] webhook`.
 pub fn alerter(config: &Config) -> Result<Option<Arc<Alerter>>, SetupError> {
     Alerter::for_webhook(&config.alerts.webhook).map_err(SetupError::Webhook)

@@ -52,6 +52,45 @@ pub struct Domain {
     /// `[delivery] bounce_storm_min_recipients` is not 0).
     #[serde(default = "yes")]
     pub bounce_storm_guard: bool,
+    /// Sender authentication (SPF, DKIM, DMARC, iprev) of this domain's
+    /// mail at the edge.
+    #[serde(default)]
+    pub auth: AuthPolicy,
+}
+
+/// What sender authentication does with a domain's mail.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthPolicy {
+    /// No checks, no header.
+    Off,
+    /// Checks, and one `Authentication-Results` header for the primary.
+    #[default]
+    Annotate,
+    /// As `annotate`, and a DMARC `fail` under `p=reject` is refused.
+    Enforce,
+}
+
+impl std::str::FromStr for AuthPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(AuthPolicy::Off),
+            "annotate" => Ok(AuthPolicy::Annotate),
+            "enforce" => Ok(AuthPolicy::Enforce),
+            _ => Err(format!("{s:?}: expected off, annotate or enforce")),
+        }
+    }
+}
+
+impl std::fmt::Display for AuthPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthPolicy::Off => "off",
+            AuthPolicy::Annotate => "annotate",
+            AuthPolicy::Enforce => "enforce",
+        })
+    }
 }
 
 /// The least protection a delivery to the domain's primary may have.
@@ -220,6 +259,7 @@ impl Domain {
             tls: TlsPolicy::Opportunistic,
             filter: true,
             bounce_storm_guard: true,
+            auth: AuthPolicy::Annotate,
         }
     }
 

@@ -39,6 +39,8 @@ pub struct DnsServer {
 
 struct Handler {
     catalog: Catalog,
+    /// Every query gets SERVFAIL at once.
+    fail_all: bool,
 }
 
 #[async_trait::async_trait]
@@ -58,7 +60,7 @@ impl RequestHandler for Handler {
         if name.ends_with("timeout.test.") {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
-        if name.ends_with("servfail.test.") {
+        if self.fail_all || name.ends_with("servfail.test.") {
             let builder =
                 hickory_server::zone_handler::MessageResponseBuilder::from_message_request(request);
             let msg = builder.error_msg(&request.metadata, ResponseCode::ServFail);
@@ -160,12 +162,28 @@ impl DnsServer {
         DnsServer::start_with(records, None)
     }
 
+    /// The server of tests that publish nothing: every query gets SERVFAIL
+    /// at once, so every lookup fails as transiently as with no DNS at
+    /// all, without waiting for a timeout. One for the whole test run.
+    pub fn failing() -> &'static DnsServer {
+        static FAILING: std::sync::OnceLock<DnsServer> = std::sync::OnceLock::new();
+        FAILING.get_or_init(|| DnsServer::start_serving(&[], None, true))
+    }
+
     /// Serves `records` in a zone signed with `signing.key` (NSEC denials).
     pub fn start_signed(records: &[(&str, Rec)], signing: Signing<'_>) -> DnsServer {
         DnsServer::start_with(records, Some(signing))
     }
 
     fn start_with(records: &[(&str, Rec)], signing: Option<Signing<'_>>) -> DnsServer {
+        DnsServer::start_serving(records, signing, false)
+    }
+
+    fn start_serving(
+        records: &[(&str, Rec)],
+        signing: Option<Signing<'_>>,
+        fail_all: bool,
+    ) -> DnsServer {
         let origin = name("test.");
         let mut authority =
             InMemoryZoneHandler::<hickory_server::net::runtime::TokioRuntimeProvider>::empty(
@@ -211,7 +229,7 @@ impl DnsServer {
         }
         let mut catalog = Catalog::new();
         catalog.upsert(origin.into(), vec![Arc::new(authority)]);
-        let handler = Handler { catalog };
+        let handler = Handler { catalog, fail_all };
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

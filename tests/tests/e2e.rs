@@ -20,6 +20,7 @@ mod limits;
 mod proxy;
 mod relay;
 mod resources;
+mod sender_auth;
 mod soak;
 mod steer;
 mod tls;

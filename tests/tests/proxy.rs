@@ -39,8 +39,15 @@ fn the_client_address_comes_from_the_proxy_header() {
         "Subject: via nlb\r\n\r\nx\r\n",
     ));
     let raw = String::from_utf8(s.raw(&id)).unwrap();
+    // Sender authentication checked the real client, not the proxy.
     assert!(
-        raw.starts_with("Received: from client.test ([192.0.2.99])"),
+        raw.starts_with("Authentication-Results: mx2.test;"),
+        "{raw}"
+    );
+    assert!(raw.contains("policy.iprev=192.0.2.99"), "{raw}");
+    let trace = backupmx_tests::skip_field(raw.as_bytes(), b"Authentication-Results: ");
+    assert!(
+        trace.starts_with(b"Received: from client.test ([192.0.2.99])"),
         "{raw}"
     );
     assert_eq!(s.queue()[0]["client_ip"], "192.0.2.99");

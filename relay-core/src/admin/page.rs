@@ -290,7 +290,13 @@ pub fn domain_page(
 <dt>Recipient verification</dt><dd>{verify}</dd>\
 <dt>TLS to the primary</dt><dd class=\"tls\">{tls}</dd>\
 <dt>Content filter</dt><dd class=\"filter\">{filter}</dd>\
-<dt>Bounce-storm guard</dt><dd class=\"storm-guard\">{storm_guard}</dd>",
+<dt>Bounce-storm guard</dt><dd class=\"storm-guard\">{storm_guard}</dd>\
+<dt>Sender authentication</dt><dd class=\"auth\">{auth}</dd>",
+        auth = match d.auth {
+            crate::domain::AuthPolicy::Off => "off",
+            crate::domain::AuthPolicy::Annotate => "annotate (SPF, DKIM, DMARC, iprev in a header)",
+            crate::domain::AuthPolicy::Enforce => "enforce (DMARC p=reject failures refused)",
+        },
         storm_guard = if d.bounce_storm_guard { "on" } else { "off" },
         tls = escape(&d.tls.to_string()),
         filter = if d.filter {

@@ -529,6 +529,9 @@ pub struct DomainConfig {
     /// `false`: the bounce-storm guard does not watch this domain.
     #[serde(default)]
     pub bounce_storm_guard: Option<bool>,
+    /// Sender authentication: `off`, `annotate` (default) or `enforce`.
+    #[serde(default)]
+    pub auth: Option<crate::domain::AuthPolicy>,
 }
 
 impl Default for Config {
@@ -770,6 +773,9 @@ impl DomainConfig {
         }
         if let Some(g) = self.bounce_storm_guard {
             d.bounce_storm_guard = g;
+        }
+        if let Some(a) = self.auth {
+            d.auth = a;
         }
         Ok(d)
     }

@@ -58,6 +58,7 @@ pub(crate) async fn domains_contract(reg: &dyn DomainRegistry) {
     d.tls = crate::domain::TlsPolicy::Verified;
     d.filter = false;
     d.bounce_storm_guard = false;
+    d.auth = crate::domain::AuthPolicy::Enforce;
     reg.put(&d).await.unwrap();
     assert_eq!(reg.get(&name).await.unwrap(), Some(d.clone()));
     d.hold = None;

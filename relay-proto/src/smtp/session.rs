@@ -247,6 +247,11 @@ impl Session {
         self.peer
     }
 
+    /// The name the client gave in HELO/EHLO (empty before it did).
+    pub fn helo(&self) -> &str {
+        self.helo.as_ref().map_or("", |(name, _)| name.as_str())
+    }
+
     /// Error replies sent since the last call, for the driver's counters.
     pub fn take_rejections(&mut self) -> std::vec::Drain<'_, Rejection> {
         self.rejections.drain(..)

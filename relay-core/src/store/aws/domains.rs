@@ -40,6 +40,9 @@ pub(super) fn domain_item(d: &Domain) -> HashMap<String, AttributeValue> {
     if !d.bounce_storm_guard {
         item.insert("bounce_storm_guard".into(), AttributeValue::Bool(false));
     }
+    if d.auth != crate::domain::AuthPolicy::Annotate {
+        item.insert("auth".into(), s(d.auth.to_string()));
+    }
     if d.tls != crate::domain::TlsPolicy::Opportunistic {
         item.insert("tls".into(), s(d.tls.to_string()));
     }
@@ -80,6 +83,14 @@ pub(super) fn domain_from_item(
         defer_while_primary_up: flag("defer_while_primary_up")?.unwrap_or(false),
         filter: flag("filter")?.unwrap_or(true),
         bounce_storm_guard: flag("bounce_storm_guard")?.unwrap_or(true),
+        auth: match item.get("auth") {
+            None => crate::domain::AuthPolicy::Annotate,
+            Some(v) => v
+                .as_s()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(corrupt)?,
+        },
         hold: match item.get("hold_reason") {
             None => None,
             Some(v) => Some(crate::domain::Hold {
