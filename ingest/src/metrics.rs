@@ -216,6 +216,18 @@ const METRICS: &[MetricSpec] = &[
         &[("action", "reject")],
     ),
     (
+        "backupmx_auth_results_total",
+        "sender authentication results by method (spf, dkim, dmarc, iprev) and result",
+        false,
+        &[("method", "spf"), ("result", "pass")],
+    ),
+    (
+        "backupmx_dmarc_rejections_total",
+        "messages refused after DATA for a DMARC fail under p=reject (auth = enforce)",
+        false,
+        &[],
+    ),
+    (
         "backupmx_filter_errors_total",
         "scans that got no answer (connect, timeout, status, bad_reply, ...): on_error decided",
         false,

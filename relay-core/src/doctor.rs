@@ -542,7 +542,7 @@ impl Doctor {
             Some(record) if record.trim_end().ends_with("-all") => warn(
                 "spf",
                 format!("{domain} has a strict SPF record ({record}): a primary that checks SPF sees {}'s address for the mail the backup relays", self.host()),
-                format!("exempt the backup's address from SPF checks on the primary (trusted relay), or include it in {domain}'s SPF record"),
+                format!("exempt the backup's address from SPF checks on the primary (trusted relay) and trust its Authentication-Results (docs/PRIMARY.md), or include it in {domain}'s SPF record"),
             ),
             Some(record) => ok("spf", format!("SPF: {record}")),
             None => ok("spf", format!("{domain} has no SPF record")),

@@ -247,6 +247,30 @@ fn api_serves_every_endpoint_with_the_cli_shapes_and_clear_errors() {
     assert_eq!(set["queue_lifetime"], 20 * 86_400, "{set}");
     assert_eq!(set["greylist"], true);
     assert_eq!(set["released"], 0, "a held domain's mail stays put: {set}");
+    let set = api.json(
+        "POST",
+        "/api/domains/example.test",
+        "{\"auth\": \"enforce\"}",
+    );
+    assert_eq!(set["auth"], "enforce", "{set}");
+    let shown = succeeded(&s.cli(&["domain", "show", "example.test"]));
+    assert!(shown.contains("auth: enforce"), "{shown}");
+    let page = api.get("/domain/example.test").text();
+    assert!(
+        page.contains("enforce (DMARC p=reject failures refused)"),
+        "{page}"
+    );
+    api.error(
+        "POST",
+        "/api/domains/example.test",
+        "{\"auth\": \"sometimes\"}",
+        400,
+    );
+    api.json(
+        "POST",
+        "/api/domains/example.test",
+        "{\"auth\": \"annotate\"}",
+    );
     // With recipient verification on, the status counts the callout cache.
     let set = api.json(
         "POST",

@@ -284,3 +284,59 @@ fn dns_that_does_not_answer_is_a_temperror_and_never_a_refusal() {
     assert!(ours.contains("spf=temperror"), "{ours}");
     assert!(ours.contains("dmarc=temperror"), "{ours}");
 }
+
+#[test]
+fn the_aws_ingest_annotates_and_enforces_and_domain_set_switches_it() {
+    let dkim = DkimKey::new();
+    let dns = zone(&dkim);
+    let Some(s) = Server::start_aws(
+        "",
+        &format!(
+            "{}[[domain]]\nname = \"enforce.test\"\nauth = \"enforce\"\n",
+            dns.toml()
+        ),
+        "",
+        false,
+    ) else {
+        return;
+    };
+    let forged = message("ceo@forged.test", "aws-forged");
+    let reply = send(&s, "ceo@forged.test", "user@enforce.test", &forged);
+    assert!(reply.starts_with("550 5.7.1"), "{reply}");
+    assert!(s.queue().is_empty(), "{:?}", s.queue());
+    let reply = send(
+        &s,
+        "alice@good.test",
+        "user@example.test",
+        &message("alice@good.test", "aws-good"),
+    );
+    assert!(reply.starts_with("250"), "{reply}");
+    let id = backupmx_tests::queue_id(&reply);
+    let ours = our_results(&s.raw(&id));
+    assert!(ours.contains("spf=pass"), "{ours}");
+    assert!(ours.contains("dmarc=pass header.from=good.test"), "{ours}");
+    // The domain record in DynamoDB carries the switch.
+    let out = s.cli(&["domain", "set", "example.test", "--auth", "enforce"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show = s.cli(&["domain", "show", "example.test", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&show.stdout).expect("JSON");
+    assert_eq!(json["auth"], "enforce", "{json}");
+    let reply =
+        backupmx_tests::eventually(Duration::from_secs(30), "the new policy applied", || {
+            let reply = send(&s, "ceo@forged.test", "user@example.test", &forged);
+            (!reply.starts_with("250")).then_some(reply)
+        });
+    assert!(reply.starts_with("550 5.7.1"), "{reply}");
+    let out = s.cli(&["domain", "set", "example.test", "--auth", "off"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show = s.cli(&["domain", "show", "example.test"]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("auth: off"));
+}
