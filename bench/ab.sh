@@ -29,7 +29,7 @@ data_dir = "$work/data-$1"
 [greylist]
 enabled = false
 [dns]
-servers = ["127.0.0.1:9"]
+servers = ["127.0.0.1:$DNS_PORT"]
 [delivery]
 retry_initial = "1h"
 retry_max = "2h"
@@ -44,6 +44,7 @@ TOML
 }
 stop_all() { for f in "$work"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done; }
 trap stop_all EXIT
+start_dns "$work"
 start a "$A"; start b "$B"
 smtp-sink -u nobody "127.0.0.1:${port[smtp-sink]}" 1024 </dev/null >"$work/sink.log" 2>&1 &
 echo $! > "$work/sink.pid"

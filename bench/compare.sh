@@ -8,6 +8,8 @@
 #   bench/compare.sh idle     [N]      RSS of backupmx holding N idle sessions after EHLO
 #   bench/compare.sh recovery [N]      N queued messages, primary comes up: seconds to the first
 #                                      delivery and to empty
+#   bench/compare.sh auth     [RUNS]   the cost of sender authentication: backupmx with auth = "annotate"
+#                                      against auth = "off", 10 and 50 sessions x 1 KiB, primary down
 #   bench/compare.sh etrn [N]          the same released by ETRN alone (probe 1 h)
 #                                      (SINK_OPTS=-p: a primary without PIPELINING; PROBE=1s: probe interval)
 #
@@ -15,7 +17,9 @@
 # Needs root (installs Debian's postfix for smtp-source/smtp-sink and the
 # peer). Results go to bench/results-<scenario>.txt as well.
 # accept takes SIZES="1024 102400" and SESSIONS="1 10 50" from the
-# environment to run only some cases.
+# environment to run only some cases. DNS is a local dnsmasq that answers at
+# once (lib.sh, start_dns); AUTH=off|annotate|enforce sets the domain's
+# sender authentication (unset: the default, annotate).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
@@ -35,19 +39,21 @@ if [ -z "${BMX:-}" ]; then
   BMX=$root/target/release/backupmx
 fi
 
-start_bmx() {  # $1 = primary port state note; config in $work
-  cat > "$work/backupmx.toml" <<TOML
+# The configuration of one backupmx: $1 = SMTP port, $2 = data directory;
+# the domain's `auth` from $AUTH (unset: not written, the default).
+bmx_config() {
+  cat <<TOML
 hostname = "mx2.bench.test"
 [smtp]
-listen = ["127.0.0.1:$BMX_PORT"]
+listen = ["127.0.0.1:$1"]
 max_connections = 20000
 max_connections_per_ip = 20000
 [storage]
-data_dir = "$work/data"
+data_dir = "$2"
 [greylist]
 enabled = false
 [dns]
-servers = ["127.0.0.1:9"]
+servers = ["127.0.0.1:$DNS_PORT"]
 [delivery]
 retry_initial = "1h"
 retry_max = "2h"
@@ -56,7 +62,11 @@ etrn_networks = ["127.0.0.0/8"]
 [[domain]]
 name = "$DOMAIN"
 primary = ["127.0.0.1:$SINK_PORT"]
+${AUTH:+auth = \"$AUTH\"}
 TOML
+}
+start_bmx() {  # config in $work
+  bmx_config "$BMX_PORT" "$work/data" > "$work/backupmx.toml"
   rm -rf "$work/data"
   "$BMX" run --config "$work/backupmx.toml" > "$work/bmx.log" 2>&1 &
   echo $! > "$work/bmx.pid"
@@ -69,7 +79,8 @@ start_ref() {
   echo $! > "$work/ref.pid"
 }
 stop_ref() { [ -f "$work/ref.pid" ] && kill "$(cat "$work/ref.pid")" 2>/dev/null || true; }
-trap 'stop_bmx; stop_ref; bash "$here/postfix_peer.sh" stop >/dev/null 2>&1 || true' EXIT
+trap 'stop_bmx; stop_ref; stop_dns "$work"; bash "$here/postfix_peer.sh" stop >/dev/null 2>&1 || true' EXIT
+start_dns "$work"
 
 accept() {
   bash "$here/postfix_peer.sh" start down >&2
@@ -195,6 +206,41 @@ etrn() {
   exec 3>&-
   read -r first empty < <(drain_times "$n" "$t0")
   echo "ETRN messages=$n reply=${reply%%$'\r'} sink_opts=${SINK_OPTS:-none} first=$first seconds=$empty" | tee -a "$out"
+}
+
+# Two backupmx, the same but for the domain's `auth`, in interleaved
+# rounds (as accept()); prints the annotate/off ratio per case.
+auth() {
+  bash "$here/postfix_peer.sh" start down >&2
+  declare -A ports=([off]=2737 [annotate]=2747)
+  start_mode() {  # $1 = off|annotate, from an empty data directory
+    mkdir -p "$work/$1"
+    [ -f "$work/$1/bmx.pid" ] && kill "$(cat "$work/$1/bmx.pid")" 2>/dev/null && sleep 1
+    rm -rf "$work/$1/data"
+    AUTH=$1 bmx_config "${ports[$1]}" "$work/$1/data" > "$work/$1/backupmx.toml"
+    "$BMX" run --config "$work/$1/backupmx.toml" > "$work/$1/bmx.log" 2>&1 &
+    echo $! > "$work/$1/bmx.pid"
+    wait_for_port "${ports[$1]}" "$work/$1/bmx.log"
+  }
+  for sessions in ${SESSIONS:-10 50}; do
+    start_mode off; start_mode annotate
+    sync; sleep 2
+    labels=(auth-off auth-annotate)
+    for round in $(seq 0 $(( RUNS - 1 ))); do
+      for k in 0 1; do
+        label=${labels[$(( (round + k) % 2 ))]}
+        mode=${label#auth-}
+        settle
+        bash "$here/smtp_accept.sh" --label "$label" --target "127.0.0.1:${ports[$mode]}" --domain "$DOMAIN" \
+          --sessions "$sessions" --count 3000 --size 1024 --runs 1 --warmup 50 \
+          --cpu-pids-cmd "cat $work/$mode/bmx.pid" | grep '^RUN' | sed "s/ run=1 / run=$(( round + 1 )) /" | tee -a "$out" || true
+      done
+    done
+  done
+  echo "auth_result log lines (annotate): $(grep -c 'event="auth_result"' "$work/annotate/bmx.log")" >&2
+  grep -m1 'event="auth_result"' "$work/annotate/bmx.log" >&2 || true
+  for mode in off annotate; do kill "$(cat "$work/$mode/bmx.pid")" 2>/dev/null || true; done
+  python3 "$here/summarize.py" "$out" --ratio auth-annotate auth-off
 }
 
 "$scenario"

@@ -18,12 +18,14 @@ BMX_PORT=${BMX_PORT:-2727} RSPAMD_PORT=${RSPAMD_PORT:-21333} TARPIT_PORT=${TARPI
 work=$(mktemp -d /var/tmp/bmx-filter.XXXX)
 cleanup() {
   stop_bmx || true
+  stop_dns "$work"
   [ -n "${rspamd_pid:-}" ] && kill "$rspamd_pid" 2>/dev/null
   [ -n "${tarpit_pid:-}" ] && kill "$tarpit_pid" 2>/dev/null
   rm -rf "$work"
   true
 }
 trap cleanup EXIT
+start_dns "$work"
 command -v rspamd > /dev/null || { echo "rspamd is not installed (scripts/install-test-deps)" >&2; exit 2; }
 command -v smtp-source > /dev/null || [ -x /usr/sbin/smtp-source ] || { echo "smtp-source missing (apt-get install postfix)" >&2; exit 2; }
 
@@ -71,7 +73,7 @@ data_dir = "$work/data"
 [greylist]
 enabled = false
 [dns]
-servers = ["127.0.0.1:9"]
+servers = ["127.0.0.1:$DNS_PORT"]
 [delivery]
 retry_initial = "1h"
 retry_max = "2h"

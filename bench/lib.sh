@@ -25,3 +25,32 @@ settle() {
   done
   echo "bench: machine still busy after 60 s, going on" >&2
 }
+
+# A local DNS server that answers at once (dnsmasq, installed if missing)
+# on 127.0.0.1:$DNS_PORT (default 5353): the sender domain of the load,
+# remote.test, publishes SPF (127.0.0.0/8 may send) and DMARC p=reject;
+# every other name under test. and in-addr.arpa is NXDOMAIN, anything
+# else REFUSED. Sender authentication (per domain `auth`, on by default)
+# asks it for every message, as it would a local caching resolver.
+# $1 = a directory for its pid file. Stop it with stop_dns.
+DNS_PORT=${DNS_PORT:-5353}
+start_dns() {
+  command -v dnsmasq >/dev/null 2>&1 || {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsmasq-base >&2
+  }
+  dnsmasq --keep-in-foreground --conf-file=/dev/null --port="$DNS_PORT" \
+    --listen-address=127.0.0.1 --bind-interfaces --no-resolv --no-hosts \
+    --local=/test/ --local=/in-addr.arpa/ \
+    --txt-record='remote.test,v=spf1 ip4:127.0.0.0/8 -all' \
+    --txt-record='_dmarc.remote.test,v=DMARC1; p=reject' \
+    --pid-file="$1/dnsmasq.pid" >"$1/dnsmasq.log" 2>&1 &
+  echo $! > "$1/dnsmasq.shell.pid"
+  for _ in $(seq 1 50); do
+    [ -s "$1/dnsmasq.pid" ] && return 0
+    sleep 0.1
+  done
+  echo "dnsmasq did not start" >&2; cat "$1/dnsmasq.log" >&2; exit 1
+}
+stop_dns() {
+  [ -f "$1/dnsmasq.pid" ] && kill "$(cat "$1/dnsmasq.pid")" 2>/dev/null || true
+}

@@ -18,7 +18,8 @@ BMX_PORT=${BMX_PORT:-2727} SINK_PORT=${SINK_PORT:-2626}
 CASES=${CASES:-"senders40 senders200 drain"}
 SIZE=$((30 << 20))
 work=$(mktemp -d /var/tmp/bmx-memory.XXXX)
-trap 'stop_bmx; [ -n "${sink_pid:-}" ] && kill "$sink_pid" 2>/dev/null; rm -rf "$work"' EXIT
+trap 'stop_bmx; stop_dns "$work"; [ -n "${sink_pid:-}" ] && kill "$sink_pid" 2>/dev/null; rm -rf "$work"' EXIT
+start_dns "$work"
 
 (cd "$root" && cargo build --release --bin backupmx >&2)
 BMX=$root/target/release/backupmx
@@ -34,7 +35,7 @@ data_dir = "$work/data"
 [greylist]
 enabled = false
 [dns]
-servers = ["127.0.0.1:9"]
+servers = ["127.0.0.1:$DNS_PORT"]
 [delivery]
 retry_initial = "1h"
 retry_max = "2h"

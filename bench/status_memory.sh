@@ -17,7 +17,8 @@ root=$here/..
 BMX_PORT=${BMX_PORT:-2728} ADMIN_PORT=${ADMIN_PORT:-9327}
 QUEUED=${QUEUED:-100000}
 work=$(mktemp -d /var/tmp/bmx-status.XXXX)
-trap '[ -n "${bmx_pid:-}" ] && kill "$bmx_pid" 2>/dev/null; rm -rf "$work"' EXIT
+trap '[ -n "${bmx_pid:-}" ] && kill "$bmx_pid" 2>/dev/null; stop_dns "$work"; rm -rf "$work"' EXIT
+start_dns "$work"
 command -v smtp-source > /dev/null || { echo "status_memory.sh: smtp-source is needed (Debian package postfix)" >&2; exit 1; }
 
 # BMX=path measures another build (an older one, for a before/after).
@@ -36,7 +37,7 @@ enabled = false
 [admin]
 listen = "127.0.0.1:$ADMIN_PORT"
 [dns]
-servers = ["127.0.0.1:9"]
+servers = ["127.0.0.1:$DNS_PORT"]
 [delivery]
 retry_initial = "1h"
 retry_max = "2h"
