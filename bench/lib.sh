@@ -29,9 +29,12 @@ settle() {
 # A local DNS server that answers at once (dnsmasq, installed if missing)
 # on 127.0.0.1:$DNS_PORT (default 5353): the sender domain of the load,
 # remote.test, publishes SPF (127.0.0.0/8 may send) and DMARC p=reject;
-# every other name under test. and in-addr.arpa is NXDOMAIN, anything
-# else REFUSED. Sender authentication (per domain `auth`, on by default)
-# asks it for every message, as it would a local caching resolver.
+# every other name under test. is NXDOMAIN, anything else REFUSED.
+# Sender authentication (per domain `auth`, on by default) asks it what it
+# would ask a local caching resolver. As such a resolver does, answers
+# carry a TTL (300 s) and NXDOMAIN its zone's SOA, so our resolver caches
+# them: dnsmasq's local data alone has TTL 0 and no SOA, which would make
+# every message ask again.
 # $1 = a directory for its pid file. Stop it with stop_dns.
 DNS_PORT=${DNS_PORT:-5353}
 start_dns() {
@@ -40,7 +43,8 @@ start_dns() {
   }
   dnsmasq --keep-in-foreground --conf-file=/dev/null --port="$DNS_PORT" \
     --listen-address=127.0.0.1 --bind-interfaces --no-resolv --no-hosts \
-    --local=/test/ --local=/in-addr.arpa/ \
+    --auth-server=ns.test,127.0.0.1 --auth-zone=test --auth-ttl=300 --local-ttl=300 \
+    --local=/in-addr.arpa/ \
     --txt-record='remote.test,v=spf1 ip4:127.0.0.0/8 -all' \
     --txt-record='_dmarc.remote.test,v=DMARC1; p=reject' \
     --pid-file="$1/dnsmasq.pid" >"$1/dnsmasq.log" 2>&1 &

@@ -14,9 +14,11 @@
 //! under `p=reject` can be refused, and only where the domain says
 //! `enforce` ([`Outcome::dmarc_rejects`]). [`header`] edits the message.
 
+mod cache;
 pub mod header;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mail_auth::dmarc::verify::DmarcParameters;
@@ -24,7 +26,7 @@ use mail_auth::dmarc::Policy;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcOutput, DmarcResult,
-    IprevOutput, IprevResult, MessageAuthenticator, SpfOutput, SpfResult,
+    IprevOutput, IprevResult, MessageAuthenticator, Parameters, SpfOutput, SpfResult,
 };
 
 use crate::smtp::Reply;
@@ -68,6 +70,19 @@ pub struct Authenticator {
     inner: MessageAuthenticator,
     hostname: String,
     timeout: Duration,
+    caches: Arc<cache::Caches>,
+}
+
+/// `params` with our record caches.
+macro_rules! cached {
+    ($caches:expr, $params:expr) => {
+        Parameters::new($params)
+            .with_txt_cache(&$caches.txt)
+            .with_mx_cache(&$caches.mx)
+            .with_ipv4_cache(&$caches.ipv4)
+            .with_ipv6_cache(&$caches.ipv6)
+            .with_ptr_cache(&$caches.ptr)
+    };
 }
 
 impl Authenticator {
@@ -78,6 +93,7 @@ impl Authenticator {
             inner,
             hostname: hostname.into(),
             timeout: DEFAULT_TIMEOUT,
+            caches: Arc::default(),
         }
     }
 
@@ -99,19 +115,25 @@ impl Authenticator {
             } else {
                 SpfParameters::verify_mail_from(id.client_ip, &id.helo, &self.hostname, &id.sender)
             };
-            tokio::time::timeout(self.timeout, self.inner.verify_spf(params))
-                .await
-                .unwrap_or_else(|_| {
-                    SpfOutput::new(id.spf_domain().to_string()).with_result(SpfResult::TempError)
-                })
+            tokio::time::timeout(
+                self.timeout,
+                self.inner.verify_spf(cached!(self.caches, params)),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                SpfOutput::new(id.spf_domain().to_string()).with_result(SpfResult::TempError)
+            })
         };
         let iprev = async {
-            tokio::time::timeout(self.timeout, self.inner.verify_iprev(id.client_ip))
-                .await
-                .unwrap_or_else(|_| IprevOutput {
-                    result: IprevResult::TempError(timed_out()),
-                    ptr: None,
-                })
+            tokio::time::timeout(
+                self.timeout,
+                self.inner.verify_iprev(cached!(self.caches, id.client_ip)),
+            )
+            .await
+            .unwrap_or_else(|_| IprevOutput {
+                result: IprevResult::TempError(timed_out()),
+                ptr: None,
+            })
         };
         let (spf, iprev) = tokio::join!(spf, iprev);
         Early { spf, iprev }
@@ -139,9 +161,12 @@ impl Authenticator {
         let mut extra = String::new();
         match (&parsed, message) {
             (Some(parsed), _) => {
-                let dkim = tokio::time::timeout(self.timeout, self.inner.verify_dkim(parsed))
-                    .await
-                    .unwrap_or_default();
+                let dkim = tokio::time::timeout(
+                    self.timeout,
+                    self.inner.verify_dkim(cached!(self.caches, parsed)),
+                )
+                .await
+                .unwrap_or_default();
                 let from = parsed.from();
                 if dkim.is_empty() {
                     extra.push_str(";\r\n\tdkim=none");
@@ -151,13 +176,16 @@ impl Authenticator {
                 outcome.dkim = dkim.iter().map(DkimSummary::of).collect();
                 let dmarc = tokio::time::timeout(
                     self.timeout,
-                    self.inner.verify_dmarc(DmarcParameters {
-                        message: parsed,
-                        dkim_output: &dkim,
-                        dkim2_output: None,
-                        rfc5321_mail_from_domain: id.spf_domain(),
-                        spf_output: &early.spf,
-                    }),
+                    self.inner.verify_dmarc(cached!(
+                        self.caches,
+                        DmarcParameters {
+                            message: parsed,
+                            dkim_output: &dkim,
+                            dkim2_output: None,
+                            rfc5321_mail_from_domain: id.spf_domain(),
+                            spf_output: &early.spf,
+                        }
+                    )),
                 )
                 .await
                 .unwrap_or_else(|_| {

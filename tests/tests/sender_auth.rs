@@ -267,6 +267,31 @@ fn a_dkim_signature_passes_dmarc_despite_spf_and_still_verifies_at_the_primary()
 }
 
 #[test]
+fn a_big_signed_message_is_verified_from_its_spool_file_and_relayed_intact() {
+    let dkim = DkimKey::new();
+    let dns = zone(&dkim);
+    let sink = Sink::start(0);
+    let (s, _) = server(&dns, &sink);
+    // 2 MiB of body: spilled to a spool file while it arrives (512 KiB).
+    let line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\r\n";
+    let body = line.repeat(2 * 1024 * 1024 / line.len());
+    let plain = message("news@signed.test", "big").replace("Hello.\r\n", &body);
+    let signed = dkim.sign(&plain);
+    let reply = send(&s, "news@signed.test", "user@enforce.test", &signed);
+    assert!(reply.starts_with("250"), "{reply}");
+    let got = sink.wait_for(1, Duration::from_secs(60));
+    let ours = our_results(&got[0].data);
+    assert!(ours.contains("dkim=pass"), "{ours}");
+    assert!(ours.contains("dmarc=pass"), "{ours}");
+    // Below our two trace fields, the message is the one that was sent.
+    assert_eq!(
+        backupmx_tests::after_received(&got[0].data),
+        signed.as_bytes(),
+        "relayed byte for byte"
+    );
+}
+
+#[test]
 fn dns_that_does_not_answer_is_a_temperror_and_never_a_refusal() {
     let dkim = DkimKey::new();
     let dns = zone(&dkim);
