@@ -522,13 +522,8 @@ impl Handler {
             match crate::sender_auth::check(checker, transaction, &message, memory).await {
                 Ok(header) => auth_header = header,
                 Err(reply) => {
-                    if let Some(s) = spilled {
-                        s.remove().await;
-                    }
                     tracing::info!(event = "message_refused_by_dmarc", queue_id = %id, from = %sender, nrcpt, reply = %reply);
-                    self.session
-                        .message_refused("dmarc", reply, SystemTime::now());
-                    return Step::Continue;
+                    return self.refuse_data(spilled, "dmarc", reply).await;
                 }
             }
         }
@@ -539,13 +534,8 @@ impl Handler {
                 .any(|r| self.filtered_domains.contains(&r.domain));
             if wanted {
                 if let Err(reply) = crate::filtering::scan(rspamd, &mut message).await {
-                    if let Some(s) = spilled {
-                        s.remove().await;
-                    }
                     tracing::info!(event = "message_refused_by_filter", queue_id = %id, from = %sender, nrcpt, reply = %reply);
-                    self.session
-                        .message_refused("filter", reply, SystemTime::now());
-                    return Step::Continue;
+                    return self.refuse_data(spilled, "filter", reply).await;
                 }
             }
         }
@@ -579,6 +569,22 @@ impl Handler {
         }
         self.session
             .message_stored(result.map(|_| id).map_err(|_| ()), SystemTime::now());
+        Step::Continue
+    }
+
+    /// A message refused once its data was in (`reason` for the
+    /// rejection counter): its spool file goes, the client gets `reply`.
+    async fn refuse_data(
+        &mut self,
+        spilled: Option<Spill>,
+        reason: &'static str,
+        reply: Reply,
+    ) -> Step {
+        if let Some(s) = spilled {
+            s.remove().await;
+        }
+        self.session
+            .message_refused(reason, reply, SystemTime::now());
         Step::Continue
     }
 

@@ -67,11 +67,10 @@ impl Drop for Transaction {
 /// is the refusal to send, `Ok` the header to add ([`annotate`]), if any.
 pub(crate) async fn check(
     auth: &Authenticator,
-    transaction: Transaction,
+    mut transaction: Transaction,
     message: &AcceptedMessage,
     memory: &MemoryBudget,
 ) -> Result<Option<String>, Reply> {
-    let mut transaction = transaction;
     let policies: Vec<AuthPolicy> = message
         .recipients
         .iter()
