@@ -23,6 +23,8 @@ pub(crate) struct Backends {
     pub recipients: Arc<dyn relay_core::store::RecipientCache>,
     /// TLS report counters (RFC 8460).
     pub tls_reports: Arc<dyn relay_core::store::TlsReportStore>,
+    /// Each domain's outage history and queue-depth samples.
+    pub history: Arc<dyn relay_core::store::HistoryStore>,
     /// Set for the embedded backend (the delivery worker needs it).
     pub local: Option<Arc<LocalStore>>,
 }
@@ -42,6 +44,7 @@ impl Backends {
             alerter,
         )
         .with_message_limit(message_limit)
+        .with_history(self.history.clone())
     }
 }
 
@@ -88,6 +91,7 @@ pub(crate) async fn open_backends_as(config: &Config, create: bool) -> anyhow::R
                 messages: store.clone(),
                 recipients: store.clone(),
                 tls_reports: store.clone(),
+                history: store.clone(),
                 local: Some(store),
             })
         }
@@ -99,10 +103,12 @@ pub(crate) async fn open_backends_as(config: &Config, create: bool) -> anyhow::R
                 spool: Arc::new(SplitSpool {
                     messages: store.clone(),
                     queue: store.clone(),
+                    history: Some(store.clone()),
                 }),
                 queue: store.clone(),
                 recipients: store.clone(),
                 tls_reports: store.clone(),
+                history: store.clone(),
                 messages: store,
                 local: None,
             })

@@ -104,6 +104,38 @@ pub(crate) enum DomainCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A domain's outage history: when its primary was down, what was held
+    /// and refused meanwhile, how the drain went; and its queue depth.
+    History {
+        /// The domain name.
+        domain: String,
+        /// Print one JSON object (the API's `GET /api/domains/D/history`).
+        #[arg(long)]
+        json: bool,
+        /// How far back (queue-depth samples are kept 7 days).
+        #[arg(long, value_name = "DUR", default_value = "7d", value_parser = relay_core::config::parse_duration)]
+        since: std::time::Duration,
+    },
+    /// A one-page summary of one outage, to send to the domain's owner.
+    Report {
+        /// The domain name.
+        domain: String,
+        /// The outage's number (as `domain history` shows it).
+        #[arg(
+            long,
+            value_name = "N",
+            required_unless_present = "last",
+            conflicts_with = "last"
+        )]
+        outage: Option<u64>,
+        /// The latest outage.
+        #[arg(long)]
+        last: bool,
+        /// text, json (the `outage_report` alert's object) or html (one
+        /// self-contained page).
+        #[arg(long, value_name = "text|json|html", default_value = "text")]
+        format: ReportFormat,
+    },
     /// Stop hosting a domain. Its queued mail stays queued and is delivered
     /// by its MX records, unless --purge-queue deletes it.
     Remove {
@@ -113,6 +145,14 @@ pub(crate) enum DomainCommand {
         #[arg(long)]
         purge_queue: bool,
     },
+}
+
+/// `domain report --format`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum ReportFormat {
+    Text,
+    Json,
+    Html,
 }
 
 #[derive(Subcommand)]
@@ -503,6 +543,47 @@ pub(crate) async fn domain(
                 }
             );
             println!("queued: {}", view.queued);
+        }
+        DomainCommand::History {
+            domain,
+            json,
+            since,
+        } => {
+            let name = parse_domain(&domain)?;
+            let now = now();
+            let history = admin
+                .domain_history(&name, now.saturating_sub(since.as_secs()))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&history.to_json(now))?);
+            } else {
+                print!(
+                    "{}",
+                    relay_core::admin::history_view::history_text(&history, now)
+                );
+            }
+        }
+        DomainCommand::Report {
+            domain,
+            outage,
+            last: _,
+            format,
+        } => {
+            let name = parse_domain(&domain)?;
+            let now = now();
+            let o = admin.outage(&name, outage).await?;
+            let text = match format {
+                ReportFormat::Text => {
+                    relay_core::admin::history_view::report_text(&name, &o, &config.hostname, now)
+                }
+                ReportFormat::Json => {
+                    serde_json::to_string_pretty(&relay_core::history::report_json(&name, &o, now))?
+                }
+                ReportFormat::Html => {
+                    relay_core::admin::history_view::report_html(&name, &o, &config.hostname, now)
+                }
+            };
+            println!("{}", text.trim_end());
         }
         DomainCommand::Remove {
             domain,

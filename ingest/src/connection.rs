@@ -147,6 +147,8 @@ pub(crate) struct Shared {
     pub filter: Option<relay_core::filter::Rspamd>,
     /// Sender authentication (domains with `auth` other than `off`).
     pub auth: Option<Arc<relay_core::auth::Authenticator>>,
+    /// Where refusals are counted against the domains' open outages.
+    pub history: Option<Arc<relay_core::history::Recorder>>,
 }
 
 pub(crate) struct Etrn {
@@ -456,6 +458,7 @@ impl Handler {
             verdict,
             filter,
             auth,
+            refusal,
         } = self
             .shared
             .policy
@@ -485,6 +488,9 @@ impl Handler {
         }
         if let relay_core::smtp::RcptVerdict::Reject(r) = &verdict {
             tracing::info!(event = "recipient_rejected", rcpt = %recipient, reply = %r);
+        }
+        if let Some((domain, why)) = refusal {
+            self.count_refusal(vec![domain], why);
         }
         self.session.recipient_checked(verdict, SystemTime::now());
         Step::Continue
@@ -523,6 +529,7 @@ impl Handler {
                 Ok(header) => auth_header = header,
                 Err(reply) => {
                     tracing::info!(event = "message_refused_by_dmarc", queue_id = %id, from = %sender, nrcpt, reply = %reply);
+                    self.count_refusal(domains, relay_core::history::Refusal::Auth);
                     return self.refuse_data(spilled, "dmarc", reply).await;
                 }
             }
@@ -535,6 +542,7 @@ impl Handler {
             if wanted {
                 if let Err(reply) = crate::filtering::scan(rspamd, &mut message).await {
                     tracing::info!(event = "message_refused_by_filter", queue_id = %id, from = %sender, nrcpt, reply = %reply);
+                    self.count_refusal(domains, relay_core::history::Refusal::Filter);
                     return self.refuse_data(spilled, "filter", reply).await;
                 }
             }
@@ -570,6 +578,26 @@ impl Handler {
         self.session
             .message_stored(result.map(|_| id).map_err(|_| ()), SystemTime::now());
         Step::Continue
+    }
+
+    /// Counts a refusal against each domain's open outage, off the reply's
+    /// path (a store write the client need not wait for).
+    fn count_refusal(
+        &self,
+        mut domains: Vec<relay_core::address::DomainName>,
+        why: relay_core::history::Refusal,
+    ) {
+        let Some(history) = self.shared.history.clone() else {
+            return;
+        };
+        domains.sort();
+        domains.dedup();
+        tokio::spawn(async move {
+            let now = relay_core::time::unix_seconds(SystemTime::now());
+            for d in domains {
+                history.refused(&d, why, now).await;
+            }
+        });
     }
 
     /// A message refused once its data was in (`reason` for the

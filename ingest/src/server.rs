@@ -72,19 +72,31 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
         };
         crate::web::serve(a.listen, Arc::new(web)).await?;
     }
+    let history = relay_core::setup::history_recorder(
+        backends.history.clone(),
+        backends.queue.clone(),
+        alerter.clone(),
+    );
+    if mode == Mode::Embedded {
+        // The AWS shape samples and prunes from the sweeper.
+        crate::services::spawn_history_upkeep(&config, &backends);
+    }
     // Every process that can compute a route to a primary has an engine.
     let engine: Option<Arc<Engine>> = resolver
         .clone()
         .filter(|_| mode == Mode::Embedded || config.storage.backend == Backend::Aws)
         .map(|r| {
-            Arc::new(relay_core::setup::engine(
-                &config,
-                r,
-                backends.registry.clone(),
-                backends.recipients.clone(),
-                alerter.clone(),
-                backends.tls_reports.clone(),
-            ))
+            Arc::new(
+                relay_core::setup::engine(
+                    &config,
+                    r,
+                    backends.registry.clone(),
+                    backends.recipients.clone(),
+                    alerter.clone(),
+                    backends.tls_reports.clone(),
+                )
+                .with_history(Some(history.clone())),
+            )
         });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (delivery, etrn, worker) = start_delivery_tier(&config, mode, &backends, engine.clone())?;
@@ -102,6 +114,7 @@ pub(crate) async fn run(config: Config, mode: Mode) -> anyhow::Result<()> {
     }
     let shared = Arc::new(Shared {
         auth: Some(authenticator),
+        history: Some(history),
         ..shared_state(
             &config,
             &backends,
@@ -340,6 +353,7 @@ fn shared_state(
             .context("[filter]")?
             .map(relay_core::filter::Rspamd::new),
         auth: None,
+        history: None,
     })
 }
 

@@ -103,3 +103,28 @@ pub(crate) fn start_delivery(
         worker,
     ))
 }
+
+/// The embedded server's queue-depth samples (every minute) and the
+/// pruning of its outage history (hourly).
+pub(crate) fn spawn_history_upkeep(config: &Config, backends: &Backends) {
+    let store = backends.history.clone();
+    let registry = backends.registry.clone();
+    let upkeep = relay_core::setup::history_upkeep(config);
+    tokio::spawn(async move {
+        let mut last_prune: Option<std::time::Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let now = relay_core::time::unix_seconds(std::time::SystemTime::now());
+            if let Err(e) = upkeep.sample(store.as_ref(), registry.as_ref(), now).await {
+                tracing::warn!(event = "queue_sample_failed", error = %relay_core::error::Report(&e));
+            }
+            if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+                last_prune = Some(std::time::Instant::now());
+                if let Err(e) = upkeep.prune(store.as_ref(), now).await {
+                    tracing::warn!(event = "history_prune_failed", error = %relay_core::error::Report(&e));
+                }
+            }
+        }
+    });
+}

@@ -105,7 +105,9 @@ fn redirect(to: &str) -> Reply {
 /// The status an operation's error is answered with.
 fn error_status(e: &AdminError) -> StatusCode {
     match e {
-        AdminError::NoSuchDomain(_) | AdminError::NoSuchMessage(_) => StatusCode::NOT_FOUND,
+        AdminError::NoSuchDomain(_)
+        | AdminError::NoSuchMessage(_)
+        | AdminError::NoSuchOutage(_) => StatusCode::NOT_FOUND,
         AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
         AdminError::Store { .. } => {
             tracing::error!(event = "admin_store_error", error = %relay_core::error::Report(e));
@@ -432,7 +434,22 @@ async fn pages(web: &Web, method: &Method, segs: &[&str], query: &str) -> Reply 
     };
     match (method, segs) {
         (&Method::GET, []) => match web.admin.status(now).await {
-            Ok(s) => html(StatusCode::OK, page::overview(&s, &web.hostname)),
+            Ok(s) => {
+                let names: Vec<_> = s
+                    .domains
+                    .iter()
+                    .filter_map(|d| d.domain.as_ref().map(|d| d.name.clone()))
+                    .collect();
+                let since = now.saturating_sub(24 * 3600);
+                let peaks = match web.admin.queue_peaks(&names, since).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(event = "queue_peaks_unreadable", error = %relay_core::error::Report(&e));
+                        Vec::new()
+                    }
+                };
+                html(StatusCode::OK, page::overview(&s, &peaks, &web.hostname))
+            }
             Err(e) => failed(e),
         },
         (&Method::GET, ["domain", d]) => {
@@ -441,6 +458,15 @@ async fn pages(web: &Web, method: &Method, segs: &[&str], query: &str) -> Reply 
                 Err(e) => return failed(e),
             };
             let q = param(query, "q").unwrap_or_default();
+            let days: u64 = match param(query, "days").as_deref() {
+                Some("30") => 30,
+                _ => 7,
+            };
+            let history = web
+                .admin
+                .domain_history(&name, now.saturating_sub(days * 86_400))
+                .await
+                .ok();
             match web.admin.domain_status(&name, &q, now).await {
                 Ok((status, queue)) => {
                     let flash = match (param(query, "done").as_deref(), param(query, "n")) {
@@ -461,6 +487,7 @@ async fn pages(web: &Web, method: &Method, segs: &[&str], query: &str) -> Reply 
                             &queue,
                             &q,
                             flash.as_deref(),
+                            history.as_ref().map(|h| (h, days)),
                             &web.hostname,
                             now,
                         ),
@@ -602,6 +629,29 @@ async fn api(
             let n = try_op!(admin.flush(Some(&name), now).await);
             json_reply(StatusCode::OK, &json!({ "released": n }))
         }
+        (&Method::GET, ["api", "domains", d, "history"]) => {
+            let name = try_op!(relay_core::admin::parse_domain(d));
+            let since = try_op!(since_param(query, now));
+            let history = try_op!(admin.domain_history(&name, since).await);
+            json_reply(StatusCode::OK, &history.to_json(now))
+        }
+        (&Method::GET, ["api", "domains", d, "report"]) => {
+            let name = try_op!(relay_core::admin::parse_domain(d));
+            let number = match param(query, "outage").filter(|v| !v.is_empty()) {
+                None => None,
+                Some(v) => match v.parse::<u64>() {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        return json_error(StatusCode::BAD_REQUEST, "outage must be a number")
+                    }
+                },
+            };
+            let outage = try_op!(admin.outage(&name, number).await);
+            json_reply(
+                StatusCode::OK,
+                &relay_core::history::report_json(&name, &outage, now),
+            )
+        }
         (&Method::GET, ["api", "domains", d, "recipients"]) => {
             let name = try_op!(relay_core::admin::parse_domain(d));
             let cached = try_op!(admin.recipients(&name, now).await);
@@ -668,13 +718,23 @@ async fn api(
             ["metrics"]
             | ["api", "status" | "domains" | "queue"]
             | ["api", "domains", _]
-            | ["api", "domains", _, "hold" | "release" | "flush" | "recipients"]
+            | ["api", "domains", _, "hold" | "release" | "flush" | "recipients" | "history" | "report"]
             | ["api", "queue", _],
         ) => json_error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed here"),
         ),
         _ => json_error(StatusCode::NOT_FOUND, "no such resource"),
+    }
+}
+
+/// `?since=DUR` (`7d`, `24h`…): the start of a history; default 7 days.
+fn since_param(query: &str, now: u64) -> Result<u64, AdminError> {
+    match param(query, "since").filter(|v| !v.is_empty()) {
+        None => Ok(now.saturating_sub(7 * 86_400)),
+        Some(v) => relay_core::config::parse_duration(&v)
+            .map(|d| now.saturating_sub(d.as_secs()))
+            .map_err(AdminError::Invalid),
     }
 }
 

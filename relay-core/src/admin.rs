@@ -2,6 +2,7 @@
 //! (`backupmx domain|queue|recipients …`) and the admin API and status page:
 //! one code path, one set of JSON shapes, whichever way they are asked.
 
+pub mod history_view;
 pub mod page;
 
 use std::collections::HashMap;
@@ -15,7 +16,9 @@ use crate::address::DomainName;
 use crate::alerts::Alerter;
 use crate::domain::{Domain, Hold, HoldReason, RecipientVerify};
 use crate::queue::{QueueEntry, QueueId, RecipientStatus};
-use crate::store::{DeliveryQueue, DomainRegistry, MessageStore, RecipientCache, StoreError};
+use crate::store::{
+    DeliveryQueue, DomainRegistry, HistoryStore, MessageStore, RecipientCache, StoreError,
+};
 use crate::time::from_unix_seconds;
 use crate::verify::{CachedRecipient, PrimaryState};
 
@@ -28,6 +31,9 @@ pub enum AdminError {
     /// No queued message has that id.
     #[error("no such message: {0}")]
     NoSuchMessage(String),
+    /// The domain's history holds no such outage.
+    #[error("{0}")]
+    NoSuchOutage(String),
     /// The request itself is wrong (a bad name, id or setting).
     #[error("{0}")]
     Invalid(String),
@@ -333,6 +339,8 @@ pub struct Admin {
     alerter: Option<Arc<Alerter>>,
     /// The server's `smtp.max_message_size`: no domain may take more.
     message_limit: u64,
+    /// The outage history, and its recorder (deleted mail counts).
+    history: Option<(Arc<dyn HistoryStore>, Arc<crate::history::Recorder>)>,
 }
 
 /// Why a domain's `max_message_size` cannot be `size` under the server's
@@ -360,6 +368,95 @@ impl Admin {
             recipients,
             alerter,
             message_limit: u64::MAX,
+            history: None,
+        }
+    }
+
+    /// The domains' outage history, read from `store`.
+    pub fn with_history(mut self, store: Arc<dyn HistoryStore>) -> Self {
+        let recorder = Arc::new(crate::history::Recorder::new(
+            store.clone(),
+            self.queue.clone(),
+            self.alerter.clone(),
+        ));
+        self.history = Some((store, recorder));
+        self
+    }
+
+    fn history_store(&self) -> Result<&Arc<dyn HistoryStore>, AdminError> {
+        self.history
+            .as_ref()
+            .map(|(s, _)| s)
+            .ok_or_else(|| AdminError::Invalid("this server keeps no outage history".into()))
+    }
+
+    /// A hosted domain's outages and queue-depth samples from `since`.
+    pub async fn domain_history(
+        &self,
+        name: &DomainName,
+        since: u64,
+    ) -> Result<crate::history::History, AdminError> {
+        self.domain(name).await?;
+        let store = self.history_store()?;
+        let outages = store
+            .outages(name, since)
+            .await
+            .map_err(AdminError::store("cannot read the outage history"))?;
+        let samples = store
+            .samples(name, since)
+            .await
+            .map_err(AdminError::store("cannot read the queue-depth samples"))?;
+        Ok(crate::history::History {
+            domain: name.clone(),
+            since,
+            outages,
+            samples,
+        })
+    }
+
+    /// One outage of a hosted domain: number `number`, or the latest.
+    pub async fn outage(
+        &self,
+        name: &DomainName,
+        number: Option<u64>,
+    ) -> Result<crate::history::Outage, AdminError> {
+        self.domain(name).await?;
+        let all = self
+            .history_store()?
+            .outages(name, 0)
+            .await
+            .map_err(AdminError::store("cannot read the outage history"))?;
+        let found = match number {
+            Some(n) => all.into_iter().find(|o| o.number == n),
+            None => all.into_iter().last(),
+        };
+        found.ok_or_else(|| {
+            AdminError::NoSuchOutage(match number {
+                Some(n) => format!("{name} has no outage {n} in its history"),
+                None => format!("{name} has had no outage"),
+            })
+        })
+    }
+
+    /// Each hosted domain's hourly queue peaks from `since` (the
+    /// overview's sparklines); empty without a history.
+    pub async fn queue_peaks(
+        &self,
+        domains: &[DomainName],
+        since: u64,
+    ) -> Result<Vec<(DomainName, Vec<(u64, u64)>)>, AdminError> {
+        match &self.history {
+            None => Ok(Vec::new()),
+            Some((store, _)) => store
+                .hourly_peaks(domains, since)
+                .await
+                .map_err(AdminError::store("cannot read the queue-depth samples")),
+        }
+    }
+
+    async fn count_deleted(&self, entry: &QueueEntry, now: u64) {
+        if let Some((_, recorder)) = &self.history {
+            recorder.deleted(entry, now).await;
         }
     }
 
@@ -603,12 +700,17 @@ impl Admin {
     ) -> Result<Deleted, AdminError> {
         let mut deleted = Deleted::default();
         let entries = self.queue_list(Some(domain)).await?;
+        let now = crate::time::unix_seconds(std::time::SystemTime::now());
         for mut e in entries {
             if !refused_only {
-                self.queue
+                if self
+                    .queue
                     .remove(&e.id)
                     .await
-                    .map_err(AdminError::store("cannot delete a queued message"))?;
+                    .map_err(AdminError::store("cannot delete a queued message"))?
+                {
+                    self.count_deleted(&e, now).await;
+                }
                 deleted.messages += 1;
                 continue;
             }
@@ -617,7 +719,9 @@ impl Admin {
                 continue;
             }
             let dropped = drop_recipients(&mut e, &held, "deleted by the operator");
+            let before = e.clone();
             if self.store_or_remove(e).await? {
+                self.count_deleted(&before, now).await;
                 deleted.messages += 1;
             } else {
                 deleted.recipients += dropped;
@@ -690,12 +794,21 @@ impl Admin {
 
     /// Deletes a queued message (it will not be delivered).
     pub async fn delete(&self, id: &QueueId) -> Result<(), AdminError> {
+        let entry = self
+            .queue
+            .get(id)
+            .await
+            .map_err(AdminError::store("cannot read the queue"))?;
         if self
             .queue
             .remove(id)
             .await
             .map_err(AdminError::store("cannot delete the message"))?
         {
+            if let Some(e) = entry {
+                self.count_deleted(&e, crate::time::unix_seconds(std::time::SystemTime::now()))
+                    .await;
+            }
             Ok(())
         } else {
             Err(AdminError::NoSuchMessage(id.to_string()))

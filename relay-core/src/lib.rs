@@ -31,6 +31,7 @@ pub mod error;
 pub mod filter;
 pub mod greylist;
 pub mod harvest;
+pub mod history;
 pub mod observations;
 pub mod policy;
 pub mod queue;

@@ -10,11 +10,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::address::{Mailbox, ReversePath};
+use crate::address::{DomainName, Mailbox, ReversePath};
 use crate::dnsbl::{Dnsbl, Verdict};
 use crate::domain::{Domain, RecipientVerify};
 use crate::greylist::{Decision, Greylist, GreylistStore, PassReason};
 use crate::harvest::{Counted, HarvestGuard};
+use crate::history::Refusal;
 use crate::recipients::RecipientVerifier;
 use crate::smtp::{RcptVerdict, Reply};
 use crate::store::DomainRegistry;
@@ -139,6 +140,9 @@ pub struct Checked {
     pub verdict: RcptVerdict,
     pub filter: bool,
     pub auth: crate::domain::AuthPolicy,
+    /// A refusal of mail for a domain we may host, and why: what its
+    /// outage history counts (relay refusals name no domain of ours).
+    pub refusal: Option<(DomainName, Refusal)>,
 }
 
 impl Checked {
@@ -147,6 +151,25 @@ impl Checked {
             verdict: RcptVerdict::Reject(reply),
             filter: false,
             auth: crate::domain::AuthPolicy::Off,
+            refusal: None,
+        }
+    }
+
+    /// A refusal counted for `rcpt`'s domain as `why`.
+    fn refused_as(reply: Reply, rcpt: &Mailbox, why: Refusal) -> Checked {
+        Checked {
+            refusal: rcpt.domain().map(|d| (d.clone(), why)),
+            ..Checked::refused(reply)
+        }
+    }
+
+    /// A refusal from relay control or recipient verification: counted
+    /// when it says "no such user".
+    fn refused_unless_relay(reply: Reply, rcpt: &Mailbox) -> Checked {
+        if reply.status == "5.1.1" {
+            Checked::refused_as(reply, rcpt, Refusal::UnknownUser)
+        } else {
+            Checked::refused(reply)
         }
     }
 }
@@ -200,38 +223,46 @@ impl Policy {
             if !role && verdict.rejects(dnsbl.threshold) {
                 let zones: Vec<&str> = verdict.listed.iter().map(|(z, _)| z.as_str()).collect();
                 tracing::info!(event = "dnsbl_reject", client = %client, zones = ?zones, score = verdict.score);
-                return Checked::refused(Reply::new(
-                    554,
-                    "5.7.1",
-                    format!(
-                        "Service unavailable; client [{client}] blocked using {}",
-                        zones.join(", ")
+                return Checked::refused_as(
+                    Reply::new(
+                        554,
+                        "5.7.1",
+                        format!(
+                            "Service unavailable; client [{client}] blocked using {}",
+                            zones.join(", ")
+                        ),
                     ),
-                ));
+                    rcpt,
+                    Refusal::Dnsbl,
+                );
             }
         }
         if !role && self.harvest.penalised(client, Instant::now()) {
             metrics::counter!("backupmx_harvest_refusals_total").increment(1);
-            return Checked::refused(harvest_refusal(rcpt));
+            return Checked::refused_as(harvest_refusal(rcpt), rcpt, Refusal::UnknownUser);
         }
         let domain = match relay_check(self.registry.as_ref(), rcpt).await {
             Ok(d) => d,
-            Err(r) => return Checked::refused(self.counted(client, r)),
+            Err(r) => return Checked::refused_unless_relay(self.counted(client, r), rcpt),
         };
         if !role {
             match &self.verifier {
                 Some(v) => {
                     if let Some(r) = v.check(&domain, rcpt, client, now).await {
-                        return Checked::refused(self.counted(client, r));
+                        return Checked::refused_unless_relay(self.counted(client, r), rcpt);
                     }
                 }
                 None if !domain.accepts_recipient(rcpt) => {
-                    return Checked::refused(self.counted(client, unknown_user(rcpt)));
+                    return Checked::refused_as(
+                        self.counted(client, unknown_user(rcpt)),
+                        rcpt,
+                        Refusal::UnknownUser,
+                    );
                 }
                 None => {}
             }
         } else if !domain.accepts_recipient(rcpt) && self.verifier.is_none() {
-            return Checked::refused(unknown_user(rcpt));
+            return Checked::refused_as(unknown_user(rcpt), rcpt, Refusal::UnknownUser);
         }
         if let Some(grey) = &self.greylist {
             if domain.greylist && !allowlisted {
@@ -244,11 +275,15 @@ impl Policy {
                 metrics::counter!("backupmx_greylist_total", "result" => label).increment(1);
                 if decision == Decision::Defer {
                     // RFC 6647 §2.2: a 4xx; no hint of the seconds left.
-                    return Checked::refused(Reply::new(
-                        450,
-                        "4.2.0",
-                        format!("<{rcpt}>: Recipient address rejected: Greylisted, please try again later"),
-                    ));
+                    return Checked::refused_as(
+                        Reply::new(
+                            450,
+                            "4.2.0",
+                            format!("<{rcpt}>: Recipient address rejected: Greylisted, please try again later"),
+                        ),
+                        rcpt,
+                        Refusal::Greylist,
+                    );
                 }
             } else if allowlisted {
                 metrics::counter!("backupmx_greylist_total", "result" => "allowlisted")
@@ -258,6 +293,7 @@ impl Policy {
         Checked {
             filter: domain.filter,
             auth: domain.auth,
+            refusal: None,
             verdict: RcptVerdict::Accept {
                 domain: domain.name,
                 max_message_size: domain.max_message_size,

@@ -134,3 +134,18 @@ pub async fn aws_store(config: &Config) -> Result<crate::store::aws::AwsStore, S
         .await
         .map_err(SetupError::Aws)
 }
+
+/// The outage recorder of a process that delivers or takes mail: its
+/// outages, tallies and `outage_report` alerts.
+pub fn history_recorder(
+    store: Arc<dyn crate::store::HistoryStore>,
+    queue: Arc<dyn crate::store::DeliveryQueue>,
+    alerter: Option<Arc<crate::alerts::Alerter>>,
+) -> Arc<crate::history::Recorder> {
+    Arc::new(crate::history::Recorder::new(store, queue, alerter))
+}
+
+/// The history's sampling and pruning as `[history]` asks.
+pub fn history_upkeep(config: &Config) -> crate::history::Upkeep {
+    crate::history::Upkeep::new(config.history.keep)
+}

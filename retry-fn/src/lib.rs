@@ -23,22 +23,30 @@ pub async fn build(config: &Config) -> anyhow::Result<RetryProcessor> {
     let spool = Arc::new(relay_core::store::SplitSpool {
         messages: store.clone(),
         queue: store.clone(),
+        history: None,
     });
     let tls_reporter =
         relay_core::setup::tls_reporter(config, resolver.clone(), store.clone(), spool);
     // Deliveries teach the callout cache and the primaries' states that the
     // ingest tasks read (for domains with callouts or defer mode).
-    let engine = Arc::new(relay_core::setup::engine(
-        config,
-        resolver,
-        store.clone(),
-        store.clone(),
-        relay_core::setup::alerter(config)?,
-        store.clone(),
-    ));
+    let alerter = relay_core::setup::alerter(config)?;
+    let history =
+        relay_core::setup::history_recorder(store.clone(), store.clone(), alerter.clone());
+    let engine = Arc::new(
+        relay_core::setup::engine(
+            config,
+            resolver,
+            store.clone(),
+            store.clone(),
+            alerter,
+            store.clone(),
+        )
+        .with_history(Some(history)),
+    );
     let mut processor = RetryProcessor::new(store, engine, RetrySettings::from(config))
         .with_crash_point(crash_point());
     processor.tls_reporter = tls_reporter;
+    processor.history = Some(relay_core::setup::history_upkeep(config));
     Ok(processor)
 }
 
@@ -71,6 +79,7 @@ pub async fn sweep(processor: &RetryProcessor) -> anyhow::Result<usize> {
         destinations_down = report.down,
         oldest_overdue_secs = report.oldest_overdue
     );
+    history_pass(processor).await;
     if let Some(reporter) = &processor.tls_reporter {
         // The day's reports, from the first pass after midnight (UTC).
         match reporter.send_daily(SystemTime::now()).await {
@@ -88,6 +97,43 @@ pub async fn sweep(processor: &RetryProcessor) -> anyhow::Result<usize> {
         }
     }
     Ok(report.down)
+}
+
+/// The history's upkeep from the sweeper: one process per minute takes
+/// the queue-depth samples, one per UTC day prunes.
+async fn history_pass(processor: &RetryProcessor) {
+    let Some(upkeep) = &processor.history else {
+        return;
+    };
+    let store = processor.store.as_ref();
+    let now = relay_core::time::unix_seconds(SystemTime::now());
+    let minute = now - now % 60;
+    match store
+        .take_turn(&format!("history-sample#{minute}"), minute + 600)
+        .await
+    {
+        Ok(true) => {
+            if let Err(e) = upkeep.sample(store, store, now).await {
+                tracing::warn!(event = "queue_sample_failed", error = %relay_core::error::Report(&e));
+            }
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(event = "queue_sample_failed", error = %relay_core::error::Report(&e))
+        }
+    }
+    let day = now / 86_400;
+    if let Ok(true) = store
+        .take_turn(&format!("history-prune#{day}"), (day + 2) * 86_400)
+        .await
+    {
+        match upkeep.prune(store, now).await {
+            Ok(n) => tracing::info!(event = "history_pruned", outages = n),
+            Err(e) => {
+                tracing::warn!(event = "history_prune_failed", error = %relay_core::error::Report(&e))
+            }
+        }
+    }
 }
 
 /// The scheduled invocation (every minute, the shortest EventBridge

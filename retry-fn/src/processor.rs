@@ -182,6 +182,8 @@ pub struct RetryProcessor {
     slots: crate::slots::SlotTable,
     /// Sends the TLS reports (RFC 8460) from the sweeper, once a day.
     pub tls_reporter: Option<relay_core::tlsrpt::send::TlsReporter>,
+    /// Queue-depth samples and history pruning, from the sweeper.
+    pub history: Option<relay_core::history::Upkeep>,
 }
 
 impl RetryProcessor {
@@ -196,6 +198,7 @@ impl RetryProcessor {
             queue_age: Default::default(),
             slots: Default::default(),
             tls_reporter: None,
+            history: None,
         }
     }
 
@@ -685,6 +688,7 @@ impl relay_core::delivery::OutcomeWriter for AwsOutcome<'_> {
         let spool = SplitSpool {
             messages: store.clone(),
             queue: store.clone(),
+            history: None,
         };
         persist("queueing the DSN", || spool.accept(bounce.clone())).await?;
         Ok(())

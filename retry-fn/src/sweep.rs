@@ -63,6 +63,7 @@ impl RetryProcessor {
         let spool = relay_core::store::SplitSpool {
             messages: store.clone(),
             queue: store.clone(),
+            history: None,
         };
         let mut queued = 0;
         for item in items {

@@ -247,6 +247,7 @@ async fn lambda_handler_reports_only_failed_records_and_never_repeats_a_delivery
     let spool = relay_core::store::SplitSpool {
         messages: store.clone(),
         queue: store.clone(),
+        history: None,
     };
     let message = relay_core::queue::AcceptedMessage {
         dsn: Default::default(),
@@ -458,6 +459,7 @@ async fn a_slow_primary_does_not_fail_the_whole_lambda_batch() {
     let spool = relay_core::store::SplitSpool {
         messages: store.clone(),
         queue: store.clone(),
+        history: None,
     };
     let mut slow_id = String::new();
     for rcpt in ["bob@example.test", "carol@slow.test"] {

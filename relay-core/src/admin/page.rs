@@ -160,7 +160,11 @@ fn error_cell(s: &DomainStatus) -> String {
 }
 
 /// The overview at `/`: every hosted domain in one table.
-pub fn overview(status: &Status, hostname: &str) -> String {
+pub fn overview(
+    status: &Status,
+    peaks: &[(crate::address::DomainName, Vec<(u64, u64)>)],
+    hostname: &str,
+) -> String {
     let now = status.at;
     let total = status.domains.iter().map(|d| d.queued).sum::<usize>() + status.other.queued;
     let mut body = String::new();
@@ -182,8 +186,9 @@ pub fn overview(status: &Status, hostname: &str) -> String {
     );
     body.push_str(
         "<table id=\"domains\"><thead><tr><th>Domain</th><th>Primary</th><th>Queued</th>\
-<th>Oldest</th><th>Held</th><th>Last error</th><th>Recipient cache</th></tr></thead><tbody>",
+<th>Oldest</th><th>Last 24 h</th><th>Held</th><th>Last error</th><th>Recipient cache</th></tr></thead><tbody>",
     );
+    let day_ago = now.saturating_sub(24 * 3600);
     for s in &status.domains {
         let Some(d) = &s.domain else { continue };
         let name = escape(d.name.as_str());
@@ -203,19 +208,29 @@ pub fn overview(status: &Status, hostname: &str) -> String {
 <td data-label=\"Primary\" class=\"primary\">{primary}</td>\
 <td data-label=\"Queued\" class=\"num queued\">{queued}</td>\
 <td data-label=\"Oldest\" class=\"oldest\">{oldest}</td>\
+<td data-label=\"Last 24 h\" class=\"spark\">{spark}</td>\
 <td data-label=\"Held\" class=\"hold\">{held}</td>\
 <td data-label=\"Last error\">{error}</td>\
 <td data-label=\"Recipient cache\">{cache}</td></tr>",
             primary = primary_badge(s, now),
             queued = s.queued,
             oldest = oldest_cell(s, now),
+            spark = super::history_view::sparkline_svg(
+                &d.name,
+                peaks
+                    .iter()
+                    .find(|(n, _)| *n == d.name)
+                    .map_or(&[][..], |(_, p)| p.as_slice()),
+                day_ago,
+                now,
+            ),
             held = held_cell(s, now),
             error = error_cell(s),
         );
     }
     if status.domains.is_empty() {
         body.push_str(
-            "<tr><td colspan=\"7\" class=\"muted\">No hosted domains: add one with \
+            "<tr><td colspan=\"8\" class=\"muted\">No hosted domains: add one with \
 <code>backupmx domain add NAME</code>.</td></tr>",
         );
     }
@@ -261,6 +276,7 @@ pub fn domain_page(
     queue: &QueuePage,
     query: &str,
     flash: Option<&str>,
+    history: Option<(&crate::history::History, u64)>,
     hostname: &str,
     now: u64,
 ) -> String {
@@ -356,6 +372,17 @@ pub fn domain_page(
         ));
     }
     body.push_str("</div>");
+    if let Some((h, days)) = history {
+        let other = if days == 30 { 7 } else { 30 };
+        let _ = write!(
+            body,
+            "<h2 id=\"history\">Outages, last {days} days</h2>\
+<p class=\"muted\">Bars: the primary down; line: messages queued here. \
+<a href=\"/domain/{name}?days={other}#history\">Last {other} days</a></p>{svg}{table}",
+            svg = super::history_view::timeline_svg(h, now.saturating_sub(days * 86_400), now),
+            table = super::history_view::outages_table(h, now),
+        );
+    }
     let _ = write!(
         body,
         "<h2>Queue</h2><form class=\"search\" method=\"get\" action=\"/domain/{name}\">\
@@ -493,7 +520,7 @@ mod tests {
             other: status_of("x.example", 0, None),
             at: 4_000,
         };
-        let page = overview(&s, "mx2.<example>");
+        let page = overview(&s, &[], "mx2.<example>");
         assert!(!page.contains("<script>"));
         assert!(page.contains("421 &lt;script&gt;"));
         assert!(page.contains("mx2.&lt;example&gt;"));
@@ -513,7 +540,7 @@ mod tests {
             },
             at: 4_000,
         };
-        let page = overview(&s, "mx2.example.net");
+        let page = overview(&s, &[], "mx2.example.net");
         assert!(page.contains("<span id=\"total-queued\">4</span>"));
         assert!(page.contains("class=\"num queued\">3<"));
         assert!(page.contains(
@@ -534,6 +561,7 @@ mod tests {
             &QueuePage::default(),
             "\"><img",
             Some("<done>"),
+            None,
             "mx2",
             4_000,
         );

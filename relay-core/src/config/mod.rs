@@ -70,6 +70,8 @@ pub struct Config {
     pub filter: Option<FilterConfig>,
     /// TLS reports (RFC 8460) on our deliveries to primaries.
     pub tlsrpt: TlsRptConfig,
+    /// The outage history kept per domain.
+    pub history: HistoryConfig,
     /// `[[domain]]` entries, upserted into the registry at start.
     #[serde(rename = "domain")]
     pub domains: Vec<DomainConfig>,
@@ -467,6 +469,24 @@ impl Default for TlsRptConfig {
     }
 }
 
+/// `[history]`: each domain's outages (when its primary was down, what
+/// we held and refused, how the drain went) and queue-depth samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// How long an ended, drained outage is kept (samples: 7 days).
+    #[serde(with = "humantime_serde")]
+    pub keep: Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            keep: Duration::from_secs(90 * 86_400),
+        }
+    }
+}
+
 /// `[admin]`: the status page and JSON API.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -553,6 +573,7 @@ impl Default for Config {
             admin: None,
             filter: None,
             tlsrpt: TlsRptConfig::default(),
+            history: HistoryConfig::default(),
             domains: Vec::new(),
         }
     }

@@ -34,6 +34,12 @@ impl Config {
         if !self.postmaster.is_empty() {
             self.postmaster()?;
         }
+        if self.history.keep < Duration::from_secs(86_400) {
+            return invalid(format!(
+                "history.keep must be at least a day, not {}",
+                humantime::format_duration(self.history.keep)
+            ));
+        }
         if let Some(f) = &self.filter {
             self.filter_settings()?;
             if f.timeout.is_zero() || f.max_concurrent == 0 {

@@ -90,6 +90,8 @@ pub struct Engine {
     learning: Option<crate::observations::Learning>,
     storm: storm_watch::StormWatch,
     alerts: Option<Arc<Alerter>>,
+    /// Where hosted domains' outages are recorded.
+    history: Option<Arc<crate::history::Recorder>>,
 }
 
 impl Engine {
@@ -115,6 +117,7 @@ impl Engine {
             router: Arc::new(router),
             learning: None,
             alerts: None,
+            history: None,
             cfg,
         }
     }
@@ -132,6 +135,13 @@ impl Engine {
         store: Option<Arc<dyn crate::store::TlsReportStore>>,
     ) -> Self {
         self.hops.tls_reports = store;
+        self
+    }
+
+    /// Attempts to hosted domains record their primaries' outages and
+    /// what becomes of their mail in `recorder`.
+    pub fn with_history(mut self, recorder: Option<Arc<crate::history::Recorder>>) -> Self {
+        self.history = recorder;
         self
     }
 
@@ -278,6 +288,7 @@ impl Engine {
                 return reports.into_iter().flatten().collect();
             }
         }
+        let hosted_domain = matches!(hosted, Ok(Some(_)));
         let lifetime = self
             .router
             .lifetime(hosted.as_ref().ok().and_then(Option::as_ref));
@@ -290,6 +301,7 @@ impl Engine {
             Err(e) => Err(e),
         };
         let mut destination_down = false;
+        let mut answered = false;
         // Which recipients' refusals the bounce-storm guard held back, per
         // message.
         let mut held_back: Vec<Vec<bool>> = Vec::new();
@@ -340,6 +352,7 @@ impl Engine {
                 // A hop that answers but cannot meet the TLS policy is not
                 // down: its mail backs off per message (no probe storm).
                 dsn_offered = report.dsn_offered;
+                answered = report.transaction_started;
                 destination_down = !report.transaction_started
                     && !report.tls_policy_failed
                     && report
@@ -431,7 +444,23 @@ impl Engine {
             }
             reports[i] = Some(report);
         }
-        reports.into_iter().flatten().collect()
+        let reports: Vec<AttemptReport> = reports.into_iter().flatten().collect();
+        if let (Some(history), true) = (&self.history, hosted_domain) {
+            let primary_up = match (destination_down, answered) {
+                (true, _) => Some(false),
+                (false, true) => Some(true),
+                (false, false) => None,
+            };
+            let changes: Vec<_> = items
+                .iter()
+                .zip(&reports)
+                .map(|(before, r)| (before, &r.entry, r.finished))
+                .collect();
+            history
+                .attempted(&domain, primary_up, &changes, unix_seconds(now))
+                .await;
+        }
+        reports
     }
 
     /// Applies an attempt's results to an entry, alerts an expiry and

@@ -258,6 +258,159 @@ async fn local_domains_contract() {
     domains_contract(store.as_ref()).await;
 }
 
+/// Outage history: one open outage at a time, tallies land only in the
+/// outage their mail belongs to, a drain is marked once, mail stored
+/// while an outage is open is counted by the spool, samples come back.
+pub(crate) async fn history_contract(
+    store: &dyn HistoryStore,
+    spool: &dyn Spool,
+    queue: &dyn DeliveryQueue,
+) {
+    use crate::history::{Counter, DepthSample, OutageCounts};
+    let d = DomainName::parse("example.test").unwrap();
+    let now = crate::time::unix_seconds(SystemTime::now());
+    let t0 = now - 10_000;
+    assert_eq!(store.latest_outage(&d).await.unwrap(), None);
+    assert_eq!(
+        store.end_outage(&d, t0).await.unwrap(),
+        None,
+        "nothing to end"
+    );
+    let queued = OutageCounts::of(Counter::AcceptedMessages, 2);
+    let first = store.open_outage(&d, t0, &queued).await.unwrap().unwrap();
+    assert_eq!((first.number, first.start, first.end), (1, t0, None));
+    assert_eq!(first.counts.get(Counter::AcceptedMessages), 2);
+    assert_eq!(
+        store.open_outage(&d, t0 + 5, &queued).await.unwrap(),
+        None,
+        "one open at a time"
+    );
+    // Refused while open; nothing for mail from before it began.
+    let refused = OutageCounts::of(Counter::RefusedGreylist, 1);
+    let o = store.tally(&d, &refused, t0 + 10).await.unwrap().unwrap();
+    assert_eq!(o.counts.get(Counter::RefusedGreylist), 1);
+    assert_eq!(store.tally(&d, &refused, t0 - 1).await.unwrap(), None);
+    // Stored while open: counted by the spool.
+    let m = message(&["a@example.test", "b@example.test"]);
+    spool.accept(m).await.unwrap();
+    let o = store.latest_outage(&d).await.unwrap().unwrap();
+    assert_eq!(o.counts.get(Counter::AcceptedMessages), 3);
+    assert_eq!(o.counts.get(Counter::AcceptedRecipients), 2);
+    let ended = store.end_outage(&d, t0 + 100).await.unwrap().unwrap();
+    assert_eq!(ended.end, Some(t0 + 100));
+    assert_eq!(
+        store.end_outage(&d, t0 + 200).await.unwrap(),
+        None,
+        "ended once"
+    );
+    // After the end: mail that arrived later is not its; its own is.
+    assert_eq!(store.tally(&d, &refused, t0 + 101).await.unwrap(), None);
+    let mut done = OutageCounts::default();
+    done.add(Counter::DeliveredMessages, 3)
+        .add(Counter::DeliveredRecipients, 4)
+        .add(Counter::FinishedMessages, 3);
+    let o = store.tally(&d, &done, t0 + 50).await.unwrap().unwrap();
+    assert!(o.drain_complete());
+    assert!(store.mark_drained(&d, 1, t0 + 160).await.unwrap());
+    assert!(
+        !store.mark_drained(&d, 1, t0 + 170).await.unwrap(),
+        "marked once"
+    );
+    assert_eq!(
+        store.tally(&d, &done, t0 + 50).await.unwrap(),
+        None,
+        "drained"
+    );
+    let second = store
+        .open_outage(&d, t0 + 1000, &OutageCounts::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.number, 2);
+    let all = store.outages(&d, 0).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].drained, Some(t0 + 160));
+    assert_eq!(all[0].counts.get(Counter::DeliveredRecipients), 4);
+    assert_eq!(all[1].end, None);
+    let recent = store.outages(&d, t0 + 500).await.unwrap();
+    assert_eq!(recent.iter().map(|o| o.number).collect::<Vec<_>>(), vec![2]);
+    // Another domain's history is its own.
+    let other = DomainName::parse("other.test").unwrap();
+    assert!(store.outages(&other, 0).await.unwrap().is_empty());
+    // Queue depth from the queue itself.
+    let depths = store
+        .queue_depths(&[d.clone(), other.clone()])
+        .await
+        .unwrap();
+    let mine = depths.iter().find(|(n, _)| *n == d).unwrap().1;
+    assert_eq!(mine.count, queue.list(Some(&d)).await.unwrap().len() as u64);
+    assert!(mine.oldest_received.is_some());
+    // Samples and hourly peaks.
+    let minute = now - now % 60;
+    let samples = vec![
+        (
+            d.clone(),
+            DepthSample {
+                minute: minute - 120,
+                count: 3,
+                oldest_age: Some(30),
+            },
+        ),
+        (
+            other.clone(),
+            DepthSample {
+                minute: minute - 120,
+                count: 1,
+                oldest_age: None,
+            },
+        ),
+    ];
+    store.put_samples(&samples).await.unwrap();
+    store
+        .put_samples(&[(
+            d.clone(),
+            DepthSample {
+                minute: minute - 60,
+                count: 7,
+                oldest_age: Some(90),
+            },
+        )])
+        .await
+        .unwrap();
+    let got = store.samples(&d, minute - 3600).await.unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].count, got[0].oldest_age), (3, Some(30)));
+    assert_eq!(got[1].count, 7);
+    assert!(store.samples(&d, minute).await.unwrap().is_empty());
+    let peaks = store
+        .hourly_peaks(&[d.clone(), other.clone()], minute - 7200)
+        .await
+        .unwrap();
+    let peak_of = |name: &DomainName| -> u64 {
+        peaks
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .iter()
+            .map(|(_, p)| *p)
+            .max()
+            .unwrap()
+    };
+    assert_eq!(peak_of(&d), 7);
+    assert_eq!(peak_of(&other), 1);
+    // Pruning takes ended, drained outages only.
+    store.prune(t0 + 500, 0).await.unwrap();
+    let left = store.outages(&d, 0).await.unwrap();
+    assert_eq!(left.iter().map(|o| o.number).collect::<Vec<_>>(), vec![2]);
+}
+
+#[tokio::test]
+async fn local_history_contract() {
+    let (_dir, store) = local();
+    history_contract(store.as_ref(), store.as_ref(), store.as_ref()).await;
+}
+
 /// TLS report counters: sessions add up per day, domain and outcome;
 /// other days are apart; a report is claimed once.
 pub(crate) async fn tls_reports_contract(store: &dyn TlsReportStore) {
@@ -331,6 +484,7 @@ async fn split_spool_over_local_contract() {
     let spool = SplitSpool {
         messages: store.clone(),
         queue: store.clone(),
+        history: None,
     };
     spool_contract(&spool, store.as_ref(), store.as_ref()).await;
 }
@@ -520,6 +674,7 @@ async fn split_spool_failure_leaves_nothing_behind() {
     let spool = SplitSpool {
         messages: store.clone(),
         queue: queue.clone(),
+        history: None,
     };
     let m = message(&["a@one.test"]);
     assert!(spool.accept(m.clone()).await.is_err());
@@ -743,6 +898,17 @@ mod aws {
     }
 
     #[tokio::test]
+    async fn aws_history_contract() {
+        let Some(s) = store().await else { return };
+        let spool = SplitSpool {
+            messages: s.clone(),
+            queue: s.clone(),
+            history: Some(s.clone()),
+        };
+        history_contract(s.as_ref(), &spool, s.as_ref()).await;
+    }
+
+    #[tokio::test]
     async fn aws_domains_contract() {
         let Some(s) = store().await else { return };
         domains_contract(s.as_ref()).await;
@@ -754,6 +920,7 @@ mod aws {
         let spool = SplitSpool {
             messages: s.clone(),
             queue: s.clone(),
+            history: None,
         };
         spool_contract(&spool, s.as_ref(), s.as_ref()).await;
     }
@@ -764,6 +931,7 @@ mod aws {
         let spool = SplitSpool {
             messages: s.clone(),
             queue: s.clone(),
+            history: None,
         };
         body_pieces_contract(&spool, s.as_ref(), s.as_ref()).await;
     }
@@ -797,6 +965,7 @@ mod aws {
         let spool = SplitSpool {
             messages: s.clone(),
             queue,
+            history: None,
         };
         let m = message(&["a@one.test"]);
         assert!(spool.accept(m.clone()).await.is_err());

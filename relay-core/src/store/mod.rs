@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use crate::address::DomainName;
 use crate::domain::Domain;
 use crate::error::BoxError;
+use crate::history::{Depth, DepthSample, Outage, OutageCounts};
 use crate::queue::{AcceptedMessage, QueueEntry, QueueId, RecordError, SpooledBody};
 use crate::verify::{CachedRecipient, PrimaryState};
 
@@ -153,6 +154,71 @@ pub trait TlsReportStore: Send + Sync {
     async fn claim_report(&self, day: u64, domain: &DomainName) -> Result<bool, StoreError>;
 }
 
+/// Each hosted domain's outage history and queue-depth samples
+/// ([`crate::history`]). Every change is one conditional write, safe
+/// between processes: an outage is opened and ended once, a tally lands
+/// only in the outage it belongs to, and one caller marks a drain.
+#[async_trait]
+pub trait HistoryStore: Send + Sync {
+    /// The domain's latest outage.
+    async fn latest_outage(&self, domain: &DomainName) -> Result<Option<Outage>, StoreError>;
+    /// Opens the domain's next outage at `start` with `counts` (the mail
+    /// already queued), unless its latest is still open; the new outage
+    /// when this call opened it.
+    async fn open_outage(
+        &self,
+        domain: &DomainName,
+        start: u64,
+        counts: &OutageCounts,
+    ) -> Result<Option<Outage>, StoreError>;
+    /// Ends the open outage at `end`; the outage when this call ended it.
+    async fn end_outage(&self, domain: &DomainName, end: u64)
+        -> Result<Option<Outage>, StoreError>;
+    /// Adds `counts` to the latest outage if it takes mail that arrived at
+    /// `at` ([`Outage::takes`]); the outage after the addition if it did.
+    async fn tally(
+        &self,
+        domain: &DomainName,
+        counts: &OutageCounts,
+        at: u64,
+    ) -> Result<Option<Outage>, StoreError>;
+    /// Marks outage `number` drained at `at`: true for the one caller that
+    /// did.
+    async fn mark_drained(
+        &self,
+        domain: &DomainName,
+        number: u64,
+        at: u64,
+    ) -> Result<bool, StoreError>;
+    /// The domain's outages still open or ended at or after `since`,
+    /// oldest first.
+    async fn outages(&self, domain: &DomainName, since: u64) -> Result<Vec<Outage>, StoreError>;
+    /// The queue depth of each of `domains` now (without a sample for a
+    /// domain with nothing queued, if the backend knows that cheaply).
+    async fn queue_depths(
+        &self,
+        domains: &[DomainName],
+    ) -> Result<Vec<(DomainName, Depth)>, StoreError>;
+    /// Stores one sampling pass.
+    async fn put_samples(&self, samples: &[(DomainName, DepthSample)]) -> Result<(), StoreError>;
+    /// A domain's samples from `since`, oldest first.
+    async fn samples(
+        &self,
+        domain: &DomainName,
+        since: u64,
+    ) -> Result<Vec<DepthSample>, StoreError>;
+    /// The highest sample of each hour from `since`, per domain of
+    /// `domains`: the overview's sparklines.
+    async fn hourly_peaks(
+        &self,
+        domains: &[DomainName],
+        since: u64,
+    ) -> Result<Vec<(DomainName, Vec<(u64, u64)>)>, StoreError>;
+    /// Removes outages that ended before `outages_before` (and are
+    /// drained) and samples before `samples_before`; how many went.
+    async fn prune(&self, outages_before: u64, samples_before: u64) -> Result<u64, StoreError>;
+}
+
 /// Hosted domains (relay control).
 #[async_trait]
 pub trait DomainRegistry: Send + Sync {
@@ -267,6 +333,10 @@ pub trait Spool: Send + Sync {
 pub struct SplitSpool {
     pub messages: Arc<dyn MessageStore>,
     pub queue: Arc<dyn DeliveryQueue>,
+    /// Where accepted mail is counted against an open outage (one write
+    /// per queue entry, after it is stored; a failure only loses the
+    /// count). The embedded store counts in its accepting transaction.
+    pub history: Option<Arc<dyn HistoryStore>>,
 }
 
 #[async_trait]
@@ -293,7 +363,26 @@ impl Spool for SplitSpool {
             queued.push(entry.id.clone());
         }
         match result {
-            Ok(()) => Ok(queued),
+            Ok(()) => {
+                if let Some(history) = &self.history {
+                    for entry in &entries {
+                        let mut counts = OutageCounts::default();
+                        counts
+                            .add(crate::history::Counter::AcceptedMessages, 1)
+                            .add(
+                                crate::history::Counter::AcceptedRecipients,
+                                entry.recipients.len() as u64,
+                            );
+                        if let Err(e) = history
+                            .tally(&entry.domain, &counts, entry.received_at)
+                            .await
+                        {
+                            tracing::warn!(event = "history_not_stored", domain = %entry.domain, error = %crate::error::Report(&e));
+                        }
+                    }
+                }
+                Ok(queued)
+            }
             Err(e) => {
                 // Best effort: the client gets 451 and will send again, so a
                 // leftover entry would at worst mean one duplicate delivery.

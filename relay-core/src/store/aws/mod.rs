@@ -35,6 +35,7 @@ mod bodies;
 mod cache;
 mod domains;
 mod greylist;
+mod history;
 pub mod queue;
 pub mod requests;
 mod tlsrpt;

@@ -192,7 +192,7 @@ pub enum Claim {
     NotDue { due: u64 },
 }
 
-fn is_condition_failed<E>(e: &aws_sdk_dynamodb::error::SdkError<E>) -> bool
+pub(super) fn is_condition_failed<E>(e: &aws_sdk_dynamodb::error::SdkError<E>) -> bool
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
 {

@@ -67,6 +67,7 @@ pub(super) enum WriteOp {
     },
     TakeReleases,
     RemoveDomain(DomainName),
+    History(history::HistoryOp),
 }
 
 pub(super) struct WriteJob {
@@ -360,5 +361,6 @@ pub(super) fn frees_or_tracks(op: &WriteOp) -> bool {
                 | WriteOp::PutRecipient { .. }
                 | WriteOp::PutPrimaryState { .. }
                 | WriteOp::CountTlsSession { .. }
+                | WriteOp::History(_)
         )
 }

@@ -40,6 +40,7 @@ mod cache;
 mod commit;
 mod domains;
 mod greylist;
+mod history;
 mod queue;
 mod sql;
 mod tlsrpt;
@@ -188,6 +189,7 @@ impl LocalStore {
             .map_err(|e| StoreError::backend(format!("cannot open {}", path.display()), e))?;
         writer_conn
             .execute_batch(SCHEMA)
+            .and_then(|()| writer_conn.execute_batch(history::SCHEMA))
             .map_err(|e| StoreError::backend(format!("cannot initialise {}", path.display()), e))?;
         let reader = open_connection(&path)?;
         // Checkpoints (copying the WAL into the database, with an fsync of

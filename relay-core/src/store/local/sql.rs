@@ -119,9 +119,11 @@ pub(super) fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<bool> {
                     Some(file) => insert_body_from_file(conn, &entry.id, file, false)?,
                 }
                 insert_entry(conn, entry)?;
+                history::count_accepted(conn, entry)?;
             }
             Ok(true)
         }
+        WriteOp::History(op) => history::apply(conn, op),
         WriteOp::PutFile { id, body } => {
             insert_body_from_file(conn, id, body, true)?;
             Ok(true)
