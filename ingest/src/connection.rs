@@ -148,7 +148,7 @@ pub(crate) struct Shared {
     /// Sender authentication (domains with `auth` other than `off`).
     pub auth: Option<Arc<relay_core::auth::Authenticator>>,
     /// Where refusals are counted against the domains' open outages.
-    pub history: Option<Arc<relay_core::history::Recorder>>,
+    pub history: Option<Arc<relay_core::outages::Recorder>>,
 }
 
 pub(crate) struct Etrn {

@@ -19,7 +19,6 @@ use crate::queue::{QueueEntry, QueueId, RecipientStatus};
 use crate::store::{
     DeliveryQueue, DomainRegistry, HistoryStore, MessageStore, RecipientCache, StoreError,
 };
-use crate::time::from_unix_seconds;
 use crate::verify::{CachedRecipient, PrimaryState};
 
 /// Why an operation could not be done.
@@ -340,7 +339,7 @@ pub struct Admin {
     /// The server's `smtp.max_message_size`: no domain may take more.
     message_limit: u64,
     /// The outage history, and its recorder (deleted mail counts).
-    history: Option<(Arc<dyn HistoryStore>, Arc<crate::history::Recorder>)>,
+    history: Option<(Arc<dyn HistoryStore>, Arc<crate::outages::Recorder>)>,
 }
 
 /// Why a domain's `max_message_size` cannot be `size` under the server's
@@ -374,7 +373,7 @@ impl Admin {
 
     /// The domains' outage history, read from `store`.
     pub fn with_history(mut self, store: Arc<dyn HistoryStore>) -> Self {
-        let recorder = Arc::new(crate::history::Recorder::new(
+        let recorder = Arc::new(crate::outages::Recorder::new(
             store.clone(),
             self.queue.clone(),
             self.alerter.clone(),
@@ -923,7 +922,7 @@ impl Admin {
 
 /// A Unix time as RFC 3339 (UTC, seconds), as every JSON shape prints times.
 pub fn rfc3339(secs: u64) -> String {
-    humantime::format_rfc3339_seconds(from_unix_seconds(secs)).to_string()
+    crate::history::rfc3339(secs)
 }
 
 fn status_name(s: &RecipientStatus) -> &'static str {

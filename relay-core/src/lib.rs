@@ -33,6 +33,7 @@ pub mod greylist;
 pub mod harvest;
 pub mod history;
 pub mod observations;
+pub mod outages;
 pub mod policy;
 pub mod queue;
 pub mod recipients;

@@ -141,11 +141,11 @@ pub fn history_recorder(
     store: Arc<dyn crate::store::HistoryStore>,
     queue: Arc<dyn crate::store::DeliveryQueue>,
     alerter: Option<Arc<crate::alerts::Alerter>>,
-) -> Arc<crate::history::Recorder> {
-    Arc::new(crate::history::Recorder::new(store, queue, alerter))
+) -> Arc<crate::outages::Recorder> {
+    Arc::new(crate::outages::Recorder::new(store, queue, alerter))
 }
 
 /// The history's sampling and pruning as `[history]` asks.
-pub fn history_upkeep(config: &Config) -> crate::history::Upkeep {
-    crate::history::Upkeep::new(config.history.keep)
+pub fn history_upkeep(config: &Config) -> crate::outages::Upkeep {
+    crate::outages::Upkeep::new(config.history.keep)
 }

@@ -183,7 +183,7 @@ pub struct RetryProcessor {
     /// Sends the TLS reports (RFC 8460) from the sweeper, once a day.
     pub tls_reporter: Option<relay_core::tlsrpt::send::TlsReporter>,
     /// Queue-depth samples and history pruning, from the sweeper.
-    pub history: Option<relay_core::history::Upkeep>,
+    pub history: Option<relay_core::outages::Upkeep>,
 }
 
 impl RetryProcessor {

@@ -19,6 +19,7 @@ pub mod dane;
 pub mod destinations;
 pub mod etrn;
 pub mod handshake;
+mod history_hook;
 mod hops;
 pub mod mta_sts;
 pub mod outcome;
@@ -91,7 +92,7 @@ pub struct Engine {
     storm: storm_watch::StormWatch,
     alerts: Option<Arc<Alerter>>,
     /// Where hosted domains' outages are recorded.
-    history: Option<Arc<crate::history::Recorder>>,
+    history: Option<Arc<crate::outages::Recorder>>,
 }
 
 impl Engine {
@@ -135,13 +136,6 @@ impl Engine {
         store: Option<Arc<dyn crate::store::TlsReportStore>>,
     ) -> Self {
         self.hops.tls_reports = store;
-        self
-    }
-
-    /// Attempts to hosted domains record their primaries' outages and
-    /// what becomes of their mail in `recorder`.
-    pub fn with_history(mut self, recorder: Option<Arc<crate::history::Recorder>>) -> Self {
-        self.history = recorder;
         self
     }
 
@@ -226,7 +220,7 @@ impl Engine {
     ) -> AttemptReport {
         let mut entry = entry.clone();
         entry.attempts += 1;
-        let pending = pending_of(&entry);
+        let pending = outcome::pending_of(&entry);
         let results = vec![(RcptResult::Transient(reason.to_string()), ""); pending.len()];
         let record = self.router.hosted(&entry.domain).await.ok().flatten();
         let lifetime = self.router.lifetime(record.as_ref());
@@ -259,7 +253,7 @@ impl Engine {
         let mut reports: Vec<Option<AttemptReport>> = Vec::with_capacity(items.len());
         let mut work = Vec::new();
         for entry in items {
-            let pending = pending_of(entry);
+            let pending = outcome::pending_of(entry);
             if pending.is_empty() {
                 reports.push(Some(AttemptReport::unchanged(entry.clone(), true)));
                 continue;
@@ -445,21 +439,9 @@ impl Engine {
             reports[i] = Some(report);
         }
         let reports: Vec<AttemptReport> = reports.into_iter().flatten().collect();
-        if let (Some(history), true) = (&self.history, hosted_domain) {
-            let primary_up = match (destination_down, answered) {
-                (true, _) => Some(false),
-                (false, true) => Some(true),
-                (false, false) => None,
-            };
-            let changes: Vec<_> = items
-                .iter()
-                .zip(&reports)
-                .map(|(before, r)| (before, &r.entry, r.finished))
-                .collect();
-            history
-                .attempted(&domain, primary_up, &changes, unix_seconds(now))
-                .await;
-        }
+        let seen = history_hook::Seen::new(hosted_domain, destination_down, answered);
+        self.record_history(&domain, seen, items, &reports, now)
+            .await;
         reports
     }
 
@@ -507,13 +489,6 @@ impl Engine {
             .await;
         report
     }
-}
-
-/// The indices of an entry's recipients still pending.
-fn pending_of(entry: &QueueEntry) -> Vec<usize> {
-    (0..entry.recipients.len())
-        .filter(|&i| entry.recipients[i].status == RecipientStatus::Pending)
-        .collect()
 }
 
 #[cfg(test)]

@@ -221,6 +221,13 @@ pub(crate) fn apply(
     }
 }
 
+/// The indices of an entry's recipients still pending.
+pub(super) fn pending_of(entry: &QueueEntry) -> Vec<usize> {
+    (0..entry.recipients.len())
+        .filter(|&i| entry.recipients[i].status == RecipientStatus::Pending)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
