@@ -222,6 +222,12 @@ const METRICS: &[MetricSpec] = &[
         &[("method", "spf"), ("result", "pass")],
     ),
     (
+        "backupmx_outages_total",
+        "outages recorded: a delivery found a hosted domain's primary down (domain history)",
+        false,
+        &[],
+    ),
+    (
         "backupmx_dmarc_rejections_total",
         "messages refused after DATA for a DMARC fail under p=reject (auth = enforce)",
         false,

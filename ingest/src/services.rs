@@ -110,9 +110,10 @@ pub(crate) fn spawn_history_upkeep(config: &Config, backends: &Backends) {
     let store = backends.history.clone();
     let registry = backends.registry.clone();
     let upkeep = relay_core::setup::history_upkeep(config);
+    let every = config.history.sample_interval;
     tokio::spawn(async move {
         let mut last_prune: Option<std::time::Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
             let now = relay_core::time::unix_seconds(std::time::SystemTime::now());

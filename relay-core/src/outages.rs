@@ -78,10 +78,13 @@ impl Recorder {
             return Ok(());
         }
         // Never before the previous outage's end: its mail is its own.
+        // (The same second may close one and open the next: times are
+        // whole seconds, and a start in the future would lose this one's
+        // first mail.)
         let start = latest
             .as_ref()
             .and_then(|o| o.end)
-            .map_or(start, |end| start.max(end + 1));
+            .map_or(start, |end| start.max(end));
         let mut counts = OutageCounts::default();
         self.queue
             .scan(Some(domain), &mut |e| {

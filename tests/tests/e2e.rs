@@ -13,6 +13,7 @@ mod doctor;
 mod durability;
 mod filter;
 mod filters;
+mod history;
 mod infra;
 mod infra_deploy;
 mod interop;

@@ -67,7 +67,7 @@ pub fn timeline_svg(history: &History, from: u64, to: u64) -> String {
     let _ = write!(
         svg,
         "<svg id=\"timeline\" class=\"timeline\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" width=\"100%\" \
-preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{}\" xmlns=\"http://www.w3.org/2000/svg\">\
+role=\"img\" aria-label=\"{}\" xmlns=\"http://www.w3.org/2000/svg\">\
 <title>{}</title><rect x=\"0\" y=\"0\" width=\"{WIDTH}\" height=\"{plot}\" fill=\"#fff\" stroke=\"#d9dde6\"/>",
         escape(&label),
         escape(&label)

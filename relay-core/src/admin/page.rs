@@ -40,6 +40,8 @@ button.danger{background:var(--bad);border-color:var(--bad)}
 input[type=search],input[type=password]{font:inherit;padding:.35rem .5rem;border:1px solid var(--line);border-radius:5px;min-width:14rem;max-width:100%}
 form.search{display:flex;gap:.5rem;flex-wrap:wrap;margin:.6rem 0}
 a{color:var(--accent)}
+.timeline{display:block;width:100%;height:auto;margin:.4rem 0 1rem}
+.sparkline{display:block}
 .flash{background:#dcf5ea;color:var(--ok);border:1px solid #a6dcc4;border-radius:6px;padding:.5rem .8rem}
 @media (max-width:700px){
  table,thead,tbody,tr,th,td{display:block}

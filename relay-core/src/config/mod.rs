@@ -477,12 +477,18 @@ pub struct HistoryConfig {
     /// How long an ended, drained outage is kept (samples: 7 days).
     #[serde(with = "humantime_serde")]
     pub keep: Duration,
+    /// How often the embedded server samples each domain's queue depth
+    /// (one point per domain and minute is kept; AWS: the sweeper, each
+    /// minute).
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
         HistoryConfig {
             keep: Duration::from_secs(90 * 86_400),
+            sample_interval: Duration::from_secs(60),
         }
     }
 }

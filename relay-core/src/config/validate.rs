@@ -40,6 +40,11 @@ impl Config {
                 humantime::format_duration(self.history.keep)
             ));
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(60))
+            .contains(&self.history.sample_interval)
+        {
+            return invalid("history.sample_interval must be between 1s and 60s".into());
+        }
         if let Some(f) = &self.filter {
             self.filter_settings()?;
             if f.timeout.is_zero() || f.max_concurrent == 0 {

@@ -153,8 +153,12 @@ pub(super) fn apply(conn: &Connection, op: &HistoryOp) -> rusqlite::Result<bool>
             for (domain, s) in samples {
                 exec(
                     conn,
-                    "INSERT OR REPLACE INTO queue_samples (domain, minute, count, oldest_age)
-                     VALUES (?1, ?2, ?3, ?4)",
+                    // Sampled more often than each minute: the minute keeps
+                    // its peak.
+                    "INSERT INTO queue_samples (domain, minute, count, oldest_age)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT DO UPDATE SET count = max(count, excluded.count),
+                     oldest_age = max(coalesce(oldest_age, 0), coalesce(excluded.oldest_age, 0))",
                     params![
                         domain.as_str(),
                         s.minute as i64,
