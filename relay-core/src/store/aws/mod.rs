@@ -11,6 +11,8 @@
 //! - bucket: `messages/<yyyy-mm-dd>/<id>.eml` (the message body, SSE);
 //!   the date comes from the id.
 //! - queue table and SQS tickets: see [`queue`].
+//! - outage history and queue-depth samples, in the greylist table: see
+//!   `history.rs`.
 
 use std::collections::HashMap;
 use std::time::Duration;
