@@ -127,6 +127,16 @@ impl Recorder {
         if counts.is_empty() {
             return;
         }
+        // A read first: most mail belongs to no outage, and a read costs
+        // neither a commit (embedded) nor a write unit (DynamoDB).
+        match self.store.latest_outage(domain).await {
+            Ok(Some(o)) if o.takes(at) => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(event = "history_not_stored", domain = %domain, error = %crate::error::Report(&e));
+                return;
+            }
+        }
         match self.store.tally(domain, counts, at).await {
             Ok(Some(o)) => self.check_drain(domain, &o, now).await,
             Ok(None) => {}

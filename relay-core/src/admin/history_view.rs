@@ -139,10 +139,17 @@ pub fn sparkline_svg(domain: &DomainName, peaks: &[(u64, u64)], from: u64, to: u
     };
     let mut points = String::new();
     if top > 0 {
+        // Every hour of the span, an hour without a sample at zero.
         let scale = (h - 3.0) / top as f64;
-        for (hour, peak) in peaks {
-            let x = x_of(*hour, from, to) / WIDTH * w;
-            let _ = write!(points, "{x:.1},{:.1} ", h - *peak as f64 * scale);
+        let mut hour = from - from % 3600;
+        while hour <= to {
+            let peak = peaks
+                .iter()
+                .find(|(at, _)| *at == hour)
+                .map_or(0, |(_, p)| *p);
+            let x = x_of(hour, from, to) / WIDTH * w;
+            let _ = write!(points, "{x:.1},{:.1} ", h - peak as f64 * scale);
+            hour += 3600;
         }
     }
     format!(

@@ -333,9 +333,10 @@ pub trait Spool: Send + Sync {
 pub struct SplitSpool {
     pub messages: Arc<dyn MessageStore>,
     pub queue: Arc<dyn DeliveryQueue>,
-    /// Where accepted mail is counted against an open outage (one write
-    /// per queue entry, after it is stored; a failure only loses the
-    /// count). The embedded store counts in its accepting transaction.
+    /// Where accepted mail is counted against an open outage (a read per
+    /// queue entry and, during an outage, a write, after it is stored; a
+    /// failure only loses the count). The embedded store counts in its
+    /// accepting transaction.
     pub history: Option<Arc<dyn HistoryStore>>,
 }
 
@@ -366,6 +367,11 @@ impl Spool for SplitSpool {
             Ok(()) => {
                 if let Some(history) = &self.history {
                     for entry in &entries {
+                        // Read first: outside an outage nothing is written.
+                        match history.latest_outage(&entry.domain).await {
+                            Ok(Some(o)) if o.end.is_none() && o.takes(entry.received_at) => {}
+                            _ => continue,
+                        }
                         let mut counts = OutageCounts::default();
                         counts
                             .add(crate::history::Counter::AcceptedMessages, 1)
