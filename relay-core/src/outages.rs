@@ -2,9 +2,8 @@
 //! of their mail ([`crate::history`] has the model); keeps the history's
 //! samples and pruning going.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -15,19 +14,16 @@ use crate::queue::QueueEntry;
 use crate::store::{DeliveryQueue, StoreError};
 use crate::sync::Mutex;
 
-/// How long an observed primary state spares the store a transition
-/// write: other processes may have seen a change meanwhile.
-const SEEN_FRESH: Duration = Duration::from_secs(30);
-
 /// Records outages as deliveries observe them, and tallies what happens
 /// to their mail. Cheap to share; every method only logs a store failure
-/// (history never holds up mail).
+/// (history never holds up mail). Every observation reads the domain's
+/// latest outage first and writes only for a transition: no memory of
+/// its own, so processes that deliver side by side (AWS) never act on a
+/// stale picture of one another's outages.
 pub struct Recorder {
     store: Arc<dyn crate::store::HistoryStore>,
     queue: Arc<dyn DeliveryQueue>,
     alerts: Option<Arc<Alerter>>,
-    /// The primary state this process last wrote or saw, per domain.
-    seen: Mutex<HashMap<DomainName, (bool, Instant)>>,
 }
 
 impl Recorder {
@@ -40,34 +36,13 @@ impl Recorder {
             store,
             queue,
             alerts,
-            seen: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// Whether this process saw `up` for `domain` recently; remembers it.
-    fn seen_recently(&self, domain: &DomainName, up: bool) -> bool {
-        let mut seen = self.seen.lock();
-        let fresh = seen
-            .get(domain)
-            .is_some_and(|(s, at)| *s == up && at.elapsed() < SEEN_FRESH);
-        if !fresh {
-            seen.insert(domain.clone(), (up, Instant::now()));
-        }
-        fresh
-    }
-
-    fn forget(&self, domain: &DomainName) {
-        self.seen.lock().remove(domain);
     }
 
     /// A delivery attempt found the primary down; `start` is the outage's
     /// earliest evidence (see the module's text).
     pub async fn primary_down(&self, domain: &DomainName, start: u64) {
-        if self.seen_recently(domain, false) {
-            return;
-        }
         if let Err(e) = self.open(domain, start).await {
-            self.forget(domain);
             tracing::warn!(event = "history_not_stored", domain = %domain, error = %crate::error::Report(&e));
         }
     }
@@ -105,8 +80,13 @@ impl Recorder {
 
     /// A delivery attempt found the primary answering.
     pub async fn primary_up(&self, domain: &DomainName, now: u64) {
-        if self.seen_recently(domain, true) {
-            return;
+        match self.store.latest_outage(domain).await {
+            Ok(Some(o)) if o.end.is_none() => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(event = "history_not_stored", domain = %domain, error = %crate::error::Report(&e));
+                return;
+            }
         }
         match self.store.end_outage(domain, now).await {
             Ok(Some(o)) => {
@@ -116,7 +96,6 @@ impl Recorder {
             }
             Ok(None) => {}
             Err(e) => {
-                self.forget(domain);
                 tracing::warn!(event = "history_not_stored", domain = %domain, error = %crate::error::Report(&e));
             }
         }
@@ -270,5 +249,56 @@ impl Upkeep {
                 now.saturating_sub(SAMPLE_KEEP.as_secs()),
             )
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::RecipientStatus;
+    use crate::store::contract::message;
+    use crate::store::local::LocalStore;
+    use crate::store::{HistoryStore, Spool};
+
+    #[tokio::test]
+    async fn an_outage_opens_with_its_queue_ends_when_answered_and_drains_with_its_mail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(LocalStore::open(dir.path()).unwrap());
+        let d = DomainName::parse("example.test").unwrap();
+        store
+            .accept(message(&["a@example.test", "b@example.test"]))
+            .await
+            .unwrap();
+        let entry = store.list(Some(&d)).await.unwrap().remove(0);
+        let rec = Recorder::new(store.clone(), store.clone(), None);
+        let now = entry.received_at + 1;
+        // Down: opened at the message's arrival, the message counted.
+        rec.attempted(&d, Some(false), &[(&entry, &entry, false)], now)
+            .await;
+        let o = store.latest_outage(&d).await.unwrap().unwrap();
+        assert_eq!((o.number, o.start, o.end), (1, entry.received_at, None));
+        assert_eq!(o.counts.get(Counter::AcceptedRecipients), 2);
+        // Down again: nothing new.
+        rec.attempted(&d, Some(false), &[], now + 5).await;
+        assert_eq!(store.latest_outage(&d).await.unwrap().unwrap().number, 1);
+        // Answered, and both recipients delivered: ended and drained.
+        let mut after = entry.clone();
+        for r in &mut after.recipients {
+            r.status = RecipientStatus::Delivered;
+        }
+        rec.attempted(&d, Some(true), &[(&entry, &after, true)], now + 10)
+            .await;
+        let o = store.latest_outage(&d).await.unwrap().unwrap();
+        assert_eq!((o.end, o.drained), (Some(now + 10), Some(now + 10)));
+        assert_eq!(o.counts.get(Counter::DeliveredMessages), 1);
+        assert_eq!(o.counts.get(Counter::DeliveredRecipients), 2);
+        // Mail outside any outage costs nothing and counts nowhere.
+        rec.refused(&d, Refusal::Greylist, now + 20).await;
+        let o = store.latest_outage(&d).await.unwrap().unwrap();
+        assert_eq!(o.counts.refused_total(), 0);
+        // The next failure opens outage 2.
+        rec.attempted(&d, Some(false), &[], now + 30).await;
+        let o = store.latest_outage(&d).await.unwrap().unwrap();
+        assert_eq!((o.number, o.start), (2, now + 30));
     }
 }
