@@ -250,6 +250,47 @@ impl Outage {
     }
 }
 
+/// A process's recent view of domains' latest outages, for backends
+/// where each read is a billed request (DynamoDB): mail outside any outage
+/// then costs no request at all within `ttl`. Filled by reads and by the
+/// answers of this process's own writes; bounded.
+pub struct LatestCache {
+    ttl: std::time::Duration,
+    seen: crate::sync::Mutex<
+        std::collections::HashMap<DomainName, (Option<Outage>, std::time::Instant)>,
+    >,
+}
+
+/// Domains a [`LatestCache`] remembers at most (refused mail can name any
+/// domain): past it, it starts again empty.
+const LATEST_CACHE_MAX: usize = 10_000;
+
+impl LatestCache {
+    pub fn new(ttl: std::time::Duration) -> LatestCache {
+        LatestCache {
+            ttl,
+            seen: Default::default(),
+        }
+    }
+
+    /// The domain's latest outage as seen within `ttl`; `None`: not known.
+    pub fn get(&self, domain: &DomainName) -> Option<Option<Outage>> {
+        self.seen
+            .lock()
+            .get(domain)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(o, _)| o.clone())
+    }
+
+    pub fn put(&self, domain: &DomainName, latest: Option<Outage>) {
+        let mut seen = self.seen.lock();
+        if seen.len() >= LATEST_CACHE_MAX && !seen.contains_key(domain) {
+            seen.clear();
+        }
+        seen.insert(domain.clone(), (latest, std::time::Instant::now()));
+    }
+}
+
 /// One minute's queue depth of a domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DepthSample {

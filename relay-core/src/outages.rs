@@ -14,6 +14,46 @@ use crate::queue::QueueEntry;
 use crate::store::{DeliveryQueue, StoreError};
 use crate::sync::Mutex;
 
+/// What one delivery attempt told, in a form that outlives it (recorded
+/// off the delivery's path, after its outcome is stored).
+pub struct AttemptSeen {
+    primary_up: Option<bool>,
+    /// The outage's earliest evidence, if this attempt opens one.
+    start: u64,
+    /// What changed per entry, with the entry's arrival.
+    tallies: Vec<(OutageCounts, u64)>,
+}
+
+impl AttemptSeen {
+    pub fn of(
+        primary_up: Option<bool>,
+        changes: &[(&QueueEntry, &QueueEntry, bool)],
+        now: u64,
+    ) -> AttemptSeen {
+        // First tries only: a message retried after a refusal says nothing
+        // about when the primary went away.
+        let start = changes
+            .iter()
+            .filter(|(before, _, _)| before.attempts == 0)
+            .map(|(before, _, _)| before.received_at)
+            .min()
+            .unwrap_or(now)
+            .min(now);
+        let tallies = changes
+            .iter()
+            .map(|(before, after, finished)| {
+                (tally_of(before, after, *finished), before.received_at)
+            })
+            .filter(|(counts, _)| !counts.is_empty())
+            .collect();
+        AttemptSeen {
+            primary_up,
+            start,
+            tallies,
+        }
+    }
+}
+
 /// Records outages as deliveries observe them, and tallies what happens
 /// to their mail. Cheap to share; every method only logs a store failure
 /// (history never holds up mail). Every observation reads the domain's
@@ -48,7 +88,7 @@ impl Recorder {
     }
 
     async fn open(&self, domain: &DomainName, start: u64) -> Result<(), StoreError> {
-        let latest = self.store.latest_outage(domain).await?;
+        let latest = self.store.recent_outage(domain).await?;
         if latest.as_ref().is_some_and(|o| o.end.is_none()) {
             return Ok(());
         }
@@ -80,7 +120,7 @@ impl Recorder {
 
     /// A delivery attempt found the primary answering.
     pub async fn primary_up(&self, domain: &DomainName, now: u64) {
-        match self.store.latest_outage(domain).await {
+        match self.store.recent_outage(domain).await {
             Ok(Some(o)) if o.end.is_none() => {}
             Ok(_) => return,
             Err(e) => {
@@ -108,7 +148,7 @@ impl Recorder {
         }
         // A read first: most mail belongs to no outage, and a read costs
         // neither a commit (embedded) nor a write unit (DynamoDB).
-        match self.store.latest_outage(domain).await {
+        match self.store.recent_outage(domain).await {
             Ok(Some(o)) if o.takes(at) => {}
             Ok(_) => return,
             Err(e) => {
@@ -135,25 +175,19 @@ impl Recorder {
         changes: &[(&QueueEntry, &QueueEntry, bool)],
         now: u64,
     ) {
-        match primary_up {
-            Some(false) => {
-                // First tries only: a message retried after a refusal says
-                // nothing about when the primary went away.
-                let start = changes
-                    .iter()
-                    .filter(|(before, _, _)| before.attempts == 0)
-                    .map(|(before, _, _)| before.received_at)
-                    .min()
-                    .unwrap_or(now)
-                    .min(now);
-                self.primary_down(domain, start).await;
-            }
+        self.record(domain, AttemptSeen::of(primary_up, changes, now), now)
+            .await;
+    }
+
+    /// Records what an attempt saw: the transition first, then the tallies.
+    pub async fn record(&self, domain: &DomainName, seen: AttemptSeen, now: u64) {
+        match seen.primary_up {
+            Some(false) => self.primary_down(domain, seen.start).await,
             Some(true) => self.primary_up(domain, now).await,
             None => {}
         }
-        for (before, after, finished) in changes {
-            let counts = tally_of(before, after, *finished);
-            self.tally(domain, &counts, before.received_at, now).await;
+        for (counts, received) in &seen.tallies {
+            self.tally(domain, counts, *received, now).await;
         }
     }
 

@@ -606,11 +606,13 @@ fn aws_requests_per_message_are_counted() {
     // Receives depend on batching and idle polling (a Lambda event source
     // polls on its own); queries and queue attributes are the sweeper's
     // and the probe's, per minute, not per message; the rest is per message.
+    // The outage history's daily prune (a scan of the history heads) too.
     let periodic = [
         "SQS.ReceiveMessage",
         "SQS.GetQueueUrl",
         "SQS.GetQueueAttributes",
         "DynamoDB.Query",
+        "DynamoDB.Scan",
     ];
     let per_message = |m: &BTreeMap<String, f64>| {
         m.iter()
@@ -624,9 +626,13 @@ fn aws_requests_per_message_are_counted() {
     eprintln!("aws requests per message: accepted {accepted:.2}, delivered {delivered:.2} (receives apart)");
     assert!(accepted <= 6.5, "{accepted} requests per accepted message");
     // 8 before issue 29, plus the destination slot's take and give (what
-    // keeps max_connections_per_destination across the fleet).
+    // keeps max_connections_per_destination across the fleet); plus, since
+    // issue 37, what the outage history costs per second and per minute,
+    // not per message: a read of the domain's history head every 2 s per
+    // process, and the sweeper's pass (two turns and a queue-depth sample),
+    // ~0.3 when spread over only 50 messages.
     assert!(
-        delivered <= 10.0,
+        delivered <= 10.5,
         "{delivered} requests per delivered message"
     );
 }

@@ -38,7 +38,7 @@ impl Engine {
     }
 
     /// Hands an attempt's observations to the history recorder, if any.
-    pub(super) async fn record_history(
+    pub(super) fn record_history(
         &self,
         domain: &DomainName,
         seen: Seen,
@@ -59,8 +59,13 @@ impl Engine {
             .zip(reports)
             .map(|(b, r)| (b, &r.entry, r.finished))
             .collect();
-        history
-            .attempted(domain, primary_up, &changes, unix_seconds(now))
-            .await;
+        let now = unix_seconds(now);
+        let seen = crate::outages::AttemptSeen::of(primary_up, &changes, now);
+        // Off the delivery's path: the attempt's outcome is stored without
+        // waiting for the history's reads and writes (the longer the time
+        // between the primary's reply and that store, the more a crash
+        // there repeats).
+        let (history, domain) = (history.clone(), domain.clone());
+        tokio::spawn(async move { history.record(&domain, seen, now).await });
     }
 }

@@ -440,8 +440,7 @@ impl Engine {
         }
         let reports: Vec<AttemptReport> = reports.into_iter().flatten().collect();
         let seen = history_hook::Seen::new(hosted_domain, destination_down, answered);
-        self.record_history(&domain, seen, items, &reports, now)
-            .await;
+        self.record_history(&domain, seen, items, &reports, now);
         reports
     }
 

@@ -162,6 +162,15 @@ pub trait TlsReportStore: Send + Sync {
 pub trait HistoryStore: Send + Sync {
     /// The domain's latest outage.
     async fn latest_outage(&self, domain: &DomainName) -> Result<Option<Outage>, StoreError>;
+    /// As [`latest_outage`], possibly as this process saw it a moment ago
+    /// (a backend whose reads are billed requests keeps them a second or
+    /// two): for the check before a tally or a transition, never for what
+    /// an operator is shown.
+    ///
+    /// [`latest_outage`]: HistoryStore::latest_outage
+    async fn recent_outage(&self, domain: &DomainName) -> Result<Option<Outage>, StoreError> {
+        self.latest_outage(domain).await
+    }
     /// Opens the domain's next outage at `start` with `counts` (the mail
     /// already queued), unless its latest is still open; the new outage
     /// when this call opened it.
@@ -368,7 +377,7 @@ impl Spool for SplitSpool {
                 if let Some(history) = &self.history {
                     for entry in &entries {
                         // Read first: outside an outage nothing is written.
-                        match history.latest_outage(&entry.domain).await {
+                        match history.recent_outage(&entry.domain).await {
                             Ok(Some(o)) if o.end.is_none() && o.takes(entry.received_at) => {}
                             _ => continue,
                         }

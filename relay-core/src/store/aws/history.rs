@@ -26,6 +26,11 @@ const DAY: u64 = 86_400;
 /// Days a day's samples are kept (a week, and the day being written).
 const SAMPLE_DAYS: u64 = 8;
 
+/// How long a read of a domain's history head serves this process's
+/// checks before a tally (`recent_outage`): per domain and process, a read
+/// every two seconds at most instead of one per message.
+pub(super) const RECENT_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Tries at opening an outage while tallies race with it.
 const OPEN_TRIES: usize = 3;
 
@@ -143,8 +148,21 @@ impl AwsStore {
             .send()
             .await;
         match result {
-            Ok(out) => Ok(out.attributes.as_ref().and_then(outage_of_item)),
-            Err(e) if is_condition_failed(&e) => Ok(None),
+            Ok(out) => {
+                let outage = out.attributes.as_ref().and_then(outage_of_item);
+                self.history_cache.put(domain, outage.clone());
+                Ok(outage)
+            }
+            Err(e) if is_condition_failed(&e) => {
+                // What this process believed was stale: see it again.
+                let latest = self
+                    .history_head(domain)
+                    .await?
+                    .as_ref()
+                    .and_then(outage_of_item);
+                self.history_cache.put(domain, latest);
+                Ok(None)
+            }
             Err(e) => Err(backend(what, e)),
         }
     }
@@ -236,11 +254,20 @@ impl AwsStore {
 #[async_trait]
 impl HistoryStore for AwsStore {
     async fn latest_outage(&self, domain: &DomainName) -> Result<Option<Outage>, StoreError> {
-        Ok(self
+        let latest = self
             .history_head(domain)
             .await?
             .as_ref()
-            .and_then(outage_of_item))
+            .and_then(outage_of_item);
+        self.history_cache.put(domain, latest.clone());
+        Ok(latest)
+    }
+
+    async fn recent_outage(&self, domain: &DomainName) -> Result<Option<Outage>, StoreError> {
+        match self.history_cache.get(domain) {
+            Some(latest) => Ok(latest),
+            None => self.latest_outage(domain).await,
+        }
     }
 
     async fn open_outage(
@@ -289,7 +316,10 @@ impl HistoryStore for AwsStore {
                 None => req.condition_expression("attribute_not_exists(pk)"),
             };
             match req.send().await {
-                Ok(_) => return Ok(Some(outage)),
+                Ok(_) => {
+                    self.history_cache.put(domain, Some(outage.clone()));
+                    return Ok(Some(outage));
+                }
                 Err(e) if is_condition_failed(&e) => continue,
                 Err(e) => return Err(backend("DynamoDB open outage", e)),
             }

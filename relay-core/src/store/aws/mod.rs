@@ -68,6 +68,9 @@ pub struct AwsStore {
     sqs: aws_sdk_sqs::Client,
     names: AwsNames,
     queue_url: String,
+    /// The domains' latest outages as this process last saw them
+    /// (`HistoryStore::recent_outage`).
+    history_cache: std::sync::Arc<crate::history::LatestCache>,
 }
 
 /// An SDK call failed. The SDK's own error says only "service error" at
@@ -249,6 +252,9 @@ impl AwsStore {
             sqs,
             names,
             queue_url,
+            history_cache: std::sync::Arc::new(crate::history::LatestCache::new(
+                history::RECENT_FOR,
+            )),
         })
     }
 
