@@ -10,6 +10,9 @@
 #                                      delivery and to empty
 #   bench/compare.sh auth     [RUNS]   the cost of sender authentication: backupmx with auth = "annotate"
 #                                      against auth = "off", 10 and 50 sessions x 1 KiB, primary down
+#   bench/compare.sh relay-ab [RUNS]   relay-through of two builds, BMX (a) and BMX_B (b), and Postfix,
+#                                      interleaved (AUTH_B=off|annotate: b's domain `auth`; a gets none,
+#                                      so a build older than sender authentication can be a)
 #   bench/compare.sh etrn [N]          the same released by ETRN alone (probe 1 h)
 #                                      (SINK_OPTS=-p: a primary without PIPELINING; PROBE=1s: probe interval)
 #
@@ -79,7 +82,7 @@ start_ref() {
   echo $! > "$work/ref.pid"
 }
 stop_ref() { [ -f "$work/ref.pid" ] && kill "$(cat "$work/ref.pid")" 2>/dev/null || true; }
-trap 'stop_bmx; stop_ref; stop_dns "$work"; bash "$here/postfix_peer.sh" stop >/dev/null 2>&1 || true' EXIT
+trap 'stop_bmx; stop_ref; [ -f "$work/bmx-b.pid" ] && kill "$(cat "$work/bmx-b.pid")" 2>/dev/null; stop_dns "$work"; bash "$here/postfix_peer.sh" stop >/dev/null 2>&1 || true' EXIT
 start_dns "$work"
 
 accept() {
@@ -142,6 +145,41 @@ relay() {
     done
   done
   python3 "$here/summarize.py" "$out" --ratio backupmx postfix
+}
+
+relay_ab() {
+  [ -n "${BMX_B:-}" ] || { echo "compare.sh relay-ab: set BMX=A and BMX_B=B (two builds)" >&2; exit 2; }
+  local b_port=2730
+  bash "$here/postfix_peer.sh" start up >&2
+  bash "$here/postfix_peer.sh" flush >&2
+  AUTH="" start_bmx
+  AUTH=${AUTH_B:-} bmx_config "$b_port" "$work/data-b" > "$work/backupmx-b.toml"
+  rm -rf "$work/data-b"
+  "$BMX_B" run --config "$work/backupmx-b.toml" > "$work/bmx-b.log" 2>&1 &
+  echo $! > "$work/bmx-b.pid"
+  wait_for_port "$b_port" "$work/bmx-b.log"
+  empty() {  # $1 binary, $2 config: waits until its queue is empty
+    echo "for i in \$(seq 1 600); do [ \"\$($1 --config $2 queue list --json | grep -c '\"id\"')\" = 0 ] && exit 0; sleep 0.2; done; exit 1"
+  }
+  servers=(postfix:127.0.0.1:$PEER_PORT a:127.0.0.1:$BMX_PORT b:127.0.0.1:$b_port)
+  for round in $(seq 0 $(( RUNS - 1 ))); do
+    for k in 0 1 2; do
+      t=${servers[$(( (round + k) % 3 ))]}
+      label=${t%%:*}
+      case $label in
+        postfix) drain="bash $here/postfix_peer.sh wait-empty 120"; cpu="bash $here/postfix_peer.sh pid" ;;
+        a) drain=$(empty "$BMX" "$work/backupmx.toml"); cpu="cat $work/bmx.pid" ;;
+        b) drain=$(empty "$BMX_B" "$work/backupmx-b.toml"); cpu="cat $work/bmx-b.pid" ;;
+      esac
+      settle
+      bash "$here/smtp_accept.sh" --label "$label" --target "${t#*:}" --domain "$DOMAIN" \
+        --sessions 10 --count 3000 --size 1024 --runs 1 --warmup 50 --drain-cmd "$drain" \
+        --cpu-pids-cmd "$cpu" | grep '^RUN' | sed "s/ run=1 / run=$(( round + 1 )) /" | tee -a "$out" || true
+    done
+  done
+  python3 "$here/summarize.py" "$out" --ratio b a
+  python3 "$here/summarize.py" "$out" --ratio a postfix
+  python3 "$here/summarize.py" "$out" --ratio b postfix
 }
 
 idle() {
@@ -243,4 +281,4 @@ auth() {
   python3 "$here/summarize.py" "$out" --ratio auth-annotate auth-off
 }
 
-"$scenario"
+"${scenario//-/_}"
