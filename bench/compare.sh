@@ -13,6 +13,9 @@
 #   bench/compare.sh relay-ab [RUNS]   relay-through of two builds, BMX (a) and BMX_B (b), and Postfix,
 #                                      interleaved (AUTH_B=off|annotate: b's domain `auth`; a gets none,
 #                                      so a build older than sender authentication can be a)
+#   bench/compare.sh scale             the scale curve: SCALE="1000 10000 100000" queued 1 KiB messages
+#                                      drained to a primary that comes back, backupmx (`queue flush`)
+#                                      and Postfix (`postqueue -f`); `queue list --json` time and RSS
 #   bench/compare.sh etrn [N]          the same released by ETRN alone (probe 1 h)
 #                                      (SINK_OPTS=-p: a primary without PIPELINING; PROBE=1s: probe interval)
 #
@@ -180,6 +183,48 @@ relay_ab() {
   python3 "$here/summarize.py" "$out" --ratio b a
   python3 "$here/summarize.py" "$out" --ratio a postfix
   python3 "$here/summarize.py" "$out" --ratio b postfix
+}
+
+scale() {
+  local n t0 t1 flush_s list list_s list_kib rss_kib
+  for n in ${SCALE:-1000 10000 100000}; do
+    poll=0.1
+    # backupmx: fill while the primary is down, then bring it back and flush.
+    bash "$here/postfix_peer.sh" start down >&2
+    bash "$here/postfix_peer.sh" flush >&2
+    stop_bmx; start_bmx
+    smtp-source -s 20 -m "$n" -l 1024 -f a@remote.test -t "u@$DOMAIN" "127.0.0.1:$BMX_PORT"
+    sleep 8   # every message has had its first (failed) attempt
+    list=$( { /usr/bin/time -f '%e %M' "$BMX" --config "$work/backupmx.toml" queue list --json > "$work/list.json"; } 2>&1 | tail -1)
+    read -r list_s list_kib <<< "$list"
+    [ "$(grep -c '"id"' "$work/list.json")" = "$n" ] || echo "scale: queue list shows $(grep -c '"id"' "$work/list.json") of $n" >&2
+    settle
+    t0=$(date +%s.%N)
+    bash "$here/postfix_peer.sh" primary up >&2
+    flush_s=$( { /usr/bin/time -f '%e' "$BMX" --config "$work/backupmx.toml" queue flush > /dev/null; } 2>&1 | tail -1)
+    # Counted with a read-only query of the store: `queue list` of 100 000
+    # entries every second would take most of a core from the drain.
+    while [ "$(python3 -c "import sqlite3; print(sqlite3.connect('file:$work/data/backupmx.db?mode=ro', uri=True).execute('SELECT count(*) FROM queue').fetchone()[0])")" != 0 ]; do
+      sleep "$poll"
+    done
+    t1=$(date +%s.%N)
+    rss_kib=$(awk '/VmHWM/ { print $2 }' "/proc/$(cat "$work/bmx.pid")/status")
+    echo "SCALE server=backupmx queued=$n drain_s=$(echo "$t1 - $t0" | bc) mps=$(echo "$n / ($t1 - $t0)" | bc) flush_s=$flush_s list_s=$list_s list_peak_kib=$list_kib server_peak_kib=$rss_kib" | tee -a "$out"
+    stop_bmx
+    [ "${SCALE_ONLY:-}" = backupmx ] && continue
+    # Postfix: the same, `postqueue -f` after the primary is back.
+    bash "$here/postfix_peer.sh" primary down >&2
+    bash "$here/postfix_peer.sh" flush >&2
+    smtp-source -s 20 -m "$n" -l 1024 -f a@remote.test -t "u@$DOMAIN" "127.0.0.1:$PEER_PORT"
+    sleep 8
+    settle
+    t0=$(date +%s.%N)
+    bash "$here/postfix_peer.sh" primary up >&2
+    flush_s=$( { /usr/bin/time -f '%e' postqueue -f; } 2>&1 | tail -1)
+    bash "$here/postfix_peer.sh" wait-empty 1800
+    t1=$(date +%s.%N)
+    echo "SCALE server=postfix queued=$n drain_s=$(echo "$t1 - $t0" | bc) mps=$(echo "$n / ($t1 - $t0)" | bc) flush_s=$flush_s" | tee -a "$out"
+  done
 }
 
 idle() {

@@ -309,7 +309,7 @@ pub trait DeliveryQueue: Send + Sync {
 #[async_trait]
 pub trait ScheduledQueue: DeliveryQueue {
     /// Entries whose next attempt is at or before `now` (Unix seconds),
-    /// oldest first.
+    /// earliest due first, then oldest.
     async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError>;
     /// Postpones every entry of a domain that is due before `until`, when
     /// its destination is down; returns how many were postponed.

@@ -94,7 +94,7 @@ impl ScheduledQueue for LocalStore {
 
     async fn due(&self, now: u64, limit: usize) -> Result<Vec<QueueEntry>, StoreError> {
         let rows: Vec<(String, String)> = self.read(|c| {
-            let mut st = c.prepare_cached("SELECT id, record FROM queue WHERE next_attempt <= ?1 ORDER BY received_at, id LIMIT ?2")?;
+            let mut st = c.prepare_cached("SELECT id, record FROM queue WHERE next_attempt <= ?1 ORDER BY next_attempt, received_at, id LIMIT ?2")?;
             let rows = st.query_map(params![now as i64, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
         })?;

@@ -12,7 +12,13 @@ CREATE TABLE IF NOT EXISTS queue (
     received_at INTEGER NOT NULL,
     record TEXT NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS queue_due ON queue(next_attempt);
+-- Due entries in the order the worker takes them (earliest due, then
+-- oldest): `due` reads its batch off the index and stops, where an order
+-- the index does not give sorted every due entry on each call (after a
+-- flush of 100 000, quadratic; docs/BENCHMARKS.md). It replaces
+-- `queue_due`, on `next_attempt` alone.
+CREATE INDEX IF NOT EXISTS queue_due_received ON queue(next_attempt, received_at);
+DROP INDEX IF EXISTS queue_due;
 -- Every b-tree an accepted message touches costs WAL pages in its commit:
 -- the queue is keyed by id alone (no rowid) and has no per-domain index
 -- (listing or releasing one domain scans the queue; both are rare).
