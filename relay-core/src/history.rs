@@ -111,6 +111,36 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 5] = [
+        Refusal::Greylist,
+        Refusal::Dnsbl,
+        Refusal::UnknownUser,
+        Refusal::Auth,
+        Refusal::Filter,
+    ];
+
+    /// Its key under `refused` in the JSON (a contract, never renamed).
+    pub fn key(self) -> &'static str {
+        match self {
+            Refusal::Greylist => "greylist",
+            Refusal::Dnsbl => "dnsbl",
+            Refusal::UnknownUser => "unknown_user",
+            Refusal::Auth => "auth",
+            Refusal::Filter => "filter",
+        }
+    }
+
+    /// Its name in the status page's table.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Greylist => "greylist",
+            Refusal::Dnsbl => "DNSBL",
+            Refusal::UnknownUser => "unknown user",
+            Refusal::Auth => "DMARC",
+            Refusal::Filter => "filter",
+        }
+    }
+
     pub fn counter(self) -> Counter {
         match self {
             Refusal::Greylist => Counter::RefusedGreylist,
@@ -159,16 +189,7 @@ impl OutageCounts {
     }
 
     pub fn refused_total(&self) -> u64 {
-        [
-            Counter::RefusedGreylist,
-            Counter::RefusedDnsbl,
-            Counter::RefusedUnknownUser,
-            Counter::RefusedAuth,
-            Counter::RefusedFilter,
-        ]
-        .iter()
-        .map(|c| self.get(*c))
-        .sum()
+        Refusal::ALL.iter().map(|r| self.get(r.counter())).sum()
     }
 }
 
@@ -211,16 +232,10 @@ impl Outage {
     /// The JSON shape of `domain history`, the API and the report.
     pub fn to_json(&self, now: u64) -> Value {
         let c = &self.counts;
-        let refused: serde_json::Map<String, Value> = [
-            ("greylist", Counter::RefusedGreylist),
-            ("dnsbl", Counter::RefusedDnsbl),
-            ("unknown_user", Counter::RefusedUnknownUser),
-            ("auth", Counter::RefusedAuth),
-            ("filter", Counter::RefusedFilter),
-        ]
-        .iter()
-        .map(|(k, ctr)| (k.to_string(), json!(c.get(*ctr))))
-        .collect();
+        let refused: serde_json::Map<String, Value> = Refusal::ALL
+            .iter()
+            .map(|r| (r.key().to_string(), json!(c.get(r.counter()))))
+            .collect();
         json!({
             "number": self.number,
             "start": rfc3339(self.start),

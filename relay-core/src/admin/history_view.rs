@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use super::page::{age, escape};
 use super::rfc3339;
 use crate::address::DomainName;
-use crate::history::{Counter, History, Outage};
+use crate::history::{Counter, History, Outage, Refusal};
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 140.0;
@@ -170,17 +170,11 @@ pub fn outages_table(history: &History, now: u64) -> String {
     );
     for o in history.outages.iter().rev() {
         let c = &o.counts;
-        let refused = [
-            ("greylist", Counter::RefusedGreylist),
-            ("DNSBL", Counter::RefusedDnsbl),
-            ("unknown user", Counter::RefusedUnknownUser),
-            ("DMARC", Counter::RefusedAuth),
-            ("filter", Counter::RefusedFilter),
-        ]
-        .iter()
-        .filter(|(_, k)| c.get(*k) > 0)
-        .map(|(n, k)| format!("{} {n}", c.get(*k)))
-        .collect::<Vec<_>>();
+        let refused = Refusal::ALL
+            .iter()
+            .filter(|r| c.get(r.counter()) > 0)
+            .map(|r| format!("{} {}", c.get(r.counter()), r.label()))
+            .collect::<Vec<_>>();
         let drain = match (o.end, o.drained) {
             (None, _) => "<span class=\"badge down\">ongoing</span>".to_string(),
             (Some(e), Some(d)) => age(d.saturating_sub(e)),
@@ -277,15 +271,16 @@ fn report_lines(o: &Outage, now: u64) -> Vec<(&'static str, String)> {
         ),
         ("Refused meanwhile", c.refused_total().to_string()),
     ];
-    for (label, k) in [
-        ("  greylisted (sender to retry)", Counter::RefusedGreylist),
-        ("  listed on a DNSBL", Counter::RefusedDnsbl),
-        ("  unknown recipient", Counter::RefusedUnknownUser),
-        ("  failed DMARC (p=reject)", Counter::RefusedAuth),
-        ("  refused by the content filter", Counter::RefusedFilter),
-    ] {
-        if c.get(k) > 0 {
-            lines.push((label, c.get(k).to_string()));
+    for r in Refusal::ALL {
+        let label = match r {
+            Refusal::Greylist => "  greylisted (sender to retry)",
+            Refusal::Dnsbl => "  listed on a DNSBL",
+            Refusal::UnknownUser => "  unknown recipient",
+            Refusal::Auth => "  failed DMARC (p=reject)",
+            Refusal::Filter => "  refused by the content filter",
+        };
+        if c.get(r.counter()) > 0 {
+            lines.push((label, c.get(r.counter()).to_string()));
         }
     }
     lines.push((

@@ -226,6 +226,19 @@ impl LocalStore {
     async fn history_write(&self, op: HistoryOp) -> Result<bool, StoreError> {
         self.write(WriteOp::History(op)).await
     }
+
+    /// Commits `op`; the domain's latest outage after it, if it changed
+    /// anything.
+    async fn history_change(
+        &self,
+        domain: &DomainName,
+        op: HistoryOp,
+    ) -> Result<Option<Outage>, StoreError> {
+        if !self.history_write(op).await? {
+            return Ok(None);
+        }
+        self.latest_outage(domain).await
+    }
 }
 
 #[async_trait]
@@ -252,10 +265,7 @@ impl HistoryStore for LocalStore {
             start,
             counts: *counts,
         };
-        if !self.history_write(op).await? {
-            return Ok(None);
-        }
-        self.latest_outage(domain).await
+        self.history_change(domain, op).await
     }
 
     async fn end_outage(
@@ -267,10 +277,7 @@ impl HistoryStore for LocalStore {
             domain: domain.clone(),
             end,
         };
-        if !self.history_write(op).await? {
-            return Ok(None);
-        }
-        self.latest_outage(domain).await
+        self.history_change(domain, op).await
     }
 
     async fn tally(
@@ -284,10 +291,7 @@ impl HistoryStore for LocalStore {
             counts: *counts,
             at,
         };
-        if !self.history_write(op).await? {
-            return Ok(None);
-        }
-        self.latest_outage(domain).await
+        self.history_change(domain, op).await
     }
 
     async fn mark_drained(
